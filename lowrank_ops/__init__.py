@@ -1,0 +1,27 @@
+"""lowrank_ops: Triton and CUDA kernels for compressed neural-network layers.
+
+Importing this package never touches a GPU, never needs nvcc and never imports Triton:
+kernels and the CUDA extension are loaded on first use.
+"""
+from lowrank_ops.calibration import InputStats, collect_input_stats
+from lowrank_ops.core.backend import use_backend
+from lowrank_ops.io import load_compressed, save_compressed
+from lowrank_ops.lowrank.layer import LoRALinear, LowRankLinear
+from lowrank_ops.lowrank.ops import lora_linear, lowrank_linear
+from lowrank_ops.model import CompressionReport, compress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionReport",
+    "InputStats",
+    "LoRALinear",
+    "LowRankLinear",
+    "collect_input_stats",
+    "compress",
+    "load_compressed",
+    "lora_linear",
+    "lowrank_linear",
+    "save_compressed",
+    "use_backend",
+]

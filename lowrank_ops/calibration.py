@@ -1,0 +1,170 @@
+"""Per-layer input statistics gathered from the user's calibration batches.
+
+Family-neutral: low-rank whitening reads the second moment ``XᵀX / n``, Wanda-style pruning
+reads the channel norms, GPTQ-style quantization reads the same ``XᵀX``. Only the ``K × K``
+sum and a row count are kept, never the activations themselves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowrank_ops.core.checks import FLOAT_DTYPES, check_dim, check_finite, check_int, check_tensor
+
+_INPUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+@dataclass
+class InputStats:
+    """Running ``XᵀX`` (float64, ``K × K``) and row count of one linear layer's inputs.
+
+    ``in_features`` is inferred from the first batch when left ``None``; ``xtx`` lives on the
+    device of the first batch. ``name`` only labels error messages.
+    """
+
+    in_features: int | None = None
+    name: str | None = None
+    xtx: Tensor | None = field(default=None, repr=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.in_features is not None:
+            check_int("in_features", self.in_features, low=1)
+
+    def update(self, x: Tensor) -> None:
+        """Add the rows of ``x`` (shape ``(..., K)``, any float dtype and device).
+
+        On CPU the product is formed in float64; on other devices in float32 (fast on every
+        GPU; note that it runs as TF32 if the user enabled
+        ``torch.backends.cuda.matmul.allow_tf32``) and accumulated in float64.
+        """
+        label = "x" if self.name is None else f"x (input of layer {self.name!r})"
+        check_tensor(label, x, dtypes=_INPUT_DTYPES)
+        if x.dim() == 0:
+            raise ValueError(f"{label}: expected at least 1 dimension (..., K), got a scalar")
+        if self.in_features is None:
+            self.in_features = check_int("in_features", x.shape[-1], low=1)
+        check_dim(label, x, -1, self.in_features, "in_features")
+        check_finite(label, x)
+        rows = x.reshape(-1, self.in_features)
+        if rows.device.type == "cpu":
+            prod = rows.to(torch.float64).T @ rows.to(torch.float64)
+        else:
+            rows = rows.to(torch.float32)
+            prod = (rows.T @ rows).to(torch.float64)
+        if self.xtx is None:
+            self.xtx = torch.zeros_like(prod)
+        self.xtx += prod.to(self.xtx.device)
+        self.count += rows.shape[0]
+
+    def _require_data(self) -> Tensor:
+        if self.xtx is None or self.count == 0:
+            label = "stats" if self.name is None else f"stats of layer {self.name!r}"
+            raise ValueError(f"{label}: expected at least one input row, got none (update() never saw data)")
+        return self.xtx
+
+    def second_moment(self) -> Tensor:
+        """``XᵀX / n`` (float64, ``K × K``)."""
+        return self._require_data() / self.count
+
+    def channel_norms(self) -> Tensor:
+        """``‖X[:, j]‖₂`` per input channel (float64, ``K``)."""
+        return self._require_data().diagonal().sqrt()
+
+
+def _run(model: nn.Module, item: Any) -> None:
+    """Call ``model`` on one calibration item: dict → kwargs, tuple/list → args, else one arg."""
+    if isinstance(item, dict):
+        model(**item)
+    elif isinstance(item, (tuple, list)):
+        model(*item)
+    else:
+        model(item)
+
+
+def collect_input_stats(
+    model: nn.Module,
+    calib_data: Iterable,
+    layer_names: Sequence[str],
+    *,
+    progress: bool = False,
+) -> dict[str, InputStats]:
+    """Run ``model`` (in eval mode, without grad) on every item of ``calib_data`` and return the
+    input statistics of each submodule named in ``layer_names``.
+
+    Items are passed as keyword arguments (dict), positional arguments (tuple/list) or as the
+    single argument. Hooks are removed and every module's train/eval flag restored even when a
+    batch fails; parameters are never touched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(layer_names, str) or not isinstance(layer_names, Sequence):
+        raise TypeError(f"layer_names: expected a sequence of submodule names, got {type(layer_names).__name__}")
+    if len(layer_names) == 0:
+        raise ValueError("layer_names: expected at least one submodule name, got none")
+    if len(set(layer_names)) != len(layer_names):
+        raise ValueError(f"layer_names: expected distinct names, got duplicates in {list(layer_names)}")
+    modules: dict[str, nn.Module] = {}
+    for name in layer_names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer_names: expected str entries, got {type(name).__name__}")
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layer_names: expected names of submodules of model, got {name!r} (no such submodule)") from None
+
+    stats = {name: InputStats(getattr(mod, "in_features", None), name) for name, mod in modules.items()}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            if x is None:
+                raise ValueError(f"layer_names: layer {name!r} was called without a tensor input")
+            stats[name].update(x)
+
+        return hook
+
+    modes = {mod: mod.training for mod in model.modules()}
+    handles = [mod.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, mod in modules.items()]
+    batches = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for item in tqdm(calib_data, desc="calibration", disable=not progress):
+                _run(model, item)
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod, training in modes.items():
+            mod.training = training
+    if batches == 0:
+        raise ValueError("calib_data: expected at least one batch, got none")
+    return stats
+
+
+def _relative(num: float, den: float) -> float:
+    if den > 0:
+        return math.sqrt(max(num, 0.0) / den)
+    return 0.0 if num <= 0 else math.inf
+
+
+def relative_weight_error(weight: Tensor, approx: Tensor) -> float:
+    """``‖W − Ŵ‖_F / ‖W‖_F`` in float64."""
+    w = weight.to(torch.float64)
+    e = w - approx.to(w)
+    return _relative(float(e.square().sum()), float(w.square().sum()))
+
+
+def relative_output_error(weight: Tensor, approx: Tensor, stats: InputStats) -> float:
+    """Relative output error on the calibration inputs, ``‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F``, computed
+    from their second moment ``C`` as ``sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`` (X itself is never kept)."""
+    w = weight.to(torch.float64)
+    c = stats.second_moment().to(w)
+    e = w - approx.to(w)
+    return _relative(float(((e @ c) * e).sum()), float(((w @ c) * w).sum()))

@@ -1,0 +1,80 @@
+"""``lowrank-ops``: demo, compress, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowrank_ops import compress
+    from lowrank_ops.hf import load_hf_model, save_compressed_dir
+    from lowrank_ops.textdata import calibration_sentences
+
+    model, tokenizer = load_hf_model(args.src)
+    calib_data = None
+    if not args.no_calib:
+        texts = Path(args.calib_text).read_text().splitlines() if args.calib_text else calibration_sentences(args.calib_sentences)
+        texts = [t for t in texts if t.strip()]
+        calib_data = [
+            dict(tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(texts), args.batch_size)
+        ]
+    options = {k: getattr(args, k) for k in ("rank", "ratio", "energy") if getattr(args, k) is not None}
+    with torch.no_grad():
+        report = compress(
+            model, "lowrank", calib_data=calib_data, include=args.include, exclude=args.exclude,
+            allocation=args.allocation, progress=True, **options,
+        )
+    out = save_compressed_dir(model, args.src, args.out, report)
+    print(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(rest: list[str]) -> int:
+    from lowrank_ops import demo
+
+    return demo.main(rest)
+
+
+def _bench(rest: list[str]) -> int:
+    from lowrank_ops.benchmarks import lowrank
+
+    return lowrank.main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="compress all-MiniLM-L6-v2 at several budgets and compare (extra args go to the demo; try 'demo --help')", add_help=False)
+    sub.add_parser("bench", help="microbenchmarks of the kernels (extra args go to the benchmark; try 'bench --help')", add_help=False)
+    c = sub.add_parser("compress", help="compress a saved transformers model directory")
+    c.add_argument("src", help="model directory with config.json, or 'minilm' for the bundled all-MiniLM-L6-v2")
+    c.add_argument("out", help="output directory (config, tokenizer, compressed.safetensors, report.json)")
+    choice = c.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--ratio", type=float, help="fraction of each layer's parameters kept (0.5 = half)")
+    choice.add_argument("--rank", type=int, help="the same rank for every layer")
+    choice.add_argument("--energy", type=float, help="keep this fraction of each spectrum's energy")
+    c.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="'global' spends a ratio budget non-uniformly across layers")
+    c.add_argument("--calib-text", help="text file, one calibration sentence per line (default: built-in real text)")
+    c.add_argument("--calib-sentences", type=int, default=256, help="built-in calibration sentences to use")
+    c.add_argument("--no-calib", action="store_true", help="plain SVD, no calibration")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--include", nargs="*", help="glob patterns of layer names to compress")
+    c.add_argument("--exclude", nargs="*", help="glob patterns of layer names to keep dense")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("demo", "bench"):
+        return (_demo if argv[0] == "demo" else _bench)(argv[1:])
+    args = build_parser().parse_args(argv)
+    return _compress(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared machinery: backend choice, input checks, the optional CUDA extension."""

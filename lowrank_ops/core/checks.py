@@ -1,0 +1,78 @@
+"""Input checks shared by every public entry point.
+
+Each helper raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape, device, value) with a message naming the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """``value`` is a tensor with one of ``dtypes`` and (if given) ``ndim`` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``value`` has the dtype and device of ``ref``."""
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {value.device}")
+
+
+def check_dim(name: str, value: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
+    """``value.shape[dim] == expected``."""
+    if value.shape[dim] != expected:
+        raise ValueError(
+            f"{name}: expected size {expected} at dim {dim} ({meaning}), got shape {tuple(value.shape)}"
+        )
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """No NaN or Inf."""
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf entries")
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` is an int (not bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: expected an int in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}], got {value}")
+    return value
+
+
+def check_fraction(name: str, value: object, *, low_open: bool = True, high_closed: bool = True) -> float:
+    """``value`` is a real number in (0, 1] (bounds adjustable)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value <= 1 if high_closed else value < 1
+    if not (low_ok and high_ok):
+        interval = ("(" if low_open else "[") + "0, 1" + ("]" if high_closed else ")")
+        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
+    return value

@@ -1,0 +1,154 @@
+"""Save and load compressed models: one safetensors file, our JSON config in its header.
+
+The file holds the model's whole state dict (compressed layers and everything else, so
+fine-tuned values come back too), plus under the metadata key ``lowrank_ops`` a JSON
+document naming each compressed layer's format and settings and a SHA-256 digest of all
+tensor bytes. Loading rebuilds the compressed layers in a fresh copy of the original
+architecture. Everything is checked before the model is touched: a wrong architecture, a
+foreign or damaged file is refused with a ``ValueError`` and the model is left as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowrank_ops.core.layers import CompressedLinear, swap_modules
+from lowrank_ops.lowrank.layer import LoRALinear, LowRankLinear
+
+CHECKPOINT_KEY = "lowrank_ops"
+CHECKPOINT_VERSION = 1
+LAYER_TYPES: dict[str, type[CompressedLinear]] = {cls.FORMAT: cls for cls in (LowRankLinear, LoRALinear)}
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        sha.update(key.encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def _check_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (with its compressed layers) to ``path`` (a ``.safetensors`` file)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    path = _check_path(path)
+    layers = {
+        name: {"format": m.FORMAT, "dtype": str(m.dtype).removeprefix("torch."), "config": m.config()}
+        for name, m in model.named_modules()
+        if isinstance(m, CompressedLinear)
+    }
+    if not layers:
+        raise ValueError("model: expected at least one compressed layer (run lowrank_ops.compress first), found none")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors stores each once
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    header = {"version": CHECKPOINT_VERSION, "layers": layers, "sha256": _digest(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(header)})
+    tmp.replace(path)  # never leave a half-written file under the final name
+    return path
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged headers/buffers
+        raise ValueError(f"path: {str(path)!r} is not a readable safetensors file ({err})") from err
+    if CHECKPOINT_KEY not in metadata:
+        raise ValueError(f"path: {str(path)!r} is not a lowrank_ops checkpoint (no {CHECKPOINT_KEY!r} metadata)")
+    try:
+        header = json.loads(metadata[CHECKPOINT_KEY])
+        version, layers, digest = header["version"], header["layers"], header["sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"path: {str(path)!r} has a damaged lowrank_ops header ({err})") from err
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"path: checkpoint version {version} is not supported (expected {CHECKPOINT_VERSION})")
+    if _digest(tensors) != digest:
+        raise ValueError(f"path: {str(path)!r} is damaged: its tensor bytes do not match the stored SHA-256")
+    return layers, tensors
+
+
+def _replacement(model: nn.Module, name: str, entry: Mapping[str, Any]) -> CompressedLinear:
+    try:
+        current = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"model: has no layer {name!r} named in the checkpoint (a different architecture?)") from err
+    try:
+        cls = LAYER_TYPES[entry["format"]]
+        dtype = getattr(torch, entry["dtype"])
+        config = entry["config"]
+    except (KeyError, AttributeError, TypeError) as err:
+        raise ValueError(f"path: checkpoint entry for layer {name!r} is damaged or of an unknown format ({entry!r})") from err
+    if not isinstance(current, (nn.Linear, CompressedLinear)):
+        raise ValueError(f"model: layer {name!r} is a {type(current).__name__}, expected nn.Linear")
+    if (current.out_features, current.in_features) != (config.get("out_features"), config.get("in_features")):
+        raise ValueError(
+            f"model: layer {name!r} is {current.out_features}x{current.in_features}, the checkpoint's is "
+            f"{config.get('out_features')}x{config.get('in_features')}"
+        )
+    device = next(current.parameters()).device
+    try:
+        return cls.from_config(config, dtype=dtype, device=device)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"path: checkpoint config of layer {name!r} is invalid: {err}") from err
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the compressed layers saved at ``path`` in ``model`` (a fresh copy of the original
+    architecture) and load all saved values. Returns ``model``. All or nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers, tensors = _read_checkpoint(_check_path(path))
+    replacements = {name: _replacement(model, name, entry) for name, entry in layers.items()}
+
+    expected: dict[str, torch.Tensor] = {
+        k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in replacements)
+    }
+    for name, layer in replacements.items():
+        expected.update({f"{name}.{k}": t for k, t in layer.state_dict().items()})
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"path: checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, t in expected.items():
+        if tensors[key].shape != t.shape or tensors[key].dtype != t.dtype:
+            raise ValueError(
+                f"path: tensor {key!r} is {tuple(tensors[key].shape)} {tensors[key].dtype} in the checkpoint, "
+                f"the model expects {tuple(t.shape)} {t.dtype}"
+            )
+
+    kept_state = {k: t.detach().clone() for k, t in model.state_dict().items() if k in expected}
+    originals = {name: model.get_submodule(name) for name in replacements}
+    swap_modules(model, replacements)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except BaseException:
+        swap_modules(model, originals)
+        model.load_state_dict(kept_state, strict=False)
+        raise
+    return model

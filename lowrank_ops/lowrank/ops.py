@@ -1,0 +1,224 @@
+"""Low-rank linear ops: ``y = (x Vᵀ) Uᵀ + b`` and ``y = x Wᵀ + s·(x Aᵀ) Bᵀ + b``.
+
+Each op is a ``torch.library`` custom op in namespace ``lowrank_ops`` with a fake (meta)
+implementation for ``torch.compile`` and CUDA graphs, autograd, and a plain-torch reference
+that is both the CPU path and the test oracle. Inside the op one backend is chosen per call
+(:mod:`lowrank_ops.core.backend`); within the Triton backend :func:`lowrank_path` picks the
+kernel by batch size and rank.
+
+The ops take 2-D ``x`` (tokens × features); :func:`lowrank_linear` and :func:`lora_linear`
+are the checked, any-leading-shape public wrappers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import backend
+from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_dim, check_same, check_tensor
+
+DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: GEMV-style kernels
+FUSED_MAX_RANK = 256  # the fused tile kernel keeps a (BLOCK_M x rank) intermediate on chip
+
+
+def lowrank_path(m: int, n: int, k: int, rank: int) -> str:
+    """Triton route for ``(x Vᵀ) Uᵀ``: ``"decode"``, ``"fused"`` or ``"two_gemm"``.
+
+    decode:   M ≤ 16; split over rank and K, then over N, so batch 1 fills the GPU.
+    fused:    one launch, the (BLOCK_M × r) intermediate stays in registers; each program
+              recomputes it for its slice of N, so it pays off while that recompute is small
+              next to the weight traffic: moderate M or small rank.
+    two_gemm: two cuBLAS GEMMs, best once both products are compute-bound (large M and r).
+    """
+    if m <= DECODE_MAX_M:
+        return "decode"
+    if rank <= FUSED_MAX_RANK and (m <= 512 or rank <= 64):
+        return "fused"
+    return "two_gemm"
+
+
+# --------------------------------------------------------------------------- references
+def lowrank_reference(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Plain torch, fp32 accumulation: ``(x Vᵀ) Uᵀ + b``."""
+    y = (x.float() @ v.float().t()) @ u.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lora_reference(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+    """Plain torch, fp32 accumulation: ``x Wᵀ + s·(x Aᵀ) Bᵀ + b``."""
+    xf = x.float()
+    y = xf @ w.float().t() + scale * ((xf @ a.float().t()) @ b.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- backend support
+def _cuda_decode_support(x: Tensor, rank: int) -> Support:
+    if x.device.type != "cuda":
+        return Support(False, f"x is on {x.device}, the CUDA kernel needs a CUDA tensor")
+    from lowrank_ops.lowrank import cuda_decode
+
+    return cuda_decode.supports(x, rank)
+
+
+def _triton_support(x: Tensor) -> Support:
+    if not backend.triton_runs_on(x.device):
+        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    return Support(True)
+
+
+def _lowrank_backend(x: Tensor, v: Tensor) -> str:
+    support = {
+        "cuda": _cuda_decode_support(x, v.shape[0]),
+        "triton": _triton_support(x),
+        "reference": Support(True),
+    }
+    return backend.select_backend("lowrank_linear", support, x.device)
+
+
+# --------------------------------------------------------------------------- lowrank_linear op
+@torch.library.custom_op("lowrank_ops::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    chosen = _lowrank_backend(x, v)
+    if chosen == "reference":
+        return lowrank_reference(x, v, u, bias)
+    if chosen == "cuda":
+        from lowrank_ops.lowrank import cuda_decode
+
+        return cuda_decode.lowrank_decode(x, v, u, bias)
+    path = lowrank_path(x.shape[0], u.shape[0], x.shape[1], v.shape[0])
+    if path == "two_gemm":
+        y = torch.nn.functional.linear(torch.nn.functional.linear(x, v), u, bias)
+        return y
+    from lowrank_ops.kernels import lowrank as kernels
+
+    return kernels.lowrank_matmul(x, v, u, bias, path=path)
+
+
+@_lowrank_linear_op.register_fake
+def _(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty((x.shape[0], u.shape[0]))
+
+
+def _lowrank_setup(ctx, inputs, output) -> None:
+    x, v, u, bias = inputs
+    ctx.save_for_backward(x, v, u)
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_backward(ctx, grad: Tensor):
+    x, v, u = ctx.saved_tensors
+    need_x, need_v, need_u, need_bias = ctx.needs_input_grad
+    grad = grad.contiguous()
+    grad_u_space = grad @ u  # (M, r): dy projected into the rank space, shared by dx and dV
+    dx = grad_u_space @ v if need_x else None
+    dv = grad_u_space.t() @ x if need_v else None
+    du = grad.t() @ (x @ v.t()) if need_u else None
+    dbias = grad.sum(0) if (need_bias and ctx.has_bias) else None
+    return dx, dv, du, dbias
+
+
+torch.library.register_autograd("lowrank_ops::lowrank_linear", _lowrank_backward, setup_context=_lowrank_setup)
+
+
+# --------------------------------------------------------------------------- lora_linear op
+def _lora_backend(x: Tensor) -> str:
+    support = {
+        "cuda": Support(False, "no CUDA kernel for the base + low-rank form; use triton"),
+        "triton": _triton_support(x),
+        "reference": Support(True),
+    }
+    return backend.select_backend("lora_linear", support, x.device)
+
+
+@torch.library.custom_op("lowrank_ops::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+    if _lora_backend(x) == "reference":
+        return lora_reference(x, w, a, b, scale, bias)
+    from lowrank_ops.kernels import lowrank as kernels
+
+    return kernels.lora_matmul(x, w, a, b, scale, bias)
+
+
+@_lora_linear_op.register_fake
+def _(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _lora_setup(ctx, inputs, output) -> None:
+    x, w, a, b, scale, bias = inputs
+    ctx.save_for_backward(x, w, a, b)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _lora_backward(ctx, grad: Tensor):
+    x, w, a, b = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
+    s = ctx.scale
+    grad = grad.contiguous()
+    grad_rank_space = grad @ b  # (M, r)
+    dx = grad @ w + s * (grad_rank_space @ a) if need_x else None
+    dw = grad.t() @ x if need_w else None
+    da = s * (grad_rank_space.t() @ x) if need_a else None
+    db = s * (grad.t() @ (x @ a.t())) if need_b else None
+    dbias = grad.sum(0) if (need_bias and ctx.has_bias) else None
+    return dx, dw, da, db, None, dbias
+
+
+torch.library.register_autograd("lowrank_ops::lora_linear", _lora_backward, setup_context=_lora_setup)
+
+
+# --------------------------------------------------------------------------- public wrappers
+def _check_common(x: Tensor, k: int, bias: Optional[Tensor], n: int) -> None:
+    check_tensor("x", x)
+    check_dim("x", x, -1, k, "in_features")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, "x", x)
+        check_dim("bias", bias, 0, n, "out_features")
+
+
+def _flatten(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def lowrank_linear(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``y = (x Vᵀ) Uᵀ + b`` for x of shape (..., K), V (r, K), U (N, r), bias (N,) or None.
+
+    All tensors share one dtype (fp16, bf16, fp32) and device. Differentiable in every input.
+    """
+    check_tensor("v", v, ndim=2)
+    check_tensor("u", u, ndim=2)
+    check_same("v", v, "u", u)
+    check_dim("u", u, 1, v.shape[0], "rank = v.shape[0]")
+    _check_common(x, v.shape[1], bias, u.shape[0])
+    check_same("x", x, "v", v)
+    y = _lowrank_linear_op(_flatten(x), v.contiguous(), u.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], u.shape[0])
+
+
+def lora_linear(
+    x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float = 1.0, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``y = x Wᵀ + s·(x Aᵀ) Bᵀ + b``: a dense base W (N, K) plus a rank-r path A (r, K), B (N, r)."""
+    check_tensor("w", w, ndim=2)
+    check_tensor("a", a, ndim=2)
+    check_tensor("b", b, ndim=2)
+    check_same("a", a, "w", w)
+    check_same("b", b, "w", w)
+    check_dim("a", a, 1, w.shape[1], "in_features = w.shape[1]")
+    check_dim("b", b, 0, w.shape[0], "out_features = w.shape[0]")
+    check_dim("b", b, 1, a.shape[0], "rank = a.shape[0]")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    _check_common(x, w.shape[1], bias, w.shape[0])
+    check_same("x", x, "w", w)
+    y = _lora_linear_op(_flatten(x), w.contiguous(), a.contiguous(), b.contiguous(), float(scale), bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
