@@ -21,7 +21,6 @@ from lowrank_ops.core.backend import Support
 from lowrank_ops.core.checks import check_dim, check_same, check_tensor
 
 DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: GEMV-style kernels
-FUSED_MAX_RANK = 256  # the fused tile kernel keeps a (BLOCK_M x rank) intermediate on chip
 
 
 def lowrank_path(m: int, n: int, k: int, rank: int) -> str:
@@ -31,8 +30,11 @@ def lowrank_path(m: int, n: int, k: int, rank: int) -> str:
     fused:    one launch, the (BLOCK_M × r) intermediate stays in registers; each program
               recomputes it for its slice of N, so it pays off while that recompute is small
               next to the weight traffic: moderate M or small rank.
-    two_gemm: two cuBLAS GEMMs, best once both products are compute-bound (large M and r).
+    two_gemm: two cuBLAS GEMMs, best once both products are compute-bound (large M and r),
+              and the route for ranks above what the fused kernel keeps on chip.
     """
+    from lowrank_ops.kernels.lowrank import FUSED_MAX_RANK
+
     if m <= DECODE_MAX_M:
         return "decode"
     if rank <= FUSED_MAX_RANK and (m <= 512 or rank <= 64):
@@ -70,6 +72,17 @@ def _cuda_decode_support(x: Tensor, rank: int) -> Support:
 def _triton_support(x: Tensor) -> Support:
     if not backend.triton_runs_on(x.device):
         return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    return Support(True)
+
+
+def _lora_triton_support(x: Tensor, rank: int) -> Support:
+    verdict = _triton_support(x)
+    if not verdict.ok:
+        return verdict
+    from lowrank_ops.kernels.lowrank import LORA_MAX_RANK
+
+    if rank > LORA_MAX_RANK:
+        return Support(False, f"the fused LoRA kernel keeps rank <= {LORA_MAX_RANK} on chip, got rank {rank}")
     return Support(True)
 
 
@@ -128,10 +141,10 @@ torch.library.register_autograd("lowrank_ops::lowrank_linear", _lowrank_backward
 
 
 # --------------------------------------------------------------------------- lora_linear op
-def _lora_backend(x: Tensor) -> str:
+def _lora_backend(x: Tensor, rank: int) -> str:
     support = {
         "cuda": Support(False, "no CUDA kernel for the base + low-rank form; use triton"),
-        "triton": _triton_support(x),
+        "triton": _lora_triton_support(x, rank),
         "reference": Support(True),
     }
     return backend.select_backend("lora_linear", support, x.device)
@@ -139,7 +152,7 @@ def _lora_backend(x: Tensor) -> str:
 
 @torch.library.custom_op("lowrank_ops::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
-    if _lora_backend(x) == "reference":
+    if _lora_backend(x, a.shape[0]) == "reference":
         return lora_reference(x, w, a, b, scale, bias)
     from lowrank_ops.kernels import lowrank as kernels
 
@@ -200,7 +213,7 @@ def lowrank_linear(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = Non
     check_dim("u", u, 1, v.shape[0], "rank = v.shape[0]")
     _check_common(x, v.shape[1], bias, u.shape[0])
     check_same("x", x, "v", v)
-    y = _lowrank_linear_op(_flatten(x), v.contiguous(), u.contiguous(), bias)
+    y = _lowrank_linear_op(_flatten(x), v.contiguous(), u.contiguous(), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], u.shape[0])
 
 
@@ -220,5 +233,5 @@ def lora_linear(
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
     _check_common(x, w.shape[1], bias, w.shape[0])
     check_same("x", x, "w", w)
-    y = _lora_linear_op(_flatten(x), w.contiguous(), a.contiguous(), b.contiguous(), float(scale), bias)
+    y = _lora_linear_op(_flatten(x), w.contiguous(), a.contiguous(), b.contiguous(), float(scale), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,36 @@
+// The one pybind11 module of the project, lowrank_ops._C. It takes device pointers, sizes,
+// dtype codes and the CUDA stream as Python ints and never includes torch headers; the Python
+// wrappers (lowrank_ops/*/cuda_*.py) check tensors before calling in. Each kernel family
+// declares its host entry points in a header next to its .cu file and is bound here.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "lowrank_decode.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowrank_ops CUDA kernels (raw device pointers, no torch C++ API)";
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(lowrank_ops::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(lowrank_ops::kBFloat16);
+
+  m.def("lowrank_decode_splits", &lowrank_ops::lowrank_decode_splits, py::arg("M"), py::arg("K"), py::arg("R"),
+        py::arg("num_sms"),
+        "Number of K splits of phase 1; the fp32 workspace holds splits * M * R floats.");
+
+  m.def(
+      "lowrank_decode",
+      [](std::uintptr_t x, std::uintptr_t v, std::uintptr_t u, std::uintptr_t bias, std::uintptr_t y,
+         std::uintptr_t workspace, int M, int K, int N, int R, int splits, int num_sms, int dtype,
+         std::uintptr_t stream) {
+        lowrank_ops::DecodeArgs a{x, v, u, bias, y, workspace, M, K, N, R, splits, num_sms, dtype, stream};
+        py::gil_scoped_release release;  // launches only; errors come back as C++ exceptions
+        lowrank_ops::lowrank_decode(a);
+      },
+      py::arg("x"), py::arg("v"), py::arg("u"), py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("M"),
+      py::arg("K"), py::arg("N"), py::arg("R"), py::arg("splits"), py::arg("num_sms"), py::arg("dtype"),
+      py::arg("stream"),
+      "y = (x V^T) U^T + bias for M <= 16 rows (two launches on `stream`). All pointers are device addresses "
+      "as ints (bias 0 = none); tensors row-major contiguous; workspace = splits * M * R float32.");
+}

@@ -1,0 +1,107 @@
+"""Compile lane: csrc/ builds with nvcc for sm_80 and sm_90 (no GPU needed) and the module imports.
+
+The module is imported in a fresh interpreter so this test never loads a second ``_C`` into
+the test process. Skipped only when nvcc is absent.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from lowrank_ops.core import cuda_build
+
+pytestmark = pytest.mark.compile
+
+NVCC = cuda_build.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="compile lane: nvcc not found")
+
+EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
+
+PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("lowrank_ops._C", sys.argv[1])
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    out = {"names": sorted(n for n in dir(m) if not n.startswith("_")),
+           "codes": [m.DTYPE_FLOAT16, m.DTYPE_BFLOAT16],
+           "splits": [m.lowrank_decode_splits(1, 4096, 64, 132), m.lowrank_decode_splits(16, 4096, 1024, 132),
+                      m.lowrank_decode_splits(1, 7, 3, 132)]}
+    errors = {}
+    def attempt(key, *args):
+        try:
+            m.lowrank_decode(*args)
+            errors[key] = "no error"
+        except Exception as exc:
+            errors[key] = type(exc).__name__ + ": " + str(exc)
+    # (x, v, u, bias, y, ws, M, K, N, R, splits, num_sms, dtype, stream)
+    attempt("M=17", 16, 16, 16, 0, 16, 16, 17, 8, 8, 8, 1, 132, 0, 0)
+    attempt("R=1025", 16, 16, 16, 0, 16, 16, 1, 8, 8, 1025, 1, 132, 0, 0)
+    attempt("dtype=7", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 7, 0)
+    attempt("null", 0, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 0, 0)
+    attempt("splits", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 9, 132, 0, 0)
+    out["errors"] = errors
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("csrc_build")
+    start = time.perf_counter()
+    path = cuda_build.build(out, archs=["80", "90"])
+    print(f"csrc/ built for sm_80 + sm_90 in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+@needs_nvcc
+def test_builds_for_sm80_sm90_and_imports(built):
+    assert built.name == cuda_build.ext_filename()
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(built)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in EXPECTED:
+        assert name in info["names"]
+    assert info["codes"] == [0, 1]
+    s1, s16, s_tiny = info["splits"]
+    assert s1 >= 2  # small rank at batch 1 splits K to fill the GPU
+    assert s16 == 1 and s_tiny == 1
+    errors = info["errors"]
+    assert errors["M=17"].startswith("ValueError") and "M must be in [1, 16]" in errors["M=17"]
+    assert errors["R=1025"].startswith("ValueError") and "R must be in [1, 1024]" in errors["R=1025"]
+    assert errors["dtype=7"].startswith("ValueError") and "dtype" in errors["dtype=7"]
+    assert errors["null"].startswith("ValueError") and "null pointer" in errors["null"]
+    assert errors["splits"].startswith("ValueError") and "splits" in errors["splits"]
+
+
+@needs_nvcc
+def test_embeds_sass_for_both_archs(built):
+    import glob
+    import shutil
+
+    candidates = [str(cuda_build.Path(NVCC).resolve().with_name("cuobjdump")), shutil.which("cuobjdump")]
+    candidates += sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))
+    cuobjdump = next((c for c in candidates if c and cuda_build.Path(c).is_file()), None)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found")
+    listing = subprocess.run([cuobjdump, "--list-elf", str(built)], capture_output=True, text=True).stdout
+    assert "sm_80" in listing and "sm_90" in listing
+
+
+def test_arch_parsing():
+    assert cuda_build.parse_archs("80;90") == ["80", "90"]
+    assert cuda_build.parse_archs(["sm_90", "8.0"]) == ["90", "80"]
+    assert cuda_build.parse_archs("90a") == ["90a"]
+    with pytest.raises(ValueError):
+        cuda_build.parse_archs("hopper")
+    flags = cuda_build.gencode_flags(["80", "90"])
+    assert "arch=compute_80,code=sm_80" in flags and "arch=compute_90,code=compute_90" in flags
+
+
+def test_sources_include_every_cu_and_the_bindings():
+    names = [p.name for p in cuda_build.sources()]
+    assert "lowrank_decode.cu" in names and names[-1] == "module.cpp"
