@@ -362,7 +362,9 @@ def _lowrank_decode(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> 
     (m, k), (n, r) = x.shape, u.shape
     m_blocks = triton.cdiv(m, DECODE_BLOCK_M)
     rank_columns = triton.cdiv(r, 64) * m_blocks  # step-1 programs per K split, for a nominal BLOCK_R
-    k_split = max(1, min(triton.cdiv(k, _DECODE_K_CHUNK), _target_programs(x.device) // rank_columns))
+    # Every step-2 program re-reads K_SPLIT × 16 × R fp32 partials from L2; keeping K_SPLIT·M ≤ 32
+    # bounds that to about the bytes of its own U tile, at some loss of step-1 parallelism for M ≈ 16.
+    k_split = max(1, min(triton.cdiv(k, _DECODE_K_CHUNK), _target_programs(x.device) // rank_columns, 32 // m))
     t_part = _empty((k_split, m, r), torch.float32, x.device)
     y = _empty((m, n), x.dtype, x.device)
     precision, m_bucket = _dot_precision(x.dtype), triton.next_power_of_2(m)

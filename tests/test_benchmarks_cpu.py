@@ -45,14 +45,17 @@ def test_rank_for_ratio_rejects_bad_ratio_and_keeps_a_minimum():
 def test_full_and_quick_case_lists():
     full = LB.lowrank_cases(LB.FULL["shapes"], LB.FULL["ratios"], LB.FULL["batches"])
     assert len(full) == 4 * 2 * 6
+    fixed = LB.lowrank_cases(LB.FULL["rank_shapes"], [], LB.FULL["batches"], LB.FULL["fixed_ranks"])
+    assert len(fixed) == 4 * 2 * 6 and {c.rank for c in fixed} == {64, 256} and all(c.ratio is None for c in fixed)
     assert {(c.n, c.k) for c in full} == {(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)}
     assert {c.m for c in full} == {1, 4, 16, 64, 256, 1024}
     assert all(c.rank % 16 == 0 and c.rank * (c.n + c.k) <= c.ratio * c.n * c.k for c in full)
     lora = LB.lora_cases(LB.FULL["lora_shapes"], LB.FULL["lora_ranks"], LB.FULL["lora_batches"])
     assert {c.rank for c in lora} == {16, 64} and all(c.family == "lora" for c in lora)
     quick = (LB.lowrank_cases(LB.QUICK["shapes"], LB.QUICK["ratios"], LB.QUICK["batches"])
+             + LB.lowrank_cases(LB.QUICK["rank_shapes"], [], LB.QUICK["batches"], LB.QUICK["fixed_ranks"])
              + LB.lora_cases(LB.QUICK["lora_shapes"], LB.QUICK["lora_ranks"], LB.QUICK["lora_batches"]))
-    assert len(quick) <= 10  # the device check's time budget
+    assert len(quick) <= 11  # the device check's time budget
     assert all(c.m in LB.FULL["batches"] for c in quick)
 
 

@@ -154,7 +154,8 @@ def test_limits_and_bad_path():
     [
         ((2, 3), 37, 19, 5, True, "decode"),  # 6 rows <= 16: decode
         ((40,), 100, 50, 33, False, "fused"),
-        ((17,), 37, 19, 256, True, "fused"),
+        ((17,), 37, 19, 64, True, "fused"),
+        ((17,), 37, 19, 256, True, "two_gemm"),  # dispatch leaves large ranks to two GEMMs
     ],
 )
 def test_lowrank_linear_triton(lead, k, n, r, bias, path, dtype, triton_backend, monkeypatch):
@@ -164,7 +165,7 @@ def test_lowrank_linear_triton(lead, k, n, r, bias, path, dtype, triton_backend,
     x = rand(*lead, k, dtype=dtype)
     _, v, u, b = lowrank_factors(1, k, n, r, bias, dtype)
     y = ops.lowrank_linear(x, v, u, b)
-    assert taken == [path]
+    assert taken == ([] if path == "two_gemm" else [path])
     assert y.shape == (*lead, n)
     assert_close(y.reshape(-1, n), lowrank_ref(x.reshape(-1, k), v, u, b), dtype, f"lowrank_linear {path}")
 

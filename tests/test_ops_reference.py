@@ -109,7 +109,8 @@ def test_pinned_reference_backend_runs_on_cpu():
 def test_dispatch_by_batch_and_rank():
     assert ops.lowrank_path(1, 4096, 4096, 1024) == "decode"
     assert ops.lowrank_path(16, 4096, 4096, 64) == "decode"
-    assert ops.lowrank_path(64, 4096, 4096, 256) == "fused"
+    assert ops.lowrank_path(64, 4096, 4096, 64) == "fused"
+    assert ops.lowrank_path(64, 4096, 4096, 256) == "two_gemm"
     assert ops.lowrank_path(4096, 4096, 4096, 1024) == "two_gemm"
 
 

@@ -44,6 +44,9 @@ from lowrank_ops.benchmarks import timing as T
 FULL = {
     "shapes": [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)],
     "ratios": [0.25, 0.5],
+    # fixed small ranks, where the fused kernel is in play
+    "rank_shapes": [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)],
+    "fixed_ranks": [64, 256],
     "batches": [1, 4, 16, 64, 256, 1024],
     "lora_shapes": [(4096, 4096), (11008, 4096)],
     "lora_ranks": [16, 64],
@@ -54,6 +57,8 @@ FULL = {
 QUICK = {
     "shapes": [(4096, 4096), (11008, 4096)],
     "ratios": [0.25],
+    "rank_shapes": [(4096, 4096)],
+    "fixed_ranks": [64],
     "batches": [1, 16, 256],
     "lora_shapes": [(4096, 4096)],
     "lora_ranks": [16],
@@ -62,6 +67,8 @@ QUICK = {
 CPU_SMOKE = {
     "shapes": [(256, 192)],
     "ratios": [0.25],
+    "rank_shapes": [],
+    "fixed_ranks": [],
     "batches": [1, 4],
     "lora_shapes": [(128, 96)],
     "lora_ranks": [16],
@@ -86,9 +93,12 @@ class Case:
         return f"{self.n}x{self.k}"
 
 
-def lowrank_cases(shapes: Sequence[tuple[int, int]], ratios: Sequence[float], batches: Sequence[int]) -> list[Case]:
-    return [Case("lowrank", n, k, T.rank_for_ratio(n, k, ratio), m, ratio)
-            for (n, k) in shapes for ratio in ratios for m in batches]
+def lowrank_cases(shapes: Sequence[tuple[int, int]], ratios: Sequence[float], batches: Sequence[int],
+                  ranks: Sequence[int] = ()) -> list[Case]:
+    """Ranks from parameter ratios, plus fixed ``ranks`` (their ``ratio`` left None)."""
+    return ([Case("lowrank", n, k, T.rank_for_ratio(n, k, ratio), m, ratio)
+             for (n, k) in shapes for ratio in ratios for m in batches]
+            + [Case("lowrank", n, k, r, m) for (n, k) in shapes for r in ranks for m in batches])
 
 
 def lora_cases(shapes: Sequence[tuple[int, int]], ranks: Sequence[int], batches: Sequence[int]) -> list[Case]:
@@ -592,6 +602,8 @@ def select_cases(args: argparse.Namespace, mode: str) -> list[Case]:
     lora_batches = parse_ints(args.batches, "--batches") if args.batches else spec["lora_batches"]
     lora_shapes = parse_shapes(args.shapes) if args.shapes else spec["lora_shapes"]
     cases = [] if args.no_lowrank else lowrank_cases(shapes, ratios, batches)
+    if not args.no_lowrank and not args.shapes and not args.ratios:
+        cases += lowrank_cases(spec["rank_shapes"], [], batches, spec["fixed_ranks"])
     if not args.no_lora:
         cases += lora_cases(lora_shapes, lora_ranks, lora_batches)
     return cases

@@ -21,23 +21,24 @@ from lowrank_ops.core.backend import Support
 from lowrank_ops.core.checks import check_dim, check_same, check_tensor
 
 DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: GEMV-style kernels
+FUSED_PREFERRED_RANK = 64  # above this rank the fused kernel's per-program re-read of V outweighs a launch
 
 
 def lowrank_path(m: int, n: int, k: int, rank: int) -> str:
     """Triton route for ``(x Vᵀ) Uᵀ``: ``"decode"``, ``"fused"`` or ``"two_gemm"``.
 
-    decode:   M ≤ 16; split over rank and K, then over N, so batch 1 fills the GPU.
-    fused:    one launch, the (BLOCK_M × r) intermediate stays in registers; each program
-              recomputes it for its slice of N, so it pays off while that recompute is small
-              next to the weight traffic: moderate M or small rank.
-    two_gemm: two cuBLAS GEMMs, best once both products are compute-bound (large M and r),
-              and the route for ranks above what the fused kernel keeps on chip.
+    decode:   M ≤ 16, any rank; split over rank and K, then over N, so batch 1 fills the GPU
+              and V and U are each read once.
+    fused:    one launch, the (BLOCK_M × r) intermediate stays in registers. Every program
+              re-reads its x rows and all of V to rebuild it, which costs about what a dense
+              GEMM pays for its W tile when r ≈ BLOCK_N; so it is chosen only for small ranks
+              (r ≤ 64, LoRA-sized), where that re-read is cheaper than a second launch.
+    two_gemm: two cuBLAS GEMMs for larger ranks; the M × r intermediate's round trip through
+              memory is small next to either product.
     """
-    from lowrank_ops.kernels.lowrank import FUSED_MAX_RANK
-
     if m <= DECODE_MAX_M:
         return "decode"
-    if rank <= FUSED_MAX_RANK and (m <= 512 or rank <= 64):
+    if rank <= FUSED_PREFERRED_RANK:
         return "fused"
     return "two_gemm"
 
