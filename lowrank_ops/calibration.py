@@ -6,15 +6,17 @@ sum and a row count are kept, never the activations themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowrank_ops.core.checks import FLOAT_DTYPES, check_dim, check_finite, check_int, check_tensor
+from lowrank_ops.core.layers import swap_modules
 
 _INPUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -39,9 +41,8 @@ class InputStats:
     def update(self, x: Tensor) -> None:
         """Add the rows of ``x`` (shape ``(..., K)``, any float dtype and device).
 
-        On CPU the product is formed in float64; on other devices in float32 (fast on every
-        GPU; note that it runs as TF32 if the user enabled
-        ``torch.backends.cuda.matmul.allow_tf32``) and accumulated in float64.
+        Each batch's product is formed in float32 (fast everywhere; on a GPU it runs as TF32 if
+        the user enabled ``torch.backends.cuda.matmul.allow_tf32``) and accumulated in float64.
         """
         label = "x" if self.name is None else f"x (input of layer {self.name!r})"
         check_tensor(label, x, dtypes=_INPUT_DTYPES)
@@ -52,11 +53,8 @@ class InputStats:
         check_dim(label, x, -1, self.in_features, "in_features")
         check_finite(label, x)
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu":
-            prod = rows.to(torch.float64).T @ rows.to(torch.float64)
-        else:
-            rows = rows.to(torch.float32)
-            prod = (rows.T @ rows).to(torch.float64)
+        rows = rows.to(torch.float32)
+        prod = (rows.T @ rows).to(torch.float64)
         if self.xtx is None:
             self.xtx = torch.zeros_like(prod)
         self.xtx += prod.to(self.xtx.device)
@@ -77,14 +75,26 @@ class InputStats:
         return self._require_data().diagonal().sqrt()
 
 
-def _run(model: nn.Module, item: Any) -> None:
+def _run(model: nn.Module, item: Any) -> Any:
     """Call ``model`` on one calibration item: dict → kwargs, tuple/list → args, else one arg."""
     if isinstance(item, dict):
-        model(**item)
-    elif isinstance(item, (tuple, list)):
-        model(*item)
-    else:
-        model(item)
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode without grad; every module's train/eval flag restored afterwards, even on error."""
+    modes = {mod: mod.training for mod in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for mod, training in modes.items():
+            mod.training = training
 
 
 def collect_input_stats(
@@ -129,23 +139,62 @@ def collect_input_stats(
 
         return hook
 
-    modes = {mod: mod.training for mod in model.modules()}
     handles = [mod.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, mod in modules.items()]
     batches = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with _inference(model):
             for item in tqdm(calib_data, desc="calibration", disable=not progress):
                 _run(model, item)
                 batches += 1
     finally:
         for handle in handles:
             handle.remove()
-        for mod, training in modes.items():
-            mod.training = training
     if batches == 0:
         raise ValueError("calib_data: expected at least one batch, got none")
     return stats
+
+
+def _float_tensors(output: Any) -> list[Tensor]:
+    """The floating-point tensors in a model output (a tensor, a tuple/list or a dict-like of them)."""
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):  # also transformers' ModelOutput
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _float_tensors(item)]
+    return []
+
+
+class OutputProbe:
+    """How far the model's outputs move when one submodule is swapped for another.
+
+    Built on a few calibration batches: their outputs with the model as it is are kept, and
+    ``probe(name, module)`` runs them again with ``module`` in place of submodule ``name``
+    (put back afterwards, also on error) and returns ``Σ‖out − ref‖² / Σ‖ref‖²`` over every
+    floating-point output tensor. Measures a layer's end-to-end sensitivity to compression.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any]) -> None:
+        if len(batches) == 0:
+            raise ValueError("batches: expected at least one calibration batch, got none")
+        self.model, self.batches = model, list(batches)
+        with _inference(model):
+            self.reference = [[t.double() for t in _float_tensors(_run(model, b))] for b in self.batches]
+        self.scale = sum(float(t.square().sum()) for ref in self.reference for t in ref)
+
+    def __call__(self, name: str, module: nn.Module) -> float:
+        original = self.model.get_submodule(name)
+        swap_modules(self.model, {name: module})
+        try:
+            with _inference(self.model):
+                moved = sum(
+                    float((t.double() - r).square().sum())
+                    for batch, ref in zip(self.batches, self.reference)
+                    for t, r in zip(_float_tensors(_run(self.model, batch)), ref)
+                )
+        finally:
+            swap_modules(self.model, {name: original})
+        return moved / max(self.scale, 1e-300)
 
 
 def _relative(num: float, den: float) -> float:

@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lowrank_ops.calibration import InputStats, collect_input_stats, relative_output_error, relative_weight_error
+from lowrank_ops.calibration import InputStats, OutputProbe, collect_input_stats, relative_output_error, relative_weight_error
 from lowrank_ops.core.layers import CompressedLinear, linear_nbytes, swap_modules
 from lowrank_ops.lowrank.layer import build_lowrank_layers
 
 # method name -> builder(linears, stats, **options) -> {name: new layer or None (kept dense)}
 Builder = Callable[..., Mapping[str, CompressedLinear | None]]
 METHODS: dict[str, Builder] = {"lowrank": build_lowrank_layers}
+
+
+PROBE_BATCHES = 4  # calibration batches replayed to measure each layer's end-to-end sensitivity
+
+
+def _keeping(items: Iterable[Any], kept: list[Any], limit: int) -> Iterator[Any]:
+    """Yield ``items`` unchanged, appending the first ``limit`` of them to ``kept``."""
+    for i, item in enumerate(items):
+        if i < limit:
+            kept.append(item)
+        yield item
 
 
 @dataclass
@@ -126,10 +137,12 @@ def compress(
     if method not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
     linears = select_linears(model, include, exclude)
-    stats = None
+    stats, probe = None, None
     if calib_data is not None:
-        stats = collect_input_stats(model, calib_data, list(linears), progress=progress)
-    built = METHODS[method](linears, stats, progress=progress, **options)
+        kept: list[Any] = []  # the first few batches, for measuring layer sensitivity
+        stats = collect_input_stats(model, _keeping(calib_data, kept, PROBE_BATCHES), list(linears), progress=progress)
+        probe = OutputProbe(model, kept)
+    built = METHODS[method](linears, stats, probe=probe, progress=progress, **options)
     report = CompressionReport(method, [
         _layer_report(name, linears[name], built[name], None if stats is None else stats[name]) for name in linears
     ])

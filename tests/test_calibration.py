@@ -1,4 +1,6 @@
 """Reference lane: per-layer input statistics (lowrank_ops.calibration)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,8 @@ def _xtx(*xs: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- InputStats
+F32_SUMS = dict(rtol=1e-6, atol=1e-5)  # each batch's XᵀX is formed in float32, summed in float64
+
 
 
 def test_update_accumulates_over_batches_and_leading_dims():
@@ -21,9 +25,9 @@ def test_update_accumulates_over_batches_and_leading_dims():
     stats.update(b)
     assert stats.in_features == 6 and stats.count == 17
     assert stats.xtx.dtype == torch.float64
-    torch.testing.assert_close(stats.xtx, _xtx(a, b.float()))
-    torch.testing.assert_close(stats.second_moment(), _xtx(a, b.float()) / 17)
-    torch.testing.assert_close(stats.channel_norms(), torch.cat([a.reshape(-1, 6), b.float()]).double().norm(dim=0))
+    torch.testing.assert_close(stats.xtx, _xtx(a, b.float()), **F32_SUMS)
+    torch.testing.assert_close(stats.second_moment(), _xtx(a, b.float()) / 17, **F32_SUMS)
+    torch.testing.assert_close(stats.channel_norms(), torch.cat([a.reshape(-1, 6), b.float()]).double().norm(dim=0), **F32_SUMS)
 
 
 def test_update_one_row_and_empty_batch():
@@ -96,10 +100,10 @@ def test_collect_sequential_matches_manual():
     stats = collect_input_stats(model, batches, ["0", "3"])
     assert set(stats) == {"0", "3"}
     assert stats["0"].count == 10 and stats["3"].count == 10
-    torch.testing.assert_close(stats["0"].xtx, _xtx(*batches))
+    torch.testing.assert_close(stats["0"].xtx, _xtx(*batches), **F32_SUMS)
     with torch.no_grad():  # eval mode: dropout is the identity
         hidden = [torch.relu(model[0](b)) for b in batches]
-    torch.testing.assert_close(stats["3"].xtx, _xtx(*hidden))
+    torch.testing.assert_close(stats["3"].xtx, _xtx(*hidden), **F32_SUMS)
 
 
 def test_collect_item_kinds_dict_tuple_tensor():
@@ -108,7 +112,7 @@ def test_collect_item_kinds_dict_tuple_tensor():
     items = [x, (x, shift), [x, shift], {"x": x, "shift": shift}]
     stats = collect_input_stats(model, iter(items), ["fc"])  # a one-shot iterator is fine
     assert stats["fc"].count == 24
-    torch.testing.assert_close(stats["fc"].xtx, _xtx(x, x + shift, x + shift, x + shift))
+    torch.testing.assert_close(stats["fc"].xtx, _xtx(x, x + shift, x + shift, x + shift), **F32_SUMS)
 
 
 def test_collect_keyword_input_to_the_layer():
@@ -122,7 +126,7 @@ def test_collect_keyword_input_to_the_layer():
 
     x = torch.randn(3, 4)
     stats = collect_input_stats(KwCall(), [x], ["fc"])
-    torch.testing.assert_close(stats["fc"].xtx, _xtx(x))
+    torch.testing.assert_close(stats["fc"].xtx, _xtx(x), **F32_SUMS)
 
 
 def test_collect_restores_hooks_modes_and_parameters():
@@ -181,3 +185,52 @@ def test_collect_wrong_width_input():
 def test_collect_module_without_in_features_infers_width():
     stats = collect_input_stats(TwoInputs(), [torch.randn(2, 5)], ["drop"])
     assert stats["drop"].in_features == 3 and stats["drop"].count == 2
+
+
+# ----------------------------------------------------------------------------- OutputProbe
+
+
+def test_output_probe_measures_relative_output_change_and_restores():
+    from lowrank_ops.calibration import OutputProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).train()
+    batches = [torch.randn(5, 6), (torch.randn(4, 6),)]
+    probe = OutputProbe(model, batches)
+    original = model[2]
+    assert probe("2", copy.deepcopy(original)) == 0.0
+    zero = nn.Linear(8, 3)
+    nn.init.zeros_(zero.weight)
+    nn.init.zeros_(zero.bias)
+    assert probe("2", zero) == pytest.approx(1.0)  # output removed entirely: relative error 1
+    assert model[2] is original and model.training  # swapped back, mode restored
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        probe("2", Boom())
+    assert model[2] is original
+    with pytest.raises(ValueError, match="batches"):
+        OutputProbe(model, [])
+
+
+def test_output_probe_reads_dict_and_tuple_outputs():
+    from lowrank_ops.calibration import OutputProbe
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"a": y, "b": (y * 2, torch.ones(1, dtype=torch.long))}
+
+    model = Two()
+    probe = OutputProbe(model, [torch.randn(3, 4)])
+    shifted = copy.deepcopy(model.fc)
+    with torch.no_grad():
+        shifted.bias += 1.0
+    assert probe("fc", shifted) > 0

@@ -367,3 +367,17 @@ NAN_W[0, 0] = float("nan")
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_allocate_weights_move_rank_to_the_sensitive_layer():
+    torch.manual_seed(0)
+    same = torch.linspace(1.0, 0.1, 32)
+    layers = {"a": LayerSpectrum(same, 32, 32), "b": LayerSpectrum(same.clone(), 32, 32)}
+    even = allocate_ranks(layers, 0.4)
+    assert even["a"] == even["b"]
+    tilted = allocate_ranks(layers, 0.4, weights={"a": 10.0, "b": 1.0})
+    assert tilted["a"] > even["a"] > tilted["b"]
+    with pytest.raises(ValueError, match="weights"):
+        allocate_ranks(layers, 0.4, weights={"a": 1.0})
+    with pytest.raises(ValueError, match="weights"):
+        allocate_ranks(layers, 0.4, weights={"a": 1.0, "b": float("nan")})

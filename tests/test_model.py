@@ -67,6 +67,31 @@ def test_global_allocation_respects_budget():
     assert params_after <= 0.4 * params_before
 
 
+def test_global_allocation_with_calibration_spends_rank_where_outputs_care():
+    torch.manual_seed(0)
+
+    class TwoPaths(nn.Module):
+        """Two identical-looking layers; the model's output barely depends on the second."""
+
+        def __init__(self):
+            super().__init__()
+            self.loud, self.quiet = nn.Linear(48, 48), nn.Linear(48, 48)
+            with torch.no_grad():
+                self.quiet.weight.copy_(self.loud.weight)
+
+        def forward(self, x):
+            return self.loud(x) + 1e-3 * self.quiet(x)
+
+    model = TwoPaths()
+    report = compress(model, "lowrank", ratio=0.4, allocation="global", calib_data=calib_batches_48())
+    ranks = {r.name: r.setting for r in report.layers}
+    assert int(ranks["loud"].split()[1]) > int(ranks["quiet"].split()[1]), ranks
+
+
+def calib_batches_48(n=4):
+    return [torch.randn(16, 48) for _ in range(n)]
+
+
 def test_include_exclude_and_no_match():
     model = Block()
     compress(model, "lowrank", rank=4, include=["mlp.*"], exclude=["mlp.2"])

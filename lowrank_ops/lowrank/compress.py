@@ -304,7 +304,9 @@ def factorize(
 # ----------------------------------------------------------------------------- many layers
 
 
-def allocate_ranks(layers: Mapping[str, LayerSpectrum], ratio: float) -> dict[str, int | None]:
+def allocate_ranks(
+    layers: Mapping[str, LayerSpectrum], ratio: float, weights: Mapping[str, float] | None = None
+) -> dict[str, int | None]:
     """Spread a budget of ``ratio · Σ N·K`` parameters over ``layers`` to minimise
     ``Σ_layers Σ_{i>r} σ_i² / Σ σ_i²`` (relative squared error, whitened when the spectra are).
 
@@ -313,6 +315,10 @@ def allocate_ranks(layers: Mapping[str, LayerSpectrum], ratio: float) -> dict[st
     (``None``: cost N·K − r(N+K), gain the whole remaining tail), which is the better use for
     flat spectra. Rank steps stop at :func:`max_saving_rank`; a layer too small to save
     anything at rank 1 is dense from the start. The total never exceeds the budget.
+
+    ``weights`` (default 1 for every layer) scale each layer's term of the objective: how much
+    one unit of that layer's relative error costs at the model's output (see
+    :func:`lowrank_ops.lowrank.layer.build_lowrank_layers`, which measures it on calibration data).
     """
     if not isinstance(layers, Mapping):
         raise TypeError(f"layers: expected a mapping of name → LayerSpectrum, got {type(layers).__name__}")
@@ -322,6 +328,11 @@ def allocate_ranks(layers: Mapping[str, LayerSpectrum], ratio: float) -> dict[st
         if not isinstance(spec, LayerSpectrum):
             raise TypeError(f"layers: expected LayerSpectrum values, got {type(spec).__name__} for {name!r}")
     ratio = check_fraction("ratio", ratio)
+    if weights is not None:
+        if set(weights) != set(layers):
+            raise ValueError(f"weights: expected one weight per layer of layers, got keys {sorted(weights)[:5]}...")
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
+            raise ValueError("weights: expected finite non-negative numbers")
 
     rank: dict[str, int | None] = {}
     gains: dict[str, list[float]] = {}  # relative σ² per rank index
@@ -331,9 +342,11 @@ def allocate_ranks(layers: Mapping[str, LayerSpectrum], ratio: float) -> dict[st
         n, k = spec.out_features, spec.in_features
         power = spec.singular_values.to(torch.float64).square()
         total = float(power.sum())
-        gains[name] = (power / total).tolist() if total > 0 else [0.0] * power.numel()
-        tails[name] = (1 - torch.tensor(gains[name], dtype=torch.float64).cumsum(0)).clamp_min(0).tolist()
-        tails[name].insert(0, 1.0 if total > 0 else 0.0)
+        relative = power / total if total > 0 else torch.zeros_like(power)
+        tail = torch.cat([relative.new_ones(1) if total > 0 else relative.new_zeros(1), (1 - relative.cumsum(0)).clamp_min(0)])
+        weight = 1.0 if weights is None else float(weights[name])
+        gains[name] = (weight * relative).tolist()
+        tails[name] = (weight * tail).tolist()
         if max_saving_rank(n, k) >= 1:
             rank[name], cost = 1, n + k
         else:

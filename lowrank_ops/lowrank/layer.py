@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -258,13 +258,17 @@ def build_lowrank_layers(
     energy: float | None = None,
     allocation: str = "uniform",
     whiten: bool | None = None,
+    probe: Callable[[str, nn.Module], float] | None = None,
     progress: bool = False,
 ) -> dict[str, LowRankLinear | None]:
     """Factorize each named linear; ``None`` for a layer left dense because factors would not save bytes.
 
     ``allocation="uniform"`` applies ``rank``/``ratio``/``energy`` to every layer;
     ``allocation="global"`` treats ``ratio`` as a budget over all the layers' parameters and
-    spends rank where the (whitened, when calibrated) spectrum says it lowers error most.
+    spends rank where it lowers the model's error most: each layer's (whitened, when
+    calibrated) spectrum says how its relative error falls with rank, and ``probe`` (see
+    :class:`lowrank_ops.calibration.OutputProbe`), when given, says how much one unit of that
+    layer's error moves the model's outputs, measured with the layer alone at the uniform rank.
     """
     if allocation not in ("uniform", "global"):
         raise ValueError(f"allocation: expected 'uniform' or 'global', got {allocation!r}")
@@ -272,15 +276,12 @@ def build_lowrank_layers(
     if allocation == "global":
         if ratio is None or rank is not None or energy is not None:
             raise ValueError("allocation='global': expected ratio (the parameter budget) and neither rank nor energy")
-        spectra = {
-            name: compress.layer_spectrum(lin.weight.detach(), None if (stats is None or whiten is False) else stats[name])
-            for name, lin in linears.items()
-        }
-        ranks = {name: {"rank": r} for name, r in compress.allocate_ranks(spectra, ratio).items()}
+        spectra, weights = _spectra_and_sensitivities(linears, stats, ratio, whiten, probe, progress)
+        ranks = {name: {"rank": r} for name, r in compress.allocate_ranks(spectra, ratio, weights).items()}
     layers: dict[str, LowRankLinear | None] = {}
     for name, linear in tqdm(linears.items(), desc="low-rank", disable=not progress, leave=False):
         choice = ranks[name]
-        if allocation == "global" and choice["rank"] is None:
+        if allocation == "global" and choice["rank"] is None:  # the budget keeps this layer dense
             layers[name] = None
             continue
         layer_stats = None if stats is None else stats[name]
@@ -289,6 +290,38 @@ def build_lowrank_layers(
         except (TypeError, ValueError) as err:
             raise type(err)(f"layer {name!r}: {err}") from err
     return layers
+
+
+def _spectra_and_sensitivities(
+    linears: Mapping[str, nn.Linear],
+    stats: Mapping[str, InputStats] | None,
+    ratio: float,
+    whiten: bool | None,
+    probe: Callable[[str, nn.Module], float] | None,
+    progress: bool,
+) -> tuple[dict[str, compress.LayerSpectrum], dict[str, float] | None]:
+    """Each layer's spectrum and, with a probe, its sensitivity: the output error the probe
+    measures with the layer alone at the uniform rank, per unit of the layer's own relative
+    squared error at that rank."""
+    use_stats = stats is not None and whiten is not False
+    spectra: dict[str, compress.LayerSpectrum] = {}
+    weights: dict[str, float] = {}
+    for name, linear in tqdm(linears.items(), desc="spectra", disable=not progress, leave=False):
+        svd = compress.decompose(linear.weight.detach(), stats[name] if use_stats else None)
+        spectra[name] = spec = svd.spectrum()
+        if probe is None:
+            continue
+        r = min(compress.rank_for_ratio(spec.out_features, spec.in_features, ratio), compress.max_saving_rank(spec.out_features, spec.in_features))
+        power = spec.singular_values.double().square()
+        own_error = float(power[max(r, 0):].sum() / power.sum().clamp_min(1e-300))
+        if r < 1 or own_error == 0.0:
+            weights[name] = 0.0
+            continue
+        u, v = svd.factors(r)
+        bias = None if linear.bias is None else linear.bias.detach()
+        candidate = LowRankLinear.from_factors(u.to(linear.weight.dtype), v.to(linear.weight.dtype), bias)
+        weights[name] = probe(name, candidate) / own_error
+    return spectra, (weights if probe is not None else None)
 
 
 def _factorized(linear: nn.Linear, stats: InputStats | None, whiten: bool | None, **choice: Any) -> LowRankLinear | None:

