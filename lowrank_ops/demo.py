@@ -37,8 +37,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-DEFAULT_RATIOS = (0.9, 0.75, 0.6, 0.5)
-GLOBAL_RATIO = 0.5
+DEFAULT_RATIOS = (0.9, 0.75, 0.5)
 INTERPRETER_MAX_TOKENS = 16  # one sentence this short: every layer sees M <= 16 rows (decode kernels)
 # BertModel's pooler feeds the [CLS] pooled output, which mean-pooled sentence embeddings never
 # read: compressing it would count bytes that do not matter, so it stays dense.
@@ -90,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=_positive, default=None,
                    help="timed repetitions per measurement, median reported (default: 3 on CPU, 20 on CUDA)")
     p.add_argument("--no-global", action="store_true",
-                   help="skip the global-rank-allocation row")
+                   help="skip the global-rank-allocation rows")
     interp = p.add_mutually_exclusive_group()
     interp.add_argument("--interpreter", dest="interpreter", action="store_true", default=None,
                         help="on CPU, also run the Triton kernels under the interpreter (default: on, off with --quick)")
@@ -327,8 +326,8 @@ def _configs(ratios: Sequence[float], with_global: bool) -> list[tuple[float, bo
     for r in ratios:
         configs.append((r, False, "uniform"))
         configs.append((r, True, "uniform"))
-    if with_global:
-        configs.append((GLOBAL_RATIO, True, "global"))
+        if with_global:
+            configs.append((r, True, "global"))
     return configs
 
 

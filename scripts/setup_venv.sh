@@ -10,7 +10,9 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip warns about every index folder this machine's pip.conf names but lacks: drop that noise only
+quiet_pip() { python -m pip install -q "$@" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'; }
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "${LOWRANK_OPS_TORCH:-torch==2.13.0}"
+  quiet_pip "${LOWRANK_OPS_TORCH:-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[test,demo]"
+quiet_pip -e ".[test,demo]"

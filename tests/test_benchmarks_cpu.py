@@ -284,7 +284,11 @@ def test_lowrank_methods_on_a_cuda_run():
     big = LB.Case("lowrank", 4096, 4096, 512, 256, 0.25)
     assert _names(LB.lowrank_methods(big, _cuda_env())) == [
         ("dense", None, False), ("two_matmul", None, False), ("triton", "two_gemm", False)]
-    small_rank = LB.Case("lowrank", 4096, 4096, 128, 64, None)
+    mid_rank = LB.Case("lowrank", 4096, 4096, 128, 64, None)  # fused kernel fits, dispatch prefers two GEMMs
+    assert _names(LB.lowrank_methods(mid_rank, _cuda_env())) == [
+        ("dense", None, False), ("two_matmul", None, False), ("triton", "two_gemm", False),
+        ("triton:fused", "fused", False)]
+    small_rank = LB.Case("lowrank", 4096, 4096, 64, 64, None)
     assert _names(LB.lowrank_methods(small_rank, _cuda_env())) == [
         ("dense", None, False), ("two_matmul", None, False), ("triton", "fused", False),
         ("triton:two_gemm", "two_gemm", False)]
