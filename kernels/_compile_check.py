@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every Triton kernel module of the package (relative to lowrank_ops.kernels); add new families here.
-KERNEL_MODULES = ("lowrank",)
+KERNEL_MODULES = ("lowrank", "quant")
 ARCHS = (80, 90)
 
 
@@ -50,7 +50,7 @@ class CompileCase:
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "i8": "int8", "u8": "uint8", "i32": "int32"}
+_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "i8": "int8", "u8": "uint8", "i16": "int16", "i32": "int32"}
 
 
 def _example_args(signature: dict[str, str]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from lowrank_ops.io import load_compressed, save_compressed
 from lowrank_ops.lowrank.layer import LoRALinear, LowRankLinear
 from lowrank_ops.lowrank.ops import lora_linear, lowrank_linear
 from lowrank_ops.model import CompressionReport, compress
+from lowrank_ops.quant.layer import QuantLinear
+from lowrank_ops.quant.ops import quant_linear
 
 __version__ = "0.1.0"
 
@@ -17,11 +19,13 @@ __all__ = [
     "InputStats",
     "LoRALinear",
     "LowRankLinear",
+    "QuantLinear",
     "collect_input_stats",
     "compress",
     "load_compressed",
     "lora_linear",
     "lowrank_linear",
+    "quant_linear",
     "save_compressed",
     "use_backend",
 ]

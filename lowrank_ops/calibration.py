@@ -75,6 +75,17 @@ class InputStats:
         return self._require_data().diagonal().sqrt()
 
 
+def as_input_stats(calib: InputStats | Tensor | None, in_features: int) -> InputStats | None:
+    """Calibration given as collected statistics or as a tensor of sample inputs (..., K)."""
+    if calib is None or isinstance(calib, InputStats):
+        return calib
+    if isinstance(calib, Tensor):
+        stats = InputStats(in_features, name="calib")
+        stats.update(calib)
+        return stats
+    raise TypeError(f"calib: expected InputStats, a Tensor of inputs (..., {in_features}) or None, got {type(calib).__name__}")
+
+
 def _run(model: nn.Module, item: Any) -> Any:
     """Call ``model`` on one calibration item: dict → kwargs, tuple/list → args, else one arg."""
     if isinstance(item, dict):

@@ -16,10 +16,11 @@ from torch import nn
 from lowrank_ops.calibration import InputStats, OutputProbe, collect_input_stats, relative_output_error, relative_weight_error
 from lowrank_ops.core.layers import CompressedLinear, linear_nbytes, swap_modules
 from lowrank_ops.lowrank.layer import build_lowrank_layers
+from lowrank_ops.quant.layer import build_quant_layers
 
-# method name -> builder(linears, stats, **options) -> {name: new layer or None (kept dense)}
+# family name -> builder(linears, stats, **options) -> {name: new layer or None (kept dense)}
 Builder = Callable[..., Mapping[str, CompressedLinear | None]]
-METHODS: dict[str, Builder] = {"lowrank": build_lowrank_layers}
+METHODS: dict[str, Builder] = {"lowrank": build_lowrank_layers, "quant": build_quant_layers}
 
 
 PROBE_BATCHES = 4  # calibration batches replayed to measure each layer's end-to-end sensitivity
@@ -37,7 +38,7 @@ def _keeping(items: Iterable[Any], kept: list[Any], limit: int) -> Iterator[Any]
 class LayerReport:
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
-    kind: str  # the new layer's format, or "dense" when it was kept
+    format: str  # the new layer's format, or "dense" when it was kept
     setting: str  # e.g. "rank 96"
     bytes_before: int
     bytes_after: int
@@ -47,7 +48,7 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
-    method: str
+    kind: str  # the family: "lowrank", "quant", ...
     layers: list[LayerReport] = field(default_factory=list)
 
     @property
@@ -65,7 +66,7 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method,
+            "kind": self.kind,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "layers": [asdict(r) for r in self.layers],
@@ -77,7 +78,7 @@ class CompressionReport:
         for r in self.layers:
             calib = "-" if r.calib_error is None else f"{r.calib_error:.4f}"
             lines.append(
-                f"{r.name[-44:]:<44} {r.shape[0]:>5}x{r.shape[1]:<5} {r.kind:>8} {r.setting:>10} "
+                f"{r.name[-44:]:<44} {r.shape[0]:>5}x{r.shape[1]:<5} {r.format:>8} {r.setting:>10} "
                 f"{r.bytes_before / 1024:>11.1f} {r.bytes_after / 1024:>10.1f} {r.weight_error:>7.4f} {calib:>9}"
             )
         lines.append(
@@ -117,7 +118,8 @@ def _layer_report(name: str, linear: nn.Linear, new: CompressedLinear | None, st
 
 def compress(
     model: nn.Module,
-    method: str = "lowrank",
+    kind: str = "lowrank",
+    /,
     *,
     calib_data: Iterable[Any] | None = None,
     include: Sequence[str] | None = None,
@@ -125,25 +127,27 @@ def compress(
     progress: bool = False,
     **options: Any,
 ) -> CompressionReport:
-    """Compress ``model``'s linear layers in place with ``method`` and return a report.
+    """Compress ``model``'s linear layers in place with the family ``kind`` and return a report.
 
     ``calib_data`` is an iterable of model inputs (a dict is passed as keyword arguments, a
     tuple as positional ones, anything else as the one argument); with it, calibration-aware
-    algorithms are used. ``options`` go to the method, for ``"lowrank"``: ``rank``, ``ratio``,
-    ``energy``, ``allocation`` ("uniform" or "global") and ``whiten``.
+    algorithms are used. ``options`` go to the family's builder, for ``"lowrank"``: ``rank``, ``ratio``,
+    ``energy``, ``allocation`` ("uniform" or "global") and ``whiten``; for ``"quant"``: ``bits``,
+    ``group_size``, ``outliers``, ``method``, ``lut``, ``lowrank_rank``, ``act_order`` and
+    ``recipes`` (glob pattern of layer names -> option overrides).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
+    if kind not in METHODS:
+        raise ValueError(f"kind: expected one of {sorted(METHODS)}, got {kind!r}")
     linears = select_linears(model, include, exclude)
     stats, probe = None, None
     if calib_data is not None:
         kept: list[Any] = []  # the first few batches, for measuring layer sensitivity
         stats = collect_input_stats(model, _keeping(calib_data, kept, PROBE_BATCHES), list(linears), progress=progress)
         probe = OutputProbe(model, kept)
-    built = METHODS[method](linears, stats, probe=probe, progress=progress, **options)
-    report = CompressionReport(method, [
+    built = METHODS[kind](linears, stats, probe=probe, progress=progress, **options)
+    report = CompressionReport(kind, [
         _layer_report(name, linears[name], built[name], None if stats is None else stats[name]) for name in linears
     ])
     swap_modules(model, {name: layer for name, layer in built.items() if layer is not None})

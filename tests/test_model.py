@@ -35,7 +35,7 @@ def test_compress_swaps_layers_and_reports_bytes():
     assert isinstance(model.attn, LowRankLinear) and isinstance(model.mlp[2], LowRankLinear)
     assert type(model.tiny) is nn.Linear  # kept: factors would be larger
     rows = {r.name: r for r in report.layers}
-    assert rows["tiny"].kind == "dense" and rows["tiny"].bytes_after == rows["tiny"].bytes_before
+    assert rows["tiny"].format == "dense" and rows["tiny"].bytes_after == rows["tiny"].bytes_before
     assert rows["attn"].bytes_after == model.attn.nbytes == 4 * (2 * 8 * 32 + 32)
     assert report.bytes_after < report.bytes_before
     assert 0 < rows["attn"].weight_error < 1 and rows["attn"].calib_error is None
@@ -106,21 +106,22 @@ def test_include_exclude_and_no_match():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(method="lowrank"), ValueError, "rank"),  # no rank/ratio/energy
-        (dict(method="prune"), ValueError, "method"),
-        (dict(method="lowrank", ratio=1.5), ValueError, "ratio"),
-        (dict(method="lowrank", ratio=0.5, allocation="best"), ValueError, "allocation"),
-        (dict(method="lowrank", rank=4, allocation="global"), ValueError, "allocation"),
-        (dict(method="lowrank", rank=4, whiten=True), ValueError, "whiten"),
-        (dict(method="lowrank", rank=4, calib_data=[]), ValueError, "calib_data"),
-        (dict(method="lowrank", rank=4, calib_data=[torch.full((2, 32), float("nan"))]), ValueError, "NaN"),
+        (dict(), ValueError, "rank"),  # no rank/ratio/energy
+        (dict(kind="prune"), ValueError, "kind"),
+        (dict(ratio=1.5), ValueError, "ratio"),
+        (dict(ratio=0.5, allocation="best"), ValueError, "allocation"),
+        (dict(rank=4, allocation="global"), ValueError, "allocation"),
+        (dict(rank=4, whiten=True), ValueError, "whiten"),
+        (dict(rank=4, calib_data=[]), ValueError, "calib_data"),
+        (dict(rank=4, calib_data=[torch.full((2, 32), float("nan"))]), ValueError, "NaN"),
     ],
 )
 def test_failures_leave_model_exactly_as_it_was(kwargs, error, match):
     model = Block()
     before, modules = state(model), dict(model.named_modules())
+    kind = kwargs.pop("kind", "lowrank")
     with pytest.raises(error, match=match):
-        compress(model, **kwargs)
+        compress(model, kind, **kwargs)
     after = model.state_dict()
     assert dict(model.named_modules()) == modules
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -149,7 +150,7 @@ def test_failure_during_swap_restores(monkeypatch):
 def test_rank_too_large_for_every_layer_keeps_them_dense():
     model = Block()
     report = compress(model, "lowrank", rank=64)
-    assert {r.kind for r in report.layers} == {"dense"} and report.bytes_after == report.bytes_before
+    assert {r.format for r in report.layers} == {"dense"} and report.bytes_after == report.bytes_before
 
 
 def test_model_type_checked():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch import nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -65,6 +66,15 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
     return value
 
 
+def check_choice(name: str, value: object, allowed: Sequence[int]) -> int:
+    """``value`` is an int (not bool) among ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int in {list(allowed)}, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value}")
+    return value
+
+
 def check_fraction(name: str, value: object, *, low_open: bool = True, high_closed: bool = True) -> float:
     """``value`` is a real number in (0, 1] (bounds adjustable)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -76,3 +86,11 @@ def check_fraction(name: str, value: object, *, low_open: bool = True, high_clos
         interval = ("(" if low_open else "[") + "0, 1" + ("]" if high_closed else ")")
         raise ValueError(f"{name}: expected a number in {interval}, got {value}")
     return value
+
+
+def check_linear(linear: object) -> nn.Linear:
+    """``linear`` is a ``torch.nn.Linear`` with a 2-D float weight."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+    check_tensor("linear.weight", linear.weight, ndim=2)
+    return linear

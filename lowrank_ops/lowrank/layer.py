@@ -14,30 +14,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowrank_ops.calibration import InputStats
-from lowrank_ops.core.checks import check_int, check_tensor
+from lowrank_ops.calibration import InputStats, as_input_stats
+from lowrank_ops.core.checks import check_int, check_linear
 from lowrank_ops.core.layers import CompressedLinear
 from lowrank_ops.lowrank import compress
 from lowrank_ops.lowrank.format import LowRankFormat
 from lowrank_ops.lowrank.ops import lora_linear, lowrank_linear
-
-
-def _check_linear(linear: object) -> nn.Linear:
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
-    check_tensor("linear.weight", linear.weight, ndim=2)
-    return linear
-
-
-def _as_stats(calib: InputStats | Tensor | None, in_features: int) -> InputStats | None:
-    """Calibration given as collected statistics or as a tensor of sample inputs (..., K)."""
-    if calib is None or isinstance(calib, InputStats):
-        return calib
-    if isinstance(calib, Tensor):
-        stats = InputStats(in_features, name="calib")
-        stats.update(calib)
-        return stats
-    raise TypeError(f"calib: expected InputStats, a Tensor of inputs (..., {in_features}) or None, got {type(calib).__name__}")
 
 
 def _new_parameter(shape: tuple[int, ...], like: Tensor | None, dtype: torch.dtype | None, device) -> nn.Parameter:
@@ -129,8 +111,8 @@ class LowRankLinear(CompressedLinear):
         activation-aware whitened SVD unless ``whiten=False``. Raises ``ValueError`` when the
         chosen rank would not store fewer bytes than the dense weight. ``linear`` is not changed.
         """
-        linear = _check_linear(linear)
-        layer = _factorized(linear, _as_stats(calib, linear.in_features), whiten, rank=rank, ratio=ratio, energy=energy)
+        linear = check_linear(linear)
+        layer = _factorized(linear, as_input_stats(calib, linear.in_features), whiten, rank=rank, ratio=ratio, energy=energy)
         if layer is None:
             limit = compress.max_saving_rank(linear.out_features, linear.in_features)
             raise ValueError(
@@ -214,7 +196,7 @@ class LoRALinear(CompressedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int = 8, alpha: float | None = None) -> "LoRALinear":
         """Wrap a copy of ``linear``'s weight and bias (frozen) with a fresh rank-``rank`` adapter."""
-        linear = _check_linear(linear)
+        linear = check_linear(linear)
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, alpha, linear.bias is not None, w.device, w.dtype)
         with torch.no_grad():

@@ -1,0 +1,390 @@
+"""Triton kernels for the quantization family: fused dequant-matmul.
+
+    y = x (Ŵ + S)ᵀ + (x Vᵀ) Uᵀ + b
+
+with Ŵ the packed 2/3/4-bit weight (uniform groups with fp16 scales/zeros, or a per-row fp16
+lookup table), S the CSR outliers and U (N × r), V (r × K) an optional low-rank compensation
+path. The packed format is the shared contract of ``lowrank_ops/quant/format.py``:
+
+* codes of row n, column k live in int32 word ``k // E`` of row n at bit ``(k % E) · bits``
+  (E = 8 for 4-bit, 16 for 2-bit and for the low plane of 3-bit, 32 for the 3-bit high plane);
+  rows are ``K_pad / E`` words long, K_pad = ceil(K / g) · g;
+* uniform: Ŵ = (q − zeros[n, k // g]) · scales[n, k // g]; LUT: Ŵ = lut[n, q];
+* outliers: ``rowptr`` int32 (N + 1), ``cols`` int16 (read as unsigned), ``vals`` fp16.
+
+Two paths (chosen by ``ops.quant_path``):
+
+* ``"tile"`` — one launch, grid (M-blocks, N-blocks), tensor-core dots on dequantized tiles;
+* ``"decode"`` — M ≤ 16: split-K over (N-blocks × K-splits) programs writing fp32 partials,
+  then a small reduction kernel that adds the outliers and the bias. Two launches, no atomics,
+  deterministic.
+
+Every product accumulates in fp32; the dequantized tile is rounded to x's dtype (fp16/bf16 run
+on tensor cores, fp32 uses exact "ieee" dots). Config tables, the pruner, ``_dot`` and the
+allocation hook follow (and are imported from) :mod:`lowrank_ops.kernels.lowrank`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._compile_check import CompileCase
+from .lowrank import (
+    DECODE_BLOCK_M,
+    INTERPRET,
+    MIN_DOT,
+    _configs,
+    _dot,
+    _dot_precision,
+    _empty,
+    _pruner,
+    _rank_pad,
+    _target_programs,
+)
+
+QUANT_MAX_RANK = 128  # the fused kernels keep a (BLOCK_M × R_PAD) fp32 tile next to the accumulator
+BITS_SUPPORTED = (2, 3, 4)
+GROUP_SIZES = (32, 64, 128)
+_DECODE_K_CHUNK = 64 if INTERPRET else 256  # smallest K range one decode split is given
+_DECODE_MAX_SPLIT = 16
+_REDUCE_BLOCK_N = 32 if INTERPRET else 128
+
+# --------------------------------------------------------------------------- config tables
+# GPU tables: several configs under @triton.autotune. The interpreter gets one row of large
+# blocks instead (multi-config autotuning cannot run there; few programs, few loop trips).
+_TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_TILE_GPU_TABLE = [
+    # BLOCK_M BLOCK_N BLOCK_K warps stages
+    (64, 64, 64, 4, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (128, 128, 32, 8, 3),
+    (32, 64, 64, 4, 4),
+    (64, 64, 128, 4, 3),  # one 128-group per K step: scales loaded once per tile
+    (32, 64, 32, 4, 2),  # lean: fp32 at R_PAD = 128
+]
+_TILE_TABLE = [(32, 32, 64, 4, 1)] if INTERPRET else _TILE_GPU_TABLE
+_DECODE_NAMES = ("BLOCK_N", "BLOCK_K")
+_DECODE_GPU_TABLE = [
+    # BLOCK_N BLOCK_K warps stages
+    (64, 128, 4, 3),
+    (32, 128, 4, 3),
+    (64, 64, 4, 4),
+    (128, 64, 4, 3),
+    (32, 256, 4, 3),
+    (32, 64, 4, 2),  # lean: fp32 at R_PAD = 128
+]
+_DECODE_TABLE = [(32, 32, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
+_TILE_PRUNE = _pruner(
+    loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] + m["R_PAD"]),
+    after_tile=lambda m: m["R_PAD"] * m["BLOCK_N"],
+    acc_tile=lambda m: m["BLOCK_M"] * (m["R_PAD"] + m["BLOCK_N"]),
+)
+_DECODE_PRUNE = _TILE_PRUNE  # same tiles, BLOCK_M = 16 passed as a constexpr
+
+
+# --------------------------------------------------------------------------- dequantization
+@triton.jit
+def _load_quant_base_tile(
+    qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_K × BLOCK_N) fp32 tile of Ŵᵀ dequantized from the packed rows ``offs_n``; zero outside
+    the matrix (k ≥ K included: padded codes are 0 but (0 − z)·s is not).
+
+    The quantized twin of ``lowrank._load_dense_base_tile``. Word loads repeat one address for
+    E consecutive k of a row (served by L1); a row's words are contiguous, so each column of the
+    tile reads BLOCK_K / E consecutive words. Scales/zeros are one fp16 pair per (row, group):
+    when BLOCK_K ≤ GROUP the K-blocks never straddle a group (both powers of two, K-blocks
+    start at multiples of BLOCK_K), so one (1 × BLOCK_N) vector serves the tile.
+    """
+    k_pad = tl.cdiv(K, GROUP) * GROUP
+    n_groups = k_pad // GROUP
+    n_mask = offs_n < N
+    mask = n_mask[None, :] & (offs_k[:, None] < K)
+    rows = offs_n.to(tl.int64)[None, :]
+    kk = offs_k[:, None]
+    if BITS == 4:
+        words = tl.load(qw_ptr + rows * (k_pad // 8) + kk // 8, mask=mask, other=0)
+        q = (words >> ((kk % 8) * 4)) & 0xF
+    else:
+        # 2-bit codes, or the low 2 bits of 3-bit codes
+        words = tl.load(qw_ptr + rows * (k_pad // 16) + kk // 16, mask=mask, other=0)
+        q = (words >> ((kk % 16) * 2)) & 0x3
+        if BITS == 3:
+            hi = tl.load(qwhi_ptr + rows * (k_pad // 32) + kk // 32, mask=mask, other=0)
+            q = q | (((hi >> (kk % 32)) & 1) << 2)
+    if USE_LUT:
+        # per-row table of 2^BITS fp16 values (tiny, L1/L2-resident): a gather
+        w = tl.load(lut_ptr + rows * (1 << BITS) + q, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if BLOCK_K <= GROUP:
+            gidx = rows * n_groups + k0 // GROUP
+            gmask = n_mask[None, :]
+        else:
+            gidx = rows * n_groups + kk // GROUP
+            gmask = mask
+        s = tl.load(scales_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+        w = tl.where(mask, (q.to(tl.float32) - z) * s, 0.0)
+    return w
+
+
+@triton.jit
+def _quant_k_run(
+    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
+    offs_m, offs_n, kb_first, kb_last, M, N, K, R,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, HAS_LR: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_M × BLOCK_N) product of x rows ``offs_m`` with (Ŵ + U V)ᵀ columns ``offs_n``
+    over the K-blocks [kb_first, kb_last).
+
+    Each x tile is loaded once and feeds two dots: acc += x · Ŵ_tileᵀ and, with the low-rank
+    path, t += x · V_tileᵀ (a (BLOCK_K × R_PAD) tile of Vᵀ, rows of V past R masked to zero).
+    After the loop t is rounded to x's dtype and acc += t @ U_tileᵀ (an (R_PAD × BLOCK_N) tile
+    read from U rows ``offs_n``). By linearity this is also right for a partial K range.
+    """
+    dtype = x_ptr.dtype.element_ty
+    rows = offs_m.to(tl.int64)[:, None]
+    m_mask = offs_m[:, None] < M
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for kb in range(kb_first, kb_last):
+        k0 = kb * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & k_mask[None, :], other=0.0)
+        w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
+                                  BITS, GROUP, USE_LUT, BLOCK_K)
+        acc = _dot(x, w.to(dtype), acc, DOT_PRECISION)
+        if HAS_LR:
+            vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            t = _dot(x, vt.to(dtype), t, DOT_PRECISION)
+    if HAS_LR:
+        ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
+                     mask=(offs_n[None, :] < N) & r_mask[:, None], other=0.0)
+        acc = _dot(t.to(dtype), ut.to(dtype), acc, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K):
+    """acc[m, n] += Σ_j x[m, cols[j]] · vals[j] over the CSR entries j of output rows ``offs_n``.
+
+    The program's BLOCK_N rows are walked in lockstep: step j takes the j-th entry of every row
+    (masked where a row has fewer), so the trip count is the largest row nnz of the block. Each
+    step gathers one x column per output row (BLOCK_M × BLOCK_N, x rows are L1/L2-resident)
+    and multiply-adds in fp32 on the CUDA cores: at ~1% outliers this is small next to the dots.
+    """
+    n_mask = offs_n < N
+    start = tl.load(rowptr_ptr + offs_n, mask=n_mask, other=0)
+    count = tl.load(rowptr_ptr + offs_n + 1, mask=n_mask, other=0) - start
+    rows = offs_m.to(tl.int64)[:, None]
+    m_mask = offs_m[:, None] < M
+    for j in range(0, tl.max(count, axis=0)):
+        valid = j < count
+        col = tl.load(cols_ptr + start + j, mask=valid, other=0).to(tl.int32) & 0xFFFF  # int16 read as unsigned
+        val = tl.load(vals_ptr + start + j, mask=valid, other=0.0).to(tl.float32)
+        xg = tl.load(x_ptr + rows * K + col[None, :], mask=m_mask & valid[None, :], other=0.0).to(tl.float32)
+        acc += xg * val[None, :]
+    return acc
+
+
+# --------------------------------------------------------------------------- tile path
+# Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (pm, pn) owns one (BLOCK_M × BLOCK_N)
+# output tile. One pass over K (``_quant_k_run``): x tile (BLOCK_M × BLOCK_K, row-major, rows
+# K apart), packed words of the (BLOCK_K × BLOCK_N) tile of Ŵᵀ (BLOCK_K / E words per weight
+# row) dequantized in registers, then tensor-core dots; the low-rank path rides on the same x
+# tile. Then the CSR outliers of the block's N rows, the bias, one store.
+@triton.autotune(configs=_configs(_TILE_TABLE, _TILE_NAMES),
+                  key=["M_BUCKET", "N", "K", "R_PAD", "BITS", "GROUP", "USE_LUT"], prune_configs_by=_TILE_PRUNE)
+@triton.jit
+def _quant_tile_kernel(
+    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, rowptr_ptr, cols_ptr, vals_ptr,
+    u_ptr, v_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    M_BUCKET,  # autotune key only: next power of two of M
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
+                       offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R,
+                       BITS, GROUP, USE_LUT, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_OUTLIERS:
+        acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------- decode, step 1: split-K partials
+# Grid (cdiv(N, BLOCK_N), K_SPLIT, cdiv(M, 16)). At batch 1 the (M-blocks × N-blocks) grid of
+# the tile path has far fewer programs than SMs; splitting K too fills the GPU. The K-blocks are
+# dealt out in contiguous runs; program (pn, ks, pm) dequantizes its run of the (K × BLOCK_N)
+# weight columns, multiplies with 16 x rows (masked to M) on tensor cores and writes fp32
+# partials to part[ks, m, n] (K_SPLIT × M × N, contiguous); an empty run writes zeros. The
+# low-rank path is folded in per split by linearity: Σ_s (x_s V_sᵀ) Uᵀ = (x Vᵀ) Uᵀ (the
+# rank-space partial is rounded to x's dtype per split; U's tile is re-read by each split).
+@triton.autotune(configs=_configs(_DECODE_TABLE, _DECODE_NAMES),
+                  key=["M_BUCKET", "N", "K", "R_PAD", "K_SPLIT", "BITS", "GROUP", "USE_LUT"], prune_configs_by=_DECODE_PRUNE)
+@triton.jit
+def _quant_decode_split_kernel(
+    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr, part_ptr,
+    M, N, K, R, K_SPLIT,
+    M_BUCKET,  # autotune key only: next power of two of M
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr,
+    HAS_LR: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, K_SPLIT)
+    first = split * per_split
+    acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
+                       offs_m, offs_n, first, tl.minimum(first + per_split, k_blocks), M, N, K, R,
+                       BITS, GROUP, USE_LUT, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows = offs_m.to(tl.int64)[:, None]
+    out = part_ptr + split.to(tl.int64) * M * N + rows * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------- decode, step 2: reduce + outliers + bias
+# Grid (cdiv(N, BLOCK_N), cdiv(M, 16)). Program (pn, pm) sums the K_SPLIT fp32 partials of its
+# (16 × BLOCK_N) output tile (L2-resident, written just before), adds the outliers of its N rows
+# (same lockstep CSR walk as the tile path) and the bias, and stores in x's dtype.
+@triton.jit
+def _quant_decode_reduce_kernel(
+    x_ptr, part_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr, y_ptr,
+    M, N, K, K_SPLIT,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)[:, None]
+    n_mask = offs_n < N
+    mask = (offs_m[:, None] < M) & n_mask[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = part_ptr + rows * N + offs_n[None, :]
+    for _ in range(0, K_SPLIT):
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += M * N  # next split's (M × N) slab
+    if HAS_OUTLIERS:
+        acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _decode_k_split(m: int, n: int, k: int, device: torch.device) -> int:
+    """K splits so that (N-blocks × splits × M-blocks) ≈ 2 programs per SM (nominal BLOCK_N 64)."""
+    columns = triton.cdiv(n, 64) * triton.cdiv(m, DECODE_BLOCK_M)
+    return max(1, min(triton.cdiv(k, _DECODE_K_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
+
+
+def quant_matmul(
+    x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
+    lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
+    outlier_vals: Optional[Tensor], lr_u: Optional[Tensor], lr_v: Optional[Tensor], bias: Optional[Tensor],
+    bits: int, group_size: int, path: str,
+) -> Tensor:
+    """``x (Ŵ + S)ᵀ + (x Vᵀ) Uᵀ + b`` for contiguous x (M, K) and tensors in the packed format.
+
+    Inputs are trusted (``ops.quant_linear`` checks them): LUT mode when ``lut`` is given,
+    else scales/zeros; outliers when ``outlier_rowptr`` is given and nnz > 0; the low-rank
+    path when ``lr_u`` is given (rank ≤ :data:`QUANT_MAX_RANK`). ``path``: ``"tile"`` (one
+    launch) or ``"decode"`` (split-K + reduce; made for M ≤ 16, correct for any M).
+    """
+    if path not in ("tile", "decode"):
+        raise ValueError(f"path: expected 'tile' or 'decode', got {path!r}")
+    (m, k), n = x.shape, qweight.shape[0]
+    use_lut = lut is not None
+    has_out = outlier_rowptr is not None and outlier_cols is not None and outlier_cols.numel() > 0
+    has_lr = lr_u is not None
+    r = lr_u.shape[1] if has_lr else 0
+    if r > QUANT_MAX_RANK:
+        raise ValueError(f"rank: the fused quant kernels support rank <= {QUANT_MAX_RANK}, got {r}")
+    y = _empty((m, n), x.dtype, x.device)
+    dummy = qweight  # pointer for absent tensors (their branches are compiled out)
+    qwhi = qweight_hi if bits == 3 else dummy
+    sc, zr, lt = (dummy, dummy, lut) if use_lut else (scales, zeros, dummy)
+    rp, cl, vl = (outlier_rowptr, outlier_cols, outlier_vals) if has_out else (dummy, dummy, dummy)
+    u, v = (lr_u, lr_v) if has_lr else (dummy, dummy)
+    b = bias if bias is not None else y
+    flags = dict(BITS=bits, GROUP=group_size, USE_LUT=use_lut, HAS_LR=has_lr, R_PAD=_rank_pad(max(r, 1)),
+                 DOT_PRECISION=_dot_precision(x.dtype))
+    m_bucket = triton.next_power_of_2(m)
+    if path == "tile":
+        _quant_tile_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+            x, qweight, qwhi, sc, zr, lt, rp, cl, vl, u, v, b, y, m, n, k, r, m_bucket,
+            HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, **flags,
+        )
+        return y
+    k_split = _decode_k_split(m, n, k, x.device)
+    m_blocks = triton.cdiv(m, DECODE_BLOCK_M)
+    part = _empty((k_split, m, n), torch.float32, x.device)
+    _quant_decode_split_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), k_split, m_blocks)](
+        x, qweight, qwhi, sc, zr, lt, u, v, part, m, n, k, r, k_split, m_bucket,
+        BLOCK_M=DECODE_BLOCK_M, **flags,
+    )
+    _quant_decode_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N), m_blocks)](
+        x, part, rp, cl, vl, b, y, m, n, k, k_split,
+        HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
+    )
+    return y
+
+
+# --------------------------------------------------------------------------- compile lane
+# Representative specializations, compiled for sm_80 and sm_90, every option on (outliers,
+# rank 128, bias): each of the tile and split kernels in every (dtype, bits) and every
+# (bits, mode) — tile as fp16 uniform + bf16 LUT, split as fp16 LUT + bf16 uniform — the reduce
+# kernel per dtype, and both autotuned kernels in fp32 (the largest tiles: only the lean config
+# survives pruning at R_PAD = 128).
+def _compile_cases() -> list[CompileCase]:
+    cases = []
+    ints = dict(M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32")
+    for dtype in ("fp16", "bf16", "fp32"):
+        p, prec, is_fp32 = f"*{dtype}", ("ieee" if dtype == "fp32" else "tf32"), dtype == "fp32"
+        packed = dict(x_ptr=p, qw_ptr="*i32", qwhi_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", lut_ptr="*fp16")
+        for bits in (3,) if is_fp32 else BITS_SUPPORTED:
+            # tile: fp16 uniform + bf16 LUT; split: the other two; fp32: both kernels uniform
+            for kernel, lut in ((_quant_tile_kernel, dtype == "bf16"), (_quant_decode_split_kernel, dtype == "fp16")):
+                lut = lut and not is_fp32
+                flags = dict(BITS=bits, GROUP=128, USE_LUT=lut, HAS_LR=True, R_PAD=QUANT_MAX_RANK, DOT_PRECISION=prec)
+                mode = "lut" if lut else "uniform"
+                if kernel is _quant_tile_kernel:
+                    name, sig = f"quant_tile[{dtype},{bits}b,{mode}]", dict(
+                        **packed, rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", u_ptr=p, v_ptr=p,
+                        bias_ptr=p, y_ptr=p, **ints)
+                    flags.update(HAS_OUTLIERS=True, HAS_BIAS=True)
+                else:
+                    name, sig = f"quant_decode_split[{dtype},{bits}b,{mode}]", dict(
+                        **packed, u_ptr=p, v_ptr=p, part_ptr="*fp32", K_SPLIT="i32", **ints)
+                    flags.update(BLOCK_M=DECODE_BLOCK_M)
+                cases.append(CompileCase(name, kernel, sig, flags))
+        cases.append(CompileCase(
+            f"quant_decode_reduce[{dtype}]", _quant_decode_reduce_kernel,
+            dict(x_ptr=p, part_ptr="*fp32", rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", bias_ptr=p,
+                 y_ptr=p, M="i32", N="i32", K="i32", K_SPLIT="i32"),
+            dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=128),
+            dict(num_warps=4),
+        ))
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

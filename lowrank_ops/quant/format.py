@@ -1,0 +1,407 @@
+"""The packed quantized-weight format: 2/3/4-bit codes + fp16 group scales/zeros or a per-row
+lookup table, optional CSR outliers, optional low-rank path. This is the contract the kernels
+read; everything below is exactly what they load.
+
+Shapes. ``W`` is (N, K) (``nn.Linear`` layout). ``g`` ∈ {32, 64, 128} is the group size along K,
+``K_pad = ceil(K / g)·g`` and ``G = K_pad / g``. Codes ``q[n, k]`` are unsigned in ``[0, 2^b − 1]``;
+codes at ``k ≥ K`` are 0 (kernels mask them).
+
+Dequantization.
+* uniform (asymmetric) mode: ``Ŵ[n, k] = (q[n, k] − zeros[n, k // g]) · scales[n, k // g]``, with
+  ``scales``, ``zeros`` fp16 (N, G); zeros may be fractional.
+* lookup-table mode (SqueezeLLM style): ``Ŵ[n, k] = lut[n, q[n, k]]``, ``lut`` fp16 (N, 2^b); no
+  scales/zeros (``group_size`` still sets the padding ``K_pad``).
+
+Bit layout. Codes are packed into int32 words, row-major (N, words). With ``E`` codes per word and
+``B`` bits per code, code ``k`` of row ``n`` sits in word ``k // E`` at bit offset ``(k % E)·B``
+(bit 0 = least significant; bit 31 is an ordinary payload bit, so a word may read negative as
+int32 — unpack through an unsigned view / ``& mask`` after the shift).
+* 4-bit: ``qweight`` (N, K_pad/8), E = 8, B = 4.
+* 2-bit: ``qweight`` (N, K_pad/16), E = 16, B = 2.
+* 3-bit: two bit planes, exactly 3 bits per code. ``qweight`` (N, K_pad/16) holds the low two bits
+  ``q & 3`` laid out as in 2-bit mode; ``qweight_hi`` (N, K_pad/32) holds the high bit ``q >> 2``
+  with E = 32, B = 1. ``q = lo | (hi << 2)``. (A 3-bit code never straddles a word.)
+Since ``g ≥ 32``, ``K_pad`` is a multiple of 32 and every plane divides evenly.
+To unpack a tile: load word ``k // E`` (neighbouring k share the address), shift right by
+``(k % E)·B``, mask ``(1 << B) − 1``.
+
+Outliers (additive, ``Ŵ_total = Ŵ + S``): CSR by output row. ``outlier_rowptr`` int32 (N+1),
+``outlier_cols`` int16 read as unsigned (``col & 0xFFFF``, hence K ≤ 65535), ``outlier_vals`` fp16
+= ``w − Ŵ`` at that position (the residual, so ``Ŵ + S`` gives back the kept value to fp16
+precision). nnz may be 0. Absent (``None``) when the format has no sparse part at all.
+
+Low-rank path (optional): ``lr_u`` (N, r), ``lr_v`` (r, K) in fp16 (or the compute dtype):
+``y = x (Ŵ + S)ᵀ + (x lr_vᵀ) lr_uᵀ + bias``.
+
+Bytes: every stored tensor counts (qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals,
+lr_u, lr_v); ``bits_per_weight = 8·nbytes / (N·K)``. 4-bit g128 uniform: 4 + 32/128 = 4.25 for K a
+multiple of 128.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core.checks import check_choice, check_dim, check_int, check_tensor
+
+BITS = (2, 3, 4)
+GROUP_SIZES = (32, 64, 128)
+MAX_OUTLIER_K = 65535
+_LR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TENSOR_FIELDS = (
+    "qweight", "qweight_hi", "scales", "zeros", "lut",
+    "outlier_rowptr", "outlier_cols", "outlier_vals", "lr_u", "lr_v",
+)
+
+
+def padded_k(in_features: int, group_size: int) -> int:
+    """``K_pad = ceil(K / g) · g``."""
+    return -(-in_features // group_size) * group_size
+
+
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """(bits per code, shift of the code's bits) of each packed plane, low plane first."""
+    return {4: [(4, 0)], 2: [(2, 0)], 3: [(2, 0), (1, 2)]}[bits]
+
+
+def _check_bits(bits: object) -> int:
+    return check_choice("bits", bits, BITS)
+
+
+def _check_group_size(group_size: object) -> int:
+    return check_choice("group_size", group_size, GROUP_SIZES)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _pack_plane(q: Tensor, width: int) -> Tensor:
+    """(N, K) codes of ``width`` bits → (N, K·width/32) int32 words (code k at bit (k % E)·width)."""
+    per_word = 32 // width
+    n, k = q.shape
+    shifts = torch.arange(per_word, device=q.device, dtype=torch.int64) * width
+    words = (q.reshape(n, k // per_word, per_word) << shifts).sum(-1)  # < 2^32, exact in int64
+    words = torch.where(words >= 2**31, words - 2**32, words)  # same bits, as signed int32
+    return words.to(torch.int32)
+
+
+def _unpack_plane(words: Tensor, width: int) -> Tensor:
+    """Inverse of :func:`_pack_plane`: (N, W) int32 → (N, W·32/width) int64 codes."""
+    per_word = 32 // width
+    n = words.shape[0]
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * width
+    codes = (unsigned[:, :, None] >> shifts) & ((1 << width) - 1)
+    return codes.reshape(n, -1)
+
+
+def pack_codes(q: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
+    """Pack (N, K_pad) codes in ``[0, 2^bits − 1]`` into ``(qweight, qweight_hi)`` (int32 words; the
+    high plane only for 3 bits, else ``None``). ``K_pad`` must be a multiple of 32."""
+    bits = _check_bits(bits)
+    check_tensor("q", q, ndim=2, dtypes=(torch.uint8, torch.int16, torch.int32, torch.int64))
+    if q.shape[1] % 32:
+        raise ValueError(f"q: expected a number of columns (K_pad) that is a multiple of 32, got shape {tuple(q.shape)}")
+    q = q.to(torch.int64)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 1 << bits):
+        raise ValueError(f"q: expected codes in [0, {(1 << bits) - 1}] for {bits} bits, got range [{int(q.min())}, {int(q.max())}]")
+    planes = [_pack_plane((q >> shift) & ((1 << width) - 1), width) for width, shift in _planes(bits)]
+    return planes[0], (planes[1] if bits == 3 else None)
+
+
+def unpack_codes(qweight: Tensor, qweight_hi: Tensor | None, bits: int, k_pad: int) -> Tensor:
+    """Codes (N, ``k_pad``) uint8 from the packed words (inverse of :func:`pack_codes`, bit-exact)."""
+    bits = _check_bits(bits)
+    k_pad = check_int("k_pad", k_pad, low=0)
+    check_tensor("qweight", qweight, ndim=2, dtypes=(torch.int32,))
+    plane_shapes = [k_pad * width // 32 for width, _ in _planes(bits)]
+    if k_pad % 32:
+        raise ValueError(f"k_pad: expected a multiple of 32, got {k_pad}")
+    check_dim("qweight", qweight, 1, plane_shapes[0], f"K_pad·{_planes(bits)[0][0]}/32 words")
+    if bits == 3:
+        check_tensor("qweight_hi", qweight_hi, ndim=2, dtypes=(torch.int32,))
+        check_dim("qweight_hi", qweight_hi, 0, qweight.shape[0], "out_features")
+        check_dim("qweight_hi", qweight_hi, 1, plane_shapes[1], "K_pad/32 words")
+    elif qweight_hi is not None:
+        raise ValueError(f"qweight_hi: expected None for {bits}-bit codes, got a tensor of shape {tuple(qweight_hi.shape)}")
+    planes = [qweight] + ([qweight_hi] if bits == 3 else [])
+    q = sum(_unpack_plane(p, width) << shift for p, (width, shift) in zip(planes, _planes(bits)))
+    return q.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- outliers
+
+
+def outliers_to_csr(mask: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR (row pointers int32 (N+1), columns int16 read as unsigned, values fp16) of
+    ``residual`` at the ``True`` entries of ``mask`` (both (N, K)); columns ascend within a row."""
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+    check_tensor("residual", residual, ndim=2, dtypes=None)
+    if residual.shape != mask.shape:
+        raise ValueError(f"residual: expected shape {tuple(mask.shape)} (that of mask), got {tuple(residual.shape)}")
+    n, k = mask.shape
+    if k > MAX_OUTLIER_K:
+        raise ValueError(f"mask: expected at most {MAX_OUTLIER_K} columns (16-bit column indices), got {k}")
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order: sorted by row, then column
+    counts = torch.bincount(rows, minlength=n)
+    rowptr = torch.zeros(n + 1, dtype=torch.int64, device=mask.device)
+    rowptr[1:] = counts.cumsum(0)
+    cols = torch.where(cols >= 2**15, cols - 2**16, cols).to(torch.int16)
+    return rowptr.to(torch.int32), cols, residual[rows, cols.to(torch.int64) & 0xFFFF].to(torch.float16)
+
+
+def csr_to_dense(rowptr: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense (N, K) ``S`` from the CSR arrays (the reference for the kernels' sparse part)."""
+    n, k = shape
+    dense = torch.zeros(n, k, dtype=dtype, device=vals.device)
+    if vals.numel() == 0:
+        return dense
+    counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(n, device=vals.device), counts)
+    dense.index_put_((rows, cols.to(torch.int64) & 0xFFFF), vals.to(dtype), accumulate=True)
+    return dense
+
+
+# ----------------------------------------------------------------------------- the format
+
+
+@dataclass
+class QuantFormat:
+    """One quantized (out_features × in_features) weight; see the module docstring for the layout.
+
+    Uniform mode has ``scales``/``zeros`` and no ``lut``; lookup-table mode the reverse. The three
+    outlier tensors are all present or all ``None``; so are ``lr_u``/``lr_v``.
+    """
+
+    qweight: Tensor
+    qweight_hi: Tensor | None
+    scales: Tensor | None
+    zeros: Tensor | None
+    lut: Tensor | None
+    outlier_rowptr: Tensor | None
+    outlier_cols: Tensor | None
+    outlier_vals: Tensor | None
+    lr_u: Tensor | None
+    lr_v: Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+    NAME = "quant"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --------------------------------------------------------------- metadata
+    @property
+    def is_lut(self) -> bool:
+        """Lookup-table (non-uniform) mode."""
+        return self.lut is not None
+
+    @property
+    def k_pad(self) -> int:
+        return padded_k(self.in_features, self.group_size)
+
+    @property
+    def num_groups(self) -> int:
+        return self.k_pad // self.group_size
+
+    @property
+    def has_outliers(self) -> bool:
+        return self.outlier_vals is not None
+
+    @property
+    def nnz(self) -> int:
+        return 0 if self.outlier_vals is None else self.outlier_vals.numel()
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lr_u is None else self.lr_u.shape[1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors (absent ones left out), by field name."""
+        return {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    # --------------------------------------------------------------- checks
+    def validate(self) -> None:
+        bits = _check_bits(self.bits)
+        g = _check_group_size(self.group_size)
+        n = check_int("out_features", self.out_features, low=1)
+        k = check_int("in_features", self.in_features, low=1)
+        k_pad = padded_k(k, g)
+        check_tensor("qweight", self.qweight, ndim=2, dtypes=(torch.int32,))
+        check_dim("qweight", self.qweight, 0, n, "out_features")
+        check_dim("qweight", self.qweight, 1, k_pad * _planes(bits)[0][0] // 32, f"K_pad·{_planes(bits)[0][0]}/32 int32 words, K_pad={k_pad}")
+        dev = self.qweight.device
+
+        def same_device(name: str, t: Tensor) -> None:
+            if t.device != dev:
+                raise ValueError(f"{name}: expected device {dev} (that of qweight), got {t.device}")
+
+        if bits == 3:
+            check_tensor("qweight_hi", self.qweight_hi, ndim=2, dtypes=(torch.int32,))
+            check_dim("qweight_hi", self.qweight_hi, 0, n, "out_features")
+            check_dim("qweight_hi", self.qweight_hi, 1, k_pad // 32, f"K_pad/32 int32 words, K_pad={k_pad}")
+            same_device("qweight_hi", self.qweight_hi)
+        elif self.qweight_hi is not None:
+            raise ValueError(f"qweight_hi: expected None for {bits}-bit codes (only 3-bit has a high plane), got a tensor")
+
+        if self.lut is not None:
+            if self.scales is not None or self.zeros is not None:
+                raise ValueError("scales/zeros: expected None in lookup-table mode (lut given), got tensors")
+            check_tensor("lut", self.lut, ndim=2, dtypes=(torch.float16,))
+            check_dim("lut", self.lut, 0, n, "out_features")
+            check_dim("lut", self.lut, 1, 1 << bits, "2^bits table entries")
+            same_device("lut", self.lut)
+        else:
+            for name in ("scales", "zeros"):
+                t = getattr(self, name)
+                if t is None:
+                    raise ValueError(f"{name}: expected an fp16 (N, G) tensor in uniform mode (no lut), got None")
+                check_tensor(name, t, ndim=2, dtypes=(torch.float16,))
+                check_dim(name, t, 0, n, "out_features")
+                check_dim(name, t, 1, k_pad // g, "groups G = K_pad / group_size")
+                same_device(name, t)
+
+        sparse = [self.outlier_rowptr, self.outlier_cols, self.outlier_vals]
+        if any(t is not None for t in sparse):
+            if any(t is None for t in sparse):
+                raise ValueError("outlier_rowptr/outlier_cols/outlier_vals: expected all three or none, got a partial set")
+            if k > MAX_OUTLIER_K:
+                raise ValueError(f"in_features: expected at most {MAX_OUTLIER_K} with outliers (16-bit columns), got {k}")
+            check_tensor("outlier_rowptr", self.outlier_rowptr, ndim=1, dtypes=(torch.int32,))
+            check_dim("outlier_rowptr", self.outlier_rowptr, 0, n + 1, "out_features + 1")
+            check_tensor("outlier_cols", self.outlier_cols, ndim=1, dtypes=(torch.int16,))
+            check_tensor("outlier_vals", self.outlier_vals, ndim=1, dtypes=(torch.float16,))
+            nnz = self.outlier_vals.numel()
+            check_dim("outlier_cols", self.outlier_cols, 0, nnz, "nnz = outlier_vals.numel()")
+            for name, t in zip(("outlier_rowptr", "outlier_cols", "outlier_vals"), sparse):
+                same_device(name, t)
+            ptr = self.outlier_rowptr
+            if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
+                raise ValueError(f"outlier_rowptr: expected non-decreasing pointers from 0 to nnz={nnz}, got first {int(ptr[0])}, last {int(ptr[-1])}")
+            if nnz and int((self.outlier_cols.to(torch.int64) & 0xFFFF).max()) >= k:
+                raise ValueError(f"outlier_cols: expected column indices < in_features={k}, got {int((self.outlier_cols.to(torch.int64) & 0xFFFF).max())}")
+
+        if (self.lr_u is None) != (self.lr_v is None):
+            raise ValueError("lr_u/lr_v: expected both or neither, got one")
+        if self.lr_u is not None:
+            check_tensor("lr_u", self.lr_u, ndim=2, dtypes=_LR_DTYPES)
+            check_tensor("lr_v", self.lr_v, ndim=2, dtypes=_LR_DTYPES)
+            check_dim("lr_u", self.lr_u, 0, n, "out_features")
+            check_dim("lr_v", self.lr_v, 1, k, "in_features")
+            check_dim("lr_v", self.lr_v, 0, self.lr_u.shape[1], "rank = lr_u.shape[1]")
+            if self.lr_u.shape[1] < 1:
+                raise ValueError("lr_u: expected rank ≥ 1 (use None for no low-rank path), got rank 0")
+            if self.lr_v.dtype != self.lr_u.dtype:
+                raise TypeError(f"lr_v: expected dtype {self.lr_u.dtype} (that of lr_u), got {self.lr_v.dtype}")
+            same_device("lr_u", self.lr_u)
+            same_device("lr_v", self.lr_v)
+
+    # --------------------------------------------------------------- bytes
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor (codes, scales/zeros or LUT, CSR arrays, low-rank factors)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8·nbytes / (N·K)``: stored bits per entry of the dense weight, all overheads included."""
+        return 8.0 * self.nbytes / (self.out_features * self.in_features)
+
+    # --------------------------------------------------------------- reference dequantization
+    def codes(self) -> Tensor:
+        """Unpacked codes, (N, K_pad) uint8 (columns ≥ K are 0)."""
+        return unpack_codes(self.qweight, self.qweight_hi, self.bits, self.k_pad)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``Ŵ`` alone (N, K): the quantized base without outliers and low-rank path."""
+        q = self.codes()[:, : self.in_features].to(torch.int64)
+        if self.lut is not None:
+            return torch.gather(self.lut.to(dtype), 1, q)
+        group = torch.arange(self.in_features, device=q.device) // self.group_size
+        scales = self.scales.to(dtype)[:, group]
+        zeros = self.zeros.to(dtype)[:, group]
+        return (q.to(dtype) - zeros) * scales
+
+    def sparse_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``S`` as a dense (N, K) tensor (zeros without outliers)."""
+        if not self.has_outliers:
+            return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.device)
+        return csr_to_dense(self.outlier_rowptr, self.outlier_cols, self.outlier_vals,
+                            (self.out_features, self.in_features), dtype)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The reference dequantization ``Ŵ + S + lr_u·lr_v`` (N, K), computed in ``dtype``."""
+        w = self.dequantized(dtype)
+        if self.has_outliers:
+            w = w + self.sparse_dense(dtype)
+        if self.lr_u is not None:
+            w = w + self.lr_u.to(dtype) @ self.lr_v.to(dtype)
+        return w
+
+    # --------------------------------------------------------------- (de)serialisation
+    def config(self) -> dict[str, Any]:
+        """JSON-able static metadata (enough, with :meth:`to_state_dict`, to rebuild the format)."""
+        return {
+            "format": self.NAME,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "lut": self.is_lut,
+            "outliers": self.has_outliers,
+            "rank": self.rank,
+        }
+
+    def to_state_dict(self) -> dict[str, Tensor]:
+        return dict(self.tensors())
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> "QuantFormat":
+        """Rebuild from :meth:`to_state_dict` + :meth:`config`; refuses missing or extra tensors."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping of tensor names to tensors, got {type(state).__name__}")
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata: expected a mapping (QuantFormat.config()), got {type(metadata).__name__}")
+        keys = ("format", "bits", "group_size", "in_features", "out_features", "lut", "outliers", "rank")
+        missing = [key for key in keys if key not in metadata]
+        if missing:
+            raise ValueError(f"metadata: expected keys {list(keys)}, missing {missing}")
+        if metadata["format"] != cls.NAME:
+            raise ValueError(f"metadata: expected format {cls.NAME!r}, got {metadata['format']!r}")
+        bits = _check_bits(metadata["bits"])
+        expected = {"qweight"}
+        expected |= {"qweight_hi"} if bits == 3 else set()
+        expected |= {"lut"} if metadata["lut"] else {"scales", "zeros"}
+        expected |= {"outlier_rowptr", "outlier_cols", "outlier_vals"} if metadata["outliers"] else set()
+        expected |= {"lr_u", "lr_v"} if metadata["rank"] else set()
+        got = set(state)
+        if got != expected:
+            raise ValueError(
+                f"state: expected tensors {sorted(expected)}, got {sorted(got)} "
+                f"(missing {sorted(expected - got)}, unexpected {sorted(got - expected)})"
+            )
+        fmt = cls(
+            **{name: state.get(name) for name in _TENSOR_FIELDS},
+            bits=bits,
+            group_size=metadata["group_size"],
+            in_features=metadata["in_features"],
+            out_features=metadata["out_features"],
+        )
+        if fmt.rank != metadata["rank"]:
+            raise ValueError(f"state: expected low-rank factors of rank {metadata['rank']} (metadata), got rank {fmt.rank}")
+        return fmt
+
+
+def dense_nbytes(out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """Bytes of an uncompressed (N, K) weight in ``dtype``."""
+    return out_features * in_features * torch.empty((), dtype=dtype).element_size()
