@@ -75,6 +75,17 @@ class InputStats:
         return self._require_data().diagonal().sqrt()
 
 
+def check_input_stats(stats: object, in_features: int) -> InputStats:
+    """``stats`` is an :class:`InputStats` with data, collected for ``in_features`` inputs."""
+    if not isinstance(stats, InputStats):
+        raise TypeError(f"stats: expected an InputStats, got {type(stats).__name__}")
+    if stats.count == 0 or stats.xtx is None:
+        raise ValueError("stats: expected statistics of at least one input row, got an empty InputStats")
+    if stats.in_features != in_features:
+        raise ValueError(f"stats: expected statistics of {in_features} input features (weight's K), got {stats.in_features}")
+    return stats
+
+
 def as_input_stats(calib: InputStats | Tensor | None, in_features: int) -> InputStats | None:
     """Calibration given as collected statistics or as a tensor of sample inputs (..., K)."""
     if calib is None or isinstance(calib, InputStats):

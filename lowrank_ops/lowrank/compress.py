@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.calibration import InputStats, relative_output_error, relative_weight_error
+from lowrank_ops.calibration import InputStats, check_input_stats, relative_output_error, relative_weight_error
 from lowrank_ops.core.checks import (
     FLOAT_DTYPES,
     check_dim,
@@ -48,16 +48,6 @@ def _check_weight(weight: object, name: str = "weight") -> Tensor:
     check_tensor(name, weight, ndim=2, dtypes=_WEIGHT_DTYPES)
     check_finite(name, weight)
     return weight
-
-
-def _check_stats(stats: object, in_features: int) -> InputStats:
-    if not isinstance(stats, InputStats):
-        raise TypeError(f"stats: expected an InputStats, got {type(stats).__name__}")
-    if stats.count == 0 or stats.xtx is None:
-        raise ValueError("stats: expected statistics of at least one input row, got an empty InputStats")
-    if stats.in_features != in_features:
-        raise ValueError(f"stats: expected statistics of {in_features} input features (weight's K), got {stats.in_features}")
-    return stats
 
 
 def _check_factors(weight: Tensor, u: object, v: object) -> tuple[Tensor, Tensor]:
@@ -147,7 +137,7 @@ def decompose(weight: Tensor, stats: InputStats | None = None, *, damp: float = 
     w = weight.to(torch.float64)
     whitening = None
     if stats is not None:
-        whitening = _whitening_factor(_check_stats(stats, weight.shape[1]), weight.device, damp)
+        whitening = _whitening_factor(check_input_stats(stats, weight.shape[1]), weight.device, damp)
         w = w @ whitening
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return WeightSVD(u, s, vh, whitening)
@@ -221,7 +211,7 @@ def calib_error(weight: Tensor, u: Tensor, v: Tensor, stats: InputStats) -> floa
     :func:`lowrank_ops.calibration.relative_output_error`)."""
     _check_weight(weight)
     u, v = _check_factors(weight, u, v)
-    return relative_output_error(weight, u.double() @ v.double(), _check_stats(stats, weight.shape[1]))
+    return relative_output_error(weight, u.double() @ v.double(), check_input_stats(stats, weight.shape[1]))
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -262,7 +252,7 @@ def factorize(
     if len(given) != 1:
         raise ValueError(f"rank, ratio, energy: expected exactly one of them, got {given or 'none'}")
     if stats is not None:
-        _check_stats(stats, k)
+        check_input_stats(stats, k)
     if whiten is None:
         whiten = stats is not None
     elif not isinstance(whiten, bool):

@@ -43,7 +43,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from lowrank_ops.calibration import InputStats
+from lowrank_ops.calibration import InputStats, check_input_stats
 from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor
 from lowrank_ops.quant.format import (
     BITS,
@@ -74,15 +74,7 @@ def _check_weight(weight: object) -> Tensor:
 
 
 def _check_stats(stats: object, in_features: int, required: bool = True) -> InputStats | None:
-    if stats is None and not required:
-        return None
-    if not isinstance(stats, InputStats):
-        raise TypeError(f"stats: expected an InputStats, got {type(stats).__name__}")
-    if stats.count == 0 or stats.xtx is None:
-        raise ValueError("stats: expected statistics of at least one input row, got an empty InputStats")
-    if stats.in_features != in_features:
-        raise ValueError(f"stats: expected statistics of {in_features} input features (weight's K), got {stats.in_features}")
-    return stats
+    return None if stats is None and not required else check_input_stats(stats, in_features)
 
 
 def _check_fraction(weight: Tensor, outliers: object) -> float:
