@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the project's own virtual environment (.venv) when missing and installs the package
-# with its test and demo extras into it. Sourced by scripts/demo.sh and scripts/test.sh.
+# with its test, demo and bench (plots) extras into it. Sourced by scripts/demo.sh and scripts/test.sh.
 # LOWRANK_OPS_TORCH picks the torch requirement (default: the CPU build these machines carry).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,4 +15,4 @@ quiet_pip() { python -m pip install -q "$@" 2>&1 | sed '/is ignored: it is neith
 if ! python -c "import torch" 2>/dev/null; then
   quiet_pip "${LOWRANK_OPS_TORCH:-torch==2.13.0}"
 fi
-quiet_pip -e ".[test,demo]"
+quiet_pip -e ".[test,demo,bench]"
