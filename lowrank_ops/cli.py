@@ -13,6 +13,7 @@ def _compress(args: argparse.Namespace) -> int:
     from lowrank_ops.hf import load_hf_model, save_compressed_dir
     from lowrank_ops.textdata import calibration_sentences
 
+    options = _family_options(args)  # bad combinations fail before the model is loaded
     model, tokenizer = load_hf_model(args.src)
     calib_data = None
     if not args.no_calib:
@@ -22,16 +23,29 @@ def _compress(args: argparse.Namespace) -> int:
             dict(tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
             for i in range(0, len(texts), args.batch_size)
         ]
-    options = {k: getattr(args, k) for k in ("rank", "ratio", "energy") if getattr(args, k) is not None}
     with torch.no_grad():
         report = compress(
-            model, "lowrank", calib_data=calib_data, include=args.include, exclude=args.exclude,
-            allocation=args.allocation, progress=True, **options,
+            model, args.kind, calib_data=calib_data, include=args.include, exclude=args.exclude,
+            progress=True, **options,
         )
     out = save_compressed_dir(model, args.src, args.out, report)
     print(report)
     print(f"wrote {out}")
     return 0
+
+
+def _family_options(args: argparse.Namespace) -> dict:
+    """The options of ``compress()`` for the chosen family, from the command line."""
+    if args.kind == "quant":
+        options = {"bits": args.bits, "group_size": args.group_size, "outliers": args.outliers,
+                   "method": args.quantizer, "lut": args.lut, "lowrank_rank": args.lowrank_rank}
+        if args.rank is not None or args.ratio is not None or args.energy is not None:
+            raise ValueError("--rank/--ratio/--energy: low-rank options, not for --kind quant")
+        return options
+    chosen = {k: getattr(args, k) for k in ("rank", "ratio", "energy") if getattr(args, k) is not None}
+    if len(chosen) != 1:
+        raise ValueError(f"--ratio/--rank/--energy: --kind lowrank needs exactly one, got {sorted(chosen) or 'none'}")
+    return {**chosen, "allocation": args.allocation}
 
 
 def _demo(rest: list[str]) -> int:
@@ -54,14 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a saved transformers model directory")
     c.add_argument("src", help="model directory with config.json, or 'minilm' for the bundled all-MiniLM-L6-v2")
     c.add_argument("out", help="output directory (config, tokenizer, compressed.safetensors, report.json)")
-    choice = c.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--ratio", type=float, help="fraction of each layer's parameters kept (0.5 = half)")
-    choice.add_argument("--rank", type=int, help="the same rank for every layer")
-    choice.add_argument("--energy", type=float, help="keep this fraction of each spectrum's energy")
-    c.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="'global' spends a ratio budget non-uniformly across layers")
+    c.add_argument("--kind", choices=("lowrank", "quant"), default="lowrank", help="the compression family")
+    low = c.add_argument_group("--kind lowrank (exactly one of --ratio, --rank, --energy)")
+    low.add_argument("--ratio", type=float, help="fraction of each layer's parameters kept (0.5 = half)")
+    low.add_argument("--rank", type=int, help="the same rank for every layer")
+    low.add_argument("--energy", type=float, help="keep this fraction of each spectrum's energy")
+    low.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="'global' spends a ratio budget non-uniformly across layers")
+    quant = c.add_argument_group("--kind quant")
+    quant.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
+    quant.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    quant.add_argument("--outliers", type=float, default=0.0, help="fraction of weights kept exactly (0 to 0.05)")
+    quant.add_argument("--quantizer", default="auto", choices=("auto", "gptq", "rtn", "hqq", "lut"), help="auto: GPTQ with calibration, HQQ without")
+    quant.add_argument("--lut", action="store_true", help="per-channel k-means lookup tables instead of a uniform grid")
+    quant.add_argument("--lowrank-rank", type=int, default=0, help="rank of the EoRA compensation path (0 = none)")
     c.add_argument("--calib-text", help="text file, one calibration sentence per line (default: built-in real text)")
     c.add_argument("--calib-sentences", type=int, default=256, help="built-in calibration sentences to use")
-    c.add_argument("--no-calib", action="store_true", help="plain SVD, no calibration")
+    c.add_argument("--no-calib", action="store_true", help="no calibration data (plain SVD; data-free quantizers)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--include", nargs="*", help="glob patterns of layer names to compress")
     c.add_argument("--exclude", nargs="*", help="glob patterns of layer names to keep dense")

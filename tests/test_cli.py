@@ -30,9 +30,27 @@ def test_compress_saved_model_and_reload(tmp_path, capsys):
     assert cos > 0.9  # one of six layers compressed to 60% of its parameters
 
 
+@pytest.mark.slow
+def test_compress_quant_and_reload(tmp_path):
+    from lowrank_ops import QuantLinear
+    from lowrank_ops.hf import load_compressed_dir
+
+    out = tmp_path / "minilm-q"
+    args = ["compress", "minilm", str(out), "--kind", "quant", "--bits", "3", "--outliers", "0.01",
+            "--calib-sentences", "16", "--include", "encoder.layer.1.*"]
+    assert cli.main(args) == 0
+    model = load_compressed_dir(out)
+    assert isinstance(model.encoder.layer[1].output.dense, QuantLinear)
+    assert model.encoder.layer[1].output.dense.bits == 3
+
+
 def test_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="exactly one"):
         cli.main(["compress", "minilm", str(tmp_path / "o")])  # no --ratio/--rank/--energy
+    with pytest.raises(ValueError, match="not for --kind quant"):
+        cli.main(["compress", "minilm", str(tmp_path / "o"), "--kind", "quant", "--ratio", "0.5"])
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "minilm", str(tmp_path / "o"), "--kind", "quant", "--bits", "5"])
     with pytest.raises(ValueError, match="src"):
         cli.main(["compress", str(tmp_path), str(tmp_path / "o"), "--rank", "4"])
     with pytest.raises(SystemExit):
