@@ -10,6 +10,7 @@ foreign or damaged file is refused with a ``ValueError`` and the model is left a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -113,7 +114,7 @@ def _replacement(model: nn.Module, name: str, entry: Mapping[str, Any]) -> Compr
             f"model: layer {name!r} is {current.out_features}x{current.in_features}, the checkpoint's is "
             f"{config.get('out_features')}x{config.get('in_features')}"
         )
-    device = next(current.parameters()).device
+    device = next(itertools.chain(current.parameters(), current.buffers())).device
     try:
         return cls.from_config(config, dtype=dtype, device=device)
     except (KeyError, TypeError, ValueError) as err:

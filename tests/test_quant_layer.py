@@ -144,3 +144,14 @@ def test_from_linear_type_errors():
     with pytest.raises(TypeError, match="calib"):
         QuantLinear.from_linear(nn.Linear(32, 8), calib="data")
     assert lowrank_ops.quant_linear is not None
+
+
+def test_reload_into_an_already_quantized_model(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    compress(model, "quant", bits=4, group_size=32)  # no bias, no low-rank: a layer of buffers only
+    path = save_compressed(model, tmp_path / "b.safetensors")
+    other = nn.Sequential(nn.Linear(64, 32, bias=False))
+    compress(other, "quant", bits=4, group_size=32)
+    load_compressed(other, path)
+    x = torch.randn(2, 64)
+    assert torch.equal(other(x), model(x))

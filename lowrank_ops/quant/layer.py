@@ -113,13 +113,18 @@ class QuantLinear(CompressedLinear):
         def empty(*shape: int, dt: torch.dtype) -> Tensor:
             return torch.zeros(shape, dtype=dt, device=device)
 
+        rowptr = None
+        if config["outliers"]:  # placeholder pointers that pass validate(); the state dict overwrites them
+            rowptr = torch.full((n + 1,), nnz, dtype=torch.int32, device=device)
+            rowptr[0] = 0
+
         fmt = QuantFormat(
             qweight=empty(n, k_pad * (2 if bits == 3 else bits) // 32, dt=torch.int32),
             qweight_hi=empty(n, k_pad // 32, dt=torch.int32) if bits == 3 else None,
             scales=None if config["lut"] else empty(n, k_pad // g, dt=torch.float16),
             zeros=None if config["lut"] else empty(n, k_pad // g, dt=torch.float16),
             lut=empty(n, 1 << bits, dt=torch.float16) if config["lut"] else None,
-            outlier_rowptr=torch.full((n + 1,), nnz, dtype=torch.int32, device=device).index_fill_(0, torch.tensor([0], device=device), 0) if config["outliers"] else None,
+            outlier_rowptr=rowptr,
             outlier_cols=empty(nnz, dt=torch.int16) if config["outliers"] else None,
             outlier_vals=empty(nnz, dt=torch.float16) if config["outliers"] else None,
             lr_u=empty(n, rank, dt=dtype) if rank else None,
