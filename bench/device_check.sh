@@ -11,9 +11,11 @@
 #   build    csrc/ -> lowrank_ops/_C*.so for this GPU's arch only  (lowrank_ops/core/cuda_build.py)
 #   tests    the gpu lane: pytest -m gpu tests/                     -> pytest-gpu.xml
 #   bench    python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
-#   plot     bench/plot.py                                          -> lowrank-quick.png
+#   quant    python -m lowrank_ops.benchmarks.quant --quick         -> quant-quick.json
+#   plot     bench/plot.py (low-rank results only)                  -> lowrank-quick.png
 #   summary  steps, test counts, one line per benchmark case        -> summary.txt (printed last)
-# plus log.txt (everything printed). That is 7 files: the device tool returns at most 8.
+# plus log.txt (everything printed). That is 7 files: the device tool returns at most 8
+# (plot the quant JSON locally: python bench/plot.py quant-quick.json).
 #
 # Importing the checkout: setup.py maps the package lowrank_ops.kernels to the top-level
 # kernels/ folder, so plain PYTHONPATH=<repo> cannot import lowrank_ops.kernels. The device
@@ -27,12 +29,14 @@
 #
 # Budget (one H100, cold caches): env ~5 s, import ~5 s, build ~15-30 s, tests ~90-150 s
 # (Triton compiles + autotunes each new shape/M-bucket/dtype; torch.compile ~30 s),
-# bench ~40-90 s, plot+summary ~10 s: about 3-5 minutes. A hard deadline ($LRO_BUDGET_S,
+# bench ~40-90 s (soft stop 120 s), quant ~40-70 s (soft stop 60 s, cap 90 s), plot+summary
+# ~10 s: about 4-6 minutes. A hard deadline ($LRO_BUDGET_S,
 # default 500 s) trims the step timeouts so the summary always prints inside a 600 s call.
 #
 # Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_TEST_WORKERS (pytest-xdist workers,
 # default 4, 0 = serial), LRO_BENCH_ARGS (extra args for the benchmark, e.g. "--no-lora"),
-# LRO_BENCH_MODE (quick; "cpu-smoke" runs the bench/plot/summary steps on a CPU-only machine).
+# LRO_QUANT_ARGS (extra args for the quant benchmark, e.g. "--configs 4b,3b+1%"),
+# LRO_BENCH_MODE (quick; "cpu-smoke" runs the bench/quant/plot/summary steps on a CPU-only machine).
 
 set -u -o pipefail
 
@@ -47,8 +51,9 @@ BUDGET=${LRO_BUDGET_S:-500}
 WORKERS=${LRO_TEST_WORKERS:-4}
 BENCH_MODE=${LRO_BENCH_MODE:-quick}   # cpu-smoke: exercise the bench/plot/summary steps on a CPU machine
 RESULTS="$OUTDIR/lowrank-$BENCH_MODE.json"
+QRESULTS="$OUTDIR/quant-$BENCH_MODE.json"
 BOOT=$(mktemp -d "${TMPDIR:-/tmp}/lowrank_ops_boot.XXXXXX")
-export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS RESULTS
+export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS RESULTS QRESULTS
 unset TRITON_INTERPRET
 
 STEPS=()   # "name verdict seconds" lines for the summary
@@ -285,6 +290,11 @@ EOF
         else
             echo "benchmarks: no results file"
         fi
+        if [ -f "$QRESULTS" ]; then
+            "$PY" -m lowrank_ops.benchmarks.quant --summarize "$QRESULTS" 2>&1
+        else
+            echo "quant benchmarks: no results file"
+        fi
         echo "files: $(cd "$OUTDIR" && find . -maxdepth 1 -type f -printf '%f\n' | LC_ALL=C sort | tr '\n' ' ')"
     } >"$OUTDIR/summary.txt" 2>&1
     cat "$OUTDIR/summary.txt"
@@ -319,14 +329,22 @@ main() {
         export LOWRANK_OPS_REQUIRE_CUDA_EXT=1   # built: an unavailable CUDA backend is now a test failure
     fi
 
-    RESERVE=150 step tests 240 bash -c "$(declare -f run_tests); run_tests"
+    # keep ~4 minutes for the two benchmarks, the plot and the summary
+    RESERVE=240 step tests 240 bash -c "$(declare -f run_tests); run_tests"
 
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null | sed 's/^/gpu state before bench: /'
-    local left=$((DEADLINE - SECONDS - 60))
-    local soft=$((left - 45 < 150 ? left - 45 : 150))
+    local left=$((DEADLINE - SECONDS - 150))
+    local soft=$((left - 45 < 120 ? left - 45 : 120))
     [ "$soft" -lt 10 ] && soft=10
     # shellcheck disable=SC2086  # LRO_BENCH_ARGS is a word list on purpose
-    RESERVE=30 step bench 240 "$PY" -m lowrank_ops.benchmarks.lowrank "--$BENCH_MODE" --out "$OUTDIR" --time-budget "$soft" ${LRO_BENCH_ARGS:-}
+    RESERVE=120 step bench 180 "$PY" -m lowrank_ops.benchmarks.lowrank "--$BENCH_MODE" --out "$OUTDIR" --time-budget "$soft" ${LRO_BENCH_ARGS:-}
+
+    # quant suite: own JSON; ~90 s cap, no new cases started after the soft budget
+    left=$((DEADLINE - SECONDS - 30))
+    soft=$((left - 30 < 60 ? left - 30 : 60))
+    [ "$soft" -lt 10 ] && soft=10
+    # shellcheck disable=SC2086  # LRO_QUANT_ARGS is a word list on purpose
+    RESERVE=25 step quant 90 "$PY" -m lowrank_ops.benchmarks.quant "--$BENCH_MODE" --out "$OUTDIR" --time-budget "$soft" ${LRO_QUANT_ARGS:-}
 
     if [ -f "$RESULTS" ]; then
         RESERVE=10 step plot 60 "$PY" bench/plot.py "$RESULTS" -o "${RESULTS%.json}.png"

@@ -3,6 +3,7 @@
 
     python bench/plot.py bench/results/<run>/lowrank-quick.json            # -> lowrank-quick.png beside it
     python bench/plot.py RESULTS.json -o out.png --baseline unfused
+    python bench/plot.py bench/results/<run>/quant-quick.json [--baseline int4pack]  # one panel per (shape, config)
 
 y = baseline time / method time (> 1: faster than the baseline), x = batch M (log scale), one
 line per method that was measured (skipped / failed rows are left out). The dashed line is the
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-BASELINES = {"dense": "vs_dense", "unfused": "vs_unfused"}
+BASELINES = {"dense": "vs_dense", "unfused": "vs_unfused", "int4pack": "vs_int4pack"}
 
 
 def panels(rows: Sequence[dict], baseline: str) -> dict[tuple, dict[str, list[tuple[int, float]]]]:
@@ -33,7 +34,9 @@ def panels(rows: Sequence[dict], baseline: str) -> dict[tuple, dict[str, list[tu
         method = row["method"] + ("*" if row.get("auto") else "")
         if row["method"] == "triton" and row.get("path"):
             method = "triton(auto path)" + ("*" if row.get("auto") else "")
-        panel = out.setdefault((row["family"], row["shape"], row["rank"]), {})
+        # quant rows (bench quant suite): one panel per configuration; its baselines get their own
+        third = (row.get("config") or "baselines") if row["family"] == "quant" else row["rank"]
+        panel = out.setdefault((row["family"], row["shape"], third), {})
         panel.setdefault(method, []).append((int(row["m"]), float(value)))
     for panel in out.values():
         for points in panel.values():
@@ -68,14 +71,14 @@ def plot(payload: dict, out: Path, baseline: str = "dense") -> Path:
     for ax, key in zip(axes.flat, keys):
         for method, points in sorted(data[key].items()):
             xs, ys = zip(*points)
-            style = "--" if method.rstrip("*") in ("dense", "two_matmul", "dense+adapter") else "-"
+            style = "--" if method.rstrip("*") in ("dense", "two_matmul", "dense+adapter", "int4pack") else "-"
             ax.plot(xs, ys, style, marker="o", ms=3, label=method, color=colour[method.rstrip("*")])
         ax.axhline(1.0, color="grey", lw=0.8)
         limit = byte_limit(key)
         if limit:
             ax.axhline(limit, color="black", ls=":", lw=0.8, label=f"batch-1 byte limit {limit:.2f}x")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{key[0]} {key[1]} r={key[2]}", fontsize=9)
+        ax.set_title(f"{key[0]} {key[1]} {key[2]}" if key[0] == "quant" else f"{key[0]} {key[1]} r={key[2]}", fontsize=9)
         ax.set_xlabel("batch M")
         ax.set_ylabel(f"speedup vs {baseline}")
         ax.grid(True, which="both", alpha=0.3)

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "lowrank_decode.h"
+#include "quant_decode.h"
 
 namespace py = pybind11;
 
@@ -33,4 +34,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"),
       "y = (x V^T) U^T + bias for M <= 16 rows (two launches on `stream`). All pointers are device addresses "
       "as ints (bias 0 = none); tensors row-major contiguous; workspace = splits * M * R float32.");
+
+  m.def(
+      "quant_decode",
+      [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t qweight_hi, std::uintptr_t scales,
+         std::uintptr_t zeros, std::uintptr_t lut, std::uintptr_t rowptr, std::uintptr_t cols, std::uintptr_t vals,
+         std::uintptr_t bias, std::uintptr_t y, int M, int K, int N, int bits, int group_size, int dtype,
+         std::uintptr_t stream) {
+        lowrank_ops::QuantDecodeArgs a{x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y,
+                                       M, K, N, bits, group_size, dtype, stream};
+        py::gil_scoped_release release;  // one launch; errors come back as C++ exceptions
+        lowrank_ops::quant_decode(a);
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("qweight_hi"), py::arg("scales"), py::arg("zeros"), py::arg("lut"),
+      py::arg("rowptr"), py::arg("cols"), py::arg("vals"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"),
+      py::arg("N"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"),
+      "y = x (W_hat + S)^T + bias for M <= 8 rows from the packed 3/4-bit format (one launch on `stream`). "
+      "Pointers are device addresses as ints (0 = absent: qweight_hi unless bits=3, scales/zeros or lut, the "
+      "three outlier tensors, bias); x/bias/y in `dtype`, the format tensors as in lowrank_ops/quant/format.py.");
 }

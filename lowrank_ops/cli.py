@@ -55,6 +55,23 @@ def _demo(rest: list[str]) -> int:
 
 
 def _bench(rest: list[str]) -> int:
+    """``lowrank-ops bench [--suite lowrank|quant] ARGS``: the low-rank suite unless told otherwise."""
+    suites = ("lowrank", "quant")
+    rest = list(rest)
+    suite = "lowrank"
+    for i, arg in enumerate(rest):
+        if arg == "--suite" or arg.startswith("--suite="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
+            del rest[i : i + (1 if "=" in arg else 2)]
+            suite = value
+            break
+    if suite not in suites:
+        print(f"error: --suite: expected one of {list(suites)}, got {suite!r}", file=sys.stderr)
+        return 2
+    if suite == "quant":
+        from lowrank_ops.benchmarks import quant
+
+        return quant.main(rest)
     from lowrank_ops.benchmarks import lowrank
 
     return lowrank.main(rest)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.compile
 NVCC = cuda_build.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="compile lane: nvcc not found")
 
-EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
+EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "quant_decode", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
 
 PROBE = textwrap.dedent(
     """
@@ -44,6 +44,24 @@ PROBE = textwrap.dedent(
     attempt("null", 0, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 0, 0)
     attempt("splits", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 9, 132, 0, 0)
     out["errors"] = errors
+    qerrors = {}
+    def qattempt(key, *args):
+        try:
+            m.quant_decode(*args)
+            qerrors[key] = "no error"
+        except Exception as exc:
+            qerrors[key] = type(exc).__name__ + ": " + str(exc)
+    # (x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y, M, K, N, bits, g, dtype, stream)
+    qattempt("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0)
+    qattempt("bits=2", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 2, 128, 0, 0)
+    qattempt("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0)
+    qattempt("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    qattempt("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0)
+    qattempt("lut+scales", 16, 16, 0, 16, 16, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    qattempt("outliers", 16, 16, 0, 16, 16, 0, 16, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    qattempt("align", 16, 20, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    qattempt("dtype=7", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 7, 0)
+    out["qerrors"] = qerrors
     print(json.dumps(out))
     """
 )
@@ -76,6 +94,12 @@ def test_builds_for_sm80_sm90_and_imports(built):
     assert errors["dtype=7"].startswith("ValueError") and "dtype" in errors["dtype=7"]
     assert errors["null"].startswith("ValueError") and "null pointer" in errors["null"]
     assert errors["splits"].startswith("ValueError") and "splits" in errors["splits"]
+    q = info["qerrors"]
+    for key, fragment in [("M=9", "M must be in [1, 8]"), ("bits=2", "bits must be 3 or 4"),
+                          ("g=16", "group_size"), ("null", "null pointer"), ("hi", "qweight_hi"),
+                          ("lut+scales", "either lut or scales"), ("outliers", "all or none"),
+                          ("align", "aligned"), ("dtype=7", "dtype")]:
+        assert q[key].startswith("ValueError") and fragment in q[key], (key, q[key])
 
 
 @needs_nvcc
@@ -104,4 +128,4 @@ def test_arch_parsing():
 
 def test_sources_include_every_cu_and_the_bindings():
     names = [p.name for p in cuda_build.sources()]
-    assert "lowrank_decode.cu" in names and names[-1] == "module.cpp"
+    assert "lowrank_decode.cu" in names and "quant_decode.cu" in names and names[-1] == "module.cpp"

@@ -12,7 +12,9 @@ the raw tensors of the packed format (see ``lowrank_ops/quant/format.py``, the s
 * ``bias`` (N,) in x's dtype, ``bits`` ∈ {2, 3, 4}, ``group_size`` ∈ {32, 64, 128},
   ``in_features`` = K.
 
-Backends per call (:mod:`lowrank_ops.core.backend`): ``cuda`` (none yet), ``triton`` (the fused
+Backends per call (:mod:`lowrank_ops.core.backend`): ``cuda`` (the hand-written decode kernel of
+:mod:`lowrank_ops.quant.cuda_decode`: M ≤ 8, fp16/bf16, 3/4 bits; low-rank path added by the
+low-rank op), ``triton`` (the fused
 dequant-matmul kernels of :mod:`lowrank_ops.kernels.quant`, path chosen by :func:`quant_path`),
 ``reference`` (plain torch via :func:`dequantize_reference`). Gradients flow to x, lr_u, lr_v
 and bias; the packed weight, scales/zeros/LUT and outliers are frozen.
@@ -83,9 +85,11 @@ def _triton_support(x: Tensor) -> Support:
     return Support(True)
 
 
-def _quant_backend(x: Tensor) -> str:
+def _quant_backend(x: Tensor, bits: int, has_lut: bool, group_size: int) -> str:
+    from lowrank_ops.quant import cuda_decode
+
     support = {
-        "cuda": Support(False, "no CUDA kernel yet"),
+        "cuda": cuda_decode.supports(x, bits, has_lut, group_size),
         "triton": _triton_support(x),
         "reference": Support(True),
     }
@@ -101,9 +105,14 @@ def _quant_linear_op(
     bits: int, group_size: int, in_features: int,
 ) -> Tensor:
     packed = (qweight, qweight_hi, scales, zeros, lut, outlier_rowptr, outlier_cols, outlier_vals)
-    if _quant_backend(x) == "reference":
+    chosen = _quant_backend(x, bits, lut is not None, group_size)
+    if chosen == "reference":
         return quant_linear_reference(x, *packed, lr_u, lr_v, bias, bits=bits, group_size=group_size,
                                       in_features=in_features)
+    if chosen == "cuda":
+        from lowrank_ops.quant import cuda_decode
+
+        return cuda_decode.quant_decode(x, *packed, lr_u, lr_v, bias, bits=bits, group_size=group_size)
     from lowrank_ops.kernels import quant as kernels
 
     path = quant_path(x.shape[0], qweight.shape[0], in_features)
