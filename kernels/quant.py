@@ -36,7 +36,6 @@ from ._compile_check import CompileCase
 from .lowrank import (
     DECODE_BLOCK_M,
     INTERPRET,
-    MIN_DOT,
     _configs,
     _dot,
     _dot_precision,

@@ -10,7 +10,6 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from lowrank_ops.calibration import InputStats, OutputProbe, collect_input_stats, relative_output_error, relative_weight_error

@@ -5,7 +5,6 @@ on a CUDA device. Every buffer the launchers allocate is filled with NaN first, 
 element a kernel fails to write shows up as NaN. Shapes are small and odd (K and N not
 multiples of any block, M = 1, 3, 17, 40); each (path, shape) runs in all three dtypes.
 """
-import importlib.util
 import os
 
 import pytest
@@ -23,7 +22,7 @@ pytestmark = [
 ]
 
 import lowrank_ops.lowrank.ops as ops  # noqa: E402
-from lowrank_ops.core.backend import Support, use_backend  # noqa: E402
+from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kernels import lowrank as kernels  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"

@@ -484,27 +484,12 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- tables
-def _method_cell(row: dict) -> str:
-    name = row["method"]
-    if row.get("method") == "triton" and row.get("path"):
-        name += f"({row['path']})"
-    return name + ("*" if row.get("auto") else "")
-
-
-def _note_cell(row: dict) -> str:
-    if row.get("status") == "skipped":
-        return f"skipped: {row.get('note', '')}"
-    if row.get("status") == "error":
-        return f"ERROR {row.get('note', '')}"
-    return row.get("note", "")
-
-
 TABLE_COLUMNS = [
     T.Column("family", "family", 7, align="<"),
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("rank", "r", 5),
     T.Column("m", "M", 5),
-    T.Column(_method_cell, "method", 18, align="<"),
+    T.Column(T.method_cell, "method", 18, align="<"),
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 7, ".0f"),
@@ -516,7 +501,7 @@ TABLE_COLUMNS = [
 
 
 def format_rows(rows: Sequence[dict], title: str = "") -> str:
-    return T.format_table(rows, TABLE_COLUMNS, title=title, trailing=_note_cell)
+    return T.format_table(rows, TABLE_COLUMNS, title=title, trailing=T.note_cell)
 
 
 SUMMARY_COLUMNS = [
@@ -549,7 +534,7 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
             "family": family, "shape": shape, "rank": rank, "m": m,
             "dense_us": by_name.get("dense", {}).get("median_us"),
             "unfused_us": by_name.get(UNFUSED[family], {}).get("median_us"),
-            "best": (_method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
+            "best": (T.method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
             "best_us": best["median_us"] if best else None,
             "vs_dense": best.get("vs_dense") if best else None,
             "vs_unfused": best.get("vs_unfused") if best else None,
@@ -659,30 +644,19 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if not ok:
             print(f"  note: {label} backend unavailable: {why}")
 
-    rows: list[dict] = []
-    notes: list[str] = []
-    for i, case in enumerate(cases):
-        spent = time.perf_counter() - t_start
-        if cfg.time_budget_s is not None and spent > cfg.time_budget_s:
-            notes.append(f"time budget {cfg.time_budget_s:.0f}s reached after {i} of {len(cases)} cases")
-            print(f"  note: {notes[-1]}; stopping")
-            break
-        t0 = time.perf_counter()
-        try:
-            case_rows = run_case(case, env, cfg, copy_gbps, matmul_tflops)
-        except Exception as exc:  # run_case catches per-method failures; this is the last guard
-            traceback.print_exc()
-            case_rows = [{"family": case.family, "shape": case.shape, "n": case.n, "k": case.k, "rank": case.rank,
-                          "ratio": case.ratio, "m": case.m, "dtype": T.dtype_name(dtype), "method": "(case)",
-                          "kind": "ours", "status": "error", "note": f"{type(exc).__name__}: {exc}"[:200]}]
-        rows += case_rows
-        best = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us")]
-        best_txt = min(best, key=lambda r: r["median_us"]) if best else None
-        print(f"  [{i + 1}/{len(cases)}] {case.family} {case.shape} r={case.rank} M={case.m}: "
-              f"{time.perf_counter() - t0:.1f}s"
-              + (f", best {_method_cell(best_txt)} {best_txt['median_us']:.1f} us" if best_txt else ""), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def error_row(case: Case, exc: BaseException) -> dict:
+        return {"family": case.family, "shape": case.shape, "n": case.n, "k": case.k, "rank": case.rank,
+                "ratio": case.ratio, "m": case.m, "dtype": T.dtype_name(dtype), "method": "(case)",
+                "kind": "ours", "status": "error", "note": f"{type(exc).__name__}: {exc}"[:200]}
+
+    def describe(case: Case, case_rows: list[dict]) -> str:
+        ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us")]
+        best = min(ours, key=lambda r: r["median_us"]) if ours else None
+        return (f"{case.family} {case.shape} r={case.rank} M={case.m}"
+                + (f", best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
+
+    rows, notes = T.run_cases(cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
+                              error_row, describe, device, cfg.time_budget_s)
 
     payload = {
         "suite": "lowrank",
@@ -690,14 +664,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "meta": meta,
         "copy_bandwidth_gbps": copy_gbps,
         "matmul_tflops": matmul_tflops,
-        "timing": {
-            "primary": "wall" if device.type != "cuda" else ("cuda_graph" if cfg.use_graph else "events"),
-            "rotate_factor": T.ROTATE_FACTOR,
-            "l2_bytes": T.cache_bytes(device),
-            "target_ms": cfg.target_ms,
-            "lora_scale": LORA_SCALE,
-            "units": "times in microseconds per call; gbps = useful bytes / time; vs_* = baseline / this",
-        },
+        "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms, lora_scale=LORA_SCALE,
+                                units="times in microseconds per call; gbps = useful bytes / time; vs_* = baseline / this"),
         "elapsed_s": time.perf_counter() - t_start,
         "notes": notes,
         "rows": rows,

@@ -516,24 +516,9 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
             else:
                 value = row.get(tgt.kind)
                 met = None if value is None else value >= tgt.goal
-            out.append({"target": tgt.text, "shape": shape, "m": m, "method": _method_cell(row),
+            out.append({"target": tgt.text, "shape": shape, "m": m, "method": T.method_cell(row),
                         "value": value, "goal": tgt.goal, "met": {True: "yes", False: "NO", None: "-"}[met]})
     return out
-
-
-def _method_cell(row: dict) -> str:
-    name = row["method"]
-    if name == "triton" and row.get("path"):
-        name += f"({row['path']})"
-    return name + ("*" if row.get("auto") else "")
-
-
-def _note_cell(row: dict) -> str:
-    if row.get("status") == "skipped":
-        return f"skipped: {row.get('note', '')}"
-    if row.get("status") == "error":
-        return f"ERROR {row.get('note', '')}"
-    return row.get("note", "")
 
 
 def _pct(key: str) -> Callable[[dict], Optional[float]]:
@@ -544,7 +529,7 @@ TABLE_COLUMNS = [
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("m", "M", 5),
     T.Column(lambda r: r.get("config") or "-", "config", 7, align="<"),
-    T.Column(_method_cell, "method", 16, align="<"),
+    T.Column(T.method_cell, "method", 16, align="<"),
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 7, ".0f"),
@@ -576,7 +561,7 @@ TARGET_COLUMNS = [
 
 
 def format_rows(rows: Sequence[dict], title: str = "") -> str:
-    return T.format_table(rows, TABLE_COLUMNS, title=title, trailing=_note_cell)
+    return T.format_table(rows, TABLE_COLUMNS, title=title, trailing=T.note_cell)
 
 
 def summarize_rows(rows: Sequence[dict]) -> list[dict]:
@@ -596,7 +581,7 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
         b = base.get((shape, m), {})
         out.append({
             "shape": shape, "m": m, "config": config, "dense_us": b.get("dense"), "int4pack_us": b.get("int4pack"),
-            "best": (_method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
+            "best": (T.method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
             "best_us": best["median_us"] if best else None,
             "vs_dense": best.get("vs_dense") if best else None,
             "vs_int4pack": best.get("vs_int4pack") if best else None,
@@ -701,27 +686,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"  note: triton backend unavailable: {env.triton_why}")
 
     cache = FormatCache(device)
-    rows: list[dict] = []
-    notes: list[str] = []
-    for i, case in enumerate(cases):
-        spent = time.perf_counter() - t_start
-        if cfg.time_budget_s is not None and spent > cfg.time_budget_s:
-            notes.append(f"time budget {cfg.time_budget_s:.0f}s reached after {i} of {len(cases)} cases")
-            print(f"  note: {notes[-1]}; stopping")
-            break
-        t0 = time.perf_counter()
-        try:
-            case_rows = run_case(case, env, cfg, cache, copy_gbps, matmul_tflops)
-        except Exception as exc:  # run_case catches per-row failures; this is the last guard
-            traceback.print_exc()
-            case_rows = [{**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]}]
-        rows += case_rows
-        best = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("config") == configs[0]]
-        b = min(best, key=lambda r: r["median_us"]) if best else None
-        print(f"  [{i + 1}/{len(cases)}] {case.shape} M={case.m}: {time.perf_counter() - t0:.1f}s"
-              + (f", {configs[0]} best {_method_cell(b)} {b['median_us']:.1f} us" if b else ""), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def describe(case: Case, case_rows: list[dict]) -> str:
+        ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("config") == configs[0]]
+        best = min(ours, key=lambda r: r["median_us"]) if ours else None
+        return (f"{case.shape} M={case.m}"
+                + (f", {configs[0]} best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
+
+    rows, notes = T.run_cases(
+        cases, lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
+        lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
+        describe, device, cfg.time_budget_s,
+    )
     cache = None
 
     payload = {
@@ -732,14 +707,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "matmul_tflops": matmul_tflops,
         "configs": {name: CONFIGS[name] for name in configs},
         "targets": [dataclasses.asdict(t) for t in TARGETS],
-        "timing": {
-            "primary": "wall" if device.type != "cuda" else ("cuda_graph" if cfg.use_graph else "events"),
-            "rotate_factor": T.ROTATE_FACTOR,
-            "l2_bytes": T.cache_bytes(device),
-            "target_ms": cfg.target_ms,
-            "units": "times in microseconds per call; bytes = format.nbytes (or the baseline's weights) + x + y; "
-                     "gbps = bytes / time; vs_* = baseline / this; cost_vs_4b = this / 4b (same method)",
-        },
+        "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
+                                units="times in microseconds per call; bytes = format.nbytes (or the baseline's weights) + x + y; "
+                                      "gbps = bytes / time; vs_* = baseline / this; cost_vs_4b = this / 4b (same method)"),
         "elapsed_s": time.perf_counter() - t_start,
         "notes": notes,
         "rows": rows,

@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -546,3 +547,63 @@ def elapsed() -> Any:
     """``with elapsed() as t: ...; t()`` gives seconds since entry."""
     t0 = time.perf_counter()
     yield lambda: time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- suite plumbing
+def method_cell(row: Mapping[str, Any]) -> str:
+    """A row's method for tables: ``triton(path)``, ``*`` when it is what automatic dispatch picks."""
+    name = row["method"]
+    if name == "triton" and row.get("path"):
+        name += f"({row['path']})"
+    return name + ("*" if row.get("auto") else "")
+
+
+def note_cell(row: Mapping[str, Any]) -> str:
+    if row.get("status") == "skipped":
+        return f"skipped: {row.get('note', '')}"
+    if row.get("status") == "error":
+        return f"ERROR {row.get('note', '')}"
+    return row.get("note", "")
+
+
+def run_cases(
+    cases: Sequence[Any],
+    run_case: Callable[[Any], list[dict]],
+    error_row: Callable[[Any, BaseException], dict],
+    describe: Callable[[Any, list[dict]], str],
+    device: torch.device,
+    time_budget_s: Optional[float],
+) -> tuple[list[dict], list[str]]:
+    """Run every case (stopping once ``time_budget_s`` is spent), never raising: a case that
+    fails as a whole becomes ``error_row``. Prints one progress line a case. Returns (rows, notes)."""
+    start = time.perf_counter()
+    rows: list[dict] = []
+    notes: list[str] = []
+    for i, case in enumerate(cases):
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            notes.append(f"time budget {time_budget_s:.0f}s reached after {i} of {len(cases)} cases")
+            print(f"  note: {notes[-1]}; stopping")
+            break
+        t0 = time.perf_counter()
+        try:
+            case_rows = run_case(case)
+        except Exception as exc:  # run_case catches per-method failures; this is the last guard
+            traceback.print_exc()
+            case_rows = [error_row(case, exc)]
+        rows += case_rows
+        print(f"  [{i + 1}/{len(cases)}] {describe(case, case_rows)} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def timing_info(device: torch.device, use_graph: bool, target_ms: float, units: str, **extra: Any) -> dict:
+    """The ``timing`` block of a suite's JSON: how the numbers were taken."""
+    return {
+        "primary": "wall" if device.type != "cuda" else ("cuda_graph" if use_graph else "events"),
+        "rotate_factor": ROTATE_FACTOR,
+        "l2_bytes": cache_bytes(device),
+        "target_ms": target_ms,
+        **extra,
+        "units": units,
+    }
