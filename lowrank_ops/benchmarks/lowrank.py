@@ -146,18 +146,8 @@ class Env:
 
 
 def probe_env(device: torch.device, dtype: torch.dtype) -> Env:
-    from lowrank_ops.core import backend
-
     env = Env(device, dtype)
-    if not backend.triton_runs_on(device):
-        env.triton_why = ("Triton not installed, or TRITON_INTERPRET=1 on a CUDA run" if device.type == "cuda"
-                          else "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)")
-    else:
-        try:
-            importlib.import_module("lowrank_ops.kernels.lowrank")
-            env.triton_ok = True
-        except Exception as exc:
-            env.triton_why = f"lowrank_ops.kernels.lowrank not importable: {type(exc).__name__}: {exc}"
+    env.triton_ok, env.triton_why = T.probe_triton(device, "lowrank_ops.kernels.lowrank")
     if device.type != "cuda":
         env.cuda_why = "not on CUDA"
         return env

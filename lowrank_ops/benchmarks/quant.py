@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib
 import sys
 import time
 import traceback
@@ -121,18 +120,8 @@ class Env:
 
 
 def probe_env(device: torch.device, dtype: torch.dtype) -> Env:
-    from lowrank_ops.core import backend
-
     env = Env(device, dtype)
-    if not backend.triton_runs_on(device):
-        env.triton_why = ("Triton not installed, or TRITON_INTERPRET=1 on a CUDA run" if device.type == "cuda"
-                          else "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)")
-        return env
-    try:
-        importlib.import_module("lowrank_ops.kernels.quant")
-        env.triton_ok = True
-    except Exception as exc:
-        env.triton_why = f"lowrank_ops.kernels.quant not importable: {type(exc).__name__}: {exc}"
+    env.triton_ok, env.triton_why = T.probe_triton(device, "lowrank_ops.kernels.quant")
     return env
 
 

@@ -597,6 +597,22 @@ def run_cases(
     return rows, notes
 
 
+def probe_triton(device: torch.device, kernel_module: str) -> tuple[bool, str]:
+    """(usable, why not): Triton can launch on ``device`` and ``kernel_module`` imports."""
+    import importlib
+
+    from lowrank_ops.core import backend
+
+    if not backend.triton_runs_on(device):
+        return False, ("Triton not installed, or TRITON_INTERPRET=1 on a CUDA run" if device.type == "cuda"
+                       else "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)")
+    try:
+        importlib.import_module(kernel_module)
+    except Exception as exc:
+        return False, f"{kernel_module} not importable: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
 def timing_info(device: torch.device, use_graph: bool, target_ms: float, units: str, **extra: Any) -> dict:
     """The ``timing`` block of a suite's JSON: how the numbers were taken."""
     return {
