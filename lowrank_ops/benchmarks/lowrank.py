@@ -518,17 +518,11 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
     for (family, shape, rank, m, _dtype), group in groups.items():
         by_name = {r["method"]: r for r in group}
         ours = [r for r in group if r.get("kind") == "ours" and r.get("median_us")]
-        best = min(ours, key=lambda r: r["median_us"]) if ours else None
-        errors = sum(1 for r in group if r.get("status") == "error")
         out.append({
             "family": family, "shape": shape, "rank": rank, "m": m,
             "dense_us": by_name.get("dense", {}).get("median_us"),
             "unfused_us": by_name.get(UNFUSED[family], {}).get("median_us"),
-            "best": (T.method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
-            "best_us": best["median_us"] if best else None,
-            "vs_dense": best.get("vs_dense") if best else None,
-            "vs_unfused": best.get("vs_unfused") if best else None,
-            "frac_copy_bw": best.get("frac_copy_bw") if best else None,
+            **T.best_of(group, ours, ("vs_dense", "vs_unfused")),
         })
     return out
 

@@ -565,16 +565,10 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
     out = []
     for (shape, m, config), group in configs.items():
         ours = [r for r in group if r.get("median_us")]
-        best = min(ours, key=lambda r: r["median_us"]) if ours else None
-        errors = sum(1 for r in group if r.get("status") == "error")
         b = base.get((shape, m), {})
         out.append({
             "shape": shape, "m": m, "config": config, "dense_us": b.get("dense"), "int4pack_us": b.get("int4pack"),
-            "best": (T.method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
-            "best_us": best["median_us"] if best else None,
-            "vs_dense": best.get("vs_dense") if best else None,
-            "vs_int4pack": best.get("vs_int4pack") if best else None,
-            "frac_copy_bw": best.get("frac_copy_bw") if best else None,
+            **T.best_of(group, ours, ("vs_dense", "vs_int4pack")),
         })
     return out
 

@@ -566,6 +566,20 @@ def note_cell(row: Mapping[str, Any]) -> str:
     return row.get("note", "")
 
 
+def best_of(group: Sequence[Mapping[str, Any]], candidates: Sequence[Mapping[str, Any]],
+            ratio_keys: Sequence[str]) -> dict:
+    """Summary cells of one case: the fastest of ``candidates`` (its method, time, copy-bandwidth
+    fraction and ``ratio_keys``), with the number of errored rows of ``group`` noted."""
+    best = min(candidates, key=lambda r: r["median_us"]) if candidates else None
+    errors = sum(1 for r in group if r.get("status") == "error")
+    return {
+        "best": (method_cell(best) if best else "-") + (f" ({errors} err)" if errors else ""),
+        "best_us": best["median_us"] if best else None,
+        **{key: best.get(key) if best else None for key in ratio_keys},
+        "frac_copy_bw": best.get("frac_copy_bw") if best else None,
+    }
+
+
 def run_cases(
     cases: Sequence[Any],
     run_case: Callable[[Any], list[dict]],
