@@ -21,6 +21,14 @@ def test_cuda_tensors_walk_the_chain():
     assert select_backend("op", only_ref, cuda) == "reference"
 
 
+def test_a_backend_measured_slower_is_passed_over_but_can_be_pinned():
+    cuda = torch.device("cuda")
+    slower = dict(ALL_OK, cuda=Support(True, "measured slower here", preferred=False))
+    assert select_backend("op", slower, cuda) == "triton"
+    with use_backend("cuda"):
+        assert select_backend("op", slower, cuda) == "cuda"
+
+
 def test_context_manager_pins_and_restores():
     with use_backend("triton"):
         assert backend.pinned_backend() == "triton"

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -280,7 +281,7 @@ def test_lowrank_methods_on_a_cuda_run():
     decode = LB.Case("lowrank", 4096, 4096, 512, 1, 0.25)
     assert _names(LB.lowrank_methods(decode, _cuda_env())) == [
         ("dense", None, False), ("two_matmul", None, False), ("cuda", None, False),
-        ("triton", "decode", False), ("triton:two_gemm", "two_gemm", False)]
+        ("triton", "two_gemm", False), ("triton:decode", "decode", False)]  # r = 512: no fused kernel
     big = LB.Case("lowrank", 4096, 4096, 512, 256, 0.25)
     assert _names(LB.lowrank_methods(big, _cuda_env())) == [
         ("dense", None, False), ("two_matmul", None, False), ("triton", "two_gemm", False)]
@@ -288,19 +289,21 @@ def test_lowrank_methods_on_a_cuda_run():
     assert _names(LB.lowrank_methods(mid_rank, _cuda_env())) == [
         ("dense", None, False), ("two_matmul", None, False), ("triton", "two_gemm", False),
         ("triton:fused", "fused", False)]
-    small_rank = LB.Case("lowrank", 4096, 4096, 64, 64, None)
+    small_rank = LB.Case("lowrank", 4096, 4096, 64, 1, None)  # one row, small rank: Triton decode
     assert _names(LB.lowrank_methods(small_rank, _cuda_env())) == [
-        ("dense", None, False), ("two_matmul", None, False), ("triton", "fused", False),
-        ("triton:two_gemm", "two_gemm", False)]
+        ("dense", None, False), ("two_matmul", None, False), ("cuda", None, False),
+        ("triton", "decode", False), ("triton:fused", "fused", False), ("triton:two_gemm", "two_gemm", False)]
     # no Triton, no extension: skipped rows with the reason, never a crash
     skipped = LB.lowrank_methods(decode, _cuda_env(triton_ok=False, cuda_why="not built"))
-    assert _names(skipped)[2:] == [("cuda", None, True), ("triton", "decode", True)]
+    assert _names(skipped)[2:] == [("cuda", None, True), ("triton", "two_gemm", True)]
     assert skipped[2].skip == "not built"
 
 
 def test_lora_methods():
     case = LB.Case("lora", 4096, 4096, 16, 1)
-    assert [m.name for m in LB.lora_methods(case, _cuda_env())] == ["dense", "dense+adapter", "triton"]
+    assert [m.name for m in LB.lora_methods(case, _cuda_env())] == ["dense", "dense+adapter", "triton", "triton:fused"]
+    big = LB.Case("lora", 4096, 4096, 16, 256)
+    assert [(m.name, m.path) for m in LB.lora_methods(big, _cuda_env())][2:] == [("triton", "fused")]
     cpu = LB.Env(torch.device("cpu"), torch.float32, triton_why="no interpreter")
     methods = LB.lora_methods(case, cpu)
     assert [m.name for m in methods] == ["dense", "dense+adapter", "reference", "triton"]
@@ -320,6 +323,9 @@ def test_forced_path_overrides_and_restores():
     assert ops.lowrank_path is original
     with LB.forced_path(None):
         assert ops.lowrank_path is original
+    with LB.forced_path("fused", "lora"):
+        assert ops.lora_path(1) == "fused"
+    assert ops.lora_path(1) == "unfused"
 
 
 def test_add_speedups_and_summary():
@@ -490,3 +496,28 @@ def test_device_check_script_parses():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", "-S", "warning", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+def test_run_cases_saves_after_every_case_and_survives_a_failing_case(tmp_path):
+    """A run killed mid-way keeps what it measured: the JSON is rewritten after each case."""
+    from lowrank_ops.benchmarks import timing as T
+
+    path = tmp_path / "suite.json"
+    seen = []
+
+    def run_case(case):
+        if case == "bad":
+            raise RuntimeError("boom")
+        return [{"case": case}]
+
+    def save(rows, notes):
+        seen.append(len(T.load_json(path)["rows"]) if path.exists() else None)
+        return checkpoint(rows, notes)
+
+    checkpoint = T.json_checkpoint(path, {"suite": "demo"}, time.perf_counter())
+    rows, notes = T.run_cases(["a", "bad", "c"], run_case, lambda case, exc: {"case": case, "error": str(exc)},
+                              lambda case, rows: case, torch.device("cpu"), None, checkpoint=save)
+    saved = T.load_json(path)
+    assert seen == [None, 1, 2]  # before each save, the file holds the previous cases
+    assert saved["suite"] == "demo" and saved["rows"] == rows
+    assert [r["case"] for r in rows] == ["a", "bad", "c"] and rows[1]["error"] == "boom"

@@ -80,6 +80,7 @@ def test_limits_match_the_ops_module():
     from lowrank_ops.lowrank import ops
 
     assert CUDA_DECODE_MAX_M == ops.DECODE_MAX_M == 16
+    assert ops.PREFER_DECODE_MAX_M <= ops.DECODE_MAX_M
     assert CUDA_DECODE_MAX_RANK == 1024
 
 

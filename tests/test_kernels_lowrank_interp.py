@@ -151,13 +151,15 @@ def test_limits_and_bad_path():
 @pytest.mark.parametrize(
     "lead,k,n,r,bias,path",
     [
-        ((2, 3), 37, 19, 5, True, "decode"),  # 6 rows <= 16: decode
+        ((2, 3), 37, 19, 5, True, "decode"),  # 6 rows: within the decode kernel's 16
         ((40,), 100, 50, 33, False, "fused"),
         ((17,), 37, 19, 64, True, "fused"),
-        ((17,), 37, 19, 256, True, "two_gemm"),  # dispatch leaves large ranks to two GEMMs
+        ((17,), 37, 19, 256, True, "two_gemm"),
     ],
 )
 def test_lowrank_linear_triton(lead, k, n, r, bias, path, dtype, triton_backend, monkeypatch):
+    """Each Triton route through the pinned public op (the route forced; dispatch is tested apart)."""
+    monkeypatch.setattr(ops, "lowrank_path", lambda m, n, k, rank: path)
     taken = []
     real = kernels.lowrank_matmul
     monkeypatch.setattr(kernels, "lowrank_matmul", lambda *a, path: taken.append(path) or real(*a, path=path))
@@ -194,15 +196,17 @@ def _grads_vs_float64(fn, inputs):
         assert_close(leaf.grad, ref_leaf.grad, torch.float32, f"grad of input {i}")
 
 
-@pytest.mark.parametrize("m", [3, 40], ids=["decode", "fused"])
-def test_lowrank_linear_grads(m, triton_backend):
+@pytest.mark.parametrize("m,path", [(3, "decode"), (40, "fused")], ids=["decode", "fused"])
+def test_lowrank_linear_grads(m, path, triton_backend, monkeypatch):
+    monkeypatch.setattr(ops, "lowrank_path", lambda m, n, k, rank: path)
+
     def fn(x, v, u, b, reference=False):
         return (x @ v.t()) @ u.t() + b if reference else ops.lowrank_linear(x, v, u, b)
 
     _grads_vs_float64(fn, lowrank_factors(m, 37, 19, 5, True, torch.float32))
 
 
-def test_lora_linear_grads(triton_backend):
+def test_lora_linear_grads(triton_backend):  # 17 rows: the fused LoRA kernel
     def fn(x, w, a, b, bias, reference=False):
         return x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias if reference else ops.lora_linear(x, w, a, b, 0.5, bias)
 

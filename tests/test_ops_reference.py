@@ -106,12 +106,22 @@ def test_pinned_reference_backend_runs_on_cpu():
         lowrank_linear(x, v, u, b)
 
 
-def test_dispatch_by_batch_and_rank():
-    assert ops.lowrank_path(1, 4096, 4096, 1024) == "decode"
-    assert ops.lowrank_path(16, 4096, 4096, 64) == "decode"
-    assert ops.lowrank_path(64, 4096, 4096, 64) == "fused"
-    assert ops.lowrank_path(64, 4096, 4096, 256) == "two_gemm"
+def test_dispatch_follows_the_measured_thresholds():
+    """The routes the H100 measurements picked (see the thresholds' comments in ops.py)."""
+    assert ops.lowrank_path(1, 4096, 4096, 64) == "decode"
+    assert ops.lowrank_path(1, 4096, 4096, 65) == "two_gemm"
+    assert ops.lowrank_path(2, 4096, 4096, 16) == "two_gemm"
+    assert ops.lowrank_path(64, 4096, 4096, 64) == "two_gemm"
     assert ops.lowrank_path(4096, 4096, 4096, 1024) == "two_gemm"
+    assert [ops.lora_path(m) for m in (1, 16, 17, 4096)] == ["unfused", "unfused", "fused", "fused"]
+
+
+def test_unfused_lora_route_matches_the_reference(monkeypatch):
+    """The cuBLAS-style LoRA route (small batches) computes the same sum as the reference."""
+    x, w, a, b = (torch.randn(*s) for s in ((3, 8), (5, 8), (2, 8), (5, 2)))
+    bias = torch.randn(5)
+    monkeypatch.setattr(ops.backend, "select_backend", lambda op, support, device: "triton")
+    torch.testing.assert_close(ops.lora_linear(x, w, a, b, 0.5, bias), ops.lora_reference(x, w, a, b, 0.5, bias))
 
 
 @pytest.mark.parametrize(

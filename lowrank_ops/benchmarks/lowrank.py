@@ -190,21 +190,26 @@ def auto_choice(x: torch.Tensor, v: torch.Tensor, n: int) -> tuple[Optional[str]
         return None, None
 
 
-def lora_auto_choice(x: torch.Tensor, rank: int) -> Optional[str]:
+def lora_auto_choice(x: torch.Tensor, rank: int) -> tuple[Optional[str], Optional[str]]:
+    """(backend, triton route) the LoRA op would pick for this call with no pin, or (None, None)."""
     try:
         from lowrank_ops.core import backend
         from lowrank_ops.lowrank import ops
 
         if backend.pinned_backend() is not None:
-            return None
-        return ops._lora_backend(x, rank)
+            return None, None
+        chosen = ops._lora_backend(x, rank)
+        return chosen, ops.lora_path(x.shape[0]) if chosen == "triton" else None
     except Exception:
-        return None
+        return None, None
+
+
+ROUTE_FUNCTIONS = {"lowrank": "lowrank_path", "lora": "lora_path"}  # family -> ops' route function
 
 
 @contextlib.contextmanager
-def forced_path(path: Optional[str]) -> Iterator[None]:
-    """Force the Triton route of ``lowrank_linear`` by overriding ``ops.lowrank_path``.
+def forced_path(path: Optional[str], family: str = "lowrank") -> Iterator[None]:
+    """Force the Triton route of one family's op by overriding its route function in ``ops``.
 
     The op looks the function up in its module at call time, so the override holds for eager
     calls and for the one Python run that a CUDA-graph capture records.
@@ -214,12 +219,13 @@ def forced_path(path: Optional[str]) -> Iterator[None]:
         return
     from lowrank_ops.lowrank import ops
 
-    original = ops.lowrank_path
-    ops.lowrank_path = lambda m, n, k, rank: path
+    name = ROUTE_FUNCTIONS[family]
+    original = getattr(ops, name)
+    setattr(ops, name, lambda *args: path)
     try:
         yield
     finally:
-        ops.lowrank_path = original
+        setattr(ops, name, original)
 
 
 @contextlib.contextmanager
@@ -317,7 +323,12 @@ def lora_methods(case: Case, env: Env) -> list[Method]:
                Method("dense+adapter", "baseline", "lora", _dense_adapter)]
     if env.device.type != "cuda":
         methods.append(Method("reference", "ours", "lora", _ours_lora, "reference"))
-    methods.append(Method("triton", "ours", "lora", _ours_lora, "triton", skip=env.triton_why))
+    from lowrank_ops.lowrank import ops
+
+    auto_path = ops.lora_path(case.m)
+    methods.append(Method("triton", "ours", "lora", _ours_lora, "triton", auto_path, skip=env.triton_why))
+    if env.triton_ok and auto_path != "fused":  # the fused kernel, where dispatch prefers cuBLAS
+        methods.append(Method("triton:fused", "ours", "lora", _ours_lora, "triton", "fused"))
     return methods
 
 
@@ -407,7 +418,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float],
         auto_backend, auto_path = auto_choice(probe, v_probe, case.n)
         del v_probe
     else:
-        auto_backend, auto_path = lora_auto_choice(probe, case.rank), None
+        auto_backend, auto_path = lora_auto_choice(probe, case.rank)
     del probe
 
     operands: dict[str, list[tuple]] = {}
@@ -415,10 +426,8 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float],
     try:
         for method in methods:
             row = _base_row(case, method, env)
-            if case.family == "lowrank" and method.kind == "ours" and method.backend == auto_backend:
+            if method.kind == "ours" and method.backend == auto_backend:
                 row["auto"] = method.backend != "triton" or method.path == auto_path
-            elif case.family == "lora" and method.kind == "ours" and method.backend == auto_backend:
-                row["auto"] = True
             cost = op_cost(case, method, elem)
             row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))
             if method.skip:
@@ -432,7 +441,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float],
                                                  min_copies=min(2, cfg.max_copies))
                     operands[method.operands] = make_operands(case, method.operands, n_copies, env)
                 arg_sets = operands[method.operands]
-                with pinned(method.backend), forced_path(method.path if method.name.startswith("triton:") else None):
+                with pinned(method.backend), forced_path(method.path if method.name.startswith("triton:") else None, case.family):
                     timing = T.measure(method.fn, arg_sets, env.device, use_graph=cfg.use_graph,
                                        eager=cfg.eager, target_ms=cfg.target_ms)
                 row.update(median_us=timing.median_us, p20_us=timing.p20_us, p80_us=timing.p80_us,
@@ -639,10 +648,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return (f"{case.family} {case.shape} r={case.rank} M={case.m}"
                 + (f", best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
 
-    rows, notes = T.run_cases(cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
-                              error_row, describe, device, cfg.time_budget_s)
-
-    payload = {
+    header = {
         "suite": "lowrank",
         "mode": mode,
         "meta": meta,
@@ -650,13 +656,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "matmul_tflops": matmul_tflops,
         "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms, lora_scale=LORA_SCALE,
                                 units="times in microseconds per call; gbps = useful bytes / time; vs_* = baseline / this"),
-        "elapsed_s": time.perf_counter() - t_start,
-        "notes": notes,
-        "rows": rows,
     }
-    if args.out:
-        path = T.write_json(Path(args.out) / f"lowrank-{mode}.json", payload)
-        print(f"wrote {path}")
+    out_path = Path(args.out) / f"lowrank-{mode}.json" if args.out else None
+    save = T.json_checkpoint(out_path, header, t_start)
+    rows, notes = T.run_cases(cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
+                              error_row, describe, device, cfg.time_budget_s, checkpoint=save)
+    save(rows, notes)
+    if out_path is not None:
+        print(f"wrote {out_path}")
     print()
     print(format_rows(rows, title=f"lowrank_ops low-rank suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
                                   f"* = automatic dispatch; x = speedup (baseline time / this)"))

@@ -675,14 +675,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return (f"{case.shape} M={case.m}"
                 + (f", {configs[0]} best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
 
-    rows, notes = T.run_cases(
-        cases, lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
-        lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
-        describe, device, cfg.time_budget_s,
-    )
-    cache = None
-
-    payload = {
+    header = {
         "suite": "quant",
         "mode": mode,
         "meta": meta,
@@ -693,13 +686,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
                                 units="times in microseconds per call; bytes = format.nbytes (or the baseline's weights) + x + y; "
                                       "gbps = bytes / time; vs_* = baseline / this; cost_vs_4b = this / 4b (same method)"),
-        "elapsed_s": time.perf_counter() - t_start,
-        "notes": notes,
-        "rows": rows,
     }
-    if args.out:
-        path = T.write_json(Path(args.out) / f"quant-{mode}.json", payload)
-        print(f"wrote {path}")
+    out_path = Path(args.out) / f"quant-{mode}.json" if args.out else None
+    save = T.json_checkpoint(out_path, header, t_start)
+    rows, notes = T.run_cases(
+        cases, lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
+        lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
+        describe, device, cfg.time_budget_s, checkpoint=save,
+    )
+    cache = None
+    payload = save(rows, notes)
+    if out_path is not None:
+        print(f"wrote {out_path}")
     print()
     print(format_summary(payload))
     print()

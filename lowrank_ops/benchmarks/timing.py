@@ -494,6 +494,21 @@ def write_json(path: os.PathLike, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def json_checkpoint(path: Optional[os.PathLike], header: Mapping[str, Any], t_start: float
+                    ) -> Callable[[list[dict], list[str]], dict]:
+    """A ``save(rows, notes) -> payload`` that writes ``header`` + elapsed time + notes + rows
+    to ``path`` (when given) each time it is called: :func:`run_cases` calls it after every
+    case, so a run killed by a timeout keeps what it measured."""
+
+    def save(rows: list[dict], notes: list[str]) -> dict:
+        payload = {**header, "elapsed_s": time.perf_counter() - t_start, "notes": list(notes), "rows": list(rows)}
+        if path is not None:
+            write_json(path, payload)
+        return payload
+
+    return save
+
+
 def load_json(path: os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -587,9 +602,11 @@ def run_cases(
     describe: Callable[[Any, list[dict]], str],
     device: torch.device,
     time_budget_s: Optional[float],
+    checkpoint: Optional[Callable[[list[dict], list[str]], Any]] = None,
 ) -> tuple[list[dict], list[str]]:
     """Run every case (stopping once ``time_budget_s`` is spent), never raising: a case that
-    fails as a whole becomes ``error_row``. Prints one progress line a case. Returns (rows, notes)."""
+    fails as a whole becomes ``error_row``. Prints one progress line a case and hands the rows
+    so far to ``checkpoint`` (see :func:`json_checkpoint`) after each. Returns (rows, notes)."""
     start = time.perf_counter()
     rows: list[dict] = []
     notes: list[str] = []
@@ -606,6 +623,8 @@ def run_cases(
             case_rows = [error_row(case, exc)]
         rows += case_rows
         print(f"  [{i + 1}/{len(cases)}] {describe(case, case_rows)} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        if checkpoint is not None:
+            checkpoint(rows, notes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, notes

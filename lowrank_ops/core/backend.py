@@ -70,10 +70,15 @@ def triton_runs_on(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Support:
-    """Whether one backend can serve one call, and if not, why (for the error message)."""
+    """Whether one backend can serve one call, and if not, why (for the error message).
+
+    ``preferred=False`` marks a backend that can serve the call but measured slower than the
+    next one for it: the automatic choice passes it over, pinning it still runs it.
+    """
 
     ok: bool
     why: str = ""
+    preferred: bool = True
 
 
 def select_backend(op: str, support: dict[str, Support], device: torch.device) -> str:
@@ -92,6 +97,7 @@ def select_backend(op: str, support: dict[str, Support], device: torch.device) -
     if device.type != "cuda":
         return "reference"
     for name in BACKENDS:
-        if support.get(name, Support(False)).ok:
+        verdict = support.get(name, Support(False))
+        if verdict.ok and verdict.preferred:
             return name
     return "reference"

@@ -1,0 +1,566 @@
+"""KV-cache suite: GEAR decode attention against SDPA on an fp16 cache, and memory per token.
+
+Every case is one context length T and batch b of a decode step: q (b, 32, 1, 128) fp16 over a
+cache of 8 KV heads × T tokens × head dim 128 (Llama-3-8B / Mistral-7B attention geometry),
+timed in one run on rotating operands (see :mod:`lowrank_ops.benchmarks.timing`):
+
+baselines (on the exact fp16 K, V)
+    ``sdpa``          ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)``
+    ``sdpa:packed``   the GQA group folded into the query length, ``q`` viewed as
+                      (b, 8, 4, 128) against K, V (b, 8, T, 128): what transformers does for one
+                      query token; ``vs_sdpa`` divides the faster of the two by our time
+    ``dequant+sdpa``  (full mode) ``GEARKV.decompress()`` then ``sdpa:packed``: the
+                      dequantize-every-step route of transformers' ``QuantizedCache``
+ours, per configuration (:data:`CONFIGS`), on a :func:`~lowrank_ops.kvcache.compress`-ed cache
+    ``triton``        :func:`lowrank_ops.kvcache.attention` pinned to Triton (the split-sequence
+                      kernel reading the compressed blocks); on CPU (``--cpu-smoke``) a
+                      ``reference`` row (decompress + fp32 attention) stands in
+
+Per row: median / p20 / p80 µs (CUDA-graph replay), eager µs, GB/s on the true byte count (the
+cache's ``nbytes`` — codes, scales, zeros, outliers, factors, tail buffer — + q + out; the
+baselines: fp16 K, V + q + out), fraction of the measured copy bandwidth, ``vs_sdpa`` (best SDPA
+time / this, > 1 is faster), the memory of the cache (bytes per token per layer, bits per entry,
+``mem_vs_fp16``) and two errors of the output: ``err_vs_ref`` (against the fp32 reference attention
+on the same compressed cache, sequence 0: the kernel) and ``err_vs_fp16`` (against SDPA on the exact K, V:
+the compression). Targets (:data:`TARGETS`) are printed, never asserted.
+
+The JSON (``kvcache-<mode>.json``) is rewritten after every case, so a run cut short by its time
+cap keeps what it measured.
+
+Run: ``python -m lowrank_ops.benchmarks.kvcache [--quick] [--out DIR]``. Without CUDA it prints a
+note and exits 0; ``--cpu-smoke`` runs the plumbing on CPU on tiny caches (wall clock; the
+numbers mean nothing), Triton included only under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lowrank_ops.benchmarks import timing as T
+from lowrank_ops.benchmarks.lowrank import parse_ints, pinned
+from lowrank_ops.benchmarks.quant import _first_line, _time_into
+
+# --------------------------------------------------------------------------- what is measured
+# name -> GEARConfig options (group 32, power_iters 2 and B = 64 are the defaults)
+CONFIGS: dict[str, dict] = {
+    "2b-r4-s2": dict(bits=2, rank=4, outlier_ratio=0.02),  # GEAR's setting
+    "4b": dict(bits=4, rank=0, outlier_ratio=0.0),  # KIVI-style 4-bit
+    "2b": dict(bits=2, rank=0, outlier_ratio=0.0),  # KIVI-style 2-bit: what outliers + rank cost
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+GPU_GEOMETRY = Geometry(32, 8, 128)
+CPU_GEOMETRY = Geometry(8, 2, 64)
+
+FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16], "configs": list(CONFIGS),
+        "dequant_baseline": True, "geometry": GPU_GEOMETRY}
+# bench/device_check.sh gives this ~60 s with autotune: 5 cases x (2 SDPA rows + 2 configs).
+QUICK = {"contexts": [1024, 8192, 32768], "batches": [1, 16], "configs": ["2b-r4-s2", "4b"],
+         "dequant_baseline": False, "geometry": GPU_GEOMETRY, "skip": [(1024, 16)]}
+CPU_SMOKE = {"contexts": [80, 200], "batches": [1, 3], "configs": list(CONFIGS),
+             "dequant_baseline": True, "geometry": CPU_GEOMETRY}
+MODES = {"full": FULL, "quick": QUICK, "cpu-smoke": CPU_SMOKE}
+DEFAULT_TARGET_MS = 25.0
+BASELINES = ("sdpa", "sdpa:packed", "dequant+sdpa")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One decode step: context length (cached tokens) and batch."""
+
+    context: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"T={self.context} b={self.batch}"
+
+
+def kv_cases(contexts: Sequence[int], batches: Sequence[int], skip: Sequence[tuple] = ()) -> list[Case]:
+    return [Case(t, b) for t in contexts for b in batches if (t, b) not in set(skip)]
+
+
+# --------------------------------------------------------------------------- targets (printed, not asserted)
+@dataclass(frozen=True)
+class Target:
+    text: str
+    config: str
+    kind: str  # "vs_sdpa" (ours / best SDPA >= goal) or "mem_vs_fp16" (bytes / fp16 bytes <= goal)
+    goal: float
+    min_context: int = 0
+
+
+TARGETS = [
+    Target("2b-r4-s2 faster than SDPA, T >= 4k", "2b-r4-s2", "vs_sdpa", 1.0, 4096),
+    Target("2b-r4-s2 >= 2x SDPA, T >= 16k", "2b-r4-s2", "vs_sdpa", 2.0, 16384),
+    Target("4b >= 1.5x SDPA, T >= 16k", "4b", "vs_sdpa", 1.5, 16384),
+    Target("2b-r4-s2 memory <= 0.3x fp16, T >= 4k", "2b-r4-s2", "mem_vs_fp16", 0.3, 4096),
+    Target("4b memory <= 0.35x fp16, T >= 4k", "4b", "mem_vs_fp16", 0.35, 4096),
+]
+
+
+# --------------------------------------------------------------------------- environment
+@dataclass
+class Env:
+    device: torch.device
+    dtype: torch.dtype
+    geometry: Geometry
+    triton_ok: bool = False
+    triton_why: str = ""
+
+
+@dataclass
+class RunConfig:
+    mode: str
+    configs: Sequence[str] = tuple(CONFIGS)
+    dequant_baseline: bool = False
+    use_graph: bool = True
+    eager: bool = True
+    target_ms: float = DEFAULT_TARGET_MS
+    time_budget_s: Optional[float] = None
+    methods: Optional[set[str]] = None  # restrict our methods to these names (baselines always run)
+    max_copies: int = T.MAX_COPIES
+
+
+# --------------------------------------------------------------------------- operands
+def gear_config(name: str):
+    from lowrank_ops.kvcache import GEARConfig
+
+    return GEARConfig(**CONFIGS[name])
+
+
+def random_kv(case: Case, env: Env, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 keys and values (b, kv_heads, T, head_dim); keys get a few large channels (as real
+    post-RoPE keys do), so per-channel quantization and the outliers see a realistic spread."""
+    g = env.geometry
+    gen = torch.Generator(device=env.device)
+    gen.manual_seed(seed)
+    shape = (case.batch, g.kv_heads, case.context, g.head_dim)
+    keys = torch.randn(shape, generator=gen, device=env.device, dtype=env.dtype)
+    keys[..., : max(1, g.head_dim // 16)] *= 8
+    values = torch.randn(shape, generator=gen, device=env.device, dtype=env.dtype)
+    return keys, values
+
+
+def random_q(case: Case, env: Env, count: int, seed: int) -> list[torch.Tensor]:
+    g = env.geometry
+    gen = torch.Generator(device=env.device)
+    gen.manual_seed(seed)
+    return [torch.randn(case.batch, g.q_heads, 1, g.head_dim, generator=gen, device=env.device, dtype=env.dtype)
+            for _ in range(count)]
+
+
+def clone_kv(kv):
+    """A GEARKV with every stored tensor copied (a rotating copy for the timer)."""
+    return dataclasses.replace(kv, **{name: t.clone() for name, t in kv.tensors().items()})
+
+
+def first_sequence(kv):
+    """The GEARKV of batch element 0 alone (all stored tensors are batch-major)."""
+    return dataclasses.replace(kv, **{name: t[:1] for name, t in kv.tensors().items()})
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def _sdpa_packed(q, k, v):
+    b, hq, _, d = q.shape
+    out = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k, v)
+    return out.view(b, hq, 1, d)
+
+
+def _dequant_sdpa(q, kv):
+    k, v = kv.decompress(q.dtype)
+    return _sdpa_packed(q, k, v)
+
+
+def _gear(q, kv):
+    from lowrank_ops.kvcache import ops
+
+    return ops.attention(q, kv)
+
+
+def attention_cost(case: Case, geometry: Geometry, cache_bytes: int, elem: int) -> T.OpCost:
+    """Bytes: the cache once + q + out; flops: q·Kᵀ and p·V (2 · 2 · b · q_heads · T · head_dim)."""
+    qo = 2 * elem * case.batch * geometry.q_heads * geometry.head_dim
+    return T.OpCost(cache_bytes + qo, 4 * case.batch * geometry.q_heads * case.context * geometry.head_dim)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- running
+def _base_row(case: Case, name: str, kind: str, env: Env, config: Optional[str] = None) -> dict:
+    g = env.geometry
+    spec = CONFIGS.get(config or "", {})
+    return {
+        "suite": "kvcache", "family": "kvcache", "context": case.context, "batch": case.batch,
+        "q_heads": g.q_heads, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "config": config,
+        "bits": spec.get("bits"), "rank": spec.get("rank"), "outlier_ratio": spec.get("outlier_ratio"),
+        "dtype": T.dtype_name(env.dtype), "method": name, "kind": kind, "backend": None, "auto": False,
+        "status": "ok", "note": "",
+    }
+
+
+def _memory(cache_bytes: int, case: Case, env: Env) -> dict:
+    from lowrank_ops.kvcache import dense_nbytes
+
+    g = env.geometry
+    fp16 = dense_nbytes(case.batch, g.kv_heads, case.context, g.head_dim)
+    return {"cache_bytes": cache_bytes, "bytes_per_token_per_layer": cache_bytes / (case.batch * case.context),
+            "bits_per_entry": 8 * cache_bytes / (2 * case.batch * g.kv_heads * case.context * g.head_dim),
+            "mem_vs_fp16": cache_bytes / fp16}
+
+
+def _fail(row: dict, exc: BaseException, env: Env, log: Callable[[str], None]) -> None:
+    row.update(status="error", note=_first_line(exc)[:200])
+    log(f"  ! T={row['context']} b={row['batch']} {row.get('config') or ''} {row['method']}: {_first_line(exc)}")
+    log("".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)).rstrip())
+    if env.device.type == "cuda":
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+
+
+def our_methods(env: Env) -> list[tuple[str, str, str]]:
+    """(name, pinned backend, skip reason) of our rows for each configuration."""
+    out = [("reference", "reference", "")] if env.device.type != "cuda" else []
+    out.append(("triton", "triton", env.triton_why))
+    return out
+
+
+def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], matmul_tflops: Optional[float],
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Time the baselines and every configuration of one case; never raises (errors become rows)."""
+    from lowrank_ops.kvcache import compress
+    from lowrank_ops.kvcache.ops import attention_reference
+
+    elem = T.element_size(env.dtype)
+    l2 = T.cache_bytes(env.device)
+    g = env.geometry
+    dense_bytes = 2 * elem * case.batch * g.kv_heads * case.context * g.head_dim
+    q_bytes = elem * case.batch * g.q_heads * g.head_dim
+
+    def n_copies(nbytes: int) -> int:
+        return T.rotation_copies(nbytes + q_bytes, l2, max_copies=cfg.max_copies, min_copies=min(2, cfg.max_copies))
+
+    rows: list[dict] = []
+    keys, values = random_kv(case, env, seed=1)
+    q_probe = random_q(case, env, 1, seed=2)[0]
+    exact = _sdpa_packed(q_probe, keys, values)
+    baselines = [("sdpa", _sdpa), ("sdpa:packed", _sdpa_packed)]
+    count = n_copies(dense_bytes)
+    sets = [(q, keys, values) if i == 0 else (q, keys.clone(), values.clone())
+            for i, q in enumerate(random_q(case, env, count, seed=3))]
+    cost = attention_cost(case, g, dense_bytes, elem)
+    for name, fn in baselines:
+        row = _base_row(case, name, "baseline", env)
+        row.update(backend="torch", **_memory(dense_bytes, case, env))
+        row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))
+        try:
+            row["err_vs_fp16"] = rel_err(fn(q_probe, keys, values), exact)
+            _time_into(row, fn, sets, env, cfg, cost, copy_gbps, matmul_tflops)
+        except Exception as exc:
+            _fail(row, exc, env, log)
+        rows.append(row)
+    sets = None
+
+    for config in cfg.configs:
+        try:
+            kv = compress(keys, values, gear_config(config))
+        except Exception as exc:
+            row = _base_row(case, "(compress)", "ours", env, config)
+            _fail(row, exc, env, log)
+            rows.append(row)
+            continue
+        cost = attention_cost(case, g, kv.nbytes, elem)
+        memory = _memory(kv.nbytes, case, env)
+        # the fp32 reference of sequence 0 only (decompressing a 32k x 16 cache in fp32 would take ~30 GB)
+        ref = attention_reference(q_probe[:1], first_sequence(kv))
+        count = n_copies(kv.nbytes)
+        sets = [(q, kv if i == 0 else clone_kv(kv)) for i, q in enumerate(random_q(case, env, count, seed=4))]
+        methods = [(name, backend, skip) for name, backend, skip in our_methods(env)
+                   if not cfg.methods or name in cfg.methods]
+        if cfg.dequant_baseline:
+            methods.insert(0, ("dequant+sdpa", None, ""))
+        for name, backend_name, skip in methods:
+            kind = "baseline" if name == "dequant+sdpa" else "ours"
+            fn = _dequant_sdpa if kind == "baseline" else _gear
+            row = _base_row(case, name, kind, env, config)
+            row.update(backend=backend_name or "torch", auto=backend_name == ("triton" if env.device.type == "cuda" else "reference"),
+                       **memory)
+            row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))
+            if skip:
+                row.update(status="skipped", note=skip)
+                rows.append(row)
+                continue
+            try:
+                with pinned(backend_name):
+                    out = fn(q_probe, kv)
+                    row.update(err_vs_ref=rel_err(out[:1], ref), err_vs_fp16=rel_err(out, exact))
+                    _time_into(row, fn, sets, env, cfg, cost, copy_gbps, matmul_tflops)
+            except Exception as exc:
+                _fail(row, exc, env, log)
+            rows.append(row)
+        sets = kv = None
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``vs_sdpa``: the faster SDPA baseline's time / this time, per case."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["context"], row["batch"]), []).append(row)
+    for group in groups.values():
+        sdpa = [r["median_us"] for r in group if r["method"] in ("sdpa", "sdpa:packed") and r.get("median_us")]
+        best = min(sdpa) if sdpa else None
+        for row in group:
+            t = row.get("median_us")
+            row["vs_sdpa"] = best / t if (best and t) else None
+
+
+# --------------------------------------------------------------------------- summaries
+def best_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
+    """{(context, batch, config): our fastest measured row}."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("kind") == "ours" and row.get("median_us"):
+            key = (row["context"], row["batch"], row["config"])
+            if key not in out or row["median_us"] < out[key]["median_us"]:
+                out[key] = row
+    return out
+
+
+def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
+    """One line per (target, context, batch) that has a measurement: value, goal, met."""
+    out = []
+    best = best_rows(rows)
+    for tgt in TARGETS:
+        for (context, batch, config), row in sorted(best.items(), key=lambda kv: kv[0][:2]):
+            if config != tgt.config or context < tgt.min_context:
+                continue
+            value = row.get(tgt.kind)
+            met = None if value is None else (value >= tgt.goal if tgt.kind == "vs_sdpa" else value <= tgt.goal)
+            out.append({"target": tgt.text, "context": context, "batch": batch, "method": T.method_cell(row),
+                        "value": value, "goal": tgt.goal, "met": {True: "yes", False: "NO", None: "-"}[met]})
+    return out
+
+
+def _pct(key: str) -> Callable[[dict], Optional[float]]:
+    return lambda r: None if r.get(key) is None else 100 * r[key]
+
+
+TABLE_COLUMNS = [
+    T.Column("context", "T", 6),
+    T.Column("batch", "b", 3),
+    T.Column(lambda r: r.get("config") or "-", "config", 9, align="<"),
+    T.Column(T.method_cell, "method", 13, align="<"),
+    T.Column("median_us", "med_us", 9, ".1f"),
+    T.Column("eager_us", "eager_us", 9, ".1f"),
+    T.Column("gbps", "GB/s", 6, ".0f"),
+    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.Column("vs_sdpa", "xsdpa", 6, ".2f"),
+    T.Column("bits_per_entry", "bits", 5, ".2f"),
+    T.Column("err_vs_ref", "err_ref", 8, ".1e"),
+    T.Column("err_vs_fp16", "err_fp16", 8, ".1e"),
+]
+SUMMARY_COLUMNS = [
+    T.Column("context", "T", 6),
+    T.Column("batch", "b", 3),
+    T.Column("config", "config", 9, align="<"),
+    T.Column("sdpa_us", "sdpa_us", 9, ".1f"),
+    T.Column("best", "best ours", 13, align="<"),
+    T.Column("best_us", "ours_us", 9, ".1f"),
+    T.Column("vs_sdpa", "xsdpa", 6, ".2f"),
+    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.Column("bytes_per_token_per_layer", "B/tok/L", 8, ".0f"),
+    T.Column("mem_vs_fp16", "xmem", 5, ".3f"),
+]
+TARGET_COLUMNS = [
+    T.Column("target", "target", 38, align="<"),
+    T.Column("context", "T", 6),
+    T.Column("batch", "b", 3),
+    T.Column("method", "method", 13, align="<"),
+    T.Column("value", "value", 6, ".2f"),
+    T.Column("goal", "goal", 5, ".2f"),
+    T.Column("met", "met", 4),
+]
+
+
+def format_rows(rows: Sequence[dict], title: str = "") -> str:
+    return T.format_table(rows, TABLE_COLUMNS, title=title, trailing=T.note_cell)
+
+
+def summarize_rows(rows: Sequence[dict]) -> list[dict]:
+    """One line per (context, batch, config): the best SDPA time, our fastest method, memory."""
+    sdpa: dict[tuple, float] = {}
+    configs: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["context"], row["batch"])
+        if row["method"] in ("sdpa", "sdpa:packed") and row.get("median_us"):
+            sdpa[key] = min(sdpa.get(key, float("inf")), row["median_us"])
+        elif row.get("config"):
+            configs.setdefault((*key, row["config"]), []).append(row)
+    out = []
+    for (context, batch, config), group in configs.items():
+        ours = [r for r in group if r.get("kind") == "ours" and r.get("median_us")]
+        out.append({"context": context, "batch": batch, "config": config, "sdpa_us": sdpa.get((context, batch)),
+                    "bytes_per_token_per_layer": group[0].get("bytes_per_token_per_layer"),
+                    "mem_vs_fp16": group[0].get("mem_vs_fp16"), **T.best_of(group, ours, ("vs_sdpa",))})
+    return out
+
+
+def format_summary(payload: dict) -> str:
+    meta = payload.get("meta", {})
+    bw = payload.get("copy_bandwidth_gbps")
+    geo = payload.get("geometry", {})
+    title = (f"kvcache {payload.get('mode', '?')} | {meta.get('device', '?')} | {meta.get('dtype', '')} | "
+             f"{geo.get('q_heads')} q / {geo.get('kv_heads')} kv heads, d {geo.get('head_dim')}"
+             + (f" | copy {bw:.0f} GB/s" if bw else "") + f" | times: {payload.get('timing', {}).get('primary', '?')}")
+    text = T.format_table(summarize_rows(payload.get("rows", [])), SUMMARY_COLUMNS, title=title)
+    targets = evaluate_targets(payload.get("rows", []))
+    if targets:
+        text += "\n" + T.format_table(targets, TARGET_COLUMNS, title="targets (printed, not asserted)")
+    return text
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lowrank_ops.benchmarks.kvcache",
+                                description="Benchmark GEAR decode attention against SDPA on an fp16 KV cache.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="T {1k, 8k, 32k} x b {1, 16}, 2 configs (the device check)")
+    g.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny caches on CPU, reference backend (+ Triton under TRITON_INTERPRET=1), wall clock")
+    g.add_argument("--summarize", metavar="JSON", help="print the per-case summary and targets of a results file and exit")
+    p.add_argument("--out", metavar="DIR", help="write kvcache-<mode>.json into DIR (rewritten after every case)")
+    p.add_argument("--contexts", help="override context lengths, e.g. 1024,32768")
+    p.add_argument("--batches", help="override batch sizes, e.g. 1,16")
+    p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}")
+    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. triton")
+    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
+    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time per timing mode per row")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop starting new cases after S seconds (results so far are kept)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry (``python -m lowrank_ops.benchmarks.kvcache``)."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        print(format_summary(T.load_json(args.summarize)))
+        return 0
+    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+    spec = MODES[mode]
+    try:
+        contexts = parse_ints(args.contexts, "--contexts") if args.contexts else spec["contexts"]
+        batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
+        if not configs or any(c not in CONFIGS for c in configs):
+            raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if mode != "cpu-smoke" and not torch.cuda.is_available():
+        print("kvcache benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
+              "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
+        return 0
+    device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
+    if mode == "cpu-smoke":
+        torch.set_num_threads(1)
+        if args.target_ms == DEFAULT_TARGET_MS:
+            args.target_ms = 2.0
+    # fp16 on CPU too: the cache format's scales are fp16 whatever the input, the reference upcasts
+    env = Env(device, torch.float16, spec["geometry"])
+    env.triton_ok, env.triton_why = T.probe_triton(device, "lowrank_ops.kernels.kvcache_attention")
+    skip = spec.get("skip", ()) if not (args.contexts or args.batches) else ()
+    cases = kv_cases(contexts, batches, skip)
+    cfg = RunConfig(mode, configs=configs, dequant_baseline=spec["dequant_baseline"], use_graph=not args.no_graph,
+                    target_ms=args.target_ms, time_budget_s=args.time_budget,
+                    methods={m.strip() for m in args.methods.split(",")} if args.methods else None,
+                    max_copies=2 if mode == "cpu-smoke" else T.MAX_COPIES)
+
+    t_start = time.perf_counter()
+    copy_gbps = T.measure_copy_bandwidth(device)
+    matmul_tflops = T.measure_matmul_tflops(device, env.dtype if device.type == "cuda" else torch.float32)
+    meta = T.run_metadata(device, dtype=T.dtype_name(env.dtype), triton_usable=env.triton_ok, triton_note=env.triton_why)
+    print(f"kvcache benchmarks [{mode}] on {meta['device']} | {T.dtype_name(env.dtype)} | copy {copy_gbps:.0f} GB/s | "
+          f"L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases x {len(configs)} configs", flush=True)
+    if not env.triton_ok:
+        print(f"  note: triton backend unavailable: {env.triton_why}")
+
+    done: list[dict] = []
+
+    def payload(rows: list[dict], notes: list[str]) -> dict[str, Any]:
+        return {
+            "suite": "kvcache", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,
+            "matmul_tflops": matmul_tflops, "geometry": dataclasses.asdict(env.geometry),
+            "configs": {name: CONFIGS[name] for name in configs},
+            "targets": [dataclasses.asdict(t) for t in TARGETS],
+            "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
+                                    units="times in microseconds per decode step (one layer); bytes = cache nbytes "
+                                          "(or fp16 K, V) + q + out; gbps = bytes / time; vs_sdpa = best SDPA / this"),
+            "elapsed_s": time.perf_counter() - t_start, "notes": notes, "rows": rows,
+        }
+
+    out_path = Path(args.out) / f"kvcache-{mode}.json" if args.out else None
+
+    def run_and_save(case: Case) -> list[dict]:
+        case_rows = run_case(case, env, cfg, copy_gbps, matmul_tflops)
+        done.extend(case_rows)
+        if out_path is not None:
+            T.write_json(out_path, payload(done, ["partial: written after the last finished case"]))
+        return case_rows
+
+    def describe(case: Case, case_rows: list[dict]) -> str:
+        ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("config") == configs[0]]
+        best = min(ours, key=lambda r: r["median_us"]) if ours else None
+        return case.label + (f", {configs[0]} {T.method_cell(best)} {best['median_us']:.1f} us"
+                             + (f" ({best['vs_sdpa']:.2f}x sdpa)" if best.get("vs_sdpa") else "") if best else "")
+
+    rows, notes = T.run_cases(
+        cases, run_and_save,
+        lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
+        describe, device, cfg.time_budget_s,
+    )
+    final = payload(rows, notes)
+    if out_path is not None:
+        print(f"wrote {T.write_json(out_path, final)}")
+    print()
+    print(format_summary(final))
+    print()
+    print(format_rows(rows, title=f"lowrank_ops kvcache suite [{mode}] on {meta['device']}, fp16; "
+                                  f"* = automatic dispatch; xsdpa = best SDPA time / this"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
