@@ -5,17 +5,20 @@
 #   bash bench/device_check.sh                      # on the lent GPU: results under $OUT
 #   GIT_COMMIT=<sha> bash bench/device_check.sh     # record the commit (the device copy has no .git)
 #
-# Steps (each guarded by a timeout; a failing step never stops the later ones):
+# Steps (each guarded by a timeout; a failing step never stops the later ones; $LRO_STEPS picks
+# a subset, default all, in this order):
 #   env      nvidia-smi, versions, device properties              -> env.txt
 #   import   make the source checkout importable without network   (sitecustomize shim, see below)
 #   build    csrc/ -> lowrank_ops/_C*.so for this GPU's arch only  (lowrank_ops/core/cuda_build.py)
-#   tests    the gpu lane: pytest -m gpu tests/                     -> pytest-gpu.xml
-#   bench    python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
+#   tests    the gpu lane: pytest -m gpu $LRO_TEST_PATHS            -> pytest-gpu.xml
+#   lowrank  python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
 #   quant    python -m lowrank_ops.benchmarks.quant --quick         -> quant-quick.json
-#   plot     bench/plot.py (low-rank results only)                  -> lowrank-quick.png
+#   sparse   python -m lowrank_ops.benchmarks.sparse --quick        -> sparse-quick.json
+#   kvcache  python -m lowrank_ops.benchmarks.kvcache --quick       -> kvcache-quick.json
 #   summary  steps, test counts, one line per benchmark case        -> summary.txt (printed last)
-# plus log.txt (everything printed). That is 7 files: the device tool returns at most 8
-# (plot the quant JSON locally: python bench/plot.py quant-quick.json).
+# plus log.txt (everything printed): 8 files, the most the device tool returns. Every suite
+# rewrites its JSON after each case, so a step stopped by its cap keeps what it measured.
+# Plot here afterwards: python bench/plot.py <suite>-quick.json.
 #
 # Importing the checkout: setup.py maps the package lowrank_ops.kernels to the top-level
 # kernels/ folder, so plain PYTHONPATH=<repo> cannot import lowrank_ops.kernels. The device
@@ -27,16 +30,17 @@
 # `pip install --no-index --no-build-isolation --no-deps -e .` (setuptools and pybind11 are in
 # the image; LOWRANK_OPS_CUDA_ARCHS limits any csrc build there to this GPU's arch).
 #
-# Budget (one H100, cold caches): env ~5 s, import ~5 s, build ~15-30 s, tests ~90-150 s
-# (Triton compiles + autotunes each new shape/M-bucket/dtype; torch.compile ~30 s),
-# bench ~40-90 s (soft stop 120 s), quant ~40-70 s (soft stop 60 s, cap 90 s), plot+summary
-# ~10 s: about 4-6 minutes. A hard deadline ($LRO_BUDGET_S,
-# default 500 s) trims the step timeouts so the summary always prints inside a 600 s call.
+# Budget (one H100, measured 2026-11-26): env ~10 s, import ~5 s, build ~17 s, the gpu lane of
+# the low-rank and quant families ~210 tests per 155 s with 4 workers (Triton compiles and
+# autotunes each new shape/M-bucket/dtype), lowrank ~35 s, quant: the first case ~50 s of
+# autotuning. Each step has a cap ($LRO_CAP_<STEP>, seconds) and a hard deadline
+# ($LRO_BUDGET_S, default 500 s) trims the caps so the summary always prints in a 600 s call.
 #
-# Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_TEST_WORKERS (pytest-xdist workers,
-# default 4, 0 = serial), LRO_BENCH_ARGS (extra args for the benchmark, e.g. "--no-lora"),
-# LRO_QUANT_ARGS (extra args for the quant benchmark, e.g. "--configs 4b,3b+1%"),
-# LRO_BENCH_MODE (quick; "cpu-smoke" runs the bench/quant/plot/summary steps on a CPU-only machine).
+# Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_STEPS (e.g. "build tests quant"),
+# LRO_TEST_PATHS (default tests/), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
+# serial), LRO_CAP_TESTS / _LOWRANK / _QUANT / _SPARSE / _KVCACHE, LRO_<SUITE>_ARGS (extra
+# arguments for one suite, e.g. LRO_QUANT_ARGS="--configs 4b,3b+1%"), LRO_BENCH_MODE (quick;
+# "cpu-smoke" runs the benchmark and summary steps on a CPU-only machine).
 
 set -u -o pipefail
 
@@ -48,12 +52,13 @@ mkdir -p "$OUTDIR" || exit 1
 OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python3}
 BUDGET=${LRO_BUDGET_S:-500}
-WORKERS=${LRO_TEST_WORKERS:-4}
-BENCH_MODE=${LRO_BENCH_MODE:-quick}   # cpu-smoke: exercise the bench/plot/summary steps on a CPU machine
-RESULTS="$OUTDIR/lowrank-$BENCH_MODE.json"
-QRESULTS="$OUTDIR/quant-$BENCH_MODE.json"
+WORKERS=${LRO_TEST_WORKERS:-8}
+BENCH_MODE=${LRO_BENCH_MODE:-quick}   # cpu-smoke: exercise the benchmark and summary steps on a CPU machine
+SUITES="lowrank quant sparse kvcache"
+WANT=" ${LRO_STEPS:-env build tests $SUITES} "
+TEST_PATHS=${LRO_TEST_PATHS:-tests/}
 BOOT=$(mktemp -d "${TMPDIR:-/tmp}/lowrank_ops_boot.XXXXXX")
-export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS RESULTS QRESULTS
+export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS TEST_PATHS
 unset TRITON_INTERPRET
 
 STEPS=()   # "name verdict seconds" lines for the summary
@@ -251,11 +256,13 @@ run_tests() {
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then
         extra+=(--timeout=150)
     fi
-    "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml" ${extra[@]+"${extra[@]}"}
+    # shellcheck disable=SC2086  # TEST_PATHS is a word list on purpose
+    "$PY" -m pytest -m gpu $TEST_PATHS -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml" ${extra[@]+"${extra[@]}"}
     local rc=$?
     if [ "$rc" -ge 2 ] && [ "$rc" -ne 5 ] && [ "${#extra[@]}" -gt 0 ]; then
         echo "pytest exited $rc with plugins (${extra[*]}); rerunning serially"
-        "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml"
+        # shellcheck disable=SC2086
+        "$PY" -m pytest -m gpu $TEST_PATHS -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml"
         rc=$?
     fi
     return "$rc"
@@ -285,19 +292,28 @@ for case in root.iter("testcase"):
             msg = (node.get("message") or "").splitlines()[0][:110] if node.get("message") else ""
             print(f"  {tag.upper()} {case.get('name')}: {msg}")
 EOF
-        if [ -f "$RESULTS" ]; then
-            "$PY" -m lowrank_ops.benchmarks.lowrank --summarize "$RESULTS" 2>&1
-        else
-            echo "benchmarks: no results file"
-        fi
-        if [ -f "$QRESULTS" ]; then
-            "$PY" -m lowrank_ops.benchmarks.quant --summarize "$QRESULTS" 2>&1
-        else
-            echo "quant benchmarks: no results file"
-        fi
+        local suite
+        for suite in $SUITES; do
+            if [ -f "$OUTDIR/$suite-$BENCH_MODE.json" ]; then
+                "$PY" -m "lowrank_ops.benchmarks.$suite" --summarize "$OUTDIR/$suite-$BENCH_MODE.json" 2>&1
+            elif [[ "$WANT" == *" $suite "* ]]; then
+                echo "$suite benchmarks: no results file"
+            fi
+        done
         echo "files: $(cd "$OUTDIR" && find . -maxdepth 1 -type f -printf '%f\n' | LC_ALL=C sort | tr '\n' ' ')"
     } >"$OUTDIR/summary.txt" 2>&1
     cat "$OUTDIR/summary.txt"
+}
+
+wants() { [[ "$WANT" == *" $1 "* ]]; }
+
+# suite_setting KIND SUITE DEFAULT: $LRO_<KIND>_<SUITE> (e.g. LRO_CAP_QUANT), else DEFAULT;
+# the older per-suite argument names LRO_BENCH_ARGS / LRO_QUANT_ARGS still work.
+suite_setting() {
+    local name="LRO_${1}_${2^^}"
+    [ "$1" = ARGS ] && name="LRO_${2^^}_ARGS"
+    [ "$1 $2" = "ARGS lowrank" ] && [ -n "${LRO_BENCH_ARGS:-}" ] && name=LRO_BENCH_ARGS
+    echo "${!name:-$3}"
 }
 
 main() {
@@ -310,7 +326,7 @@ main() {
     fi
     export LOWRANK_OPS_GIT_COMMIT
 
-    RESERVE=60 step env 40 bash -c "$(declare -f write_env); write_env"
+    wants env && RESERVE=60 step env 40 bash -c "$(declare -f write_env); write_env"
 
     # Only this GPU's architecture (H100/H200: 90): the fastest csrc build (also for
     # the pip fallback of the import step, whose setup.py would build csrc/).
@@ -324,31 +340,27 @@ main() {
     if ! do_import; then verdict=FAIL; fi
     STEPS+=("$(printf '%-8s %-14s %5ss' import "$verdict" "$((SECONDS - t0))")")
 
-    RESERVE=300 step build 120 bash -c "$(declare -f build_csrc); build_csrc"
-    if [ "$LAST_RC" -eq 0 ]; then
-        export LOWRANK_OPS_REQUIRE_CUDA_EXT=1   # built: an unavailable CUDA backend is now a test failure
+    if wants build; then
+        RESERVE=300 step build 120 bash -c "$(declare -f build_csrc); build_csrc"
+        if [ "$LAST_RC" -eq 0 ]; then
+            export LOWRANK_OPS_REQUIRE_CUDA_EXT=1   # built: an unavailable CUDA backend is now a test failure
+        fi
     fi
 
-    # keep ~4 minutes for the two benchmarks, the plot and the summary
-    RESERVE=240 step tests 240 bash -c "$(declare -f run_tests); run_tests"
+    # keep time for the benchmark suites and the summary
+    wants tests && RESERVE=${LRO_RESERVE_TESTS:-240} step tests "${LRO_CAP_TESTS:-240}" bash -c "$(declare -f run_tests); run_tests"
 
-    nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null | sed 's/^/gpu state before bench: /'
-    local left=$((DEADLINE - SECONDS - 150))
-    local soft=$((left - 45 < 120 ? left - 45 : 120))
-    [ "$soft" -lt 10 ] && soft=10
-    # shellcheck disable=SC2086  # LRO_BENCH_ARGS is a word list on purpose
-    RESERVE=120 step bench 180 "$PY" -m lowrank_ops.benchmarks.lowrank "--$BENCH_MODE" --out "$OUTDIR" --time-budget "$soft" ${LRO_BENCH_ARGS:-}
-
-    # quant suite: own JSON; ~90 s cap, no new cases started after the soft budget
-    left=$((DEADLINE - SECONDS - 30))
-    soft=$((left - 30 < 60 ? left - 30 : 60))
-    [ "$soft" -lt 10 ] && soft=10
-    # shellcheck disable=SC2086  # LRO_QUANT_ARGS is a word list on purpose
-    RESERVE=25 step quant 90 "$PY" -m lowrank_ops.benchmarks.quant "--$BENCH_MODE" --out "$OUTDIR" --time-budget "$soft" ${LRO_QUANT_ARGS:-}
-
-    if [ -f "$RESULTS" ]; then
-        RESERVE=10 step plot 60 "$PY" bench/plot.py "$RESULTS" -o "${RESULTS%.json}.png"
-    fi
+    nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null | sed 's/^/gpu state before the benchmarks: /'
+    local suite cap args
+    for suite in $SUITES; do
+        wants "$suite" || continue
+        cap=$(suite_setting CAP "$suite" 90)
+        args=$(suite_setting ARGS "$suite" "")
+        # no new case starts after the soft budget (the cap less a margin for the case in flight)
+        # shellcheck disable=SC2086  # args is a word list on purpose
+        RESERVE=15 step "$suite" "$cap" "$PY" -m "lowrank_ops.benchmarks.$suite" "--$BENCH_MODE" --out "$OUTDIR" \
+            --time-budget $((cap * 2 / 3)) $args
+    done
     echo
     summary
     # exit status: 0 only if every step passed (the files under $OUT are written either way)

@@ -1,5 +1,5 @@
 // Quantized decode: y = x (W_hat + S)^T + bias for small batches (M <= 8), read straight from
-// the packed format of lowrank_ops/quant/format.py (3- or 4-bit codes, uniform scale/zero or
+// the packed format of lowrank_ops/quant/format.py (2-, 3- or 4-bit codes, uniform scale/zero or
 // per-row LUT, optional CSR outliers S). fp16 or bf16 x / bias / y; fp32 accumulation. The
 // low-rank path (x V^T) U^T is not fused: the Python wrapper adds it with the low-rank op.
 //
@@ -16,7 +16,8 @@
 //   stored at q * (kTile / 4) + u * 8 + e.
 // * A "unit" is 32 consecutive codes (never straddles a group since group_size >= 32, so one
 //   scale/zero per unit). Lane l owns units l and l + 32 of each tile; per unit it reads whole
-//   int32 words, coalesced along K: 4-bit = one 16-byte load (4 words x 8 codes), 3-bit = one
+//   int32 words, coalesced along K: 4-bit = one 16-byte load (4 words x 8 codes), 2-bit = one
+//   8-byte load (2 words x 16 codes), 3-bit = one
 //   8-byte load of the 2-bit plane (2 words x 16 codes) + one 4-byte word of the 1-bit plane.
 //   The weight loads of a tile are issued before the barrier that stages x, so they overlap.
 // * Decoding is shifts and masks. Uniform codes become floats with the magic-exponent trick:
@@ -89,6 +90,17 @@ template <> struct Unit<4> {
   __device__ __forceinline__ uint32_t code(int chunk, int e) const {
     const uint32_t word = chunk == 0 ? w.x : chunk == 1 ? w.y : chunk == 2 ? w.z : w.w;
     return (word >> (4 * e)) & 0xFu;
+  }
+};
+template <> struct Unit<2> {
+  unsigned long long w;  // 2 words x 16 two-bit codes, as one 64-bit value (code j at bit 2j)
+  __device__ __forceinline__ void load(const int* __restrict__ qw, const int* __restrict__, int n, int words_lo,
+                                       int, int u) {
+    w = __ldg(reinterpret_cast<const unsigned long long*>(qw + static_cast<size_t>(n) * words_lo + u * 2));
+  }
+  __device__ __forceinline__ void zero() { w = 0ull; }
+  __device__ __forceinline__ uint32_t code(int chunk, int e) const {
+    return static_cast<uint32_t>(w >> (2 * (chunk * 8 + e))) & 3u;
   }
 };
 template <> struct Unit<3> {
@@ -269,6 +281,7 @@ void dispatch_m(const QuantDecodeArgs& a, cudaStream_t stream) {
 template <typename T>
 void dispatch_bits(const QuantDecodeArgs& a, cudaStream_t stream) {
   if (a.bits == 4) return dispatch_m<T, 4>(a, stream);
+  if (a.bits == 2) return dispatch_m<T, 2>(a, stream);
   return dispatch_m<T, 3>(a, stream);
 }
 
@@ -280,7 +293,7 @@ void quant_decode(const QuantDecodeArgs& a) {
   if (a.M < 1 || a.M > kMaxM) fail("M must be in [1, 8], got " + std::to_string(a.M));
   if (a.K < 1) fail("K must be >= 1, got " + std::to_string(a.K));
   if (a.N < 1) fail("N must be >= 1, got " + std::to_string(a.N));
-  if (a.bits != 3 && a.bits != 4) fail("bits must be 3 or 4, got " + std::to_string(a.bits));
+  if (a.bits < 2 || a.bits > 4) fail("bits must be 2, 3 or 4, got " + std::to_string(a.bits));
   if (a.group_size != 32 && a.group_size != 64 && a.group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(a.group_size));
   if (a.x == 0 || a.qweight == 0 || a.y == 0) fail("null pointer for x, qweight or y");

@@ -19,6 +19,9 @@ Two paths (chosen by ``ops.quant_path``):
   then a small reduction kernel that adds the outliers and the bias. Two launches, no atomics,
   deterministic.
 
+and, for training adapters on a frozen quantized base, ``quant_matmul_dx``: dx = dy · Ŵ from
+the packed weight (one launch, tiles of dx, N swept inside).
+
 Every product accumulates in fp32; the dequantized tile is rounded to x's dtype (fp16/bf16 run
 on tensor cores, fp32 uses exact "ieee" dots). Config tables, the pruner, ``_dot`` and the
 allocation hook follow (and are imported from) :mod:`lowrank_ops.kernels.lowrank`.
@@ -74,6 +77,15 @@ _DECODE_GPU_TABLE = [
     (32, 64, 4, 2),  # lean: fp32 at R_PAD = 128
 ]
 _DECODE_TABLE = [(32, 32, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
+_DX_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_DX_GPU_TABLE = [
+    # BLOCK_M BLOCK_N BLOCK_K warps stages  (fp32 accumulator: BLOCK_M x BLOCK_K)
+    (64, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+    (64, 32, 128, 4, 3),
+    (32, 32, 64, 4, 2),  # lean: small M, and fp32
+]
+_DX_TABLE = [(32, 64, 32, 4, 1)] if INTERPRET else _DX_GPU_TABLE
 _TILE_PRUNE = _pruner(
     loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] + m["R_PAD"]),
     after_tile=lambda m: m["R_PAD"] * m["BLOCK_N"],
@@ -285,6 +297,39 @@ def _quant_decode_reduce_kernel(
     tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# --------------------------------------------------------------------------- backward: dx = dy · Ŵ
+# Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns one (BLOCK_M × BLOCK_K) tile
+# of dx and sweeps N in BLOCK_N steps: a (BLOCK_M × BLOCK_N) tile of dy (row-major, rows N
+# apart) times the (BLOCK_N × BLOCK_K) tile of Ŵ dequantized in registers by the forward's
+# loader (its (BLOCK_K × BLOCK_N) result transposed). The packed weight is read once per
+# M-block and never expanded in memory; dx is written in fp32 (the caller adds the outlier and
+# low-rank terms before its one rounding). BLOCK_K and the group size are powers of two, so a
+# K-block lies in one group or covers whole groups, as the loader needs.
+@triton.autotune(configs=_configs(_DX_TABLE, _DX_NAMES), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "USE_LUT"])
+@triton.jit
+def _quant_dx_kernel(
+    dy_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, dx_ptr,
+    M, N, K,
+    M_BUCKET,  # autotune key only: next power of two of M
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    dtype = dy_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)[:, None]
+    m_mask = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & (offs_n[None, :] < N), other=0.0)
+        wt = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
+                                   BITS, GROUP, USE_LUT, BLOCK_K)
+        acc = _dot(dy, tl.trans(wt.to(dtype)), acc, DOT_PRECISION)
+    tl.store(dx_ptr + rows * K + offs_k[None, :], acc, mask=m_mask & (offs_k[None, :] < K))
+
+
 # --------------------------------------------------------------------------- launchers
 def _decode_k_split(m: int, n: int, k: int, device: torch.device) -> int:
     """K splits so that (N-blocks × splits × M-blocks) ≈ 2 programs per SM (nominal BLOCK_N 64)."""
@@ -344,11 +389,30 @@ def quant_matmul(
     return y
 
 
+def quant_matmul_dx(
+    dy: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
+    lut: Optional[Tensor], bits: int, group_size: int, in_features: int,
+) -> Tensor:
+    """``dy · Deq(Q)`` as float32 (M, K) for contiguous dy (M, N): the packed base's part of the
+    backward to x (outliers and the low-rank path are the caller's). Inputs are trusted."""
+    m, n = dy.shape
+    k = in_features
+    use_lut = lut is not None
+    dx = _empty((m, k), torch.float32, dy.device)
+    dummy = qweight
+    sc, zr, lt = (dummy, dummy, lut) if use_lut else (scales, zeros, dummy)
+    _quant_dx_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
+        dy, qweight, qweight_hi if bits == 3 else dummy, sc, zr, lt, dx, m, n, k, triton.next_power_of_2(m),
+        BITS=bits, GROUP=group_size, USE_LUT=use_lut, DOT_PRECISION=_dot_precision(dy.dtype),
+    )
+    return dx
+
+
 # --------------------------------------------------------------------------- compile lane
 # Representative specializations, compiled for sm_80 and sm_90, every option on (outliers,
 # rank 128, bias): each of the tile and split kernels in every (dtype, bits) and every
-# (bits, mode) — tile as fp16 uniform + bf16 LUT, split as fp16 LUT + bf16 uniform — the reduce
-# kernel per dtype, and both autotuned kernels in fp32 (the largest tiles: only the lean config
+# (bits, mode) — tile as fp16 uniform + bf16 LUT, split as fp16 LUT + bf16 uniform — the dx
+# kernel for every bit width per dtype, the reduce kernel per dtype, and both autotuned kernels in fp32 (the largest tiles: only the lean config
 # survives pruning at R_PAD = 128).
 def _compile_cases() -> list[CompileCase]:
     cases = []
@@ -372,6 +436,13 @@ def _compile_cases() -> list[CompileCase]:
                         **packed, u_ptr=p, v_ptr=p, part_ptr="*fp32", K_SPLIT="i32", **ints)
                     flags.update(BLOCK_M=DECODE_BLOCK_M)
                 cases.append(CompileCase(name, kernel, sig, flags))
+        for bits, lut in ((4, False), (3, dtype == "bf16"), (2, dtype == "fp16")):
+            cases.append(CompileCase(
+                f"quant_dx[{dtype},{bits}b,{'lut' if lut else 'uniform'}]", _quant_dx_kernel,
+                dict(dy_ptr=p, qw_ptr="*i32", qwhi_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", lut_ptr="*fp16",
+                     dx_ptr="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32"),
+                dict(BITS=bits, GROUP=64, USE_LUT=lut, DOT_PRECISION=prec),
+            ))
         cases.append(CompileCase(
             f"quant_decode_reduce[{dtype}]", _quant_decode_reduce_kernel,
             dict(x_ptr=p, part_ptr="*fp32", rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", bias_ptr=p,

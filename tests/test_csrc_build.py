@@ -53,7 +53,7 @@ PROBE = textwrap.dedent(
             qerrors[key] = type(exc).__name__ + ": " + str(exc)
     # (x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y, M, K, N, bits, g, dtype, stream)
     qattempt("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0)
-    qattempt("bits=2", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 2, 128, 0, 0)
+    qattempt("bits=5", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 5, 128, 0, 0)
     qattempt("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0)
     qattempt("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
     qattempt("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0)
@@ -95,7 +95,7 @@ def test_builds_for_sm80_sm90_and_imports(built):
     assert errors["null"].startswith("ValueError") and "null pointer" in errors["null"]
     assert errors["splits"].startswith("ValueError") and "splits" in errors["splits"]
     q = info["qerrors"]
-    for key, fragment in [("M=9", "M must be in [1, 8]"), ("bits=2", "bits must be 3 or 4"),
+    for key, fragment in [("M=9", "M must be in [1, 8]"), ("bits=5", "bits must be 2, 3 or 4"),
                           ("g=16", "group_size"), ("null", "null pointer"), ("hi", "qweight_hi"),
                           ("lut+scales", "either lut or scales"), ("outliers", "all or none"),
                           ("align", "aligned"), ("dtype=7", "dtype")]:

@@ -2,7 +2,8 @@
 
 On the real benchmark shape 4096×4096: the ``decode`` (M ≤ 16) and ``tile`` paths, automatic and
 forced, against a float64 product with the reference dequantization, for 3/4 bits, uniform and
-LUT codes, 1 % outliers and rank-64 compensation, M ∈ {1, 7, 16, 64, 300}, fp16 and bf16. Also:
+LUT codes, 1 % outliers and rank-64 compensation, M ∈ {1, 7, 16, 64, 300}, fp16 and bf16; the
+backward to x from the packed weight. Also:
 ``torch.compile(fullgraph=True)`` of a module built on :class:`QuantLinear` (a graph break
 raises) and CUDA-graph capture and replay of the op.
 
@@ -132,6 +133,18 @@ def test_triton_forced_path_matches_float64(path, name, dtype, m, force_path):
     with use_backend("triton"):
         y = run(name, x)
     check(y, ref64(name, x), dtype, f"{name} forced {path} M={m}")
+
+
+# --------------------------------------------------------------------------- backward to x
+@pytest.mark.parametrize("name,dtype,m", [("4b", F16, 64), ("3b+1%+r64", F16, 300), ("3b-lut", BF16, 7)],
+                         ids=lambda p: str(p).replace("torch.", ""))
+def test_backward_to_x_from_the_packed_weight(name, dtype, m):
+    """dx = dy · Ŵ_total through the Triton dx kernel (+ sparse outliers + low-rank) vs float64."""
+    x = make_x(m, dtype, seed=2).requires_grad_()
+    dy = make_x(m, dtype, seed=3)[:, :N].contiguous()
+    with use_backend("triton"):
+        run(name, x).backward(dy)
+    check(x.grad, dy.double() @ dense_of(name), dtype, f"{name} dx M={m}")
 
 
 def test_batched_leading_dims():

@@ -54,7 +54,7 @@ def _rel_err(out, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("lut", [False, True])
 @pytest.mark.parametrize("k,n,g", [(4096, 4099, 128), (100, 37, 32), (1000, 257, 64)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])

@@ -168,6 +168,28 @@ def test_quant_linear_triton(lead, path, dtype, monkeypatch):
     assert_close(y.reshape(-1, n), reference(x.reshape(-1, k), t, bias, 3, 32, k), dtype, f"quant_linear {path}")
 
 
+DX_CASES = [
+    dict(bits=bits, mode=mode, dtype=dtype, m=(1, 3, 17)[i % 3], n=(37, 70)[i % 2], group=(32, 64, 128)[i % 3])
+    for i, (bits, mode, dtype) in enumerate(itertools.product((2, 3, 4), ("uniform", "lut"), DTYPES))
+]
+
+
+@pytest.mark.parametrize("c", DX_CASES, ids=lambda c: "{bits}b-{mode}-{d}-M{m}-N{n}-g{group}".format(
+    **c, d=str(c["dtype"]).split(".")[-1]))
+def test_quant_matmul_dx(c, poisoned):
+    """The backward kernel: dy · Deq(Q) from the packed weight, K = 100 off every block and group."""
+    k = 100
+    t = make_packed(c["n"], k, bits=c["bits"], group=c["group"], mode=c["mode"], outlier_frac=0.0, rank=0,
+                    dtype=c["dtype"])
+    dy = torch.randn(c["m"], c["n"]).to(dtype=c["dtype"], device=DEVICE)
+    dx = kernels.quant_matmul_dx(dy, t["qweight"], t["qweight_hi"], t["scales"], t["zeros"], t["lut"],
+                                 c["bits"], c["group"], k)
+    assert poisoned == [(c["m"], k)] and dx.dtype == torch.float32
+    cpu = {name: (None if v is None else v.cpu()) for name, v in t.items()}
+    w = ops.dequantize_reference(**cpu, bits=c["bits"], group_size=c["group"], in_features=k).double()
+    assert_close(dx, f64(dy) @ w, c["dtype"], "dx")
+
+
 @pytest.mark.parametrize("m", [3, 17], ids=["decode", "tile"])
 def test_quant_linear_grads(m):
     k, n, bits, group = 100, 19, 4, 32

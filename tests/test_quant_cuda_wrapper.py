@@ -68,7 +68,7 @@ def test_supports_never_raises_and_is_cheap_on_cpu(monkeypatch):
         (torch.bfloat16, (CUDA_QUANT_MAX_M, 7), 3, 32, True, ""),
         (torch.float16, (CUDA_QUANT_MAX_M + 1, 64), 4, 128, False, "rows"),
         (torch.float32, (1, 64), 4, 128, False, "dtype"),
-        (torch.float16, (1, 64), 2, 128, False, "bits"),
+        (torch.float16, (1, 64), 5, 128, False, "bits"),
         (torch.float16, (1, 64), True, 128, False, "bits"),
         (torch.float16, (1, 64), 4, 16, False, "group_size"),
         (torch.float16, (64,), 4, 128, False, "2-D"),
@@ -86,7 +86,7 @@ def test_pinned_cuda_backend_on_cpu_says_why():
         quant_linear(x, **t, bits=4, group_size=32, in_features=x.shape[1])
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("lut", [False, True])
 def test_valid_cpu_call_fails_only_on_device(bits, lut):
     x, t = make_packed(bits=bits, lut=lut)
@@ -136,7 +136,7 @@ def test_bits3_requires_the_high_plane():
     with pytest.raises(ValueError, match="qweight_hi: required for bits=3"):
         cuda_decode.quant_decode(x, **_drop(t, "qweight_hi"), bits=3, group_size=32)
     with pytest.raises(ValueError, match="bits: expected one of"):
-        cuda_decode.quant_decode(x, **t, bits=2, group_size=32)
+        cuda_decode.quant_decode(x, **t, bits=5, group_size=32)
 
 
 def test_reference_backend_still_serves_cpu():

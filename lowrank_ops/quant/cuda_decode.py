@@ -1,6 +1,6 @@
 """Python side of the hand-written CUDA quantized decode kernel (csrc/quant_decode.cu).
 
-``y = x (Ŵ + S)ᵀ + b`` for M ≤ 8 rows of x (fp16/bf16), 3- or 4-bit codes, uniform
+``y = x (Ŵ + S)ᵀ + b`` for M ≤ 8 rows of x (fp16/bf16), 2-, 3- or 4-bit codes, uniform
 (scale/zero) or LUT mode, CSR outliers fused; one launch on the current stream (CUDA-graph
 capturable). The compiled module takes raw device pointers, sizes, a dtype code and the stream
 as ints; this wrapper checks the tensors (dtype, device, shapes, contiguity) and allocates y.
@@ -27,7 +27,7 @@ from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
-CUDA_QUANT_BITS = (3, 4)
+CUDA_QUANT_BITS = (2, 3, 4)
 CUDA_QUANT_GROUP_SIZES = (32, 64, 128)
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
@@ -117,7 +117,7 @@ def check_inputs(
     k_pad = _padded_k(k, group_size)
     dev = x.device
     i32 = (torch.int32,)
-    _check("qweight", qweight, i32, (n, k_pad * (2 if bits == 3 else 4) // 32), dev)
+    _check("qweight", qweight, i32, (n, k_pad * (4 if bits == 4 else 2) // 32), dev)
     if bits == 3:
         if qweight_hi is None:
             raise ValueError("qweight_hi: required for bits=3 (the high-bit plane), got None")

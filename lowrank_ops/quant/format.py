@@ -153,15 +153,20 @@ def outliers_to_csr(mask: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Ten
     return rowptr.to(torch.int32), cols, residual[rows, cols.to(torch.int64) & 0xFFFF].to(torch.float16)
 
 
+def csr_coordinates(rowptr: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) int64 index of every CSR entry (columns read as unsigned 16-bit)."""
+    counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=cols.device), counts)
+    return rows, cols.to(torch.int64) & 0xFFFF
+
+
 def csr_to_dense(rowptr: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
     """Dense (N, K) ``S`` from the CSR arrays (the reference for the kernels' sparse part)."""
     n, k = shape
     dense = torch.zeros(n, k, dtype=dtype, device=vals.device)
     if vals.numel() == 0:
         return dense
-    counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(n, device=vals.device), counts)
-    dense.index_put_((rows, cols.to(torch.int64) & 0xFFFF), vals.to(dtype), accumulate=True)
+    dense.index_put_(csr_coordinates(rowptr, cols), vals.to(dtype), accumulate=True)
     return dense
 
 

@@ -17,7 +17,8 @@ Backends per call (:mod:`lowrank_ops.core.backend`): ``cuda`` (the hand-written 
 low-rank op), ``triton`` (the fused
 dequant-matmul kernels of :mod:`lowrank_ops.kernels.quant`, path chosen by :func:`quant_path`),
 ``reference`` (plain torch via :func:`dequantize_reference`). Gradients flow to x, lr_u, lr_v
-and bias; the packed weight, scales/zeros/LUT and outliers are frozen.
+and bias; the packed weight, scales/zeros/LUT and outliers are frozen. The backward to x
+(:func:`quant_linear_dx`) reads the packed weight with its own Triton kernel.
 """
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ from torch import Tensor
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
 from lowrank_ops.core.checks import check_choice, check_dim, check_int, check_same, check_tensor
-from lowrank_ops.quant.format import BITS, GROUP_SIZES, MAX_OUTLIER_K, csr_to_dense, padded_k, unpack_codes
+from lowrank_ops.quant.format import (
+    BITS,
+    GROUP_SIZES,
+    MAX_OUTLIER_K,
+    csr_coordinates,
+    csr_to_dense,
+    padded_k,
+    unpack_codes,
+)
 
 DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: split-K decode kernels
 QUANT_MAX_RANK = 128  # = kernels.quant.QUANT_MAX_RANK (not imported: that would import Triton)
@@ -136,6 +145,39 @@ def _quant_setup(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
+def _dx_backend(grad: Tensor) -> str:
+    support = {
+        "cuda": Support(False, "no CUDA kernel for the backward to x; the Triton kernel serves it"),
+        "triton": _triton_support(grad),
+        "reference": Support(True),
+    }
+    return backend.select_backend("quant_linear backward", support, grad.device)
+
+
+def quant_linear_dx(grad: Tensor, packed: tuple, lr_u: Optional[Tensor], lr_v: Optional[Tensor], *,
+                    bits: int, group_size: int, in_features: int) -> Tensor:
+    """dx = dy · Ŵ_total as float32 (M, K), for grad (M, N) contiguous.
+
+    Triton: the packed base by ``quant_matmul_dx`` (never expanded in memory), the outliers as a
+    sparse (Kᵀ-major COO) product and the low-rank path as (dy U) V, all in fp32. Reference:
+    the dense Ŵ_total from :func:`dequantize_reference`.
+    """
+    if _dx_backend(grad) == "reference":
+        w = dequantize_reference(*packed, lr_u, lr_v, bits=bits, group_size=group_size, in_features=in_features)
+        return grad.float() @ w
+    from lowrank_ops.kernels import quant as kernels
+
+    qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals = packed
+    dx = kernels.quant_matmul_dx(grad, qweight, qweight_hi, scales, zeros, lut, bits, group_size, in_features)
+    if rowptr is not None and vals.numel() > 0:
+        rows, cols64 = csr_coordinates(rowptr, cols)
+        s_t = torch.sparse_coo_tensor(torch.stack([cols64, rows]), vals.float(), (in_features, grad.shape[1]))
+        dx += torch.sparse.mm(s_t, grad.float().t()).t()
+    if lr_u is not None:
+        dx += (grad.float() @ lr_u.float()) @ lr_v.float()
+    return dx
+
+
 def _quant_backward(ctx, grad: Tensor):
     x, *packed, lr_u, lr_v = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -143,9 +185,7 @@ def _quant_backward(ctx, grad: Tensor):
     gf = grad.float()
     dx = du = dv = dbias = None
     if needs[0]:
-        # dx = dy · Ŵ_total (U V included), from the reference dequantization for now
-        w = dequantize_reference(*packed, lr_u, lr_v, **ctx.meta)
-        dx = (gf @ w).to(x.dtype)
+        dx = quant_linear_dx(grad, tuple(packed), lr_u, lr_v, **ctx.meta).to(x.dtype)
     if lr_u is not None and (needs[9] or needs[10]):
         xf, uf, vf = x.float(), lr_u.float(), lr_v.float()
         if needs[9]:
