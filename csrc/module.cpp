@@ -8,6 +8,7 @@
 
 #include "lowrank_decode.h"
 #include "quant_decode.h"
+#include "sparse_decode.h"
 
 namespace py = pybind11;
 
@@ -49,7 +50,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("qweight"), py::arg("qweight_hi"), py::arg("scales"), py::arg("zeros"), py::arg("lut"),
       py::arg("rowptr"), py::arg("cols"), py::arg("vals"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"),
       py::arg("N"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"),
-      "y = x (W_hat + S)^T + bias for M <= 8 rows from the packed 3/4-bit format (one launch on `stream`). "
+      "y = x (W_hat + S)^T + bias for M <= 8 rows from the packed 2/3/4-bit format (one launch on `stream`). "
       "Pointers are device addresses as ints (0 = absent: qweight_hi unless bits=3, scales/zeros or lut, the "
       "three outlier tensors, bias); x/bias/y in `dtype`, the format tensors as in lowrank_ops/quant/format.py.");
+
+  m.def(
+      "sparse_decode",
+      [](std::uintptr_t x, std::uintptr_t values, std::uintptr_t indices, std::uintptr_t bias, std::uintptr_t y, int M,
+         int K, int N, int nm_n, int nm_m, int dtype, std::uintptr_t stream) {
+        lowrank_ops::SparseDecodeArgs a{x, values, indices, bias, y, M, K, N, nm_n, nm_m, dtype, stream};
+        py::gil_scoped_release release;  // one launch; errors come back as C++ exceptions
+        lowrank_ops::sparse_decode(a);
+      },
+      py::arg("x"), py::arg("values"), py::arg("indices"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"),
+      py::arg("N"), py::arg("nm_n"), py::arg("nm_m"), py::arg("dtype"), py::arg("stream"),
+      "y = x W_nm^T + bias for M <= 8 rows from the packed N:M format (one launch on `stream`). Pointers are "
+      "device addresses as ints (bias 0 = none); x/values/bias/y in `dtype`, indices int32 as in "
+      "lowrank_ops/sparse/format.py.");
 }

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every Triton kernel module of the package (relative to lowrank_ops.kernels); add new families here.
-KERNEL_MODULES = ("lowrank", "quant")
+KERNEL_MODULES = ("lowrank", "quant", "sparse")
 ARCHS = (80, 90)
 
 

@@ -11,6 +11,9 @@ from lowrank_ops.lowrank.ops import lora_linear, lowrank_linear
 from lowrank_ops.model import CompressionReport, compress
 from lowrank_ops.quant.layer import QuantLinear
 from lowrank_ops.quant.ops import quant_linear
+from lowrank_ops.sparse.format import NMFormat
+from lowrank_ops.sparse.layer import SparseLinear, SRSTELinear
+from lowrank_ops.sparse.ops import nm_linear
 
 __version__ = "0.1.0"
 
@@ -19,13 +22,18 @@ __all__ = [
     "InputStats",
     "LoRALinear",
     "LowRankLinear",
+    "NMFormat",
     "QuantLinear",
+    "SRSTELinear",
+    "SparseLinear",
     "collect_input_stats",
     "compress",
     "load_compressed",
     "lora_linear",
     "lowrank_linear",
+    "nm_linear",
     "quant_linear",
     "save_compressed",
     "use_backend",
 ]
+

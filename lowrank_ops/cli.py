@@ -36,6 +36,11 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _family_options(args: argparse.Namespace) -> dict:
     """The options of ``compress()`` for the chosen family, from the command line."""
+    if args.kind == "nm":
+        if args.rank is not None or args.ratio is not None or args.energy is not None:
+            raise ValueError("--rank/--ratio/--energy: low-rank options, not for --kind nm")
+        return {"n": args.n, "m": args.m, "method": args.pruner, "quantize_values": args.quantize_values,
+                "group_size": args.group_size, "lowrank_rank": args.lowrank_rank}
     if args.kind == "quant":
         options = {"bits": args.bits, "group_size": args.group_size, "outliers": args.outliers,
                    "method": args.quantizer, "lut": args.lut, "lowrank_rank": args.lowrank_rank}
@@ -55,8 +60,8 @@ def _demo(rest: list[str]) -> int:
 
 
 def _bench(rest: list[str]) -> int:
-    """``lowrank-ops bench [--suite lowrank|quant] ARGS``: the low-rank suite unless told otherwise."""
-    suites = ("lowrank", "quant")
+    """``lowrank-ops bench [--suite lowrank|quant|sparse|kvcache] ARGS``: the low-rank suite unless told otherwise."""
+    suites = ("lowrank", "quant", "sparse", "kvcache")
     rest = list(rest)
     suite = "lowrank"
     for i, arg in enumerate(rest):
@@ -68,13 +73,9 @@ def _bench(rest: list[str]) -> int:
     if suite not in suites:
         print(f"error: --suite: expected one of {list(suites)}, got {suite!r}", file=sys.stderr)
         return 2
-    if suite == "quant":
-        from lowrank_ops.benchmarks import quant
+    import importlib
 
-        return quant.main(rest)
-    from lowrank_ops.benchmarks import lowrank
-
-    return lowrank.main(rest)
+    return importlib.import_module(f"lowrank_ops.benchmarks.{suite}").main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a saved transformers model directory")
     c.add_argument("src", help="model directory with config.json, or 'minilm' for the bundled all-MiniLM-L6-v2")
     c.add_argument("out", help="output directory (config, tokenizer, compressed.safetensors, report.json)")
-    c.add_argument("--kind", choices=("lowrank", "quant"), default="lowrank", help="the compression family")
+    c.add_argument("--kind", choices=("lowrank", "quant", "nm"), default="lowrank", help="the compression family")
     low = c.add_argument_group("--kind lowrank (exactly one of --ratio, --rank, --energy)")
     low.add_argument("--ratio", type=float, help="fraction of each layer's parameters kept (0.5 = half)")
     low.add_argument("--rank", type=int, help="the same rank for every layer")
@@ -97,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--outliers", type=float, default=0.0, help="fraction of weights kept exactly (0 to 0.05)")
     quant.add_argument("--quantizer", default="auto", choices=("auto", "gptq", "rtn", "hqq", "lut"), help="auto: GPTQ with calibration, HQQ without")
     quant.add_argument("--lut", action="store_true", help="per-channel k-means lookup tables instead of a uniform grid")
-    quant.add_argument("--lowrank-rank", type=int, default=0, help="rank of the EoRA compensation path (0 = none)")
+    quant.add_argument("--lowrank-rank", type=int, default=0, help="rank of the EoRA compensation path (0 = none; also --kind nm)")
+    nm = c.add_argument_group("--kind nm (N:M sparsity along the input dimension; --group-size, --lowrank-rank apply too)")
+    nm.add_argument("--n", type=int, default=2, help="weights kept per group")
+    nm.add_argument("--m", type=int, default=4, choices=(4, 8, 16), help="group length")
+    nm.add_argument("--pruner", default="auto", choices=("auto", "magnitude", "wanda", "sparsegpt"), help="auto: SparseGPT with calibration, magnitude without")
+    nm.add_argument("--quantize-values", action="store_true", help="store the kept values in 4 bits (quant family format)")
     c.add_argument("--calib-text", help="text file, one calibration sentence per line (default: built-in real text)")
     c.add_argument("--calib-sentences", type=int, default=256, help="built-in calibration sentences to use")
     c.add_argument("--no-calib", action="store_true", help="no calibration data (plain SVD; data-free quantizers)")

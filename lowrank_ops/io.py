@@ -24,10 +24,11 @@ from torch import nn
 from lowrank_ops.core.layers import CompressedLinear, swap_modules
 from lowrank_ops.lowrank.layer import LoRALinear, LowRankLinear
 from lowrank_ops.quant.layer import QuantLinear
+from lowrank_ops.sparse.layer import SparseLinear
 
 CHECKPOINT_KEY = "lowrank_ops"
 CHECKPOINT_VERSION = 1
-LAYER_TYPES: dict[str, type[CompressedLinear]] = {cls.FORMAT: cls for cls in (LowRankLinear, LoRALinear, QuantLinear)}
+LAYER_TYPES: dict[str, type[CompressedLinear]] = {cls.FORMAT: cls for cls in (LowRankLinear, LoRALinear, QuantLinear, SparseLinear)}
 
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:

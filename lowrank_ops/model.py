@@ -16,10 +16,11 @@ from lowrank_ops.calibration import InputStats, OutputProbe, collect_input_stats
 from lowrank_ops.core.layers import CompressedLinear, linear_nbytes, swap_modules
 from lowrank_ops.lowrank.layer import build_lowrank_layers
 from lowrank_ops.quant.layer import build_quant_layers
+from lowrank_ops.sparse.layer import build_sparse_layers
 
 # family name -> builder(linears, stats, **options) -> {name: new layer or None (kept dense)}
 Builder = Callable[..., Mapping[str, CompressedLinear | None]]
-METHODS: dict[str, Builder] = {"lowrank": build_lowrank_layers, "quant": build_quant_layers}
+METHODS: dict[str, Builder] = {"lowrank": build_lowrank_layers, "quant": build_quant_layers, "nm": build_sparse_layers}
 
 
 PROBE_BATCHES = 4  # calibration batches replayed to measure each layer's end-to-end sensitivity
@@ -133,7 +134,9 @@ def compress(
     algorithms are used. ``options`` go to the family's builder, for ``"lowrank"``: ``rank``, ``ratio``,
     ``energy``, ``allocation`` ("uniform" or "global") and ``whiten``; for ``"quant"``: ``bits``,
     ``group_size``, ``outliers``, ``method``, ``lut``, ``lowrank_rank``, ``act_order`` and
-    ``recipes`` (glob pattern of layer names -> option overrides).
+    ``recipes`` (glob pattern of layer names -> option overrides); for ``"nm"``: ``n``, ``m``,
+    ``method`` ("auto", "magnitude", "wanda", "sparsegpt"), ``quantize_values``, ``group_size``,
+    ``lowrank_rank``, ``trainable`` and ``recipes``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -521,3 +521,18 @@ def test_run_cases_saves_after_every_case_and_survives_a_failing_case(tmp_path):
     assert seen == [None, 1, 2]  # before each save, the file holds the previous cases
     assert saved["suite"] == "demo" and saved["rows"] == rows
     assert [r["case"] for r in rows] == ["a", "bad", "c"] and rows[1]["error"] == "boom"
+
+
+def test_device_check_runs_every_suite_and_stays_within_eight_files():
+    """One step per benchmark module, and at most 8 files under $OUT (the device tool's limit)."""
+    import re
+
+    script = (REPO / "bench" / "device_check.sh").read_text()
+    suites = re.search(r'^SUITES="([^"]+)"', script, re.M).group(1).split()
+    modules = {p.stem for p in (REPO / "lowrank_ops" / "benchmarks").glob("*.py")} - {"__init__", "timing"}
+    assert set(suites) == modules
+    assert '"lowrank_ops.benchmarks.$suite" --summarize' in script
+    written = set(re.findall(r'\$OUTDIR/([A-Za-z0-9_.$-]+)', script)) - {"$suite-$BENCH_MODE.json"}
+    written |= {f"{suite}-quick.json" for suite in suites}
+    written = {w.replace("$BENCH_MODE", "quick") for w in written if not w.endswith(".tmp")}
+    assert len(written) <= 8, sorted(written)

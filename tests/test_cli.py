@@ -44,7 +44,24 @@ def test_compress_quant_and_reload(tmp_path):
     assert model.encoder.layer[1].output.dense.bits == 3
 
 
+@pytest.mark.slow
+def test_compress_nm_and_reload(tmp_path):
+    from lowrank_ops import SparseLinear
+    from lowrank_ops.hf import load_compressed_dir
+
+    out = tmp_path / "minilm-nm"
+    args = ["compress", "minilm", str(out), "--kind", "nm", "--n", "2", "--m", "8",
+            "--calib-sentences", "16", "--include", "encoder.layer.2.intermediate.*"]
+    assert cli.main(args) == 0
+    layer = load_compressed_dir(out).encoder.layer[2].intermediate.dense
+    assert isinstance(layer, SparseLinear) and (layer.n, layer.m) == (2, 8)
+
+
 def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(ValueError, match="not for --kind nm"):
+        cli.main(["compress", "minilm", str(tmp_path / "o"), "--kind", "nm", "--rank", "4"])
+    assert cli.main(["bench", "--suite", "nope"]) == 2
+    assert "expected one of ['lowrank', 'quant', 'sparse', 'kvcache']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="exactly one"):
         cli.main(["compress", "minilm", str(tmp_path / "o")])  # no --ratio/--rank/--energy
     with pytest.raises(ValueError, match="not for --kind quant"):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.compile
 NVCC = cuda_build.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="compile lane: nvcc not found")
 
-EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "quant_decode", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
+EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "quant_decode", "sparse_decode", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
 
 PROBE = textwrap.dedent(
     """
@@ -31,37 +31,39 @@ PROBE = textwrap.dedent(
            "splits": [m.lowrank_decode_splits(1, 4096, 64, 132), m.lowrank_decode_splits(16, 4096, 1024, 132),
                       m.lowrank_decode_splits(1, 7, 3, 132)]}
     errors = {}
-    def attempt(key, *args):
+    def attempt(fn, key, *args):  # bad arguments must come back as exceptions, before any launch
         try:
-            m.lowrank_decode(*args)
-            errors[key] = "no error"
+            getattr(m, fn)(*args)
+            errors.setdefault(fn, {})[key] = "no error"
         except Exception as exc:
-            errors[key] = type(exc).__name__ + ": " + str(exc)
+            errors.setdefault(fn, {})[key] = type(exc).__name__ + ": " + str(exc)
     # (x, v, u, bias, y, ws, M, K, N, R, splits, num_sms, dtype, stream)
-    attempt("M=17", 16, 16, 16, 0, 16, 16, 17, 8, 8, 8, 1, 132, 0, 0)
-    attempt("R=1025", 16, 16, 16, 0, 16, 16, 1, 8, 8, 1025, 1, 132, 0, 0)
-    attempt("dtype=7", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 7, 0)
-    attempt("null", 0, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 0, 0)
-    attempt("splits", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 9, 132, 0, 0)
-    out["errors"] = errors
-    qerrors = {}
-    def qattempt(key, *args):
-        try:
-            m.quant_decode(*args)
-            qerrors[key] = "no error"
-        except Exception as exc:
-            qerrors[key] = type(exc).__name__ + ": " + str(exc)
+    attempt("lowrank_decode", "M=17", 16, 16, 16, 0, 16, 16, 17, 8, 8, 8, 1, 132, 0, 0)
+    attempt("lowrank_decode", "R=1025", 16, 16, 16, 0, 16, 16, 1, 8, 8, 1025, 1, 132, 0, 0)
+    attempt("lowrank_decode", "dtype=7", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 7, 0)
+    attempt("lowrank_decode", "null", 0, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 0, 0)
+    attempt("lowrank_decode", "splits", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 9, 132, 0, 0)
     # (x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y, M, K, N, bits, g, dtype, stream)
-    qattempt("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0)
-    qattempt("bits=5", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 5, 128, 0, 0)
-    qattempt("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0)
-    qattempt("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    qattempt("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0)
-    qattempt("lut+scales", 16, 16, 0, 16, 16, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    qattempt("outliers", 16, 16, 0, 16, 16, 0, 16, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    qattempt("align", 16, 20, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    qattempt("dtype=7", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 7, 0)
-    out["qerrors"] = qerrors
+    q = lambda key, *args: attempt("quant_decode", key, *args)  # noqa: E731
+    q("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0)
+    q("bits=5", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 5, 128, 0, 0)
+    q("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0)
+    q("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    q("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0)
+    q("lut+scales", 16, 16, 0, 16, 16, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    q("outliers", 16, 16, 0, 16, 16, 0, 16, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    q("align", 16, 20, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
+    q("dtype=7", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 7, 0)
+    # (x, values, indices, bias, y, M, K, N, nm_n, nm_m, dtype, stream)
+    sp = lambda key, *args: attempt("sparse_decode", key, *args)  # noqa: E731
+    sp("M=9", 16, 16, 16, 0, 16, 9, 64, 8, 2, 4, 0, 0)
+    sp("m=6", 16, 16, 16, 0, 16, 1, 60, 8, 2, 6, 0, 0)
+    sp("n=4", 16, 16, 16, 0, 16, 1, 64, 8, 4, 4, 0, 0)
+    sp("K=66", 16, 16, 16, 0, 16, 1, 66, 8, 2, 4, 0, 0)
+    sp("null", 0, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0)
+    sp("align", 16, 16, 18, 0, 16, 1, 64, 8, 2, 4, 0, 0)
+    sp("dtype=7", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 7, 0)
+    out["errors"] = errors
     print(json.dumps(out))
     """
 )
@@ -88,18 +90,20 @@ def test_builds_for_sm80_sm90_and_imports(built):
     s1, s16, s_tiny = info["splits"]
     assert s1 >= 2  # small rank at batch 1 splits K to fill the GPU
     assert s16 == 1 and s_tiny == 1
-    errors = info["errors"]
-    assert errors["M=17"].startswith("ValueError") and "M must be in [1, 16]" in errors["M=17"]
-    assert errors["R=1025"].startswith("ValueError") and "R must be in [1, 1024]" in errors["R=1025"]
-    assert errors["dtype=7"].startswith("ValueError") and "dtype" in errors["dtype=7"]
-    assert errors["null"].startswith("ValueError") and "null pointer" in errors["null"]
-    assert errors["splits"].startswith("ValueError") and "splits" in errors["splits"]
-    q = info["qerrors"]
-    for key, fragment in [("M=9", "M must be in [1, 8]"), ("bits=5", "bits must be 2, 3 or 4"),
-                          ("g=16", "group_size"), ("null", "null pointer"), ("hi", "qweight_hi"),
-                          ("lut+scales", "either lut or scales"), ("outliers", "all or none"),
-                          ("align", "aligned"), ("dtype=7", "dtype")]:
-        assert q[key].startswith("ValueError") and fragment in q[key], (key, q[key])
+    expected = {
+        "lowrank_decode": [("M=17", "M must be in [1, 16]"), ("R=1025", "R must be in [1, 1024]"), ("dtype=7", "dtype"),
+                           ("null", "null pointer"), ("splits", "splits")],
+        "quant_decode": [("M=9", "M must be in [1, 8]"), ("bits=5", "bits must be 2, 3 or 4"), ("g=16", "group_size"),
+                         ("null", "null pointer"), ("hi", "qweight_hi"), ("lut+scales", "either lut or scales"),
+                         ("outliers", "all or none"), ("align", "aligned"), ("dtype=7", "dtype")],
+        "sparse_decode": [("M=9", "M must be in [1, 8]"), ("m=6", "nm_m must be 4, 8 or 16"), ("n=4", "nm_n must be in"),
+                          ("K=66", "K must be a positive multiple"), ("null", "null pointer"), ("align", "4-byte aligned"),
+                          ("dtype=7", "dtype")],
+    }
+    for fn, cases in expected.items():
+        for key, fragment in cases:
+            got = info["errors"][fn][key]
+            assert got.startswith("ValueError") and fragment in got, (fn, key, got)
 
 
 @needs_nvcc
@@ -128,4 +132,4 @@ def test_arch_parsing():
 
 def test_sources_include_every_cu_and_the_bindings():
     names = [p.name for p in cuda_build.sources()]
-    assert "lowrank_decode.cu" in names and "quant_decode.cu" in names and names[-1] == "module.cpp"
+    assert {"lowrank_decode.cu", "quant_decode.cu", "sparse_decode.cu"} <= set(names) and names[-1] == "module.cpp"

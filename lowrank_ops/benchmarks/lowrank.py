@@ -33,7 +33,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -332,7 +331,6 @@ def lora_methods(case: Case, env: Env) -> list[Method]:
     return methods
 
 
-DEFAULT_TARGET_MS = 25.0
 UNFUSED = {"lowrank": "two_matmul", "lora": "dense+adapter"}
 
 
@@ -548,26 +546,14 @@ def format_summary(payload: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ops.benchmarks.lowrank",
-                                description="Benchmark lowrank_linear / lora_linear against cuBLAS baselines.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="few shapes and batches (the device check)")
-    g.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny shapes on CPU, reference backend, wall-clock: tests the plumbing only")
-    g.add_argument("--summarize", metavar="JSON", help="print the one-line-per-case summary of a results file and exit")
-    p.add_argument("--out", metavar="DIR", help="write lowrank-<mode>.json into DIR")
+    p = T.suite_parser("lowrank", "Benchmark lowrank_linear / lora_linear against cuBLAS baselines.", "few shapes and batches")
     p.add_argument("--shapes", help="override shapes, N×K list: 4096x4096,11008x4096")
     p.add_argument("--ratios", help="override parameter ratios, e.g. 0.25,0.5")
     p.add_argument("--batches", help="override batch sizes M, e.g. 1,16,256")
     p.add_argument("--lora-ranks", help="override LoRA ranks, e.g. 16,64")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     p.add_argument("--no-lowrank", action="store_true", help="skip the low-rank rows")
-    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. cuda,triton")
     p.add_argument("--dtype", choices=sorted(T.DTYPES), default=None, help="default fp16 (fp32 in --cpu-smoke)")
-    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
-    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time spent per timing mode per row")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="stop starting new cases after S seconds (results so far are kept)")
     return p
 
 
@@ -589,40 +575,14 @@ def select_cases(args: argparse.Namespace, mode: str) -> list[Case]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry (``python -m lowrank_ops.benchmarks.lowrank``, ``lowrank-ops bench``); returns the exit code."""
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)  # --cpu-smoke drops to one thread; give the caller its own back
+    return T.suite_main(argv, "lowrank", build_parser(), format_summary, select_cases, _run)
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        print(format_summary(T.load_json(args.summarize)))
-        return 0
-    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
-    if mode != "cpu-smoke" and not torch.cuda.is_available():
-        print("lowrank benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
-              "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
-        return 0
-    device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
-    if mode == "cpu-smoke":
-        # Plumbing only: one thread (CPU matmuls with several threads crawl on a loaded machine)
-        # and short timing loops.
-        torch.set_num_threads(1)
-        if args.target_ms == DEFAULT_TARGET_MS:
-            args.target_ms = 2.0
+def _run(args: argparse.Namespace, mode: str, device: torch.device, cases: list[Case]) -> int:
     dtype = T.DTYPES[args.dtype or ("fp32" if mode == "cpu-smoke" else "fp16")]
-    try:
-        cases = select_cases(args, mode)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     cfg = RunConfig(mode, dtype, use_graph=not args.no_graph, target_ms=args.target_ms,
                     max_copies=4 if mode == "cpu-smoke" else T.MAX_COPIES,
-                    time_budget_s=args.time_budget,
-                    methods={m.strip() for m in args.methods.split(",")} if args.methods else None)
+                    time_budget_s=args.time_budget, methods=T.methods_filter(args))
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
@@ -649,24 +609,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 + (f", best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
 
     header = {
-        "suite": "lowrank",
-        "mode": mode,
-        "meta": meta,
-        "copy_bandwidth_gbps": copy_gbps,
-        "matmul_tflops": matmul_tflops,
+        "suite": "lowrank", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps, "matmul_tflops": matmul_tflops,
         "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms, lora_scale=LORA_SCALE,
                                 units="times in microseconds per call; gbps = useful bytes / time; vs_* = baseline / this"),
     }
-    out_path = Path(args.out) / f"lowrank-{mode}.json" if args.out else None
-    save = T.json_checkpoint(out_path, header, t_start)
-    rows, notes = T.run_cases(cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
-                              error_row, describe, device, cfg.time_budget_s, checkpoint=save)
-    save(rows, notes)
-    if out_path is not None:
-        print(f"wrote {out_path}")
+    payload = T.run_and_save("lowrank", mode, header, t_start, args.out, cases,
+                             lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
+                             error_row, describe, device, cfg.time_budget_s)
     print()
-    print(format_rows(rows, title=f"lowrank_ops low-rank suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
-                                  f"* = automatic dispatch; x = speedup (baseline time / this)"))
+    print(format_rows(payload["rows"], title=f"lowrank_ops low-rank suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
+                                             f"* = automatic dispatch; x = speedup (baseline time / this)"))
     return 0
 
 

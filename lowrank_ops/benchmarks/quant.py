@@ -41,7 +41,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -68,7 +67,6 @@ FULL = {"shapes": [(4096, 4096), (4096, 11008), (11008, 4096)], "batches": [1, 4
 QUICK = {"shapes": [(4096, 4096), (11008, 4096)], "batches": [1, 16, 256], "configs": list(CONFIGS)}
 CPU_SMOKE = {"shapes": [(64, 256)], "batches": [1, 20], "configs": list(CONFIGS)}
 MODES = {"full": FULL, "quick": QUICK, "cpu-smoke": CPU_SMOKE}
-DEFAULT_TARGET_MS = 25.0
 
 
 @dataclass(frozen=True)
@@ -267,7 +265,7 @@ class RunConfig:
     configs: Sequence[str] = tuple(CONFIGS)
     use_graph: bool = True
     eager: bool = True
-    target_ms: float = DEFAULT_TARGET_MS
+    target_ms: float = T.DEFAULT_TARGET_MS
     time_budget_s: Optional[float] = None
     methods: Optional[set[str]] = None  # restrict our methods to these names (baselines always run)
     max_copies: int = T.MAX_COPIES
@@ -591,84 +589,54 @@ def format_summary(payload: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ops.benchmarks.quant",
-                                description="Benchmark quant_linear against dense fp16 and tinygemm int4.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="2 shapes x M {1, 16, 256} (the device check)")
-    g.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny shapes on CPU, reference backend (+ Triton under TRITON_INTERPRET=1), wall clock")
-    g.add_argument("--summarize", metavar="JSON", help="print the per-case summary and targets of a results file and exit")
-    p.add_argument("--out", metavar="DIR", help="write quant-<mode>.json into DIR")
+    p = T.suite_parser("quant", "Benchmark quant_linear against dense fp16 and tinygemm int4.", "2 shapes x M {1, 16, 256}")
     p.add_argument("--shapes", help="override shapes, N×K list: 4096x4096,11008x4096")
     p.add_argument("--batches", help="override batch sizes M, e.g. 1,16,256")
     p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}")
-    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. triton,cuda")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
-    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
-    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time per timing mode per row")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="stop starting new cases after S seconds (results so far are kept)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry (``python -m lowrank_ops.benchmarks.quant``, ``lowrank-ops bench --suite quant``)."""
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return T.suite_main(argv, "quant", build_parser(), format_summary, _plan, _run)
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        print(format_summary(T.load_json(args.summarize)))
-        return 0
-    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
-    try:
-        shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
-        batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-        configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
-        bad = [c for c in configs if c not in CONFIGS]
-        if bad or not configs:
-            raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
-        bad_k = [f"{n}x{k}" for n, k in shapes if k % 128]
-        if bad_k:
-            raise ValueError(f"--shapes: K must be a multiple of 128 (group size), got {','.join(bad_k)}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if mode != "cpu-smoke" and not torch.cuda.is_available():
-        print("quant benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
-              "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
-        return 0
-    device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
-    if mode == "cpu-smoke":
-        torch.set_num_threads(1)
-        if args.target_ms == DEFAULT_TARGET_MS:
-            args.target_ms = 2.0
+    shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
+    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad or not configs:
+        raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    bad_k = [f"{n}x{k}" for n, k in shapes if k % 128]
+    if bad_k:
+        raise ValueError(f"--shapes: K must be a multiple of 128 (group size), got {','.join(bad_k)}")
+    return quant_cases(shapes, batches), configs
+
+
+def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[list[Case], list[str]]) -> int:
+    cases, configs = plan
     # the format's scales/zeros/LUT are fp16 whatever x is; fp16 also on CPU (the reference upcasts)
     dtype = T.DTYPES[args.dtype]
-    cases = quant_cases(shapes, batches)
     cfg = RunConfig(mode, dtype, configs=configs, use_graph=not args.no_graph, target_ms=args.target_ms,
                     time_budget_s=args.time_budget, max_copies=2 if mode == "cpu-smoke" else T.MAX_COPIES,
-                    methods={m.strip() for m in args.methods.split(",")} if args.methods else None)
+                    methods=T.methods_filter(args))
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
     copy_gbps = T.measure_copy_bandwidth(device)
     matmul_tflops = T.measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
     meta = T.run_metadata(device, dtype=T.dtype_name(dtype), triton_usable=env.triton_ok, triton_note=env.triton_why)
-    n_configs = len(configs)
     print(f"quant benchmarks [{mode}] on {meta['device']} | {T.dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
           f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases x "
-          f"{n_configs} configs", flush=True)
+          f"{len(configs)} configs", flush=True)
     if not env.triton_ok:
         print(f"  note: triton backend unavailable: {env.triton_why}")
 
     cache = FormatCache(device)
+
     def describe(case: Case, case_rows: list[dict]) -> str:
         ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("config") == configs[0]]
         best = min(ours, key=lambda r: r["median_us"]) if ours else None
@@ -676,33 +644,24 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 + (f", {configs[0]} best {T.method_cell(best)} {best['median_us']:.1f} us" if best else ""))
 
     header = {
-        "suite": "quant",
-        "mode": mode,
-        "meta": meta,
-        "copy_bandwidth_gbps": copy_gbps,
-        "matmul_tflops": matmul_tflops,
+        "suite": "quant", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps, "matmul_tflops": matmul_tflops,
         "configs": {name: CONFIGS[name] for name in configs},
         "targets": [dataclasses.asdict(t) for t in TARGETS],
         "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
                                 units="times in microseconds per call; bytes = format.nbytes (or the baseline's weights) + x + y; "
                                       "gbps = bytes / time; vs_* = baseline / this; cost_vs_4b = this / 4b (same method)"),
     }
-    out_path = Path(args.out) / f"quant-{mode}.json" if args.out else None
-    save = T.json_checkpoint(out_path, header, t_start)
-    rows, notes = T.run_cases(
-        cases, lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
+    payload = T.run_and_save(
+        "quant", mode, header, t_start, args.out, cases,
+        lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
-        describe, device, cfg.time_budget_s, checkpoint=save,
+        describe, device, cfg.time_budget_s,
     )
-    cache = None
-    payload = save(rows, notes)
-    if out_path is not None:
-        print(f"wrote {out_path}")
     print()
     print(format_summary(payload))
     print()
-    print(format_rows(rows, title=f"lowrank_ops quant suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
-                                  f"* = automatic dispatch; x = speedup (baseline time / this)"))
+    print(format_rows(payload["rows"], title=f"lowrank_ops quant suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
+                                             f"* = automatic dispatch; x = speedup (baseline time / this)"))
     return 0
 
 

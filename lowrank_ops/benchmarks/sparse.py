@@ -8,12 +8,14 @@ baselines
     ``semi24``  ``F.linear(x, W₂:₄)`` with ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt or
                 CUTLASS, as torch picks); "skipped: <reason>" where this torch/device refuses it
 ours, per pattern (``nm_linear`` on a random weight pruned to n:m by magnitude, fp16 values)
-    ``2:4`` (9 bits/weight), ``1:4`` (4.5), ``2:8`` (4.8)
+    ``2:4`` (9 bits/weight), ``1:4`` (4.5), ``2:8`` (4.8), and with the kept values in 4 bits
+    (RTN, g128 along KK): ``2:4+q4`` (3.1), ``2:8+q4`` (1.9)
   methods: ``cuda`` (the op pinned to the CUDA backend, M ≤ 8; "skipped: <reason>" when it
   refuses the call), ``triton`` (pinned to Triton, automatic path: ``decode`` for M ≤ 16, ``tile``
   above, torch's ``semi_structured`` for 2:4 at large M) and ``triton:<path>`` (the other Triton
   paths forced with ``nm_linear(path=...)``). On CPU (``--cpu-smoke``) a ``reference`` row stands in.
-  The 4-bit-values composition is not benchmarked (no kernel reads it yet).
+  The ``+q4`` patterns have one method, ``triton:q4`` (``kernels.sparse.nm_matmul_decode_q4``
+  called directly, M ≤ 16): the op does not route quantized kept values to a kernel yet.
 
 Per row: median / p20 / p80 µs (CUDA-graph replay), eager µs, GB/s on the true byte count
 (values + indices + x + y; for the baselines their own weights + x + y), fraction of the measured
@@ -33,7 +35,6 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -42,15 +43,17 @@ from lowrank_ops.benchmarks import timing as T
 from lowrank_ops.benchmarks.lowrank import parse_ints, parse_shapes, pinned
 from lowrank_ops.benchmarks.quant import Env, _fail, _first_line, _randn, _time_into
 
-PATTERNS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "1:4": (1, 4), "2:8": (2, 8)}
+PATTERNS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "1:4": (1, 4), "2:8": (2, 8), "2:4+q4": (2, 4),
+                                         "2:8+q4": (2, 8)}
+Q4_PATTERNS = ("2:4+q4", "2:8+q4")  # kept values as 4-bit uniform groups of Q4_GROUP along KK
+Q4_GROUP = 128
 FULL = {"shapes": [(4096, 4096), (11008, 4096), (4096, 11008)], "batches": [1, 4, 16, 64, 256, 1024, 4096],
         "patterns": list(PATTERNS)}
 # ~60 s on an H100 including Triton autotune: 2 shapes x 2 batches = 4 cases, each 2 baselines +
-# 3 patterns x (cuda + triton [+ triton:tile at M = 1]).
-QUICK = {"shapes": [(4096, 4096), (11008, 4096)], "batches": [1, 256], "patterns": list(PATTERNS)}
+# 3 patterns x (cuda + triton [+ triton:tile at M = 1]) + 2:8+q4 at M = 1.
+QUICK = {"shapes": [(4096, 4096), (11008, 4096)], "batches": [1, 256], "patterns": ["2:4", "1:4", "2:8", "2:8+q4"]}
 CPU_SMOKE = {"shapes": [(64, 256)], "batches": [1, 20], "patterns": list(PATTERNS)}
 MODES = {"full": FULL, "quick": QUICK, "cpu-smoke": CPU_SMOKE}
-DEFAULT_TARGET_MS = 25.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ TARGETS = [
     Target("1:4 batch 1 >= 2.5x dense", "1:4", "vs_dense", 2.5, max_m=1),
     Target("2:8 batch 1 >= 2.5x dense", "2:8", "vs_dense", 2.5, max_m=1),
     Target("2:4 batch <= 16 faster than semi24", "2:4", "vs_semi24", 1.0, max_m=16),
-    *[Target(f"{p} batch >= 256 >= 0.8x dense", p, "vs_dense", 0.8, min_m=256) for p in PATTERNS],
+    Target("2:8+q4 batch 1 >= 4x dense", "2:8+q4", "vs_dense", 4.0, max_m=1),
+    *[Target(f"{p} batch >= 256 >= 0.8x dense", p, "vs_dense", 0.8, min_m=256) for p in PATTERNS if p not in Q4_PATTERNS],
 ]
 
 
@@ -98,7 +102,7 @@ class RunConfig:
     patterns: Sequence[str] = tuple(PATTERNS)
     use_graph: bool = True
     eager: bool = True
-    target_ms: float = DEFAULT_TARGET_MS
+    target_ms: float = T.DEFAULT_TARGET_MS
     time_budget_s: Optional[float] = None
     methods: Optional[set[str]] = None  # restrict our methods to these names (baselines always run)
     max_copies: int = T.MAX_COPIES
@@ -112,7 +116,9 @@ def probe_env(device: torch.device, dtype: torch.dtype) -> Env:
 
 # --------------------------------------------------------------------------- operands
 def build_format(n_out: int, k: int, pattern: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The :class:`NMFormat` of a random (N, K) weight pruned to ``pattern`` by magnitude, on ``device``."""
+    """The :class:`NMFormat` of a random (N, K) weight pruned to ``pattern`` by magnitude, on ``device``
+    (``+q4`` patterns: the kept values quantized to 4 bits, RTN, groups of :data:`Q4_GROUP`)."""
+    from lowrank_ops.quant.compress import quantize_rtn
     from lowrank_ops.sparse.format import NMFormat, nm_mask_from_scores, pack_nm
 
     n, m = PATTERNS[pattern]
@@ -120,6 +126,9 @@ def build_format(n_out: int, k: int, pattern: str, device: torch.device, dtype: 
     gen.manual_seed(seed)
     w = _randn((n_out, k), k ** -0.5, device, dtype, gen)
     values, indices = pack_nm(w, nm_mask_from_scores(w.abs().float(), n, m), n, m)
+    if pattern in Q4_PATTERNS:
+        return NMFormat(values=None, qvalues=quantize_rtn(values, bits=4, group_size=Q4_GROUP), indices=indices,
+                        n=n, m=m, in_features=k)
     return NMFormat(values=values, indices=indices, n=n, m=m, in_features=k)
 
 
@@ -127,6 +136,12 @@ def _nm_fn(x, values, indices, *, n: int, m: int, in_features: int, path: str):
     from lowrank_ops.sparse.ops import nm_linear
 
     return nm_linear(x, values, indices, None, n=n, m=m, in_features=in_features, path=path)
+
+
+def _nm_q4_fn(x, qweight, scales, zeros, indices, *, n: int, m: int):
+    from lowrank_ops.kernels.sparse import nm_matmul_decode_q4
+
+    return nm_matmul_decode_q4(x, qweight, scales, zeros, Q4_GROUP, indices, n, m, None)
 
 
 def _dense(x, w):
@@ -169,6 +184,9 @@ def our_methods(case: Case, pattern: str, env: Env) -> list[tuple[str, Optional[
     from lowrank_ops.sparse import ops
 
     n, m = PATTERNS[pattern]
+    if pattern in Q4_PATTERNS:
+        too_big = f"the 4-bit-values kernel is decode only (M <= {ops.DECODE_MAX_M})" if case.m > ops.DECODE_MAX_M else ""
+        return [("triton:q4", "triton", "q4", env.triton_why or too_big)]
     out: list[tuple[str, Optional[str], str, str]] = []
     if env.device.type != "cuda":
         out.append(("reference", "reference", "auto", ""))
@@ -254,7 +272,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             if cfg.methods and name not in cfg.methods:
                 continue
             row = _base_row(case, name, "ours", env, pattern)
-            resolved = ops.nm_path(m, n, mm) if path == "auto" else path
+            resolved = ops.nm_path(m, n, mm) if path == "auto" else ("decode" if path == "q4" else path)
             row.update(backend=backend_name, path=resolved if backend_name == "triton" else None,
                        weight_bytes=fmt.nbytes, bits_per_weight=fmt.bits_per_weight, limit=dense_bytes / fmt.nbytes,
                        auto=backend_name == auto_backend and path == "auto")
@@ -263,11 +281,16 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
                 row.update(status="skipped", note=skip)
                 rows.append(row)
                 continue
-            fn = lambda x, v, i, _path=path: _nm_fn(x, v, i, n=n, m=mm, in_features=k, path=_path)  # noqa: E731
+            if path == "q4":
+                fn = lambda x, *w: _nm_q4_fn(x, *w, n=n, m=mm)  # noqa: E731
+                weights = (fmt.qvalues.qweight, fmt.qvalues.scales, fmt.qvalues.zeros, fmt.indices)
+            else:
+                fn = lambda x, *w, _path=path: _nm_fn(x, *w, n=n, m=mm, in_features=k, path=_path)  # noqa: E731
+                weights = (fmt.values, fmt.indices)
             try:
                 if sets is None:
                     count = n_copies(fmt.nbytes)
-                    sets = [(x, fmt.values.clone() if i else fmt.values, fmt.indices.clone() if i else fmt.indices)
+                    sets = [(x, *(t.clone() if i else t for t in weights))
                             for i, x in enumerate(_rotating_x(case, count, env, 4))]
                 with pinned(backend_name):
                     try:
@@ -410,68 +433,38 @@ def format_summary(payload: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ops.benchmarks.sparse",
-                                description="Benchmark nm_linear against dense fp16 and torch 2:4 semi-structured.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="2 shapes x M {1, 256} (the device check)")
-    g.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny shapes on CPU, reference backend (+ Triton under TRITON_INTERPRET=1), wall clock")
-    g.add_argument("--summarize", metavar="JSON", help="print the per-case summary and targets of a results file and exit")
-    p.add_argument("--out", metavar="DIR", help="write sparse-<mode>.json into DIR (rewritten after every case)")
+    p = T.suite_parser("sparse", "Benchmark nm_linear against dense fp16 and torch 2:4 semi-structured.", "2 shapes x M {1, 256}")
     p.add_argument("--shapes", help="override shapes, N×K list: 4096x4096,11008x4096")
     p.add_argument("--batches", help="override batch sizes M, e.g. 1,16,256")
     p.add_argument("--patterns", help=f"only these patterns, from {','.join(PATTERNS)}")
-    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. triton,cuda")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
-    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
-    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time per timing mode per row")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="stop starting new cases after S seconds (results so far are kept)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry (``python -m lowrank_ops.benchmarks.sparse``)."""
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    """CLI entry (``python -m lowrank_ops.benchmarks.sparse``, ``lowrank-ops bench --suite sparse``)."""
+    return T.suite_main(argv, "sparse", build_parser(), format_summary, _plan, _run)
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        print(format_summary(T.load_json(args.summarize)))
-        return 0
-    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
-    try:
-        shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
-        batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-        patterns = [p.strip() for p in args.patterns.split(",") if p.strip()] if args.patterns else spec["patterns"]
-        if not patterns or any(p not in PATTERNS for p in patterns):
-            raise ValueError(f"--patterns: expected names from {list(PATTERNS)}, got {args.patterns!r}")
-        bad_k = [f"{n}x{k}" for n, k in shapes if k % 16]
-        if bad_k:
-            raise ValueError(f"--shapes: K must be a multiple of 16 (whole groups of every pattern), got {','.join(bad_k)}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if mode != "cpu-smoke" and not torch.cuda.is_available():
-        print("sparse benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
-              "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
-        return 0
-    device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
-    if mode == "cpu-smoke":
-        torch.set_num_threads(1)
-        if args.target_ms == DEFAULT_TARGET_MS:
-            args.target_ms = 2.0
+    shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
+    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()] if args.patterns else spec["patterns"]
+    if not patterns or any(p not in PATTERNS for p in patterns):
+        raise ValueError(f"--patterns: expected names from {list(PATTERNS)}, got {args.patterns!r}")
+    bad_k = [f"{n}x{k}" for n, k in shapes if k % 16]
+    if bad_k:
+        raise ValueError(f"--shapes: K must be a multiple of 16 (whole groups of every pattern), got {','.join(bad_k)}")
+    return sparse_cases(shapes, batches), patterns
+
+
+def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[list[Case], list[str]]) -> int:
+    cases, patterns = plan
     dtype = T.DTYPES[args.dtype]
-    cases = sparse_cases(shapes, batches)
     cfg = RunConfig(mode, dtype, patterns=patterns, use_graph=not args.no_graph, target_ms=args.target_ms,
                     time_budget_s=args.time_budget, max_copies=2 if mode == "cpu-smoke" else T.MAX_COPIES,
-                    methods={m.strip() for m in args.methods.split(",")} if args.methods else None)
+                    methods=T.methods_filter(args))
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
@@ -484,7 +477,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if not env.triton_ok:
         print(f"  note: triton backend unavailable: {env.triton_why}")
 
-    payload = {
+    header = {
         "suite": "sparse", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,
         "matmul_tflops": matmul_tflops, "patterns": {p: PATTERNS[p] for p in patterns},
         "targets": [dataclasses.asdict(t) for t in TARGETS],
@@ -492,18 +485,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                 units="times in microseconds per call; bytes = values + indices (or the baseline's "
                                       "weights) + x + y; gbps = bytes / time; vs_* = baseline / this; "
                                       "limit = dense bytes / our weight bytes"),
-        "elapsed_s": 0.0, "notes": [], "rows": [],
     }
-    path = Path(args.out) / f"sparse-{mode}.json" if args.out else None
-
-    def run_and_save(case: Case) -> list[dict]:
-        """One case; the JSON on disk is rewritten with every row so far (a killed run keeps them)."""
-        case_rows = run_case(case, env, cfg, copy_gbps, matmul_tflops)
-        if path is not None:
-            payload["rows"] = payload["rows"] + case_rows
-            payload["elapsed_s"] = time.perf_counter() - t_start
-            T.write_json(path, payload)
-        return case_rows
 
     def describe(case: Case, case_rows: list[dict]) -> str:
         ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("pattern") == patterns[0]]
@@ -511,18 +493,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return f"{case.shape} M={case.m}" + (f", {patterns[0]} best {T.method_cell(best)} {best['median_us']:.1f} us"
                                              if best else "")
 
-    rows, notes = T.run_cases(
-        cases, run_and_save,
+    payload = T.run_and_save(
+        "sparse", mode, header, t_start, args.out, cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
         describe, device, cfg.time_budget_s,
     )
-    payload.update(rows=rows, notes=notes, elapsed_s=time.perf_counter() - t_start)
-    if path is not None:
-        print(f"wrote {T.write_json(path, payload)}")
     print()
     print(format_summary(payload))
     print()
-    print(format_rows(rows, title=f"lowrank_ops sparse suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
+    print(format_rows(payload["rows"], title=f"lowrank_ops sparse suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
                                   f"* = automatic dispatch; x = speedup (baseline time / this)"))
     return 0
 

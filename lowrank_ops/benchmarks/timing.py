@@ -33,6 +33,7 @@ Nothing here touches the GPU at import time; every query takes the device as an 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -656,3 +657,92 @@ def timing_info(device: torch.device, use_graph: bool, target_ms: float, units: 
         **extra,
         "units": units,
     }
+
+
+# --------------------------------------------------------------------------- the shell of every suite's main()
+DEFAULT_TARGET_MS = 25.0  # rough time per timing mode per row
+
+
+def suite_parser(suite: str, description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The arguments every suite takes; the caller adds its own (shapes, configs...)."""
+    p = argparse.ArgumentParser(prog=f"python -m lowrank_ops.benchmarks.{suite}", description=description)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help=f"{quick_help} (the device check)")
+    g.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny sizes on CPU, reference backend (+ Triton under TRITON_INTERPRET=1), wall clock: plumbing only")
+    g.add_argument("--summarize", metavar="JSON", help="print the per-case summary (and targets) of a results file and exit")
+    p.add_argument("--out", metavar="DIR", help=f"write {suite}-<mode>.json into DIR (rewritten after every case)")
+    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. triton,cuda")
+    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
+    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time per timing mode per row")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop starting new cases after S seconds (results so far are kept)")
+    return p
+
+
+def methods_filter(args: argparse.Namespace) -> Optional[set[str]]:
+    return {m.strip() for m in args.methods.split(",")} if args.methods else None
+
+
+def suite_main(
+    argv: Optional[Sequence[str]],
+    suite: str,
+    parser: argparse.ArgumentParser,
+    format_summary: Callable[[dict], str],
+    prepare: Callable[[argparse.Namespace, str], Any],
+    run: Callable[[argparse.Namespace, str, torch.device, Any], int],
+) -> int:
+    """A suite's ``main``: ``--summarize`` prints a saved file; ``prepare(args, mode)`` turns the
+    arguments into the suite's plan (a ValueError there is a usage error: exit 2); without CUDA
+    and ``--cpu-smoke`` nothing is measured (exit 0); on CPU the run is single-threaded with
+    short timing loops; ``run(args, mode, device, plan)`` measures. The caller's torch thread
+    count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        args = parser.parse_args(argv)
+        if args.summarize:
+            print(format_summary(load_json(args.summarize)))
+            return 0
+        mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+        try:
+            plan = prepare(args, mode)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if mode != "cpu-smoke" and not torch.cuda.is_available():
+            print(f"{suite} benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
+                  "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
+            return 0
+        device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
+        if mode == "cpu-smoke":
+            # plumbing only: one thread (CPU matmuls with several threads crawl on a loaded machine)
+            torch.set_num_threads(1)
+            if args.target_ms == DEFAULT_TARGET_MS:
+                args.target_ms = 2.0
+        return run(args, mode, device, plan)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_and_save(
+    suite: str,
+    mode: str,
+    header: Mapping[str, Any],
+    t_start: float,
+    out_dir: Optional[str],
+    cases: Sequence[Any],
+    run_case: Callable[[Any], list[dict]],
+    error_row: Callable[[Any, BaseException], dict],
+    describe: Callable[[Any, list[dict]], str],
+    device: torch.device,
+    time_budget_s: Optional[float],
+) -> dict:
+    """:func:`run_cases` with ``<out_dir>/<suite>-<mode>.json`` rewritten after every case;
+    returns the final payload (``header`` + elapsed time + notes + rows)."""
+    out_path = Path(out_dir) / f"{suite}-{mode}.json" if out_dir else None
+    save = json_checkpoint(out_path, header, t_start)
+    rows, notes = run_cases(cases, run_case, error_row, describe, device, time_budget_s, checkpoint=save)
+    payload = save(rows, notes)
+    if out_path is not None:
+        print(f"wrote {out_path}")
+    return payload

@@ -5,7 +5,8 @@ shape, device, value) with a message naming the argument, what was expected and 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,9 +89,49 @@ def check_fraction(name: str, value: object, *, low_open: bool = True, high_clos
     return value
 
 
+def check_positive_float(name: str, value: object) -> float:
+    """``value`` is a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return float(value)
+
+
 def check_linear(linear: object) -> nn.Linear:
     """``linear`` is a ``torch.nn.Linear`` with a 2-D float weight."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
     check_tensor("linear.weight", linear.weight, ndim=2)
     return linear
+
+
+def check_format_metadata(state: object, metadata: object, keys: Sequence[str], fmt: str, cls_name: str) -> Mapping[str, Any]:
+    """The common checks of a packed format's ``from_state_dict(state, metadata)``: both are
+    mappings, ``metadata`` (the format's ``config()``) has ``keys`` and names format ``fmt``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state: expected a mapping of tensor names to tensors, got {type(state).__name__}")
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata: expected a mapping ({cls_name}.config()), got {type(metadata).__name__}")
+    missing = [key for key in keys if key not in metadata]
+    if missing:
+        raise ValueError(f"metadata: expected keys {list(keys)}, missing {missing}")
+    if metadata["format"] != fmt:
+        raise ValueError(f"metadata: expected format {fmt!r}, got {metadata['format']!r}")
+    return metadata
+
+
+def check_kernel_operand(name: str, t: object, dtypes: tuple, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A tensor a raw-pointer kernel may read: one of ``dtypes``, exactly ``shape``, row-major
+    contiguous, on ``device`` (that of x)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous (row-major) tensor, got strides {t.stride()}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of x), got {t.device}")
+    return t

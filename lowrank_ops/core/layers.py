@@ -1,10 +1,12 @@
 """What every compressed drop-in for ``nn.Linear`` provides to model.py and io.py."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+import fnmatch
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 
 class CompressedLinear(nn.Module):
@@ -80,3 +82,31 @@ def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Non
         for parent, child, old in reversed(done):
             setattr(parent, child, old)
         raise
+
+
+def build_per_layer(
+    from_linear: Callable[..., CompressedLinear],
+    linears: Mapping[str, nn.Linear],
+    stats: Mapping[str, Any] | None,
+    recipes: Mapping[str, Mapping[str, Any]] | None,
+    options: Mapping[str, Any],
+    *,
+    desc: str,
+    progress: bool = False,
+) -> dict[str, CompressedLinear]:
+    """``from_linear(linear, calib=stats[name], **options)`` for every named linear, with
+    ``recipes`` (glob pattern of layer names -> option overrides, first match wins) applied.
+
+    The builder of a family whose settings are per layer. Nothing is swapped here; an error in
+    any layer raises, naming it, before the model changes.
+    """
+    if recipes is not None and not isinstance(recipes, Mapping):
+        raise TypeError(f"recipes: expected a mapping of glob pattern -> options, got {type(recipes).__name__}")
+    layers: dict[str, CompressedLinear] = {}
+    for name, linear in tqdm(linears.items(), desc=desc, disable=not progress, leave=False):
+        override = next((dict(o) for p, o in (recipes or {}).items() if fnmatch.fnmatchcase(name, p)), {})
+        try:
+            layers[name] = from_linear(linear, calib=None if stats is None else stats[name], **{**options, **override})
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layer {name!r}: {err}") from err
+    return layers

@@ -35,16 +35,15 @@ device.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from lowrank_ops.calibration import InputStats, check_input_stats
-from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor
+from lowrank_ops.core.obs import damped_hessian, few_threads, inverse_cholesky_upper
+from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_positive_float, check_tensor
 from lowrank_ops.quant.format import (
     BITS,
     GROUP_SIZES,
@@ -86,14 +85,6 @@ def _check_fraction(weight: Tensor, outliers: object) -> float:
     if outliers > 0 and weight.shape[1] > MAX_OUTLIER_K:
         raise ValueError(f"weight: expected at most {MAX_OUTLIER_K} input features with outliers (16-bit columns), got {weight.shape[1]}")
     return outliers
-
-
-def _check_positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -312,49 +303,6 @@ def quantize_hqq(weight: Tensor, bits: int = 4, group_size: int = 128, iters: in
 # ----------------------------------------------------------------------------- GPTQ
 
 
-def _hessian(stats: InputStats, w: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """``H = 2 XᵀX/n`` (float64) with dead inputs handled (``H_jj = 1``, weights zeroed in ``w``)
-    and ``damp·mean(diag H)`` added to the diagonal. Returns (H, dead mask)."""
-    h = 2 * _second_moment(stats, w.device)
-    dead = h.diagonal() <= 0
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    return h, dead
-
-
-def _inverse_cholesky_upper(h: Tensor) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), damping more if needed.
-
-    With ``J`` the index reversal and ``J H J = L Lᵀ``: ``U = J L⁻¹ J`` (one Cholesky and one
-    triangular solve instead of inverting and factorizing again)."""
-    scale = float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    flipped = h.flip(0, 1)
-    for extra in (0.0, 1e-3, 1e-2, 1e-1, 1.0):
-        low, info = torch.linalg.cholesky_ex(flipped + extra * scale * eye)
-        if int(info) == 0:
-            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
-    raise ValueError("stats: the damped Hessian 2·XᵀX/n is not positive definite; the statistics look corrupt")
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device, work: int) -> Iterator[None]:
-    """Run the column loop single-threaded on CPU when each step is small (≤ 2^20 elements):
-    there intra-op threads only add synchronisation, and on a busy machine they slow the loop
-    down by 10-20× (measured on 2 cores). The caller's thread count is restored afterwards."""
-    if device.type != "cpu" or work > 1 << 20 or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: int = 128,
                   outlier_fraction: float = 0.0, act_order: bool = False, damp: float = 0.01,
                   block_size: int = 128) -> QuantFormat:
@@ -368,15 +316,15 @@ def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: 
     fraction = _check_fraction(weight, outlier_fraction)
     if not isinstance(act_order, bool):
         raise TypeError(f"act_order: expected a bool, got {type(act_order).__name__}")
-    damp = _check_positive_float("damp", damp)
+    damp = check_positive_float("damp", damp)
     block_size = check_int("block_size", block_size, low=1)
     block = max(g, block_size // g * g)  # whole groups per block: a group never straddles blocks
 
     w = weight.float().clone()
     n, k = w.shape
-    h, _ = _hessian(stats, w, damp)
+    h = damped_hessian(stats, w, damp)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
-    upper = _inverse_cholesky_upper(h[perm][:, perm]).float()
+    upper = inverse_cholesky_upper(h[perm][:, perm]).float()
     d = upper.diagonal()
     sens_orig = torch.empty(k, device=w.device)
     sens_orig[perm] = d.square().reciprocal()  # output sensitivity 1/[H⁻¹]_jj per original column
@@ -399,7 +347,7 @@ def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: 
 
     wp = w[:, perm]
     codes = torch.zeros(n, k, device=w.device)
-    with _few_threads(w.device, n * block):
+    with few_threads(w.device, n * block):
         _gptq_pass(wp, upper, perm, codes, scale, zero, g, bits, block, act_order, quota, pre_mask, out_mask, kept)
     out = torch.empty_like(codes)
     out[:, perm] = codes

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_kernel_operand
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
 CUDA_QUANT_BITS = (2, 3, 4)
@@ -71,20 +72,6 @@ def _padded_k(k: int, g: int) -> int:
     return -(-k // g) * g
 
 
-def _check(name: str, t: object, dtypes: tuple, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous (row-major) tensor, got strides {t.stride()}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of x), got {t.device}")
-    return t
-
-
 def check_inputs(
     x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
     lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
@@ -117,37 +104,37 @@ def check_inputs(
     k_pad = _padded_k(k, group_size)
     dev = x.device
     i32 = (torch.int32,)
-    _check("qweight", qweight, i32, (n, k_pad * (4 if bits == 4 else 2) // 32), dev)
+    check_kernel_operand("qweight", qweight, i32, (n, k_pad * (4 if bits == 4 else 2) // 32), dev)
     if bits == 3:
         if qweight_hi is None:
             raise ValueError("qweight_hi: required for bits=3 (the high-bit plane), got None")
-        _check("qweight_hi", qweight_hi, i32, (n, k_pad // 32), dev)
+        check_kernel_operand("qweight_hi", qweight_hi, i32, (n, k_pad // 32), dev)
     elif qweight_hi is not None:
         raise ValueError(f"qweight_hi: only used for bits=3, got a tensor with bits={bits}")
     f16 = (torch.float16,)
     if lut is not None:
         if scales is not None or zeros is not None:
             raise ValueError("lut: LUT mode takes no scales/zeros; pass either lut or scales and zeros")
-        _check("lut", lut, f16, (n, 1 << bits), dev)
+        check_kernel_operand("lut", lut, f16, (n, 1 << bits), dev)
     else:
         if scales is None or zeros is None:
             raise ValueError("scales: uniform mode needs both scales and zeros (or pass lut)")
-        _check("scales", scales, f16, (n, k_pad // group_size), dev)
-        _check("zeros", zeros, f16, (n, k_pad // group_size), dev)
+        check_kernel_operand("scales", scales, f16, (n, k_pad // group_size), dev)
+        check_kernel_operand("zeros", zeros, f16, (n, k_pad // group_size), dev)
     outliers = (outlier_rowptr, outlier_cols, outlier_vals)
     if any(t is not None for t in outliers):
         if any(t is None for t in outliers):
             raise ValueError("outlier_rowptr: outlier_rowptr, outlier_cols and outlier_vals go together (all or none)")
         if k > 65535:
             raise ValueError(f"x: outlier columns are 16-bit, K must be <= 65535, got {k}")
-        _check("outlier_rowptr", outlier_rowptr, i32, (n + 1,), dev)
+        check_kernel_operand("outlier_rowptr", outlier_rowptr, i32, (n + 1,), dev)
         if not isinstance(outlier_cols, Tensor) or outlier_cols.dim() != 1:
             raise ValueError("outlier_cols: expected a 1-D int16 tensor")
         nnz = outlier_cols.shape[0]
-        _check("outlier_cols", outlier_cols, (torch.int16,), (nnz,), dev)
-        _check("outlier_vals", outlier_vals, f16, (nnz,), dev)
+        check_kernel_operand("outlier_cols", outlier_cols, (torch.int16,), (nnz,), dev)
+        check_kernel_operand("outlier_vals", outlier_vals, f16, (nnz,), dev)
     if bias is not None:
-        _check("bias", bias, (x.dtype,), (n,), dev)
+        check_kernel_operand("bias", bias, (x.dtype,), (n,), dev)
     if dev.type != "cuda":
         raise ValueError(f"x: expected a CUDA tensor, got device {dev}")
     return m, k, n

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import check_choice, check_dim, check_int, check_tensor
+from lowrank_ops.core.checks import check_choice, check_dim, check_format_metadata, check_int, check_tensor
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -373,16 +373,7 @@ class QuantFormat:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> "QuantFormat":
         """Rebuild from :meth:`to_state_dict` + :meth:`config`; refuses missing or extra tensors."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state: expected a mapping of tensor names to tensors, got {type(state).__name__}")
-        if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata: expected a mapping (QuantFormat.config()), got {type(metadata).__name__}")
-        keys = ("format", "bits", "group_size", "in_features", "out_features", "lut", "outliers", "rank")
-        missing = [key for key in keys if key not in metadata]
-        if missing:
-            raise ValueError(f"metadata: expected keys {list(keys)}, missing {missing}")
-        if metadata["format"] != cls.NAME:
-            raise ValueError(f"metadata: expected format {cls.NAME!r}, got {metadata['format']!r}")
+        check_format_metadata(state, metadata, ("format", "bits", "group_size", "in_features", "out_features", "lut", "outliers", "rank"), cls.NAME, "QuantFormat")
         bits = _check_bits(metadata["bits"])
         expected = {"qweight"}
         expected |= {"qweight_hi"} if bits == 3 else set()

@@ -2,16 +2,14 @@
 low-rank compensation path, computed by one fused dequant-matmul op."""
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lowrank_ops.calibration import InputStats, as_input_stats
 from lowrank_ops.core.checks import check_linear
-from lowrank_ops.core.layers import CompressedLinear
+from lowrank_ops.core.layers import CompressedLinear, build_per_layer
 from lowrank_ops.quant import compress
 from lowrank_ops.quant.format import QuantFormat, padded_k
 from lowrank_ops.quant.ops import quant_linear
@@ -155,13 +153,4 @@ def build_quant_layers(
     mixed recipes such as 4-bit attention with 3-bit MLPs. ``probe`` is unused: quantization
     settings are per layer.
     """
-    if recipes is not None and not isinstance(recipes, Mapping):
-        raise TypeError(f"recipes: expected a mapping of glob pattern -> options, got {type(recipes).__name__}")
-    layers: dict[str, QuantLinear] = {}
-    for name, linear in tqdm(linears.items(), desc="quantize", disable=not progress, leave=False):
-        override = next((dict(o) for p, o in (recipes or {}).items() if fnmatch.fnmatchcase(name, p)), {})
-        try:
-            layers[name] = QuantLinear.from_linear(linear, calib=None if stats is None else stats[name], **{**options, **override})
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"layer {name!r}: {err}") from err
-    return layers
+    return build_per_layer(QuantLinear.from_linear, linears, stats, recipes, options, desc="quantize", progress=progress)

@@ -1,0 +1,346 @@
+"""Triton kernels for the N:M sparse family: ``y = x Wₙₘᵀ + b`` straight from the packed format.
+
+The format is the shared contract of ``lowrank_ops/sparse/format.py``: W (N, K) keeps n of every
+M consecutive columns (M ∈ {4, 8, 16}, 1 ≤ n < M), stored as
+
+* ``values`` (N, KK), KK = (K / M)·n, row-major: kept value j of a row is slot j % n of group
+  j // n (slots in increasing column order);
+* ``indices`` int32 (N, W): the in-group position p_j ∈ [0, M) of kept value j uses b = log2(M)
+  bits at bit ``(j % E)·b`` of word ``j // E``, E = 32 // b positions per word (16, 10, 8);
+  the column of value j is ``(j // n)·M + p_j``.
+
+Two paths (chosen by ``ops.nm_path``):
+
+* ``"decode"`` — M ≤ 16: GEMV style, reads only the kept values and their index words. Grid
+  (N-blocks × K-splits); each program walks its run of kept values, unpacks positions with
+  shifts/masks and gathers x at the kept columns (x is a few KB, L1/L2-resident), fp32 FMAs.
+  With one split the program adds the bias and writes y; with several it writes fp32 partials
+  and the quant family's reduce kernel sums them in split order (deterministic, no atomics).
+  :func:`nm_matmul_decode_q4` is the same kernel reading 4-bit kept values (the quant family's
+  uniform format along KK) instead of dense ones.
+* ``"tile"`` — one launch, grid (M-blocks × N-blocks): each K step expands the kept values of a
+  (BLOCK_K × BLOCK_N) tile of Wᵀ on chip (for each slot: ``where(pos == column in group, value,
+  0)``) and feeds it to a tensor-core ``tl.dot``; bias fused.
+
+Every product accumulates in fp32; the expanded tile is rounded to x's dtype (fp16/bf16 run on
+tensor cores, fp32 uses exact "ieee" dots). ``_dot``, the config helper and the allocation hook
+come from :mod:`lowrank_ops.kernels.lowrank`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowrank_ops.sparse.format import check_nm, index_bits, positions_per_word
+
+from ._compile_check import CompileCase
+from .lowrank import INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs
+from .quant import _quant_decode_reduce_kernel
+
+DECODE_MAX_ROWS = 16  # the decode kernel keeps a (rows × BLOCK_N × BLOCK_J) gather tile in registers
+_DECODE_J_CHUNK = 64 if INTERPRET else 256  # fewest kept values per row one decode split is given
+_DECODE_MAX_SPLIT = 16
+_REDUCE_BLOCK_N = 32 if INTERPRET else 128
+_REDUCE_BLOCK_M = 16
+
+
+# --------------------------------------------------------------------------- config tables
+# GPU tables: a few configs under @triton.autotune (autotuning time on a lent GPU is scarce); the
+# interpreter gets one row of large blocks (multi-config autotuning cannot run there).
+_TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_TILE_GPU_TABLE = [
+    # BLOCK_M BLOCK_N BLOCK_K warps stages
+    (64, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+]
+_TILE_TABLE = [(32, 32, 64, 4, 1)] if INTERPRET else _TILE_GPU_TABLE
+_TILE_PRUNE = _pruner(
+    loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"]),
+    after_tile=lambda m: 0,
+    acc_tile=lambda m: m["BLOCK_M"] * m["BLOCK_N"],
+)
+_DECODE_NAMES = ("BLOCK_N", "BLOCK_J")
+_DECODE_GPU_TABLE = [
+    # BLOCK_N BLOCK_J warps stages   (BLOCK_J = kept values per row per step)
+    (32, 128, 4, 3),  # (BLOCK_N, BLOCK_J) pairs with BLOCK_N·BLOCK_J = 4096 serve 1-2 rows,
+    (16, 256, 4, 3),
+    (16, 64, 4, 3),   # 4-8 rows,
+    (16, 32, 4, 2),   # 16 rows (see _decode_prune)
+]
+_DECODE_TABLE = [(32, 64, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
+_DECODE_REGS_BUDGET = 64  # gathered x elements per thread per step
+
+
+def _decode_prune(configs, named_args, **kwargs):
+    """Keep configs whose (BLOCK_M × BLOCK_N × BLOCK_J) gather tile stays within the register
+    budget per thread; the leanest config when none does."""
+
+    def regs(c):
+        return kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_J"] / (32 * c.num_warps)
+
+    fits = [c for c in configs if regs(c) <= _DECODE_REGS_BUDGET]
+    return fits or [min(configs, key=regs)]
+
+
+# --------------------------------------------------------------------------- decode path
+@triton.jit
+def _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk,
+               Q4: tl.constexpr, QGROUP: tl.constexpr):
+    """fp32 (BLOCK_N × BLOCK_J) kept values of rows ``rows`` at kept indices ``offs_j``.
+
+    Dense: a plain load of ``values`` (N, KK). Q4 (4-bit kept values, the quant family's uniform
+    format along KK): ``values_ptr`` is its ``qweight`` (N, KK_pad / 8) int32, code j in word
+    j // 8 at bit (j % 8)·4 (8 consecutive j share one word, served by L1), and the value is
+    (q − zeros[r, j // QGROUP]) · scales[r, j // QGROUP] (fp16, (N, KK_pad / QGROUP)).
+    """
+    if Q4:
+        kk_pad = tl.cdiv(kk, QGROUP) * QGROUP
+        word = tl.load(values_ptr + rows[:, None] * (kk_pad // 8) + (offs_j // 8)[None, :], mask=mask, other=0)
+        q = ((word >> ((offs_j % 8) * 4)[None, :]) & 0xF).to(tl.float32)
+        gidx = rows[:, None] * (kk_pad // QGROUP) + (offs_j // QGROUP)[None, :]
+        s = tl.load(scales_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, (q - z) * s, 0.0)
+    return tl.load(values_ptr + rows[:, None] * kk + offs_j[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+# Grid (cdiv(N, BLOCK_N), K_SPLIT). Program (pn, ks) owns output rows [pn·BLOCK_N, +BLOCK_N) and
+# the ks-th contiguous run of BLOCK_J-blocks of kept values. Per step it loads a (BLOCK_N ×
+# BLOCK_J) tile of values (contiguous along j; or their 4-bit codes + group scales/zeros when Q4,
+# see ``_load_kept``) and the index words behind it (BLOCK_J / E words
+# per row, repeated addresses served by L1), unpacks the positions, and gathers the kept columns
+# of every x row (BLOCK_M × BLOCK_N × BLOCK_J, rows ≥ M masked): acc[m, r] += Σ_j x[m, col] · v.
+# DIRECT (K_SPLIT = 1): bias added, y stored in x's dtype. Else fp32 partials to
+# part[ks, m, r] (K_SPLIT × M × N, contiguous); an empty run writes zeros.
+@triton.autotune(configs=_configs(_DECODE_TABLE, _DECODE_NAMES),
+                 key=["BLOCK_M", "N", "K", "K_SPLIT", "NM_N", "NM_M", "Q4", "QGROUP"],
+                 prune_configs_by={"early_config_prune": _decode_prune})
+@triton.jit
+def _nm_decode_kernel(
+    x_ptr, values_ptr, scales_ptr, zeros_ptr, indices_ptr, bias_ptr, out_ptr,
+    M, N, K, K_SPLIT,
+    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+    Q4: tl.constexpr, QGROUP: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    kk = (K // NM_M) * NM_N  # kept values per row
+    words = tl.cdiv(kk, PER_WORD)  # index words per row
+    rows = offs_n.to(tl.int64)
+    j_blocks = tl.cdiv(kk, BLOCK_J)
+    per_split = tl.cdiv(j_blocks, K_SPLIT)
+    first = split * per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for jb in range(first, tl.minimum(first + per_split, j_blocks)):
+        offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask = n_mask[:, None] & (offs_j < kk)[None, :]
+        v = _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk, Q4, QGROUP)
+        word = tl.load(indices_ptr + rows[:, None] * words + (offs_j // PER_WORD)[None, :], mask=mask, other=0)
+        pos = (word >> ((offs_j % PER_WORD) * POS_BITS)[None, :]) & (NM_M - 1)
+        col = (offs_j // NM_N)[None, :] * NM_M + pos  # (BLOCK_N, BLOCK_J) columns of x
+        xg = tl.load(x_ptr + offs_m[:, None, None].to(tl.int64) * K + col[None, :, :],
+                     mask=m_mask[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xg * v[None, :, :], axis=2)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * M * N + out_offs, acc, mask=out_mask)
+
+
+# --------------------------------------------------------------------------- tile path
+@triton.jit
+def _expand_nm_tile(values_ptr, indices_ptr, offs_n, g0, N, K,
+                    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense fp32 (BLOCK_K × BLOCK_N) tile of Wᵀ for columns [g0·M, g0·M + BLOCK_K) and rows
+    ``offs_n``, expanded from the kept values: zero where nothing is kept or outside W.
+
+    The tile is viewed as (groups × M × BLOCK_N). For each slot s < n one (groups × BLOCK_N)
+    tile of values (stride n along the group axis) and its positions are loaded; the value is
+    placed where the position equals the column within the group (``where(pos == c, v, 0)``).
+    Slots of one group hold distinct positions, so the n placements never collide and their
+    sum is the dense tile.
+    """
+    G_B: tl.constexpr = BLOCK_K // NM_M
+    kk = (K // NM_M) * NM_N
+    words = tl.cdiv(kk, PER_WORD)
+    offs_g = g0 + tl.arange(0, G_B)
+    mask = (offs_g < K // NM_M)[:, None] & (offs_n < N)[None, :]
+    rows = offs_n.to(tl.int64)[None, :]
+    in_group = tl.arange(0, NM_M)[None, :, None]
+    w = tl.zeros((G_B, NM_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(NM_N):
+        j = offs_g[:, None] * NM_N + s  # (G_B, 1) kept index
+        v = tl.load(values_ptr + rows * kk + j, mask=mask, other=0.0).to(tl.float32)
+        word = tl.load(indices_ptr + rows * words + j // PER_WORD, mask=mask, other=0)
+        pos = (word >> ((j % PER_WORD) * POS_BITS)) & (NM_M - 1)
+        w += tl.where(pos[:, None, :] == in_group, v[:, None, :], 0.0)
+    return tl.reshape(w, (BLOCK_K, BLOCK_N))
+
+
+# Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (pm, pn) owns one (BLOCK_M × BLOCK_N)
+# output tile. One pass over K in BLOCK_K steps (BLOCK_K is a multiple of every M, so a step
+# covers whole groups): the x tile (BLOCK_M × BLOCK_K, row-major, rows K apart), the expanded
+# (BLOCK_K × BLOCK_N) tile of Wᵀ (reads only kept values + index words), one tensor-core dot.
+# Then the bias, one store.
+@triton.autotune(configs=_configs(_TILE_TABLE, _TILE_NAMES),
+                 key=["M_BUCKET", "N", "K", "NM_N", "NM_M"], prune_configs_by=_TILE_PRUNE)
+@triton.jit
+def _nm_tile_kernel(
+    x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    M_BUCKET,  # autotune key only: next power of two of M
+    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)[:, None]
+    m_mask = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & (offs_k < K)[None, :], other=0.0)
+        w = _expand_nm_tile(values_ptr, indices_ptr, offs_n, kb * (BLOCK_K // NM_M), N, K,
+                            NM_N, NM_M, POS_BITS, PER_WORD, BLOCK_K, BLOCK_N)
+        acc = _dot(x, w.to(dtype), acc, DOT_PRECISION)
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+def _pattern(n: int, m: int) -> dict:
+    """The constexprs of one N:M pattern (``ValueError`` for a pattern outside the contract)."""
+    n, m = check_nm(n, m)
+    return dict(NM_N=n, NM_M=m, POS_BITS=index_bits(m), PER_WORD=positions_per_word(m))
+
+
+def decode_k_split(rows: int, n_out: int, kept: int, device: torch.device) -> int:
+    """K splits so that (N-blocks × splits) ≈ 2 programs per SM (nominal BLOCK_N 32), each split
+    given at least ``_DECODE_J_CHUNK`` kept values per row."""
+    columns = triton.cdiv(n_out, 32)
+    return max(1, min(triton.cdiv(kept, _DECODE_J_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
+
+
+def nm_matmul_decode(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                     bias: Optional[Tensor] = None) -> Tensor:
+    """``x2d Wₙₘᵀ + b`` by the split-K gather kernel, for x2d (rows ≤ 16, K) contiguous.
+
+    Inputs are trusted (``ops.nm_linear`` checks them): values (N, KK) and indices (N, W) in the
+    packed format, contiguous, on x's device; bias (N,) in x's dtype or None. Returns (rows, N) in
+    x's dtype. Reads each kept value and index word once (per split), x from cache.
+    """
+    return _decode(x2d, values, None, None, 0, indices, n, m, bias)
+
+
+def nm_matmul_decode_q4(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                        indices: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`nm_matmul_decode` with the kept values stored in 4 bits: the (N, KK) values matrix as
+    the quant family's uniform format (``QuantFormat`` with bits=4, no LUT/outliers/low-rank):
+    ``qweight`` int32 (N, KK_pad / 8), ``scales``/``zeros`` fp16 (N, KK_pad / group_size),
+    KK_pad = ceil(KK / group_size)·group_size. Same indices, bias and result; trusted inputs."""
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size: expected 32, 64 or 128, got {group_size!r}")
+    return _decode(x2d, qweight, scales, zeros, group_size, indices, n, m, bias)
+
+
+def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor], group_size: int,
+            indices: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """Launch the decode kernel (dense values, or 4-bit codes when ``scales`` is given) + reduce."""
+    pattern = _pattern(n, m)
+    rows, k = x2d.shape
+    if not 1 <= rows <= DECODE_MAX_ROWS:
+        raise ValueError(f"x2d: the decode kernel serves 1..{DECODE_MAX_ROWS} rows, got shape {tuple(x2d.shape)}")
+    n_out = values.shape[0]
+    y = _empty((rows, n_out), x2d.dtype, x2d.device)
+    k_split = decode_k_split(rows, n_out, k // m * n, x2d.device)
+    b = bias if bias is not None else y
+    q4 = scales is not None
+    sz = (scales, zeros) if q4 else (values, values)  # absent pointers: branch compiled out
+    flags = dict(Q4=q4, QGROUP=group_size if q4 else 1, BLOCK_M=triton.next_power_of_2(rows), **pattern)
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), k_split)  # noqa: E731
+    if k_split == 1:
+        _nm_decode_kernel[grid](x2d, values, *sz, indices, b, y, rows, n_out, k, 1, DIRECT=True,
+                                HAS_BIAS=bias is not None, **flags)
+        return y
+    part = _empty((k_split, rows, n_out), torch.float32, x2d.device)
+    _nm_decode_kernel[grid](x2d, values, *sz, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
+                            HAS_BIAS=False, **flags)
+    _quant_decode_reduce_kernel[(triton.cdiv(n_out, _REDUCE_BLOCK_N), 1)](
+        x2d, part, part, part, part, b, y, rows, n_out, k, k_split,
+        HAS_OUTLIERS=False, HAS_BIAS=bias is not None, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
+    )
+    return y
+
+
+def nm_matmul_tile(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """``x2d Wₙₘᵀ + b`` by the expand-on-chip tensor-core kernel, for x2d (any rows, K) contiguous.
+
+    Same trusted inputs and result as :func:`nm_matmul_decode`; one launch."""
+    pattern = _pattern(n, m)
+    rows, k = x2d.shape
+    n_out = values.shape[0]
+    y = _empty((rows, n_out), x2d.dtype, x2d.device)
+    _nm_tile_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))](
+        x2d, values, indices, bias if bias is not None else y, y, rows, n_out, k, triton.next_power_of_2(rows),
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2d.dtype), **pattern,
+    )
+    return y
+
+
+# --------------------------------------------------------------------------- compile lane
+# Both kernels for every pattern the issue names (2:4, 1:4, 2:8 with 3-bit positions, 4:16) in
+# fp16 and bf16 (values in x's dtype, bias on), plus fp32 for 2:4. The decode kernel in both
+# modes (DIRECT with bias, split partials), at 1 and 16 rows, and with 4-bit kept values (2:4,
+# 2:8); the reduce kernel is the quant family's and is compiled by its cases.
+def _compile_cases() -> list[CompileCase]:
+    cases = []
+    for dtype, patterns in (("fp16", ((2, 4), (1, 4), (2, 8), (4, 16))), ("bf16", ((2, 4), (1, 4), (2, 8), (4, 16))),
+                            ("fp32", ((2, 4),))):
+        p, prec = f"*{dtype}", ("ieee" if dtype == "fp32" else "tf32")
+        for n, m in patterns:
+            pattern = _pattern(n, m)
+            tag = f"{dtype},{n}:{m}"
+            cases.append(CompileCase(
+                f"nm_tile[{tag}]", _nm_tile_kernel,
+                dict(x_ptr=p, values_ptr=p, indices_ptr="*i32", bias_ptr=p, y_ptr=p, M="i32", N="i32", K="i32",
+                     M_BUCKET="i32"),
+                dict(HAS_BIAS=True, DOT_PRECISION=prec, **pattern),
+            ))
+            for rows, direct in ((1, True), (16, False)):
+                cases.append(CompileCase(
+                    f"nm_decode[{tag},M{rows},{'direct' if direct else 'split'}]", _nm_decode_kernel,
+                    dict(x_ptr=p, values_ptr=p, scales_ptr=p, zeros_ptr=p, indices_ptr="*i32", bias_ptr=p,
+                         out_ptr=p if direct else "*fp32", M="i32", N="i32", K="i32", K_SPLIT="i32"),
+                    dict(Q4=False, QGROUP=1, DIRECT=direct, HAS_BIAS=direct, BLOCK_M=rows, **pattern),
+                ))
+            if dtype != "fp32" and (n, m) in ((2, 4), (2, 8)):  # 4-bit kept values, g128
+                cases.append(CompileCase(
+                    f"nm_decode_q4[{tag},M4,split]", _nm_decode_kernel,
+                    dict(x_ptr=p, values_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", indices_ptr="*i32",
+                         bias_ptr=p, out_ptr="*fp32", M="i32", N="i32", K="i32", K_SPLIT="i32"),
+                    dict(Q4=True, QGROUP=128, DIRECT=False, HAS_BIAS=False, BLOCK_M=4, **pattern),
+                ))
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

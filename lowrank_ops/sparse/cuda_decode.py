@@ -1,0 +1,120 @@
+"""Python side of the hand-written CUDA N:M sparse decode kernel (csrc/sparse_decode.cu).
+
+``y = x Wₙₘᵀ + b`` for M ≤ 8 rows of x (fp16/bf16), every pattern of the format (m ∈ {4, 8, 16},
+1 ≤ n < m), bias fused; one launch on the current stream (CUDA-graph capturable). The compiled
+module takes raw device pointers, sizes, the pattern, a dtype code and the stream as ints; this
+wrapper checks the tensors (dtype, device, shapes, contiguity) and allocates y.
+
+Alignment: none required beyond the dtypes' own. The kernel reads values as 128-bit words when
+KK % 8 == 0 and the values base is 16-byte aligned, x likewise when K % 8 == 0; otherwise it
+falls back to scalar loads (any view works). Index words are read as 32-bit words (their rows
+are not 16-byte aligned in general: W = ceil(KK / 10) for m = 8).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import cuda_ext
+from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_kernel_operand
+from lowrank_ops.sparse.format import M_CHOICES, check_nm, index_words
+
+CUDA_SPARSE_MAX_M = 8  # rows of x the kernel serves
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+
+
+def supports(x: object, values: object, n: object, m: object) -> Support:
+    """Whether the CUDA N:M decode kernel can serve ``x`` (M, K) with ``values`` at pattern n:m.
+    Cheap; never raises."""
+    if not isinstance(x, Tensor):
+        return Support(False, f"x must be a tensor, got {type(x).__name__}")
+    if x.device.type != "cuda":
+        return Support(False, f"x is on {x.device}; the CUDA sparse decode kernel needs a CUDA tensor")
+    if not isinstance(values, Tensor) or values.dtype != x.dtype:
+        got = values.dtype if isinstance(values, Tensor) else type(values).__name__
+        return Support(False, f"values must be a tensor of x's dtype {x.dtype}, got {got}")
+    verdict = shape_support(x.dtype, tuple(x.shape), n, m)
+    if not verdict.ok:
+        return verdict
+    if not cuda_ext.available():
+        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
+    return Support(True)
+
+
+def shape_support(dtype: torch.dtype, shape: tuple[int, ...], n: object, m: object) -> Support:
+    """The dtype / shape / pattern part of :func:`supports` (device- and build-independent)."""
+    if dtype not in _DTYPE_CODES:
+        return Support(False, f"x has dtype {dtype}; the CUDA sparse decode kernel takes float16 or bfloat16")
+    if len(shape) != 2:
+        return Support(False, f"x must be 2-D (M, K), got shape {shape}")
+    rows, k = shape
+    if not 1 <= rows <= CUDA_SPARSE_MAX_M:
+        return Support(False, f"x has {rows} rows; the CUDA sparse decode kernel serves 1..{CUDA_SPARSE_MAX_M}")
+    if isinstance(m, bool) or m not in M_CHOICES or isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < m:
+        return Support(False, f"pattern {n!r}:{m!r}; the CUDA sparse decode kernel serves n:m with m in {M_CHOICES}, 1 <= n < m")
+    if k < 1 or k % m:
+        return Support(False, f"x has K = {k} columns; expected a positive multiple of m = {m}")
+    return Support(True)
+
+
+def check_inputs(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                 bias: Optional[Tensor]) -> tuple[int, int, int]:
+    """Raise ``TypeError``/``ValueError`` unless the kernel takes this call; return (M, K, N).
+
+    The CUDA-device check comes last, so every other check can be exercised with CPU tensors.
+    """
+    n, m = check_nm(n, m)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x: expected dtype float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected 2 dimensions (M, K), got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"x: expected a contiguous (row-major) tensor, got strides {x.stride()}")
+    rows, k = x.shape
+    if not 1 <= rows <= CUDA_SPARSE_MAX_M:
+        raise ValueError(f"x: expected 1..{CUDA_SPARSE_MAX_M} rows for the CUDA sparse decode kernel, got shape {tuple(x.shape)}")
+    if k < 1 or k % m:
+        raise ValueError(f"x: expected K a positive multiple of m={m} columns, got shape {tuple(x.shape)}")
+    if not isinstance(values, Tensor) or values.dim() != 2:
+        raise ValueError(f"values: expected a 2-D (N, KK) tensor, got {getattr(values, 'shape', type(values).__name__)}")
+    n_out, kept = values.shape[0], k // m * n
+    dev = x.device
+    check_kernel_operand("values", values, (x.dtype,), (n_out, kept), dev)
+    check_kernel_operand("indices", indices, (torch.int32,), (n_out, index_words(kept, m)), dev)
+    if bias is not None:
+        check_kernel_operand("bias", bias, (x.dtype,), (n_out,), dev)
+    if dev.type != "cuda":
+        raise ValueError(f"x: expected a CUDA tensor, got device {dev}")
+    return rows, k, n_out
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def nm_linear_decode(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                     bias: Optional[Tensor] = None) -> Tensor:
+    """``x Wₙₘᵀ + b`` on the CUDA N:M decode kernel; x (M ≤ 8, K) fp16/bf16, values in x's dtype.
+
+    Tensors as in :mod:`lowrank_ops.sparse.format` (contiguous, on x's device). Returns (M, N) in
+    x's dtype. Launches on ``torch.cuda.current_stream()``; capturable in a CUDA graph.
+    """
+    rows, k, n_out = check_inputs(x, values, indices, n, m, bias)
+    module = cuda_ext.load()
+    if module is None:
+        raise RuntimeError(f"nm_linear_decode: {cuda_ext.unavailable_reason()}")
+    y = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+    if n_out == 0:
+        return y
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        module.sparse_decode(x.data_ptr(), values.data_ptr(), indices.data_ptr(), _ptr(bias), y.data_ptr(),
+                             rows, k, n_out, n, m, _DTYPE_CODES[x.dtype], stream)
+    return y

@@ -1,0 +1,247 @@
+"""N:M sparse linear op: ``y = x Wₙₘᵀ + b`` straight from the packed format.
+
+``lowrank_ops::nm_linear`` is a ``torch.library`` custom op (fake impl, autograd) that takes the
+raw tensors of the packed format (see ``lowrank_ops/sparse/format.py``, the shared contract):
+``values`` (N, KK) in x's dtype, ``indices`` int32 (N, W), ``bias`` (N,) in x's dtype or None,
+``n``, ``m``, ``in_features`` = K, and ``path`` (``"auto"`` or one of :data:`PATHS`).
+
+Backends per call (:mod:`lowrank_ops.core.backend`): ``cuda`` (the hand-written decode kernel of
+:mod:`lowrank_ops.sparse.cuda_decode`), ``triton`` (the kernels of
+:mod:`lowrank_ops.kernels.sparse`, path chosen by :func:`nm_path`), ``reference`` (plain torch:
+unpack → matmul). Kernel modules are imported lazily; a missing module or function makes that
+backend unsupported for the call, with the reason.
+
+Paths of the GPU (triton) backend: ``"decode"`` (M ≤ 16 rows: split-K gather, reads only kept
+values + indices), ``"tile"`` (expand kept values on chip, tensor-core ``tl.dot``) and, for 2:4
+at ≥ :data:`SEMI_STRUCTURED_MIN_ROWS` rows of fp16/bf16 on CUDA, ``"semi_structured"``: torch's
+own 2:4 sparse matmul (cuSPARSELt/CUTLASS) on a :class:`SparseSemiStructuredTensor` built once
+from the packed weight and cached while ``values``/``indices`` are unchanged (same objects, same
+version counters). Pass ``path=`` to force one (the benchmark compares them).
+
+Autograd: ``dx = dy · Ŵ``; the kept ``values`` get ``dvalues[r, j] = (dyᵀ x)[r, col(r, j)]``
+(fixed-mask sparse training: the pruned positions never receive gradient), ``dbias = Σ dy``;
+``indices`` never get a gradient. Nothing is computed for inputs that do not require grad.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import backend
+from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_dim, check_same, check_tensor
+from lowrank_ops.sparse.format import (
+    SEMI_STRUCTURED_MULTIPLE,
+    check_nm,
+    index_words,
+    kept_columns,
+    to_semi_structured,
+    unpack_nm,
+)
+
+DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: split-K decode kernel
+SEMI_STRUCTURED_MIN_ROWS = 128  # 2:4 at this many rows or more: torch's sparse tensor-core matmul
+PATHS = ("decode", "tile", "semi_structured")
+_KERNEL_FUNCTIONS = {"decode": "nm_matmul_decode", "tile": "nm_matmul_tile"}
+
+
+def nm_path(rows: int, n: int | None = None, m: int | None = None) -> str:
+    """GPU route for ``rows`` rows of x: ``"decode"`` for ≤ 16 rows, ``"semi_structured"`` for
+    2:4 at ≥ :data:`SEMI_STRUCTURED_MIN_ROWS` rows (when the pattern is given), else ``"tile"``.
+    Calls the semi-structured path cannot serve (dtype, shape) fall back to ``"tile"``."""
+    if rows <= DECODE_MAX_M:
+        return "decode"
+    if (n, m) == (2, 4) and rows >= SEMI_STRUCTURED_MIN_ROWS:
+        return "semi_structured"
+    return "tile"
+
+
+# --------------------------------------------------------------------------- reference
+def nm_linear_reference(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+                        n: int, m: int, in_features: int) -> Tensor:
+    """Plain torch, fp32: unpack the dense ``Ŵ`` and ``x Ŵᵀ + b``, in x's dtype."""
+    w = unpack_nm(values.float(), indices, n, m, in_features)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- semi-structured
+def semi_structured_support(x: Tensor, values: Tensor, n: int, m: int) -> Support:
+    """Whether torch's 2:4 semi-structured matmul can serve this call. Cheap; never raises."""
+    if (n, m) != (2, 4):
+        return Support(False, f"torch's semi-structured sparsity is 2:4 only, got {n}:{m}")
+    if x.device.type != "cuda":
+        return Support(False, f"torch's semi-structured matmul needs a CUDA tensor, x is on {x.device}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return Support(False, f"semi-structured path takes float16/bfloat16, got {x.dtype}")
+    rows, cols = values.shape[0], values.shape[1] * 2
+    if rows % SEMI_STRUCTURED_MULTIPLE[0] or cols % SEMI_STRUCTURED_MULTIPLE[1]:
+        return Support(False, f"semi-structured weight must be a multiple of {SEMI_STRUCTURED_MULTIPLE}, got ({rows}, {cols})")
+    return Support(True)
+
+
+_SEMI_CACHE: dict[tuple[int, int], tuple] = {}
+
+
+def semi_structured_weight(values: Tensor, indices: Tensor, in_features: int) -> Tensor:
+    """The packed 2:4 weight as torch's ``SparseSemiStructuredTensor`` (CUDA), cached per
+    ``(values, indices)`` pair while both objects live and their version counters are unchanged."""
+    key = (id(values), id(indices))
+    entry = _SEMI_CACHE.get(key)
+    if entry is not None:
+        vref, iref, versions, semi = entry
+        if vref() is values and iref() is indices and versions == (values._version, indices._version):
+            return semi
+    for stale in [k for k, (vref, iref, _, _) in _SEMI_CACHE.items() if vref() is None or iref() is None]:
+        del _SEMI_CACHE[stale]
+    semi = to_semi_structured(values, indices, in_features)
+    _SEMI_CACHE[key] = (weakref.ref(values), weakref.ref(indices), (values._version, indices._version), semi)
+    return semi
+
+
+# --------------------------------------------------------------------------- backend support
+def _cuda_support(x: Tensor, values: Tensor, n: int, m: int) -> Support:
+    try:
+        from lowrank_ops.sparse import cuda_decode
+    except ImportError as err:
+        return Support(False, f"lowrank_ops.sparse.cuda_decode is not available ({err})")
+    if not all(hasattr(cuda_decode, f) for f in ("supports", "nm_linear_decode")):
+        return Support(False, "lowrank_ops.sparse.cuda_decode lacks supports()/nm_linear_decode()")
+    return cuda_decode.supports(x, values, n, m)
+
+
+def _triton_kernels(path: str):
+    """The kernel module and its function for ``path``, or a reason string why not."""
+    try:
+        from lowrank_ops.kernels import sparse as kernels
+    except ImportError as err:
+        return None, f"lowrank_ops.kernels.sparse is not available ({err})"
+    fn = getattr(kernels, _KERNEL_FUNCTIONS[path], None)
+    if fn is None:
+        return None, f"lowrank_ops.kernels.sparse lacks {_KERNEL_FUNCTIONS[path]}()"
+    return fn, ""
+
+
+def _resolve_path(path: str, x: Tensor, values: Tensor, n: int, m: int) -> str:
+    rows = x.shape[0]
+    if path == "auto":
+        path = nm_path(rows, n, m)
+        if path == "semi_structured" and not semi_structured_support(x, values, n, m).ok:
+            path = "tile"
+    return path
+
+
+def _triton_support(x: Tensor, values: Tensor, n: int, m: int, path: str) -> Support:
+    if not backend.triton_runs_on(x.device):
+        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    path = _resolve_path(path, x, values, n, m)
+    if path == "semi_structured":
+        return semi_structured_support(x, values, n, m)
+    if path == "decode" and x.shape[0] > DECODE_MAX_M:
+        return Support(False, f"decode path serves 1..{DECODE_MAX_M} rows, got {x.shape[0]}")
+    fn, why = _triton_kernels(path)
+    return Support(fn is not None, why)
+
+
+def _nm_backend(x: Tensor, values: Tensor, n: int, m: int, path: str) -> str:
+    support = {
+        "cuda": _cuda_support(x, values, n, m) if path == "auto" else Support(False, f"path {path!r} was forced"),
+        "triton": _triton_support(x, values, n, m, path),
+        "reference": Support(True),
+    }
+    chosen = backend.select_backend("nm_linear", support, x.device)
+    if path != "auto" and chosen == "reference" and x.device.type == "cuda" and backend.pinned_backend() is None:
+        raise ValueError(f"path: {path!r} was forced but cannot serve this call: {support['triton'].why}")
+    return chosen
+
+
+# --------------------------------------------------------------------------- custom op
+@torch.library.custom_op("lowrank_ops::nm_linear", mutates_args=())
+def _nm_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+                  n: int, m: int, in_features: int, path: str) -> Tensor:
+    chosen = _nm_backend(x, values, n, m, path)
+    if chosen == "reference":
+        return nm_linear_reference(x, values, indices, bias, n, m, in_features)
+    if chosen == "cuda":
+        from lowrank_ops.sparse import cuda_decode
+
+        return cuda_decode.nm_linear_decode(x, values, indices, n, m, bias)
+    path = _resolve_path(path, x, values, n, m)
+    if path == "semi_structured":
+        return torch.nn.functional.linear(x, semi_structured_weight(values, indices, in_features), bias)
+    fn, _ = _triton_kernels(path)
+    return fn(x, values, indices, n, m, bias)
+
+
+@_nm_linear_op.register_fake
+def _(x, values, indices, bias, n, m, in_features, path):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _nm_setup(ctx, inputs, output) -> None:
+    x, values, indices, bias, n, m, in_features, _ = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.meta = (n, m, in_features)
+    ctx.has_bias = bias is not None
+
+
+def _nm_backward(ctx, grad: Tensor):
+    x, values, indices = ctx.saved_tensors
+    n, m, in_features = ctx.meta
+    needs = ctx.needs_input_grad
+    gf = grad.float()
+    dx = dvalues = dbias = None
+    if needs[0]:
+        dx = (gf @ unpack_nm(values.float(), indices, n, m, in_features)).to(x.dtype)
+    if needs[1]:
+        # gradient of the kept values only: the dense dW = dyᵀ x gathered at the kept columns
+        dvalues = torch.gather(gf.t() @ x.float(), 1, kept_columns(indices, n, m, in_features)).to(values.dtype)
+    if needs[3] and ctx.has_bias:
+        dbias = grad.sum(0)
+    return dx, dvalues, None, dbias, None, None, None, None
+
+
+torch.library.register_autograd("lowrank_ops::nm_linear", _nm_backward, setup_context=_nm_setup)
+
+
+# --------------------------------------------------------------------------- public wrapper
+def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None, *,
+              n: int, m: int, in_features: int, path: str = "auto") -> Tensor:
+    """``y = x Wₙₘᵀ + b`` for x of shape (..., K) and the packed format's ``values``/``indices``.
+
+    ``values`` must have x's dtype (fp16/bf16/fp32), ``bias`` too. Shapes, dtypes and devices are
+    checked here (that ``indices`` hold increasing positions is the format's ``validate()``'s
+    job). ``path`` forces a GPU path (:data:`PATHS`) of the triton backend; ``"auto"`` lets
+    :func:`nm_path` choose. Differentiable in x, values (kept positions only) and bias.
+    """
+    n, m = check_nm(n, m)
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1 or in_features % m:
+        raise ValueError(f"in_features: expected a positive multiple of m={m}, got {in_features!r}")
+    if not isinstance(path, str) or path not in ("auto",) + PATHS:
+        raise ValueError(f"path: expected one of {['auto', *PATHS]}, got {path!r}")
+    k = in_features
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension, got shape {tuple(x.shape)}")
+    check_dim("x", x, -1, k, "in_features")
+    check_tensor("values", values, ndim=2)
+    check_same("values", values, "x", x)
+    check_dim("values", values, 1, k // m * n, "KK = in_features / m · n kept values per row")
+    rows = values.shape[0]
+    check_tensor("indices", indices, ndim=2, dtypes=(torch.int32,))
+    check_dim("indices", indices, 0, rows, "out_features = values.shape[0]")
+    check_dim("indices", indices, 1, index_words(k // m * n, m), "ceil(KK / positions per word) int32 words")
+    if indices.device != x.device:
+        raise ValueError(f"indices: expected device {x.device} (that of x), got {indices.device}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, "x", x)
+        check_dim("bias", bias, 0, rows, "out_features = values.shape[0]")
+    y = _nm_linear_op(x.reshape(-1, k).contiguous(), values.contiguous(), indices.contiguous(),
+                      None if bias is None else bias.contiguous(), n, m, k, path)
+    return y.reshape(*x.shape[:-1], rows)

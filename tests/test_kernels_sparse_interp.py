@@ -1,0 +1,168 @@
+"""Interpreter lane: the N:M kernels (decode gather, tile expand + dot) against a float64
+reference of the same packed weight (``format.unpack_nm``).
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU), or on
+a CUDA device. Every launcher allocation is NaN-filled first, so an unwritten output element (or
+split partial) shows up. The (pattern × dtype × path) product is covered in full; rows
+M ∈ {1, 3, 16, 17}, N ∈ {19, 37} (off the block sizes), K (whole groups, off the blocks; some large
+enough that the decode path splits K) and bias are sampled across it.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(
+        not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by conftest.py before import)",
+    ),
+]
+
+from lowrank_ops.kernels import sparse as kernels  # noqa: E402
+from lowrank_ops.sparse.format import nm_mask_from_scores, pack_nm, unpack_nm  # noqa: E402
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (4, 16)]
+PATHS = {"decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile}
+
+
+def make_nm(n_out, k, n, m, dtype):
+    """Random N:M weight (random mask, values in ``dtype``) packed by the format module."""
+    w = torch.randn(n_out, k) * k**-0.5
+    mask = nm_mask_from_scores(torch.rand(n_out, k), n, m)
+    values, indices = pack_nm(w, mask, n, m)
+    return values.to(dtype=dtype, device=DEVICE), indices.to(DEVICE)
+
+
+def reference(x, values, indices, n, m, bias):
+    w = unpack_nm(values.cpu().float(), indices.cpu(), n, m, x.shape[1]).double()  # fp32 holds fp16/bf16 exactly
+    y = x.cpu().double() @ w.t()
+    return y if bias is None else y + bias.cpu().double()
+
+
+def assert_close(out, ref, dtype, what=""):
+    out = out.detach().cpu().double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN (unwritten or poisoned) elements"
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]:g} ({dtype})"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every launcher allocation comes back NaN-filled; the list records their shapes."""
+    allocated = []
+
+    def nan_empty(shape, dtype, device):
+        allocated.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    return allocated
+
+
+def _cases():
+    """(pattern, dtype, path) in full; rows, N, K size and bias sampled with co-prime periods."""
+    out = []
+    for i, ((n, m), dtype, path) in enumerate(itertools.product(PATTERNS, DTYPES, PATHS)):
+        rows = (1, 3, 16)[i % 3] if path == "decode" else (1, 3, 17)[i % 3]
+        groups = (7, 25)[(i // 2) % 2]  # K = groups·m: off every block size; 25 groups split decode K
+        out.append(dict(n=n, m=m, dtype=dtype, path=path, rows=rows, n_out=(37, 19)[i % 2], k=groups * m,
+                        bias=bool((i // 5) % 2)))
+    out.append(dict(n=2, m=4, dtype=torch.float16, path="tile", rows=40, n_out=70, k=100, bias=True))
+    return out
+
+
+CASES = _cases()
+
+
+def _id(c):
+    return "{path}-{n}of{m}-{d}-M{rows}-N{n_out}-K{k}-{b}".format(
+        **c, d=str(c["dtype"]).split(".")[-1], b="bias" if c["bias"] else "nobias")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_nm_matmul(case, poisoned):
+    n, m, dtype = case["n"], case["m"], case["dtype"]
+    values, indices = make_nm(case["n_out"], case["k"], n, m, dtype)
+    x = torch.randn(case["rows"], case["k"]).to(dtype=dtype, device=DEVICE)
+    bias = torch.randn(case["n_out"]).to(dtype=dtype, device=DEVICE) if case["bias"] else None
+    y = PATHS[case["path"]](x, values, indices, n, m, bias)
+    assert poisoned, "the launcher allocated nothing through kernels._empty: poisoning is not in effect"
+    assert y.dtype == dtype
+    assert_close(y, reference(x, values, indices, n, m, bias), dtype, _id(case))
+
+
+def test_decode_split_k_is_exercised_and_deterministic(poisoned):
+    """A long K at few output rows splits K: fp32 partials (poisoned) summed by the reduce kernel."""
+    n, m, k = 2, 4, 400
+    values, indices = make_nm(19, k, n, m, torch.float32)
+    x = torch.randn(2, k, device=DEVICE)
+    bias = torch.randn(19, device=DEVICE)
+    splits = kernels.decode_k_split(2, 19, values.shape[1], x.device)
+    assert splits > 1
+    y = kernels.nm_matmul_decode(x, values, indices, n, m, bias)
+    assert (splits, 2, 19) in poisoned, poisoned
+    assert_close(y, reference(x, values, indices, n, m, bias), torch.float32, "split-K decode")
+    assert torch.equal(y, kernels.nm_matmul_decode(x, values, indices, n, m, bias))
+
+
+def test_values_dtype_may_differ_from_x():
+    """fp16 kept values with fp32 activations: y in x's dtype, products in fp32."""
+    values, indices = make_nm(37, 64, 2, 8, torch.float16)
+    x = torch.randn(3, 64, device=DEVICE)
+    for fn in PATHS.values():
+        y = fn(x, values, indices, 2, 8, None)
+        assert y.dtype == torch.float32
+        assert_close(y, reference(x, values, indices, 2, 8, None), torch.float32, fn.__name__)
+
+
+@pytest.mark.parametrize("n,m,k,group,rows,dtype", [
+    (2, 4, 100, 32, 1, torch.float16), (2, 8, 400, 64, 3, torch.bfloat16), (1, 4, 520, 128, 16, torch.float32),
+    (3, 8, 200, 32, 5, torch.float16),
+], ids=str)
+def test_nm_matmul_decode_q4(n, m, k, group, rows, dtype, poisoned):
+    """4-bit kept values (the quant family's uniform format along KK, KK off the group size) read
+    by the decode kernel, against the float64 product with the dequantized values."""
+    from lowrank_ops.quant.compress import quantize_rtn
+
+    values, indices = make_nm(37, k, n, m, torch.float32)
+    q = quantize_rtn(values.cpu(), bits=4, group_size=group)
+    assert q.qweight_hi is None and q.lut is None and not q.has_outliers
+    x = torch.randn(rows, k).to(dtype=dtype, device=DEVICE)
+    bias = torch.randn(37).to(dtype=dtype, device=DEVICE)
+    y = kernels.nm_matmul_decode_q4(x, q.qweight.to(DEVICE), q.scales.to(DEVICE), q.zeros.to(DEVICE), group, indices,
+                                    n, m, bias)
+    assert y.dtype == dtype and poisoned
+    assert_close(y, reference(x, q.dense(torch.float32), indices, n, m, bias), dtype, f"q4 {n}:{m} g{group}")
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.nm_matmul_decode_q4(x, q.qweight, q.scales, q.zeros, 16, indices, n, m, bias)
+
+
+def test_bad_pattern_and_rows():
+    values, indices = make_nm(8, 32, 2, 4, torch.float32)
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="m"):
+        kernels.nm_matmul_tile(x, values, indices, 2, 6)
+    with pytest.raises(ValueError, match="n"):
+        kernels.nm_matmul_decode(x, values, indices, 4, 4)
+    with pytest.raises(ValueError, match="x2d"):
+        kernels.nm_matmul_decode(torch.randn(17, 32, device=DEVICE), values, indices, 2, 4)
+
+
+def test_compile_cases_cover_every_kernel_and_pattern():
+    names = [c.name for c in kernels.COMPILE_CASES]
+    assert any(name.startswith("nm_decode_q4[") for name in names)
+    for kernel in ("nm_tile", "nm_decode"):
+        for dtype in ("fp16", "bf16"):
+            for n, m in ((2, 4), (1, 4), (2, 8), (4, 16)):
+                assert any(name.startswith(f"{kernel}[{dtype},{n}:{m}") for name in names), (kernel, dtype, n, m)
+    assert any("split" in name for name in names) and any("direct" in name for name in names)

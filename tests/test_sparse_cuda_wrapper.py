@@ -1,0 +1,181 @@
+"""Reference lane: the CUDA N:M decode wrapper's verdicts and input checks on CPU tensors (no GPU),
+and a Python emulation of the kernel's indexing (tiles, 8-value chunks, word pair, incremental
+group/slot) checked against ``format.unpack_nm``. Compile lane: csrc/sparse_decode.cu builds for
+sm_80/sm_90 without register spills."""
+import subprocess
+
+import pytest
+import torch
+
+from lowrank_ops.core import cuda_build, cuda_ext
+from lowrank_ops.core.backend import Support
+from lowrank_ops.sparse import cuda_decode
+from lowrank_ops.sparse.cuda_decode import CUDA_SPARSE_MAX_M
+from lowrank_ops.sparse.format import index_bits, nm_mask_from_scores, pack_nm, positions_per_word, unpack_nm
+
+HALF = torch.float16
+
+
+def make_packed(rows=2, k=96, n_out=12, n=2, m=4, bias=True, dtype=HALF, seed=0):
+    """x plus (values, indices, bias) of a random N:M weight packed by the format module."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, k, generator=gen)
+    values, indices = pack_nm(w, nm_mask_from_scores(torch.rand(n_out, k, generator=gen), n, m), n, m)
+    b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
+    return torch.randn(rows, k, generator=gen).to(dtype), values.to(dtype), indices, b
+
+
+# --------------------------------------------------------------------------- supports()
+def test_supports_cpu_tensor_is_refused_with_reason():
+    x, values, _, _ = make_packed()
+    verdict = cuda_decode.supports(x, values, 2, 4)
+    assert isinstance(verdict, Support) and not verdict.ok
+    assert "CUDA tensor" in verdict.why and "cpu" in verdict.why
+
+
+def test_supports_never_raises_and_is_cheap_on_cpu(monkeypatch):
+    def boom():
+        raise AssertionError("supports() must not look for the extension for a CPU tensor")
+
+    monkeypatch.setattr(cuda_ext, "available", boom)
+    values = torch.zeros(4, 8, dtype=HALF)
+    for x, v, n, m in [
+        (torch.randn(3, 16), values.float(), 2, 4),
+        (torch.randn(2, 3, 16, dtype=HALF), values, 2, 4),
+        (torch.empty(1, 16, dtype=HALF, device="meta"), values, 2, 4),
+        ("not a tensor", values, 2, 4),
+        (torch.randn(1, 16, dtype=HALF), "values", 2, 4),
+        (torch.randn(1, 16, dtype=HALF), values, None, 4),
+    ]:
+        verdict = cuda_decode.supports(x, v, n, m)
+        assert not verdict.ok and verdict.why
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,n,m,ok,fragment",
+    [
+        (torch.float16, (1, 64), 2, 4, True, ""),
+        (torch.bfloat16, (CUDA_SPARSE_MAX_M, 80), 3, 8, True, ""),
+        (torch.float16, (3, 48), 15, 16, True, ""),
+        (torch.float16, (CUDA_SPARSE_MAX_M + 1, 64), 2, 4, False, "rows"),
+        (torch.float32, (1, 64), 2, 4, False, "dtype"),
+        (torch.float16, (1, 64), 4, 4, False, "pattern"),
+        (torch.float16, (1, 64), 2, 6, False, "pattern"),
+        (torch.float16, (1, 64), True, 4, False, "pattern"),
+        (torch.float16, (1, 60), 2, 8, False, "multiple of m"),
+        (torch.float16, (64,), 2, 4, False, "2-D"),
+        (torch.float16, (1, 0), 2, 4, False, "K = 0"),
+    ],
+)
+def test_shape_support_verdicts(dtype, shape, n, m, ok, fragment):
+    verdict = cuda_decode.shape_support(dtype, shape, n, m)
+    assert verdict.ok == ok and fragment in verdict.why, verdict
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_valid_cpu_call_fails_only_on_device(n, m, bias):
+    x, values, indices, b = make_packed(n=n, m=m, k=96 if m != 16 else 112, bias=bias)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        cuda_decode.nm_linear_decode(x, values, indices, n, m, b)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda x, v, i, b: (x.float(), v, i, b), TypeError, "x: expected dtype"),
+        (lambda x, v, i, b: (x[None], v, i, b), ValueError, "x: expected 2 dimensions"),
+        (lambda x, v, i, b: (x.t().contiguous().t(), v, i, b), ValueError, "x: expected a contiguous"),
+        (lambda x, v, i, b: (x.repeat(5, 1), v, i, b), ValueError, "x: expected 1..8 rows"),
+        (lambda x, v, i, b: (x[:, :-2].contiguous(), v, i, b), ValueError, "x: expected K a positive multiple"),
+        (lambda x, v, i, b: (x, v[0], i, b), ValueError, "values: expected a 2-D"),
+        (lambda x, v, i, b: (x, v.to(torch.bfloat16), i, b), TypeError, "values: expected dtype"),
+        (lambda x, v, i, b: (x, v[:, :-1].contiguous(), i, b), ValueError, "values: expected shape"),
+        (lambda x, v, i, b: (x, v.t().contiguous().t(), i, b), ValueError, "values: expected a contiguous"),
+        (lambda x, v, i, b: (x, v, i.to(torch.int64), b), TypeError, "indices: expected dtype"),
+        (lambda x, v, i, b: (x, v, i[:-1].contiguous(), b), ValueError, "indices: expected shape"),
+        (lambda x, v, i, b: (x, v, "indices", b), TypeError, "indices: expected a torch.Tensor"),
+        (lambda x, v, i, b: (x, v, i, b.float()), TypeError, "bias: expected dtype"),
+        (lambda x, v, i, b: (x, v, i, b[:-1].contiguous()), ValueError, "bias: expected shape"),
+    ],
+)
+def test_check_inputs_names_the_argument(mutate, exc, pattern):
+    x, values, indices, bias = make_packed(k=96)
+    x, values, indices, bias = mutate(x, values, indices, bias)
+    with pytest.raises(exc, match=pattern):
+        cuda_decode.nm_linear_decode(x, values, indices, 2, 4, bias)
+
+
+def test_bad_pattern_is_refused():
+    x, values, indices, bias = make_packed()
+    with pytest.raises(ValueError, match="m"):
+        cuda_decode.nm_linear_decode(x, values, indices, 2, 5, bias)
+    with pytest.raises(ValueError, match="n"):
+        cuda_decode.nm_linear_decode(x, values, indices, 0, 4, bias)
+
+
+# --------------------------------------------------------------------------- indexing emulation
+def emulate_kernel_columns(indices: torch.Tensor, n: int, m: int, k: int, cols_per_tile: int) -> torch.Tensor:
+    """(N, KK) column of every kept value as csrc/sparse_decode.cu computes it: x tiles of
+    ``cols_per_tile`` columns, chunks of 8 values from each tile's first kept index, positions
+    from word w0 at bit off0 on (spilling into word w0 + 1), group/slot stepped per value, the
+    column relative to the tile plus the tile start. Unvisited entries stay -1."""
+    assert cols_per_tile % (8 * m) == 0, "the kernel's tiles hold a multiple of 8 groups (chunks start word-aligned)"
+    bits, per_word = index_bits(m), positions_per_word(m)
+    kk, words = k // m * n, indices.shape[1]
+    out = torch.full((indices.shape[0], kk), -1, dtype=torch.int64)
+    for r in range(indices.shape[0]):
+        row = [int(w) & 0xFFFFFFFF for w in indices[r]]
+        for t0 in range(0, k, cols_per_tile):
+            cols = min(cols_per_tile, k - t0)
+            j_begin, j_end = t0 // m * n, (t0 + cols) // m * n
+            for j8 in range(j_begin, j_end, 8):  # one chunk per lane (lanes stride by 32 chunks)
+                w0 = j8 // per_word
+                off0 = (j8 - w0 * per_word) * bits
+                spill = per_word % 8 != 0 and off0 + 8 * bits > per_word * bits and w0 + 1 < words
+                word0, word1 = row[w0], row[w0 + 1] if spill else 0
+                group, slot = j8 // n, j8 - (j8 // n) * n
+                for e in range(8):
+                    off = off0 + e * bits
+                    pos = (word0 >> off) & (m - 1) if off < per_word * bits else (word1 >> (off - per_word * bits)) & (m - 1)
+                    if j8 + e < j_end:
+                        col = group * m + pos - t0
+                        assert 0 <= col < cols, (r, j8 + e, col)
+                        assert out[r, j8 + e] == -1, "a kept value visited twice"
+                        out[r, j8 + e] = col + t0
+                    slot += 1
+                    if slot == n:
+                        slot, group = 0, group + 1
+    return out
+
+
+@pytest.mark.parametrize("n,m,k,tile", [(2, 4, 96, 32), (1, 4, 160, 64), (3, 4, 100, 32), (2, 8, 200, 64),
+                                         (3, 8, 200, 64), (7, 8, 136, 64), (4, 16, 400, 128), (5, 16, 272, 128)])
+def test_kernel_indexing_emulation_matches_unpack(n, m, k, tile):
+    """Every kept value visited once, at the column unpack_nm puts it (tile sizes shrunk from the
+    kernel's 8192 / MB, keeping its invariant that a tile holds a multiple of 8 groups, so several
+    tiles, word spills and partial chunks all occur)."""
+    assert tile % (8 * m) == 0
+    _, values, indices, _ = make_packed(n_out=5, k=k, n=n, m=m, bias=False, dtype=torch.float32)
+    cols = emulate_kernel_columns(indices, n, m, k, tile)
+    assert (cols >= 0).all(), "some kept values were never visited"
+    dense = torch.zeros(5, k).scatter_(1, cols, values)
+    assert torch.equal(dense, unpack_nm(values, indices, n, m, k))
+
+
+# --------------------------------------------------------------------------- compile lane: registers
+@pytest.mark.compile
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="compile lane: nvcc not found")
+def test_sparse_decode_cu_compiles_without_spills(tmp_path):
+    """csrc/sparse_decode.cu alone, for sm_80 and sm_90 with ``-Xptxas -v``: every instantiation of
+    the kernel (2 dtypes x 3 group sizes x 4 row counts, per arch) reports no spill stores/loads."""
+    nvcc = cuda_build.find_nvcc()
+    archs = ["80", "90"]
+    cmd = [nvcc, *cuda_build.COMMON_FLAGS, *cuda_build.gencode_flags(archs), f"-I{cuda_build.CSRC_DIR}",
+           "-Xptxas", "-v", "-c", str(cuda_build.CSRC_DIR / "sparse_decode.cu"), "-o", str(tmp_path / "sd.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (proc.stdout + proc.stderr).splitlines()
+    spill_lines = [line for prev, line in zip(log, log[1:]) if "sparse_decode_kernel" in prev and "spill" in line]
+    assert len(spill_lines) >= 24 * len(archs), "\n".join(log[-20:])
+    assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in spill_lines), spill_lines

@@ -1,0 +1,259 @@
+"""Reference lane: the ``lowrank_ops::nm_linear`` op (reference vs float64, autograd, opcheck,
+torch.compile, dispatch, bad inputs); the op's GPU paths are in the gpu lane at the end."""
+import sys
+import types
+
+import pytest
+import torch
+
+from lowrank_ops.core.backend import use_backend
+from lowrank_ops.sparse import ops
+from lowrank_ops.sparse.format import kept_columns, nm_mask_from_scores, pack_nm, unpack_nm
+
+PATTERNS = [(1, 4), (2, 4), (2, 8), (4, 8), (3, 16)]
+
+
+def _packed(rows, k, n, m, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=gen)
+    mask = nm_mask_from_scores(torch.rand(rows, k, generator=gen), n, m)
+    values, indices = pack_nm(w.to(dtype), mask, n, m)
+    return values, indices, mask
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 17)])
+def test_reference_matches_float64_dense(n, m, dtype, tol, shape):
+    k, rows = 4 * m, 9
+    values, indices, mask = _packed(rows, k, n, m, dtype)
+    x = torch.randn(*shape, k).to(dtype)
+    bias = torch.randn(rows).to(dtype)
+    y = ops.nm_linear(x, values, indices, bias, n=n, m=m, in_features=k)
+    dense = unpack_nm(values.double(), indices, n, m, k)
+    ref = x.double() @ dense.t() + bias.double()
+    assert y.shape == (*shape, rows) and y.dtype == dtype
+    assert _rel(y, ref) < tol
+    assert bool((dense[~mask] == 0).all())
+
+
+def test_one_dimensional_input():
+    values, indices, _ = _packed(5, 16, 2, 4)
+    x = torch.randn(16)
+    y = ops.nm_linear(x, values, indices, n=2, m=4, in_features=16)
+    assert y.shape == (5,)
+    torch.testing.assert_close(y, unpack_nm(values, indices, 2, 4, 16) @ x)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 8), (5, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_match_dense_masked_autograd(n, m, bias):
+    k, rows = 3 * m, 7
+    values, indices, mask = _packed(rows, k, n, m)
+    x = torch.randn(2, 5, k, requires_grad=True)
+    v = values.clone().requires_grad_()
+    b = torch.randn(rows, requires_grad=True) if bias else None
+    y = ops.nm_linear(x, v, indices, b, n=n, m=m, in_features=k)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    # float64 oracle: autograd through a dense weight, masked
+    x64 = x.detach().double().requires_grad_()
+    w64 = unpack_nm(values.double(), indices, n, m, k).requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    y64 = x64 @ (w64 * mask).t() + (b64 if bias else 0)
+    y64.backward(grad.double())
+    assert _rel(x.grad, x64.grad) < 1e-6
+    expected = torch.gather(w64.grad, 1, kept_columns(indices, n, m, k))
+    assert _rel(v.grad, expected) < 1e-6
+    # the kept-value gradient is exactly the dense gradient at the kept positions
+    assert _rel(unpack_nm(v.grad.double(), indices, n, m, k), w64.grad * mask) < 1e-6
+    if bias:
+        assert _rel(b.grad, b64.grad) < 1e-6
+
+
+def test_frozen_weight_gets_no_gradient():
+    values, indices, _ = _packed(6, 16, 2, 4)
+    x = torch.randn(3, 16, requires_grad=True)
+    ops.nm_linear(x, values, indices, n=2, m=4, in_features=16).sum().backward()
+    assert x.grad is not None and values.grad is None and indices.grad is None
+
+
+# --------------------------------------------------------------------------- opcheck, torch.compile
+@pytest.mark.parametrize("n,m,bias,train", [(2, 4, True, True), (1, 4, False, False), (3, 16, True, False), (4, 8, False, True)])
+def test_opcheck(n, m, bias, train):
+    k, rows = 2 * m, 6
+    values, indices, _ = _packed(rows, k, n, m)
+    values.requires_grad_(train)
+    x = torch.randn(5, k, requires_grad=True)
+    b = torch.randn(rows, requires_grad=True) if bias else None
+    with use_backend("reference"):
+        torch.library.opcheck(ops._nm_linear_op, (x, values, indices, b, n, m, k, "auto"))
+
+
+class TinySparseLinear(torch.nn.Module):
+    def __init__(self, values, indices, n, m, k):
+        super().__init__()
+        self.values = torch.nn.Parameter(values)
+        self.register_buffer("indices", indices)
+        self.bias = torch.nn.Parameter(torch.randn(values.shape[0]))
+        self.meta = dict(n=n, m=m, in_features=k)
+
+    def forward(self, x):
+        return ops.nm_linear(x, self.values, self.indices, self.bias, **self.meta)
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    values, indices, _ = _packed(12, 32, 2, 8)
+    model = torch.nn.Sequential(TinySparseLinear(values, indices, 2, 8, 32), torch.nn.GELU())
+    x = torch.randn(2, 3, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    assert model[0].values.grad is not None and model[0].bias.grad is not None
+
+
+# --------------------------------------------------------------------------- dispatch
+def test_nm_path():
+    assert [ops.nm_path(r) for r in (1, 16, 17, 4096)] == ["decode", "decode", "tile", "tile"]
+    assert ops.nm_path(16, 2, 4) == "decode"
+    assert ops.nm_path(ops.SEMI_STRUCTURED_MIN_ROWS - 1, 2, 4) == "tile"
+    assert ops.nm_path(ops.SEMI_STRUCTURED_MIN_ROWS, 2, 4) == "semi_structured"
+    assert ops.nm_path(4096, 2, 8) == "tile"
+
+
+def test_semi_structured_support_reasons():
+    values, _, _ = _packed(32, 64, 2, 4, torch.float16)
+    x = torch.randn(256, 64).half()
+    assert "CUDA tensor" in ops.semi_structured_support(x, values, 2, 4).why
+    assert "2:4 only" in ops.semi_structured_support(x, values, 2, 8).why
+    # an fp32 call on the auto path falls back to the tile kernel
+    assert ops._resolve_path("auto", x.float(), values.float(), 2, 4) == "tile"
+    assert ops._resolve_path("auto", x[:3], values, 2, 4) == "decode"
+    assert ops._resolve_path("semi_structured", x[:3], values, 2, 4) == "semi_structured"
+
+
+def test_pinned_backends_and_unavailable_kernels(monkeypatch):
+    values, indices, _ = _packed(8, 32, 2, 4)
+    x = torch.randn(3, 32)
+    with use_backend("reference"):
+        y = ops.nm_linear(x, values, indices, n=2, m=4, in_features=32)
+    torch.testing.assert_close(y, ops.nm_linear_reference(x, values, indices, None, 2, 4, 32))
+    with use_backend("cuda"), pytest.raises(ValueError, match="pinned backend 'cuda' cannot run this call"):
+        ops.nm_linear(x, values, indices, n=2, m=4, in_features=32)
+    # a missing kernel module or function makes the triton backend unsupported, with the reason
+    import lowrank_ops.kernels as kernel_pkg
+
+    monkeypatch.delattr(kernel_pkg, "sparse", raising=False)
+    monkeypatch.setitem(sys.modules, "lowrank_ops.kernels.sparse", None)
+    assert "lowrank_ops.kernels.sparse is not available" in ops._triton_support(x, values, 2, 4, "auto").why
+    monkeypatch.setitem(sys.modules, "lowrank_ops.kernels.sparse", types.ModuleType("lowrank_ops.kernels.sparse"))
+    verdict = ops._triton_support(x, values, 2, 4, "auto")
+    if verdict.why.startswith("Triton cannot launch"):
+        pytest.skip("Triton cannot launch here (no CUDA and no interpreter)")
+    assert "lacks nm_matmul_decode()" in verdict.why
+    with use_backend("triton"), pytest.raises(ValueError, match="lacks nm_matmul_tile"):
+        ops.nm_linear(torch.randn(20, 32), values, indices, n=2, m=4, in_features=32)
+    import lowrank_ops.sparse as sparse_pkg
+
+    monkeypatch.delattr(sparse_pkg, "cuda_decode", raising=False)
+    monkeypatch.setitem(sys.modules, "lowrank_ops.sparse.cuda_decode", None)
+    assert "cuda_decode is not available" in ops._cuda_support(x, values, 2, 4).why
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows,path", [(3, "auto"), (17, "auto"), (3, "tile")])
+def test_triton_backend_through_the_op(rows, path):
+    """The op reaches the Triton kernels (interpreter on CPU) and agrees with the reference."""
+    pytest.importorskip("triton")
+    values, indices, _ = _packed(24, 64, 2, 8)
+    x = torch.randn(rows, 64)
+    bias = torch.randn(24)
+    out = ops.nm_linear_reference(x, values, indices, bias, 2, 8, 64)
+    with use_backend("triton"):
+        y = ops.nm_linear(x, values, indices, bias, n=2, m=8, in_features=64, path=path)
+    assert _rel(y, out) < 1e-5
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda a: {**a, "x": a["x"].numpy()}, TypeError, "x: expected a torch.Tensor"),
+        (lambda a: {**a, "x": a["x"].int()}, TypeError, "x: expected dtype"),
+        (lambda a: {**a, "x": a["x"][:, :30]}, ValueError, "x: expected size 32 at dim -1"),
+        (lambda a: {**a, "values": a["values"].half()}, TypeError, "values: expected dtype torch.float32 .that of x."),
+        (lambda a: {**a, "values": a["values"][:, :10]}, ValueError, "values: expected size 16 at dim 1"),
+        (lambda a: {**a, "indices": a["indices"].long()}, TypeError, "indices: expected dtype"),
+        (lambda a: {**a, "indices": a["indices"][:4]}, ValueError, "indices: expected size 9 at dim 0"),
+        (lambda a: {**a, "indices": torch.zeros(9, 3, dtype=torch.int32)}, ValueError, "indices: expected size 1 at dim 1"),
+        (lambda a: {**a, "bias": torch.zeros(4)}, ValueError, "bias: expected size 9"),
+        (lambda a: {**a, "bias": torch.zeros(9).half()}, TypeError, "bias: expected dtype"),
+        (lambda a: {**a, "n": 4}, ValueError, "n: expected 1 <= n < m=4"),
+        (lambda a: {**a, "m": 5}, ValueError, r"m: expected one of \[4, 8, 16\]"),
+        (lambda a: {**a, "in_features": 30}, ValueError, "in_features: expected a positive multiple of m=4"),
+        (lambda a: {**a, "in_features": 32.0}, ValueError, "in_features: expected a positive multiple"),
+        (lambda a: {**a, "path": "fast"}, ValueError, "path: expected one of"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    values, indices, _ = _packed(9, 32, 2, 4)
+    args = change(dict(x=torch.randn(3, 32), values=values, indices=indices, bias=None, n=2, m=4, in_features=32))
+    with pytest.raises(error, match=match):
+        ops.nm_linear(args.pop("x"), args.pop("values"), args.pop("indices"), args.pop("bias"), **args)
+
+
+# --------------------------------------------------------------------------- gpu lane
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17, 256])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 8)])
+def test_gpu_auto_dispatch_matches_reference(dtype, rows, n, m):
+    values, indices, _ = _packed(256, 512, n, m, dtype)
+    values, indices = values.cuda(), indices.cuda()
+    x = torch.randn(rows, 512, device="cuda").to(dtype)
+    bias = torch.randn(256, device="cuda").to(dtype)
+    y = ops.nm_linear(x, values, indices, bias, n=n, m=m, in_features=512)
+    ref = ops.nm_linear_reference(x, values, indices, bias, n, m, 512)
+    assert bool(torch.isfinite(y).all()) and _rel(y, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_semi_structured_path_and_cache(dtype):
+    values, indices, _ = _packed(256, 512, 2, 4, dtype)
+    values, indices = values.cuda(), indices.cuda()
+    x = torch.randn(300, 512, device="cuda").to(dtype)
+    ref = ops.nm_linear_reference(x, values, indices, None, 2, 4, 512)
+    y = ops.nm_linear(x, values, indices, n=2, m=4, in_features=512, path="semi_structured")
+    assert _rel(y, ref) < 1e-2
+    first = ops.semi_structured_weight(values, indices, 512)
+    assert ops.semi_structured_weight(values, indices, 512) is first  # cached while unchanged
+    values.mul_(2)  # an in-place update bumps the version counter: rebuilt, results follow
+    assert ops.semi_structured_weight(values, indices, 512) is not first
+    y2 = ops.nm_linear(x, values, indices, n=2, m=4, in_features=512, path="semi_structured")
+    assert _rel(y2, 2 * ref) < 1e-2
+    with pytest.raises(ValueError, match="path: 'semi_structured' was forced but cannot serve"):
+        ops.nm_linear(x.float(), values.float(), indices, n=2, m=4, in_features=512, path="semi_structured")
+
+
+@pytest.mark.gpu
+def test_gpu_compile_and_cuda_graph():
+    values, indices, _ = _packed(128, 256, 2, 8, torch.float16)
+    layer = TinySparseLinear(values.cuda(), indices.cuda(), 2, 8, 256).half().cuda()
+    x = torch.randn(4, 256, device="cuda").half()
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=2e-3, atol=2e-3)
+        static_x = x.clone()
+        layer(static_x)  # warm up outside the capture (autotuning, lazy imports)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_x.copy_(2 * x)
+        graph.replay()
+        torch.testing.assert_close(static_y, layer(2 * x), rtol=2e-3, atol=2e-3)
