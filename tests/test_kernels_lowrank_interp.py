@@ -5,29 +5,20 @@ on a CUDA device. Every buffer the launchers allocate is filled with NaN first, 
 element a kernel fails to write shows up as NaN. Shapes are small and odd (K and N not
 multiples of any block, M = 1, 3, 17, 40); each (path, shape) runs in all three dtypes.
 """
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by conftest.py before import)",
-    ),
-]
+from kernel_lane import DEVICE, DTYPES, MARKS, assert_close, poison_allocations  # noqa: E402
+
+pytestmark = MARKS
 
 import lowrank_ops.lowrank.ops as ops  # noqa: E402
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kernels import lowrank as kernels  # noqa: E402
 
-DEVICE = "cuda" if ON_CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # (M, K, N, R, bias): K and N off every block size; R from 1 to the path's limit.
 FUSED_SHAPES = [
@@ -52,15 +43,7 @@ LORA_SHAPES = [
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Every launcher allocation comes back NaN-filled; the list records them."""
-    allocated = []
-
-    def nan_empty(shape, dtype, device):
-        allocated.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
-    return allocated
+    return poison_allocations(monkeypatch, kernels)
 
 
 @pytest.fixture
@@ -96,12 +79,6 @@ def lora_ref(x, w, a, b, scale, bias):
     return y if bias is None else y + f64(bias)
 
 
-def assert_close(out, ref, dtype, what=""):
-    out = f64(out)
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN (unwritten or poisoned) elements"
-    err = ((out - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]:g} ({dtype})"
 
 
 def _ids(shapes):

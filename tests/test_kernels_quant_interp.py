@@ -9,29 +9,20 @@ every value meets every path. K = 100 with g = 32 → K_pad = 128; N odd.
 """
 import itertools
 import math
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by conftest.py before import)",
-    ),
-]
+from kernel_lane import DEVICE, DTYPES, MARKS, assert_close, poison_allocations  # noqa: E402
+
+pytestmark = MARKS
 
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kernels import quant as kernels  # noqa: E402
 from lowrank_ops.quant import ops  # noqa: E402
 
-DEVICE = "cuda" if ON_CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ORDER = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols", "outlier_vals", "lr_u", "lr_v")
 
 
@@ -84,25 +75,11 @@ def reference(x, t, bias, bits, group, k):
     return y if bias is None else y + f64(bias)
 
 
-def assert_close(out, ref, dtype, what=""):
-    out = f64(out)
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN (unwritten or poisoned) elements"
-    err = ((out - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]:g} ({dtype})"
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Every launcher allocation comes back NaN-filled; the list records them."""
-    allocated = []
-
-    def nan_empty(shape, dtype, device):
-        allocated.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
-    return allocated
+    return poison_allocations(monkeypatch, kernels)
 
 
 # --------------------------------------------------------------------------- kernels, direct

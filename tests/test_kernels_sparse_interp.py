@@ -8,28 +8,19 @@ M ∈ {1, 3, 16, 17}, N ∈ {19, 37} (off the block sizes), K (whole groups, off
 enough that the decode path splits K) and bias are sampled across it.
 """
 import itertools
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by conftest.py before import)",
-    ),
-]
+from kernel_lane import DEVICE, DTYPES, MARKS, assert_close, poison_allocations  # noqa: E402
+
+pytestmark = MARKS
 
 from lowrank_ops.kernels import sparse as kernels  # noqa: E402
 from lowrank_ops.sparse.format import nm_mask_from_scores, pack_nm, unpack_nm  # noqa: E402
 
-DEVICE = "cuda" if ON_CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (4, 16)]
 PATHS = {"decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile}
 
@@ -48,25 +39,11 @@ def reference(x, values, indices, n, m, bias):
     return y if bias is None else y + bias.cpu().double()
 
 
-def assert_close(out, ref, dtype, what=""):
-    out = out.detach().cpu().double()
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN (unwritten or poisoned) elements"
-    err = ((out - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]:g} ({dtype})"
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Every launcher allocation comes back NaN-filled; the list records their shapes."""
-    allocated = []
-
-    def nan_empty(shape, dtype, device):
-        allocated.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
-    return allocated
+    return poison_allocations(monkeypatch, kernels)
 
 
 def _cases():

@@ -40,8 +40,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +76,6 @@ QUICK = {"contexts": [1024, 8192, 32768], "batches": [1, 16], "configs": ["2b-r4
 CPU_SMOKE = {"contexts": [80, 200], "batches": [1, 3], "configs": list(CONFIGS),
              "dequant_baseline": True, "geometry": CPU_GEOMETRY}
 MODES = {"full": FULL, "quick": QUICK, "cpu-smoke": CPU_SMOKE}
-DEFAULT_TARGET_MS = 25.0
 BASELINES = ("sdpa", "sdpa:packed", "dequant+sdpa")
 
 
@@ -107,12 +105,15 @@ class Target:
     min_context: int = 0
 
 
+# Byte counts at head_dim 128, B = 64: 2b-r4-s2 stores 2 (codes) + 1 (scale + zero) + 3 x 24 / 128
+# (outliers) + 0.5 (A) + 1 (B) = 5.06 bits per entry, 4b 4 + 1 = 5, plus the 64-token fp16 tail
+# buffer (16 · 64 / T bits): both ≈ 0.32x fp16 at T = 8k, the decode speedup limit ≈ 3x.
 TARGETS = [
     Target("2b-r4-s2 faster than SDPA, T >= 4k", "2b-r4-s2", "vs_sdpa", 1.0, 4096),
     Target("2b-r4-s2 >= 2x SDPA, T >= 16k", "2b-r4-s2", "vs_sdpa", 2.0, 16384),
-    Target("4b >= 1.5x SDPA, T >= 16k", "4b", "vs_sdpa", 1.5, 16384),
-    Target("2b-r4-s2 memory <= 0.3x fp16, T >= 4k", "2b-r4-s2", "mem_vs_fp16", 0.3, 4096),
-    Target("4b memory <= 0.35x fp16, T >= 4k", "4b", "mem_vs_fp16", 0.35, 4096),
+    Target("4b >= 2x SDPA, T >= 16k", "4b", "vs_sdpa", 2.0, 16384),
+    Target("2b-r4-s2 memory <= 0.33x fp16, T >= 8k", "2b-r4-s2", "mem_vs_fp16", 0.33, 8192),
+    Target("4b memory <= 0.33x fp16, T >= 8k", "4b", "mem_vs_fp16", 0.33, 8192),
 ]
 
 
@@ -133,7 +134,7 @@ class RunConfig:
     dequant_baseline: bool = False
     use_graph: bool = True
     eager: bool = True
-    target_ms: float = DEFAULT_TARGET_MS
+    target_ms: float = T.DEFAULT_TARGET_MS
     time_budget_s: Optional[float] = None
     methods: Optional[set[str]] = None  # restrict our methods to these names (baselines always run)
     max_copies: int = T.MAX_COPIES
@@ -365,10 +366,6 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _pct(key: str) -> Callable[[dict], Optional[float]]:
-    return lambda r: None if r.get(key) is None else 100 * r[key]
-
-
 TABLE_COLUMNS = [
     T.Column("context", "T", 6),
     T.Column("batch", "b", 3),
@@ -377,7 +374,7 @@ TABLE_COLUMNS = [
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 6, ".0f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
     T.Column("vs_sdpa", "xsdpa", 6, ".2f"),
     T.Column("bits_per_entry", "bits", 5, ".2f"),
     T.Column("err_vs_ref", "err_ref", 8, ".1e"),
@@ -391,19 +388,11 @@ SUMMARY_COLUMNS = [
     T.Column("best", "best ours", 13, align="<"),
     T.Column("best_us", "ours_us", 9, ".1f"),
     T.Column("vs_sdpa", "xsdpa", 6, ".2f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
     T.Column("bytes_per_token_per_layer", "B/tok/L", 8, ".0f"),
     T.Column("mem_vs_fp16", "xmem", 5, ".3f"),
 ]
-TARGET_COLUMNS = [
-    T.Column("target", "target", 38, align="<"),
-    T.Column("context", "T", 6),
-    T.Column("batch", "b", 3),
-    T.Column("method", "method", 13, align="<"),
-    T.Column("value", "value", 6, ".2f"),
-    T.Column("goal", "goal", 5, ".2f"),
-    T.Column("met", "met", 4),
-]
+TARGET_COLUMNS = T.target_columns(38, 13, [T.Column("context", "T", 6), T.Column("batch", "b", 3)])
 
 
 def format_rows(rows: Sequence[dict], title: str = "") -> str:
@@ -445,59 +434,32 @@ def format_summary(payload: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ops.benchmarks.kvcache",
-                                description="Benchmark GEAR decode attention against SDPA on an fp16 KV cache.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="T {1k, 8k, 32k} x b {1, 16}, 2 configs (the device check)")
-    g.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny caches on CPU, reference backend (+ Triton under TRITON_INTERPRET=1), wall clock")
-    g.add_argument("--summarize", metavar="JSON", help="print the per-case summary and targets of a results file and exit")
-    p.add_argument("--out", metavar="DIR", help="write kvcache-<mode>.json into DIR (rewritten after every case)")
+    p = T.suite_parser("kvcache", "Benchmark GEAR decode attention against SDPA on an fp16 KV cache.",
+                       "T {1k, 8k, 32k} x b {1, 16}, 2 configs")
     p.add_argument("--contexts", help="override context lengths, e.g. 1024,32768")
     p.add_argument("--batches", help="override batch sizes, e.g. 1,16")
     p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}")
-    p.add_argument("--methods", help="only these of our methods (baselines always run), e.g. triton")
-    p.add_argument("--no-graph", action="store_true", help="primary time from eager CUDA events, no graph capture")
-    p.add_argument("--target-ms", type=float, default=DEFAULT_TARGET_MS, help="rough time per timing mode per row")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="stop starting new cases after S seconds (results so far are kept)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry (``python -m lowrank_ops.benchmarks.kvcache``)."""
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    """CLI entry (``python -m lowrank_ops.benchmarks.kvcache``, ``lowrank-ops bench --suite kvcache``)."""
+    return T.suite_main(argv, "kvcache", build_parser(), format_summary, _plan, _run)
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        print(format_summary(T.load_json(args.summarize)))
-        return 0
-    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+def _plan(args: argparse.Namespace, mode: str) -> tuple[list[int], list[int], list[str]]:
     spec = MODES[mode]
-    try:
-        contexts = parse_ints(args.contexts, "--contexts") if args.contexts else spec["contexts"]
-        batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-        configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
-        if not configs or any(c not in CONFIGS for c in configs):
-            raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if mode != "cpu-smoke" and not torch.cuda.is_available():
-        print("kvcache benchmarks: no CUDA device (torch.cuda.is_available() is False); nothing measured.\n"
-              "Run on a GPU machine, or pass --cpu-smoke to exercise the plumbing on CPU.")
-        return 0
-    device = torch.device("cpu") if mode == "cpu-smoke" else torch.device("cuda", torch.cuda.current_device())
-    if mode == "cpu-smoke":
-        torch.set_num_threads(1)
-        if args.target_ms == DEFAULT_TARGET_MS:
-            args.target_ms = 2.0
+    contexts = parse_ints(args.contexts, "--contexts") if args.contexts else spec["contexts"]
+    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
+    if not configs or any(c not in CONFIGS for c in configs):
+        raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    return contexts, batches, configs
+
+
+def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[list[int], list[int], list[str]]) -> int:
+    contexts, batches, configs = plan
+    spec = MODES[mode]
     # fp16 on CPU too: the cache format's scales are fp16 whatever the input, the reference upcasts
     env = Env(device, torch.float16, spec["geometry"])
     env.triton_ok, env.triton_why = T.probe_triton(device, "lowrank_ops.kernels.kvcache_attention")
@@ -505,7 +467,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cases = kv_cases(contexts, batches, skip)
     cfg = RunConfig(mode, configs=configs, dequant_baseline=spec["dequant_baseline"], use_graph=not args.no_graph,
                     target_ms=args.target_ms, time_budget_s=args.time_budget,
-                    methods={m.strip() for m in args.methods.split(",")} if args.methods else None,
+                    methods=T.methods_filter(args),
                     max_copies=2 if mode == "cpu-smoke" else T.MAX_COPIES)
 
     t_start = time.perf_counter()
@@ -517,28 +479,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if not env.triton_ok:
         print(f"  note: triton backend unavailable: {env.triton_why}")
 
-    done: list[dict] = []
-
-    def payload(rows: list[dict], notes: list[str]) -> dict[str, Any]:
-        return {
-            "suite": "kvcache", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,
-            "matmul_tflops": matmul_tflops, "geometry": dataclasses.asdict(env.geometry),
-            "configs": {name: CONFIGS[name] for name in configs},
-            "targets": [dataclasses.asdict(t) for t in TARGETS],
-            "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
-                                    units="times in microseconds per decode step (one layer); bytes = cache nbytes "
-                                          "(or fp16 K, V) + q + out; gbps = bytes / time; vs_sdpa = best SDPA / this"),
-            "elapsed_s": time.perf_counter() - t_start, "notes": notes, "rows": rows,
-        }
-
-    out_path = Path(args.out) / f"kvcache-{mode}.json" if args.out else None
-
-    def run_and_save(case: Case) -> list[dict]:
-        case_rows = run_case(case, env, cfg, copy_gbps, matmul_tflops)
-        done.extend(case_rows)
-        if out_path is not None:
-            T.write_json(out_path, payload(done, ["partial: written after the last finished case"]))
-        return case_rows
+    header = {
+        "suite": "kvcache", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,
+        "matmul_tflops": matmul_tflops, "geometry": dataclasses.asdict(env.geometry),
+        "configs": {name: CONFIGS[name] for name in configs},
+        "targets": [dataclasses.asdict(t) for t in TARGETS],
+        "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms,
+                                units="times in microseconds per decode step (one layer); bytes = cache nbytes "
+                                      "(or fp16 K, V) + q + out; gbps = bytes / time; vs_sdpa = best SDPA / this"),
+    }
 
     def describe(case: Case, case_rows: list[dict]) -> str:
         ours = [r for r in case_rows if r.get("kind") == "ours" and r.get("median_us") and r.get("config") == configs[0]]
@@ -546,18 +495,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return case.label + (f", {configs[0]} {T.method_cell(best)} {best['median_us']:.1f} us"
                              + (f" ({best['vs_sdpa']:.2f}x sdpa)" if best.get("vs_sdpa") else "") if best else "")
 
-    rows, notes = T.run_cases(
-        cases, run_and_save,
+    payload = T.run_and_save(
+        "kvcache", mode, header, t_start, args.out, cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
         describe, device, cfg.time_budget_s,
     )
-    final = payload(rows, notes)
-    if out_path is not None:
-        print(f"wrote {T.write_json(out_path, final)}")
     print()
-    print(format_summary(final))
+    print(format_summary(payload))
     print()
-    print(format_rows(rows, title=f"lowrank_ops kvcache suite [{mode}] on {meta['device']}, fp16; "
+    print(format_rows(payload["rows"], title=f"lowrank_ops kvcache suite [{mode}] on {meta['device']}, fp16; "
                                   f"* = automatic dispatch; xsdpa = best SDPA time / this"))
     return 0
 

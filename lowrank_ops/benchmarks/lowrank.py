@@ -490,7 +490,7 @@ TABLE_COLUMNS = [
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 7, ".0f"),
-    T.Column(lambda r: None if r.get("frac_copy_bw") is None else 100 * r["frac_copy_bw"], "%copy", 6, ".1f"),
+    T.COPY_PCT,
     T.Column("tflops", "TFLOP/s", 8, ".1f"),
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("vs_unfused", "xunfused", 8, ".2f"),
@@ -512,7 +512,7 @@ SUMMARY_COLUMNS = [
     T.Column("best_us", "ours_us", 9, ".1f"),
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("vs_unfused", "xunfused", 8, ".2f"),
-    T.Column(lambda r: None if r.get("frac_copy_bw") is None else 100 * r["frac_copy_bw"], "%copy", 6, ".1f"),
+    T.COPY_PCT,
 ]
 
 

@@ -508,10 +508,6 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _pct(key: str) -> Callable[[dict], Optional[float]]:
-    return lambda r: None if r.get(key) is None else 100 * r[key]
-
-
 TABLE_COLUMNS = [
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("m", "M", 5),
@@ -520,7 +516,7 @@ TABLE_COLUMNS = [
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 7, ".0f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("vs_int4pack", "xint4pk", 7, ".2f"),
 ]
@@ -534,17 +530,9 @@ SUMMARY_COLUMNS = [
     T.Column("best_us", "ours_us", 9, ".1f"),
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("vs_int4pack", "xint4pk", 7, ".2f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
 ]
-TARGET_COLUMNS = [
-    T.Column("target", "target", 42, align="<"),
-    T.Column("shape", "NxK", 10, align="<"),
-    T.Column("m", "M", 5),
-    T.Column("method", "method", 16, align="<"),
-    T.Column("value", "value", 6, ".2f"),
-    T.Column("goal", "goal", 5, ".2f"),
-    T.Column("met", "met", 4),
-]
+TARGET_COLUMNS = T.target_columns(42, 16, [T.Column("shape", "NxK", 10, align="<"), T.Column("m", "M", 5)])
 
 
 def format_rows(rows: Sequence[dict], title: str = "") -> str:

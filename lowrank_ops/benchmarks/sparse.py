@@ -369,10 +369,6 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _pct(key: str) -> Callable[[dict], Optional[float]]:
-    return lambda r: None if r.get(key) is None else 100 * r[key]
-
-
 TABLE_COLUMNS = [
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("m", "M", 5),
@@ -381,7 +377,7 @@ TABLE_COLUMNS = [
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
     T.Column("gbps", "GB/s", 7, ".0f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("vs_semi24", "xsemi24", 7, ".2f"),
 ]
@@ -396,17 +392,9 @@ SUMMARY_COLUMNS = [
     T.Column("vs_dense", "xdense", 7, ".2f"),
     T.Column("limit", "limit", 6, ".2f"),
     T.Column("vs_semi24", "xsemi24", 7, ".2f"),
-    T.Column(_pct("frac_copy_bw"), "%copy", 6, ".1f"),
+    T.COPY_PCT,
 ]
-TARGET_COLUMNS = [
-    T.Column("target", "target", 36, align="<"),
-    T.Column("shape", "NxK", 10, align="<"),
-    T.Column("m", "M", 5),
-    T.Column("method", "method", 22, align="<"),
-    T.Column("value", "value", 6, ".2f"),
-    T.Column("goal", "goal", 5, ".2f"),
-    T.Column("met", "met", 4),
-]
+TARGET_COLUMNS = T.target_columns(36, 22, [T.Column("shape", "NxK", 10, align="<"), T.Column("m", "M", 5)])
 
 
 def format_rows(rows: Sequence[dict], title: str = "") -> str:

@@ -538,6 +538,17 @@ class Column:
         return format(text, f"{self.align}{self.width}")
 
 
+COPY_PCT = Column(lambda r: None if r.get("frac_copy_bw") is None else 100 * r["frac_copy_bw"], "%copy", 6, ".1f")
+
+
+def target_columns(target_width: int, method_width: int, where: Sequence[Column]) -> list[Column]:
+    """The columns of a suite's targets table: the target, where it was measured (``where``),
+    by which method, the value against the goal and whether it was met."""
+    return [Column("target", "target", target_width, align="<"), *where,
+            Column("method", "method", method_width, align="<"), Column("value", "value", 6, ".2f"),
+            Column("goal", "goal", 5, ".2f"), Column("met", "met", 4)]
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], title: str = "",
                  trailing: Optional[Callable[[Mapping[str, Any]], str]] = None) -> str:
     """Fixed-width text table; ``trailing(row)`` adds an unpadded free-text cell (notes) at the end."""

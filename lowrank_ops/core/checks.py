@@ -135,3 +135,24 @@ def check_kernel_operand(name: str, t: object, dtypes: tuple, shape: tuple[int, 
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} (that of x), got {t.device}")
     return t
+
+
+def check_decode_x(x: object, dtypes: Iterable[torch.dtype], max_rows: int, kernel: str) -> tuple[int, int]:
+    """``x`` for a raw-pointer decode kernel: a contiguous 2-D tensor of one of ``dtypes`` with
+    1..``max_rows`` rows and at least one column. Returns (M, K); the device is checked last by
+    the caller, so every other check runs on CPU tensors."""
+    dtypes = tuple(dtypes)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"x: expected dtype {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected 2 dimensions (M, K), got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"x: expected a contiguous (row-major) tensor, got strides {x.stride()}")
+    rows, k = x.shape
+    if not 1 <= rows <= max_rows:
+        raise ValueError(f"x: expected 1..{max_rows} rows for the {kernel}, got shape {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"x: expected K >= 1 columns, got shape {tuple(x.shape)}")
+    return rows, k

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_kernel_operand
+from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
 CUDA_QUANT_BITS = (2, 3, 4)
@@ -81,19 +81,7 @@ def check_inputs(
 
     The CUDA-device check comes last, so every other check can be exercised with CPU tensors.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"x: expected dtype float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x: expected 2 dimensions (M, K), got shape {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"x: expected a contiguous (row-major) tensor, got strides {x.stride()}")
-    m, k = x.shape
-    if not 1 <= m <= CUDA_QUANT_MAX_M:
-        raise ValueError(f"x: expected 1..{CUDA_QUANT_MAX_M} rows for the CUDA quant decode kernel, got shape {tuple(x.shape)}")
-    if k < 1:
-        raise ValueError(f"x: expected K >= 1 columns, got shape {tuple(x.shape)}")
+    m, k = check_decode_x(x, _DTYPE_CODES, CUDA_QUANT_MAX_M, "CUDA quant decode kernel")
     if isinstance(bits, bool) or bits not in CUDA_QUANT_BITS:
         raise ValueError(f"bits: expected one of {CUDA_QUANT_BITS}, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in CUDA_QUANT_GROUP_SIZES:

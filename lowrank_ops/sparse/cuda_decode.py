@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_kernel_operand
+from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
 from lowrank_ops.sparse.format import M_CHOICES, check_nm, index_words
 
 CUDA_SPARSE_MAX_M = 8  # rows of x the kernel serves
@@ -68,18 +68,8 @@ def check_inputs(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
     The CUDA-device check comes last, so every other check can be exercised with CPU tensors.
     """
     n, m = check_nm(n, m)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"x: expected dtype float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x: expected 2 dimensions (M, K), got shape {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"x: expected a contiguous (row-major) tensor, got strides {x.stride()}")
-    rows, k = x.shape
-    if not 1 <= rows <= CUDA_SPARSE_MAX_M:
-        raise ValueError(f"x: expected 1..{CUDA_SPARSE_MAX_M} rows for the CUDA sparse decode kernel, got shape {tuple(x.shape)}")
-    if k < 1 or k % m:
+    rows, k = check_decode_x(x, _DTYPE_CODES, CUDA_SPARSE_MAX_M, "CUDA sparse decode kernel")
+    if k % m:
         raise ValueError(f"x: expected K a positive multiple of m={m} columns, got shape {tuple(x.shape)}")
     if not isinstance(values, Tensor) or values.dim() != 2:
         raise ValueError(f"values: expected a 2-D (N, KK) tensor, got {getattr(values, 'shape', type(values).__name__)}")

@@ -1,0 +1,448 @@
+"""Triton decode attention that reads a GEAR-compressed KV cache directly (flash-decoding).
+
+    out = softmax(scale · q K̂ᵀ + mask) V̂,   x̂_t = Deq(codes_t) + scatter(out_idx_t, out_val_t) + A_t B_jᵀ
+
+for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
+``lowrank_ops/kvcache/format.py`` (the shared GEAR contract):
+
+* key codes (batch, kv_heads, T, D·bits/32) int32, code d of a token in word d // E at bit
+  (d % E)·bits (E = 32 / bits); per-channel scale/zero (batch, kv_heads, T / G, D) of each
+  group of G tokens; value codes packed the same way, per-token scale/zero
+  (batch, kv_heads, T, D / G) of each group of G channels; Deq = (code − zero) · scale;
+* outliers: n_out (uint8 channel, fp16 value) pairs per token vector (distinct channels):
+  for K, q is gathered at the channels (Σ_j q[:, idx_j] · val_j per token); for V they are
+  selected into the dequantized tile by channel compare (n_out is ~2 % of D);
+* low rank: A (batch, kv_heads, T, r), B (batch, kv_heads, T / B, D, r), used factored only:
+  scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed;
+* tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
+
+Two launches, no atomics, deterministic:
+
+1. ``_gear_split_kernel``, grid (splits, M-blocks, batch · kv_heads): the sequence is cut into
+   units (each compressed block of B tokens, then the tail) dealt out to the splits in
+   contiguous runs, so one decoded token fills the GPU (flash-decoding). A program owns all
+   q heads of one kv head (GQA: the G = q_heads / kv_heads heads × q_len rows of a kv group are
+   contiguous in q) and keeps the running max / sum-exp / accumulator in fp32, then writes its
+   partial (max, sum, acc) to a workspace;
+2. ``_gear_combine_kernel``, grid (batch · kv_heads, M-blocks): merges the splits' partials
+   with the usual rescaling and stores in q's dtype.
+
+Rows that attend to nothing (a fully masked sequence) give 0, never NaN. Every product
+accumulates in fp32; tiles are rounded to q's dtype for the tensor-core dots (fp32 q uses exact
+"ieee" dots). Keys are never dequantized element by element: a tile of BLOCK_N ≤ G tokens lies
+in one key group, whose per-channel scale/zero is folded into q,
+q·Deq(k)ᵀ = (q ⊙ s)·codeᵀ − q·(s ⊙ z), so the Kᵀ tile is the raw codes (exact in fp16/bf16).
+One autotune config under the interpreter, four (warps × stages) on a GPU.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowrank_ops.core.checks import check_dim, check_tensor
+
+from ._compile_check import CompileCase
+from .lowrank import INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs
+
+if TYPE_CHECKING:
+    from lowrank_ops.kvcache.format import GEARKV
+
+KV_MAX_RANK = 64  # the split kernel keeps (BLOCK_M × R_PAD) and (R_PAD × D) factor tiles on chip
+_LOG2E = 1.4426950408889634
+_MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more rows -> more M-blocks
+
+# --------------------------------------------------------------------------- config table
+# Tiles are fixed by the format (BLOCK_N = min(group_size, 64) tokens: one key group per tile);
+# a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
+_SPLIT_TABLE = [
+    # warps stages
+    (4, 1) if INTERPRET else (4, 2),
+    (4, 3),
+    (8, 2),
+    (2, 3),
+]
+_MAX_BLOCK_N = 64
+
+
+# --------------------------------------------------------------------------- on-chip helpers
+@triton.jit
+def _codes_to(code, dtype: tl.constexpr):
+    """Integer codes as ``dtype`` (exact: codes < 16). bf16 goes through fp32: PTX has no integer
+    → bf16 convert before sm_90, and the interpreter converts integers to bf16 as raw bits."""
+    if dtype == tl.bfloat16:
+        code = code.to(tl.float32)
+    return code.to(dtype)
+
+
+@triton.jit
+def _codes_t(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """(D_PAD × BLOCK_N) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
+    channel-major. Only the packed rows leave memory: a (W_PAD × BLOCK_N) tile of int32 words (a
+    token's row is HEAD_DIM / E consecutive words), unpacked on chip by shift and mask."""
+    E: tl.constexpr = 32 // BITS
+    W_PAD: tl.constexpr = D_PAD // E
+    offs_w = tl.arange(0, W_PAD)
+    words = tl.load(codes_ptr + tok[None, :] * (HEAD_DIM // E) + offs_w[:, None],
+                    mask=valid[None, :] & (offs_w[:, None] < HEAD_DIM // E), other=0)
+    shifts = tl.arange(0, E) * BITS  # code e of a word sits at bit e · BITS
+    return tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (D_PAD, BLOCK_N))
+
+
+@triton.jit
+def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end,
+                N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M × BLOCK_N) scores q (Deq(codes) + outliers)ᵀ of tokens [tok0, tok0 + BLOCK_N),
+    which lie in one key group (BLOCK_N ≤ GROUP, both powers of two).
+
+    The per-channel scale/zero of that group is folded into q instead of being applied to every
+    code: q·Deq(k)ᵀ = (q ⊙ s)·codeᵀ − q·(s ⊙ z), so the Kᵀ tile (D_PAD × BLOCK_N) is just the
+    unpacked codes (exact in fp16/bf16) and one (D) scale/zero row is read per tile. The outliers gather q
+    at their channels, Σ_j q[:, idx_j] · val_j ((BLOCK_M × BLOCK_N) L1 loads of q's rows per j)
+    instead of touching the (D × BLOCK_N) tile.
+    """
+    tok = tok0 + tl.arange(0, BLOCK_N)
+    valid = tok < tok_end
+    code = _codes_t(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    group = (tok0 // GROUP) * HEAD_DIM + offs_d
+    scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
+    zs = scale * tl.load(zero_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
+    qf = q.to(tl.float32)
+    s = _dot((qf * scale[None, :]).to(q.dtype), _codes_to(code, q.dtype),
+             tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+    s -= tl.sum(qf * zs[None, :], axis=1)[:, None]
+    for j in tl.static_range(N_OUT):
+        idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
+        val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
+        qg = tl.load(q_rows_ptr + offs_m[:, None] * HEAD_DIM + idx[None, :], mask=m_mask[:, None] & valid[None, :],
+                     other=0.0)
+        s += qg.to(tl.float32) * val[None, :]
+    return s
+
+
+@triton.jit
+def _value_tile_t(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end, N_OUT: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """fp32 Vᵀ tile (D_PAD × BLOCK_N), Deq(codes) + outliers of tokens [tok0, tok0 + BLOCK_N), zero
+    at tokens ≥ tok_end and channels ≥ HEAD_DIM.
+
+    Built channel-major, like the Kᵀ tile (the dot reads it transposed): a token is a column, so
+    its per-token data (scale/zero of each channel group, outlier channels and values) is one
+    value per column. The scale / scale·zero of each channel group (D_PAD / GROUP × BLOCK_N) are
+    read compact and broadcast over their group's channels on chip: one FMA per code. The
+    outliers (distinct channels per token) are selected into the tile by channel compare: a
+    select chain, then one add.
+    """
+    G_PAD: tl.constexpr = D_PAD // GROUP
+    tok = tok0 + tl.arange(0, BLOCK_N)
+    valid = tok < tok_end
+    code = _codes_t(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    offs_g = tl.arange(0, G_PAD)
+    sz = tok[None, :] * (HEAD_DIM // GROUP) + offs_g[:, None]
+    sz_mask = valid[None, :] & (offs_g[:, None] < HEAD_DIM // GROUP)
+    scale = tl.load(scale_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
+    zs = scale * tl.load(zero_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
+    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (G_PAD, GROUP, BLOCK_N)), (D_PAD, BLOCK_N))
+    zs = tl.reshape(tl.broadcast_to(zs[:, None, :], (G_PAD, GROUP, BLOCK_N)), (D_PAD, BLOCK_N))
+    x = code.to(tl.float32) * scale - zs
+    if N_OUT > 0:
+        offs_d = tl.arange(0, D_PAD)[:, None]
+        out = tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(N_OUT):
+            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
+            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
+            out = tl.where(offs_d == idx[None, :], val[None, :], out)
+        x += out
+    return x
+
+
+@triton.jit
+def _masked_scores(s, pos, valid, mask_row_ptr, HAS_MASK: tl.constexpr):
+    """Scores of tokens at sequence positions ``pos``; -inf where not ``valid`` or masked out."""
+    keep = valid
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_row_ptr + pos, mask=valid, other=0) != 0)
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, acc):
+    """One flash-attention step in base 2: new running max, rescaled sum and accumulator, and the
+    tile's probabilities p. A row that has seen only -inf keeps max -inf and gets p = 0 (the max
+    is read as 0 there, so no inf - inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, m_new, l_i, acc * alpha[:, None]
+
+
+# --------------------------------------------------------------------------- step 1: split partials
+# Grid (splits, M-blocks, batch · kv_heads). Program (sp, mb, bh) owns q rows
+# [mb·BLOCK_M, +BLOCK_M) of kv group bh (M = (q_heads / kv_heads) · q_len rows, contiguous in q:
+# heads of one kv head are adjacent) and the sp-th contiguous run of sequence units (compressed
+# blocks of B tokens, then the tail as one more unit). All tensors are contiguous; the program
+# offsets every pointer to its (batch, kv head) slab once, then walks its BLOCK_N-token tiles in
+# one loop (BLOCK_N divides G, which divides B: a tile never straddles a key group or a block):
+# qB_j = q B_kj of the tile's block j (rank space, rounded to q's dtype), scores
+# from the codes with the group's scale/zero folded into q + the gathered outliers + qB_j A_kᵀ,
+# masked, online softmax; then the Vᵀ tile (D × BLOCK_N, channel-major so per-token data is one
+# value per column) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
+# leave memory (packed words, one scale row per group / per token); codes and scales are
+# expanded in registers. The tail tile is read as it is. The partial (max, sum-exp, acc) of the
+# M real rows goes to the fp32 workspace part[bh, split, m(, d)].
+@triton.autotune(configs=_configs(_SPLIT_TABLE, ()),
+                  key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R_PAD", "HAS_LR",
+                       "DOT_PRECISION", "BLOCK_N"])
+@triton.jit
+def _gear_split_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr,
+    vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr,
+    tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, R, UNITS_PER_SPLIT, qk_scale,
+    N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_LR: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(2).to(tl.int64)
+    dtype = q_ptr.dtype.element_ty
+    T = NBLOCKS * BLOCK_TOKENS
+    WORDS: tl.constexpr = HEAD_DIM * BITS // 32
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    # (batch, kv head) slabs
+    kc_ptr += bh * T * WORDS
+    vc_ptr += bh * T * WORDS
+    ks_ptr += bh * (T // GROUP) * HEAD_DIM
+    kz_ptr += bh * (T // GROUP) * HEAD_DIM
+    vs_ptr += bh * T * (HEAD_DIM // GROUP)
+    vz_ptr += bh * T * (HEAD_DIM // GROUP)
+    koi_ptr += bh * T * N_OUT
+    kov_ptr += bh * T * N_OUT
+    voi_ptr += bh * T * N_OUT
+    vov_ptr += bh * T * N_OUT
+    ka_ptr += bh * T * R
+    va_ptr += bh * T * R
+    kb_ptr += bh * NBLOCKS * HEAD_DIM * R
+    vb_ptr += bh * NBLOCKS * HEAD_DIM * R
+    tk_ptr += bh * BLOCK_TOKENS * HEAD_DIM
+    tv_ptr += bh * BLOCK_TOKENS * HEAD_DIM
+    mask_ptr += (bh // H_KV) * SEQ_LEN
+
+    q_rows_ptr = q_ptr + bh * M * HEAD_DIM
+    m_mask = offs_m < M
+    q = tl.load(q_rows_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    first = split * UNITS_PER_SPLIT
+    last = tl.minimum(first + UNITS_PER_SPLIT, UNITS)
+    # one flat loop over the run's BLOCK_N-token tiles (BLOCK_N divides B: a tile lies in one block
+    # and one key group), so the compiler can prefetch the next tile's codes while this one computes
+    TILES: tl.constexpr = BLOCK_TOKENS // BLOCK_N
+    for tile in range(first * TILES, tl.minimum(last, NBLOCKS) * TILES):
+        tok0 = tile * BLOCK_N
+        tok = tok0 + tl.arange(0, BLOCK_N)
+        valid = tok < T  # always true here; shared helpers take a bound
+        s = _key_scores(q, q_rows_ptr, offs_m, m_mask, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
+                        N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
+        if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
+            blk = tile // TILES
+            bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                         mask=d_mask[:, None] & r_mask[None, :], other=0.0)
+            qb = _dot(q, bk.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(dtype)
+            at = tl.load(ka_ptr + tok[None, :] * R + offs_r[:, None], mask=r_mask[:, None], other=0.0)
+            s = _dot(qb, at.to(dtype), s, DOT_PRECISION)
+        s = _masked_scores(s * qk_scale, tok, valid, mask_ptr, HAS_MASK)
+        p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+        p = p.to(dtype)
+        vt = _value_tile_t(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,
+                           BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N)
+        acc = _dot(p, tl.trans(vt.to(dtype)), acc, DOT_PRECISION)
+        if HAS_LR:  # (p A_v) B_vjᵀ
+            av = tl.load(va_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            pa = _dot(p, av.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
+            bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                          mask=d_mask[None, :] & r_mask[:, None], other=0.0)
+            acc = _dot(pa.to(dtype), bvt.to(dtype), acc, DOT_PRECISION)
+    if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
+        for n0 in range(0, TAIL_LEN, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < TAIL_LEN
+            kt = tl.load(tk_ptr + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=valid[None, :] & d_mask[:, None],
+                         other=0.0)
+            s = _dot(q, kt.to(dtype), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+            s = _masked_scores(s * qk_scale, T + offs_n, valid, mask_ptr, HAS_MASK)
+            p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+            v = tl.load(tv_ptr + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                        other=0.0)
+            acc = _dot(p.to(dtype), v.to(dtype), acc, DOT_PRECISION)
+
+    rows = (bh * tl.num_programs(0) + split) * M + offs_m
+    tl.store(part_m_ptr + rows, m_i, mask=m_mask)
+    tl.store(part_l_ptr + rows, l_i, mask=m_mask)
+    tl.store(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_mask[:, None] & d_mask[None, :])
+
+
+# --------------------------------------------------------------------------- step 2: combine splits
+# Grid (batch · kv_heads, M-blocks). Program (bh, mb) walks the splits' partials of its BLOCK_M
+# rows (fp32, L2-resident, written just before; only the M real rows exist) in split order,
+# merging (max, sum-exp, acc) with the online-softmax rescaling, and stores acc / sum in the
+# output's dtype; a row whose every key was masked has sum 0 and is written as 0.
+@triton.jit
+def _gear_combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, M, N_SPLIT,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_mask = offs_m < M
+    mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for sp in range(0, N_SPLIT):
+        rows = (bh * N_SPLIT + sp) * M + offs_m
+        m_s = tl.load(part_m_ptr + rows, mask=m_mask, other=float("-inf"))
+        m_new = tl.maximum(m_g, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_g - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_g = l_g * alpha + tl.load(part_l_ptr + rows, mask=m_mask, other=0.0) * beta
+        part = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        acc = acc * alpha[:, None] + part * beta[:, None]
+        m_g = m_new
+    out = acc / tl.where(l_g > 0.0, l_g, 1.0)[:, None]
+    tl.store(out_ptr + (bh * M + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# --------------------------------------------------------------------------- launcher
+def _num_splits(units: int, columns: int, device: torch.device) -> int:
+    """Sequence splits so that (splits × columns) ≈ 4 programs per SM (latency hiding for the
+    dependent load → unpack → dot chain), at least one unit each."""
+    return max(1, min(units, 2 * _target_programs(device) // columns))
+
+
+def gear_decode_attention(
+    q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, num_splits: Optional[int] = None
+) -> Tensor:
+    """Decode attention of ``q`` (batch, q_heads, q_len, head_dim) over every cached token of the
+    GEAR cache ``kv`` (a ``lowrank_ops.kvcache.GEARKV``), read in its compressed form.
+
+    ``key_mask``: optional bool (batch, seq_len), True = attend; ``scale``: score scale, None for
+    head_dim ** -0.5. q_heads must be a multiple of kv_heads (GQA); there is no causal mask
+    among the cached tokens. Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
+    every key masked out is 0. ``num_splits`` overrides the sequence split count (tests).
+    """
+    check_tensor("q", q, ndim=4)
+    cfg = kv.config
+    batch, q_heads, q_len, head_dim = q.shape
+    check_dim("q", q, 0, kv.batch, "batch of the cache")
+    check_dim("q", q, 3, kv.head_dim, "head_dim of the cache")
+    if q_heads % kv.kv_heads:
+        raise ValueError(
+            f"q: expected q_heads (dim 1) a multiple of the cache's kv_heads {kv.kv_heads}, got shape {tuple(q.shape)}")
+    if q.device != kv.device:
+        raise ValueError(f"q: expected device {kv.device} (that of the cache), got {q.device}")
+    seq_len = kv.seq_len
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,))
+        check_dim("key_mask", key_mask, 0, batch, "batch")
+        check_dim("key_mask", key_mask, 1, seq_len, "cached tokens")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask: expected device {q.device} (that of q), got {key_mask.device}")
+    if cfg.rank > KV_MAX_RANK:
+        raise ValueError(f"kv: the Triton decode kernel supports rank <= {KV_MAX_RANK}, got {cfg.rank}")
+    if scale is None:
+        scale = head_dim**-0.5
+
+    q = q.contiguous()
+    t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
+    kv_heads, nblocks, tail_len, rank = kv.kv_heads, kv.nblocks, kv.tail_len, cfg.rank
+    n_out = t["key_out_idx"].shape[-1]
+    m = (q_heads // kv_heads) * q_len
+    block_m = min(max(MIN_DOT, triton.next_power_of_2(m)), _MAX_BLOCK_M)
+    m_blocks = triton.cdiv(m, block_m)
+    d_pad = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    units = nblocks + (tail_len > 0)
+    columns = batch * kv_heads * m_blocks
+    splits = num_splits if num_splits is not None else _num_splits(units, columns, q.device)
+    per_split = triton.cdiv(max(units, 1), max(1, min(splits, units)))
+    splits = triton.cdiv(max(units, 1), per_split)  # no empty split
+
+    rows = batch * kv_heads * splits * m
+    part_m = _empty((rows,), torch.float32, q.device)
+    part_l = _empty((rows,), torch.float32, q.device)
+    part_acc = _empty((rows, head_dim), torch.float32, q.device)
+    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else t["key_codes"]
+    dummy = t["key_codes"]  # pointer for absent tensors (their branches are compiled out)
+    has_lr = rank > 0
+    outl = [t[n] if n_out else dummy for n in ("key_out_idx", "key_out_val", "value_out_idx", "value_out_val")]
+    lr = [t[n] if has_lr else dummy for n in ("key_lr_a", "key_lr_b", "value_lr_a", "value_lr_b")]
+    _gear_split_kernel[(splits, m_blocks, batch * kv_heads)](
+        q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1],
+        t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3],
+        t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
+        kv_heads, m, seq_len, nblocks, tail_len, units, rank, per_split, float(scale) * _LOG2E,
+        N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
+        D_PAD=d_pad, BLOCK_M=block_m, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=min(cfg.group_size, _MAX_BLOCK_N),
+    )
+    out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
+    _gear_combine_kernel[(batch * kv_heads, m_blocks)](
+        part_m, part_l, part_acc, out, m, splits, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- compile lane
+# 2 and 4 bits, head_dim 64 and 128, outliers and low rank each on and off, fp16 and bf16 q, each
+# value in at least one case (every case compiles in tens of seconds); one fp32 case (exact dots,
+# the largest tiles) for the all-configs fp32 run; the combine kernel per output dtype.
+def _compile_cases() -> list[CompileCase]:
+    cases = []
+    packed = dict(kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", koi_ptr="*u8", kov_ptr="*fp16", ka_ptr="*fp16",
+                  kb_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16", vz_ptr="*fp16", voi_ptr="*u8", vov_ptr="*fp16",
+                  va_ptr="*fp16", vb_ptr="*fp16")
+    ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32", R="i32",
+                UNITS_PER_SPLIT="i32", qk_scale="fp32")
+    for dtype, bits, head_dim, has_out, has_lr in (
+        ("fp16", 4, 128, True, True), ("bf16", 2, 128, False, False), ("fp16", 2, 64, True, False),
+        ("bf16", 4, 64, False, True), ("fp32", 4, 128, True, True),
+    ):
+        p = f"*{dtype}"
+        sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
+                   part_acc_ptr="*fp32", **ints)
+        flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R_PAD=16, HAS_LR=has_lr, BLOCK_N=32, HAS_MASK=True,
+                     DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        name = f"gear_split[{dtype},{bits}b,d{head_dim}{',out' if has_out else ''}{',lr' if has_lr else ''}]"
+        cases.append(CompileCase(name, _gear_split_kernel, sig, flags))
+    for dtype in ("fp16", "bf16", "fp32"):
+        cases.append(CompileCase(
+            f"gear_combine[{dtype}]", _gear_combine_kernel,
+            dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr=f"*{dtype}", M="i32",
+                 N_SPLIT="i32"),
+            dict(HEAD_DIM=128, D_PAD=128, BLOCK_M=16), dict(num_warps=4),
+        ))
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

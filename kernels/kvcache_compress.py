@@ -1,0 +1,215 @@
+"""Triton kernel for GEAR KV-cache compression: outlier extraction + quantization + packing, fused.
+
+One launch quantizes whole blocks of keys and values (b, h, T, D), T a multiple of the group
+size G, into the layout of ``lowrank_ops/kvcache/format.py``:
+
+* per vector (key or value token), the ceil(n/2) largest then floor(n/2) smallest entries are
+  outliers (first index on ties); they are left out of the min/max of their groups;
+* keys: per channel over each group of G tokens; values: per token over groups of G channels;
+  ``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))``, ``zero = fp16(−mn/scale)``,
+  ``code = clamp(floor(x/scale + zero + ½), 0, maxq)`` (IEEE divisions, ``div_rn``) — the formulas of
+  :func:`lowrank_ops.kvcache.compress.quantize_reference`, the oracle of this kernel;
+* codes packed along D into int32 words (code d at bit (d % E)·bits of word d // E);
+* outliers store their channel (uint8) and ``x − deq`` (fp16);
+* the residual ``x − deq − outliers`` is written in fp32 for the low-rank step.
+
+The low-rank approximation of the residual (subspace iteration, a few batched matmuls and QRs
+per block) stays in torch: :func:`lowrank_ops.kvcache.compress.lowrank_residual`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._compile_check import CompileCase
+from .lowrank import _empty
+
+# The scale floors of lowrank_ops.kvcache.compress (REL_SCALE_FLOOR, ABS_SCALE_FLOOR; a test
+# checks they agree), as constexprs so that kernels may read them.
+REL_SCALE_FLOOR = tl.constexpr(2.0**-10)
+ABS_SCALE_FLOOR = tl.constexpr(2.0**-14)
+
+
+@triton.jit
+def _quant_params(mn, mx, MAXQ: tl.constexpr):
+    """(scale, zero) as fp32 holding fp16 values, from group min/max (mx < mn: empty group)."""
+    empty = mx < mn
+    mn = tl.where(empty, 0.0, mn)
+    mx = tl.where(empty, 0.0, mx)
+    spread = (mx - mn) * (1.0 / MAXQ)
+    floor = tl.maximum(tl.abs(mn), tl.abs(mx)) * REL_SCALE_FLOOR
+    scale = tl.maximum(tl.maximum(spread, floor), ABS_SCALE_FLOOR).to(tl.float16).to(tl.float32)
+    zero = tl.math.div_rn(-mn, scale).to(tl.float16).to(tl.float32)  # IEEE division, as torch
+    return scale, zero
+
+
+@triton.jit
+def _quantize_tile(
+    x, rows, offs_d, D,
+    codes_ptr, scale_ptr, zero_ptr, idx_ptr, val_ptr, res_ptr, scale_row,
+    IS_KEY: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
+    N_HI: tl.constexpr, N_LO: tl.constexpr,
+):
+    """Quantize one (GROUP tokens × D_PAD channels) fp32 tile ``x`` (columns ≥ D are padding) and
+    store every output of its rows ``rows`` (global token rows of the (b·h·T) flattening).
+
+    ``slot`` marks outliers (0..N_HI+N_LO−1, −1 elsewhere), found by N_HI row-wise argmax and
+    N_LO argmin passes over the tile in registers. Keys reduce the kept entries over the tile's
+    rows (axis 0, one group of GROUP tokens per channel; ``scale_row`` is the group's row in
+    key_scale); values reduce over a (GROUP, D_PAD/GROUP, GROUP) view (per token, per channel
+    group). Codes are packed by a (GROUP, D_PAD/E, E) view shifted and summed (disjoint bits).
+    """
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    PER_WORD: tl.constexpr = 32 // BITS
+    N_OUT: tl.constexpr = N_HI + N_LO
+    d_mask = offs_d < D
+    cols = offs_d[None, :]
+    slot = tl.full(x.shape, -1, tl.int32)
+    work = tl.where(d_mask[None, :], x, -float("inf"))
+    for i in tl.static_range(N_HI):
+        j = tl.argmax(work, axis=1)
+        tl.store(idx_ptr + rows * N_OUT + i, j.to(tl.uint8))
+        hit = cols == j[:, None]
+        slot = tl.where(hit, i, slot)
+        work = tl.where(hit, -float("inf"), work)
+    work = tl.where(d_mask[None, :] & (slot < 0), x, float("inf"))
+    for i in tl.static_range(N_LO):
+        j = tl.argmin(work, axis=1)
+        tl.store(idx_ptr + rows * N_OUT + N_HI + i, j.to(tl.uint8))
+        hit = cols == j[:, None]
+        slot = tl.where(hit, N_HI + i, slot)
+        work = tl.where(hit, float("inf"), work)
+    keep = (slot < 0) & d_mask[None, :]
+
+    if IS_KEY:
+        mn = tl.min(tl.where(keep, x, float("inf")), axis=0)
+        mx = tl.max(tl.where(keep, x, -float("inf")), axis=0)
+        scale, zero = _quant_params(mn, mx, MAXQ)
+        tl.store(scale_ptr + scale_row * D + offs_d, scale.to(tl.float16), mask=d_mask)
+        tl.store(zero_ptr + scale_row * D + offs_d, zero.to(tl.float16), mask=d_mask)
+        s = scale[None, :]
+        z = zero[None, :]
+    else:
+        NG: tl.constexpr = D_PAD // GROUP
+        xg = tl.reshape(tl.where(keep, x, float("inf")), (GROUP, NG, GROUP))
+        mn = tl.min(xg, axis=2)
+        xg = tl.reshape(tl.where(keep, x, -float("inf")), (GROUP, NG, GROUP))
+        mx = tl.max(xg, axis=2)
+        scale, zero = _quant_params(mn, mx, MAXQ)  # (GROUP, NG)
+        offs_g = tl.arange(0, NG)
+        g_mask = offs_g[None, :] < D // GROUP
+        sidx = rows[:, None] * (D // GROUP) + offs_g[None, :]
+        tl.store(scale_ptr + sidx, scale.to(tl.float16), mask=g_mask)
+        tl.store(zero_ptr + sidx, zero.to(tl.float16), mask=g_mask)
+        s = tl.reshape(tl.broadcast_to(scale[:, :, None], (GROUP, NG, GROUP)), (GROUP, D_PAD))
+        z = tl.reshape(tl.broadcast_to(zero[:, :, None], (GROUP, NG, GROUP)), (GROUP, D_PAD))
+
+    q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
+    err = x - (q - z) * s
+    err16 = err.to(tl.float16)
+    res = tl.where(keep, err, err - err16.to(tl.float32))
+    tl.store(res_ptr + rows[:, None] * D + cols, res, mask=d_mask[None, :])
+
+    W_PAD: tl.constexpr = D_PAD // PER_WORD
+    shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+    qw = tl.reshape(q.to(tl.uint32), (GROUP, W_PAD, PER_WORD)) << shifts[None, None, :]
+    words = tl.sum(qw, axis=2).to(tl.int32, bitcast=True)
+    offs_w = tl.arange(0, W_PAD)
+    tl.store(codes_ptr + rows[:, None] * (D // PER_WORD) + offs_w[None, :], words,
+             mask=offs_w[None, :] < D // PER_WORD)
+
+    for i in tl.static_range(N_OUT):  # the fp16 error at each outlier (one entry per row is selected)
+        val = tl.sum(tl.where(slot == i, err16.to(tl.float32), 0.0), axis=1)
+        tl.store(val_ptr + rows * N_OUT + i, val.to(tl.float16))
+
+
+# Grid (b·h, T / GROUP). Program (bh, gi) owns token rows [gi·GROUP, +GROUP) of sequence-head
+# bh: it loads the (GROUP × D) key tile and the (GROUP × D) value tile (rows D apart in the
+# contiguous (b, h, T, D) inputs, D padded to the power of two D_PAD and masked) once each and
+# writes all their outputs: a key group is exactly GROUP tokens, so the program owns whole key
+# groups and whole value vectors and needs no cross-program reduction.
+@triton.jit
+def _gear_quantize_kernel(
+    k_ptr, v_ptr,
+    kcodes_ptr, kscale_ptr, kzero_ptr, kidx_ptr, kval_ptr, kres_ptr,
+    vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr,
+    T, D,
+    BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr, N_HI: tl.constexpr, N_LO: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    gi = tl.program_id(1)
+    rows = bh * T + gi * GROUP + tl.arange(0, GROUP)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_d < D)[None, :]
+    ptrs = rows[:, None] * D + offs_d[None, :]
+    scale_row = bh * (T // GROUP) + gi
+    x = tl.load(k_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    _quantize_tile(x, rows, offs_d, D, kcodes_ptr, kscale_ptr, kzero_ptr, kidx_ptr, kval_ptr, kres_ptr, scale_row,
+                   True, BITS, GROUP, D_PAD, N_HI, N_LO)
+    x = tl.load(v_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    _quantize_tile(x, rows, offs_d, D, vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr, scale_row,
+                   False, BITS, GROUP, D_PAD, N_HI, N_LO)
+
+
+def _num_warps(d_pad: int, group: int) -> int:
+    """4 warps for tiles up to 4096 elements (e.g. 32 × 128), 8 above."""
+    return 4 if d_pad * group <= 4096 else 8
+
+
+def _outputs(b: int, h: int, t: int, d: int, bits: int, group: int, n_out: int, per_token_groups: bool,
+             device: torch.device) -> dict[str, Tensor]:
+    scale_shape = (b, h, t, d // group) if per_token_groups else (b, h, t // group, d)
+    return dict(
+        codes=_empty((b, h, t, d * bits // 32), torch.int32, device),
+        scale=_empty(scale_shape, torch.float16, device),
+        zero=_empty(scale_shape, torch.float16, device),
+        out_idx=_empty((b, h, t, n_out), torch.uint8, device),
+        out_val=_empty((b, h, t, n_out), torch.float16, device),
+        residual=_empty((b, h, t, d), torch.float32, device),
+    )
+
+
+def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_out: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Quantize contiguous (b, h, T, D) keys and values (T a multiple of ``group_size``; D a
+    multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector.
+
+    Returns one dict per kind with ``codes``, ``scale``, ``zero``, ``out_idx``, ``out_val`` and
+    ``residual``, as :func:`lowrank_ops.kvcache.compress.quantize_reference` does.
+    """
+    b, h, t, d = keys.shape
+    out_k = _outputs(b, h, t, d, bits, group_size, n_out, False, keys.device)
+    out_v = _outputs(b, h, t, d, bits, group_size, n_out, True, keys.device)
+    if keys.numel() == 0:
+        return out_k, out_v
+    _gear_quantize_kernel[(b * h, t // group_size)](
+        keys, values, *out_k.values(), *out_v.values(), t, d,
+        BITS=bits, GROUP=group_size, D_PAD=triton.next_power_of_2(d), N_HI=(n_out + 1) // 2, N_LO=n_out // 2,
+        num_warps=_num_warps(triton.next_power_of_2(d), group_size),
+    )
+    return out_k, out_v
+
+
+# --------------------------------------------------------------------------- compile lane
+# The contract's point (head_dim 128, group 32, 3 outliers = 2 %) in fp16 / 2 bits and bf16 /
+# 4 bits, and fp32 input at head_dim 64 (group 64: one value group per vector, 1 outlier).
+# Compiles are slow (measured on the 2-core CI CPU: 25-45 s per arch at head_dim 128, up to
+# ~100 s when busy, for a 1.4 MB cubin: the per-row argmax passes and per-outlier extractions
+# are unrolled cross-lane reductions); head_dim 256 (80-260 s) is left out of the lane.
+def _compile_cases() -> list[CompileCase]:
+    def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int) -> CompileCase:
+        p = f"*{dtype}"
+        sig = dict(k_ptr=p, v_ptr=p)
+        for kind in ("k", "v"):
+            sig.update({f"{kind}codes_ptr": "*i32", f"{kind}scale_ptr": "*fp16", f"{kind}zero_ptr": "*fp16",
+                        f"{kind}idx_ptr": "*u8", f"{kind}val_ptr": "*fp16", f"{kind}res_ptr": "*fp32"})
+        sig.update(T="i32", D="i32")
+        flags = dict(BITS=bits, GROUP=group, D_PAD=d_pad, N_HI=(n_out + 1) // 2, N_LO=n_out // 2)
+        return CompileCase(f"gear_quantize[{dtype},{bits}b,g{group},d{d_pad},o{n_out}]", _gear_quantize_kernel,
+                           sig, flags, dict(num_warps=_num_warps(d_pad, group)))
+
+    return [case("fp16", 2, 32, 128, 3), case("bf16", 4, 32, 128, 3), case("fp32", 2, 64, 64, 1)]
+
+
+COMPILE_CASES = _compile_cases()

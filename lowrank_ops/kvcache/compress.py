@@ -1,0 +1,236 @@
+"""GEAR compression: (keys, values) → :class:`~lowrank_ops.kvcache.format.GEARKV`.
+
+A block of B tokens is compressed once, in two steps:
+
+1. quantization with outliers (:func:`quantize_reference`, or the fused Triton kernel of
+   :mod:`lowrank_ops.kernels.kvcache_compress` on a GPU): per vector the ceil(n/2) largest and
+   floor(n/2) smallest entries are set aside; keys are quantized per channel over groups of
+   ``group_size`` tokens, values per token over groups of ``group_size`` channels, with min/max
+   asymmetric parameters of the remaining entries; the outliers keep ``x − deq`` in fp16;
+2. the residual ``E = X − deq − outliers`` of each (sequence, head, block) (B × head_dim) is
+   approximated by rank r with ``power_iters`` subspace iterations (:func:`lowrank_residual`,
+   batched torch matmuls + QR, on every backend).
+
+Quantization parameters (identical in the kernel): over the kept entries of a group,
+``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))`` (the floors keep the zero
+point within ±1024 and away from a zero scale; a group with no kept entry uses mn = mx = 0),
+``zero = fp16(−mn / scale)``, ``code = clamp(floor(x / scale + zero + ½), 0, maxq)``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import backend
+from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_finite, check_tensor
+from lowrank_ops.kvcache.config import GEARConfig
+from lowrank_ops.kvcache.format import GEARKV, TAIL_DTYPES, pack_last
+
+REL_SCALE_FLOOR = 2.0**-10  # scale ≥ max(|mn|, |mx|) · this: |zero| ≤ 1024, exact enough in fp16
+ABS_SCALE_FLOOR = 2.0**-14  # smallest normal fp16
+_BASIS_SEED = 0x6EA2
+
+
+# ----------------------------------------------------------------------------- quantization (reference)
+def quant_params(mn: Tensor, mx: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """fp16-representable (scale, zero), as float32, of the min/max of a group (mx < mn: empty group)."""
+    empty = mx < mn
+    mn = torch.where(empty, 0.0, mn)
+    mx = torch.where(empty, 0.0, mx)
+    spread = (mx - mn) * (1.0 / ((1 << bits) - 1))
+    floor = torch.maximum(mn.abs(), mx.abs()) * REL_SCALE_FLOOR
+    scale = torch.maximum(torch.maximum(spread, floor), torch.full_like(spread, ABS_SCALE_FLOOR)).half().float()
+    zero = (-mn / scale).half().float()
+    return scale, zero
+
+
+def quant_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """``clamp(floor(x / scale + zero + ½), 0, maxq)`` as float32 (round half up, as the kernel)."""
+    return torch.floor(x / scale + zero + 0.5).clamp_(0, (1 << bits) - 1)
+
+
+def outlier_slots(x: Tensor, n_out: int) -> Tensor:
+    """int64 (..., D): slot 0..n_out−1 of each outlier entry of the last dim, −1 elsewhere.
+
+    Slots 0..ceil(n/2)−1 are the largest entries in descending order, the rest the smallest in
+    ascending order; on ties the first index wins (``argmax``), exactly as the kernel picks.
+    """
+    slot = torch.full(x.shape, -1, dtype=torch.int64, device=x.device)
+    n_hi = (n_out + 1) // 2
+    work = x.clone()
+    for i in range(n_out):
+        if i == n_hi:
+            work = torch.where(slot >= 0, torch.inf, x)
+        j = (work.argmax(-1) if i < n_hi else work.argmin(-1)).unsqueeze(-1)
+        slot.scatter_(-1, j, i)
+        work.scatter_(-1, j, -torch.inf if i < n_hi else torch.inf)
+    return slot
+
+
+def _masked_minmax(x: Tensor, keep: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    mn = torch.where(keep, x, torch.inf).amin(dim)
+    mx = torch.where(keep, x, -torch.inf).amax(dim)
+    return mn, mx
+
+
+def quantize_reference(x: Tensor, config: GEARConfig, kind: str) -> dict[str, Tensor]:
+    """Quantize (b, h, T, D) tokens (T a multiple of group_size) of ``kind`` "key" or "value".
+
+    Returns ``codes`` (packed int32), ``scale``, ``zero`` (fp16, the format's shapes),
+    ``out_idx`` (uint8), ``out_val`` (fp16) and ``residual`` = x − deq − outliers (float32).
+    """
+    b, h, t, d = x.shape
+    g, bits, n_out = config.group_size, config.bits, config.outliers_per_vector(d)
+    x = x.float()
+    slot = outlier_slots(x, n_out)
+    keep = slot < 0
+    if kind == "key":  # per channel over groups of g tokens
+        mn, mx = _masked_minmax(x.reshape(b, h, t // g, g, d), keep.reshape(b, h, t // g, g, d), 3)
+        scale, zero = quant_params(mn, mx, bits)
+        s, z = scale.repeat_interleave(g, 2), zero.repeat_interleave(g, 2)
+    else:  # per token over groups of g channels
+        mn, mx = _masked_minmax(x.reshape(b, h, t, d // g, g), keep.reshape(b, h, t, d // g, g), 4)
+        scale, zero = quant_params(mn, mx, bits)
+        s, z = scale.repeat_interleave(g, 3), zero.repeat_interleave(g, 3)
+    codes = quant_codes(x, s, z, bits)
+    err = x - (codes - z) * s
+    out_val = err.half()
+    residual = err - torch.where(keep, 0.0, out_val.float())
+    order = slot.clamp_min(0) + torch.where(keep, n_out, 0)  # outliers first, by slot
+    out_idx = order.argsort(dim=-1, stable=True)[..., :n_out]
+    return dict(
+        codes=pack_last(codes.to(torch.int64), bits), scale=scale.half(), zero=zero.half(),
+        out_idx=out_idx.to(torch.uint8), out_val=torch.gather(out_val, -1, out_idx), residual=residual,
+    )
+
+
+# ----------------------------------------------------------------------------- low rank
+@functools.lru_cache(maxsize=32)
+def _start_basis(head_dim: int, rank: int, device: torch.device) -> Tensor:
+    """Fixed Gaussian (head_dim × rank) start of the subspace iteration: same data, same factors."""
+    gen = torch.Generator().manual_seed(_BASIS_SEED)
+    return torch.randn(head_dim, rank, generator=gen).to(device)
+
+
+def lowrank_residual(residual: Tensor, rank: int, power_iters: int) -> tuple[Tensor, Tensor]:
+    """Per-block rank-r factors of ``residual`` (b, h, nblocks, B, D) float32.
+
+    Subspace iteration from a fixed start Ω: Y = E Ω; ``power_iters`` times (Q = orth(Y),
+    V = orth(Eᵀ Q), Y = E V); then A = E fp16(V), B = V. Returns ``lr_a`` fp16 (b, h, nblocks·B, r)
+    and ``lr_b`` fp16 (b, h, nblocks, D, r). At r = min(B, D) the product is E up to fp16 rounding.
+    """
+    b, h, nblocks, buf, d = residual.shape
+    if rank == 0:
+        return residual.new_empty(b, h, nblocks * buf, 0, dtype=torch.float16), \
+            residual.new_empty(b, h, nblocks, d, 0, dtype=torch.float16)
+    v = _start_basis(d, rank, residual.device)
+    y = residual @ v
+    for _ in range(power_iters):
+        q = torch.linalg.qr(y).Q
+        v = torch.linalg.qr(residual.transpose(-1, -2) @ q).Q
+        y = residual @ v
+    v = v.half()
+    a = residual @ v.float()
+    return a.reshape(b, h, nblocks * buf, rank).half(), v
+
+
+# ----------------------------------------------------------------------------- block compression
+def _triton_support(x: Tensor) -> Support:
+    if not backend.triton_runs_on(x.device):
+        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    return Support(True)
+
+
+def _quantize(keys: Tensor, values: Tensor, config: GEARConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Both quantizations of whole blocks, by the backend :func:`select_backend` picks."""
+    support = {
+        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR block compression; use triton"),
+        "triton": _triton_support(keys),
+        "reference": Support(True),
+    }
+    if backend.select_backend("gear_compress", support, keys.device) == "triton":
+        from lowrank_ops.kernels.kvcache_compress import gear_quantize
+
+        return gear_quantize(keys, values, config.bits, config.group_size, config.outliers_per_vector(keys.shape[-1]))
+    return quantize_reference(keys, config, "key"), quantize_reference(values, config, "value")
+
+
+def compress_blocks(keys: Tensor, values: Tensor, config: GEARConfig) -> dict[str, Tensor]:
+    """The format's 14 block tensors (``key_codes`` … ``value_lr_b``) of (b, h, nblocks·B, D) tokens."""
+    check_finite("keys", keys)
+    check_finite("values", values)
+    b, h, t, d = keys.shape
+    out = {}
+    for kind, q in zip(("key", "value"), _quantize(keys.contiguous(), values.contiguous(), config)):
+        a, v = lowrank_residual(q.pop("residual").reshape(b, h, t // config.buffer_tokens, config.buffer_tokens, d),
+                                config.rank, config.power_iters)
+        out.update({f"{kind}_{name}": tensor for name, tensor in q.items()})
+        out[f"{kind}_lr_a"], out[f"{kind}_lr_b"] = a, v
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_kv(keys: object, values: object, config: object) -> tuple[Tensor, Tensor, GEARConfig]:
+    if not isinstance(config, GEARConfig):
+        raise TypeError(f"config: expected a GEARConfig, got {type(config).__name__}")
+    check_tensor("keys", keys, ndim=4, dtypes=TAIL_DTYPES)
+    check_tensor("values", values, ndim=4, dtypes=TAIL_DTYPES)
+    if values.shape != keys.shape:
+        raise ValueError(f"values: expected shape {tuple(keys.shape)} (that of keys), got {tuple(values.shape)}")
+    if values.dtype != keys.dtype:
+        raise TypeError(f"values: expected dtype {keys.dtype} (that of keys), got {values.dtype}")
+    if values.device != keys.device:
+        raise ValueError(f"values: expected device {keys.device} (that of keys), got {values.device}")
+    config.check_head_dim(keys.shape[-1], "keys")
+    return keys, values, config
+
+
+def compress(keys: Tensor, values: Tensor, config: GEARConfig) -> GEARKV:
+    """Compress (batch, kv_heads, seq, head_dim) keys and values (fp16/bf16/fp32, seq ≥ 1).
+
+    The first ``seq // B`` full blocks are compressed; the remaining ``seq % B`` tokens go to the
+    uncompressed tail. Grow the result with :meth:`GEARKV.append`.
+    """
+    keys, values, config = _check_kv(keys, values, config)
+    b, h, t, d = keys.shape
+    if t < 1:
+        raise ValueError(f"keys: expected at least one token (dim 2), got shape {tuple(keys.shape)}")
+    buf = config.buffer_tokens
+    t_c = t // buf * buf
+    blocks = compress_blocks(keys[:, :, :t_c], values[:, :, :t_c], config)
+    tail_k = keys.new_zeros(b, h, buf, d)
+    tail_v = values.new_zeros(b, h, buf, d)
+    tail_k[:, :, : t - t_c] = keys[:, :, t_c:]
+    tail_v[:, :, : t - t_c] = values[:, :, t_c:]
+    return GEARKV(config=config, **blocks, tail_keys=tail_k, tail_values=tail_v, tail_len=t - t_c)
+
+
+def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> None:
+    """Implementation of :meth:`GEARKV.append`: tail first; every B tail tokens become a block."""
+    keys, values, _ = _check_kv(keys, values, kv.config)
+    expected = (kv.batch, kv.kv_heads, keys.shape[2], kv.head_dim)
+    if tuple(keys.shape) != expected:
+        raise ValueError(f"keys: expected shape (batch, kv_heads, n, head_dim) = {expected} (that of the cache), got {tuple(keys.shape)}")
+    if keys.dtype != kv.dtype:
+        raise TypeError(f"keys: expected dtype {kv.dtype} (that of the cache), got {keys.dtype}")
+    if keys.device != kv.device:
+        raise ValueError(f"keys: expected device {kv.device} (that of the cache), got {keys.device}")
+    buf, n = kv.config.buffer_tokens, keys.shape[2]
+    if kv.tail_len + n < buf:  # decode fast path: write into the tail buffer
+        kv.tail_keys[:, :, kv.tail_len: kv.tail_len + n] = keys
+        kv.tail_values[:, :, kv.tail_len: kv.tail_len + n] = values
+        kv.tail_len += n
+        return
+    all_k = torch.cat([kv.tail_keys[:, :, : kv.tail_len], keys], dim=2)
+    all_v = torch.cat([kv.tail_values[:, :, : kv.tail_len], values], dim=2)
+    t_c = all_k.shape[2] // buf * buf
+    blocks = compress_blocks(all_k[:, :, :t_c], all_v[:, :, :t_c], kv.config)
+    for name, tensor in blocks.items():
+        setattr(kv, name, torch.cat([getattr(kv, name), tensor], dim=2))
+    rest = all_k.shape[2] - t_c
+    kv.tail_keys[:, :, :rest] = all_k[:, :, t_c:]
+    kv.tail_values[:, :, :rest] = all_v[:, :, t_c:]
+    kv.tail_len = rest

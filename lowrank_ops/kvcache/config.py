@@ -1,0 +1,71 @@
+"""``GEARConfig``: the settings of one GEAR-compressed KV cache (validated on construction).
+
+GEAR (KIVI-style quantization + per-vector outliers + low-rank residual + fp16 tail):
+
+* ``bits`` ∈ {2, 4}: asymmetric uniform codes; keys per channel over groups of
+  ``group_size`` tokens, values per token over groups of ``group_size`` channels;
+* ``outlier_ratio`` s ∈ [0, 0.1]: round(s · head_dim) entries of every key/value vector
+  (half the largest, half the smallest) kept exactly outside the quantizer;
+* ``rank`` r ≥ 0: the remaining error of each (sequence, head, block) approximated as A Bᵀ
+  with ``power_iters`` ≥ 1 subspace iterations (r = 0: no low-rank part);
+* ``buffer_tokens`` B: the newest tokens stay uncompressed until B of them are there, then
+  those B are compressed once into a block (append-only, never re-quantized).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowrank_ops.core.checks import check_choice, check_int
+
+GEAR_BITS = (2, 4)
+GEAR_GROUP_SIZES = (16, 32, 64, 128)  # powers of two ≥ 16 (Triton tiles, packed words)
+MAX_OUTLIER_RATIO = 0.1
+MAX_BUFFER_TOKENS = 4096
+MAX_POWER_ITERS = 16
+
+
+@dataclass(frozen=True)
+class GEARConfig:
+    """Settings of a GEAR KV cache; ``ValueError``/``TypeError`` naming the field on bad values.
+
+    ``group_size`` must divide ``buffer_tokens`` (key groups never straddle a block) and the
+    head dimension (checked when tensors arrive: :meth:`check_head_dim`); ``rank`` must not
+    exceed ``buffer_tokens`` (nor the head dimension, checked likewise).
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    rank: int = 4
+    outlier_ratio: float = 0.02
+    buffer_tokens: int = 64
+    power_iters: int = 2
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, GEAR_BITS)
+        check_choice("group_size", self.group_size, GEAR_GROUP_SIZES)
+        check_int("buffer_tokens", self.buffer_tokens, low=self.group_size, high=MAX_BUFFER_TOKENS)
+        if self.buffer_tokens % self.group_size:
+            raise ValueError(
+                f"buffer_tokens: expected a multiple of group_size={self.group_size} "
+                f"(key groups must not straddle a block), got {self.buffer_tokens}"
+            )
+        check_int("rank", self.rank, low=0, high=self.buffer_tokens)
+        check_int("power_iters", self.power_iters, low=1, high=MAX_POWER_ITERS)
+        ratio = self.outlier_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"outlier_ratio: expected a float in [0, {MAX_OUTLIER_RATIO}], got {type(ratio).__name__}")
+        if not 0.0 <= float(ratio) <= MAX_OUTLIER_RATIO:
+            raise ValueError(f"outlier_ratio: expected a number in [0, {MAX_OUTLIER_RATIO}], got {ratio}")
+
+    def outliers_per_vector(self, head_dim: int) -> int:
+        """n_out = round(s · head_dim): ceil(n_out/2) largest + floor(n_out/2) smallest entries."""
+        return int(round(self.outlier_ratio * head_dim))
+
+    def check_head_dim(self, head_dim: int, name: str = "keys") -> None:
+        """``head_dim`` is a multiple of 16 in [16, 256] that ``group_size`` divides and that is ≥ ``rank``."""
+        if head_dim % 16 or not 16 <= head_dim <= 256:
+            raise ValueError(f"{name}: expected a head_dim (last dim) that is a multiple of 16 in [16, 256], got {head_dim}")
+        if head_dim % self.group_size:
+            raise ValueError(f"{name}: expected a head_dim that group_size={self.group_size} divides, got {head_dim}")
+        if self.rank > head_dim:
+            raise ValueError(f"{name}: expected head_dim >= rank={self.rank}, got {head_dim}")

@@ -1,0 +1,254 @@
+"""The GEAR KV-cache storage: append-only compressed blocks of B tokens + an uncompressed tail.
+
+This is the contract the attention kernels read. Keys and values are (batch, kv_heads, seq,
+head_dim) = (b, h, T, D); all sequences of the batch share token positions (ragged lengths are
+a key mask at attention time; padded positions are stored like any other token). With
+``nblocks`` full blocks, ``T_c = nblocks · B`` compressed tokens, ``G = group_size``,
+``E = 32 / bits`` codes per int32 word, ``n_out = round(s · D)`` and rank r:
+
+===================  ==============================  =====  ===========================================
+tensor               shape                           dtype  meaning
+===================  ==============================  =====  ===========================================
+key_codes            (b, h, T_c, D·bits/32)          int32  packed codes along D
+key_scale/key_zero   (b, h, T_c / G, D)              fp16   per channel, per group of G tokens
+value_codes          (b, h, T_c, D·bits/32)          int32  packed codes along D
+value_scale/_zero    (b, h, T_c, D / G)              fp16   per token, per group of G channels
+*_out_idx            (b, h, T_c, n_out)              uint8  channel of each outlier
+*_out_val            (b, h, T_c, n_out)              fp16   x − dequant(code) at that channel
+*_lr_a               (b, h, T_c, r)                  fp16   per token row of A
+*_lr_b               (b, h, nblocks, D, r)           fp16   per block B
+tail_keys/_values    (b, h, B, D)                    input  first ``tail_len`` rows valid
+===================  ==============================  =====  ===========================================
+
+Packing: code d of a vector sits in word ``d // E`` at bit ``(d % E) · bits`` (bit 31 is a
+payload bit: read words as unsigned). Dequantization ``deq = (code − zero) · scale`` (zeros are
+fractional fp16). Outliers: per vector, the ceil(n_out/2) largest entries (descending, first
+index on ties) then the floor(n_out/2) smallest (ascending) are excluded from the min/max of
+their quantization groups; their code is the clamped code of the value and ``out_val`` stores
+the residual ``x − deq`` there, so the additive reconstruction gives x to fp16 precision.
+Reconstruction of token t in block j = t // B::
+
+    x̂_t = deq(codes_t) + scatter(out_idx_t, out_val_t) + A_t @ B_jᵀ
+
+The tail is stored in the input dtype (fp16, bf16 or fp32). ``nbytes`` counts every tensor
+above, the whole B-token tail buffer included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core.checks import check_dim, check_int, check_tensor
+from lowrank_ops.kvcache.config import GEARConfig
+
+BLOCK_FIELDS = ("codes", "scale", "zero", "out_idx", "out_val", "lr_a", "lr_b")
+TENSOR_FIELDS = (
+    tuple(f"key_{f}" for f in BLOCK_FIELDS) + tuple(f"value_{f}" for f in BLOCK_FIELDS) + ("tail_keys", "tail_values")
+)
+TAIL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_last(codes: Tensor, bits: int) -> Tensor:
+    """Codes (..., D) in [0, 2^bits) → int32 words (..., D·bits/32), code d at bit (d % E)·bits of word d // E."""
+    per_word = 32 // bits
+    *lead, d = codes.shape
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (codes.to(torch.int64).reshape(*lead, d // per_word, per_word) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_last(words: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_last`: int32 (..., W) → int64 codes (..., W·32/bits)."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
+    codes = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * per_word)
+
+
+# ----------------------------------------------------------------------------- reconstruction pieces
+def dequant_keys(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """Per-channel key groups: codes (b, h, T, D), scale/zero (b, h, T/G, D) → (b, h, T, D)."""
+    s = scale.to(dtype).repeat_interleave(group_size, dim=2)
+    z = zero.to(dtype).repeat_interleave(group_size, dim=2)
+    return (codes.to(dtype) - z) * s
+
+
+def dequant_values(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """Per-token value groups: codes (b, h, T, D), scale/zero (b, h, T, D/G) → (b, h, T, D)."""
+    s = scale.to(dtype).repeat_interleave(group_size, dim=3)
+    z = zero.to(dtype).repeat_interleave(group_size, dim=3)
+    return (codes.to(dtype) - z) * s
+
+
+def scatter_outliers(idx: Tensor, val: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
+    """Dense (..., D) tensor holding ``val`` at channels ``idx`` (zeros elsewhere)."""
+    dense = torch.zeros(*idx.shape[:-1], head_dim, dtype=dtype, device=idx.device)
+    return dense.scatter_add_(-1, idx.to(torch.int64), val.to(dtype))
+
+
+def lowrank_product(a: Tensor, b: Tensor, buffer_tokens: int, dtype: torch.dtype) -> Tensor:
+    """A (b, h, T_c, r) with per-block B (b, h, nblocks, D, r) → (b, h, T_c, D), row t times B_{t // B}ᵀ."""
+    bt, h, t, r = a.shape
+    nblocks, d = b.shape[2], b.shape[3]
+    if r == 0:
+        return torch.zeros(bt, h, t, d, dtype=dtype, device=a.device)
+    blocks = a.to(dtype).reshape(bt, h, nblocks, buffer_tokens, r) @ b.to(dtype).transpose(-1, -2)
+    return blocks.reshape(bt, h, t, d)
+
+
+# ----------------------------------------------------------------------------- the cache
+@dataclass
+class GEARKV:
+    """One layer's GEAR-compressed keys and values (see the module docstring for the layout).
+
+    Build with :func:`lowrank_ops.kvcache.compress`; grow with :meth:`append` (in place).
+    """
+
+    config: GEARConfig
+    key_codes: Tensor
+    key_scale: Tensor
+    key_zero: Tensor
+    key_out_idx: Tensor
+    key_out_val: Tensor
+    key_lr_a: Tensor
+    key_lr_b: Tensor
+    value_codes: Tensor
+    value_scale: Tensor
+    value_zero: Tensor
+    value_out_idx: Tensor
+    value_out_val: Tensor
+    value_lr_a: Tensor
+    value_lr_b: Tensor
+    tail_keys: Tensor
+    tail_values: Tensor
+    tail_len: int
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --------------------------------------------------------------- metadata
+    @property
+    def batch(self) -> int:
+        return self.tail_keys.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.tail_keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.tail_keys.shape[3]
+
+    @property
+    def nblocks(self) -> int:
+        return self.key_codes.shape[2] // self.config.buffer_tokens
+
+    @property
+    def compressed_len(self) -> int:
+        """Tokens held in compressed blocks (``nblocks · B``)."""
+        return self.key_codes.shape[2]
+
+    @property
+    def seq_len(self) -> int:
+        return self.compressed_len + self.tail_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The input (and tail) dtype; :meth:`decompress` returns it by default."""
+        return self.tail_keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tail_keys.device
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every stored tensor, by field name (the order of :data:`TENSOR_FIELDS`)."""
+        return {name: getattr(self, name) for name in TENSOR_FIELDS}
+
+    # --------------------------------------------------------------- bytes
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor: codes, scales, zeros, outlier indices and values, factors, tail buffer."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_entry(self) -> float:
+        """``8·nbytes / (2·batch·kv_heads·seq_len·head_dim)``: stored bits per cached K or V entry."""
+        return 8.0 * self.nbytes / (2 * self.batch * self.kv_heads * max(self.seq_len, 1) * self.head_dim)
+
+    @property
+    def bytes_per_token_per_layer(self) -> float:
+        """``nbytes / (batch · seq_len)``: bytes this layer stores per token of a sequence (all KV heads, K and V)."""
+        return self.nbytes / (self.batch * max(self.seq_len, 1))
+
+    # --------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Shapes, dtypes and devices of every tensor against the layout (no value checks)."""
+        cfg = self.config
+        if not isinstance(cfg, GEARConfig):
+            raise TypeError(f"config: expected a GEARConfig, got {type(cfg).__name__}")
+        check_tensor("tail_keys", self.tail_keys, ndim=4, dtypes=TAIL_DTYPES)
+        b, h, buf, d = self.tail_keys.shape
+        cfg.check_head_dim(d, "tail_keys")
+        check_dim("tail_keys", self.tail_keys, 2, cfg.buffer_tokens, "buffer_tokens")
+        check_int("tail_len", self.tail_len, low=0, high=cfg.buffer_tokens - 1)
+        t_c = self.key_codes.shape[2] if self.key_codes.dim() == 4 else -1
+        if t_c % cfg.buffer_tokens:
+            raise ValueError(f"key_codes: expected a multiple of buffer_tokens={cfg.buffer_tokens} tokens at dim 2, got shape {tuple(self.key_codes.shape)}")
+        nblocks, g, r = t_c // cfg.buffer_tokens, cfg.group_size, cfg.rank
+        n_out, words = cfg.outliers_per_vector(d), d * cfg.bits // 32
+        expected = {
+            "tail_values": ((b, h, buf, d), (self.tail_keys.dtype,)),
+            "key_codes": ((b, h, t_c, words), (torch.int32,)),
+            "key_scale": ((b, h, t_c // g, d), (torch.float16,)),
+            "key_zero": ((b, h, t_c // g, d), (torch.float16,)),
+            "value_codes": ((b, h, t_c, words), (torch.int32,)),
+            "value_scale": ((b, h, t_c, d // g), (torch.float16,)),
+            "value_zero": ((b, h, t_c, d // g), (torch.float16,)),
+        }
+        for kind in ("key", "value"):
+            expected[f"{kind}_out_idx"] = ((b, h, t_c, n_out), (torch.uint8,))
+            expected[f"{kind}_out_val"] = ((b, h, t_c, n_out), (torch.float16,))
+            expected[f"{kind}_lr_a"] = ((b, h, t_c, r), (torch.float16,))
+            expected[f"{kind}_lr_b"] = ((b, h, nblocks, d, r), (torch.float16,))
+        for name, (shape, dtypes) in expected.items():
+            t = getattr(self, name)
+            check_tensor(name, t, ndim=len(shape), dtypes=dtypes)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+            if t.device != self.tail_keys.device:
+                raise ValueError(f"{name}: expected device {self.tail_keys.device} (that of tail_keys), got {t.device}")
+
+    # --------------------------------------------------------------- reference reconstruction
+    def _reconstruct(self, kind: str, dtype: torch.dtype) -> Tensor:
+        cfg = self.config
+        codes = unpack_last(getattr(self, f"{kind}_codes"), cfg.bits)
+        deq = dequant_keys if kind == "key" else dequant_values
+        x = deq(codes, getattr(self, f"{kind}_scale"), getattr(self, f"{kind}_zero"), cfg.group_size, dtype)
+        x = x + scatter_outliers(getattr(self, f"{kind}_out_idx"), getattr(self, f"{kind}_out_val"), self.head_dim, dtype)
+        x = x + lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"), cfg.buffer_tokens, dtype)
+        tail = (self.tail_keys if kind == "key" else self.tail_values)[:, :, : self.tail_len]
+        return torch.cat([x, tail.to(dtype)], dim=2)
+
+    def decompress(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(K̂, V̂), each (batch, kv_heads, seq_len, head_dim), computed and returned in ``dtype``
+        (default: the input dtype). The plain-torch reference of the format."""
+        dtype = self.dtype if dtype is None else dtype
+        return self._reconstruct("key", dtype), self._reconstruct("value", dtype)
+
+    # --------------------------------------------------------------- growth
+    def append(self, keys: Tensor, values: Tensor) -> "GEARKV":
+        """Append (batch, kv_heads, n, head_dim) new tokens in place (n ≥ 0): they join the tail,
+        and each time the tail reaches B tokens it is compressed into a new block. Returns self."""
+        from lowrank_ops.kvcache.compress import append_tokens  # compress builds on this module
+
+        append_tokens(self, keys, values)
+        return self
+
+
+def dense_nbytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of an uncompressed K and V cache of that size in ``dtype`` (the fp16 baseline)."""
+    return 2 * batch * kv_heads * seq_len * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,275 @@
+"""GEAR KV cache for Hugging Face transformers (an optional extra: ``import lowrank_ops`` never
+imports this module; ``lowrank_ops.GEARCache`` loads it on first access).
+
+Usage (Llama / Mistral / Qwen2-style decoder models, full attention)::
+
+    from lowrank_ops.kvcache import GEARConfig
+    from lowrank_ops.kvcache.hf import GEARCache       # registers the "gear" attention
+
+    model.set_attn_implementation("gear")
+    cache = GEARCache(GEARConfig(bits=2, rank=4), model_config=model.config)
+    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=64)
+    # (``past_key_values=cache`` works as well; transformers 5.x renames it ``cache``)
+    cache.memory_report()   # bytes held vs an fp16 cache
+
+How a decode step reads the compressed cache
+--------------------------------------------
+* Every decoder layer has a :class:`GEARLayer` holding one :class:`~lowrank_ops.kvcache.GEARKV`.
+* **Prefill** (a layer's first ``update``): the keys/values are compressed (full blocks of B
+  tokens quantized + outliers + low-rank; the rest in the uncompressed tail) and ``update``
+  returns the exact K/V it was given, so the prompt's attention is plain SDPA.
+* **Decode** (every later ``update``): the new tokens are appended to the GEARKV (a tail that
+  fills is compressed into a block), and ``update`` returns only those new tokens, never a
+  dequantized cache. To reach the attention function, the layer puts itself into the
+  attention-kwargs dict: Llama/Mistral/Qwen2 attention calls
+  ``cache.update(k, v, layer_idx, kwargs=kwargs)`` with the very dict it then unpacks into
+  ``attention_interface(module, q, k, v, mask, **kwargs)``, so :func:`gear_attention_forward`
+  receives the layer as the keyword :data:`LAYER_KWARG` and calls
+  :func:`lowrank_ops.kvcache.attention` on the compressed state (Triton kernel on CUDA).
+* Without that keyword (prefill; a normal cache; or a model that was given no GEARCache) the
+  "gear" attention is transformers' SDPA, so ``set_attn_implementation("gear")`` is safe on
+  its own. A decode ``update`` that gets no kwargs dict (a model whose attention does not pass
+  one) raises instead of returning a wrong cache; with ``model_config`` the cache also checks
+  that the model's attention implementation is "gear", and any layer whose previous decode
+  step was not consumed by the "gear" attention raises on its next update.
+* Masks: "gear" is registered with transformers' mask interface as ``sdpa_mask``; on decode
+  (one query token) the mask's last row is the key mask of left-padded batches.
+* Several query tokens after the prefill (chunked prefill, assisted decoding) need a causal
+  mask among the new tokens, which the decode attention does not have: that step decompresses
+  the layer and runs SDPA (the one dequantizing path).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lowrank_ops.kvcache import ops as kv_ops
+from lowrank_ops.kvcache.compress import compress
+from lowrank_ops.kvcache.config import GEARConfig
+from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
+
+GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
+LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
+
+
+def register() -> None:
+    """Register :func:`gear_attention_forward` and its mask (``sdpa_mask``) under "gear" (idempotent;
+    done when this module is imported)."""
+    AttentionInterface.register(GEAR_ATTENTION, gear_attention_forward)
+    AttentionMaskInterface.register(GEAR_ATTENTION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- one layer
+class GEARLayer(CacheLayerMixin):
+    """One decoder layer's cache: a :class:`GEARKV` built at prefill and appended to on decode."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False  # only the uncompressed tail can be cropped, see crop()
+
+    def __init__(self, config: GEARConfig, model_config: Optional[PreTrainedConfig] = None):
+        super().__init__()
+        self.config = config
+        self.model_config = model_config
+        self.kv: Optional[GEARKV] = None
+        self.awaiting_attention = False  # a decode update whose attention has not run yet
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Prefill: compress and return the exact K/V. Decode: append, hand this layer to the
+        "gear" attention through the attention kwargs, return only the new K/V."""
+        self._check_attention_implementation()
+        if self.kv is None:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.kv = compress(key_states, value_states, self.config)
+            return key_states, value_states
+        attn_kwargs = kwargs.get("kwargs")
+        if not isinstance(attn_kwargs, dict):
+            raise ValueError(
+                "GEARCache: this model's attention does not pass its attention kwargs to cache.update "
+                "(expected cache.update(k, v, layer_idx, kwargs=kwargs) as in Llama/Mistral/Qwen2), so the "
+                "'gear' attention cannot reach the compressed cache")
+        if self.awaiting_attention:
+            raise ValueError(
+                "GEARCache: the previous decode step of this layer was not attended by the 'gear' attention "
+                "implementation; call model.set_attn_implementation('gear') (lowrank_ops.kvcache.hf registers it)")
+        self.kv.append(key_states, value_states)
+        attn_kwargs[LAYER_KWARG] = self
+        self.awaiting_attention = True
+        return key_states, value_states
+
+    def _check_attention_implementation(self) -> None:
+        impl = getattr(self.model_config, "_attn_implementation", GEAR_ATTENTION)
+        if impl != GEAR_ATTENTION:
+            raise ValueError(
+                f"GEARCache: the model's attention implementation is {impl!r}, expected {GEAR_ATTENTION!r}: "
+                "call model.set_attn_implementation('gear') before generating")
+
+    def get_seq_length(self) -> int:
+        return 0 if self.kv is None else self.kv.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.kv = None
+        self.is_initialized = False
+        self.awaiting_attention = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``); only
+        tokens still in the uncompressed tail can go (a compressed block is never re-quantized)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove: expected a count <= 0 of tokens to drop, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or self.kv is None:
+            return
+        if n > self.kv.tail_len:
+            raise ValueError(
+                f"tokens_to_remove: GEARCache can only crop tokens of the uncompressed tail "
+                f"({self.kv.tail_len} now), got {n}")
+        self.kv.tail_len -= n
+
+    def _index_batch(self, index: Tensor) -> None:
+        if self.kv is not None:
+            index = index.to(self.kv.device)
+            self.kv = dataclasses.replace(
+                self.kv, **{name: t.index_select(0, index) for name, t in self.kv.tensors().items()})
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every stored tensor is batch-major, so this is an exact index_select."""
+        self._index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.kv is not None:
+            self._index_batch(torch.arange(self.kv.batch, device=self.kv.device)[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.kv is not None:
+            self._index_batch(torch.arange(self.kv.batch, device=self.kv.device).repeat_interleave(repeats))
+
+
+# ----------------------------------------------------------------------------- the cache
+class GEARCache(Cache):
+    """A transformers ``Cache`` of GEAR-compressed layers; decode attention reads the compressed
+    blocks (see the module docstring). Needs ``model.set_attn_implementation("gear")``.
+
+    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, rank 4, 2 % outliers,
+    64-token blocks). ``model_config``: the model's config (recommended): one layer per decoder
+    layer, a check that all are full attention (sliding windows are not supported) and that the
+    attention implementation is "gear" at every update. Without it, layers are made lazily.
+    """
+
+    def __init__(self, config: Optional[GEARConfig] = None, model_config: Optional[PreTrainedConfig] = None):
+        config = GEARConfig() if config is None else config
+        if not isinstance(config, GEARConfig):
+            raise TypeError(f"config: expected a lowrank_ops.kvcache.GEARConfig, got {type(config).__name__}")
+        self.config = config
+        if model_config is None:
+            super().__init__(layer_class_to_replicate=functools.partial(GEARLayer, config))
+            return
+        if not isinstance(model_config, PreTrainedConfig):
+            raise TypeError(f"model_config: expected a transformers PreTrainedConfig, got {type(model_config).__name__}")
+        text_config = model_config.get_text_config(decoder=True)
+        layer_types, _ = get_layer_types_and_kwargs(text_config)
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise ValueError(f"model_config: GEARCache supports full-attention layers only, found layer types {other}")
+        super().__init__(layers=[GEARLayer(config, text_config) for _ in layer_types])
+
+    def layer_caches(self) -> list[GEARKV]:
+        """The GEARKV of every layer filled so far."""
+        return [layer.kv for layer in self.layers if getattr(layer, "kv", None) is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored by all layers (codes, scales, zeros, outliers, factors, tail buffers)."""
+        return sum(kv.nbytes for kv in self.layer_caches())
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, fp16_nbytes,
+        dense_nbytes, ratio_vs_fp16, bits_per_entry, bytes_per_token}``. ``fp16_nbytes``: the same
+        K/V in fp16; ``dense_nbytes``: in the model's dtype (what ``DynamicCache`` holds);
+        ``bytes_per_token``: all layers, one sequence."""
+        kvs = self.layer_caches()
+        fp16 = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim) for kv in kvs)
+        dense = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim, kv.dtype) for kv in kvs)
+        nbytes = self.nbytes
+        entries = sum(2 * kv.batch * kv.kv_heads * kv.seq_len * kv.head_dim for kv in kvs)
+        tokens = kvs[0].batch * kvs[0].seq_len if kvs else 0
+        return {
+            "layers": len(kvs),
+            "batch": kvs[0].batch if kvs else 0,
+            "seq_len": kvs[0].seq_len if kvs else 0,
+            "nbytes": nbytes,
+            "fp16_nbytes": fp16,
+            "dense_nbytes": dense,
+            "ratio_vs_fp16": nbytes / fp16 if fp16 else None,
+            "bits_per_entry": 8 * nbytes / entries if entries else None,
+            "bytes_per_token": nbytes / tokens if tokens else None,
+        }
+
+
+# ----------------------------------------------------------------------------- attention
+def decode_key_mask(attention_mask: Optional[Tensor], seq_len: int) -> Optional[Tensor]:
+    """The (batch, seq_len) bool key mask (True = attend) of a one-query-token step, from the
+    4-D mask transformers built for it (boolean, or additive with large negatives), or None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] != seq_len:
+        raise ValueError(
+            f"attention_mask: expected a 4-D mask over the {seq_len} cached tokens, got shape {tuple(attention_mask.shape)}")
+    row = attention_mask[:, 0, -1, :]
+    if row.dtype == torch.bool:
+        return row
+    return row > torch.finfo(row.dtype).min / 2
+
+
+def gear_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function "gear": on decode steps of a :class:`GEARCache` it runs
+    :func:`lowrank_ops.kvcache.attention` on the compressed layer (``key``/``value`` are then only
+    the new tokens, already appended); otherwise it is transformers' SDPA. Returns
+    (batch, q_len, q_heads, head_dim) as every transformers attention function."""
+    layer: Optional[GEARLayer] = kwargs.pop(LAYER_KWARG, None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer.awaiting_attention = False
+    kv = layer.kv
+    window = kwargs.get("sliding_window")
+    if window is not None and kv.seq_len > window:
+        raise ValueError(f"GEARCache: sliding-window attention (window {window}) is not supported, cache holds {kv.seq_len} tokens")
+    if dropout:
+        raise ValueError(f"dropout: the GEAR decode attention is inference-only, got dropout={dropout}")
+    if query.shape[2] > 1:  # causal among several new tokens: decompress this once
+        k, v = kv.decompress(query.dtype)
+        return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scaling, **kwargs)
+    out = kv_ops.attention(query, kv, key_mask=decode_key_mask(attention_mask, kv.seq_len), scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+register()

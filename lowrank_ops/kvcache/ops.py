@@ -1,0 +1,134 @@
+"""Decode attention over a GEAR-compressed cache: ``softmax(q K̂ᵀ · scale) V̂``.
+
+:func:`attention` checks its inputs and calls ``lowrank_ops::gear_decode_attention``, a
+``torch.library`` custom op (with a fake impl, so ``torch.compile`` traces it) that takes the
+raw tensors of :class:`~lowrank_ops.kvcache.format.GEARKV` (in :data:`TENSOR_FIELDS` order)
+plus the static settings. Backends per call (:func:`lowrank_ops.core.backend.select_backend`):
+
+* ``cuda``: none exists for this op (reported unsupported, with the reason);
+* ``triton``: ``gear_decode_attention(q, kv, key_mask, scale)`` of
+  :mod:`lowrank_ops.kernels.kvcache_attention`, imported lazily (unsupported, with the reason,
+  when that module or function is absent or Triton cannot launch on the device);
+* ``reference``: :func:`attention_reference` (decompress in fp32 + plain softmax attention).
+
+Semantics: q (batch, q_heads, q_len, head_dim), q_heads a multiple of kv_heads (query head i
+reads kv head i // (q_heads / kv_heads), as ``repeat_kv``), every query attends to all
+``seq_len`` cached tokens (no causal mask among them: append the new tokens first), optional
+``key_mask`` bool (batch, seq_len), True = attend. A query row whose keys are all masked
+returns zeros. The output is (batch, q_heads, q_len, head_dim) in q's dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import backend
+from lowrank_ops.core.backend import Support
+from lowrank_ops.core.checks import check_tensor
+from lowrank_ops.kvcache.config import GEARConfig
+from lowrank_ops.kvcache.format import TENSOR_FIELDS, GEARKV
+
+KERNEL_MODULE = "lowrank_ops.kernels.kvcache_attention"
+KERNEL_FUNCTION = "gear_decode_attention"
+
+
+# --------------------------------------------------------------------------- reference
+def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                        compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype."""
+    k, v = kv.decompress(compute_dtype)
+    groups = q.shape[1] // kv.kv_heads
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(kv.head_dim) if scale is None else scale
+    scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        allowed = key_mask[:, None, None, :]
+        scores = scores.masked_fill(~allowed, -torch.inf)
+        probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0)
+    else:
+        probs = scores.softmax(-1)
+    return (probs @ v).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- backend support
+def _triton_support(q: Tensor, rank: int) -> Support:
+    if not backend.triton_runs_on(q.device):
+        return Support(False, f"Triton cannot launch on {q.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    try:
+        module = importlib.import_module(KERNEL_MODULE)
+    except ImportError as exc:
+        return Support(False, f"{KERNEL_MODULE} cannot be imported ({exc})")
+    if not hasattr(module, KERNEL_FUNCTION):
+        return Support(False, f"{KERNEL_MODULE} has no {KERNEL_FUNCTION}()")
+    if rank > module.KV_MAX_RANK:
+        return Support(False, f"the Triton decode kernel keeps rank <= {module.KV_MAX_RANK} factor tiles on chip, got rank {rank}")
+    return Support(True)
+
+
+def _attention_backend(q: Tensor, rank: int) -> str:
+    support = {
+        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR decode attention; use triton"),
+        "triton": _triton_support(q, rank),
+        "reference": Support(True),
+    }
+    return backend.select_backend("gear_decode_attention", support, q.device)
+
+
+# --------------------------------------------------------------------------- custom op
+def _rebuild(tensors: list[Tensor], bits: int, group_size: int, rank: int, outlier_ratio: float,
+             buffer_tokens: int, power_iters: int, tail_len: int) -> GEARKV:
+    config = GEARConfig(bits=bits, group_size=group_size, rank=rank, outlier_ratio=outlier_ratio,
+                        buffer_tokens=buffer_tokens, power_iters=power_iters)
+    return GEARKV(config=config, **dict(zip(TENSOR_FIELDS, tensors)), tail_len=tail_len)
+
+
+@torch.library.custom_op("lowrank_ops::gear_decode_attention", mutates_args=())
+def _gear_attention_op(
+    q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float,
+    bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, power_iters: int, tail_len: int,
+) -> Tensor:
+    kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, power_iters, tail_len)
+    if _attention_backend(q, rank) == "triton":
+        return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale)
+    return attention_reference(q, kv, key_mask, scale)
+
+
+@_gear_attention_op.register_fake
+def _(q, tensors, key_mask, scale, bits, group_size, rank, outlier_ratio, buffer_tokens, power_iters, tail_len):
+    return torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------- public entry point
+def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Decode attention of ``q`` over the compressed cache ``kv`` (see the module docstring)."""
+    if not isinstance(kv, GEARKV):
+        raise TypeError(f"kv: expected a GEARKV, got {type(kv).__name__}")
+    check_tensor("q", q, ndim=4)
+    b, qh, q_len, d = q.shape
+    expected = f"(batch={kv.batch}, q_heads multiple of kv_heads={kv.kv_heads}, q_len>=1, head_dim={kv.head_dim})"
+    if b != kv.batch or qh % kv.kv_heads or qh == 0 or q_len < 1 or d != kv.head_dim:
+        raise ValueError(f"q: expected shape {expected}, got {tuple(q.shape)}")
+    if q.device != kv.device:
+        raise ValueError(f"q: expected device {kv.device} (that of kv), got {q.device}")
+    if kv.seq_len < 1:
+        raise ValueError("kv: expected a cache holding at least one token, got seq_len 0")
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,))
+        if tuple(key_mask.shape) != (b, kv.seq_len):
+            raise ValueError(f"key_mask: expected shape (batch, seq_len) = {(b, kv.seq_len)}, got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask: expected device {q.device} (that of q), got {key_mask.device}")
+        key_mask = key_mask.contiguous()
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
+    cfg = kv.config
+    tensors = [t.contiguous() for t in kv.tensors().values()]
+    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), cfg.bits, cfg.group_size, cfg.rank,
+                              float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.power_iters, kv.tail_len)

@@ -1,0 +1,196 @@
+"""Interpreter lane: the GEAR decode-attention kernel against the float64 reference attention of
+the same compressed cache (``attention_reference`` on ``decompress(float64)``).
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU), or on
+a CUDA device. Every launcher allocation is NaN-filled first, so an unwritten workspace or output
+element shows up. Caches come from ``compress`` on fresh random keys/values (batch 2, ragged key
+masks with right and left padding). The (bits × rank × outliers) product is covered in full;
+tail (empty / partial), GQA (4:1 / 1:1), head_dim (64 / 128, plus 80: padded channels), q_len
+(1 / 2 / 3 / 17: several row blocks), dtype (fp16 / fp32, one bf16) and the split count are
+sampled across it with co-prime periods so every value meets every path; key groups of 32 tokens
+(one tile), 16 (two tiles per block) and 128 (two tiles per group).
+"""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_lane import DEVICE, MARKS, assert_close, poison_allocations  # noqa: E402
+
+pytestmark = MARKS
+
+from lowrank_ops.core.backend import use_backend  # noqa: E402
+from lowrank_ops.kernels import kvcache_attention as kernels  # noqa: E402
+from lowrank_ops.kvcache import GEARConfig, attention, attention_reference, compress  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # softmax over thousands of dequantized keys
+BATCH, KV_HEADS = 2, 2
+
+
+# --------------------------------------------------------------------------- helpers
+def make_cache(*, bits, rank, ratio, nblocks, tail, head_dim, dtype, buffer_tokens=32, group_size=32):
+    """compress() of random (BATCH, KV_HEADS, nblocks·B + tail, head_dim) keys/values (keys with a
+    per-channel offset and a few large entries, as real keys have)."""
+    cfg = GEARConfig(bits=bits, rank=rank, outlier_ratio=ratio, buffer_tokens=buffer_tokens, group_size=group_size)
+    seq = nblocks * buffer_tokens + tail
+    keys = torch.randn(BATCH, KV_HEADS, seq, head_dim) + torch.randn(head_dim) * 2
+    keys[..., 3] *= 8
+    values = torch.randn(BATCH, KV_HEADS, seq, head_dim)
+    return compress(keys.to(dtype=dtype, device=DEVICE), values.to(dtype=dtype, device=DEVICE), cfg)
+
+
+def ragged_mask(seq):
+    """Batch row 0 right-padded (last 5 masked), row 1 left-padded (first 7 masked)."""
+    mask = torch.ones(BATCH, seq, dtype=torch.bool)
+    mask[0, max(seq - 5, 1):] = False
+    mask[1, : min(7, seq - 1)] = False
+    return mask.to(DEVICE)
+
+
+def reference(q, kv, mask, scale):
+    return attention_reference(q.double(), kv, mask, scale, compute_dtype=torch.float64)
+
+
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    return poison_allocations(monkeypatch, kernels)
+
+
+# --------------------------------------------------------------------------- kernel, direct
+def _cases():
+    out = []
+    for i, (bits, rank, ratio) in enumerate(itertools.product((2, 4), (0, 4), (0.0, 0.02))):
+        out.append(dict(
+            bits=bits, rank=rank, ratio=ratio, nblocks=(2, 3, 1)[i % 3], tail=(0, 5, 19)[i % 3] if i % 4 else 0,
+            head_dim=(64, 128)[i % 2], groups=(4, 1)[(i // 2) % 2], q_len=(1, 2, 3)[i % 3],
+            dtype=(torch.float16, torch.float32)[(i // 3) % 2], splits=(None, 2, 1, 5)[i % 4],
+        ))
+    # row blocks (4 heads × 17 tokens = 68 rows > 64); padded channels (80 → 128) with group 16
+    # (tiles of 16 tokens), bf16; group 128 in blocks of 128 (two 64-token tiles per key group)
+    out.append(dict(bits=4, rank=4, ratio=0.02, nblocks=2, tail=3, head_dim=64, groups=4, q_len=17,
+                    dtype=torch.float16, splits=3))
+    out.append(dict(bits=2, rank=4, ratio=0.05, nblocks=2, tail=7, head_dim=80, groups=2, q_len=1,
+                    dtype=torch.bfloat16, splits=None, group_size=16))
+    out.append(dict(bits=4, rank=2, ratio=0.02, nblocks=1, tail=70, head_dim=128, groups=1, q_len=1,
+                    dtype=torch.float16, splits=None, group_size=128, buffer_tokens=128))
+    return out
+
+
+CASES = _cases()
+
+
+def _id(c):
+    return "{bits}b-r{rank}-o{ratio}-nb{nblocks}-t{tail}-d{head_dim}-g{groups}-q{q_len}-{d}-s{splits}-G{G}".format(
+        **c, d=str(c["dtype"]).split(".")[-1], G=c.get("group_size", 32))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_gear_decode_attention(case, poisoned):
+    dtype, head_dim = case["dtype"], case["head_dim"]
+    sizes = {k: case[k] for k in ("group_size", "buffer_tokens") if k in case}
+    kv = make_cache(bits=case["bits"], rank=case["rank"], ratio=case["ratio"], nblocks=case["nblocks"],
+                    tail=case["tail"], head_dim=head_dim, dtype=dtype, **sizes)
+    assert kv.tail_len == case["tail"] and kv.nblocks == case["nblocks"]
+    q = torch.randn(BATCH, KV_HEADS * case["groups"], case["q_len"], head_dim).to(dtype=dtype, device=DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    scale = 0.7 * head_dim**-0.5
+    out = kernels.gear_decode_attention(q, kv, mask, scale, num_splits=case["splits"])
+    assert poisoned, "the launcher allocated nothing through kernels._empty: poisoning is not in effect"
+    assert out.dtype == dtype
+    assert_close(out, reference(q, kv, mask, scale), dtype, _id(case), TOL)
+
+
+def test_no_mask_default_scale_and_split_counts():
+    """key_mask None, scale None (head_dim ** -0.5); every split count gives the same result,
+    counts beyond the number of units are clamped."""
+    kv = make_cache(bits=4, rank=4, ratio=0.02, nblocks=3, tail=9, head_dim=64, dtype=torch.float32)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64, device=DEVICE)
+    ref = reference(q, kv, None, None)
+    for splits in (None, 2, 50):
+        out = kernels.gear_decode_attention(q, kv, None, None, num_splits=splits)
+        assert_close(out, ref, torch.float32, f"splits={splits}", TOL)
+
+
+def test_fully_masked_row_is_zero_and_others_unharmed():
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=2, tail=4, head_dim=64, dtype=torch.float16)
+    q = torch.randn(BATCH, KV_HEADS, 2, 64).to(dtype=torch.float16, device=DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    mask[0] = False
+    out = kernels.gear_decode_attention(q, kv, mask, None, num_splits=3)
+    assert not out.isnan().any()
+    assert (out[0] == 0).all(), "a row with every key masked must be 0"
+    assert_close(out[1], reference(q, kv, mask, None)[1], torch.float16, "unmasked batch row", TOL)
+
+
+def test_tail_only_cache():
+    """No compressed block yet: the tail alone, exact, so plain attention over the raw keys/values
+    is the reference."""
+    cfg = GEARConfig(bits=2, rank=2, outlier_ratio=0.02, buffer_tokens=32, group_size=32)
+    k, v = torch.randn(2, BATCH, KV_HEADS, 11, 64, device=DEVICE)
+    kv = compress(k, v, cfg)
+    assert (kv.nblocks, kv.tail_len) == (0, 11)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 2, 64, device=DEVICE)
+    mask = ragged_mask(11)
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 64**-0.5
+    probs = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    ref = probs @ v.double().repeat_interleave(2, 1)
+    assert_close(kernels.gear_decode_attention(q, kv, mask, None), ref, torch.float32, "tail only", TOL)
+
+
+def test_after_append_matches_reference():
+    """A cache grown by append (tail filled, one new block compressed) is read correctly."""
+    kv = make_cache(bits=4, rank=4, ratio=0.02, nblocks=1, tail=30, head_dim=64, dtype=torch.float16)
+    new = torch.randn(2, BATCH, KV_HEADS, 5, 64).to(dtype=torch.float16, device=DEVICE)
+    kv.append(new[0], new[1])
+    assert (kv.nblocks, kv.tail_len) == (2, 3)
+    q = torch.randn(BATCH, 4 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    out = kernels.gear_decode_attention(q, kv, mask, None)
+    assert_close(out, reference(q, kv, mask, None), torch.float16, "append", TOL)
+
+
+# --------------------------------------------------------------------------- public op, triton pinned
+def test_attention_op_uses_kernel(monkeypatch):
+    calls = []
+    real = kernels.gear_decode_attention
+    monkeypatch.setattr(kernels, "gear_decode_attention", lambda *a: calls.append(len(a)) or real(*a))
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=2, tail=6, head_dim=64, dtype=torch.float16)
+    q = torch.randn(BATCH, 4 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    with use_backend("triton"):
+        out = attention(q, kv, key_mask=mask)
+    assert calls == [4], "the triton backend did not call gear_decode_attention(q, kv, key_mask, scale)"
+    assert_close(out, reference(q, kv, mask, None), torch.float16, "attention(triton)", TOL)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input():
+    kv = make_cache(bits=4, rank=0, ratio=0.0, nblocks=1, tail=2, head_dim=64, dtype=torch.float16)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        kernels.gear_decode_attention(q[0], kv, None, None)
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        kernels.gear_decode_attention(q.int(), kv, None, None)
+    with pytest.raises(ValueError, match="q: .*head_dim"):
+        kernels.gear_decode_attention(q[..., :32], kv, None, None)
+    with pytest.raises(ValueError, match="q: .*multiple of the cache's kv_heads"):
+        kernels.gear_decode_attention(q[:, :3], kv, None, None)
+    with pytest.raises(ValueError, match="q: .*batch"):
+        kernels.gear_decode_attention(q[:1], kv, None, None)
+    mask = torch.ones(BATCH, kv.seq_len, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(TypeError, match="key_mask: expected dtype"):
+        kernels.gear_decode_attention(q, kv, mask.int(), None)
+    with pytest.raises(ValueError, match="key_mask: .*cached tokens"):
+        kernels.gear_decode_attention(q, kv, mask[:, 1:], None)
+
+
+def test_rank_limit():
+    cfg = GEARConfig(bits=4, rank=kernels.KV_MAX_RANK + 1, outlier_ratio=0.0, buffer_tokens=128, group_size=32)
+    x = torch.randn(1, 1, 128, 128, device=DEVICE)
+    kv = compress(x, x, cfg)
+    with pytest.raises(ValueError, match="rank"):
+        kernels.gear_decode_attention(torch.randn(1, 1, 1, 128, device=DEVICE), kv, None, None)

@@ -1,0 +1,266 @@
+"""Reference lane: GEAR compression (format shapes, append-only semantics, error bounds, bytes, errors)."""
+import itertools
+
+import pytest
+import torch
+
+from lowrank_ops.kvcache import GEARConfig, GEARKV, compress, dense_nbytes
+from lowrank_ops.kvcache.compress import outlier_slots, quantize_reference
+from lowrank_ops.kvcache.format import TENSOR_FIELDS, pack_last, unpack_last
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small ops: on a busy shared runner one thread is several times faster overall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kv_pair(b=2, h=3, t=100, d=64, dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # channel-dependent offsets and spreads, as real keys have
+    keys = torch.randn(b, h, t, d, generator=gen) * (0.5 + torch.rand(d, generator=gen)) + torch.randn(d, generator=gen)
+    values = torch.randn(b, h, t, d, generator=gen)
+    return keys.to(dtype), values.to(dtype)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_roundtrip_and_bit_layout(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 64))
+    words = pack_last(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 64 * bits // 32)
+    assert torch.equal(unpack_last(words, bits), codes)
+    per_word = 32 // bits
+    d = 37  # code d lives in word d // E at bit (d % E)·bits
+    got = (words[..., d // per_word].to(torch.int64) & 0xFFFFFFFF) >> ((d % per_word) * bits) & ((1 << bits) - 1)
+    assert torch.equal(got, codes[..., d])
+
+
+# --------------------------------------------------------------------------- shapes and tail
+@pytest.mark.parametrize("t", [1, 63, 64, 65, 130])
+@pytest.mark.parametrize("bits, d, g, rank, ratio, dtype", [
+    (2, 128, 32, 4, 0.02, torch.float16),
+    (4, 64, 64, 0, 0.0, torch.bfloat16),
+    (2, 48, 16, 2, 0.1, torch.float32),
+])
+def test_shapes_and_tail(t, bits, d, g, rank, ratio, dtype):
+    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, buffer_tokens=64)
+    keys, values = kv_pair(2, 3, t, d, dtype)
+    kv = compress(keys, values, cfg)
+    nblocks, tail = divmod(t, 64)
+    assert (kv.seq_len, kv.nblocks, kv.tail_len, kv.compressed_len) == (t, nblocks, tail, nblocks * 64)
+    assert (kv.batch, kv.kv_heads, kv.head_dim, kv.dtype, kv.device) == (2, 3, d, dtype, keys.device)
+    n_out = round(ratio * d)
+    tc = nblocks * 64
+    assert kv.key_codes.shape == kv.value_codes.shape == (2, 3, tc, d * bits // 32)
+    assert kv.key_scale.shape == kv.key_zero.shape == (2, 3, tc // g, d)
+    assert kv.value_scale.shape == kv.value_zero.shape == (2, 3, tc, d // g)
+    assert kv.key_out_idx.shape == kv.value_out_val.shape == (2, 3, tc, n_out)
+    assert kv.key_lr_a.shape == (2, 3, tc, rank) and kv.value_lr_b.shape == (2, 3, nblocks, d, rank)
+    assert kv.tail_keys.shape == (2, 3, 64, d) and kv.tail_keys.dtype == dtype
+    k_hat, v_hat = kv.decompress()
+    assert k_hat.shape == v_hat.shape == keys.shape and k_hat.dtype == dtype
+    assert torch.equal(k_hat[:, :, tc:], keys[:, :, tc:]) and torch.equal(v_hat[:, :, tc:], values[:, :, tc:])
+    assert torch.isfinite(k_hat.float()).all() and torch.isfinite(v_hat.float()).all()
+    if nblocks:
+        assert rel(k_hat[:, :, :tc], keys[:, :, :tc]) < (0.45 if bits == 2 else 0.1)
+        assert rel(v_hat[:, :, :tc], values[:, :, :tc]) < (0.45 if bits == 2 else 0.1)
+
+
+# --------------------------------------------------------------------------- append-only semantics
+@pytest.mark.parametrize("chunks", [[1] * 150, [1, 63, 1, 70, 15], [64, 64, 22], [149, 1]])
+def test_append_equals_compress_at_once(chunks):
+    cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.05)
+    keys, values = kv_pair(2, 2, sum(chunks), 64)
+    once = compress(keys, values, cfg)
+    grown = compress(keys[:, :, : chunks[0]], values[:, :, : chunks[0]], cfg)
+    start = chunks[0]
+    for n in chunks[1:]:
+        assert grown.append(keys[:, :, start: start + n], values[:, :, start: start + n]) is grown
+        start += n
+    assert grown.seq_len == once.seq_len == 150 and grown.tail_len == once.tail_len == 22
+    for name in TENSOR_FIELDS:
+        a, b = getattr(grown, name), getattr(once, name)
+        if name.startswith("tail"):  # rows past tail_len are stale, never read
+            a, b = a[:, :, :22], b[:, :, :22]
+        if "lr" in name:  # one batched QR vs several: same math, float rounding may differ
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=1e-2)
+        else:
+            assert torch.equal(a, b), name
+    torch.testing.assert_close(grown.decompress(torch.float32), once.decompress(torch.float32), atol=2e-3, rtol=1e-3)
+
+
+def test_blocks_are_never_requantized():
+    cfg = GEARConfig(bits=2, rank=2)
+    keys, values = kv_pair(1, 2, 64 + 64 + 10, 64)
+    kv = compress(keys[:, :, :64], values[:, :, :64], cfg)
+    first = {name: t.clone() for name, t in kv.tensors().items() if not name.startswith("tail")}
+    kv.append(keys[:, :, 64:], values[:, :, 64:] * 100)  # wildly different later values
+    for name, t in first.items():
+        assert torch.equal(getattr(kv, name)[:, :, : t.shape[2]], t), name  # dim 2: tokens, groups or blocks
+    kv.append(keys[:, :, :0], values[:, :, :0])  # no-op
+    assert kv.seq_len == 138
+
+
+def test_batch_elements_and_heads_are_independent():
+    """Ragged batches (left padding) are stored per sequence: no statistic crosses sequences or heads."""
+    cfg = GEARConfig(bits=2, rank=4)
+    keys, values = kv_pair(3, 2, 128, 64)
+    keys[0, :, :40] = 50.0  # padding rows of a left-padded sequence with junk
+    both = compress(keys, values, cfg)
+    for i, j in itertools.product(range(3), range(2)):
+        alone = compress(keys[i:i + 1, j:j + 1], values[i:i + 1, j:j + 1], cfg)
+        for name in TENSOR_FIELDS:
+            a, b = getattr(both, name)[i:i + 1, j:j + 1], getattr(alone, name)
+            if "lr" in name:
+                torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=1e-2)
+            else:
+                assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- quantizer properties
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantizer_error_bound_and_outliers(kind, bits):
+    cfg = GEARConfig(bits=bits, group_size=32, outlier_ratio=0.05, rank=0)
+    keys, values = kv_pair(2, 2, 64, 64, torch.float32)
+    x = keys if kind == "key" else values
+    q = quantize_reference(x, cfg, kind)
+    codes = unpack_last(q["codes"], bits)
+    assert codes.min() >= 0 and codes.max() <= (1 << bits) - 1
+    scale = q["scale"].float()
+    s = scale.repeat_interleave(32, 2) if kind == "key" else scale.repeat_interleave(32, 3)
+    n_out = 3
+    idx = q["out_idx"].long()
+    # outliers: the 2 largest (descending) then the smallest of each vector
+    top = x.topk(2, dim=-1).indices
+    assert torch.equal(idx[..., :2], top)
+    assert torch.equal(idx[..., 2], x.argmin(-1))
+    kept = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
+    residual = q["residual"]
+    assert (residual.abs() <= s / 2 * (1 + 1e-3) + 1e-6)[kept].all()  # round to nearest within the range
+    assert (residual[~kept].abs() <= x.abs()[~kept] * 2e-3 + 1e-6).all()  # outliers exact to fp16
+    assert q["out_val"].shape == (2, 2, 64, n_out)
+
+
+def test_outlier_slots_ties_take_the_first_index():
+    x = torch.tensor([[1.0, 5.0, 5.0, -2.0, -2.0, 0.0]])
+    slot = outlier_slots(x, 3)
+    assert slot.tolist() == [[-1, 0, 1, 2, -1, -1]]
+    assert outlier_slots(x, 0).eq(-1).all()
+
+
+def test_constant_and_all_outlier_groups_stay_finite():
+    cfg = GEARConfig(bits=2, group_size=16, buffer_tokens=16, outlier_ratio=0.1, rank=0)
+    keys = torch.full((1, 1, 16, 32), 7.0)
+    keys[..., 5] = 1e4  # channel 5 is every token's outlier: its key group has no kept entry
+    values = torch.zeros(1, 1, 16, 32)
+    kv = compress(keys, values, cfg)
+    k_hat, v_hat = kv.decompress(torch.float32)
+    torch.testing.assert_close(k_hat, keys, rtol=2e-3, atol=2e-2)
+    assert torch.equal(v_hat, values)
+
+
+def test_full_rank_is_lossless():
+    cfg = GEARConfig(bits=2, group_size=32, rank=64, buffer_tokens=64, outlier_ratio=0.0)
+    keys, values = kv_pair(1, 2, 128, 64, torch.float32)
+    k_hat, v_hat = compress(keys, values, cfg).decompress(torch.float32)
+    assert rel(k_hat, keys) < 2e-3 and rel(v_hat, values) < 2e-3
+
+
+def test_lowrank_reduces_error_and_more_iters_do_not_hurt():
+    keys, values = kv_pair(1, 2, 128, 64, torch.float32)
+    errs = []
+    for rank, iters in [(0, 1), (4, 1), (4, 3), (16, 2)]:
+        cfg = GEARConfig(bits=2, rank=rank, power_iters=iters)
+        errs.append(rel(compress(keys, values, cfg).decompress(torch.float32)[0], keys))
+    assert errs[1] < errs[0] and errs[2] <= errs[1] * 1.01 and errs[3] < errs[2]
+
+
+# --------------------------------------------------------------------------- bytes
+@pytest.mark.parametrize("bits, d, g, rank, ratio, t", [(2, 128, 32, 4, 0.02, 200), (4, 64, 16, 0, 0.0, 64), (2, 64, 64, 8, 0.1, 5)])
+def test_nbytes_formula(bits, d, g, rank, ratio, t):
+    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio)
+    b, h = 2, 3
+    kv = compress(*kv_pair(b, h, t, d), cfg)
+    tc, nblocks, n_out = t // 64 * 64, t // 64, round(ratio * d)
+    key = tc * d * bits // 8 + 2 * 2 * (tc // g) * d
+    value = tc * d * bits // 8 + 2 * 2 * tc * (d // g)
+    shared = tc * n_out * (1 + 2) + 2 * tc * rank + 2 * nblocks * d * rank
+    tail = 2 * 64 * d * 2
+    expected = b * h * (key + value + 2 * shared + tail)
+    assert kv.nbytes == expected == sum(t.numel() * t.element_size() for t in kv.tensors().values())
+    assert kv.bits_per_entry == pytest.approx(8 * expected / (2 * b * h * t * d))
+    assert kv.bytes_per_token_per_layer == pytest.approx(expected / (b * t))
+    assert dense_nbytes(b, h, t, d) == 2 * b * h * t * d * 2
+
+
+def test_two_bit_memory_fraction():
+    """2 bits, r = 4, s = 2 %, B = 64, head_dim 128, all bytes in (tail buffer included), 8192 tokens:
+    group 64 → 29.3 % of fp16 (28.5 % per block); the default group 32 → 32.4 % (31.6 % per block):
+    its fp16 scales and zeros cost one bit per entry more than group 64's."""
+    t = 8192
+    keys, values = kv_pair(1, 1, t, 128)
+    fractions = {}
+    for g in (32, 64):
+        kv = compress(keys, values, GEARConfig(bits=2, rank=4, outlier_ratio=0.02, buffer_tokens=64, group_size=g))
+        fractions[g] = kv.nbytes / dense_nbytes(1, 1, t, 128)
+    tail = 2 * 64 * 128 * 2 / t  # bytes per token of the fp16 tail buffer
+    assert fractions[64] == pytest.approx((146 + tail) / 512) and fractions[64] <= 0.30
+    assert fractions[32] == pytest.approx((162 + tail) / 512)
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_inputs():
+    cfg = GEARConfig()
+    keys, values = kv_pair(1, 2, 10, 64)
+    with pytest.raises(TypeError, match="config"):
+        compress(keys, values, {"bits": 2})
+    with pytest.raises(TypeError, match="keys"):
+        compress(keys.numpy(), values, cfg)
+    with pytest.raises(TypeError, match="keys"):
+        compress(keys.to(torch.int32), values, cfg)
+    with pytest.raises(ValueError, match="keys"):
+        compress(keys[0], values[0], cfg)
+    with pytest.raises(ValueError, match="values"):
+        compress(keys, values[:, :1], cfg)
+    with pytest.raises(TypeError, match="values"):
+        compress(keys, values.float(), cfg)
+    with pytest.raises(ValueError, match="head_dim"):
+        compress(keys[..., :40], values[..., :40], cfg)
+    with pytest.raises(ValueError, match="at least one token"):
+        compress(keys[:, :, :0], values[:, :, :0], cfg)
+    bad = torch.cat([keys] * 7, dim=2)
+    bad[0, 0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="keys: expected finite"):
+        compress(bad, torch.cat([values] * 7, dim=2), cfg)
+    kv = compress(keys, values, cfg)
+    with pytest.raises(ValueError, match="keys"):
+        kv.append(keys[:, :1], values[:, :1])
+    with pytest.raises(TypeError, match="keys"):
+        kv.append(keys.float(), values.float())
+    with pytest.raises(TypeError, match="values"):
+        kv.append(keys, values.float())
+    assert kv.seq_len == 10  # refused appends change nothing
+
+
+def test_validate_refuses_mismatched_tensors():
+    kv = compress(*kv_pair(1, 2, 70, 64), GEARConfig())
+    fields = dict(kv.tensors(), config=kv.config, tail_len=kv.tail_len)
+    GEARKV(**fields)
+    with pytest.raises(ValueError, match="key_scale"):
+        GEARKV(**{**fields, "key_scale": kv.key_scale[:, :, :1]})
+    with pytest.raises(TypeError, match="value_out_idx"):
+        GEARKV(**{**fields, "value_out_idx": kv.value_out_idx.long()})
+    with pytest.raises(ValueError, match="tail_len"):
+        GEARKV(**{**fields, "tail_len": 64})
+    with pytest.raises(TypeError, match="config"):
+        GEARKV(**{**fields, "config": None})

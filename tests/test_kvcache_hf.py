@@ -1,0 +1,396 @@
+"""GEARCache in transformers (lowrank_ops/kvcache/hf.py): tiny randomly initialized Llama /
+Mistral / Qwen2 models (hidden 128, 2 layers, 4 query / 2 KV heads, head_dim 64, vocab 256,
+float32, CPU, reference backend) generate with GEARCache and the "gear" attention.
+
+Oracle: the same model with ``DynamicCache`` and SDPA. Lossless settings (nothing compressed,
+or 4-bit with rank = block size, where the low-rank part reconstructs the residual exactly)
+must give the same tokens and logits to float precision; 2-bit settings are held to a measured
+logits error bound (see ``test_two_bit_logits_stay_close``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from lowrank_ops.core.backend import use_backend  # noqa: E402
+from lowrank_ops.kvcache import GEARConfig, ops  # noqa: E402
+from lowrank_ops.kvcache.hf import GEAR_ATTENTION, GEARCache, GEARLayer, decode_key_mask  # noqa: E402
+
+SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=512)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+}
+PROMPT, PAD, NEW = 70, 9, 12  # prompt tokens, left padding of row 1, generated tokens
+
+# Nothing compressed: the whole sequence stays in the (fp32) tail.
+UNCOMPRESSED = GEARConfig(bits=2, buffer_tokens=128)
+# 4-bit, rank = block size 16: the rank-16 factors of a 16 x 64 residual block are exact, so the
+# reconstruction is the input to fp16 storage precision (A, B and outlier values are fp16).
+LOSSLESS_4BIT = GEARConfig(bits=4, rank=16, group_size=16, buffer_tokens=16)
+GEAR_2BIT = GEARConfig(bits=2, rank=4, outlier_ratio=0.02, buffer_tokens=32)  # the paper's setting, B = 32
+KIVI_2BIT = GEARConfig(bits=2, rank=0, outlier_ratio=0.0, buffer_tokens=32)  # quantization only
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_reference():
+    """Reference backend, one thread (the CPU is shared; tiny ops are faster single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with use_backend("reference"), torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_model(family: str, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**SIZES, **{**extra, **overrides})).eval()
+
+
+def prompt(batch: int = 2, length: int = PROMPT, pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and a left-padded attention mask (row 1 starts ``pad`` tokens late)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, SIZES["vocab_size"], (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :pad] = 0
+        ids[1, :pad] = 0
+    return ids, mask
+
+
+def generate(model, cache, ids, mask, new: int = NEW, **kw) -> torch.Tensor:
+    return model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0, **kw)
+
+
+def dynamic_tokens(model, ids, mask, **kw) -> torch.Tensor:
+    model.set_attn_implementation("sdpa")
+    return generate(model, DynamicCache(config=model.config), ids, mask, **kw)
+
+
+def gear_cache(model, config: GEARConfig) -> GEARCache:
+    model.set_attn_implementation(GEAR_ATTENTION)
+    return GEARCache(config, model_config=model.config)
+
+
+def forced_logits(model, cache, ids, mask, new_ids) -> torch.Tensor:
+    """Teacher-forced next-token logits (batch, 1 + n, vocab): the prompt, then ``new_ids`` one at a
+    time (the same tokens whatever the cache, so errors do not compound through sampling)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache)
+    logits = [out.logits[:, -1]]
+    for i in range(new_ids.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=new_ids[:, i:i + 1], attention_mask=mask, position_ids=pos, cache=cache)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-(row, step) ‖a − b‖ / ‖b‖ over the vocabulary."""
+    return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+
+def _new_ids(n: int = NEW) -> torch.Tensor:
+    return torch.randint(1, SIZES["vocab_size"], (2, n), generator=torch.Generator().manual_seed(2))
+
+
+# ----------------------------------------------------------------------------- lossless
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lossless_generate_matches_dynamic_cache(family):
+    model = make_model(family)
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask)
+    cache = gear_cache(model, LOSSLESS_4BIT)
+    assert torch.equal(generate(model, cache, ids, mask), expected)
+    assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is never fed back
+    kv = cache.layers[0].kv
+    assert kv.nblocks == (PROMPT + NEW - 1) // 16 and kv.tail_len == (PROMPT + NEW - 1) % 16
+
+
+def test_uncompressed_generate_matches_dynamic_cache():
+    model = make_model("llama")
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask)
+    cache = gear_cache(model, UNCOMPRESSED)
+    assert torch.equal(generate(model, cache, ids, mask), expected)
+    assert all(kv.nblocks == 0 for kv in cache.layer_caches())
+    # the "gear" attention without a GEARCache is plain SDPA
+    assert torch.equal(generate(model, DynamicCache(config=model.config), ids, mask), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lossless_logits_match_dynamic_cache(family):
+    model = make_model(family)
+    ids, mask = prompt()
+    new = _new_ids()
+    model.set_attn_implementation("sdpa")
+    ref = forced_logits(model, DynamicCache(config=model.config), ids, mask, new)
+    got = forced_logits(model, gear_cache(model, LOSSLESS_4BIT), ids, mask, new)
+    # fp16 storage of the factors / outliers: ~1e-5 measured; fp32 all the way would be ~1e-7
+    assert rel_err(got, ref).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- lossy
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_bit_logits_stay_close(family):
+    """2-bit GEAR (r = 4, 2 % outliers) on teacher-forced decode steps of a left-padded batch.
+
+    Measured (seed 0, this model size): max relative logits error 0.114 (Llama, Mistral), 0.141
+    (Qwen2); quantization alone (KIVI 2-bit, same groups) 0.184 / 0.158. A random tiny model's
+    logits are near-flat, so relative errors are large next to a trained model's; the bound 0.25
+    leaves ~1.8x headroom over the worst measured case while still failing on a broken mask,
+    a wrong block order or a lost outlier/low-rank term (each pushes the error above 0.5 here).
+    The low-rank + outlier terms must also beat quantization alone (mean error)."""
+    model = make_model(family)
+    ids, mask = prompt()
+    new = _new_ids()
+    model.set_attn_implementation("sdpa")
+    ref = forced_logits(model, DynamicCache(config=model.config), ids, mask, new)
+    gear_cache_ = gear_cache(model, GEAR_2BIT)
+    gear = rel_err(forced_logits(model, gear_cache_, ids, mask, new), ref)
+    kivi = rel_err(forced_logits(model, gear_cache(model, KIVI_2BIT), ids, mask, new), ref)
+    assert torch.isfinite(gear).all()
+    assert gear.max() < 0.25, gear.max()
+    assert gear.mean() < kivi.mean(), (gear.mean(), kivi.mean())
+    assert 1e-3 < gear.max()  # it really is compressed: not the exact cache
+    report = gear_cache_.memory_report()
+    assert report["layers"] == 2 and report["seq_len"] == PROMPT + NEW
+    assert all(kv.nblocks == (PROMPT + NEW) // 32 for kv in gear_cache_.layer_caches())
+
+
+def test_two_bit_generate_runs_and_stays_finite():
+    model = make_model("qwen2")
+    ids, mask = prompt()
+    cache = gear_cache(model, GEAR_2BIT)
+    out = generate(model, cache, ids, mask, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, PROMPT + NEW)
+    assert all(torch.isfinite(step).all() for step in out.logits)
+
+
+# ----------------------------------------------------------------------------- the decode path
+def test_decode_steps_call_the_compressed_attention(monkeypatch):
+    """Every decode step of every layer goes through kvcache.attention on the GEARKV, and update()
+    hands back only the new token (never a dequantized cache)."""
+    model = make_model("llama")
+    ids, mask = prompt()
+    calls, returned = [], []
+    real_attention, real_update = ops.attention, GEARLayer.update
+
+    def spy_attention(q, kv, **kw):
+        calls.append((tuple(q.shape), kv.seq_len, None if kw.get("key_mask") is None else kw["key_mask"].clone()))
+        return real_attention(q, kv, **kw)
+
+    def spy_update(self, k, v, *args, **kw):
+        out = real_update(self, k, v, *args, **kw)
+        returned.append(out[0].shape[2])
+        return out
+
+    monkeypatch.setattr(ops, "attention", spy_attention)
+    monkeypatch.setattr(GEARLayer, "update", spy_update)
+    cache = gear_cache(model, GEAR_2BIT)
+    generate(model, cache, ids, mask)
+    layers = SIZES["num_hidden_layers"]
+    assert len(calls) == layers * (NEW - 1)
+    assert returned == [PROMPT] * layers + [1] * (layers * (NEW - 1))
+    for i, (q_shape, seq_len, key_mask) in enumerate(calls):
+        assert q_shape == (2, 4, 1, 64) and seq_len == PROMPT + 1 + i // layers
+        # left padding reaches the attention as the key mask: row 1's first PAD tokens are out
+        assert key_mask is not None and key_mask.shape == (2, seq_len)
+        assert key_mask[0].all() and not key_mask[1, :PAD].any() and key_mask[1, PAD:].all()
+
+
+def test_cache_holds_compressed_blocks_below_dense_bytes():
+    model = make_model("mistral")
+    ids, mask = prompt(length=192)
+    cache = gear_cache(model, GEAR_2BIT)
+    generate(model, cache, ids, mask, new=3)
+    kvs = cache.layer_caches()
+    assert len(kvs) == 2 and all(kv.nblocks == 6 and kv.tail_len == 2 for kv in kvs)
+    report = cache.memory_report()
+    assert report["nbytes"] == cache.nbytes == sum(kv.nbytes for kv in kvs)
+    assert report["dense_nbytes"] == 2 * report["fp16_nbytes"]  # fp32 model
+    assert report["nbytes"] < report["fp16_nbytes"] < report["dense_nbytes"]
+    tail = sum(kv.tail_keys.nbytes + kv.tail_values.nbytes for kv in kvs)
+    blocks_bits = 8 * (cache.nbytes - tail) / sum(2 * kv.batch * kv.kv_heads * kv.compressed_len * kv.head_dim for kv in kvs)
+    # per K (and per V) entry: 2 (codes) + 1 (fp16 scale + zero per 32 entries) + 24 / 64 (one outlier:
+    # uint8 index + fp16 value per 64-vector) + 4 * 16 / 64 (A row) + 64 * 4 * 16 / (32 * 64) (B per block)
+    assert blocks_bits == pytest.approx(2 + 1 + 0.375 + 1 + 2)
+
+
+def test_several_new_tokens_after_prefill_decompress_once(monkeypatch):
+    """A chunk of 3 tokens after the prefill (chunked prefill / assisted decoding) is causal among
+    itself: it goes through the decompress + SDPA path and matches DynamicCache."""
+    model = make_model("llama")
+    ids, mask = prompt()
+    new = _new_ids(3)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    chunk_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    chunk_pos = pos[:, -1:] + torch.arange(1, 4)
+
+    def run(cache):
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache)
+        return model(input_ids=new, attention_mask=chunk_mask, position_ids=chunk_pos, cache=cache).logits
+
+    model.set_attn_implementation("sdpa")
+    ref = run(DynamicCache(config=model.config))
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: pytest.fail("q_len > 1 must not use the decode attention"))
+    got = run(gear_cache(model, LOSSLESS_4BIT))
+    assert rel_err(got, ref).max() < 1e-4
+
+
+def test_beam_search_reorders_the_compressed_cache_exactly():
+    model = make_model("llama")
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask, new=6, num_beams=2)
+    cache = gear_cache(model, LOSSLESS_4BIT)
+    assert torch.equal(generate(model, cache, ids, mask, new=6, num_beams=2), expected)
+    assert cache.layers[0].kv.batch == 4  # batch x beams
+
+
+def test_layer_batch_operations_and_crop():
+    from lowrank_ops.kvcache import compress
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(3, 2, 40, 64, generator=gen) for _ in range(2))
+    layer = GEARLayer(GEARConfig(bits=4, buffer_tokens=32))
+    layer.update(k, v)
+    ref_k, ref_v = compress(k, v, layer.config).decompress()
+    assert layer.get_seq_length() == 40 and layer.get_mask_sizes(1) == (41, 0)
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    got_k, got_v = layer.kv.decompress()
+    assert torch.equal(got_k, ref_k[[2, 0, 1]]) and torch.equal(got_v, ref_v[[2, 0, 1]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.kv.decompress()[0], ref_k[[2, 2, 0, 0, 1, 1]])
+    layer.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(layer.kv.decompress()[1], ref_v[[2, 1]])
+    layer.crop(-5)  # within the 8-token tail
+    assert layer.get_seq_length() == 35 and torch.equal(layer.kv.decompress()[0], ref_k[[2, 1], :, :35])
+    with pytest.raises(ValueError, match="uncompressed tail"):
+        layer.crop(-4)
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        layer.crop(3)
+    layer.reset()
+    assert layer.kv is None and layer.get_seq_length() == 0 and not layer.is_initialized
+
+
+def test_decode_key_mask_from_transformers_masks():
+    bool_mask = torch.tensor([[True, True, True], [False, True, True]])[:, None, None, :]
+    assert torch.equal(decode_key_mask(bool_mask, 3), bool_mask[:, 0, 0])
+    additive = torch.zeros(2, 1, 1, 3).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    assert torch.equal(decode_key_mask(additive, 3), bool_mask[:, 0, 0])
+    assert decode_key_mask(None, 3) is None
+    with pytest.raises(ValueError, match="attention_mask"):
+        decode_key_mask(bool_mask, 4)
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_wrong_attention_implementation_is_refused():
+    model = make_model("llama")
+    ids, mask = prompt()
+    cache = GEARCache(GEAR_2BIT, model_config=model.config)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        generate(model, cache, ids, mask, new=2)
+
+
+def test_without_model_config_an_unconsumed_decode_step_is_refused():
+    model = make_model("llama")
+    ids, _ = prompt(batch=1)
+    model.set_attn_implementation("sdpa")  # the decode steps never reach the gear attention
+    with pytest.raises(ValueError, match="not attended by the 'gear'"):
+        generate(model, GEARCache(GEAR_2BIT), ids, torch.ones_like(ids), new=4)
+
+
+def test_decode_update_without_attention_kwargs_is_refused():
+    layer = GEARLayer(GEAR_2BIT)
+    k = torch.randn(1, 2, 5, 64)
+    layer.update(k, k)
+    with pytest.raises(ValueError, match="kwargs=kwargs"):
+        layer.update(k[:, :, :1], k[:, :, :1])
+
+
+def test_bad_construction_is_refused():
+    with pytest.raises(TypeError, match="config"):
+        GEARCache({"bits": 2})
+    with pytest.raises(TypeError, match="model_config"):
+        GEARCache(GEAR_2BIT, model_config={"num_hidden_layers": 2})
+    sliding = make_model("mistral", sliding_window=32).config
+    with pytest.raises(ValueError, match="sliding_attention"):
+        GEARCache(GEAR_2BIT, model_config=sliding)
+
+
+def test_default_config_and_lazy_layers():
+    model = make_model("llama")
+    ids, mask = prompt()
+    model.set_attn_implementation(GEAR_ATTENTION)
+    cache = GEARCache()  # GEARConfig() defaults, layers made on first use
+    with warnings.catch_warnings():  # transformers 5.x renames past_key_values -> cache (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)
+    assert cache.config == GEARConfig() and len(cache.layers) == 2
+    assert cache.get_seq_length() == PROMPT + 1 and cache.layers[0].kv.nblocks == 1
+
+
+def test_importing_lowrank_ops_does_not_import_transformers():
+    code = "import sys, lowrank_ops, lowrank_ops.kvcache; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_gear_cache_resolves_lazily_from_the_package():
+    import lowrank_ops
+
+    assert lowrank_ops.GEARCache is GEARCache
+
+
+# ----------------------------------------------------------------------------- gpu lane
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [LOSSLESS_4BIT, GEAR_2BIT], ids=["lossless-4bit", "2bit-r4"])
+def test_gpu_fp16_decode_runs_the_triton_kernel(config, monkeypatch):
+    """fp16 model on CUDA, Triton backend: every decode step of every layer launches the GEAR
+    kernel, and the logits follow DynamicCache + SDPA (lossless: fp16 rounding only; 2-bit: the
+    CPU bound)."""
+    from lowrank_ops.kernels import kvcache_attention as kernels
+
+    calls = []
+    original = kernels.gear_decode_attention
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(kernels, "gear_decode_attention", spy)
+    model = make_model("llama").to("cuda", torch.float16)
+    ids, mask = (t.cuda() for t in prompt())
+    new = _new_ids().cuda()
+    model.set_attn_implementation("sdpa")
+    ref = forced_logits(model, DynamicCache(config=model.config), ids, mask, new).float()
+    with use_backend("triton"):
+        got = forced_logits(model, gear_cache(model, config), ids, mask, new).float()
+    assert len(calls) == SIZES["num_hidden_layers"] * NEW
+    err = rel_err(got, ref)
+    assert torch.isfinite(err).all() and err.max() < (2e-2 if config is LOSSLESS_4BIT else 0.25), err.max()
