@@ -1,4 +1,4 @@
-"""What the interpreter-lane test modules share: where Triton runs (a CUDA device, or CPU
+"""What the kernel test modules share: where Triton runs (a CUDA device, or CPU
 tensors under TRITON_INTERPRET=1, which conftest.py sets before any kernel module is imported),
 the tolerances, the comparison against a float64 reference, and NaN-poisoned allocations.
 
@@ -46,3 +46,19 @@ def poison_allocations(monkeypatch, kernels) -> list:
 
     monkeypatch.setattr(kernels, "_empty", poisoned_empty)
     return allocated
+
+
+def capture_graph(fn):
+    """Warm up ``fn()`` on a side stream (Triton compiles and autotunes there), then capture it
+    into a CUDA graph; returns (graph, static output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

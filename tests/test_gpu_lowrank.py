@@ -21,6 +21,7 @@ import torch
 from lowrank_ops.core.backend import use_backend
 from lowrank_ops.lowrank import ops
 from lowrank_ops.lowrank.ops import lora_linear, lowrank_linear
+from kernel_lane import capture_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -245,21 +246,6 @@ def test_torch_compile_fullgraph(m):
 
 
 # --------------------------------------------------------------------------- CUDA graphs
-def _capture(fn):
-    """Warm up on a side stream, then capture ``fn()`` into a graph; returns (graph, static output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("backend,m", [("auto", 1), ("auto", 64), ("triton", 1), ("triton", 7), ("triton", 300),
                                        ("cuda", 1), ("cuda", 16)])
 def test_cuda_graph_capture_and_replay(backend, m):
@@ -267,7 +253,7 @@ def test_cuda_graph_capture_and_replay(backend, m):
     if backend == "cuda":
         cuda_ext_or_skip(x, S_LLM[2])
     with use_backend(backend):
-        graph, y_static = _capture(lambda: lowrank_linear(x, v, u, b))
+        graph, y_static = capture_graph(lambda: lowrank_linear(x, v, u, b))
     for _ in range(2):  # replay on fresh inputs copied into the captured buffer
         x.copy_(torch.randn_like(x))
         graph.replay()
@@ -281,7 +267,7 @@ def test_cuda_graph_capture_and_replay(backend, m):
 def test_cuda_graph_lora():
     x, w, a, b, bias = make_lora(16, 4096, 4096, 16, F16, bias=True)
     with use_backend("triton"):
-        graph, y_static = _capture(lambda: lora_linear(x, w, a, b, 0.5, bias))
+        graph, y_static = capture_graph(lambda: lora_linear(x, w, a, b, 0.5, bias))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -20,6 +20,7 @@ import torch
 from lowrank_ops.core.backend import use_backend
 from lowrank_ops.quant import ops
 from lowrank_ops.quant.ops import quant_linear
+from kernel_lane import capture_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -187,27 +188,12 @@ def test_torch_compile_fullgraph(m):
 
 
 # --------------------------------------------------------------------------- CUDA graphs
-def _capture(fn):
-    """Warm up on a side stream, then capture ``fn()`` into a graph; returns (graph, static output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("backend,name,m", [("auto", "4b", 1), ("triton", "3b+1%+r64", 1), ("triton", "4b-lut", 7),
                                             ("triton", "4b+1%", 300), ("auto", "3b+1%", 64)])
 def test_cuda_graph_capture_and_replay(backend, name, m):
     x = make_x(m, F16, seed=2)
     with use_backend(backend):
-        graph, y_static = _capture(lambda: run(name, x))
+        graph, y_static = capture_graph(lambda: run(name, x))
     for i in range(2):  # replay on fresh inputs copied into the captured buffer
         x.copy_(make_x(m, F16, seed=10 + i))
         graph.replay()

@@ -11,6 +11,7 @@ import torch
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.sparse import cuda_decode
 from lowrank_ops.sparse.format import nm_mask_from_scores, pack_nm, unpack_nm
+from kernel_lane import capture_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -142,21 +143,6 @@ def test_op_routes_to_cuda_at_small_m(ext):
 
 
 # --------------------------------------------------------------------------- CUDA graphs
-def _capture(fn):
-    """Warm up on a side stream, then capture ``fn()`` into a graph; returns (graph, static output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("which,rows", [("cuda", 1), ("cuda", 8), ("decode", 1), ("decode", 3), ("tile", 64)])
 def test_cuda_graph_capture_and_replay(kernels, which, rows, request):
     if which == "cuda":
@@ -165,7 +151,7 @@ def test_cuda_graph_capture_and_replay(kernels, which, rows, request):
     values, indices = make_nm(4096, 4096, 2, 4, torch.float16)
     bias = torch.randn(4096, device=DEV).half()
     x = make_x(rows, 4096, torch.float16)
-    graph, y_static = _capture(lambda: fns[which](x, values, indices, 2, 4, bias))
+    graph, y_static = capture_graph(lambda: fns[which](x, values, indices, 2, 4, bias))
     for seed in range(2):  # replay on fresh inputs copied into the captured buffer
         x.copy_(make_x(rows, 4096, torch.float16, seed=10 + seed))
         graph.replay()

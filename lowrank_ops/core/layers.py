@@ -60,6 +60,28 @@ class CompressedLinear(nn.Module):
         return 8.0 * self.weight_nbytes / (self.in_features * self.out_features)
 
 
+class PackedFormatLinear(CompressedLinear):
+    """A drop-in whose weight is one packed format object (``format``, with ``nbytes`` and
+    ``dense()``) computed in a fixed dtype kept in ``_dtype``."""
+
+    _dtype: torch.dtype
+
+    @property
+    def format(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.format.nbytes
+
+    def dense_weight(self) -> Tensor:
+        return self.format.dense()
+
+
 def linear_nbytes(linear: nn.Linear) -> int:
     """All bytes of a dense ``nn.Linear``: weight plus bias."""
     return sum(p.numel() * p.element_size() for p in (linear.weight, linear.bias) if p is not None)

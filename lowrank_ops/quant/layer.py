@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lowrank_ops.calibration import InputStats, as_input_stats
 from lowrank_ops.core.checks import check_linear
-from lowrank_ops.core.layers import CompressedLinear, build_per_layer
+from lowrank_ops.core.layers import PackedFormatLinear, build_per_layer
 from lowrank_ops.quant import compress
 from lowrank_ops.quant.format import QuantFormat, padded_k
 from lowrank_ops.quant.ops import quant_linear
@@ -17,7 +17,7 @@ from lowrank_ops.quant.ops import quant_linear
 _FROZEN = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols", "outlier_vals")
 
 
-class QuantLinear(CompressedLinear):
+class QuantLinear(PackedFormatLinear):
     """Packed codes, scales/zeros or LUT and CSR outliers are frozen buffers; the low-rank
     compensation factors ``lr_u`` (out×r), ``lr_v`` (r×in) and the bias are trainable parameters,
     so the layer is a QLoRA/LQ-LoRA-style base for adapters out of the box."""
@@ -41,17 +41,6 @@ class QuantLinear(CompressedLinear):
         lr = {"lr_u": None if self.lr_u is None else self.lr_u.detach(), "lr_v": None if self.lr_v is None else self.lr_v.detach()}
         return QuantFormat(**tensors, **lr, bits=self.bits, group_size=self.group_size,
                            in_features=self.in_features, out_features=self.out_features)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def weight_nbytes(self) -> int:
-        return self.format.nbytes
-
-    def dense_weight(self) -> Tensor:
-        return self.format.dense()
 
     def setting(self) -> str:
         fmt = self.format

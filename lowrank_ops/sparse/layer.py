@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lowrank_ops.calibration import InputStats, as_input_stats
 from lowrank_ops.core.checks import FLOAT_DTYPES, check_linear, check_tensor
-from lowrank_ops.core.layers import CompressedLinear, build_per_layer
+from lowrank_ops.core.layers import PackedFormatLinear, build_per_layer
 from lowrank_ops.lowrank.ops import lowrank_linear
 from lowrank_ops.quant.format import QuantFormat, padded_k
 from lowrank_ops.quant.ops import dequantize_reference
@@ -22,7 +22,7 @@ from lowrank_ops.sparse.ops import nm_linear
 _QUANT_FIELDS = ("qweight", "scales", "zeros")  # the 4-bit uniform QuantFormat of the kept values
 
 
-class SparseLinear(CompressedLinear):
+class SparseLinear(PackedFormatLinear):
     """Packed N:M weight: ``indices`` (int32) is a frozen buffer; the kept ``values`` are a frozen
     buffer, or a trainable parameter with ``trainable=True`` (fixed-mask sparse training: only
     kept positions get gradient). With 4-bit values the codes/scales/zeros are frozen buffers
@@ -82,17 +82,6 @@ class SparseLinear(CompressedLinear):
             in_features=self.in_features, qvalues=self._qvalues(),
             lr_u=None if self.lr_u is None else self.lr_u.detach(), lr_v=None if self.lr_v is None else self.lr_v.detach(),
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def weight_nbytes(self) -> int:
-        return self.format.nbytes
-
-    def dense_weight(self) -> Tensor:
-        return self.format.dense()
 
     def setting(self) -> str:
         parts = [f"{self.n}:{self.m}"]
