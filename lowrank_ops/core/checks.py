@@ -156,3 +156,22 @@ def check_decode_x(x: object, dtypes: Iterable[torch.dtype], max_rows: int, kern
     if k < 1:
         raise ValueError(f"x: expected K >= 1 columns, got shape {tuple(x.shape)}")
     return rows, k
+
+
+def check_lowrank_pair(lr_u: object, lr_v: object, out_features: int, in_features: int,
+                       dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> None:
+    """The optional low-rank compensation factors of a packed format: both or neither;
+    ``lr_u`` (out_features, r) and ``lr_v`` (r, in_features) with r ≥ 1, one dtype."""
+    if (lr_u is None) != (lr_v is None):
+        raise ValueError("lr_u/lr_v: expected both or neither, got one")
+    if lr_u is None:
+        return
+    check_tensor("lr_u", lr_u, ndim=2, dtypes=dtypes)
+    check_tensor("lr_v", lr_v, ndim=2, dtypes=dtypes)
+    check_dim("lr_u", lr_u, 0, out_features, "out_features")
+    check_dim("lr_v", lr_v, 1, in_features, "in_features")
+    check_dim("lr_v", lr_v, 0, lr_u.shape[1], "rank = lr_u.shape[1]")
+    if lr_u.shape[1] < 1:
+        raise ValueError("lr_u: expected rank >= 1 (use None for no low-rank path), got rank 0")
+    if lr_v.dtype != lr_u.dtype:
+        raise TypeError(f"lr_v: expected dtype {lr_u.dtype} (that of lr_u), got {lr_v.dtype}")

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import check_choice, check_dim, check_format_metadata, check_int, check_tensor
+from lowrank_ops.core.checks import check_choice, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -296,18 +296,8 @@ class QuantFormat:
             if nnz and int((self.outlier_cols.to(torch.int64) & 0xFFFF).max()) >= k:
                 raise ValueError(f"outlier_cols: expected column indices < in_features={k}, got {int((self.outlier_cols.to(torch.int64) & 0xFFFF).max())}")
 
-        if (self.lr_u is None) != (self.lr_v is None):
-            raise ValueError("lr_u/lr_v: expected both or neither, got one")
+        check_lowrank_pair(self.lr_u, self.lr_v, n, k, _LR_DTYPES)
         if self.lr_u is not None:
-            check_tensor("lr_u", self.lr_u, ndim=2, dtypes=_LR_DTYPES)
-            check_tensor("lr_v", self.lr_v, ndim=2, dtypes=_LR_DTYPES)
-            check_dim("lr_u", self.lr_u, 0, n, "out_features")
-            check_dim("lr_v", self.lr_v, 1, k, "in_features")
-            check_dim("lr_v", self.lr_v, 0, self.lr_u.shape[1], "rank = lr_u.shape[1]")
-            if self.lr_u.shape[1] < 1:
-                raise ValueError("lr_u: expected rank ≥ 1 (use None for no low-rank path), got rank 0")
-            if self.lr_v.dtype != self.lr_u.dtype:
-                raise TypeError(f"lr_v: expected dtype {self.lr_u.dtype} (that of lr_u), got {self.lr_v.dtype}")
             same_device("lr_u", self.lr_u)
             same_device("lr_v", self.lr_v)
 

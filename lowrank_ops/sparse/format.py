@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_dim, check_format_metadata, check_int, check_tensor
+from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
 from lowrank_ops.quant.format import QuantFormat
 
 M_CHOICES = (4, 8, 16)
@@ -288,18 +288,8 @@ class NMFormat:
             check_tensor("bias", self.bias, ndim=1)
             check_dim("bias", self.bias, 0, rows, "out_features")
             same_device("bias", self.bias)
-        if (self.lr_u is None) != (self.lr_v is None):
-            raise ValueError("lr_u/lr_v: expected both or neither, got one")
+        check_lowrank_pair(self.lr_u, self.lr_v, rows, k)
         if self.lr_u is not None:
-            check_tensor("lr_u", self.lr_u, ndim=2)
-            check_tensor("lr_v", self.lr_v, ndim=2)
-            check_dim("lr_u", self.lr_u, 0, rows, "out_features")
-            check_dim("lr_v", self.lr_v, 1, k, "in_features")
-            check_dim("lr_v", self.lr_v, 0, self.lr_u.shape[1], "rank = lr_u.shape[1]")
-            if self.lr_u.shape[1] < 1:
-                raise ValueError("lr_u: expected rank >= 1 (use None for no low-rank path), got rank 0")
-            if self.lr_v.dtype != self.lr_u.dtype:
-                raise TypeError(f"lr_v: expected dtype {self.lr_u.dtype} (that of lr_u), got {self.lr_v.dtype}")
             same_device("lr_u", self.lr_u)
             same_device("lr_v", self.lr_v)
 
