@@ -38,7 +38,8 @@
 #
 # Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_STEPS (e.g. "build tests quant"),
 # LRO_TEST_PATHS (default tests/), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
-# serial), LRO_CAP_TESTS / _LOWRANK / _QUANT / _SPARSE / _KVCACHE, LRO_<SUITE>_ARGS (extra
+# serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75),
+# LRO_RESERVE_TESTS (300: what the tests step leaves for the suites), LRO_<SUITE>_ARGS (extra
 # arguments for one suite, e.g. LRO_QUANT_ARGS="--configs 4b,3b+1%"), LRO_BENCH_MODE (quick;
 # "cpu-smoke" runs the benchmark and summary steps on a CPU-only machine).
 
@@ -55,6 +56,7 @@ BUDGET=${LRO_BUDGET_S:-500}
 WORKERS=${LRO_TEST_WORKERS:-8}
 BENCH_MODE=${LRO_BENCH_MODE:-quick}   # cpu-smoke: exercise the benchmark and summary steps on a CPU machine
 SUITES="lowrank quant sparse kvcache"
+declare -A DEFAULT_CAPS=([lowrank]=60 [quant]=90 [sparse]=75 [kvcache]=75)  # seconds; 300 in all
 WANT=" ${LRO_STEPS:-env build tests $SUITES} "
 TEST_PATHS=${LRO_TEST_PATHS:-tests/}
 BOOT=$(mktemp -d "${TMPDIR:-/tmp}/lowrank_ops_boot.XXXXXX")
@@ -348,13 +350,14 @@ main() {
     fi
 
     # keep time for the benchmark suites and the summary
-    wants tests && RESERVE=${LRO_RESERVE_TESTS:-240} step tests "${LRO_CAP_TESTS:-240}" bash -c "$(declare -f run_tests); run_tests"
+    # the gpu lane gets what the suites leave: by default 150 s, keeping 300 s for the four suites
+    wants tests && RESERVE=${LRO_RESERVE_TESTS:-300} step tests "${LRO_CAP_TESTS:-150}" bash -c "$(declare -f run_tests); run_tests"
 
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null | sed 's/^/gpu state before the benchmarks: /'
     local suite cap args
     for suite in $SUITES; do
         wants "$suite" || continue
-        cap=$(suite_setting CAP "$suite" 90)
+        cap=$(suite_setting CAP "$suite" "${DEFAULT_CAPS[$suite]}")
         args=$(suite_setting ARGS "$suite" "")
         # no new case starts after the soft budget (the cap less a margin for the case in flight)
         # shellcheck disable=SC2086  # args is a word list on purpose
