@@ -25,3 +25,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny problems: on a busy 2-core runner multi-threaded
+    LAPACK (eigh, SVD) and small matmuls spin, several times (up to ~100×) slower than one
+    thread. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the thread count
+    is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

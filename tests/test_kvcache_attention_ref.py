@@ -10,12 +10,7 @@ from lowrank_ops.kvcache import GEARConfig, attention, compress
 from lowrank_ops.kvcache import ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cache(b=2, h=2, t=150, d=64, dtype=torch.float16, cfg=None):

@@ -10,13 +10,7 @@ from lowrank_ops.kvcache.format import TENSOR_FIELDS, pack_last, unpack_last
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops: on a busy shared runner one thread is several times faster overall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kv_pair(b=2, h=3, t=100, d=64, dtype=torch.float16, seed=0):

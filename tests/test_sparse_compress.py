@@ -12,14 +12,7 @@ from lowrank_ops.sparse.format import NMFormat, check_nm_mask, nm_mask_from_scor
 PATTERNS = [(1, 4), (2, 4), (2, 8), (4, 8), (3, 16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: on a busy 2-core runner multi-threaded LAPACK (eigh) spins and is
-    ~100× slower than one thread. The thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stats(x):

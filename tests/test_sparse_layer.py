@@ -14,13 +14,7 @@ from lowrank_ops.sparse.format import check_nm_mask
 from lowrank_ops.sparse.layer import SparseLinear, SRSTELinear, build_sparse_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: multi-threaded LAPACK (eigh/SVD) spins on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):
