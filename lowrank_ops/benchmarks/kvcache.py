@@ -495,16 +495,12 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
         return case.label + (f", {configs[0]} {T.method_cell(best)} {best['median_us']:.1f} us"
                              + (f" ({best['vs_sdpa']:.2f}x sdpa)" if best.get("vs_sdpa") else "") if best else "")
 
-    payload = T.run_and_save(
+    T.run_and_save(
         "kvcache", mode, header, t_start, args.out, cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
-        describe, device, cfg.time_budget_s,
+        describe, device, cfg.time_budget_s, format_rows=format_rows, format_summary=format_summary,
+        legend="xsdpa = best SDPA time / this",
     )
-    print()
-    print(format_summary(payload))
-    print()
-    print(format_rows(payload["rows"], title=f"lowrank_ops kvcache suite [{mode}] on {meta['device']}, fp16; "
-                                  f"* = automatic dispatch; xsdpa = best SDPA time / this"))
     return 0
 
 

@@ -613,12 +613,9 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, cases: list[
         "timing": T.timing_info(device, cfg.use_graph, cfg.target_ms, lora_scale=LORA_SCALE,
                                 units="times in microseconds per call; gbps = useful bytes / time; vs_* = baseline / this"),
     }
-    payload = T.run_and_save("lowrank", mode, header, t_start, args.out, cases,
+    T.run_and_save("lowrank", mode, header, t_start, args.out, cases,
                              lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
-                             error_row, describe, device, cfg.time_budget_s)
-    print()
-    print(format_rows(payload["rows"], title=f"lowrank_ops low-rank suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
-                                             f"* = automatic dispatch; x = speedup (baseline time / this)"))
+                             error_row, describe, device, cfg.time_budget_s, format_rows=format_rows)
     return 0
 
 

@@ -639,17 +639,12 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
                                 units="times in microseconds per call; bytes = format.nbytes (or the baseline's weights) + x + y; "
                                       "gbps = bytes / time; vs_* = baseline / this; cost_vs_4b = this / 4b (same method)"),
     }
-    payload = T.run_and_save(
+    T.run_and_save(
         "quant", mode, header, t_start, args.out, cases,
         lambda case: run_case(case, env, cfg, cache, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
-        describe, device, cfg.time_budget_s,
+        describe, device, cfg.time_budget_s, format_rows=format_rows, format_summary=format_summary,
     )
-    print()
-    print(format_summary(payload))
-    print()
-    print(format_rows(payload["rows"], title=f"lowrank_ops quant suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
-                                             f"* = automatic dispatch; x = speedup (baseline time / this)"))
     return 0
 
 

@@ -481,16 +481,11 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
         return f"{case.shape} M={case.m}" + (f", {patterns[0]} best {T.method_cell(best)} {best['median_us']:.1f} us"
                                              if best else "")
 
-    payload = T.run_and_save(
+    T.run_and_save(
         "sparse", mode, header, t_start, args.out, cases, lambda case: run_case(case, env, cfg, copy_gbps, matmul_tflops),
         lambda case, exc: {**_base_row(case, "(case)", "ours", env), "status": "error", "note": _first_line(exc)[:200]},
-        describe, device, cfg.time_budget_s,
+        describe, device, cfg.time_budget_s, format_rows=format_rows, format_summary=format_summary,
     )
-    print()
-    print(format_summary(payload))
-    print()
-    print(format_rows(payload["rows"], title=f"lowrank_ops sparse suite [{mode}] on {meta['device']}, {T.dtype_name(dtype)}; "
-                                  f"* = automatic dispatch; x = speedup (baseline time / this)"))
     return 0
 
 

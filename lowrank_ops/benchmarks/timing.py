@@ -747,13 +747,25 @@ def run_and_save(
     describe: Callable[[Any, list[dict]], str],
     device: torch.device,
     time_budget_s: Optional[float],
+    *,
+    format_rows: Callable[..., str],
+    format_summary: Optional[Callable[[dict], str]] = None,
+    legend: str = "x = speedup (baseline time / this)",
 ) -> dict:
-    """:func:`run_cases` with ``<out_dir>/<suite>-<mode>.json`` rewritten after every case;
-    returns the final payload (``header`` + elapsed time + notes + rows)."""
+    """:func:`run_cases` with ``<out_dir>/<suite>-<mode>.json`` rewritten after every case, then
+    the summary (when the suite has one) and the full table printed; returns the final payload
+    (``header`` + elapsed time + notes + rows)."""
     out_path = Path(out_dir) / f"{suite}-{mode}.json" if out_dir else None
     save = json_checkpoint(out_path, header, t_start)
     rows, notes = run_cases(cases, run_case, error_row, describe, device, time_budget_s, checkpoint=save)
     payload = save(rows, notes)
     if out_path is not None:
         print(f"wrote {out_path}")
+    if format_summary is not None:
+        print()
+        print(format_summary(payload))
+    meta = header["meta"]
+    print()
+    print(format_rows(rows, title=f"lowrank_ops {suite} suite [{mode}] on {meta['device']}, {meta['dtype']}; "
+                                  f"* = automatic dispatch; {legend}"))
     return payload

@@ -15,7 +15,7 @@ import contextvars
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -79,6 +79,23 @@ class Support:
     ok: bool
     why: str = ""
     preferred: bool = True
+
+
+def cuda_kernel_support(x: object, kernel: str, shape_check: Callable[[torch.Tensor], Support]) -> Support:
+    """Whether a csrc ``kernel`` can serve a call on ``x``: a CUDA tensor, ``shape_check(x)``
+    (dtype, shape, format parameters) and the extension built. Cheap; never raises."""
+    if not isinstance(x, torch.Tensor):
+        return Support(False, f"x must be a tensor, got {type(x).__name__}")
+    if x.device.type != "cuda":
+        return Support(False, f"x is on {x.device}; the {kernel} needs a CUDA tensor")
+    verdict = shape_check(x)
+    if not verdict.ok:
+        return verdict
+    from lowrank_ops.core import cuda_ext
+
+    if not cuda_ext.available():
+        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
+    return Support(True)
 
 
 def select_backend(op: str, support: dict[str, Support], device: torch.device) -> str:

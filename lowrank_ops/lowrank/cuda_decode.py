@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
-from lowrank_ops.core.backend import Support
+from lowrank_ops.core.backend import Support, cuda_kernel_support
 
 CUDA_DECODE_MAX_M = 16  # rows of x the kernel serves (the GEMV regime)
 CUDA_DECODE_MAX_RANK = 1024  # T = x Vᵀ (M × R fp32) must fit in shared memory
@@ -29,16 +29,7 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.
 
 def supports(x: Tensor, rank: int) -> Support:
     """Whether the CUDA decode kernel can serve ``x`` (M, K) with this rank. Cheap; never raises."""
-    if not isinstance(x, Tensor):
-        return Support(False, f"x must be a tensor, got {type(x).__name__}")
-    if x.device.type != "cuda":
-        return Support(False, f"x is on {x.device}; the CUDA decode kernel needs a CUDA tensor")
-    verdict = shape_support(x.dtype, tuple(x.shape), rank)
-    if not verdict.ok:
-        return verdict
-    if not cuda_ext.available():
-        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True)
+    return cuda_kernel_support(x, "CUDA decode kernel", lambda t: shape_support(t.dtype, tuple(t.shape), rank))
 
 
 def shape_support(dtype: torch.dtype, shape: tuple[int, ...], rank: object) -> Support:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
-from lowrank_ops.core.backend import Support
+from lowrank_ops.core.backend import Support, cuda_kernel_support
 from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
@@ -38,16 +38,8 @@ def supports(x: object, bits: object, has_lut: bool = False, group_size: object 
     """Whether the CUDA quant decode kernel can serve ``x`` (M, K) at ``bits``. Cheap; never raises.
 
     ``has_lut`` is accepted for symmetry with the format (both modes are served)."""
-    if not isinstance(x, Tensor):
-        return Support(False, f"x must be a tensor, got {type(x).__name__}")
-    if x.device.type != "cuda":
-        return Support(False, f"x is on {x.device}; the CUDA quant decode kernel needs a CUDA tensor")
-    verdict = shape_support(x.dtype, tuple(x.shape), bits, group_size)
-    if not verdict.ok:
-        return verdict
-    if not cuda_ext.available():
-        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True)
+    return cuda_kernel_support(x, "CUDA quant decode kernel",
+                               lambda t: shape_support(t.dtype, tuple(t.shape), bits, group_size))
 
 
 def shape_support(dtype: torch.dtype, shape: tuple[int, ...], bits: object, group_size: object = 128) -> Support:

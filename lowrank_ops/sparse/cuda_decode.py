@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
-from lowrank_ops.core.backend import Support
+from lowrank_ops.core.backend import Support, cuda_kernel_support
 from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
 from lowrank_ops.sparse.format import M_CHOICES, check_nm, index_words
 
@@ -30,19 +30,13 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.
 def supports(x: object, values: object, n: object, m: object) -> Support:
     """Whether the CUDA N:M decode kernel can serve ``x`` (M, K) with ``values`` at pattern n:m.
     Cheap; never raises."""
-    if not isinstance(x, Tensor):
-        return Support(False, f"x must be a tensor, got {type(x).__name__}")
-    if x.device.type != "cuda":
-        return Support(False, f"x is on {x.device}; the CUDA sparse decode kernel needs a CUDA tensor")
-    if not isinstance(values, Tensor) or values.dtype != x.dtype:
-        got = values.dtype if isinstance(values, Tensor) else type(values).__name__
-        return Support(False, f"values must be a tensor of x's dtype {x.dtype}, got {got}")
-    verdict = shape_support(x.dtype, tuple(x.shape), n, m)
-    if not verdict.ok:
-        return verdict
-    if not cuda_ext.available():
-        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True)
+    def shape_check(t: Tensor) -> Support:
+        if not isinstance(values, Tensor) or values.dtype != t.dtype:
+            got = values.dtype if isinstance(values, Tensor) else type(values).__name__
+            return Support(False, f"values must be a tensor of x's dtype {t.dtype}, got {got}")
+        return shape_support(t.dtype, tuple(t.shape), n, m)
+
+    return cuda_kernel_support(x, "CUDA sparse decode kernel", shape_check)
 
 
 def shape_support(dtype: torch.dtype, shape: tuple[int, ...], n: object, m: object) -> Support:
