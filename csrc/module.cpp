@@ -41,18 +41,20 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t qweight_hi, std::uintptr_t scales,
          std::uintptr_t zeros, std::uintptr_t lut, std::uintptr_t rowptr, std::uintptr_t cols, std::uintptr_t vals,
          std::uintptr_t bias, std::uintptr_t y, int M, int K, int N, int bits, int group_size, int dtype,
-         std::uintptr_t stream) {
+         int quantized_stats, std::uintptr_t stream) {
         lowrank_ops::QuantDecodeArgs a{x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y,
-                                       M, K, N, bits, group_size, dtype, stream};
+                                       M, K, N, bits, group_size, dtype, quantized_stats, stream};
         py::gil_scoped_release release;  // one launch; errors come back as C++ exceptions
         lowrank_ops::quant_decode(a);
       },
       py::arg("x"), py::arg("qweight"), py::arg("qweight_hi"), py::arg("scales"), py::arg("zeros"), py::arg("lut"),
       py::arg("rowptr"), py::arg("cols"), py::arg("vals"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"),
-      py::arg("N"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"),
+      py::arg("N"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"), py::arg("quantized_stats"),
+      py::arg("stream"),
       "y = x (W_hat + S)^T + bias for M <= 8 rows from the packed 2/3/4-bit format (one launch on `stream`). "
       "Pointers are device addresses as ints (0 = absent: qweight_hi unless bits=3, scales/zeros or lut, the "
-      "three outlier tensors, bias); x/bias/y in `dtype`, the format tensors as in lowrank_ops/quant/format.py.");
+      "three outlier tensors, bias); x/bias/y in `dtype`, the format tensors as in lowrank_ops/quant/format.py; "
+      "quantized_stats=1: the scales/zeros slots hold the second-level stat codes / stat meta.");
 
   m.def(
       "sparse_decode",

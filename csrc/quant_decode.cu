@@ -1,6 +1,6 @@
 // Quantized decode: y = x (W_hat + S)^T + bias for small batches (M <= 8), read straight from
-// the packed format of lowrank_ops/quant/format.py (2-, 3- or 4-bit codes, uniform scale/zero or
-// per-row LUT, optional CSR outliers S). fp16 or bf16 x / bias / y; fp32 accumulation. The
+// the packed format of lowrank_ops/quant/format.py (2-, 3- or 4-bit codes, uniform scale/zero --
+// fp16, or the SpQR-style second-level form -- or per-row LUT, optional CSR outliers S). fp16 or bf16 x / bias / y; fp32 accumulation. The
 // low-rank path (x V^T) U^T is not fused: the Python wrapper adds it with the low-rank op.
 //
 // Design (one launch on the caller's stream; CUDA-graph capturable; deterministic, no atomics):
@@ -23,7 +23,9 @@
 // * Decoding is shifts and masks. Uniform codes become floats with the magic-exponent trick:
 //   __int_as_float(0x4B000000 | q) is the fp32 number 2^23 + q exactly (q < 2^23 sits in the
 //   mantissa of 2^23), so one LOP3 plus one FADD of -2^23 replaces an I2F conversion (I2F
-//   runs at quarter rate on sm_80/sm_90); then w = fma(q, s, -z*s). (The fp16 analogue is
+//   runs at quarter rate on sm_80/sm_90); then w = fma(q, s, -z*s). With second-level statistics
+//   the lane decodes its unit's (s, z) from one stat byte (scale code | zero << 4) and the
+//   block's fp16 (log2_lo, log2_step) pair: s = exp2(lo + code * step), once per 32 codes. (The fp16 analogue is
 //   0x6400 | q = 1024 + q as a half; fp32 keeps the whole chain in fp32 so no fp16 rounding
 //   of (q - z) * s happens before accumulation.) LUT codes index a per-warp copy of the
 //   row's 2^bits-entry LUT (fp32) in shared memory: 16 floats in 16 distinct banks, so any
@@ -57,6 +59,7 @@ constexpr int kUnit = 32;                    // codes per lane per step
 constexpr int kUnitsPerLane = 2;             // per tile
 constexpr int kTile = kWarp * kUnit * kUnitsPerLane;  // 2048 columns of x staged per tile
 constexpr int kMaxM = 8;
+constexpr int kStatRows = 16;                // rows sharing one second-level (log2_lo, log2_step) pair
 
 template <typename T> struct QCvt;
 template <> struct QCvt<__half> {
@@ -123,6 +126,7 @@ template <typename T, int BITS, int MB>
 __global__ void __launch_bounds__(kThreads)
 quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, const int* __restrict__ qweight_hi,
                     const __half* __restrict__ scales, const __half* __restrict__ zeros,
+                    const uint8_t* __restrict__ stat_codes, const __half* __restrict__ stat_meta,
                     const __half* __restrict__ lut, const int* __restrict__ rowptr,
                     const uint16_t* __restrict__ cols, const __half* __restrict__ vals,
                     const T* __restrict__ bias, T* __restrict__ y, int M, int K, int N, int group_size,
@@ -141,6 +145,8 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
   const int groups = k_pad / group_size;
   const int unit_shift = __ffs(group_size / kUnit) - 1;  // unit -> group: u >> unit_shift
   const bool use_lut = lut != nullptr;
+  const bool stats_q = stat_codes != nullptr;  // second-level statistics (scales/zeros unused)
+  const size_t meta_plane = static_cast<size_t>((N + kStatRows - 1) / kStatRows) * groups;
 
   if (use_lut && row_ok && lane < (1 << BITS))
     lut_s[warp][lane] = __half2float(lut[static_cast<size_t>(n) * (1 << BITS) + lane]);
@@ -161,7 +167,14 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
       nzs[i] = 0.f;
       if (row_ok && u < units) {
         wq[i].load(qweight, qweight_hi, n, words_lo, words_hi, u);
-        if (!use_lut) {
+        if (stats_q) {
+          const int g = u >> unit_shift;
+          const uint32_t code = stat_codes[static_cast<size_t>(n) * groups + g];
+          const size_t mi = static_cast<size_t>(n / kStatRows) * groups + g;
+          s[i] = exp2f(fmaf(static_cast<float>(code & 15u), __half2float(stat_meta[meta_plane + mi]),
+                            __half2float(stat_meta[mi])));
+          nzs[i] = -static_cast<float>(code >> 4) * s[i];
+        } else if (!use_lut) {
           const size_t gi = static_cast<size_t>(n) * groups + (u >> unit_shift);
           s[i] = __half2float(scales[gi]);
           nzs[i] = -__half2float(zeros[gi]) * s[i];
@@ -260,10 +273,14 @@ template <typename T, int BITS, int MB>
 void launch(const QuantDecodeArgs& a, cudaStream_t stream) {
   const bool x_vec = a.K % 8 == 0 && a.x % 16 == 0;
   const int grid = (a.N + kWarps - 1) / kWarps;
+  // the two statistics slots hold fp16 scales/zeros, or stat codes (uint8) / stat meta (fp16)
+  const std::uintptr_t scales = a.quantized_stats ? 0 : a.scales, zeros = a.quantized_stats ? 0 : a.zeros;
+  const std::uintptr_t stat_codes = a.quantized_stats ? a.scales : 0, stat_meta = a.quantized_stats ? a.zeros : 0;
   quant_decode_kernel<T, BITS, MB><<<grid, kThreads, 0, stream>>>(
       reinterpret_cast<const T*>(a.x), reinterpret_cast<const int*>(a.qweight),
-      reinterpret_cast<const int*>(a.qweight_hi), reinterpret_cast<const __half*>(a.scales),
-      reinterpret_cast<const __half*>(a.zeros), reinterpret_cast<const __half*>(a.lut),
+      reinterpret_cast<const int*>(a.qweight_hi), reinterpret_cast<const __half*>(scales),
+      reinterpret_cast<const __half*>(zeros), reinterpret_cast<const uint8_t*>(stat_codes),
+      reinterpret_cast<const __half*>(stat_meta), reinterpret_cast<const __half*>(a.lut),
       reinterpret_cast<const int*>(a.rowptr), reinterpret_cast<const uint16_t*>(a.cols),
       reinterpret_cast<const __half*>(a.vals), reinterpret_cast<const T*>(a.bias), reinterpret_cast<T*>(a.y), a.M,
       a.K, a.N, a.group_size, x_vec);
@@ -301,6 +318,8 @@ void quant_decode(const QuantDecodeArgs& a) {
   const bool has_lut = a.lut != 0;
   if (has_lut && (a.scales != 0 || a.zeros != 0)) fail("pass either lut or scales and zeros, not both");
   if (!has_lut && (a.scales == 0 || a.zeros == 0)) fail("null pointer for scales or zeros (uniform mode)");
+  if (a.quantized_stats != 0 && a.quantized_stats != 1) fail("quantized_stats must be 0 or 1");
+  if (has_lut && a.quantized_stats) fail("quantized_stats=1 needs uniform mode (no lut)");
   const int outl = (a.rowptr != 0) + (a.cols != 0) + (a.vals != 0);
   if (outl != 0 && outl != 3) fail("rowptr, cols and vals go together (all or none)");
   if (outl == 3 && a.K > 65535) fail("outlier columns are 16-bit, K must be <= 65535, got " + std::to_string(a.K));

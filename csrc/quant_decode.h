@@ -11,6 +11,8 @@ namespace lowrank_ops {
 //   qweight    int32 (N, K_pad/8) for 4 bits, the 2-bit low plane (N, K_pad/16) for 3 bits
 //   qweight_hi int32 (N, K_pad/32), 3 bits only
 //   scales, zeros fp16 (N, K_pad/group_size)  (uniform mode)  |  lut fp16 (N, 2^bits) (LUT mode)
+//     with quantized_stats = 1 the same two slots hold the second-level form instead:
+//     scales -> stat codes uint8 (N, G), zeros -> stat meta fp16 (2, ceil(N/16), G)
 //   rowptr int32 (N+1), cols int16 (nnz, unsigned), vals fp16 (nnz)  (CSR outliers, all or none)
 //   x (M, K), bias (N), y (M, N) in the dtype given by `dtype` (DTypeCode of lowrank_decode.h)
 // qweight must be 16-byte aligned (qweight_hi 4-byte). The low-rank path is not in the kernel.
@@ -20,6 +22,7 @@ struct QuantDecodeArgs {
   int bits;        // 3 or 4
   int group_size;  // 32, 64 or 128
   int dtype;       // DTypeCode
+  int quantized_stats;  // 1: second-level statistics in the scales/zeros slots
   std::uintptr_t stream;  // cudaStream_t of the caller (0 = legacy default stream)
 };
 

@@ -9,7 +9,10 @@ path. The packed format is the shared contract of ``lowrank_ops/quant/format.py`
 * codes of row n, column k live in int32 word ``k // E`` of row n at bit ``(k % E) · bits``
   (E = 8 for 4-bit, 16 for 2-bit and for the low plane of 3-bit, 32 for the 3-bit high plane);
   rows are ``K_pad / E`` words long, K_pad = ceil(K / g) · g;
-* uniform: Ŵ = (q − zeros[n, k // g]) · scales[n, k // g]; LUT: Ŵ = lut[n, q];
+* uniform: Ŵ = (q − zeros[n, k // g]) · scales[n, k // g], the statistics fp16 or (``QSTATS``)
+  in the second-level form, passed in the same two pointer slots: ``scales_ptr`` → stat codes
+  uint8 (N, G) (scale code | zero << 4), ``zeros_ptr`` → stat meta fp16 (2, ceil(N/16), G)
+  (log2_lo, log2_step planes), scale = exp2(lo + code · step); LUT: Ŵ = lut[n, q];
 * outliers: ``rowptr`` int32 (N + 1), ``cols`` int16 (read as unsigned), ``vals`` fp16.
 
 Two paths (chosen by ``ops.quant_path``):
@@ -96,18 +99,41 @@ _DECODE_PRUNE = _TILE_PRUNE  # same tiles, BLOCK_M = 16 passed as a constexpr
 
 # --------------------------------------------------------------------------- dequantization
 @triton.jit
+def _load_group_stats(scales_ptr, zeros_ptr, rows, gcol, n_groups, N, gmask, QSTATS: tl.constexpr):
+    """fp32 (scale, zero) of rows ``rows`` at group columns ``gcol`` (broadcastable tiles).
+
+    fp16 mode: one fp16 pair per (row, group). ``QSTATS``: one stat byte per (row, group) and the
+    (log2_lo, log2_step) fp16 pair of its 16-row block (rows of a tile share it: L1 hits), decoded
+    as exp2(lo + code · step) and zero = code >> 4 — once per (row, group), not per weight.
+    """
+    gidx = rows * n_groups + gcol
+    if QSTATS:
+        code = tl.load(scales_ptr + gidx, mask=gmask, other=0).to(tl.int32)
+        midx = (rows // 16) * n_groups + gcol
+        lo = tl.load(zeros_ptr + midx, mask=gmask, other=0.0).to(tl.float32)
+        step = tl.load(zeros_ptr + tl.cdiv(N, 16) * n_groups + midx, mask=gmask, other=0.0).to(tl.float32)
+        s = tl.exp2(lo + (code & 15).to(tl.float32) * step)
+        z = (code >> 4).to(tl.float32)
+    else:
+        s = tl.load(scales_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _load_quant_base_tile(
     qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_K × BLOCK_N) fp32 tile of Ŵᵀ dequantized from the packed rows ``offs_n``; zero outside
     the matrix (k ≥ K included: padded codes are 0 but (0 − z)·s is not).
 
     The quantized twin of ``lowrank._load_dense_base_tile``. Word loads repeat one address for
     E consecutive k of a row (served by L1); a row's words are contiguous, so each column of the
-    tile reads BLOCK_K / E consecutive words. Scales/zeros are one fp16 pair per (row, group):
-    when BLOCK_K ≤ GROUP the K-blocks never straddle a group (both powers of two, K-blocks
-    start at multiples of BLOCK_K), so one (1 × BLOCK_N) vector serves the tile.
+    tile reads BLOCK_K / E consecutive words. Scales/zeros are one fp16 pair per (row, group) (or
+    their second-level form, :func:`_load_group_stats`): when BLOCK_K ≤ GROUP the K-blocks never
+    straddle a group (both powers of two, K-blocks start at multiples of BLOCK_K), so one
+    (1 × BLOCK_N) vector serves the tile.
     """
     k_pad = tl.cdiv(K, GROUP) * GROUP
     n_groups = k_pad // GROUP
@@ -130,13 +156,9 @@ def _load_quant_base_tile(
         w = tl.load(lut_ptr + rows * (1 << BITS) + q, mask=mask, other=0.0).to(tl.float32)
     else:
         if BLOCK_K <= GROUP:
-            gidx = rows * n_groups + k0 // GROUP
-            gmask = n_mask[None, :]
+            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, k0 // GROUP, n_groups, N, n_mask[None, :], QSTATS)
         else:
-            gidx = rows * n_groups + kk // GROUP
-            gmask = mask
-        s = tl.load(scales_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(zeros_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, kk // GROUP, n_groups, N, mask, QSTATS)
         w = tl.where(mask, (q.to(tl.float32) - z) * s, 0.0)
     return w
 
@@ -145,7 +167,7 @@ def _load_quant_base_tile(
 def _quant_k_run(
     x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
     offs_m, offs_n, kb_first, kb_last, M, N, K, R,
-    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, HAS_LR: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, HAS_LR: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -170,7 +192,7 @@ def _quant_k_run(
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & k_mask[None, :], other=0.0)
         w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-                                  BITS, GROUP, USE_LUT, BLOCK_K)
+                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
         acc = _dot(x, w.to(dtype), acc, DOT_PRECISION)
         if HAS_LR:
             vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
@@ -212,14 +234,14 @@ def _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M,
 # row) dequantized in registers, then tensor-core dots; the low-rank path rides on the same x
 # tile. Then the CSR outliers of the block's N rows, the bias, one store.
 @triton.autotune(configs=_configs(_TILE_TABLE, _TILE_NAMES),
-                  key=["M_BUCKET", "N", "K", "R_PAD", "BITS", "GROUP", "USE_LUT"], prune_configs_by=_TILE_PRUNE)
+                  key=["M_BUCKET", "N", "K", "R_PAD", "BITS", "GROUP", "USE_LUT", "QSTATS"], prune_configs_by=_TILE_PRUNE)
 @triton.jit
 def _quant_tile_kernel(
     x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, rowptr_ptr, cols_ptr, vals_ptr,
     u_ptr, v_ptr, bias_ptr, y_ptr,
     M, N, K, R,
     M_BUCKET,  # autotune key only: next power of two of M
-    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -227,7 +249,7 @@ def _quant_tile_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
                        offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R,
-                       BITS, GROUP, USE_LUT, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_OUTLIERS:
         acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
     n_mask = offs_n < N
@@ -246,13 +268,14 @@ def _quant_tile_kernel(
 # low-rank path is folded in per split by linearity: Σ_s (x_s V_sᵀ) Uᵀ = (x Vᵀ) Uᵀ (the
 # rank-space partial is rounded to x's dtype per split; U's tile is re-read by each split).
 @triton.autotune(configs=_configs(_DECODE_TABLE, _DECODE_NAMES),
-                  key=["M_BUCKET", "N", "K", "R_PAD", "K_SPLIT", "BITS", "GROUP", "USE_LUT"], prune_configs_by=_DECODE_PRUNE)
+                  key=["M_BUCKET", "N", "K", "R_PAD", "K_SPLIT", "BITS", "GROUP", "USE_LUT", "QSTATS"],
+                  prune_configs_by=_DECODE_PRUNE)
 @triton.jit
 def _quant_decode_split_kernel(
     x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr, part_ptr,
     M, N, K, R, K_SPLIT,
     M_BUCKET,  # autotune key only: next power of two of M
-    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr,
     HAS_LR: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -264,7 +287,7 @@ def _quant_decode_split_kernel(
     first = split * per_split
     acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
                        offs_m, offs_n, first, tl.minimum(first + per_split, k_blocks), M, N, K, R,
-                       BITS, GROUP, USE_LUT, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = offs_m.to(tl.int64)[:, None]
     out = part_ptr + split.to(tl.int64) * M * N + rows * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -305,13 +328,13 @@ def _quant_decode_reduce_kernel(
 # M-block and never expanded in memory; dx is written in fp32 (the caller adds the outlier and
 # low-rank terms before its one rounding). BLOCK_K and the group size are powers of two, so a
 # K-block lies in one group or covers whole groups, as the loader needs.
-@triton.autotune(configs=_configs(_DX_TABLE, _DX_NAMES), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "USE_LUT"])
+@triton.autotune(configs=_configs(_DX_TABLE, _DX_NAMES), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "USE_LUT", "QSTATS"])
 @triton.jit
 def _quant_dx_kernel(
     dy_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, dx_ptr,
     M, N, K,
     M_BUCKET,  # autotune key only: next power of two of M
-    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dtype = dy_ptr.dtype.element_ty
@@ -325,12 +348,17 @@ def _quant_dx_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & (offs_n[None, :] < N), other=0.0)
         wt = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-                                   BITS, GROUP, USE_LUT, BLOCK_K)
+                                   BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
         acc = _dot(dy, tl.trans(wt.to(dtype)), acc, DOT_PRECISION)
     tl.store(dx_ptr + rows * K + offs_k[None, :], acc, mask=m_mask & (offs_k[None, :] < K))
 
 
 # --------------------------------------------------------------------------- launchers
+def _quantized_stats(scales: Optional[Tensor]) -> bool:
+    """The statistics slots hold the second-level form (uint8 stat codes), not fp16 scales."""
+    return scales is not None and scales.dtype == torch.uint8
+
+
 def _decode_k_split(m: int, n: int, k: int, device: torch.device) -> int:
     """K splits so that (N-blocks × splits × M-blocks) ≈ 2 programs per SM (nominal BLOCK_N 64)."""
     columns = triton.cdiv(n, 64) * triton.cdiv(m, DECODE_BLOCK_M)
@@ -346,7 +374,7 @@ def quant_matmul(
     """``x (Ŵ + S)ᵀ + (x Vᵀ) Uᵀ + b`` for contiguous x (M, K) and tensors in the packed format.
 
     Inputs are trusted (``ops.quant_linear`` checks them): LUT mode when ``lut`` is given,
-    else scales/zeros; outliers when ``outlier_rowptr`` is given and nnz > 0; the low-rank
+    else scales/zeros (second-level stat codes/meta when ``scales`` is uint8); outliers when ``outlier_rowptr`` is given and nnz > 0; the low-rank
     path when ``lr_u`` is given (rank ≤ :data:`QUANT_MAX_RANK`). ``path``: ``"tile"`` (one
     launch) or ``"decode"`` (split-K + reduce; made for M ≤ 16, correct for any M).
     """
@@ -366,8 +394,8 @@ def quant_matmul(
     rp, cl, vl = (outlier_rowptr, outlier_cols, outlier_vals) if has_out else (dummy, dummy, dummy)
     u, v = (lr_u, lr_v) if has_lr else (dummy, dummy)
     b = bias if bias is not None else y
-    flags = dict(BITS=bits, GROUP=group_size, USE_LUT=use_lut, HAS_LR=has_lr, R_PAD=_rank_pad(max(r, 1)),
-                 DOT_PRECISION=_dot_precision(x.dtype))
+    flags = dict(BITS=bits, GROUP=group_size, USE_LUT=use_lut, QSTATS=_quantized_stats(scales), HAS_LR=has_lr,
+                 R_PAD=_rank_pad(max(r, 1)), DOT_PRECISION=_dot_precision(x.dtype))
     m_bucket = triton.next_power_of_2(m)
     if path == "tile":
         _quant_tile_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
@@ -403,7 +431,8 @@ def quant_matmul_dx(
     sc, zr, lt = (dummy, dummy, lut) if use_lut else (scales, zeros, dummy)
     _quant_dx_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
         dy, qweight, qweight_hi if bits == 3 else dummy, sc, zr, lt, dx, m, n, k, triton.next_power_of_2(m),
-        BITS=bits, GROUP=group_size, USE_LUT=use_lut, DOT_PRECISION=_dot_precision(dy.dtype),
+        BITS=bits, GROUP=group_size, USE_LUT=use_lut, QSTATS=_quantized_stats(scales),
+        DOT_PRECISION=_dot_precision(dy.dtype),
     )
     return dx
 
@@ -411,21 +440,34 @@ def quant_matmul_dx(
 # --------------------------------------------------------------------------- compile lane
 # Representative specializations, compiled for sm_80 and sm_90, every option on (outliers,
 # rank 128, bias): each of the tile and split kernels in every (dtype, bits) and every
-# (bits, mode) — tile as fp16 uniform + bf16 LUT, split as fp16 LUT + bf16 uniform — the dx
-# kernel for every bit width per dtype, the reduce kernel per dtype, and both autotuned kernels in fp32 (the largest tiles: only the lean config
-# survives pruning at R_PAD = 128).
+# (bits, mode) — tile as fp16 uniform + bf16 LUT, split as fp16 LUT + bf16 uniform, the 3-bit
+# uniform ones with second-level statistics — the dx kernel for every bit width per dtype (bf16
+# 4-bit with second-level statistics), the reduce kernel per dtype, and both autotuned kernels
+# in fp32 (the largest tiles: only the lean config survives pruning at R_PAD = 128).
+def _packed_signature(p: str, qstats: bool) -> dict[str, str]:
+    """Pointer types of x and the packed weight (the statistics slots typed by ``qstats``)."""
+    return dict(x_ptr=p, qw_ptr="*i32", qwhi_ptr="*i32", scales_ptr="*u8" if qstats else "*fp16",
+                zeros_ptr="*fp16", lut_ptr="*fp16")
+
+
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32")
     for dtype in ("fp16", "bf16", "fp32"):
         p, prec, is_fp32 = f"*{dtype}", ("ieee" if dtype == "fp32" else "tf32"), dtype == "fp32"
-        packed = dict(x_ptr=p, qw_ptr="*i32", qwhi_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", lut_ptr="*fp16")
         for bits in (3,) if is_fp32 else BITS_SUPPORTED:
             # tile: fp16 uniform + bf16 LUT; split: the other two; fp32: both kernels uniform
             for kernel, lut in ((_quant_tile_kernel, dtype == "bf16"), (_quant_decode_split_kernel, dtype == "fp16")):
                 lut = lut and not is_fp32
-                flags = dict(BITS=bits, GROUP=128, USE_LUT=lut, HAS_LR=True, R_PAD=QUANT_MAX_RANK, DOT_PRECISION=prec)
-                mode = "lut" if lut else "uniform"
+                qstats = bits == 3 and not lut and not is_fp32
+                packed = _packed_signature(p, qstats)
+                # the split kernel's first config at R_PAD = 128 uses 160 of sm_80's 163 KB shared
+                # memory; second-level statistics add 4 KB, so that case compiles at rank 64 (at
+                # rank 128 on sm_80 the autotuner skips the config that does not fit)
+                r_pad = 64 if qstats and kernel is _quant_decode_split_kernel else QUANT_MAX_RANK
+                flags = dict(BITS=bits, GROUP=128, USE_LUT=lut, QSTATS=qstats, HAS_LR=True, R_PAD=r_pad,
+                             DOT_PRECISION=prec)
+                mode = "lut" if lut else ("uniform+qstats" if qstats else "uniform")
                 if kernel is _quant_tile_kernel:
                     name, sig = f"quant_tile[{dtype},{bits}b,{mode}]", dict(
                         **packed, rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", u_ptr=p, v_ptr=p,
@@ -437,11 +479,14 @@ def _compile_cases() -> list[CompileCase]:
                     flags.update(BLOCK_M=DECODE_BLOCK_M)
                 cases.append(CompileCase(name, kernel, sig, flags))
         for bits, lut in ((4, False), (3, dtype == "bf16"), (2, dtype == "fp16")):
+            qstats = bits == 4 and dtype == "bf16"
+            packed = _packed_signature(p, qstats)
+            del packed["x_ptr"]
             cases.append(CompileCase(
-                f"quant_dx[{dtype},{bits}b,{'lut' if lut else 'uniform'}]", _quant_dx_kernel,
-                dict(dy_ptr=p, qw_ptr="*i32", qwhi_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", lut_ptr="*fp16",
-                     dx_ptr="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32"),
-                dict(BITS=bits, GROUP=64, USE_LUT=lut, DOT_PRECISION=prec),
+                f"quant_dx[{dtype},{bits}b,{'lut' if lut else ('uniform+qstats' if qstats else 'uniform')}]",
+                _quant_dx_kernel,
+                dict(dy_ptr=p, **packed, dx_ptr="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32"),
+                dict(BITS=bits, GROUP=64, USE_LUT=lut, QSTATS=qstats, DOT_PRECISION=prec),
             ))
         cases.append(CompileCase(
             f"quant_decode_reduce[{dtype}]", _quant_decode_reduce_kernel,

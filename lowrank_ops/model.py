@@ -133,7 +133,7 @@ def compress(
     tuple as positional ones, anything else as the one argument); with it, calibration-aware
     algorithms are used. ``options`` go to the family's builder, for ``"lowrank"``: ``rank``, ``ratio``,
     ``energy``, ``allocation`` ("uniform" or "global") and ``whiten``; for ``"quant"``: ``bits``,
-    ``group_size``, ``outliers``, ``method``, ``lut``, ``lowrank_rank``, ``act_order`` and
+    ``group_size``, ``outliers``, ``method``, ``lut``, ``quantize_stats``, ``lowrank_rank``, ``act_order`` and
     ``recipes`` (glob pattern of layer names -> option overrides); for ``"nm"``: ``n``, ``m``,
     ``method`` ("auto", "magnitude", "wanda", "sparsegpt"), ``quantize_values``, ``group_size``,
     ``lowrank_rank``, ``trainable`` and ``recipes``.

@@ -27,7 +27,7 @@ def test_case_lists():
     quick = QB.quant_cases(QB.QUICK["shapes"], QB.QUICK["batches"])
     assert [(c.shape, c.m) for c in quick] == [("4096x4096", 1), ("4096x4096", 16), ("4096x4096", 256),
                                                ("11008x4096", 1), ("11008x4096", 16), ("11008x4096", 256)]
-    assert QB.QUICK["configs"] == QB.FULL["configs"] == ["4b", "4b+1%", "3b+1%", "4b+r64", "3b-lut"]
+    assert QB.QUICK["configs"] == QB.FULL["configs"] == ["4b", "4b+1%", "3b+1%", "4b+r64", "3b-lut", "3b-g32qs+1%"]
     assert all(k % 128 == 0 for _, k in QB.FULL["shapes"] + QB.CPU_SMOKE["shapes"])
 
 
@@ -40,12 +40,13 @@ def test_targets_name_known_configs():
 def test_build_format_on_cpu(config):
     spec = QB.CONFIGS[config]
     fmt = QB.build_format(32, 256, config, CPU)
-    assert fmt.bits == spec["bits"] and fmt.group_size == 128 and fmt.in_features == 256
+    assert fmt.bits == spec["bits"] and fmt.group_size == spec["group_size"] and fmt.in_features == 256
     assert fmt.has_outliers == (spec["outliers"] > 0)
     assert fmt.rank == spec["rank"]
     assert fmt.is_lut == (spec["method"] == "lut")
-    tensors = QB.format_tensors(fmt)
-    assert len(tensors) == len(QB.TENSOR_FIELDS)
+    assert fmt.quantized_stats == spec.get("quantize_stats", False)
+    tensors = fmt.op_tensors()
+    assert len(tensors) == 10
     assert sum(t.numel() * t.element_size() for t in tensors if t is not None) == fmt.nbytes
     clones = QB.clone_tensors(tensors)
     for a, b in zip(tensors, clones):

@@ -37,11 +37,12 @@ def test_compress_quant_and_reload(tmp_path):
 
     out = tmp_path / "minilm-q"
     args = ["compress", "minilm", str(out), "--kind", "quant", "--bits", "3", "--outliers", "0.01",
-            "--calib-sentences", "16", "--include", "encoder.layer.1.*"]
+            "--group-size", "32", "--quantize-stats", "--calib-sentences", "16", "--include", "encoder.layer.1.*"]
     assert cli.main(args) == 0
     model = load_compressed_dir(out)
-    assert isinstance(model.encoder.layer[1].output.dense, QuantLinear)
-    assert model.encoder.layer[1].output.dense.bits == 3
+    layer = model.encoder.layer[1].output.dense
+    assert isinstance(layer, QuantLinear) and layer.bits == 3 and layer.group_size == 32
+    assert layer.stat_codes is not None and layer.scales is None  # second-level statistics survived the reload
 
 
 @pytest.mark.slow

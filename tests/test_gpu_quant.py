@@ -2,7 +2,7 @@
 
 On the real benchmark shape 4096×4096: the ``decode`` (M ≤ 16) and ``tile`` paths, automatic and
 forced, against a float64 product with the reference dequantization, for 3/4 bits, uniform and
-LUT codes, 1 % outliers and rank-64 compensation, M ∈ {1, 7, 16, 64, 300}, fp16 and bf16; the
+LUT codes, second-level statistics (3-bit g32), 1 % outliers and rank-64 compensation, M ∈ {1, 7, 16, 64, 300}, fp16 and bf16; the
 backward to x from the packed weight. Also:
 ``torch.compile(fullgraph=True)`` of a module built on :class:`QuantLinear` (a graph break
 raises) and CUDA-graph capture and replay of the op.
@@ -29,8 +29,6 @@ F16, BF16 = torch.float16, torch.bfloat16
 TOL = {F16: 2e-3, BF16: 1e-2}
 N = K = 4096
 M_ALL = (1, 7, 16, 64, 300)
-FIELDS = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols", "outlier_vals",
-          "lr_u", "lr_v")
 # name -> quantize() options
 CONFIGS = {
     "4b": dict(bits=4, method="rtn"),
@@ -41,6 +39,7 @@ CONFIGS = {
     "3b+1%": dict(bits=3, method="rtn", outliers=0.01),
     "4b+r64": dict(bits=4, method="rtn", lowrank_rank=64),
     "3b+1%+r64": dict(bits=3, method="rtn", outliers=0.01, lowrank_rank=64),
+    "3b-g32-qstats": dict(bits=3, method="rtn", group_size=32, quantize_stats=True),
 }
 
 
@@ -51,21 +50,19 @@ def fmt_of(name: str):
     gen = torch.Generator(device=DEV)
     gen.manual_seed(sum(map(ord, name)))
     w = torch.randn(N, K, device=DEV, generator=gen).div(K**0.5).half()
-    return quantize(w, group_size=128, dtype=F16, **CONFIGS[name])
+    return quantize(w, dtype=F16, **{"group_size": 128, **CONFIGS[name]})
 
 
 @functools.lru_cache(maxsize=None)
 def dense_of(name: str) -> torch.Tensor:
     """Ŵ_total (N, K) in float64, from the reference dequantization."""
     fmt = fmt_of(name)
-    w = ops.dequantize_reference(*(getattr(fmt, f) for f in FIELDS), bits=fmt.bits, group_size=fmt.group_size,
-                                 in_features=K)
+    w = ops.dequantize_reference(*tensors(name), bits=fmt.bits, group_size=fmt.group_size, in_features=K)
     return w.double()
 
 
 def tensors(name: str) -> tuple:
-    fmt = fmt_of(name)
-    return tuple(getattr(fmt, f) for f in FIELDS)
+    return fmt_of(name).op_tensors()
 
 
 def run(name: str, x: torch.Tensor, bias=None) -> torch.Tensor:
@@ -137,7 +134,8 @@ def test_triton_forced_path_matches_float64(path, name, dtype, m, force_path):
 
 
 # --------------------------------------------------------------------------- backward to x
-@pytest.mark.parametrize("name,dtype,m", [("4b", F16, 64), ("3b+1%+r64", F16, 300), ("3b-lut", BF16, 7)],
+@pytest.mark.parametrize("name,dtype,m", [("4b", F16, 64), ("3b+1%+r64", F16, 300), ("3b-lut", BF16, 7),
+                                           ("3b-g32-qstats", BF16, 17)],
                          ids=lambda p: str(p).replace("torch.", ""))
 def test_backward_to_x_from_the_packed_weight(name, dtype, m):
     """dx = dy · Ŵ_total through the Triton dx kernel (+ sparse outliers + low-rank) vs float64."""

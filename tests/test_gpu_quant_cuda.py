@@ -33,9 +33,9 @@ def ext():
     return module
 
 
-def _case(m, k, n, bits, g, lut, outliers, lowrank, dtype, bias=True, seed=0):
+def _case(m, k, n, bits, g, lut, outliers, lowrank, dtype, bias=True, seed=0, qstats=False):
     x, t = make_packed(m=m, k=k, n=n, bits=bits, g=g, lut=lut, outliers=outliers, bias=bias, dtype=dtype,
-                       device="cuda", seed=seed)
+                       device="cuda", seed=seed, qstats=qstats)
     if lowrank:
         r = 16
         t["lr_u"] = (torch.randn(n, r, device="cuda") * 0.05).half()
@@ -67,13 +67,24 @@ def test_matches_reference(ext, m, k, n, g, bits, lut, dtype):
         assert err < TOL[dtype], (outliers, lowrank, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,n,g", [(4096, 4099, 32), (1000, 37, 64)])
+@pytest.mark.parametrize("m", [1, 5])
+def test_second_level_statistics_match_reference(ext, m, k, n, g, bits, dtype):
+    x, t = _case(m, k, n, bits, g, False, True, False, dtype, qstats=True)
+    assert t["scales"].dtype == torch.uint8
+    err = _rel_err(cuda_decode.quant_decode(x, **t, bits=bits, group_size=g), _ref(x, t, bits, g))
+    assert err < TOL[dtype], err
+
+
 def test_every_output_written_and_no_bias(ext):
     """Raw _C call with a NaN-filled y: every element must be written (odd N, K tail)."""
     x, t = _case(3, 100, 13, 3, 32, False, True, False, torch.float16, bias=False)
     y = torch.full((3, 13), float("nan"), dtype=torch.float16, device="cuda")
     p = lambda name: t[name].data_ptr() if name in t else 0  # noqa: E731
     ext.quant_decode(x.data_ptr(), p("qweight"), p("qweight_hi"), p("scales"), p("zeros"), 0, p("outlier_rowptr"),
-                     p("outlier_cols"), p("outlier_vals"), 0, y.data_ptr(), 3, 100, 13, 3, 32, 0,
+                     p("outlier_cols"), p("outlier_vals"), 0, y.data_ptr(), 3, 100, 13, 3, 32, 0, 0,
                      torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert _rel_err(y, _ref(x, t, 3, 32)) < TOL[torch.float16]

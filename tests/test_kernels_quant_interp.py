@@ -3,7 +3,8 @@ dequantized weights (``ops.dequantize_reference``).
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU), or on
 a CUDA device. Every launcher allocation is NaN-filled first, so an unwritten output element
-shows up. The (path × bits × mode × dtype) product is covered in full; outliers (0 / ~2%), the
+shows up. The (path × bits × mode × dtype) product is covered in full (modes: uniform fp16
+statistics, LUT, second-level statistics); outliers (0 / ~2%), the
 low-rank path (r = 0 / 8), bias, M ∈ {1, 3, 17, 40} and group size are sampled across it so
 every value meets every path. K = 100 with g = 32 → K_pad = 128; N odd.
 """
@@ -46,6 +47,11 @@ def make_packed(n, k, *, bits, group, mode, outlier_frac, rank, dtype):
         t["qweight"] = pack_codes(q, bits)
     if mode == "lut":
         t["lut"] = (torch.randn(n, 2**bits) * k**-0.5).half()
+    elif mode == "qstats":  # second-level statistics: uint8 codes | zero << 4, fp16 (log2 lo, log2 step)
+        levels = 2**bits - 1
+        codes = torch.randint(0, 16, (n, k_pad // group)) | torch.randint(0, levels + 1, (n, k_pad // group)) << 4
+        lo = math.log2(2 * k**-0.5 / levels) - 1 + torch.rand(-(-n // 16), k_pad // group)
+        t["scales"], t["zeros"] = codes.to(torch.uint8), torch.stack([lo, torch.rand_like(lo) * 0.1]).half()
     else:
         levels = 2**bits - 1
         t["scales"] = ((torch.rand(n, k_pad // group) + 0.5) * 2 * k**-0.5 / levels).half()
@@ -86,7 +92,7 @@ def poisoned(monkeypatch):
 def _cases():
     """(path, bits, mode, dtype) in full; the other axes sampled with co-prime periods."""
     out = []
-    for i, (path, bits, mode, dtype) in enumerate(itertools.product(("tile", "decode"), (2, 3, 4), ("uniform", "lut"), DTYPES)):
+    for i, (path, bits, mode, dtype) in enumerate(itertools.product(("tile", "decode"), (2, 3, 4), ("uniform", "lut", "qstats"), DTYPES)):
         out.append(dict(
             path=path, bits=bits, mode=mode, dtype=dtype,
             m=(1, 3, 17)[i % 3], n=(37, 19)[i % 2], group=(32, 32, 64, 128)[i % 4],
@@ -147,7 +153,7 @@ def test_quant_linear_triton(lead, path, dtype, monkeypatch):
 
 DX_CASES = [
     dict(bits=bits, mode=mode, dtype=dtype, m=(1, 3, 17)[i % 3], n=(37, 70)[i % 2], group=(32, 64, 128)[i % 3])
-    for i, (bits, mode, dtype) in enumerate(itertools.product((2, 3, 4), ("uniform", "lut"), DTYPES))
+    for i, (bits, mode, dtype) in enumerate(itertools.product((2, 3, 4), ("uniform", "lut", "qstats"), DTYPES))
 ]
 
 

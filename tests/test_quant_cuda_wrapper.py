@@ -6,15 +6,16 @@ from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, use_backend
 from lowrank_ops.quant import cuda_decode
 from lowrank_ops.quant.cuda_decode import CUDA_QUANT_MAX_M
-from lowrank_ops.quant.format import outliers_to_csr, pack_codes, padded_k
+from lowrank_ops.quant.format import outliers_to_csr, pack_codes, pack_group_stats, padded_k
 from lowrank_ops.quant.ops import quant_linear
 
 HALF = torch.float16
 
 
 def make_packed(m=2, k=100, n=12, bits=4, g=32, lut=False, outliers=True, bias=True, dtype=HALF, device="cpu",
-                seed=0):
-    """x plus the packed-format tensors as a kwargs dict for quant_decode / quant_linear."""
+                seed=0, qstats=False):
+    """x plus the packed-format tensors as a kwargs dict for quant_decode / quant_linear; with
+    ``qstats`` the statistics slots hold the second-level form (stat codes, stat meta)."""
     gen = torch.Generator().manual_seed(seed)
     k_pad = padded_k(k, g)
     q = torch.randint(0, 1 << bits, (n, k_pad), generator=gen)
@@ -26,6 +27,8 @@ def make_packed(m=2, k=100, n=12, bits=4, g=32, lut=False, outliers=True, bias=T
     else:
         t["scales"] = (torch.rand(n, k_pad // g, generator=gen) * 0.02 + 0.005).to(HALF)
         t["zeros"] = (torch.rand(n, k_pad // g, generator=gen) * (1 << bits)).to(HALF)
+        if qstats:
+            t["scales"], t["zeros"] = pack_group_stats(t["scales"], t["zeros"].float().floor())
     if outliers:
         mask = torch.rand(n, k, generator=gen) < 0.02
         mask[0] = False  # a row without outliers
@@ -87,9 +90,9 @@ def test_pinned_cuda_backend_on_cpu_says_why():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("lut", [False, True])
-def test_valid_cpu_call_fails_only_on_device(bits, lut):
-    x, t = make_packed(bits=bits, lut=lut)
+@pytest.mark.parametrize("lut,qstats", [(False, False), (True, False), (False, True)])
+def test_valid_cpu_call_fails_only_on_device(bits, lut, qstats):
+    x, t = make_packed(bits=bits, lut=lut, qstats=qstats)
     with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
         cuda_decode.quant_decode(x, **t, bits=bits, group_size=32)
 
@@ -148,3 +151,17 @@ def test_reference_backend_still_serves_cpu():
                                   "outlier_vals", "lr_u", "lr_v", "bias")}
     ref = quant_linear_reference(x, *full.values(), bits=3, group_size=32, in_features=x.shape[1])
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda t: {**t, "zeros": t["zeros"][:, :1].contiguous()}, ValueError, "stat_meta: expected shape"),
+        (lambda t: {**t, "zeros": t["zeros"].float()}, TypeError, "stat_meta: expected dtype"),
+        (lambda t: {**t, "scales": t["scales"][:, :1].contiguous()}, ValueError, "stat_codes: expected shape"),
+    ],
+)
+def test_check_inputs_names_the_second_level_statistics(mutate, exc, pattern):
+    x, t = make_packed(bits=3, n=20, qstats=True)
+    with pytest.raises(exc, match=pattern):
+        cuda_decode.quant_decode(x, **mutate(t), bits=3, group_size=32)

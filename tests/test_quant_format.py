@@ -11,8 +11,10 @@ from lowrank_ops.quant.format import (
     csr_to_dense,
     outliers_to_csr,
     pack_codes,
+    pack_group_stats,
     padded_k,
     unpack_codes,
+    unpack_group_stats,
 )
 
 
@@ -21,8 +23,9 @@ def _random_codes(n, k_pad, bits, seed=0):
     return torch.randint(0, 1 << bits, (n, k_pad), generator=gen, dtype=torch.int64).to(torch.uint8)
 
 
-def _uniform(n, k, bits, g, *, outliers=0, rank=0, seed=0):
-    """A valid uniform-mode format with random codes/scales/zeros (and outliers, low-rank)."""
+def _uniform(n, k, bits, g, *, outliers=0, rank=0, seed=0, quantized_stats=False):
+    """A valid uniform-mode format with random codes/scales/zeros (and outliers, low-rank); with
+    ``quantized_stats`` the statistics in the second-level form (integer zeros)."""
     gen = torch.Generator().manual_seed(seed)
     k_pad = padded_k(k, g)
     q = _random_codes(n, k_pad, bits, seed)
@@ -42,6 +45,9 @@ def _uniform(n, k, bits, g, *, outliers=0, rank=0, seed=0):
         fields.update(outlier_rowptr=rowptr, outlier_cols=cols, outlier_vals=vals)
     if rank:
         fields.update(lr_u=torch.randn(n, rank, generator=gen).half(), lr_v=torch.randn(rank, k, generator=gen).half())
+    if quantized_stats:
+        codes, meta = pack_group_stats(fields["scales"], fields["zeros"].float().round())
+        fields.update(scales=None, zeros=None, stat_codes=codes, stat_meta=meta)
     return QuantFormat(**fields), q
 
 
@@ -100,6 +106,95 @@ def test_pack_errors():
         unpack_codes(qw, None, 3, 64)
     with pytest.raises(ValueError, match="qweight"):
         unpack_codes(qw, hi, 3, 32)
+
+
+# ----------------------------------------------------------------------------- second-level statistics
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), g=st.integers(1, 6), spread=st.floats(1.0, 1e3), seed=st.integers(0, 2**31 - 1))
+def test_group_stats_round_up_on_a_log_grid(n, g, spread, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scales = 1e-3 * spread ** torch.rand(n, g, generator=gen)
+    zeros = torch.randint(0, 16, (n, g), generator=gen).float()
+    codes, meta = pack_group_stats(scales, zeros)
+    assert codes.dtype == torch.uint8 and codes.shape == (n, g)
+    assert meta.dtype == torch.float16 and meta.shape == (2, -(-n // 16), g)
+    dec_s, dec_z = unpack_group_stats(codes, meta)
+    assert torch.equal(dec_z, zeros)  # zero points are exact
+    ratio = dec_s / scales
+    assert bool((ratio >= 1 - 1e-6).all())  # rounded up: a group's range is never clipped
+    # one log step of the block at most: (max/min of the block)^(1/15), plus fp16 rounding of the step
+    blocks = torch.cat([scales, scales[-1:].expand(-(-n // 16) * 16 - n, g)]).reshape(-1, 16, g)
+    bound = (blocks.amax(1) / blocks.amin(1)) ** (1 / 15) * (1 + 2.0**-9)
+    assert bool((ratio <= bound[torch.arange(n) // 16] + 1e-6).all())
+
+
+def test_group_stats_layout_matches_spec():
+    scales = torch.tensor([[0.5], [1.0], [2.0], [4.0]]).expand(4, 3).contiguous()
+    zeros = torch.tensor([[0.0], [3.0], [7.0], [15.0]]).expand(4, 3).contiguous()
+    codes, meta = pack_group_stats(scales, zeros)
+    # log2 lo = -1, step = 3 / 15: codes 0, 5, 10, 15 in the low nibble, zeros in the high one
+    assert codes[:, 0].tolist() == [0 | 0 << 4, 5 | 3 << 4, 10 | 7 << 4, 15 | 15 << 4]
+    assert float(meta[0, 0, 0]) == -1.0 and float(meta[1, 0, 0]) == pytest.approx(0.2, rel=1e-3)
+    torch.testing.assert_close(unpack_group_stats(codes, meta)[0], scales, rtol=2e-3, atol=0)
+
+
+def test_group_stats_errors():
+    ok = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="zeros.*integers"):
+        pack_group_stats(ok, torch.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match="zeros.*integers"):
+        pack_group_stats(ok, torch.full((4, 2), 16.0))
+    with pytest.raises(ValueError, match="scales.*positive"):
+        pack_group_stats(-ok, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="zeros.*shape"):
+        pack_group_stats(ok, torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="scales"):
+        pack_group_stats(ok.numpy(), torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantized_stats_format_dense_and_bytes(bits):
+    n, k, g = 40, 100, 32  # K_pad = 128, G = 4, 3 blocks of 16 rows
+    fmt, q = _uniform(n, k, bits, g, quantized_stats=True)
+    assert fmt.quantized_stats and fmt.scales is None
+    scales, zeros = unpack_group_stats(fmt.stat_codes, fmt.stat_meta)
+    group = torch.arange(k) // g
+    expected = (q[:, :k].float() - zeros[:, group]) * scales[:, group]
+    assert torch.equal(fmt.dense(), expected)
+    code_bytes = n * 128 * bits // 8
+    assert fmt.nbytes == code_bytes + n * 4 + 2 * 3 * 4 * 2  # codes + one stat byte per group + meta
+    big, _ = _uniform(64, 4096, 3, 32, quantized_stats=True)
+    assert big.bits_per_weight == pytest.approx(3 + 8 / 32 + 32 / (16 * 32))  # 3.3125
+
+
+def test_quantized_stats_state_dict_round_trip():
+    fmt, _ = _uniform(20, 70, 3, 64, outliers=4, rank=2, quantized_stats=True)
+    meta = json.loads(json.dumps(fmt.config()))
+    assert meta["quantized_stats"] is True
+    back = QuantFormat.from_state_dict(fmt.to_state_dict(), meta)
+    assert set(back.tensors()) == set(fmt.tensors()) and {"stat_codes", "stat_meta"} <= set(fmt.tensors())
+    assert torch.equal(back.dense(), fmt.dense())
+    with pytest.raises(ValueError, match="missing"):
+        QuantFormat.from_state_dict(fmt.to_state_dict(), {**meta, "quantized_stats": False})
+
+
+def test_quantized_stats_validate_errors():
+    fmt, _ = _uniform(20, 64, 4, 32, quantized_stats=True)
+    fields = dict(qweight=fmt.qweight, qweight_hi=None, scales=None, zeros=None, lut=None, outlier_rowptr=None,
+                  outlier_cols=None, outlier_vals=None, lr_u=None, lr_v=None, bits=4, group_size=32,
+                  in_features=64, out_features=20, stat_codes=fmt.stat_codes, stat_meta=fmt.stat_meta)
+
+    def bad(exc, match, **change):
+        with pytest.raises(exc, match=match):
+            QuantFormat(**{**fields, **change})
+
+    bad(ValueError, "stat_meta", stat_meta=None)
+    bad(ValueError, "stat_meta", stat_meta=fmt.stat_meta[:, :1])
+    bad(TypeError, "stat_codes", stat_codes=fmt.stat_codes.to(torch.int32))
+    bad(ValueError, "scales/zeros", scales=torch.ones(20, 2).half())
+    bad(ValueError, "stat_codes/stat_meta", lut=torch.zeros(20, 16).half())
 
 
 # ----------------------------------------------------------------------------- outliers

@@ -126,6 +126,7 @@ def test_compress_quant_with_recipes_and_roundtrip(tmp_path):
         (dict(bits=4, outliers=0.2), ValueError, "outliers"),
         (dict(bits=4, method="gptq"), ValueError, "stats"),  # the quantizer, passed through
         (dict(bits=4, lut="yes"), TypeError, "lut"),
+        (dict(bits=4, method="hqq", quantize_stats=True), ValueError, "quantize_stats"),
         (dict(bits=4, recipes={"mlp.*": {"bits": 7}}), ValueError, "layer 'mlp.0'.*bits"),
     ],
 )
@@ -144,6 +145,26 @@ def test_from_linear_type_errors():
     with pytest.raises(TypeError, match="calib"):
         QuantLinear.from_linear(nn.Linear(32, 8), calib="data")
     assert lowrank_ops.quant_linear is not None
+
+
+def test_second_level_statistics_layer_round_trip(tmp_path):
+    """quantize_stats: a smaller layer, the same forward after save/load, and the setting reported."""
+    torch.manual_seed(0)
+    original = Net()
+    model, plain = copy.deepcopy(original), copy.deepcopy(original)
+    data = [torch.randn(32, 64) for _ in range(2)]
+    report = compress(model, "quant", bits=3, group_size=32, quantize_stats=True, calib_data=data)
+    plain_report = compress(plain, "quant", bits=3, group_size=32, calib_data=data)
+    assert all(r.setting.startswith("3b g32 qstats") for r in report.layers)
+    assert report.bytes_after < plain_report.bytes_after
+    layer = model.mlp[0]
+    assert layer.scales is None and layer.stat_codes.dtype == torch.uint8 and layer.format.quantized_stats
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ layer.format.dense().t() + layer.bias, rtol=1e-5, atol=1e-5)
+    path = save_compressed(model, tmp_path / "qs.safetensors")
+    fresh = copy.deepcopy(original)
+    load_compressed(fresh, path)
+    assert torch.equal(fresh(x), model(x))
 
 
 def test_reload_into_an_already_quantized_model(tmp_path):

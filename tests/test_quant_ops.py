@@ -39,6 +39,17 @@ def make_packed(n, k, *, bits, group, mode="uniform", outlier_frac=0.0, rank=0, 
     if mode == "lut":
         t["lut"] = (torch.randn(n, 2**bits, generator=gen) * k**-0.5).half()
         w = t["lut"].double().gather(1, q[:, :k])
+    elif mode == "qstats":  # second-level statistics in the scales/zeros slots: uint8 codes, fp16 meta
+        levels = 2**bits - 1
+        code = torch.randint(0, 16, (n, n_groups), generator=gen)
+        zero = torch.randint(0, levels + 1, (n, n_groups), generator=gen)
+        blocks = -(-n // 16)
+        lo = (math.log2(2 * k**-0.5 / levels) - 1 + torch.rand(blocks, n_groups, generator=gen)).half()
+        step = (torch.rand(blocks, n_groups, generator=gen) * 0.1).half()
+        t["scales"], t["zeros"] = (code | zero << 4).to(torch.uint8), torch.stack([lo, step])
+        block = torch.arange(n) // 16
+        scale = torch.exp2(lo.double()[block] + code * step.double()[block])
+        w = (q[:, :k].double() - zero.double()[:, gidx]) * scale[:, gidx]
     else:
         levels = 2**bits - 1
         t["scales"] = ((torch.rand(n, n_groups, generator=gen) + 0.5) * 2 * k**-0.5 / levels).half()
@@ -76,7 +87,7 @@ def op_args(x, t, bias, bits, group, k):
 
 # --------------------------------------------------------------------------- reference math
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("mode", ["uniform", "lut"])
+@pytest.mark.parametrize("mode", ["uniform", "lut", "qstats"])
 @pytest.mark.parametrize("k,group", [(100, 32), (128, 128), (70, 64)])
 def test_dequantize_reference_matches_codes(bits, mode, k, group):
     t, w = make_packed(19, k, bits=bits, group=group, mode=mode, outlier_frac=0.05, rank=3)
@@ -94,7 +105,7 @@ def test_outlier_columns_read_as_unsigned():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("bits,mode", [(2, "uniform"), (3, "lut"), (4, "uniform")])
+@pytest.mark.parametrize("bits,mode", [(2, "uniform"), (3, "lut"), (4, "uniform"), (3, "qstats")])
 def test_quant_linear_matches_float64(dtype, tol, bits, mode):
     t, w = make_packed(23, 100, bits=bits, group=32, mode=mode, outlier_frac=0.02, rank=4, lr_dtype=dtype)
     x = torch.randn(2, 5, 100).to(dtype)
@@ -136,7 +147,8 @@ def test_pinned_backends_and_dispatch():
 
 
 # --------------------------------------------------------------------------- opcheck, torch.compile
-@pytest.mark.parametrize("bits,mode,frac,rank,bias", [(4, "uniform", 0.05, 3, True), (3, "lut", 0.0, 0, False), (2, "uniform", 0.0, 2, False)])
+@pytest.mark.parametrize("bits,mode,frac,rank,bias", [(4, "uniform", 0.05, 3, True), (3, "lut", 0.0, 0, False),
+                                                      (2, "uniform", 0.0, 2, False), (3, "qstats", 0.05, 2, True)])
 def test_opcheck(bits, mode, frac, rank, bias):
     t, _ = make_packed(12, 40, bits=bits, group=32, mode=mode, outlier_frac=frac, rank=rank)
     if rank:
@@ -211,3 +223,18 @@ def test_bad_inputs(change, error, match):
     bias = rest[0] if rest else None
     with pytest.raises(error, match=match):
         ops.quant_linear(x, **t, bias=bias, **m)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(zeros=lambda t: t["zeros"][:, :1]), ValueError, "stat_meta: expected size"),
+        (dict(zeros=lambda t: t["zeros"].float()), TypeError, "stat_meta: expected dtype"),
+        (dict(scales=lambda t: t["scales"][:5]), ValueError, "stat_codes: expected size"),
+    ],
+)
+def test_bad_second_level_statistics(change, error, match):
+    t, _ = make_packed(20, 100, bits=3, group=32, mode="qstats")
+    t = {**t, **{name: fn(t) for name, fn in change.items()}}
+    with pytest.raises(error, match=match):
+        ops.quant_linear(torch.randn(3, 100), **t, **meta(3, 32, 100))

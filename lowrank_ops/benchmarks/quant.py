@@ -17,6 +17,8 @@ ours, per configuration (``quant_linear`` on a :class:`~lowrank_ops.quant.format
                   fp16 factors: the kernel's work does not depend on their values, and a rank-64
                   SVD of every shape would cost more than the timing)
     ``3b-lut``    3-bit per-row lookup table                      (``method="lut"``)
+    ``3b-g32qs+1%`` 3-bit g32 with SpQR-style second-level statistics + 1 % outliers (RTN):
+                  3.31 bits before outliers, the quality of g32 for the bytes of g128
   methods: ``cuda`` (the op pinned to the CUDA backend; "skipped: <reason>" when
   ``use_backend("cuda")`` refuses the call), ``triton`` (pinned to Triton, automatic path:
   ``decode`` for M ≤ 16, ``tile`` above) and ``triton:tile`` (M ≤ 16: ``ops.quant_path`` forced to
@@ -56,6 +58,7 @@ CONFIGS: dict[str, dict] = {
     "3b+1%": dict(bits=3, group_size=128, outliers=0.01, method="rtn", rank=0),
     "4b+r64": dict(bits=4, group_size=128, outliers=0.0, method="rtn", rank=64),
     "3b-lut": dict(bits=3, group_size=128, outliers=0.0, method="lut", rank=0),
+    "3b-g32qs+1%": dict(bits=3, group_size=32, outliers=0.01, method="rtn", rank=0, quantize_stats=True),
 }
 INT4PACK_GROUP = 128
 INT4PACK_INNER_K_TILES = 8
@@ -159,10 +162,6 @@ def auto_choice(x: torch.Tensor, n: int, bits: int = 4, has_lut: bool = False,
 
 
 # --------------------------------------------------------------------------- operands
-TENSOR_FIELDS = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols",
-                 "outlier_vals", "lr_u", "lr_v")
-
-
 def _randn(shape, std, device, dtype, gen) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device.type == "cpu" else dtype)
     return (t * std).to(dtype)
@@ -177,16 +176,12 @@ def build_format(n: int, k: int, config: str, device: torch.device, seed: int = 
     gen.manual_seed(seed)
     w = _randn((n, k), k ** -0.5, device, torch.float16, gen)
     fmt = quantize(w, bits=spec["bits"], group_size=spec["group_size"], outliers=spec["outliers"],
-                   method=spec["method"], dtype=torch.float16)
+                   method=spec["method"], quantize_stats=spec.get("quantize_stats", False), dtype=torch.float16)
     if spec["rank"]:
         r = spec["rank"]
         fmt = dataclasses.replace(fmt, lr_u=_randn((n, r), 0.01, device, torch.float16, gen),
                                   lr_v=_randn((r, k), k ** -0.5, device, torch.float16, gen))
     return fmt
-
-
-def format_tensors(fmt) -> tuple:
-    return tuple(getattr(fmt, f) for f in TENSOR_FIELDS)
 
 
 def clone_tensors(tensors: tuple) -> tuple:
@@ -294,7 +289,7 @@ class FormatCache:
         self._for_shape(n, k)
         if config not in self.formats:
             self.formats[config] = build_format(n, k, config, self.device)
-            self.clones[config] = [format_tensors(self.formats[config])]
+            self.clones[config] = [self.formats[config].op_tensors()]
         return self.formats[config]
 
     def copies(self, n: int, k: int, config: str, count: int) -> list[tuple]:

@@ -35,6 +35,13 @@ def check_tensor(
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """``value`` is a bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 def check_same(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """``value`` has the dtype and device of ``ref``."""
     if value.dtype != ref.dtype:

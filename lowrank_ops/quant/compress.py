@@ -14,7 +14,11 @@
 * :func:`quantize` — the one entry point combining them.
 
 Scales and zeros are rounded to fp16 *before* the codes are chosen, so the codes are optimal for
-the numbers the kernels actually read.
+the numbers the kernels actually read. With ``quantize_stats`` (RTN and GPTQ) they are stored in
+the SpQR-style second-level form instead (see :mod:`lowrank_ops.quant.format`): the range of each
+group is widened to contain 0, its scale is rounded up on the shared 4-bit log grid of its block
+of 16 rows, and the zero point is the integer ``round(−min / scale)``; again the codes are chosen
+against exactly these decoded numbers (GPTQ fits them group column by group column, as it goes).
 
 Outliers (SpQR idea, exact count). A weight's outlier *gain* is the drop of its group row's
 quantization error, weighted by the output sensitivity ``1/d_j²`` of each column (``d_j`` the
@@ -43,15 +47,19 @@ from torch import Tensor
 
 from lowrank_ops.calibration import InputStats, check_input_stats
 from lowrank_ops.core.obs import damped_hessian, few_threads, inverse_cholesky_upper
-from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_positive_float, check_tensor
+from lowrank_ops.core.checks import FLOAT_DTYPES, check_bool, check_choice, check_finite, check_int, check_positive_float, check_tensor
 from lowrank_ops.quant.format import (
     BITS,
     GROUP_SIZES,
     MAX_OUTLIER_K,
+    STAT_BITS,
     QuantFormat,
     outliers_to_csr,
     pack_codes,
+    pack_group_stats,
     padded_k,
+    stat_blocks,
+    unpack_group_stats,
 )
 
 _WEIGHT_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -96,6 +104,47 @@ def _uniform_params(wmin: Tensor, wmax: Tensor, bits: int) -> tuple[Tensor, Tens
     scale = ((wmax - wmin) / maxq).clamp_min(_MIN_SCALE).half().float()
     zero = (-wmin / scale).clamp(-_FP16_MAX, _FP16_MAX).half().float()
     return scale, zero
+
+
+def _second_level_params(wmin: Tensor, wmax: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scale, zero, stat_codes, stat_meta) of min/max quantization with second-level statistics
+    for (N, G) ``wmin``/``wmax``: the range widened to contain 0, the scale rounded up on the
+    block's log grid, the integer zero point fitted to that scale (so it lies in [0, 2^b − 1])."""
+    maxq = (1 << bits) - 1
+    low, high = wmin.clamp(max=0.0), wmax.clamp(min=0.0)
+    wanted = ((high - low) / maxq).clamp_min(_MIN_SCALE)
+    stat_codes, stat_meta = pack_group_stats(wanted, torch.zeros_like(wanted))
+    scale = unpack_group_stats(stat_codes, stat_meta)[0]
+    zero = torch.round(-low / scale).clamp_(0, maxq)
+    return scale, zero, stat_codes | (zero.to(torch.uint8) << STAT_BITS), stat_meta
+
+
+class _GroupStats:
+    """Scale and zero of every (row, group), fitted from min/max one or more group columns at a
+    time: fp16 numbers, or (``second_level``) the 4-bit second-level form. ``scale``/``zero``
+    (float32, N × G) are always the decoded numbers the kernels will read."""
+
+    def __init__(self, n: int, groups: int, bits: int, second_level: bool, device: torch.device) -> None:
+        self.bits, self.second_level = bits, second_level
+        self.scale = torch.zeros(n, groups, device=device)
+        self.zero = torch.zeros(n, groups, device=device)
+        self.stat_codes = torch.zeros(n, groups, dtype=torch.uint8, device=device) if second_level else None
+        self.stat_meta = torch.zeros(2, stat_blocks(n), groups, dtype=torch.float16, device=device) if second_level else None
+
+    def fit(self, wmin: Tensor, wmax: Tensor, cols: slice = slice(None)) -> None:
+        """Fit group columns ``cols`` from their (N, len(cols)) min and max."""
+        if self.second_level:
+            scale, zero, codes, meta = _second_level_params(wmin, wmax, self.bits)
+            self.stat_codes[:, cols], self.stat_meta[:, :, cols] = codes, meta
+        else:
+            scale, zero = _uniform_params(wmin, wmax, self.bits)
+        self.scale[:, cols], self.zero[:, cols] = scale, zero
+
+    def fields(self) -> dict[str, Tensor]:
+        """The format's statistics tensors (``scales``/``zeros`` or ``stat_codes``/``stat_meta``)."""
+        if self.second_level:
+            return {"stat_codes": self.stat_codes, "stat_meta": self.stat_meta}
+        return {"scales": self.scale.half(), "zeros": self.zero.half()}
 
 
 def _codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
@@ -175,30 +224,29 @@ def _build(
     bits: int,
     group_size: int,
     *,
-    scales: Tensor | None = None,
-    zeros: Tensor | None = None,
+    stats: dict[str, Tensor] | None = None,
     lut: Tensor | None = None,
     outlier_mask: Tensor | None = None,
     kept: Tensor | None = None,
     lr: tuple[Tensor, Tensor] | None = None,
 ) -> QuantFormat:
-    """Assemble a format from (N, K) codes (padding and packing here); outliers store
-    ``kept − Ŵ`` at ``outlier_mask``."""
+    """Assemble a format from (N, K) codes (padding and packing here) and the group ``stats``
+    tensors by field name (:meth:`_GroupStats.fields`); outliers store ``kept − Ŵ`` at
+    ``outlier_mask``."""
     n, k = codes.shape
     k_pad = padded_k(k, group_size)
     q = torch.zeros(n, k_pad, dtype=torch.uint8, device=codes.device)
     q[:, :k] = codes.to(torch.uint8)
     qweight, qweight_hi = pack_codes(q, bits)
     fields = dict(
-        qweight=qweight, qweight_hi=qweight_hi,
-        scales=None if scales is None else scales.half().contiguous(),
-        zeros=None if zeros is None else zeros.half().contiguous(),
+        qweight=qweight, qweight_hi=qweight_hi, scales=None, zeros=None,
         lut=None if lut is None else lut.half().contiguous(),
         outlier_rowptr=None, outlier_cols=None, outlier_vals=None,
         lr_u=None if lr is None else lr[0].contiguous(),
         lr_v=None if lr is None else lr[1].contiguous(),
         bits=bits, group_size=group_size, in_features=k, out_features=n,
     )
+    fields.update({name: t.contiguous() for name, t in (stats or {}).items()})
     fmt = QuantFormat(**fields)
     if outlier_mask is not None:
         residual = kept.float() - fmt.dequantized(torch.float32)
@@ -217,12 +265,14 @@ def _second_moment(stats: InputStats, device: torch.device) -> Tensor:
 # ----------------------------------------------------------------------------- RTN / HQQ
 
 
-def _rtn_params(w: Tensor, bits: int, g: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-group (N, G) fp16-exact scale/zero from min/max of the valid (and kept) entries."""
+def _rtn_params(w: Tensor, bits: int, g: int, keep: Tensor | None = None, second_level: bool = False) -> _GroupStats:
+    """Per-group (N, G) scale/zero from min/max of the valid (and kept) entries."""
     wg, valid = _grouped(w, g)
     mask = valid.expand_as(wg) if keep is None else valid & _grouped(keep, g, False)[0]
     wmin, wmax = _masked_minmax(wg, mask)
-    return _uniform_params(wmin, wmax, bits)
+    params = _GroupStats(w.shape[0], wg.shape[1], bits, second_level, w.device)
+    params.fit(wmin, wmax)
+    return params
 
 
 def _group_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int, g: int) -> Tensor:
@@ -239,24 +289,25 @@ def _rtn_outliers(w: Tensor, bits: int, g: int, fraction: float, sens: Tensor | 
 
 
 def quantize_rtn(weight: Tensor, bits: int = 4, group_size: int = 128, *, outliers: float = 0.0,
-                 stats: InputStats | None = None) -> QuantFormat:
-    """Round-to-nearest: per group ``scale = (max − min)/(2^b − 1)``, ``zero = −min/scale`` (fp16),
-    ``q = clamp(round(w/scale + zero))``. With ``outliers > 0`` the pre-pass gain (see module
-    docstring; sensitivity ``diag(XᵀX)`` when ``stats`` is given) picks the outliers, which are
-    left out of the min/max."""
+                 stats: InputStats | None = None, quantize_stats: bool = False) -> QuantFormat:
+    """Round-to-nearest: per group ``scale = (max − min)/(2^b − 1)``, ``zero = −min/scale`` (fp16,
+    or the second-level form with ``quantize_stats``), ``q = clamp(round(w/scale + zero))``. With
+    ``outliers > 0`` the pre-pass gain (see module docstring; sensitivity ``diag(XᵀX)`` when
+    ``stats`` is given) picks the outliers, which are left out of the min/max."""
     weight = _check_weight(weight)
     bits = check_choice("bits", bits, BITS)
     g = check_choice("group_size", group_size, GROUP_SIZES)
     fraction = _check_fraction(weight, outliers)
     stats = _check_stats(stats, weight.shape[1], required=False)
+    quantize_stats = check_bool("quantize_stats", quantize_stats)
     w = weight.float()
     mask = None
     if fraction > 0:
         sens = None if stats is None else _second_moment(stats, w.device).diagonal()
         mask = _rtn_outliers(w, bits, g, fraction, sens)
-    scale, zero = _rtn_params(w, bits, g, None if mask is None else ~mask)
-    codes = _group_codes(w, scale, zero, bits, g)
-    return _build(codes, bits, g, scales=scale, zeros=zero, outlier_mask=mask, kept=w)
+    params = _rtn_params(w, bits, g, None if mask is None else ~mask, quantize_stats)
+    codes = _group_codes(w, params.scale, params.zero, bits, g)
+    return _build(codes, bits, g, stats=params.fields(), outlier_mask=mask, kept=w)
 
 
 def _shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
@@ -275,9 +326,10 @@ def quantize_hqq(weight: Tensor, bits: int = 4, group_size: int = 128, iters: in
     iters = check_int("iters", iters, low=0)
     w = weight.float()
     n, k = w.shape
-    scale, zero = _rtn_params(w, bits, g)
+    params = _rtn_params(w, bits, g)
+    scale = params.scale
     wg, valid = _grouped(w, g)
-    s, z = scale[..., None], zero[..., None]
+    s, z = scale[..., None], params.zero[..., None]
     count = valid.sum(-1).clamp_min(1)
 
     def l1(zv: Tensor) -> Tensor:
@@ -297,7 +349,7 @@ def quantize_hqq(weight: Tensor, bits: int = 4, group_size: int = 128, iters: in
         best_z = torch.where(better[..., None], zr, best_z)
     zero = best_z[..., 0]
     codes = _group_codes(w, scale, zero, bits, g)
-    return _build(codes, bits, g, scales=scale, zeros=zero)
+    return _build(codes, bits, g, stats={"scales": scale.half(), "zeros": zero.half()})
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -305,17 +357,18 @@ def quantize_hqq(weight: Tensor, bits: int = 4, group_size: int = 128, iters: in
 
 def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: int = 128,
                   outlier_fraction: float = 0.0, act_order: bool = False, damp: float = 0.01,
-                  block_size: int = 128) -> QuantFormat:
+                  block_size: int = 128, quantize_stats: bool = False) -> QuantFormat:
     """GPTQ (Frantar et al. 2022) with group-wise asymmetric scales, optional activation order
-    (static groups: all scales/zeros from the original weight) and SpQR-style outliers (module
-    docstring). Minimises the calibration output error ``‖(W − Ŵ) Xᵀ‖``."""
+    (static groups: all scales/zeros from the original weight), SpQR-style outliers and
+    second-level statistics (module docstring). Minimises the calibration output error
+    ``‖(W − Ŵ) Xᵀ‖``."""
     weight = _check_weight(weight)
     stats = _check_stats(stats, weight.shape[1])
     bits = check_choice("bits", bits, BITS)
     g = check_choice("group_size", group_size, GROUP_SIZES)
     fraction = _check_fraction(weight, outlier_fraction)
-    if not isinstance(act_order, bool):
-        raise TypeError(f"act_order: expected a bool, got {type(act_order).__name__}")
+    act_order = check_bool("act_order", act_order)
+    quantize_stats = check_bool("quantize_stats", quantize_stats)
     damp = check_positive_float("damp", damp)
     block_size = check_int("block_size", block_size, low=1)
     block = max(g, block_size // g * g)  # whole groups per block: a group never straddles blocks
@@ -336,11 +389,10 @@ def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: 
         gain = _outlier_gain(wg, _grouped(sens_orig[None], g)[0][0], valid, bits)
         pre_mask = _top_mask(gain.reshape(n, -1)[:, :k], total)
     if act_order:  # static groups from the original weight (outliers left out)
-        scale, zero = _rtn_params(w, bits, g, None if pre_mask is None else ~pre_mask)
+        params = _rtn_params(w, bits, g, None if pre_mask is None else ~pre_mask, quantize_stats)
         quota = None
     else:
-        scale = torch.zeros(n, padded_k(k, g) // g, device=w.device)
-        zero = torch.zeros_like(scale)
+        params = _GroupStats(n, padded_k(k, g) // g, bits, quantize_stats, w.device)
         quota = None if pre_mask is None else _grouped(pre_mask, g, False)[0].sum((0, 2)).tolist()
     out_mask = torch.zeros(n, k, dtype=torch.bool, device=w.device) if total else None
     kept = torch.zeros(n, k, device=w.device) if total else None
@@ -348,17 +400,17 @@ def quantize_gptq(weight: Tensor, stats: InputStats, bits: int = 4, group_size: 
     wp = w[:, perm]
     codes = torch.zeros(n, k, device=w.device)
     with few_threads(w.device, n * block):
-        _gptq_pass(wp, upper, perm, codes, scale, zero, g, bits, block, act_order, quota, pre_mask, out_mask, kept)
+        _gptq_pass(wp, upper, perm, codes, params, g, bits, block, act_order, quota, pre_mask, out_mask, kept)
     out = torch.empty_like(codes)
     out[:, perm] = codes
-    return _build(out, bits, g, scales=scale, zeros=zero, outlier_mask=out_mask, kept=kept)
+    return _build(out, bits, g, stats=params.fields(), outlier_mask=out_mask, kept=kept)
 
 
-def _gptq_pass(wp: Tensor, upper: Tensor, perm: Tensor, codes: Tensor, scale: Tensor, zero: Tensor,
+def _gptq_pass(wp: Tensor, upper: Tensor, perm: Tensor, codes: Tensor, params: _GroupStats,
                g: int, bits: int, block: int, act_order: bool, quota: list | None,
                pre_mask: Tensor | None, out_mask: Tensor | None, kept: Tensor | None) -> None:
-    """The column loop of :func:`quantize_gptq` (fills ``codes``, ``scale``/``zero`` for dynamic
-    groups, ``out_mask``/``kept`` for outliers, in place)."""
+    """The column loop of :func:`quantize_gptq` (fills ``codes``, ``params`` for dynamic groups,
+    ``out_mask``/``kept`` for outliers, in place)."""
     k = wp.shape[1]
     maxq = (1 << bits) - 1
     for i1 in range(0, k, block):
@@ -379,9 +431,9 @@ def _gptq_pass(wp: Tensor, upper: Tensor, perm: Tensor, codes: Tensor, scale: Te
                     out_mask[:, col:col + wgrp.shape[1]] = chosen
                     keep = ~chosen
                 wmin, wmax = _masked_minmax(wgrp, torch.ones_like(wgrp, dtype=torch.bool) if keep is None else keep)
-                scale[:, grp], zero[:, grp] = _uniform_params(wmin, wmax, bits)
+                params.fit(wmin[:, None], wmax[:, None], slice(grp, grp + 1))
             wc = w1[:, i]
-            s, z = scale[:, grp], zero[:, grp]
+            s, z = params.scale[:, grp], params.zero[:, grp]
             q = torch.round(wc / s + z).clamp_(0, maxq)
             deq = (q - z) * s
             codes[:, i1 + i] = q
@@ -488,14 +540,16 @@ def lowrank_compensation(weight: Tensor, approx: Tensor, stats: InputStats | Non
 
 def quantize(weight: Tensor, *, bits: int = 4, group_size: int = 128, outliers: float = 0.0,
              method: str = "auto", lowrank_rank: int = 0, stats: InputStats | None = None,
-             act_order: bool = False, dtype: torch.dtype = torch.float16) -> QuantFormat:
+             act_order: bool = False, quantize_stats: bool = False, dtype: torch.dtype = torch.float16) -> QuantFormat:
     """Quantize one (N, K) weight into a :class:`QuantFormat`.
 
     ``method``: ``"gptq"`` (needs ``stats``), ``"rtn"``, ``"hqq"``, ``"lut"`` or ``"auto"``
-    (``"gptq"`` with ``stats``, else ``"hqq"``; with outliers and no stats ``"rtn"``, since HQQ has
-    no outlier path). ``outliers`` ∈ [0, 0.05] is the exact fraction of weights kept sparse.
-    ``lowrank_rank`` > 0 adds an EoRA path (plain SVD without ``stats``) fitted to the remaining
-    error ``W − (Ŵ + S)``, stored in ``dtype``.
+    (``"gptq"`` with ``stats``, else ``"hqq"``; with outliers or ``quantize_stats`` and no stats
+    ``"rtn"``, since HQQ has neither an outlier path nor integer zero points). ``outliers`` ∈
+    [0, 0.05] is the exact fraction of weights kept sparse. ``quantize_stats`` stores the group
+    scales/zeros in the 4-bit second-level form (RTN and GPTQ). ``lowrank_rank`` > 0 adds an EoRA
+    path (plain SVD without ``stats``) fitted to the remaining error ``W − (Ŵ + S)``, stored in
+    ``dtype``.
     """
     weight = _check_weight(weight)
     bits = check_choice("bits", bits, BITS)
@@ -507,23 +561,26 @@ def quantize(weight: Tensor, *, bits: int = 4, group_size: int = 128, outliers: 
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     stats = _check_stats(stats, weight.shape[1], required=False)
     lowrank_rank = check_int("lowrank_rank", lowrank_rank, low=0, high=min(weight.shape))
-    if not isinstance(act_order, bool):
-        raise TypeError(f"act_order: expected a bool, got {type(act_order).__name__}")
+    act_order = check_bool("act_order", act_order)
+    quantize_stats = check_bool("quantize_stats", quantize_stats)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {[str(t) for t in FLOAT_DTYPES]}, got {dtype}")
     if method == "auto":
-        method = "gptq" if stats is not None else ("rtn" if fraction > 0 else "hqq")
+        method = "gptq" if stats is not None else ("rtn" if fraction > 0 or quantize_stats else "hqq")
     if method == "gptq" and stats is None:
         raise ValueError("stats: method 'gptq' needs calibration statistics (InputStats), got None")
     if method == "hqq" and fraction > 0:
         raise ValueError(f"outliers: method 'hqq' has no outlier path; expected 0, got {fraction} (use 'rtn', 'gptq' or 'lut')")
     if act_order and method != "gptq":
         raise ValueError(f"act_order: only meaningful for method 'gptq', got method {method!r}")
+    if quantize_stats and method not in ("gptq", "rtn"):
+        raise ValueError(f"quantize_stats: second-level statistics are fitted by 'gptq' and 'rtn', got method {method!r}")
 
     if method == "gptq":
-        fmt = quantize_gptq(weight, stats, bits, group_size, outlier_fraction=fraction, act_order=act_order)
+        fmt = quantize_gptq(weight, stats, bits, group_size, outlier_fraction=fraction, act_order=act_order,
+                            quantize_stats=quantize_stats)
     elif method == "rtn":
-        fmt = quantize_rtn(weight, bits, group_size, outliers=fraction, stats=stats)
+        fmt = quantize_rtn(weight, bits, group_size, outliers=fraction, stats=stats, quantize_stats=quantize_stats)
     elif method == "hqq":
         fmt = quantize_hqq(weight, bits, group_size)
     else:

@@ -26,6 +26,7 @@ from torch import Tensor
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, cuda_kernel_support
 from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
+from lowrank_ops.quant.format import group_stats_layout, padded_k, stats_are_quantized
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
 CUDA_QUANT_BITS = (2, 3, 4)
@@ -60,10 +61,6 @@ def shape_support(dtype: torch.dtype, shape: tuple[int, ...], bits: object, grou
     return Support(True)
 
 
-def _padded_k(k: int, g: int) -> int:
-    return -(-k // g) * g
-
-
 def check_inputs(
     x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
     lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
@@ -81,7 +78,7 @@ def check_inputs(
     if not isinstance(qweight, Tensor) or qweight.dim() != 2:
         raise ValueError(f"qweight: expected a 2-D int32 tensor, got {getattr(qweight, 'shape', type(qweight).__name__)}")
     n = qweight.shape[0]
-    k_pad = _padded_k(k, group_size)
+    k_pad = padded_k(k, group_size)
     dev = x.device
     i32 = (torch.int32,)
     check_kernel_operand("qweight", qweight, i32, (n, k_pad * (4 if bits == 4 else 2) // 32), dev)
@@ -99,8 +96,8 @@ def check_inputs(
     else:
         if scales is None or zeros is None:
             raise ValueError("scales: uniform mode needs both scales and zeros (or pass lut)")
-        check_kernel_operand("scales", scales, f16, (n, k_pad // group_size), dev)
-        check_kernel_operand("zeros", zeros, f16, (n, k_pad // group_size), dev)
+        for t, (name, dtype, shape) in zip((scales, zeros), group_stats_layout(stats_are_quantized(scales), n, k_pad // group_size)):
+            check_kernel_operand(name, t, (dtype,), shape, dev)
     outliers = (outlier_rowptr, outlier_cols, outlier_vals)
     if any(t is not None for t in outliers):
         if any(t is None for t in outliers):
@@ -157,7 +154,7 @@ def quant_decode(
         module.quant_decode(
             x.data_ptr(), qweight.data_ptr(), _ptr(qweight_hi), _ptr(scales), _ptr(zeros), _ptr(lut),
             _ptr(outlier_rowptr), _ptr(outlier_cols), _ptr(outlier_vals), _ptr(bias), y.data_ptr(),
-            m, k, n, bits, group_size, _DTYPE_CODES[x.dtype], stream,
+            m, k, n, bits, group_size, _DTYPE_CODES[x.dtype], int(stats_are_quantized(scales)), stream,
         )
     if lr_u is not None:
         from lowrank_ops.lowrank.cuda_decode import CUDA_DECODE_MAX_RANK

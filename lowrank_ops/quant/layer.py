@@ -8,17 +8,19 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ops.calibration import InputStats, as_input_stats
-from lowrank_ops.core.checks import check_linear
+from lowrank_ops.core.checks import check_bool, check_linear
 from lowrank_ops.core.layers import PackedFormatLinear, build_per_layer
 from lowrank_ops.quant import compress
-from lowrank_ops.quant.format import QuantFormat, padded_k
+from lowrank_ops.quant.format import QuantFormat, group_stats_layout, padded_k
 from lowrank_ops.quant.ops import quant_linear
 
-_FROZEN = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols", "outlier_vals")
+_FROZEN = ("qweight", "qweight_hi", "scales", "zeros", "stat_codes", "stat_meta", "lut", "outlier_rowptr", "outlier_cols",
+           "outlier_vals")
 
 
 class QuantLinear(PackedFormatLinear):
-    """Packed codes, scales/zeros or LUT and CSR outliers are frozen buffers; the low-rank
+    """Packed codes, group statistics (scales/zeros or their second-level form) or LUT and CSR
+    outliers are frozen buffers; the low-rank
     compensation factors ``lr_u`` (out×r), ``lr_v`` (r×in) and the bias are trainable parameters,
     so the layer is a QLoRA/LQ-LoRA-style base for adapters out of the box."""
 
@@ -44,7 +46,7 @@ class QuantLinear(PackedFormatLinear):
 
     def setting(self) -> str:
         fmt = self.format
-        parts = [f"{self.bits}b g{self.group_size}" + (" lut" if fmt.is_lut else "")]
+        parts = [f"{self.bits}b g{self.group_size}" + (" lut" if fmt.is_lut else "") + (" qstats" if fmt.quantized_stats else "")]
         if fmt.has_outliers:
             parts.append(f"{100 * fmt.nnz / (self.in_features * self.out_features):.1f}%o")
         if fmt.rank:
@@ -63,28 +65,31 @@ class QuantLinear(PackedFormatLinear):
         lut: bool = False,
         lowrank_rank: int = 0,
         act_order: bool = False,
+        quantize_stats: bool = False,
         calib: InputStats | Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` (left unchanged). ``method="auto"`` takes the best the inputs allow:
-        GPTQ (+ SpQR-style outliers) with calibration, data-free HQQ (or RTN with outliers)
-        without; ``lut=True`` uses per-channel k-means lookup tables instead of a uniform grid.
-        ``calib`` is collected :class:`InputStats` or a tensor of sample inputs (..., in_features)."""
+        GPTQ (+ SpQR-style outliers) with calibration, data-free HQQ (or RTN with outliers or
+        ``quantize_stats``) without; ``lut=True`` uses per-channel k-means lookup tables instead of
+        a uniform grid; ``quantize_stats=True`` stores the group scales/zeros in SpQR's 4-bit
+        second-level form (pairs well with ``group_size=32``). ``calib`` is collected
+        :class:`InputStats` or a tensor of sample inputs (..., in_features)."""
         linear = check_linear(linear)
-        if not isinstance(lut, bool):
-            raise TypeError(f"lut: expected a bool, got {type(lut).__name__}")
+        lut = check_bool("lut", lut)
         if lut and method not in ("auto", "lut"):
             raise ValueError(f"lut/method: lut=True uses method 'lut', got method {method!r}")
         stats = as_input_stats(calib, linear.in_features)
         fmt = compress.quantize(
             linear.weight.detach(), bits=bits, group_size=group_size, outliers=outliers,
             method="lut" if lut else method, lowrank_rank=lowrank_rank, stats=stats, act_order=act_order,
-            dtype=linear.weight.dtype,
+            quantize_stats=quantize_stats, dtype=linear.weight.dtype,
         )
         return cls(fmt, linear.bias, linear.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        first, second = (self.stat_codes, self.stat_meta) if self.stat_codes is not None else (self.scales, self.zeros)
         return quant_linear(
-            x, self.qweight, self.qweight_hi, self.scales, self.zeros, self.lut,
+            x, self.qweight, self.qweight_hi, first, second, self.lut,
             self.outlier_rowptr, self.outlier_cols, self.outlier_vals, self.lr_u, self.lr_v, self.bias,
             bits=self.bits, group_size=self.group_size, in_features=self.in_features,
         )
@@ -105,11 +110,15 @@ class QuantLinear(PackedFormatLinear):
             rowptr = torch.full((n + 1,), nnz, dtype=torch.int32, device=device)
             rowptr[0] = 0
 
+        stats = {}
+        if not config["lut"]:
+            layout = group_stats_layout(config.get("quantized_stats", False), n, k_pad // g)
+            stats = {name: empty(*shape, dt=dt) for name, dt, shape in layout}
         fmt = QuantFormat(
             qweight=empty(n, k_pad * (2 if bits == 3 else bits) // 32, dt=torch.int32),
             qweight_hi=empty(n, k_pad // 32, dt=torch.int32) if bits == 3 else None,
-            scales=None if config["lut"] else empty(n, k_pad // g, dt=torch.float16),
-            zeros=None if config["lut"] else empty(n, k_pad // g, dt=torch.float16),
+            scales=stats.get("scales"), zeros=stats.get("zeros"),
+            stat_codes=stats.get("stat_codes"), stat_meta=stats.get("stat_meta"),
             lut=empty(n, 1 << bits, dt=torch.float16) if config["lut"] else None,
             outlier_rowptr=rowptr,
             outlier_cols=empty(nnz, dt=torch.int16) if config["outliers"] else None,

@@ -5,7 +5,10 @@ the raw tensors of the packed format (see ``lowrank_ops/quant/format.py``, the s
 
 * ``qweight`` int32 (N, K_pad·bits/32) — for 3 bits the low 2-bit plane (N, K_pad/16) — and
   ``qweight_hi`` int32 (N, K_pad/32), the 3-bit high plane (None otherwise);
-* uniform mode: ``scales``, ``zeros`` fp16 (N, G); LUT mode: ``lut`` fp16 (N, 2^bits);
+* uniform mode: the group statistics in the ``scales``/``zeros`` slots — fp16 ``scales`` and
+  ``zeros`` (N, G), or their SpQR-style second-level form, told apart by the first slot's dtype:
+  ``stat_codes`` uint8 (N, G) and ``stat_meta`` fp16 (2, ceil(N/16), G); LUT mode: ``lut`` fp16
+  (N, 2^bits);
 * CSR outliers (optional): ``outlier_rowptr`` int32 (N+1), ``outlier_cols`` int16 (nnz,)
   (unsigned column), ``outlier_vals`` fp16 (nnz,);
 * low-rank compensation (optional): ``lr_u`` (N, r), ``lr_v`` (r, K), fp16 or x's dtype;
@@ -36,7 +39,10 @@ from lowrank_ops.quant.format import (
     MAX_OUTLIER_K,
     csr_coordinates,
     csr_to_dense,
+    float_group_stats,
+    group_stats_layout,
     padded_k,
+    stats_are_quantized,
     unpack_codes,
 )
 
@@ -64,7 +70,8 @@ def dequantize_reference(
         w = torch.gather(lut.float(), 1, q)
     else:
         group = torch.arange(k, device=q.device) // group_size
-        w = (q.float() - zeros.float()[:, group]) * scales.float()[:, group]
+        scale, zero = float_group_stats(scales, zeros)
+        w = (q.float() - zero[:, group]) * scale[:, group]
     if outlier_rowptr is not None:
         w = w + csr_to_dense(outlier_rowptr, outlier_cols, outlier_vals, (n, k))
     if lr_u is not None:
@@ -222,7 +229,8 @@ def quant_linear(
 ) -> Tensor:
     """``y = x (Ŵ + S)ᵀ + (x Vᵀ) Uᵀ + b`` for x of shape (..., K) and the packed format's tensors.
 
-    Exactly one of (``scales`` and ``zeros``) or ``lut``; the three outlier tensors all or none;
+    Exactly one of (``scales`` and ``zeros``) or ``lut`` (the two slots may instead hold the
+    second-level ``stat_codes`` and ``stat_meta``); the three outlier tensors all or none;
     ``lr_u``/``lr_v`` both or none. Shapes and dtypes are checked here (values, e.g. a
     monotone rowptr, are the format's ``validate()``'s job). Differentiable in x, lr_u, lr_v, bias.
     """
@@ -251,8 +259,8 @@ def quant_linear(
     else:
         if scales is None or zeros is None:
             raise ValueError("scales: uniform mode needs both scales and zeros (or pass lut)")
-        _check_int_tensor("scales", scales, torch.float16, (n, k_pad // group_size), x)
-        _check_int_tensor("zeros", zeros, torch.float16, (n, k_pad // group_size), x)
+        for t, (name, dtype, shape) in zip((scales, zeros), group_stats_layout(stats_are_quantized(scales), n, k_pad // group_size)):
+            _check_int_tensor(name, t, dtype, shape, x)
 
     outliers = (outlier_rowptr, outlier_cols, outlier_vals)
     if any(t is not None for t in outliers):
