@@ -46,6 +46,14 @@ def _quant_params(mn, mx, MAXQ: tl.constexpr):
 
 
 @triton.jit
+def _first_extreme(work, cols, D_PAD: tl.constexpr, LARGEST: tl.constexpr):
+    """Per row, the first column holding the row's max (``LARGEST``) or min: two plain reductions,
+    which compile to far less code than ``tl.argmax``'s (value, index) tuple reduction."""
+    best = tl.max(work, axis=1) if LARGEST else tl.min(work, axis=1)
+    return tl.min(tl.where(work == best[:, None], cols, D_PAD), axis=1)
+
+
+@triton.jit
 def _quantize_tile(
     x, rows, offs_d, D,
     codes_ptr, scale_ptr, zero_ptr, idx_ptr, val_ptr, res_ptr, scale_row,
@@ -55,8 +63,9 @@ def _quantize_tile(
     """Quantize one (GROUP tokens × D_PAD channels) fp32 tile ``x`` (columns ≥ D are padding) and
     store every output of its rows ``rows`` (global token rows of the (b·h·T) flattening).
 
-    ``slot`` marks outliers (0..N_HI+N_LO−1, −1 elsewhere), found by N_HI row-wise argmax and
-    N_LO argmin passes over the tile in registers. Keys reduce the kept entries over the tile's
+    ``slot`` marks outliers (0..N_HI+N_LO−1, −1 elsewhere), found by N_HI row-wise max and
+    N_LO min passes over the tile in registers; their channel and fp16 error are scattered to
+    (token, slot) by one masked store each (no per-outlier reduction). Keys reduce the kept entries over the tile's
     rows (axis 0, one group of GROUP tokens per channel; ``scale_row`` is the group's row in
     key_scale); values reduce over a (GROUP, D_PAD/GROUP, GROUP) view (per token, per channel
     group). Codes are packed by a (GROUP, D_PAD/E, E) view shifted and summed (disjoint bits).
@@ -69,19 +78,17 @@ def _quantize_tile(
     slot = tl.full(x.shape, -1, tl.int32)
     work = tl.where(d_mask[None, :], x, -float("inf"))
     for i in tl.static_range(N_HI):
-        j = tl.argmax(work, axis=1)
-        tl.store(idx_ptr + rows * N_OUT + i, j.to(tl.uint8))
-        hit = cols == j[:, None]
+        hit = cols == _first_extreme(work, cols, D_PAD, True)[:, None]
         slot = tl.where(hit, i, slot)
         work = tl.where(hit, -float("inf"), work)
     work = tl.where(d_mask[None, :] & (slot < 0), x, float("inf"))
     for i in tl.static_range(N_LO):
-        j = tl.argmin(work, axis=1)
-        tl.store(idx_ptr + rows * N_OUT + N_HI + i, j.to(tl.uint8))
-        hit = cols == j[:, None]
+        hit = cols == _first_extreme(work, cols, D_PAD, False)[:, None]
         slot = tl.where(hit, N_HI + i, slot)
         work = tl.where(hit, float("inf"), work)
     keep = (slot < 0) & d_mask[None, :]
+    out_at = rows[:, None] * N_OUT + slot  # each outlier's (token, slot) entry; scattered below
+    tl.store(idx_ptr + out_at, tl.broadcast_to(cols, x.shape).to(tl.uint8), mask=slot >= 0)
 
     if IS_KEY:
         mn = tl.min(tl.where(keep, x, float("inf")), axis=0)
@@ -120,9 +127,7 @@ def _quantize_tile(
     tl.store(codes_ptr + rows[:, None] * (D // PER_WORD) + offs_w[None, :], words,
              mask=offs_w[None, :] < D // PER_WORD)
 
-    for i in tl.static_range(N_OUT):  # the fp16 error at each outlier (one entry per row is selected)
-        val = tl.sum(tl.where(slot == i, err16.to(tl.float32), 0.0), axis=1)
-        tl.store(val_ptr + rows * N_OUT + i, val.to(tl.float16))
+    tl.store(val_ptr + out_at, err16, mask=slot >= 0)  # the fp16 error at each outlier
 
 
 # Grid (b·h, T / GROUP). Program (bh, gi) owns token rows [gi·GROUP, +GROUP) of sequence-head
@@ -194,9 +199,9 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
 # --------------------------------------------------------------------------- compile lane
 # The contract's point (head_dim 128, group 32, 3 outliers = 2 %) in fp16 / 2 bits and bf16 /
 # 4 bits, and fp32 input at head_dim 64 (group 64: one value group per vector, 1 outlier).
-# Compiles are slow (measured on the 2-core CI CPU: 25-45 s per arch at head_dim 128, up to
-# ~100 s when busy, for a 1.4 MB cubin: the per-row argmax passes and per-outlier extractions
-# are unrolled cross-lane reductions); head_dim 256 (80-260 s) is left out of the lane.
+# Compiles take 14-18 s per arch at head_dim 128 on the 2-core CI CPU (a 0.7 MB cubin; with
+# tl.argmax and one reduction per outlier value it was 1.4 MB and 25-45 s: the row passes are
+# unrolled cross-lane reductions); head_dim 256 is left out of the lane.
 def _compile_cases() -> list[CompileCase]:
     def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int) -> CompileCase:
         p = f"*{dtype}"
