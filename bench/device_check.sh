@@ -11,6 +11,8 @@
 #   import   make the source checkout importable without network   (sitecustomize shim, see below)
 #   build    csrc/ -> lowrank_ops/_C*.so for this GPU's arch only  (lowrank_ops/core/cuda_build.py)
 #   tests    the gpu lane: pytest -m gpu $LRO_TEST_PATHS            -> pytest-gpu.xml
+#            (files whose kernels never ran on a GPU first; pytest gets SIGINT 20 s before the
+#            step's cap, so a capped run still writes its junit file and failure summary)
 #   lowrank  python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
 #   quant    python -m lowrank_ops.benchmarks.quant --quick         -> quant-quick.json
 #   sparse   python -m lowrank_ops.benchmarks.sparse --quick        -> sparse-quick.json
@@ -37,7 +39,7 @@
 # ($LRO_BUDGET_S, default 500 s) trims the caps so the summary always prints in a 600 s call.
 #
 # Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_STEPS (e.g. "build tests quant"),
-# LRO_TEST_PATHS (default tests/), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
+# LRO_TEST_PATHS (default: every file with gpu tests, in priority order), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
 # serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75),
 # LRO_RESERVE_TESTS (300: what the tests step leaves for the suites), LRO_<SUITE>_ARGS (extra
 # arguments for one suite, e.g. LRO_QUANT_ARGS="--configs 4b,3b+1%"), LRO_BENCH_MODE (quick;
@@ -58,7 +60,11 @@ BENCH_MODE=${LRO_BENCH_MODE:-quick}   # cpu-smoke: exercise the benchmark and su
 SUITES="lowrank quant sparse kvcache"
 declare -A DEFAULT_CAPS=([lowrank]=60 [quant]=90 [sparse]=75 [kvcache]=75)  # seconds; 300 in all
 WANT=" ${LRO_STEPS:-env build tests $SUITES} "
-TEST_PATHS=${LRO_TEST_PATHS:-tests/}
+# every test file with gpu-marked tests (a CPU test checks the list), the never-run-on-a-GPU first
+GPU_TEST_FILES="tests/test_gpu_sparse.py tests/test_gpu_quant_cuda.py tests/test_gpu_quant.py
+    tests/test_gpu_kvcache_attention.py tests/test_kernels_kvcache_compress_interp.py tests/test_sparse_ops.py
+    tests/test_sparse_format.py tests/test_kvcache_hf.py tests/test_gpu_cuda_decode.py tests/test_gpu_lowrank.py"
+TEST_PATHS=${LRO_TEST_PATHS:-$GPU_TEST_FILES}
 BOOT=$(mktemp -d "${TMPDIR:-/tmp}/lowrank_ops_boot.XXXXXX")
 export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS TEST_PATHS
 unset TRITON_INTERPRET
@@ -86,7 +92,7 @@ step() {
     [ "$1" = bash ] && what="${what##*; }"   # bash -c "$(declare -f fn); fn": show just fn
     echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $what"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@"
+    STEP_LIMIT=$limit timeout --kill-after=10 "$limit" "$@"
     local rc=$?
     local verdict=ok
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -258,9 +264,16 @@ run_tests() {
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then
         extra+=(--timeout=150)
     fi
+    # SIGINT before the step's hard cap: pytest stops, prints its summary and writes the junit file
+    local soft=$(( ${STEP_LIMIT:-150} > 40 ? ${STEP_LIMIT:-150} - 20 : ${STEP_LIMIT:-150} ))
     # shellcheck disable=SC2086  # TEST_PATHS is a word list on purpose
-    "$PY" -m pytest -m gpu $TEST_PATHS -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml" ${extra[@]+"${extra[@]}"}
+    timeout -s INT --kill-after=15 "$soft" \
+        "$PY" -m pytest -m gpu $TEST_PATHS -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/pytest-gpu.xml" ${extra[@]+"${extra[@]}"}
     local rc=$?
+    if [ "$rc" -eq 124 ]; then
+        echo "gpu lane stopped at its soft limit (${soft}s): the junit file holds the tests that ran"
+        return "$rc"
+    fi
     if [ "$rc" -ge 2 ] && [ "$rc" -ne 5 ] && [ "${#extra[@]}" -gt 0 ]; then
         echo "pytest exited $rc with plugins (${extra[*]}); rerunning serially"
         # shellcheck disable=SC2086

@@ -523,6 +523,17 @@ def test_run_cases_saves_after_every_case_and_survives_a_failing_case(tmp_path):
     assert [r["case"] for r in rows] == ["a", "bad", "c"] and rows[1]["error"] == "boom"
 
 
+def test_device_check_gpu_lane_lists_every_gpu_test_file():
+    """The gpu lane's default file list (priority order) holds every file with gpu-marked tests."""
+    import re
+
+    script = (REPO / "bench" / "device_check.sh").read_text()
+    listed = re.search(r'^GPU_TEST_FILES="([^"]+)"', script, re.M).group(1).split()
+    gpu_mark = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = pytest\.mark\.gpu)", re.M)
+    marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py") if gpu_mark.search(p.read_text())}
+    assert len(listed) == len(set(listed)) and set(listed) == marked
+
+
 def test_device_check_runs_every_suite_and_stays_within_eight_files():
     """One step per benchmark module, and at most 8 files under $OUT (the device tool's limit)."""
     import re
