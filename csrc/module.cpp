@@ -59,14 +59,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sparse_decode",
       [](std::uintptr_t x, std::uintptr_t values, std::uintptr_t indices, std::uintptr_t bias, std::uintptr_t y, int M,
-         int K, int N, int nm_n, int nm_m, int dtype, std::uintptr_t stream) {
-        lowrank_ops::SparseDecodeArgs a{x, values, indices, bias, y, M, K, N, nm_n, nm_m, dtype, stream};
+         int K, int N, int nm_n, int nm_m, int dtype, std::uintptr_t stream, std::uintptr_t scales,
+         std::uintptr_t zeros, int group_size) {
+        lowrank_ops::SparseDecodeArgs a{x,    values, indices, bias,   y,     M,     K,         N,
+                                        nm_n, nm_m,   dtype,   stream, scales, zeros, group_size};
         py::gil_scoped_release release;  // one launch; errors come back as C++ exceptions
         lowrank_ops::sparse_decode(a);
       },
       py::arg("x"), py::arg("values"), py::arg("indices"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"),
-      py::arg("N"), py::arg("nm_n"), py::arg("nm_m"), py::arg("dtype"), py::arg("stream"),
+      py::arg("N"), py::arg("nm_n"), py::arg("nm_m"), py::arg("dtype"), py::arg("stream"), py::arg("scales") = 0,
+      py::arg("zeros") = 0, py::arg("group_size") = 0,
       "y = x W_nm^T + bias for M <= 8 rows from the packed N:M format (one launch on `stream`). Pointers are "
       "device addresses as ints (bias 0 = none); x/values/bias/y in `dtype`, indices int32 as in "
-      "lowrank_ops/sparse/format.py.");
+      "lowrank_ops/sparse/format.py. 4-bit kept values: group_size 32/64/128, values = int32 codes "
+      "(N, KK_pad/8), scales/zeros fp16 (N, KK_pad/group_size); group_size 0 (default) = dense values.");
 }

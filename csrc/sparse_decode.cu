@@ -1,6 +1,7 @@
 // N:M sparse decode: y = x W_nm^T + bias for small batches (M <= 8), read straight from the
 // packed format of lowrank_ops/sparse/format.py (kept values + bit-packed in-group positions,
-// any n:m with m in {4, 8, 16}). fp16 or bf16 x / values / bias / y; fp32 accumulation.
+// any n:m with m in {4, 8, 16}). fp16 or bf16 x / values / bias / y; fp32 accumulation. The kept
+// values are dense (in x's dtype) or 4-bit codes with fp16 group scales / zeros (template Q4).
 //
 // Design (one launch on the caller's stream; CUDA-graph capturable; deterministic, no atomics):
 //
@@ -23,6 +24,12 @@
 //   multiples of 8) or two (m = 8: 10 per word, the word pair is loaded once per chunk);
 //   neighbouring lanes share words, served by L1. Index rows are not 16-byte aligned in general
 //   (W = ceil(KK / 10) for m = 8), hence 32-bit word loads.
+// * 4-bit kept values (Q4): codes packed 8 per int32 word along KK, so a chunk (8 values from a
+//   multiple of 8) is exactly one 32-bit code word, and with group_size in {32, 64, 128} (a
+//   multiple of 8) one fp16 scale / zero pair: per chunk one coalesced word load (128 bytes per
+//   warp step, a quarter of the bytes of fp16 values) plus two 2-byte loads that 4-16
+//   neighbouring lanes share. Codes become floats with the magic-exponent trick (0x4B000000 | q is 2^23 + q
+//   exactly), then w = (q - zero) * scale as in the format. The group is j8 >> log2(group_size).
 // * Positions are unpacked with shifts and masks while group and slot are stepped
 //   incrementally (no division by the runtime n per value); column = group * m + position.
 //   Each decoded value is reused for the MB rows of x (fp32 FMAs into acc[MB]).
@@ -73,9 +80,12 @@ template <> struct SCvt<__nv_bfloat16> {
 // Shared-memory slot of tile column c: one pad word after every 32 columns (see the design note).
 __device__ __forceinline__ int padded(int c) { return c + (c >> 5); }
 
-template <typename T, int NM_M, int MB>
+// values: (N, KK) of T, or with Q4 the (N, KK_pad / 8) code words with scales / zeros fp16
+// (N, KK_pad / group_size) and qshift = log2(group_size) (scales, zeros, qshift unused without Q4).
+template <typename T, int NM_M, int MB, bool Q4>
 __global__ void __launch_bounds__(kThreads)
-sparse_decode_kernel(const T* __restrict__ x, const T* __restrict__ values, const uint32_t* __restrict__ indices,
+sparse_decode_kernel(const T* __restrict__ x, const void* __restrict__ values, const uint32_t* __restrict__ indices,
+                     const __half* __restrict__ scales, const __half* __restrict__ zeros, int qshift,
                      const T* __restrict__ bias, T* __restrict__ y, int M, int K, int N, int nm_n, bool vec_values,
                      bool vec_x) {
   constexpr int kBits = NM_M == 4 ? 2 : NM_M == 8 ? 3 : 4;
@@ -93,8 +103,13 @@ sparse_decode_kernel(const T* __restrict__ x, const T* __restrict__ values, cons
   const bool row_ok = r < N;  // warp-uniform; rows past N still join the barriers
   const int kk = K / NM_M * nm_n;
   const int words = (kk + kPerWord - 1) / kPerWord;
-  const T* __restrict__ vrow = values + static_cast<size_t>(row_ok ? r : 0) * kk;
-  const uint32_t* __restrict__ irow = indices + static_cast<size_t>(row_ok ? r : 0) * words;
+  const size_t row = row_ok ? r : 0;
+  const T* __restrict__ vrow = static_cast<const T*>(values) + row * kk;  // dense values
+  const int qgroups = Q4 ? (kk + (1 << qshift) - 1) >> qshift : 0;       // KK_pad / group_size
+  const uint32_t* __restrict__ qrow = static_cast<const uint32_t*>(values) + row * (qgroups << qshift) / 8;
+  const __half* __restrict__ srow = scales + row * qgroups;
+  const __half* __restrict__ zrow = zeros + row * qgroups;
+  const uint32_t* __restrict__ irow = indices + row * words;
 
   float acc[MB];
 #pragma unroll
@@ -132,7 +147,16 @@ sparse_decode_kernel(const T* __restrict__ x, const T* __restrict__ values, cons
     const int j_end = (t0 + cols) / NM_M * nm_n;
     for (int j8 = j_begin + lane * kChunk; j8 < j_end; j8 += kWarp * kChunk) {
       float v[kChunk];
-      if (vec_values && j8 + kChunk <= j_end) {
+      if constexpr (Q4) {  // one code word and one scale / zero pair per chunk (see the design note)
+        const uint32_t codes = __ldg(qrow + j8 / 8);
+        const float s = __half2float(__ldg(srow + (j8 >> qshift)));
+        const float z = __half2float(__ldg(zrow + (j8 >> qshift)));
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          const float q = __uint_as_float(0x4B000000u | ((codes >> (4 * e)) & 0xFu)) - 8388608.f;
+          v[e] = (q - z) * s;  // codes past KK are 0 padding, skipped below
+        }
+      } else if (vec_values && j8 + kChunk <= j_end) {
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(vrow + j8));
         const float2 p0 = SCvt<T>::pair(raw.x), p1 = SCvt<T>::pair(raw.y);
         const float2 p2 = SCvt<T>::pair(raw.z), p3 = SCvt<T>::pair(raw.w);
@@ -188,13 +212,17 @@ void check(cudaError_t err, const char* what) {
 
 template <typename T, int NM_M, int MB>
 void launch(const SparseDecodeArgs& a, cudaStream_t stream) {
+  const bool q4 = a.group_size != 0;
   const int kk = a.K / a.nm_m * a.nm_n;
-  const bool vec_values = kk % 8 == 0 && a.values % 16 == 0;
+  const bool vec_values = !q4 && kk % 8 == 0 && a.values % 16 == 0;
   const bool vec_x = a.K % 8 == 0 && a.x % 16 == 0;
+  const int qshift = a.group_size == 32 ? 5 : a.group_size == 64 ? 6 : a.group_size == 128 ? 7 : 0;
   const int grid = (a.N + kWarps - 1) / kWarps;
-  sparse_decode_kernel<T, NM_M, MB><<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const T*>(a.values),
-      reinterpret_cast<const uint32_t*>(a.indices), reinterpret_cast<const T*>(a.bias), reinterpret_cast<T*>(a.y),
+  auto kernel = q4 ? sparse_decode_kernel<T, NM_M, MB, true> : sparse_decode_kernel<T, NM_M, MB, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(a.x), reinterpret_cast<const void*>(a.values),
+      reinterpret_cast<const uint32_t*>(a.indices), reinterpret_cast<const __half*>(a.scales),
+      reinterpret_cast<const __half*>(a.zeros), qshift, reinterpret_cast<const T*>(a.bias), reinterpret_cast<T*>(a.y),
       a.M, a.K, a.N, a.nm_n, vec_values, vec_x);
   check(cudaGetLastError(), "kernel launch");
 }
@@ -227,6 +255,15 @@ void sparse_decode(const SparseDecodeArgs& a) {
   if (a.N < 1) fail("N must be >= 1, got " + std::to_string(a.N));
   if (a.x == 0 || a.values == 0 || a.indices == 0 || a.y == 0) fail("null pointer for x, values, indices or y");
   if (a.indices % 4 != 0) fail("indices must be 4-byte aligned");
+  if (a.group_size != 0) {
+    if (a.group_size != 32 && a.group_size != 64 && a.group_size != 128)
+      fail("group_size must be 0 (dense values), 32, 64 or 128 (4-bit values), got " + std::to_string(a.group_size));
+    if (a.scales == 0 || a.zeros == 0) fail("null pointer for scales or zeros (4-bit values need both)");
+    if (a.values % 4 != 0) fail("4-bit codes (values) must be 4-byte aligned");
+    if (a.scales % 2 != 0 || a.zeros % 2 != 0) fail("scales and zeros must be 2-byte aligned");
+  } else if (a.scales != 0 || a.zeros != 0) {
+    fail("scales and zeros are for 4-bit values only; group_size is 0 (dense values)");
+  }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   switch (a.dtype) {
     case kFloat16: return dispatch_group<__half>(a, stream);

@@ -13,12 +13,20 @@ namespace lowrank_ops {
 //   x (M, K), bias (N), y (M, N) in `dtype` (DTypeCode of lowrank_decode.h)
 // nm_m in {4, 8, 16}, 1 <= nm_n < nm_m, K a multiple of nm_m. indices must be 4-byte aligned;
 // values and x take 128-bit loads when aligned (16 bytes, KK resp. K a multiple of 8), else scalar.
+//
+// 4-bit kept values (group_size in {32, 64, 128}; 0 = the dense values above): `values` is then
+// the codes, int32 (N, KK_pad / 8) with KK_pad = ceil(KK / group_size) * group_size, code j of a
+// row at bit 4 * (j % 8) of word j / 8, and scales / zeros are fp16 (N, KK_pad / group_size):
+// kept value j = (q_j - zeros[r, j / group_size]) * scales[r, j / group_size]. Codes must be
+// 4-byte aligned, scales / zeros 2-byte aligned; both are 0 with dense values.
 struct SparseDecodeArgs {
   std::uintptr_t x, values, indices, bias, y;
   int M, K, N;
   int nm_n, nm_m;
   int dtype;              // DTypeCode
   std::uintptr_t stream;  // cudaStream_t of the caller (0 = legacy default stream)
+  std::uintptr_t scales = 0, zeros = 0;  // 4-bit kept values only
+  int group_size = 0;                    // 0: dense values; 32, 64 or 128: 4-bit codes
 };
 
 // One launch on args.stream; throws std::invalid_argument for bad arguments and

@@ -47,6 +47,16 @@ def _configs(table: list[tuple], names: tuple[str, ...]) -> list[triton.Config]:
 
 # --------------------------------------------------------------------------- config tables
 # Each table's first row is the interpreter config (large blocks, few programs).
+# The backward-to-x kernels of the packed families (quant, N:M): dx tiles (BLOCK_M × BLOCK_K),
+# N swept in BLOCK_N steps, fp32 accumulator; each family prepends its interpreter row.
+DX_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+DX_GPU_TABLE = [
+    # BLOCK_M BLOCK_N BLOCK_K warps stages
+    (64, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+    (64, 32, 128, 4, 3),
+    (32, 32, 64, 4, 2),  # lean: small M, and fp32
+]
 _FUSED_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _FUSED_TABLE = [
     # BLOCK_M BLOCK_N BLOCK_K warps stages

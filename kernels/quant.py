@@ -41,6 +41,8 @@ from torch import Tensor
 from ._compile_check import CompileCase
 from .lowrank import (
     DECODE_BLOCK_M,
+    DX_GPU_TABLE,
+    DX_NAMES,
     INTERPRET,
     _configs,
     _dot,
@@ -80,15 +82,7 @@ _DECODE_GPU_TABLE = [
     (32, 64, 4, 2),  # lean: fp32 at R_PAD = 128
 ]
 _DECODE_TABLE = [(32, 32, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
-_DX_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-_DX_GPU_TABLE = [
-    # BLOCK_M BLOCK_N BLOCK_K warps stages  (fp32 accumulator: BLOCK_M x BLOCK_K)
-    (64, 64, 64, 4, 3),
-    (128, 64, 64, 8, 3),
-    (64, 32, 128, 4, 3),
-    (32, 32, 64, 4, 2),  # lean: small M, and fp32
-]
-_DX_TABLE = [(32, 64, 32, 4, 1)] if INTERPRET else _DX_GPU_TABLE
+_DX_TABLE = [(32, 64, 32, 4, 1)] if INTERPRET else DX_GPU_TABLE
 _TILE_PRUNE = _pruner(
     loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] + m["R_PAD"]),
     after_tile=lambda m: m["R_PAD"] * m["BLOCK_N"],
@@ -328,7 +322,7 @@ def _quant_decode_reduce_kernel(
 # M-block and never expanded in memory; dx is written in fp32 (the caller adds the outlier and
 # low-rank terms before its one rounding). BLOCK_K and the group size are powers of two, so a
 # K-block lies in one group or covers whole groups, as the loader needs.
-@triton.autotune(configs=_configs(_DX_TABLE, _DX_NAMES), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "USE_LUT", "QSTATS"])
+@triton.autotune(configs=_configs(_DX_TABLE, DX_NAMES), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "USE_LUT", "QSTATS"])
 @triton.jit
 def _quant_dx_kernel(
     dy_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, dx_ptr,

@@ -20,11 +20,18 @@ Two paths (chosen by ``ops.nm_path``):
   uniform format along KK) instead of dense ones.
 * ``"tile"`` — one launch, grid (M-blocks × N-blocks): each K step expands the kept values of a
   (BLOCK_K × BLOCK_N) tile of Wᵀ on chip (for each slot: ``where(pos == column in group, value,
-  0)``) and feeds it to a tensor-core ``tl.dot``; bias fused.
+  0)``) and feeds it to a tensor-core ``tl.dot``; bias fused. :func:`nm_matmul_tile_q4` reads
+  4-bit kept values the same way.
 
-Every product accumulates in fp32; the expanded tile is rounded to x's dtype (fp16/bf16 run on
-tensor cores, fp32 uses exact "ieee" dots). ``_dot``, the config helper and the allocation hook
-come from :mod:`lowrank_ops.kernels.lowrank`.
+The backward to x, ``dx = dy · Ŵ`` (:func:`nm_matmul_dx`, :func:`nm_matmul_dx_q4`), is one
+launch over (M-blocks × K-blocks) that sweeps N and expands each (BLOCK_N × BLOCK_K) tile of Ŵ on
+chip with the tile path's expansion: the dense weight never exists in memory. The gradient of
+dense kept values (fixed-mask sparse training, :func:`nm_matmul_dvalues`) is the mirror image:
+tiles of dyᵀx on tensor cores, only their kept entries stored (SDDMM).
+
+Every product accumulates in fp32; the expanded tile is rounded to the activations' dtype (x's,
+dy's in the backward: fp16/bf16 run on tensor cores, fp32 uses exact "ieee" dots). ``_dot``, the
+config helper and the allocation hook come from :mod:`lowrank_ops.kernels.lowrank`.
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ from torch import Tensor
 from lowrank_ops.sparse.format import check_nm, index_bits, positions_per_word
 
 from ._compile_check import CompileCase
-from .lowrank import INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs
-from .quant import _quant_decode_reduce_kernel
+from .lowrank import DX_GPU_TABLE, DX_NAMES, INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs
+from .quant import GROUP_SIZES, _quant_decode_reduce_kernel
 
 DECODE_MAX_ROWS = 16  # the decode kernel keeps a (rows × BLOCK_N × BLOCK_J) gather tile in registers
+Q4_GROUP_SIZES = GROUP_SIZES  # group sizes of 4-bit kept values: the quant format's
 _DECODE_J_CHUNK = 64 if INTERPRET else 256  # fewest kept values per row one decode split is given
 _DECODE_MAX_SPLIT = 16
 _REDUCE_BLOCK_N = 32 if INTERPRET else 128
@@ -75,6 +83,7 @@ _DECODE_GPU_TABLE = [
 ]
 _DECODE_TABLE = [(32, 64, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
 _DECODE_REGS_BUDGET = 64  # gathered x elements per thread per step
+_DX_TABLE = [(32, 32, 64, 4, 1)] if INTERPRET else DX_GPU_TABLE
 
 
 def _decode_prune(configs, named_args, **kwargs):
@@ -92,7 +101,9 @@ def _decode_prune(configs, named_args, **kwargs):
 @triton.jit
 def _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk,
                Q4: tl.constexpr, QGROUP: tl.constexpr):
-    """fp32 (BLOCK_N × BLOCK_J) kept values of rows ``rows`` at kept indices ``offs_j``.
+    """fp32 kept values of rows ``rows`` (int64) at kept indices ``offs_j``, both broadcast to
+    ``mask``'s tile shape ((BLOCK_N × BLOCK_J) in the decode kernel, (groups × BLOCK_N) per slot
+    in the tile expansion); zero where ``mask`` is off.
 
     Dense: a plain load of ``values`` (N, KK). Q4 (4-bit kept values, the quant family's uniform
     format along KK): ``values_ptr`` is its ``qweight`` (N, KK_pad / 8) int32, code j in word
@@ -101,13 +112,13 @@ def _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk,
     """
     if Q4:
         kk_pad = tl.cdiv(kk, QGROUP) * QGROUP
-        word = tl.load(values_ptr + rows[:, None] * (kk_pad // 8) + (offs_j // 8)[None, :], mask=mask, other=0)
-        q = ((word >> ((offs_j % 8) * 4)[None, :]) & 0xF).to(tl.float32)
-        gidx = rows[:, None] * (kk_pad // QGROUP) + (offs_j // QGROUP)[None, :]
+        word = tl.load(values_ptr + rows * (kk_pad // 8) + offs_j // 8, mask=mask, other=0)
+        q = ((word >> ((offs_j % 8) * 4)) & 0xF).to(tl.float32)
+        gidx = rows * (kk_pad // QGROUP) + offs_j // QGROUP
         s = tl.load(scales_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(zeros_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
         return tl.where(mask, (q - z) * s, 0.0)
-    return tl.load(values_ptr + rows[:, None] * kk + offs_j[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(values_ptr + rows * kk + offs_j, mask=mask, other=0.0).to(tl.float32)
 
 
 # Grid (cdiv(N, BLOCK_N), K_SPLIT). Program (pn, ks) owns output rows [pn·BLOCK_N, +BLOCK_N) and
@@ -144,9 +155,8 @@ def _nm_decode_kernel(
     for jb in range(first, tl.minimum(first + per_split, j_blocks)):
         offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
         mask = n_mask[:, None] & (offs_j < kk)[None, :]
-        v = _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk, Q4, QGROUP)
-        word = tl.load(indices_ptr + rows[:, None] * words + (offs_j // PER_WORD)[None, :], mask=mask, other=0)
-        pos = (word >> ((offs_j % PER_WORD) * POS_BITS)[None, :]) & (NM_M - 1)
+        v = _load_kept(values_ptr, scales_ptr, zeros_ptr, rows[:, None], offs_j[None, :], mask, kk, Q4, QGROUP)
+        pos = _kept_positions(indices_ptr, rows[:, None], offs_j[None, :], mask, words, NM_M, POS_BITS, PER_WORD)
         col = (offs_j // NM_N)[None, :] * NM_M + pos  # (BLOCK_N, BLOCK_J) columns of x
         xg = tl.load(x_ptr + offs_m[:, None, None].to(tl.int64) * K + col[None, :, :],
                      mask=m_mask[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
@@ -163,17 +173,26 @@ def _nm_decode_kernel(
 
 # --------------------------------------------------------------------------- tile path
 @triton.jit
-def _expand_nm_tile(values_ptr, indices_ptr, offs_n, g0, N, K,
+def _kept_positions(indices_ptr, rows, j, mask, words,
+                    NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr):
+    """In-group positions of kept values ``j`` of rows ``rows`` (int64; both broadcast to ``mask``'s
+    shape): position j of a row sits in index word j // PER_WORD at bit (j % PER_WORD)·POS_BITS."""
+    word = tl.load(indices_ptr + rows * words + j // PER_WORD, mask=mask, other=0)
+    return (word >> ((j % PER_WORD) * POS_BITS)) & (NM_M - 1)
+
+
+@triton.jit
+def _expand_nm_tile(values_ptr, scales_ptr, zeros_ptr, indices_ptr, offs_n, g0, N, K,
                     NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                    Q4: tl.constexpr, QGROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dense fp32 (BLOCK_K × BLOCK_N) tile of Wᵀ for columns [g0·M, g0·M + BLOCK_K) and rows
     ``offs_n``, expanded from the kept values: zero where nothing is kept or outside W.
 
     The tile is viewed as (groups × M × BLOCK_N). For each slot s < n one (groups × BLOCK_N)
-    tile of values (stride n along the group axis) and its positions are loaded; the value is
-    placed where the position equals the column within the group (``where(pos == c, v, 0)``).
-    Slots of one group hold distinct positions, so the n placements never collide and their
-    sum is the dense tile.
+    tile of kept values (stride n along the group axis; dense or 4-bit, see ``_load_kept``) and
+    its positions are loaded; the value is placed where the position equals the column within
+    the group (``where(pos == c, v, 0)``). Slots of one group hold distinct positions, so the n
+    placements never collide and their sum is the dense tile.
     """
     G_B: tl.constexpr = BLOCK_K // NM_M
     kk = (K // NM_M) * NM_N
@@ -185,9 +204,8 @@ def _expand_nm_tile(values_ptr, indices_ptr, offs_n, g0, N, K,
     w = tl.zeros((G_B, NM_M, BLOCK_N), dtype=tl.float32)
     for s in tl.static_range(NM_N):
         j = offs_g[:, None] * NM_N + s  # (G_B, 1) kept index
-        v = tl.load(values_ptr + rows * kk + j, mask=mask, other=0.0).to(tl.float32)
-        word = tl.load(indices_ptr + rows * words + j // PER_WORD, mask=mask, other=0)
-        pos = (word >> ((j % PER_WORD) * POS_BITS)) & (NM_M - 1)
+        v = _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, j, mask, kk, Q4, QGROUP)
+        pos = _kept_positions(indices_ptr, rows, j, mask, words, NM_M, POS_BITS, PER_WORD)
         w += tl.where(pos[:, None, :] == in_group, v[:, None, :], 0.0)
     return tl.reshape(w, (BLOCK_K, BLOCK_N))
 
@@ -195,17 +213,17 @@ def _expand_nm_tile(values_ptr, indices_ptr, offs_n, g0, N, K,
 # Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (pm, pn) owns one (BLOCK_M × BLOCK_N)
 # output tile. One pass over K in BLOCK_K steps (BLOCK_K is a multiple of every M, so a step
 # covers whole groups): the x tile (BLOCK_M × BLOCK_K, row-major, rows K apart), the expanded
-# (BLOCK_K × BLOCK_N) tile of Wᵀ (reads only kept values + index words), one tensor-core dot.
-# Then the bias, one store.
+# (BLOCK_K × BLOCK_N) tile of Wᵀ (reads only kept values — or their 4-bit codes + group
+# scales/zeros when Q4 — and index words), one tensor-core dot. Then the bias, one store.
 @triton.autotune(configs=_configs(_TILE_TABLE, _TILE_NAMES),
-                 key=["M_BUCKET", "N", "K", "NM_N", "NM_M"], prune_configs_by=_TILE_PRUNE)
+                 key=["M_BUCKET", "N", "K", "NM_N", "NM_M", "Q4", "QGROUP"], prune_configs_by=_TILE_PRUNE)
 @triton.jit
 def _nm_tile_kernel(
-    x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
+    x_ptr, values_ptr, scales_ptr, zeros_ptr, indices_ptr, bias_ptr, y_ptr,
     M, N, K,
     M_BUCKET,  # autotune key only: next power of two of M
     NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q4: tl.constexpr, QGROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
@@ -217,8 +235,8 @@ def _nm_tile_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & (offs_k < K)[None, :], other=0.0)
-        w = _expand_nm_tile(values_ptr, indices_ptr, offs_n, kb * (BLOCK_K // NM_M), N, K,
-                            NM_N, NM_M, POS_BITS, PER_WORD, BLOCK_K, BLOCK_N)
+        w = _expand_nm_tile(values_ptr, scales_ptr, zeros_ptr, indices_ptr, offs_n, kb * (BLOCK_K // NM_M), N, K,
+                            NM_N, NM_M, POS_BITS, PER_WORD, Q4, QGROUP, BLOCK_K, BLOCK_N)
         acc = _dot(x, w.to(dtype), acc, DOT_PRECISION)
     n_mask = offs_n < N
     if HAS_BIAS:
@@ -226,11 +244,99 @@ def _nm_tile_kernel(
     tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
 
+# --------------------------------------------------------------------------- backward: dx = dy · Ŵ
+# Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns one (BLOCK_M × BLOCK_K) tile
+# of dx and sweeps N in BLOCK_N steps: a (BLOCK_M × BLOCK_N) tile of dy (row-major, rows N
+# apart) times the (BLOCK_N × BLOCK_K) tile of Ŵ, expanded on chip from the kept values (dense
+# or Q4) and index words by the forward's ``_expand_nm_tile`` (its (BLOCK_K × BLOCK_N) result
+# transposed). BLOCK_K is a multiple of every M, so a K-block covers whole groups. The packed
+# weight is read once per M-block and never expanded in memory; fp32 accumulation, dx stored
+# in dy's dtype.
+@triton.autotune(configs=_configs(_DX_TABLE, DX_NAMES), key=["M_BUCKET", "N", "K", "NM_N", "NM_M", "Q4", "QGROUP"])
+@triton.jit
+def _nm_dx_kernel(
+    dy_ptr, values_ptr, scales_ptr, zeros_ptr, indices_ptr, dx_ptr,
+    M, N, K,
+    M_BUCKET,  # autotune key only: next power of two of M
+    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+    Q4: tl.constexpr, QGROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    dtype = dy_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pk = tl.program_id(1)
+    offs_k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)[:, None]
+    m_mask = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & (offs_n < N)[None, :], other=0.0)
+        wt = _expand_nm_tile(values_ptr, scales_ptr, zeros_ptr, indices_ptr, offs_n, pk * (BLOCK_K // NM_M), N, K,
+                             NM_N, NM_M, POS_BITS, PER_WORD, Q4, QGROUP, BLOCK_K, BLOCK_N)
+        acc = _dot(dy, tl.trans(wt.to(dtype)), acc, DOT_PRECISION)
+    tl.store(dx_ptr + rows * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m_mask & (offs_k < K)[None, :])
+
+
+# --------------------------------------------------------------------------- backward: dvalues (fixed-mask training)
+# Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)); program (pn, pk) owns output rows ``offs_n`` and the
+# whole groups of columns [pk·BLOCK_K, +BLOCK_K). It sweeps the M rows in BLOCK_M steps and
+# accumulates the dense (BLOCK_N × BLOCK_K) tile of dW = dyᵀ x on tensor cores (dy tile
+# (BLOCK_M × BLOCK_N) transposed, x tile (BLOCK_M × BLOCK_K), both row-major), then keeps only
+# its kept entries: viewed as (BLOCK_N × groups × M), slot s of each group selects the entry at
+# its position and is stored to dvalues[n, g·n + s]. The dense gradient never exists in memory
+# (SDDMM); fp32 accumulation, dvalues in the values' dtype.
+@triton.autotune(configs=_configs(_DX_TABLE, DX_NAMES), key=["M_BUCKET", "N", "K", "NM_N", "NM_M"])
+@triton.jit
+def _nm_dvalues_kernel(
+    dy_ptr, x_ptr, indices_ptr, dv_ptr,
+    M, N, K,
+    M_BUCKET,  # autotune key only: next power of two of M
+    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pk = tl.program_id(1)
+    offs_k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)[:, None]
+        m_mask = offs_m[:, None] < M
+        dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & n_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & (offs_k < K)[None, :], other=0.0)
+        acc = _dot(tl.trans(dy), x, acc, DOT_PRECISION)
+    G_B: tl.constexpr = BLOCK_K // NM_M
+    kk = (K // NM_M) * NM_N
+    dense = tl.reshape(acc, (BLOCK_N, G_B, NM_M))
+    offs_g = pk * G_B + tl.arange(0, G_B)
+    mask = n_mask[:, None] & (offs_g < K // NM_M)[None, :]
+    out_rows = offs_n.to(tl.int64)[:, None]
+    in_group = tl.arange(0, NM_M)[None, None, :]
+    for s in tl.static_range(NM_N):
+        j = offs_g[None, :] * NM_N + s  # (1, G_B) kept index
+        pos = _kept_positions(indices_ptr, out_rows, j, mask, tl.cdiv(kk, PER_WORD), NM_M, POS_BITS, PER_WORD)
+        val = tl.sum(tl.where(pos[:, :, None] == in_group, dense, 0.0), axis=2)
+        tl.store(dv_ptr + out_rows * kk + j, val.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------- launchers
 def _pattern(n: int, m: int) -> dict:
     """The constexprs of one N:M pattern (``ValueError`` for a pattern outside the contract)."""
     n, m = check_nm(n, m)
     return dict(NM_N=n, NM_M=m, POS_BITS=index_bits(m), PER_WORD=positions_per_word(m))
+
+
+def _kept_args(values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor], group_size: int) -> tuple[tuple, dict]:
+    """Kernel pointers (values, scales, zeros) and the Q4/QGROUP constexprs: 4-bit kept values when
+    ``scales`` is given (``ValueError`` for a group size outside :data:`Q4_GROUP_SIZES`), else dense
+    values (absent scale/zero pointers stand in as ``values``: their branch is compiled out)."""
+    if scales is None:
+        return (values, values, values), dict(Q4=False, QGROUP=1)
+    if group_size not in Q4_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {list(Q4_GROUP_SIZES)}, got {group_size!r}")
+    return (values, scales, zeros), dict(Q4=True, QGROUP=group_size)
 
 
 def decode_k_split(rows: int, n_out: int, kept: int, device: torch.device) -> int:
@@ -257,8 +363,6 @@ def nm_matmul_decode_q4(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
     the quant family's uniform format (``QuantFormat`` with bits=4, no LUT/outliers/low-rank):
     ``qweight`` int32 (N, KK_pad / 8), ``scales``/``zeros`` fp16 (N, KK_pad / group_size),
     KK_pad = ceil(KK / group_size)·group_size. Same indices, bias and result; trusted inputs."""
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size: expected 32, 64 or 128, got {group_size!r}")
     return _decode(x2d, qweight, scales, zeros, group_size, indices, n, m, bias)
 
 
@@ -266,6 +370,7 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
             indices: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
     """Launch the decode kernel (dense values, or 4-bit codes when ``scales`` is given) + reduce."""
     pattern = _pattern(n, m)
+    kept, q4 = _kept_args(values, scales, zeros, group_size)
     rows, k = x2d.shape
     if not 1 <= rows <= DECODE_MAX_ROWS:
         raise ValueError(f"x2d: the decode kernel serves 1..{DECODE_MAX_ROWS} rows, got shape {tuple(x2d.shape)}")
@@ -273,16 +378,14 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
     y = _empty((rows, n_out), x2d.dtype, x2d.device)
     k_split = decode_k_split(rows, n_out, k // m * n, x2d.device)
     b = bias if bias is not None else y
-    q4 = scales is not None
-    sz = (scales, zeros) if q4 else (values, values)  # absent pointers: branch compiled out
-    flags = dict(Q4=q4, QGROUP=group_size if q4 else 1, BLOCK_M=triton.next_power_of_2(rows), **pattern)
+    flags = dict(BLOCK_M=triton.next_power_of_2(rows), **q4, **pattern)
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), k_split)  # noqa: E731
     if k_split == 1:
-        _nm_decode_kernel[grid](x2d, values, *sz, indices, b, y, rows, n_out, k, 1, DIRECT=True,
+        _nm_decode_kernel[grid](x2d, *kept, indices, b, y, rows, n_out, k, 1, DIRECT=True,
                                 HAS_BIAS=bias is not None, **flags)
         return y
     part = _empty((k_split, rows, n_out), torch.float32, x2d.device)
-    _nm_decode_kernel[grid](x2d, values, *sz, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
+    _nm_decode_kernel[grid](x2d, *kept, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
                             HAS_BIAS=False, **flags)
     _quant_decode_reduce_kernel[(triton.cdiv(n_out, _REDUCE_BLOCK_N), 1)](
         x2d, part, part, part, part, b, y, rows, n_out, k, k_split,
@@ -296,22 +399,79 @@ def nm_matmul_tile(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
     """``x2d Wₙₘᵀ + b`` by the expand-on-chip tensor-core kernel, for x2d (any rows, K) contiguous.
 
     Same trusted inputs and result as :func:`nm_matmul_decode`; one launch."""
+    return _tile(x2d, values, None, None, 0, indices, n, m, bias)
+
+
+def nm_matmul_tile_q4(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      indices: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`nm_matmul_tile` with 4-bit kept values (tensors as in :func:`nm_matmul_decode_q4`)."""
+    return _tile(x2d, qweight, scales, zeros, group_size, indices, n, m, bias)
+
+
+def _tile(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor], group_size: int,
+          indices: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """Launch the tile kernel (dense values, or 4-bit codes when ``scales`` is given)."""
     pattern = _pattern(n, m)
+    kept, q4 = _kept_args(values, scales, zeros, group_size)
     rows, k = x2d.shape
     n_out = values.shape[0]
     y = _empty((rows, n_out), x2d.dtype, x2d.device)
     _nm_tile_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))](
-        x2d, values, indices, bias if bias is not None else y, y, rows, n_out, k, triton.next_power_of_2(rows),
-        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2d.dtype), **pattern,
+        x2d, *kept, indices, bias if bias is not None else y, y, rows, n_out, k, triton.next_power_of_2(rows),
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2d.dtype), **q4, **pattern,
     )
     return y
 
 
+def nm_matmul_dx(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    """``dx = dy · Wₙₘ`` (M, K = ``in_features``) in dy's dtype, for dy (M, N) contiguous: the
+    backward to x, reading the packed weight (expanded tile by tile on chip, never in memory).
+    Trusted inputs as in :func:`nm_matmul_tile`."""
+    return _dx(dy, values, None, None, 0, indices, n, m, in_features)
+
+
+def nm_matmul_dx_q4(dy: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    """:func:`nm_matmul_dx` with 4-bit kept values (tensors as in :func:`nm_matmul_decode_q4`)."""
+    return _dx(dy, qweight, scales, zeros, group_size, indices, n, m, in_features)
+
+
+def _dx(dy: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor], group_size: int,
+        indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    """Launch the dx kernel (dense values, or 4-bit codes when ``scales`` is given)."""
+    pattern = _pattern(n, m)
+    kept, q4 = _kept_args(values, scales, zeros, group_size)
+    rows, n_out = dy.shape
+    k = in_features
+    dx = _empty((rows, k), dy.dtype, dy.device)
+    _nm_dx_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
+        dy, *kept, indices, dx, rows, n_out, k, triton.next_power_of_2(rows),
+        DOT_PRECISION=_dot_precision(dy.dtype), **q4, **pattern,
+    )
+    return dx
+
+
+def nm_matmul_dvalues(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int, dtype: torch.dtype) -> Tensor:
+    """The kept values' gradient (N, KK) in ``dtype``: ``(dyᵀ x)`` at the kept positions, for dy
+    (M, N) and x (M, K) contiguous in one dtype, ``indices`` the format's (N, W) index words. The
+    dense (N, K) gradient is never formed. Trusted inputs (``ops.nm_linear``'s backward)."""
+    pattern = _pattern(n, m)
+    rows, n_out = dy.shape
+    k = x.shape[1]
+    dv = _empty((n_out, k // m * n), dtype, dy.device)
+    _nm_dvalues_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))](
+        dy, x, indices, dv, rows, n_out, k, triton.next_power_of_2(rows),
+        DOT_PRECISION=_dot_precision(x.dtype), **pattern,
+    )
+    return dv
+
+
 # --------------------------------------------------------------------------- compile lane
-# Both kernels for every pattern the issue names (2:4, 1:4, 2:8 with 3-bit positions, 4:16) in
-# fp16 and bf16 (values in x's dtype, bias on), plus fp32 for 2:4. The decode kernel in both
-# modes (DIRECT with bias, split partials), at 1 and 16 rows, and with 4-bit kept values (2:4,
-# 2:8); the reduce kernel is the quant family's and is compiled by its cases.
+# The tile, dx and dvalues kernels for every pattern the issue names (2:4, 1:4, 2:8 with 3-bit
+# positions, 4:16) in fp16 and bf16 (values in x's dtype, bias on), plus fp32 for 2:4. The decode kernel in
+# both modes (DIRECT with bias, split partials), at 1 and 16 rows. With 4-bit kept values (g128;
+# 2:4 and 2:8): the decode (split), tile and dx kernels. The reduce kernel is the quant family's
+# and is compiled by its cases.
 def _compile_cases() -> list[CompileCase]:
     cases = []
     for dtype, patterns in (("fp16", ((2, 4), (1, 4), (2, 8), (4, 16))), ("bf16", ((2, 4), (1, 4), (2, 8), (4, 16))),
@@ -320,26 +480,35 @@ def _compile_cases() -> list[CompileCase]:
         for n, m in patterns:
             pattern = _pattern(n, m)
             tag = f"{dtype},{n}:{m}"
-            cases.append(CompileCase(
-                f"nm_tile[{tag}]", _nm_tile_kernel,
-                dict(x_ptr=p, values_ptr=p, indices_ptr="*i32", bias_ptr=p, y_ptr=p, M="i32", N="i32", K="i32",
-                     M_BUCKET="i32"),
-                dict(HAS_BIAS=True, DOT_PRECISION=prec, **pattern),
-            ))
-            for rows, direct in ((1, True), (16, False)):
+            for q4 in (False, True) if dtype != "fp32" and (n, m) in ((2, 4), (2, 8)) else (False,):
+                vals = dict(values_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16") if q4 else \
+                    dict(values_ptr=p, scales_ptr=p, zeros_ptr=p)
+                flags = dict(Q4=q4, QGROUP=128 if q4 else 1, **pattern)
+                q = "_q4" if q4 else ""
                 cases.append(CompileCase(
-                    f"nm_decode[{tag},M{rows},{'direct' if direct else 'split'}]", _nm_decode_kernel,
-                    dict(x_ptr=p, values_ptr=p, scales_ptr=p, zeros_ptr=p, indices_ptr="*i32", bias_ptr=p,
-                         out_ptr=p if direct else "*fp32", M="i32", N="i32", K="i32", K_SPLIT="i32"),
-                    dict(Q4=False, QGROUP=1, DIRECT=direct, HAS_BIAS=direct, BLOCK_M=rows, **pattern),
+                    f"nm_tile{q}[{tag}]", _nm_tile_kernel,
+                    dict(x_ptr=p, **vals, indices_ptr="*i32", bias_ptr=p, y_ptr=p, M="i32", N="i32", K="i32",
+                         M_BUCKET="i32"),
+                    dict(HAS_BIAS=True, DOT_PRECISION=prec, **flags),
                 ))
-            if dtype != "fp32" and (n, m) in ((2, 4), (2, 8)):  # 4-bit kept values, g128
+                if not q4:
+                    cases.append(CompileCase(
+                        f"nm_dvalues[{tag}]", _nm_dvalues_kernel,
+                        dict(dy_ptr=p, x_ptr=p, indices_ptr="*i32", dv_ptr=p, M="i32", N="i32", K="i32", M_BUCKET="i32"),
+                        dict(DOT_PRECISION=prec, **pattern),
+                    ))
                 cases.append(CompileCase(
-                    f"nm_decode_q4[{tag},M4,split]", _nm_decode_kernel,
-                    dict(x_ptr=p, values_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16", indices_ptr="*i32",
-                         bias_ptr=p, out_ptr="*fp32", M="i32", N="i32", K="i32", K_SPLIT="i32"),
-                    dict(Q4=True, QGROUP=128, DIRECT=False, HAS_BIAS=False, BLOCK_M=4, **pattern),
+                    f"nm_dx{q}[{tag}]", _nm_dx_kernel,
+                    dict(dy_ptr=p, **vals, indices_ptr="*i32", dx_ptr=p, M="i32", N="i32", K="i32", M_BUCKET="i32"),
+                    dict(DOT_PRECISION=prec, **flags),
                 ))
+                for rows, direct in ((4, False),) if q4 else ((1, True), (16, False)):
+                    cases.append(CompileCase(
+                        f"nm_decode{q}[{tag},M{rows},{'direct' if direct else 'split'}]", _nm_decode_kernel,
+                        dict(x_ptr=p, **vals, indices_ptr="*i32", bias_ptr=p, out_ptr=p if direct else "*fp32",
+                             M="i32", N="i32", K="i32", K_SPLIT="i32"),
+                        dict(DIRECT=direct, HAS_BIAS=direct, BLOCK_M=rows, **flags),
+                    ))
     return cases
 
 

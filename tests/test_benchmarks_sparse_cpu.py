@@ -61,9 +61,10 @@ def test_our_methods_on_a_cuda_run():
     env = SB.Env(torch.device("cuda"), torch.float16, triton_ok=True)
     small = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 1), "2:8", env)]
     assert small == [("cuda", "auto"), ("triton", "auto"), ("triton:tile", "tile")]
-    assert SB.our_methods(SB.Case(4096, 4096, 1), "2:8+q4", env) == [("triton:q4", "triton", "q4", "")]
-    (_, _, _, skip), = SB.our_methods(SB.Case(4096, 4096, 17), "2:4+q4", env)
-    assert "decode only" in skip
+    q4_small = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 1), "2:8+q4", env)]
+    assert q4_small == small  # 4-bit kept values: the same backends and paths, through nm_linear
+    q4_large = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 256), "2:4+q4", env)]
+    assert q4_large == [("cuda", "auto"), ("triton", "auto")]  # auto is the tile path: no semi-structured 4-bit
     large = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 256), "2:4", env)]
     assert ("triton", "auto") in large and ("triton:tile", "tile") in large and ("triton:decode", "decode") not in large
     env = SB.Env(torch.device("cuda"), torch.float16, triton_ok=False, triton_why="no triton")
@@ -140,13 +141,13 @@ def test_cpu_smoke_run_writes_json_after_every_case_and_prints_table_last(tmp_pa
     assert ok and all(REQUIRED_ROW_KEYS <= set(r) for r in ok)
     assert all(r["median_us"] > 0 and r["gbps"] > 0 for r in ok)
     assert {(r["pattern"], r["m"]) for r in ok if r["method"] == "reference"} == {
-        (p, m) for p in SB.PATTERNS if p not in SB.Q4_PATTERNS for m in SB.CPU_SMOKE["batches"]}
+        (p, m) for p in SB.PATTERNS for m in SB.CPU_SMOKE["batches"]}
     assert all(r["auto"] for r in ok if r["method"] == "reference")
     for r in ok:  # true byte count: values + indices + x + y
         if r["kind"] == "ours":
             assert r["bytes"] == r["weight_bytes"] + 2 * (r["m"] * r["k"] + r["m"] * r["n"])
             assert r["limit"] == pytest.approx(2 * r["n"] * r["k"] / r["weight_bytes"])
-    skipped = [r for r in rows if r["method"] in ("semi24", "cuda", "triton:q4")]
+    skipped = [r for r in rows if r["method"] in ("semi24", "cuda")]
     assert skipped and all(r["status"] == "skipped" and r["note"] for r in skipped)
     assert not [r for r in rows if r["status"] == "error"]
     capsys.readouterr()
@@ -169,14 +170,16 @@ def test_cpu_smoke_triton_paths_really_run(tmp_path, monkeypatch):
     from lowrank_ops.kernels import sparse as kernels
 
     seen = []
-    for name in ("nm_matmul_decode", "nm_matmul_tile", "nm_matmul_decode_q4"):
+    names = ("nm_matmul_decode", "nm_matmul_tile", "nm_matmul_decode_q4", "nm_matmul_tile_q4")
+    for name in names:
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: seen.append(_n) or _f(*a))
     assert SB.main(["--cpu-smoke", "--out", str(tmp_path), "--patterns", "2:8,2:8+q4", "--batches", "1,20",
-                    "--methods", "triton,triton:tile,triton:q4", "--target-ms", "0.1"]) == 0
+                    "--methods", "triton,triton:tile", "--target-ms", "0.1"]) == 0
     rows = json.loads((tmp_path / "sparse-cpu-smoke.json").read_text())["rows"]
     ours = [r for r in rows if r["kind"] == "ours" and r["status"] != "skipped"]
     assert ours and all(r["status"] == "ok" for r in ours), [r["note"] for r in ours]
-    assert {(r["method"], r["path"], r["m"]) for r in ours} == {
-        ("triton", "decode", 1), ("triton:tile", "tile", 1), ("triton", "tile", 20), ("triton:q4", "decode", 1)}
-    assert {"nm_matmul_decode", "nm_matmul_tile", "nm_matmul_decode_q4"} <= set(seen)
+    expected = {("triton", "decode", 1), ("triton:tile", "tile", 1), ("triton", "tile", 20)}
+    assert {(r["method"], r["path"], r["m"]) for r in ours if r["pattern"] == "2:8"} == expected
+    assert {(r["method"], r["path"], r["m"]) for r in ours if r["pattern"] == "2:8+q4"} == expected
+    assert set(names) <= set(seen)

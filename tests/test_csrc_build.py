@@ -43,18 +43,21 @@ PROBE = textwrap.dedent(
     attempt("lowrank_decode", "dtype=7", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 7, 0)
     attempt("lowrank_decode", "null", 0, 16, 16, 0, 16, 16, 1, 8, 8, 8, 1, 132, 0, 0)
     attempt("lowrank_decode", "splits", 16, 16, 16, 0, 16, 16, 1, 8, 8, 8, 9, 132, 0, 0)
-    # (x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y, M, K, N, bits, g, dtype, stream)
+    # (x, qweight, qweight_hi, scales, zeros, lut, rowptr, cols, vals, bias, y, M, K, N, bits, g, dtype,
+    #  quantized_stats, stream)
     q = lambda key, *args: attempt("quant_decode", key, *args)  # noqa: E731
-    q("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0)
-    q("bits=5", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 5, 128, 0, 0)
-    q("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0)
-    q("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    q("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0)
-    q("lut+scales", 16, 16, 0, 16, 16, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    q("outliers", 16, 16, 0, 16, 16, 0, 16, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    q("align", 16, 20, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0)
-    q("dtype=7", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 7, 0)
-    # (x, values, indices, bias, y, M, K, N, nm_n, nm_m, dtype, stream)
+    q("M=9", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 9, 128, 8, 4, 128, 0, 0, 0)
+    q("bits=5", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 5, 128, 0, 0, 0)
+    q("g=16", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 16, 0, 0, 0)
+    q("null", 0, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0, 0)
+    q("hi", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 3, 128, 0, 0, 0)
+    q("lut+scales", 16, 16, 0, 16, 16, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0, 0)
+    q("outliers", 16, 16, 0, 16, 16, 0, 16, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0, 0)
+    q("align", 16, 20, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 0, 0)
+    q("dtype=7", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 7, 0, 0)
+    q("qstats=2", 16, 16, 0, 16, 16, 0, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 2, 0)
+    q("qstats+lut", 16, 16, 0, 0, 0, 16, 0, 0, 0, 0, 16, 1, 128, 8, 4, 128, 0, 1, 0)
+    # (x, values, indices, bias, y, M, K, N, nm_n, nm_m, dtype, stream[, scales, zeros, group_size])
     sp = lambda key, *args: attempt("sparse_decode", key, *args)  # noqa: E731
     sp("M=9", 16, 16, 16, 0, 16, 9, 64, 8, 2, 4, 0, 0)
     sp("m=6", 16, 16, 16, 0, 16, 1, 60, 8, 2, 6, 0, 0)
@@ -63,6 +66,9 @@ PROBE = textwrap.dedent(
     sp("null", 0, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0)
     sp("align", 16, 16, 18, 0, 16, 1, 64, 8, 2, 4, 0, 0)
     sp("dtype=7", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 7, 0)
+    sp("q4 g=48", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 48)
+    sp("q4 null", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 0, 16, 32)
+    sp("dense+scales", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 0)
     out["errors"] = errors
     print(json.dumps(out))
     """
@@ -95,10 +101,12 @@ def test_builds_for_sm80_sm90_and_imports(built):
                            ("null", "null pointer"), ("splits", "splits")],
         "quant_decode": [("M=9", "M must be in [1, 8]"), ("bits=5", "bits must be 2, 3 or 4"), ("g=16", "group_size"),
                          ("null", "null pointer"), ("hi", "qweight_hi"), ("lut+scales", "either lut or scales"),
-                         ("outliers", "all or none"), ("align", "aligned"), ("dtype=7", "dtype")],
+                         ("outliers", "all or none"), ("align", "aligned"), ("dtype=7", "dtype"),
+                         ("qstats=2", "quantized_stats must be 0 or 1"), ("qstats+lut", "needs uniform mode")],
         "sparse_decode": [("M=9", "M must be in [1, 8]"), ("m=6", "nm_m must be 4, 8 or 16"), ("n=4", "nm_n must be in"),
                           ("K=66", "K must be a positive multiple"), ("null", "null pointer"), ("align", "4-byte aligned"),
-                          ("dtype=7", "dtype")],
+                          ("dtype=7", "dtype"), ("q4 g=48", "group_size must be 0"),
+                          ("q4 null", "null pointer for scales or zeros"), ("dense+scales", "4-bit values only")],
     }
     for fn, cases in expected.items():
         for key, fragment in cases:

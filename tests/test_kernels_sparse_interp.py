@@ -1,11 +1,13 @@
-"""Interpreter lane: the N:M kernels (decode gather, tile expand + dot) against a float64
-reference of the same packed weight (``format.unpack_nm``).
+"""Interpreter lane: the N:M kernels (decode gather, tile expand + dot, the backward-to-x
+kernel; dense and 4-bit kept values) against a float64 reference of the same packed weight
+(``format.unpack_nm``).
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU), or on
 a CUDA device. Every launcher allocation is NaN-filled first, so an unwritten output element (or
 split partial) shows up. The (pattern × dtype × path) product is covered in full; rows
 M ∈ {1, 3, 16, 17}, N ∈ {19, 37} (off the block sizes), K (whole groups, off the blocks; some large
-enough that the decode path splits K) and bias are sampled across it.
+enough that the decode path splits K) and bias are sampled across it. The dx kernel and the
+4-bit paths get focused cases: every pattern family, M ∈ {1, 3, 17}, K and N off the blocks.
 """
 import itertools
 
@@ -39,6 +41,13 @@ def reference(x, values, indices, n, m, bias):
     return y if bias is None else y + bias.cpu().double()
 
 
+def quantized(values, group):
+    """The 4-bit uniform QuantFormat (RTN) of the (N, KK) kept values, on DEVICE."""
+    from lowrank_ops.quant.compress import quantize_rtn
+
+    q = quantize_rtn(values.cpu().float(), bits=4, group_size=group)
+    assert q.qweight_hi is None and q.lut is None and not q.has_outliers
+    return q, (q.qweight.to(DEVICE), q.scales.to(DEVICE), q.zeros.to(DEVICE), group)
 
 
 @pytest.fixture(autouse=True)
@@ -102,26 +111,76 @@ def test_values_dtype_may_differ_from_x():
         assert_close(y, reference(x, values, indices, 2, 8, None), torch.float32, fn.__name__)
 
 
-@pytest.mark.parametrize("n,m,k,group,rows,dtype", [
-    (2, 4, 100, 32, 1, torch.float16), (2, 8, 400, 64, 3, torch.bfloat16), (1, 4, 520, 128, 16, torch.float32),
-    (3, 8, 200, 32, 5, torch.float16),
+@pytest.mark.parametrize("path,n,m,k,group,rows,dtype", [
+    ("decode", 2, 4, 100, 32, 1, torch.float16), ("decode", 2, 8, 400, 64, 3, torch.bfloat16),
+    ("decode", 1, 4, 520, 128, 16, torch.float32), ("decode", 3, 8, 200, 32, 5, torch.float16),
+    ("tile", 2, 4, 100, 32, 17, torch.float16), ("tile", 4, 8, 200, 64, 3, torch.bfloat16),
+    ("tile", 1, 4, 520, 128, 1, torch.float32), ("tile", 4, 16, 400, 32, 40, torch.float32),
 ], ids=str)
-def test_nm_matmul_decode_q4(n, m, k, group, rows, dtype, poisoned):
+def test_nm_matmul_q4(path, n, m, k, group, rows, dtype, poisoned):
     """4-bit kept values (the quant family's uniform format along KK, KK off the group size) read
-    by the decode kernel, against the float64 product with the dequantized values."""
-    from lowrank_ops.quant.compress import quantize_rtn
-
+    by the decode and tile kernels, against the float64 product with the dequantized values."""
     values, indices = make_nm(37, k, n, m, torch.float32)
-    q = quantize_rtn(values.cpu(), bits=4, group_size=group)
-    assert q.qweight_hi is None and q.lut is None and not q.has_outliers
+    q, q4 = quantized(values, group)
     x = torch.randn(rows, k).to(dtype=dtype, device=DEVICE)
     bias = torch.randn(37).to(dtype=dtype, device=DEVICE)
-    y = kernels.nm_matmul_decode_q4(x, q.qweight.to(DEVICE), q.scales.to(DEVICE), q.zeros.to(DEVICE), group, indices,
-                                    n, m, bias)
+    fn = {"decode": kernels.nm_matmul_decode_q4, "tile": kernels.nm_matmul_tile_q4}[path]
+    y = fn(x, *q4, indices, n, m, bias)
     assert y.dtype == dtype and poisoned
-    assert_close(y, reference(x, q.dense(torch.float32), indices, n, m, bias), dtype, f"q4 {n}:{m} g{group}")
+    assert_close(y, reference(x, q.dense(torch.float32), indices, n, m, bias), dtype, f"{path} q4 {n}:{m} g{group}")
     with pytest.raises(ValueError, match="group_size"):
-        kernels.nm_matmul_decode_q4(x, q.qweight, q.scales, q.zeros, 16, indices, n, m, bias)
+        fn(x, *q4[:3], 16, indices, n, m, bias)
+
+
+# (n, m, 4-bit group size or None for dense values, rows, N, K, dtype): every pattern family in
+# both modes, each mode over M ∈ {1, 3, 17} and every dtype; N = 37 spans two BLOCK_N steps,
+# K (whole groups) is off the K block, KK off the group size.
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DX_CASES = [
+    (1, 4, None, 1, 37, 100, F16), (2, 4, None, 3, 19, 28, BF16), (3, 4, None, 17, 37, 100, F32),
+    (2, 8, None, 17, 19, 56, F16), (4, 8, None, 1, 37, 200, BF16), (4, 16, None, 3, 37, 112, F32),
+    (1, 4, 32, 3, 19, 100, BF16), (2, 4, 64, 17, 37, 100, F16), (3, 4, 32, 1, 37, 28, F32),
+    (2, 8, 32, 3, 37, 200, F32), (4, 8, 128, 17, 19, 200, BF16), (4, 16, 32, 1, 37, 400, F16),
+]
+
+
+@pytest.mark.parametrize("n,m,group,rows,n_out,k,dtype", DX_CASES, ids=str)
+def test_nm_matmul_dx(n, m, group, rows, n_out, k, dtype, poisoned):
+    """dx = dy · Ŵ from the packed weight (tiles expanded on chip) against float64 dy · Ŵ."""
+    values, indices = make_nm(n_out, k, n, m, torch.float32 if group else dtype)
+    dy = torch.randn(rows, n_out).to(dtype=dtype, device=DEVICE)
+    if group is None:
+        dx = kernels.nm_matmul_dx(dy, values, indices, n, m, k)
+    else:
+        q, q4 = quantized(values, group)
+        values = q.dense(torch.float32)
+        dx = kernels.nm_matmul_dx_q4(dy, *q4, indices, n, m, k)
+    assert dx.shape == (rows, k) and dx.dtype == dtype
+    assert (rows, k) in poisoned
+    w = unpack_nm(values.cpu().float(), indices.cpu(), n, m, k).double()
+    assert_close(dx, dy.cpu().double() @ w, dtype, f"dx {n}:{m} group={group} M={rows}")
+
+
+# (n, m, rows M, N, K, dtype): every pattern family, M the reduction (1, odd, past BLOCK_M),
+# N past BLOCK_N, K (whole groups) off the K block.
+DVALUES_CASES = [
+    (1, 4, 1, 37, 100, F16), (2, 4, 17, 19, 28, BF16), (3, 4, 40, 37, 100, F32),
+    (2, 8, 3, 37, 56, F16), (4, 8, 17, 19, 200, BF16), (4, 16, 33, 37, 112, F32),
+]
+
+
+@pytest.mark.parametrize("n,m,rows,n_out,k,dtype", DVALUES_CASES, ids=str)
+def test_nm_matmul_dvalues(n, m, rows, n_out, k, dtype, poisoned):
+    """The kept values' gradient (dyᵀ x at the kept columns, SDDMM) against float64."""
+    values, indices = make_nm(n_out, k, n, m, dtype)
+    dy = torch.randn(rows, n_out).to(dtype=dtype, device=DEVICE)
+    x = torch.randn(rows, k).to(dtype=dtype, device=DEVICE)
+    dv = kernels.nm_matmul_dvalues(dy, x, indices, n, m, dtype)
+    assert dv.shape == values.shape and dv.dtype == dtype
+    assert values.shape in poisoned
+    kept = unpack_nm(torch.ones_like(values, dtype=torch.float64).cpu(), indices.cpu(), n, m, k).bool()
+    dense = dy.cpu().double().t() @ x.cpu().double()
+    assert_close(dv, dense[kept].reshape(values.shape), dtype, f"dvalues {n}:{m} M={rows}")
 
 
 def test_bad_pattern_and_rows():
@@ -137,8 +196,10 @@ def test_bad_pattern_and_rows():
 
 def test_compile_cases_cover_every_kernel_and_pattern():
     names = [c.name for c in kernels.COMPILE_CASES]
-    assert any(name.startswith("nm_decode_q4[") for name in names)
-    for kernel in ("nm_tile", "nm_decode"):
+    for kernel in ("nm_decode_q4", "nm_tile_q4", "nm_dx_q4"):
+        assert any(name.startswith(f"{kernel}[") for name in names), kernel
+    assert any(name.startswith("nm_dx[fp32,") for name in names)  # every autotune config checked on sm_80
+    for kernel in ("nm_tile", "nm_decode", "nm_dx", "nm_dvalues"):
         for dtype in ("fp16", "bf16"):
             for n, m in ((2, 4), (1, 4), (2, 8), (4, 16)):
                 assert any(name.startswith(f"{kernel}[{dtype},{n}:{m}") for name in names), (kernel, dtype, n, m)

@@ -1,7 +1,8 @@
 """Reference lane: the CUDA N:M decode wrapper's verdicts and input checks on CPU tensors (no GPU),
-and a Python emulation of the kernel's indexing (tiles, 8-value chunks, word pair, incremental
-group/slot) checked against ``format.unpack_nm``. Compile lane: csrc/sparse_decode.cu builds for
-sm_80/sm_90 without register spills."""
+dense and 4-bit kept values, and a Python emulation of the kernel's indexing (tiles, 8-value
+chunks, word pair, incremental group/slot; for 4-bit values one code word and one scale/zero per
+chunk) checked against ``format.unpack_nm`` and the quant reference. Compile lane:
+csrc/sparse_decode.cu builds for sm_80/sm_90 without register spills."""
 import subprocess
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from lowrank_ops.core import cuda_build, cuda_ext
 from lowrank_ops.core.backend import Support
+from lowrank_ops.quant.compress import quantize_rtn
+from lowrank_ops.quant.ops import dequantize_reference
 from lowrank_ops.sparse import cuda_decode
 from lowrank_ops.sparse.cuda_decode import CUDA_SPARSE_MAX_M
 from lowrank_ops.sparse.format import index_bits, nm_mask_from_scores, pack_nm, positions_per_word, unpack_nm
@@ -23,6 +26,13 @@ def make_packed(rows=2, k=96, n_out=12, n=2, m=4, bias=True, dtype=HALF, seed=0)
     values, indices = pack_nm(w, nm_mask_from_scores(torch.rand(n_out, k, generator=gen), n, m), n, m)
     b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
     return torch.randn(rows, k, generator=gen).to(dtype), values.to(dtype), indices, b
+
+
+def make_q4(group=32, **kwargs):
+    """make_packed with the kept values as 4-bit codes: (x, qweight, scales, zeros, indices, bias)."""
+    x, values, indices, b = make_packed(**kwargs)
+    q = quantize_rtn(values.float(), bits=4, group_size=group)
+    return x, q.qweight, q.scales, q.zeros, indices, b
 
 
 # --------------------------------------------------------------------------- supports()
@@ -72,12 +82,56 @@ def test_shape_support_verdicts(dtype, shape, n, m, ok, fragment):
     assert verdict.ok == ok and fragment in verdict.why, verdict
 
 
+@pytest.mark.parametrize("group,ok", [(32, True), (64, True), (128, True), (16, False), (True, False), ("32", False)])
+def test_shape_support_group_sizes(group, ok):
+    verdict = cuda_decode.shape_support(torch.bfloat16, (3, 64), 2, 4, group)
+    assert verdict.ok == ok and (ok or "group_size" in verdict.why), verdict
+
+
+def test_supports_q4_wants_int32_codes():
+    x, values, _, _ = make_packed()
+    verdict = cuda_decode.supports(x, values, 2, 4, 32)  # CPU: refused for the device first
+    assert not verdict.ok and "CUDA tensor" in verdict.why
+    meta = torch.empty(1, 96, dtype=HALF, device="meta")
+    assert "CUDA tensor" in cuda_decode.supports(meta, values, 2, 4, 32).why
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 16)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_valid_cpu_call_fails_only_on_device(n, m, bias):
     x, values, indices, b = make_packed(n=n, m=m, k=96 if m != 16 else 112, bias=bias)
     with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
         cuda_decode.nm_linear_decode(x, values, indices, n, m, b)
+
+
+@pytest.mark.parametrize("n,m,group", [(2, 4, 32), (1, 4, 128), (2, 8, 64), (4, 16, 32)])
+def test_valid_q4_cpu_call_fails_only_on_device(n, m, group):
+    x, qweight, scales, zeros, indices, b = make_q4(group, n=n, m=m, k=96 if m != 16 else 112)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        cuda_decode.nm_linear_decode(x, qweight, indices, n, m, b, qscales=scales, qzeros=zeros, group_size=group)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda q, s, z, g: (q.float(), s, z, g), TypeError, "values: expected dtype torch.int32"),
+        (lambda q, s, z, g: (q[:, :-1].contiguous(), s, z, g), ValueError, r"values: expected shape \(12, 8\)"),
+        (lambda q, s, z, g: (q.t().contiguous().t(), s, z, g), ValueError, "values: expected a contiguous"),
+        (lambda q, s, z, g: (q, s.float(), z, g), TypeError, "qscales: expected dtype torch.float16"),
+        (lambda q, s, z, g: (q, s, z[:, :1].contiguous(), g), ValueError, r"qzeros: expected shape \(12, 2\)"),
+        (lambda q, s, z, g: (q, None, z, g), TypeError, "qscales: expected a torch.Tensor"),
+        (lambda q, s, z, g: (q, s, z, 48), ValueError, r"group_size: expected one of \(32, 64, 128\), got 48"),
+        (lambda q, s, z, g: (q, s, z, True), ValueError, "group_size: expected one of"),
+        (lambda q, s, z, g: (q, s, z, None), ValueError, "group_size: expected 32, 64 or 128 with qscales"),
+        (lambda q, s, z, g: (q, s, z, 64), ValueError, r"qscales: expected shape \(12, 1\)"),  # one group of 64
+    ],
+)
+def test_check_q4_inputs_names_the_argument(mutate, exc, pattern):
+    """KK = 48 kept values in groups of 32: codes (12, 8) int32, scales/zeros (12, 2) fp16."""
+    x, qweight, scales, zeros, indices, bias = make_q4(32)
+    qweight, scales, zeros, group = mutate(qweight, scales, zeros, 32)
+    with pytest.raises(exc, match=pattern):
+        cuda_decode.nm_linear_decode(x, qweight, indices, 2, 4, bias, qscales=scales, qzeros=zeros, group_size=group)
 
 
 @pytest.mark.parametrize(
@@ -163,12 +217,47 @@ def test_kernel_indexing_emulation_matches_unpack(n, m, k, tile):
     assert torch.equal(dense, unpack_nm(values, indices, n, m, k))
 
 
+def emulate_q4_chunks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, kept: int,
+                      group: int) -> torch.Tensor:
+    """(N, KK) kept values as csrc/sparse_decode.cu dequantizes 4-bit codes: per chunk of 8 values
+    (j8 a multiple of 8) one code word ``qrow[j8 / 8]`` of a row of (KK_pad / 8) words, one
+    scale/zero at group ``j8 >> log2(group)`` of a row of KK_pad / group entries, code e at bit
+    4·e turned into a float by the magic exponent (0x4B000000 | q, minus 2^23), (q − z)·s in fp32."""
+    qshift = {32: 5, 64: 6, 128: 7}[group]
+    qgroups = (kept + (1 << qshift) - 1) >> qshift
+    words = qgroups * group // 8
+    flat_q = qweight.reshape(-1)
+    flat_s, flat_z = scales.float().reshape(-1), zeros.float().reshape(-1)
+    out = torch.empty(qweight.shape[0], kept)
+    for r in range(qweight.shape[0]):
+        for j8 in range(0, kept, 8):
+            codes = int(flat_q[r * words + j8 // 8]) & 0xFFFFFFFF
+            s, z = flat_s[r * qgroups + (j8 >> qshift)], flat_z[r * qgroups + (j8 >> qshift)]
+            for e in range(min(8, kept - j8)):
+                magic = torch.tensor([0x4B000000 | ((codes >> (4 * e)) & 0xF)], dtype=torch.int32).view(torch.float32)
+                q = magic - 8388608.0
+                out[r, j8 + e] = ((q - z) * s).item()
+    return out
+
+
+@pytest.mark.parametrize("n,m,k,group", [(2, 4, 96, 32), (3, 8, 200, 64), (1, 4, 520, 128), (5, 16, 272, 32)])
+def test_kernel_q4_decoding_emulation_matches_reference(n, m, k, group):
+    """The kernel's 4-bit chunk decoding (KK off the group size: padded last group) gives the
+    quant family's dequantized values exactly."""
+    _, qweight, scales, zeros, _, _ = make_q4(group, n_out=5, k=k, n=n, m=m, bias=False)
+    kept = k // m * n
+    ref = dequantize_reference(qweight, None, scales, zeros, None, None, None, None, None, None,
+                               bits=4, group_size=group, in_features=kept)
+    assert torch.equal(emulate_q4_chunks(qweight, scales, zeros, kept, group), ref)
+
+
 # --------------------------------------------------------------------------- compile lane: registers
 @pytest.mark.compile
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="compile lane: nvcc not found")
 def test_sparse_decode_cu_compiles_without_spills(tmp_path):
     """csrc/sparse_decode.cu alone, for sm_80 and sm_90 with ``-Xptxas -v``: every instantiation of
-    the kernel (2 dtypes x 3 group sizes x 4 row counts, per arch) reports no spill stores/loads."""
+    the kernel (2 dtypes x 3 group sizes m x 4 row counts x dense/4-bit values, per arch) reports
+    no spill stores/loads."""
     nvcc = cuda_build.find_nvcc()
     archs = ["80", "90"]
     cmd = [nvcc, *cuda_build.COMMON_FLAGS, *cuda_build.gencode_flags(archs), f"-I{cuda_build.CSRC_DIR}",
@@ -177,5 +266,5 @@ def test_sparse_decode_cu_compiles_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (proc.stdout + proc.stderr).splitlines()
     spill_lines = [line for prev, line in zip(log, log[1:]) if "sparse_decode_kernel" in prev and "spill" in line]
-    assert len(spill_lines) >= 24 * len(archs), "\n".join(log[-20:])
+    assert len(spill_lines) >= 48 * len(archs), "\n".join(log[-20:])
     assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in spill_lines), spill_lines

@@ -228,9 +228,10 @@ def test_validate_rejects_corrupt_formats():
         NMFormat(values, indices, 4, 4, k)
     with pytest.raises(ValueError, match="in_features: expected a multiple of m=4"):
         NMFormat(values, indices, n, m, 30)
-    q = quantize(values.float(), bits=3, group_size=32, method="rtn")
-    with pytest.raises(ValueError, match="qvalues: expected a plain 4-bit"):
-        NMFormat(None, indices, n, m, k, qvalues=q)
+    for q in (quantize(values.float(), bits=3, group_size=32, method="rtn"),
+              quantize(values.float(), bits=4, group_size=32, method="rtn", quantize_stats=True)):
+        with pytest.raises(ValueError, match="qvalues: expected a plain 4-bit"):
+            NMFormat(None, indices, n, m, k, qvalues=q)
 
 
 # ----------------------------------------------------------------------------- torch 2:4 interop

@@ -1,5 +1,6 @@
 """Reference lane for SparseLinear / SRSTELinear and build_sparse_layers: layer, fixed-mask and
-SR-STE training, freeze, quantized values, save/load, model-level all-or-nothing."""
+SR-STE training, freeze, quantized values (and, on the interpreter, that they reach the kernels
+as codes), save/load, model-level all-or-nothing."""
 import copy
 import json
 
@@ -93,6 +94,35 @@ def test_fixed_mask_training_updates_kept_values_only():
     assert losses[-1] < 0.7 * losses[0]
     assert torch.equal(layer.indices, indices) and torch.equal(layer.format.mask(), mask)
     assert bool((layer.dense_weight()[~mask] == 0).all())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows", [3, 17])
+def test_q4_layer_hands_codes_to_the_kernels(rows, monkeypatch):
+    """With 4-bit kept values the layer passes codes + scales/zeros to the op: on the Triton
+    backend (interpreter) neither the forward nor the backward to x dequantizes or expands the
+    weight in torch, and both match the layer's dense weight."""
+    pytest.importorskip("triton")
+    from lowrank_ops.core.backend import use_backend
+    from lowrank_ops.sparse import ops
+
+    lin = nn.Linear(96, 40)
+    layer = SparseLinear.from_linear(lin, n=2, m=8, quantize_values=True, group_size=32)
+    x = torch.randn(rows, 96, requires_grad=True)
+    w = layer.dense_weight()
+    grad = torch.randn(rows, 40)
+
+    def expanded(*args, **kwargs):
+        raise AssertionError("the 4-bit weight was dequantized / expanded in torch")
+
+    monkeypatch.setattr(ops, "dequantize_reference", expanded)
+    monkeypatch.setattr(ops, "unpack_nm", expanded)
+    with use_backend("triton"):
+        y = layer(x)
+        y.backward(grad)
+    assert rel(y, x.detach() @ w.t() + lin.bias) < 1e-5
+    assert rel(x.grad, grad @ w) < 1e-5
+    assert layer.bias.grad is not None
 
 
 def test_frozen_layer_has_no_weight_parameter():

@@ -1,5 +1,6 @@
 """Reference lane: the ``lowrank_ops::nm_linear`` op (reference vs float64, autograd, opcheck,
-torch.compile, dispatch, bad inputs); the op's GPU paths are in the gpu lane at the end."""
+torch.compile, dispatch, bad inputs; dense and 4-bit kept values); the Triton backend through the
+op, backward included, on the interpreter; the op's GPU paths are in the gpu lane at the end."""
 import sys
 import types
 
@@ -22,7 +23,15 @@ def _packed(rows, k, n, m, dtype=torch.float32, seed=0):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def _q4(values, group):
+    """(qweight, scales, zeros) of the 4-bit RTN-quantized kept values and their float64 dequantization."""
+    from lowrank_ops.quant.compress import quantize_rtn
+
+    q = quantize_rtn(values.float(), bits=4, group_size=group)
+    return (q.qweight, q.scales, q.zeros), q.dense(torch.float64)
 
 
 @pytest.mark.parametrize("n,m", PATTERNS)
@@ -82,6 +91,33 @@ def test_frozen_weight_gets_no_gradient():
     assert x.grad is not None and values.grad is None and indices.grad is None
 
 
+# --------------------------------------------------------------------------- 4-bit kept values
+@pytest.mark.parametrize("n,m,k,group,dtype,tol", [
+    (2, 4, 100, 32, torch.float32, 1e-6), (1, 4, 256, 64, torch.float16, 2e-3), (2, 8, 200, 128, torch.bfloat16, 1e-2),
+    (4, 16, 112, 32, torch.float32, 1e-6),
+], ids=str)
+def test_q4_reference_and_gradients_match_float64(n, m, k, group, dtype, tol):
+    """4-bit kept values (codes + scales/zeros, KK off the group size): y, dx and dbias against
+    float64 autograd through the dequantized dense weight; codes/scales/zeros stay frozen."""
+    values, indices, _ = _packed(9, k, n, m)
+    (qweight, scales, zeros), dequant = _q4(values, group)
+    x = torch.randn(2, 3, k).to(dtype).requires_grad_()
+    bias = torch.randn(9).to(dtype).requires_grad_()
+    y = ops.nm_linear(x, qweight, indices, bias, n=n, m=m, in_features=k, qscales=scales, qzeros=zeros,
+                      group_size=group)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    y64 = x64 @ unpack_nm(dequant, indices, n, m, k).t() + b64
+    y64.backward(grad.double())
+    assert y.dtype == dtype and _rel(y, y64) < tol
+    assert _rel(x.grad, x64.grad) < tol and _rel(bias.grad, b64.grad) < tol
+    assert all(t.grad is None for t in (qweight, scales, zeros, indices))
+    ref = ops.nm_linear_reference(x.detach().reshape(-1, k), qweight, indices, bias.detach(), n, m, k, scales, zeros, group)
+    torch.testing.assert_close(y.detach().reshape(-1, 9), ref)
+
+
 # --------------------------------------------------------------------------- opcheck, torch.compile
 @pytest.mark.parametrize("n,m,bias,train", [(2, 4, True, True), (1, 4, False, False), (3, 16, True, False), (4, 8, False, True)])
 def test_opcheck(n, m, bias, train):
@@ -92,6 +128,17 @@ def test_opcheck(n, m, bias, train):
     b = torch.randn(rows, requires_grad=True) if bias else None
     with use_backend("reference"):
         torch.library.opcheck(ops._nm_linear_op, (x, values, indices, b, n, m, k, "auto"))
+
+
+@pytest.mark.parametrize("n,m,group,bias", [(2, 4, 32, True), (3, 8, 64, False)])
+def test_opcheck_q4(n, m, group, bias):
+    k, rows = 10 * m, 6
+    values, indices, _ = _packed(rows, k, n, m)
+    (qweight, scales, zeros), _ = _q4(values, group)
+    x = torch.randn(5, k, requires_grad=True)
+    b = torch.randn(rows, requires_grad=True) if bias else None
+    with use_backend("reference"):
+        torch.library.opcheck(ops._nm_linear_op, (x, qweight, indices, b, n, m, k, "auto", scales, zeros, group))
 
 
 class TinySparseLinear(torch.nn.Module):
@@ -165,17 +212,57 @@ def test_pinned_backends_and_unavailable_kernels(monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("rows,path", [(3, "auto"), (17, "auto"), (3, "tile")])
-def test_triton_backend_through_the_op(rows, path):
-    """The op reaches the Triton kernels (interpreter on CPU) and agrees with the reference."""
+@pytest.mark.parametrize("rows,path,group", [(3, "auto", None), (17, "auto", None), (3, "tile", None),
+                                             (3, "auto", 32), (17, "auto", 64), (3, "tile", 32)])
+def test_triton_backend_through_the_op(rows, path, group, monkeypatch):
+    """The op reaches the Triton kernels (interpreter on CPU), forward and backward (to x, and to
+    dense kept values), with dense or 4-bit kept values, and agrees with the reference; no
+    direction expands or dequantizes the weight, or forms the dense gradient, in torch."""
     pytest.importorskip("triton")
     values, indices, _ = _packed(24, 64, 2, 8)
-    x = torch.randn(rows, 64)
+    q4 = {}
+    if group is not None:
+        (qweight, scales, zeros), _ = _q4(values, group)
+        values, q4 = qweight, dict(qscales=scales, qzeros=zeros, group_size=group)
+    x = torch.randn(rows, 64, requires_grad=True)
     bias = torch.randn(24)
-    out = ops.nm_linear_reference(x, values, indices, bias, 2, 8, 64)
+    grad = torch.randn(rows, 24)
+    w = ops.nm_dense_weight(values, indices, 2, 8, 64, q4.get("qscales"), q4.get("qzeros"), q4.get("group_size"))
+    out, dx = x.detach() @ w.t() + bias, grad @ w
+
+    def expanded(*args, **kwargs):
+        raise AssertionError("the triton backend expanded the weight in torch")
+
+    if group is None:  # dense kept values train: their gradient too comes from a kernel (SDDMM)
+        values = values.clone().requires_grad_()
+        dvalues = torch.gather(grad.t() @ x.detach(), 1, kept_columns(indices, 2, 8, 64))
+    monkeypatch.setattr(ops, "unpack_nm", expanded)
+    monkeypatch.setattr(ops, "dequantize_reference", expanded)
+    monkeypatch.setattr(ops, "kept_columns", expanded)
     with use_backend("triton"):
-        y = ops.nm_linear(x, values, indices, bias, n=2, m=8, in_features=64, path=path)
-    assert _rel(y, out) < 1e-5
+        y = ops.nm_linear(x, values, indices, bias, n=2, m=8, in_features=64, path=path, **q4)
+        y.backward(grad)
+    assert _rel(y, out) < 1e-5 and _rel(x.grad, dx) < 1e-5
+    if group is None:
+        assert _rel(values.grad, dvalues) < 1e-5
+
+
+def test_backward_backend_reasons(monkeypatch):
+    """The backward products run on Triton or the reference, never on a CUDA kernel (a pinned
+    "cuda" is refused with the reason); a missing kernel makes Triton unsupported."""
+    values, indices, _ = _packed(8, 32, 2, 4)
+    grad = torch.randn(3, 8)
+    assert ops._backward_backend("dx", grad.device) == "reference"  # automatic choice on CPU
+    with use_backend("cuda"), pytest.raises(ValueError, match=r"no CUDA kernel for the backward \(dx\)"):
+        ops.nm_linear_dx(grad, values, indices, 2, 4, 32)
+    with use_backend("cuda"), pytest.raises(ValueError, match=r"no CUDA kernel for the backward \(dvalues\)"):
+        ops.nm_linear_dvalues(grad, torch.randn(3, 32), indices, 2, 4, 32, torch.float32)
+    monkeypatch.setitem(sys.modules, "lowrank_ops.kernels.sparse", types.ModuleType("lowrank_ops.kernels.sparse"))
+    import lowrank_ops.kernels as kernel_pkg
+
+    monkeypatch.delattr(kernel_pkg, "sparse", raising=False)
+    with use_backend("triton"), pytest.raises(ValueError, match="Triton cannot launch|lacks nm_matmul_dx_q4"):
+        ops._backward_backend("dx", grad.device, 32)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -204,6 +291,32 @@ def test_bad_inputs(change, error, match):
     args = change(dict(x=torch.randn(3, 32), values=values, indices=indices, bias=None, n=2, m=4, in_features=32))
     with pytest.raises(error, match=match):
         ops.nm_linear(args.pop("x"), args.pop("values"), args.pop("indices"), args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda a: {**a, "qzeros": None}, ValueError, r"qscales/qzeros/group_size: .*need all three, got only \['qscales', 'group_size'\]"),
+        (lambda a: {**a, "group_size": None}, ValueError, "need all three"),
+        (lambda a: {**a, "group_size": 48}, ValueError, r"group_size: expected one of \[32, 64, 128\]"),
+        (lambda a: {**a, "group_size": 32.0}, TypeError, "group_size: expected an int"),
+        (lambda a: {**a, "values": a["values"].float()}, TypeError, "values: expected dtype in \\['torch.int32'\\]"),
+        (lambda a: {**a, "values": a["values"][:, :3]}, ValueError, "values: expected size 4 at dim 1 .4-bit codes"),
+        (lambda a: {**a, "qscales": a["qscales"].float()}, TypeError, "qscales: expected dtype"),
+        (lambda a: {**a, "qzeros": a["qzeros"][:5]}, ValueError, "qzeros: expected size 9 at dim 0"),
+        (lambda a: {**a, "qscales": a["qscales"].repeat(1, 2)}, ValueError, "qscales: expected size 1 at dim 1"),
+        (lambda a: {**a, "qzeros": a["qzeros"].to("meta")}, ValueError, "qzeros: expected device cpu .that of x."),
+        (lambda a: {**a, "group_size": 64}, ValueError, "values: expected size 8 at dim 1"),  # KK pads to 64: 8 words
+    ],
+)
+def test_bad_q4_inputs(change, error, match):
+    """4-bit kept values: KK = 16 in groups of 32 → codes (9, 4) int32, scales/zeros (9, 1) fp16."""
+    values, indices, _ = _packed(9, 32, 2, 4)
+    (qweight, scales, zeros), _ = _q4(values, 32)
+    args = change(dict(x=torch.randn(3, 32), values=qweight, indices=indices, qscales=scales, qzeros=zeros,
+                       group_size=32))
+    with pytest.raises(error, match=match):
+        ops.nm_linear(args.pop("x"), args.pop("values"), args.pop("indices"), n=2, m=4, in_features=32, **args)
 
 
 # --------------------------------------------------------------------------- gpu lane
@@ -238,6 +351,28 @@ def test_gpu_semi_structured_path_and_cache(dtype):
     assert _rel(y2, 2 * ref) < 1e-2
     with pytest.raises(ValueError, match="path: 'semi_structured' was forced but cannot serve"):
         ops.nm_linear(x.float(), values.float(), indices, n=2, m=4, in_features=512, path="semi_structured")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17, 256])
+@pytest.mark.parametrize("n,m", [(2, 4), (2, 8)])
+def test_gpu_q4_auto_dispatch_and_backward_match_reference(dtype, rows, n, m):
+    """4-bit kept values through the op on every automatic route (CUDA decode kernel at M ≤ 8,
+    Triton decode, tile — 2:4 at 256 rows falls back from semi-structured), and dx by the Triton
+    backward kernel."""
+    values, indices, _ = _packed(256, 520, n, m)
+    (qweight, scales, zeros), _ = _q4(values, 64)
+    q4 = dict(qscales=scales.cuda(), qzeros=zeros.cuda(), group_size=64)
+    qweight, indices = qweight.cuda(), indices.cuda()
+    x = torch.randn(rows, 520, device="cuda").to(dtype).requires_grad_()
+    bias = torch.randn(256, device="cuda").to(dtype)
+    y = ops.nm_linear(x, qweight, indices, bias, n=n, m=m, in_features=520, **q4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w = ops.nm_dense_weight(qweight, indices, n, m, 520, q4["qscales"], q4["qzeros"], 64)
+    assert bool(torch.isfinite(y).all()) and _rel(y, x.detach().float() @ w.t() + bias.float()) < 1e-2
+    assert _rel(x.grad, grad.float() @ w) < 1e-2
 
 
 @pytest.mark.gpu

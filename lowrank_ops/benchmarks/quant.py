@@ -506,7 +506,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
 TABLE_COLUMNS = [
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("m", "M", 5),
-    T.Column(lambda r: r.get("config") or "-", "config", 7, align="<"),
+    T.Column(lambda r: r.get("config") or "-", "config", 11, align="<"),
     T.Column(T.method_cell, "method", 16, align="<"),
     T.Column("median_us", "med_us", 9, ".1f"),
     T.Column("eager_us", "eager_us", 9, ".1f"),
@@ -518,7 +518,7 @@ TABLE_COLUMNS = [
 SUMMARY_COLUMNS = [
     T.Column("shape", "NxK", 10, align="<"),
     T.Column("m", "M", 5),
-    T.Column("config", "config", 7, align="<"),
+    T.Column("config", "config", 11, align="<"),
     T.Column("dense_us", "dense_us", 9, ".1f"),
     T.Column("int4pack_us", "int4pk_us", 9, ".1f"),
     T.Column("best", "best ours", 16, align="<"),

@@ -14,8 +14,8 @@ ours, per pattern (``nm_linear`` on a random weight pruned to n:m by magnitude, 
   refuses the call), ``triton`` (pinned to Triton, automatic path: ``decode`` for M ≤ 16, ``tile``
   above, torch's ``semi_structured`` for 2:4 at large M) and ``triton:<path>`` (the other Triton
   paths forced with ``nm_linear(path=...)``). On CPU (``--cpu-smoke``) a ``reference`` row stands in.
-  The ``+q4`` patterns have one method, ``triton:q4`` (``kernels.sparse.nm_matmul_decode_q4``
-  called directly, M ≤ 16): the op does not route quantized kept values to a kernel yet.
+  The ``+q4`` patterns take the same methods: ``nm_linear`` reads the 4-bit codes on every
+  backend (the semi-structured path is dense-values only, so 2:4+q4 at large M takes ``tile``).
 
 Per row: median / p20 / p80 µs (CUDA-graph replay), eager µs, GB/s on the true byte count
 (values + indices + x + y; for the baselines their own weights + x + y), fraction of the measured
@@ -132,16 +132,13 @@ def build_format(n_out: int, k: int, pattern: str, device: torch.device, dtype: 
     return NMFormat(values=values, indices=indices, n=n, m=m, in_features=k)
 
 
-def _nm_fn(x, values, indices, *, n: int, m: int, in_features: int, path: str):
+def _nm_fn(x, values, indices, *quant, n: int, m: int, in_features: int, path: str):
+    """``nm_linear`` on dense kept values, or on 4-bit ones (``quant`` = (scales, zeros), groups of
+    :data:`Q4_GROUP`)."""
     from lowrank_ops.sparse.ops import nm_linear
 
-    return nm_linear(x, values, indices, None, n=n, m=m, in_features=in_features, path=path)
-
-
-def _nm_q4_fn(x, qweight, scales, zeros, indices, *, n: int, m: int):
-    from lowrank_ops.kernels.sparse import nm_matmul_decode_q4
-
-    return nm_matmul_decode_q4(x, qweight, scales, zeros, Q4_GROUP, indices, n, m, None)
+    q4 = dict(qscales=quant[0], qzeros=quant[1], group_size=Q4_GROUP) if quant else {}
+    return nm_linear(x, values, indices, None, n=n, m=m, in_features=in_features, path=path, **q4)
 
 
 def _dense(x, w):
@@ -184,16 +181,13 @@ def our_methods(case: Case, pattern: str, env: Env) -> list[tuple[str, Optional[
     from lowrank_ops.sparse import ops
 
     n, m = PATTERNS[pattern]
-    if pattern in Q4_PATTERNS:
-        too_big = f"the 4-bit-values kernel is decode only (M <= {ops.DECODE_MAX_M})" if case.m > ops.DECODE_MAX_M else ""
-        return [("triton:q4", "triton", "q4", env.triton_why or too_big)]
     out: list[tuple[str, Optional[str], str, str]] = []
     if env.device.type != "cuda":
         out.append(("reference", "reference", "auto", ""))
     out.append(("cuda", "cuda", "auto", "" if env.device.type == "cuda" else "not on CUDA"))
     out.append(("triton", "triton", "auto", env.triton_why))
     if env.triton_ok:
-        auto = ops.nm_path(case.m, n, m)
+        auto = ops.nm_path(case.m, n, m, quantized=pattern in Q4_PATTERNS)
         others = ("decode", "tile") if case.m <= ops.DECODE_MAX_M else ("tile",)
         out += [(f"triton:{p}", "triton", p, "") for p in others if p != auto]
     return out
@@ -272,7 +266,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             if cfg.methods and name not in cfg.methods:
                 continue
             row = _base_row(case, name, "ours", env, pattern)
-            resolved = ops.nm_path(m, n, mm) if path == "auto" else ("decode" if path == "q4" else path)
+            resolved = ops.nm_path(m, n, mm, quantized=pattern in Q4_PATTERNS) if path == "auto" else path
             row.update(backend=backend_name, path=resolved if backend_name == "triton" else None,
                        weight_bytes=fmt.nbytes, bits_per_weight=fmt.bits_per_weight, limit=dense_bytes / fmt.nbytes,
                        auto=backend_name == auto_backend and path == "auto")
@@ -281,12 +275,9 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
                 row.update(status="skipped", note=skip)
                 rows.append(row)
                 continue
-            if path == "q4":
-                fn = lambda x, *w: _nm_q4_fn(x, *w, n=n, m=mm)  # noqa: E731
-                weights = (fmt.qvalues.qweight, fmt.qvalues.scales, fmt.qvalues.zeros, fmt.indices)
-            else:
-                fn = lambda x, *w, _path=path: _nm_fn(x, *w, n=n, m=mm, in_features=k, path=_path)  # noqa: E731
-                weights = (fmt.values, fmt.indices)
+            fn = lambda x, *w, _path=path: _nm_fn(x, *w, n=n, m=mm, in_features=k, path=_path)  # noqa: E731
+            q = fmt.qvalues
+            weights = (fmt.values, fmt.indices) if q is None else (q.qweight, fmt.indices, q.scales, q.zeros)
             try:
                 if sets is None:
                     count = n_copies(fmt.nbytes)

@@ -81,6 +81,13 @@ class Support:
     preferred: bool = True
 
 
+def triton_support(device: torch.device) -> Support:
+    """The ``triton`` backend's device verdict (:func:`triton_runs_on`), with the reason."""
+    if not triton_runs_on(device):
+        return Support(False, f"Triton cannot launch on {device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+    return Support(True)
+
+
 def cuda_kernel_support(x: object, kernel: str, shape_check: Callable[[torch.Tensor], Support]) -> Support:
     """Whether a csrc ``kernel`` can serve a call on ``x``: a CUDA tensor, ``shape_check(x)``
     (dtype, shape, format parameters) and the extension built. Cheap; never raises."""

@@ -138,17 +138,11 @@ def lowrank_residual(residual: Tensor, rank: int, power_iters: int) -> tuple[Ten
 
 
 # ----------------------------------------------------------------------------- block compression
-def _triton_support(x: Tensor) -> Support:
-    if not backend.triton_runs_on(x.device):
-        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
-    return Support(True)
-
-
 def _quantize(keys: Tensor, values: Tensor, config: GEARConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Both quantizations of whole blocks, by the backend :func:`select_backend` picks."""
     support = {
         "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR block compression; use triton"),
-        "triton": _triton_support(keys),
+        "triton": backend.triton_support(keys.device),
         "reference": Support(True),
     }
     if backend.select_backend("gear_compress", support, keys.device) == "triton":

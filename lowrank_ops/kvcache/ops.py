@@ -58,7 +58,7 @@ def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None
 # --------------------------------------------------------------------------- backend support
 def _triton_support(q: Tensor, rank: int) -> Support:
     if not backend.triton_runs_on(q.device):
-        return Support(False, f"Triton cannot launch on {q.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
+        return backend.triton_support(q.device)
     try:
         module = importlib.import_module(KERNEL_MODULE)
     except ImportError as exc:

@@ -82,14 +82,8 @@ def _cuda_decode_support(x: Tensor, rank: int) -> Support:
     return verdict
 
 
-def _triton_support(x: Tensor) -> Support:
-    if not backend.triton_runs_on(x.device):
-        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
-    return Support(True)
-
-
 def _lora_triton_support(x: Tensor, rank: int) -> Support:
-    verdict = _triton_support(x)
+    verdict = backend.triton_support(x.device)
     if not verdict.ok:
         return verdict
     from lowrank_ops.kernels.lowrank import LORA_MAX_RANK
@@ -102,7 +96,7 @@ def _lora_triton_support(x: Tensor, rank: int) -> Support:
 def _lowrank_backend(x: Tensor, v: Tensor) -> str:
     support = {
         "cuda": _cuda_decode_support(x, v.shape[0]),
-        "triton": _triton_support(x),
+        "triton": backend.triton_support(x.device),
         "reference": Support(True),
     }
     return backend.select_backend("lowrank_linear", support, x.device)

@@ -95,18 +95,12 @@ def quant_linear_reference(
 
 
 # --------------------------------------------------------------------------- backend support
-def _triton_support(x: Tensor) -> Support:
-    if not backend.triton_runs_on(x.device):
-        return Support(False, f"Triton cannot launch on {x.device} (CUDA device, or CPU with TRITON_INTERPRET=1)")
-    return Support(True)
-
-
 def _quant_backend(x: Tensor, bits: int, has_lut: bool, group_size: int) -> str:
     from lowrank_ops.quant import cuda_decode
 
     support = {
         "cuda": cuda_decode.supports(x, bits, has_lut, group_size),
-        "triton": _triton_support(x),
+        "triton": backend.triton_support(x.device),
         "reference": Support(True),
     }
     return backend.select_backend("quant_linear", support, x.device)
@@ -155,7 +149,7 @@ def _quant_setup(ctx, inputs, output) -> None:
 def _dx_backend(grad: Tensor) -> str:
     support = {
         "cuda": Support(False, "no CUDA kernel for the backward to x; the Triton kernel serves it"),
-        "triton": _triton_support(grad),
+        "triton": backend.triton_support(grad.device),
         "reference": Support(True),
     }
     return backend.select_backend("quant_linear backward", support, grad.device)

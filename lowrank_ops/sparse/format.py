@@ -270,8 +270,9 @@ class NMFormat:
             q = self.qvalues
             if not isinstance(q, QuantFormat):
                 raise TypeError(f"qvalues: expected a lowrank_ops.quant.format.QuantFormat, got {type(q).__name__}")
-            if q.bits != 4 or q.is_lut or q.has_outliers or q.rank:
-                raise ValueError(f"qvalues: expected a plain 4-bit uniform QuantFormat (no LUT, outliers or low-rank path), got {q.config()}")
+            if q.bits != 4 or q.is_lut or q.quantized_stats or q.has_outliers or q.rank:
+                raise ValueError("qvalues: expected a plain 4-bit uniform QuantFormat (fp16 scales/zeros; no LUT, "
+                                 f"second-level statistics, outliers or low-rank path), got {q.config()}")
             if (q.out_features, q.in_features) != (rows, kept):
                 raise ValueError(f"qvalues: expected shape ({rows}, {kept}) (out_features, KK), got ({q.out_features}, {q.in_features})")
             if q.device != dev:

@@ -1,5 +1,6 @@
 """``SparseLinear``: ``nn.Linear`` with an N:M structured-sparse packed weight (optionally 4-bit
-kept values and a low-rank compensation path), computed by the ``lowrank_ops::nm_linear`` op;
+kept values and a low-rank compensation path), computed by the ``lowrank_ops::nm_linear`` op
+(4-bit kept values go to the op as codes + scales/zeros: the kernels dequantize them on chip);
 and ``SRSTELinear``, the training-time layer whose N:M mask may change (SR-STE), frozen into a
 ``SparseLinear`` when training is done."""
 from __future__ import annotations
@@ -14,7 +15,6 @@ from lowrank_ops.core.checks import FLOAT_DTYPES, check_linear, check_tensor
 from lowrank_ops.core.layers import PackedFormatLinear, build_per_layer
 from lowrank_ops.lowrank.ops import lowrank_linear
 from lowrank_ops.quant.format import QuantFormat, padded_k
-from lowrank_ops.quant.ops import dequantize_reference
 from lowrank_ops.sparse import compress
 from lowrank_ops.sparse.format import NMFormat, check_nm, index_words, nm_mask_from_scores, pack_nm, pack_positions
 from lowrank_ops.sparse.ops import nm_linear
@@ -123,18 +123,14 @@ class SparseLinear(PackedFormatLinear):
         return cls(fmt, linear.bias, linear.weight.dtype, trainable=trainable)
 
     # --------------------------------------------------------------- compute
-    def kept_values(self) -> Tensor:
-        """The (N, KK) kept values in the compute dtype (dequantized when stored in 4 bits)."""
-        if self.values is not None:
-            return self.values
-        return dequantize_reference(
-            self.qvalues_qweight, None, self.qvalues_scales, self.qvalues_zeros, None, None, None, None, None, None,
-            bits=4, group_size=self.quant_group_size, in_features=self.kept,
-        ).to(self._dtype)
-
     def forward(self, x: Tensor) -> Tensor:
         check_tensor("x", x, dtypes=(self._dtype,))  # the layer's compute dtype, named in the error
-        y = nm_linear(x, self.kept_values(), self.indices, self.bias, n=self.n, m=self.m, in_features=self.in_features)
+        nm = dict(n=self.n, m=self.m, in_features=self.in_features)
+        if self.values is not None:
+            y = nm_linear(x, self.values, self.indices, self.bias, **nm)
+        else:  # 4-bit kept values: the op reads the codes, scales and zeros as stored
+            y = nm_linear(x, self.qvalues_qweight, self.indices, self.bias, **nm, qscales=self.qvalues_scales,
+                          qzeros=self.qvalues_zeros, group_size=self.quant_group_size)
         if self.lr_u is not None:
             y = y + lowrank_linear(x, self.lr_v, self.lr_u)
         return y
