@@ -328,33 +328,18 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
 
 def add_speedups(rows: list[dict]) -> None:
     """``vs_sdpa``: the faster SDPA baseline's time / this time, per case."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["context"], row["batch"]), []).append(row)
-    for group in groups.values():
+    for group in T.group_rows(rows, ("context", "batch")).values():
         sdpa = [r["median_us"] for r in group if r["method"] in ("sdpa", "sdpa:packed") and r.get("median_us")]
         best = min(sdpa) if sdpa else None
         for row in group:
-            t = row.get("median_us")
-            row["vs_sdpa"] = best / t if (best and t) else None
+            row["vs_sdpa"] = T.speedup(best, row.get("median_us"))
 
 
 # --------------------------------------------------------------------------- summaries
-def best_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """{(context, batch, config): our fastest measured row}."""
-    out: dict[tuple, dict] = {}
-    for row in rows:
-        if row.get("kind") == "ours" and row.get("median_us"):
-            key = (row["context"], row["batch"], row["config"])
-            if key not in out or row["median_us"] < out[key]["median_us"]:
-                out[key] = row
-    return out
-
-
 def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     """One line per (target, context, batch) that has a measurement: value, goal, met."""
     out = []
-    best = best_rows(rows)
+    best = T.best_rows(rows, ("context", "batch", "config"))
     for tgt in TARGETS:
         for (context, batch, config), row in sorted(best.items(), key=lambda kv: kv[0][:2]):
             if config != tgt.config or context < tgt.min_context:
@@ -362,7 +347,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
             value = row.get(tgt.kind)
             met = None if value is None else (value >= tgt.goal if tgt.kind == "vs_sdpa" else value <= tgt.goal)
             out.append({"target": tgt.text, "context": context, "batch": batch, "method": T.method_cell(row),
-                        "value": value, "goal": tgt.goal, "met": {True: "yes", False: "NO", None: "-"}[met]})
+                        "value": value, "goal": tgt.goal, "met": T.met_cell(met)})
     return out
 
 
@@ -419,17 +404,10 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def format_summary(payload: dict) -> str:
-    meta = payload.get("meta", {})
-    bw = payload.get("copy_bandwidth_gbps")
-    geo = payload.get("geometry", {})
-    title = (f"kvcache {payload.get('mode', '?')} | {meta.get('device', '?')} | {meta.get('dtype', '')} | "
-             f"{geo.get('q_heads')} q / {geo.get('kv_heads')} kv heads, d {geo.get('head_dim')}"
-             + (f" | copy {bw:.0f} GB/s" if bw else "") + f" | times: {payload.get('timing', {}).get('primary', '?')}")
-    text = T.format_table(summarize_rows(payload.get("rows", [])), SUMMARY_COLUMNS, title=title)
-    targets = evaluate_targets(payload.get("rows", []))
-    if targets:
-        text += "\n" + T.format_table(targets, TARGET_COLUMNS, title="targets (printed, not asserted)")
-    return text
+    rows, geo = payload.get("rows", []), payload.get("geometry", {})
+    detail = f"{geo.get('q_heads')} q / {geo.get('kv_heads')} kv heads, d {geo.get('head_dim')}"
+    return T.suite_summary("kvcache", payload, summarize_rows(rows), SUMMARY_COLUMNS, detail=detail,
+                           targets=evaluate_targets(rows), target_cols=TARGET_COLUMNS)
 
 
 # --------------------------------------------------------------------------- main

@@ -463,21 +463,20 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float],
     return rows
 
 
+CASE_KEYS = ("family", "shape", "rank", "m", "dtype")  # the fields that make one case
+
+
 def add_speedups(rows: list[dict]) -> None:
     """``vs_dense`` and ``vs_unfused`` (baseline median / this median) within each case."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["family"], row["shape"], row["rank"], row["m"], row["dtype"]), []).append(row)
-    for group in groups.values():
+    for group in T.group_rows(rows, CASE_KEYS).values():
         by_name = {r["method"]: r for r in group}
         family = group[0]["family"]
         dense = by_name.get("dense", {}).get("median_us")
         unfused = by_name.get(UNFUSED[family], {}).get("median_us")
         for row in group:
-            t = row.get("median_us")
             row["unfused_method"] = UNFUSED[family]
-            row["vs_dense"] = dense / t if (dense and t) else None
-            row["vs_unfused"] = unfused / t if (unfused and t) else None
+            row["vs_dense"] = T.speedup(dense, row.get("median_us"))
+            row["vs_unfused"] = T.speedup(unfused, row.get("median_us"))
 
 
 # --------------------------------------------------------------------------- tables
@@ -518,11 +517,8 @@ SUMMARY_COLUMNS = [
 
 def summarize_rows(rows: Sequence[dict]) -> list[dict]:
     """One line per case: baselines and our fastest measured method."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["family"], row["shape"], row["rank"], row["m"], row["dtype"]), []).append(row)
     out = []
-    for (family, shape, rank, m, _dtype), group in groups.items():
+    for (family, shape, rank, m, _dtype), group in T.group_rows(rows, CASE_KEYS).items():
         by_name = {r["method"]: r for r in group}
         ours = [r for r in group if r.get("kind") == "ours" and r.get("median_us")]
         out.append({
@@ -535,13 +531,9 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def format_summary(payload: dict) -> str:
-    meta = payload.get("meta", {})
-    bw = payload.get("copy_bandwidth_gbps")
     mm = payload.get("matmul_tflops")
-    title = (f"lowrank {payload.get('mode', '?')} | {meta.get('device', '?')} | copy "
-             f"{bw:.0f} GB/s | {meta.get('dtype', '')} matmul {mm:.1f} TFLOP/s | times: {payload.get('timing', {}).get('primary', '?')}"
-             if bw and mm else f"lowrank {payload.get('mode', '?')} | {meta.get('device', '?')}")
-    return T.format_table(summarize_rows(payload.get("rows", [])), SUMMARY_COLUMNS, title=title)
+    return T.suite_summary("lowrank", payload, summarize_rows(payload.get("rows", [])), SUMMARY_COLUMNS,
+                           detail=f"matmul {mm:.1f} TFLOP/s" if mm else "")
 
 
 # --------------------------------------------------------------------------- main

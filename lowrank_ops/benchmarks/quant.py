@@ -457,35 +457,20 @@ def run_case(case: Case, env: Env, cfg: RunConfig, cache: FormatCache, copy_gbps
 
 def add_speedups(rows: list[dict]) -> None:
     """``vs_dense``, ``vs_int4pack`` and ``cost_vs_4b`` (time / the 4b triton auto time) per case."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["shape"], row["m"]), []).append(row)
-    for group in groups.values():
+    for group in T.group_rows(rows, ("shape", "m")).values():
         base = {r["method"]: r.get("median_us") for r in group if r["kind"] == "baseline"}
         ref4 = {r["method"]: r.get("median_us") for r in group if r.get("config") == "4b"}
         for row in group:
             t = row.get("median_us")
-            row["vs_dense"] = base["dense"] / t if (base.get("dense") and t) else None
-            row["vs_int4pack"] = base["int4pack"] / t if (base.get("int4pack") and t) else None
-            b = ref4.get(row["method"])
-            row["cost_vs_4b"] = t / b if (row.get("config") and b and t) else None
+            row["vs_dense"] = T.speedup(base.get("dense"), t)
+            row["vs_int4pack"] = T.speedup(base.get("int4pack"), t)
+            row["cost_vs_4b"] = T.speedup(t, ref4.get(row["method"])) if row.get("config") else None
 
 
 # --------------------------------------------------------------------------- summaries
-def best_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """{(shape, m, config): our fastest measured row}."""
-    out: dict[tuple, dict] = {}
-    for row in rows:
-        if row.get("kind") == "ours" and row.get("median_us"):
-            key = (row["shape"], row["m"], row["config"])
-            if key not in out or row["median_us"] < out[key]["median_us"]:
-                out[key] = row
-    return out
-
-
 def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     """One line per (target, shape, M) that has a measurement: value, goal, met."""
-    best = best_rows(rows)
+    best = T.best_rows(rows, ("shape", "m", "config"))
     out = []
     for tgt in TARGETS:
         for (shape, m, config), row in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -499,7 +484,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
                 value = row.get(tgt.kind)
                 met = None if value is None else value >= tgt.goal
             out.append({"target": tgt.text, "shape": shape, "m": m, "method": T.method_cell(row),
-                        "value": value, "goal": tgt.goal, "met": {True: "yes", False: "NO", None: "-"}[met]})
+                        "value": value, "goal": tgt.goal, "met": T.met_cell(met)})
     return out
 
 
@@ -555,19 +540,9 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def format_summary(payload: dict) -> str:
-    meta = payload.get("meta", {})
-    bw = payload.get("copy_bandwidth_gbps")
     rows = payload.get("rows", [])
-    title = f"quant {payload.get('mode', '?')} | {meta.get('device', '?')} | {meta.get('dtype', '')}" + (
-        f" | copy {bw:.0f} GB/s" if bw else "") + f" | times: {payload.get('timing', {}).get('primary', '?')}"
-    skipped_int4 = {r.get("note") for r in rows if r.get("method") == "int4pack" and r.get("status") == "skipped"}
-    text = T.format_table(summarize_rows(rows), SUMMARY_COLUMNS, title=title)
-    if skipped_int4:
-        text += "\nint4pack skipped: " + "; ".join(sorted(n for n in skipped_int4 if n))[:300]
-    targets = evaluate_targets(rows)
-    if targets:
-        text += "\n" + T.format_table(targets, TARGET_COLUMNS, title="targets (printed, not asserted)")
-    return text
+    return T.suite_summary("quant", payload, summarize_rows(rows), SUMMARY_COLUMNS, skipped_baseline="int4pack",
+                           targets=evaluate_targets(rows), target_cols=TARGET_COLUMNS)
 
 
 # --------------------------------------------------------------------------- main

@@ -309,22 +309,20 @@ def auto_choice(x: torch.Tensor, fmt) -> Optional[str]:
 
         if backend.pinned_backend() is not None:
             return None
-        return ops._nm_backend(x, fmt.values, fmt.n, fmt.m, "auto")
+        q = fmt.qvalues
+        return ops._nm_backend(x, fmt.values if q is None else q.qweight, fmt.n, fmt.m, "auto",
+                               None if q is None else q.group_size)
     except Exception:
         return None
 
 
 def add_speedups(rows: list[dict]) -> None:
     """``vs_dense`` and ``vs_semi24`` (baseline time / this time) per case."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["shape"], row["m"]), []).append(row)
-    for group in groups.values():
+    for group in T.group_rows(rows, ("shape", "m")).values():
         base = {r["method"]: r.get("median_us") for r in group if r["kind"] == "baseline"}
         for row in group:
-            t = row.get("median_us")
-            row["vs_dense"] = base["dense"] / t if (base.get("dense") and t) else None
-            row["vs_semi24"] = base["semi24"] / t if (base.get("semi24") and t) else None
+            row["vs_dense"] = T.speedup(base.get("dense"), row.get("median_us"))
+            row["vs_semi24"] = T.speedup(base.get("semi24"), row.get("median_us"))
 
 
 # --------------------------------------------------------------------------- summaries
@@ -356,7 +354,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
             value = s.get(tgt.kind)
             met = None if value is None else value >= tgt.goal
             out.append({"target": tgt.text, "shape": s["shape"], "m": s["m"], "method": s["best"], "value": value,
-                        "goal": tgt.goal, "met": {True: "yes", False: "NO", None: "-"}[met]})
+                        "goal": tgt.goal, "met": T.met_cell(met)})
     return out
 
 
@@ -393,21 +391,9 @@ def format_rows(rows: Sequence[dict], title: str = "") -> str:
 
 
 def format_summary(payload: dict) -> str:
-    meta = payload.get("meta", {})
-    bw = payload.get("copy_bandwidth_gbps")
     rows = payload.get("rows", [])
-    title = f"sparse {payload.get('mode', '?')} | {meta.get('device', '?')} | {meta.get('dtype', '')}" + (
-        f" | copy {bw:.0f} GB/s" if bw else "") + f" | times: {payload.get('timing', {}).get('primary', '?')}"
-    text = T.format_table(summarize_rows(rows), SUMMARY_COLUMNS, title=title)
-    skipped = {r.get("note") for r in rows if r.get("method") == "semi24" and r.get("status") == "skipped"}
-    if skipped:
-        text += "\nsemi24 skipped: " + "; ".join(sorted(n for n in skipped if n))[:300]
-    if payload.get("notes"):
-        text += "\nnotes: " + "; ".join(payload["notes"])
-    targets = evaluate_targets(rows)
-    if targets:
-        text += "\n" + T.format_table(targets, TARGET_COLUMNS, title="targets (printed, not asserted)")
-    return text
+    return T.suite_summary("sparse", payload, summarize_rows(rows), SUMMARY_COLUMNS, skipped_baseline="semi24",
+                           targets=evaluate_targets(rows), target_cols=TARGET_COLUMNS)
 
 
 # --------------------------------------------------------------------------- main

@@ -549,6 +549,28 @@ def target_columns(target_width: int, method_width: int, where: Sequence[Column]
             Column("goal", "goal", 5, ".2f"), Column("met", "met", 4)]
 
 
+def suite_summary(suite: str, payload: Mapping[str, Any], table: Sequence[Mapping[str, Any]], columns: Sequence[Column],
+                  *, detail: str = "", skipped_baseline: str = "", targets: Sequence[Mapping[str, Any]] = (),
+                  target_cols: Sequence[Column] = ()) -> str:
+    """The printed summary of one suite's JSON ``payload``: a title (suite, mode, device, dtype,
+    ``detail``, copy bandwidth, timing mode), the per-case ``table``, why the ``skipped_baseline``
+    was skipped, the run's notes, and the ``targets`` table when there is one."""
+    meta, bw = payload.get("meta", {}), payload.get("copy_bandwidth_gbps")
+    parts = (f"{suite} {payload.get('mode', '?')}", meta.get("device", "?"), meta.get("dtype", ""), detail,
+             f"copy {bw:.0f} GB/s" if bw else "", f"times: {payload.get('timing', {}).get('primary', '?')}")
+    text = format_table(table, columns, title=" | ".join(p for p in parts if p))
+    rows = payload.get("rows", [])
+    reasons = {r.get("note") for r in rows if skipped_baseline and r.get("method") == skipped_baseline
+               and r.get("status") == "skipped"}
+    if reasons:
+        text += f"\n{skipped_baseline} skipped: " + "; ".join(sorted(n for n in reasons if n))[:300]
+    if payload.get("notes"):
+        text += "\nnotes: " + "; ".join(payload["notes"])
+    if targets:
+        text += "\n" + format_table(targets, target_cols, title="targets (printed, not asserted)")
+    return text
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], title: str = "",
                  trailing: Optional[Callable[[Mapping[str, Any]], str]] = None) -> str:
     """Fixed-width text table; ``trailing(row)`` adds an unpadded free-text cell (notes) at the end."""
@@ -591,6 +613,35 @@ def note_cell(row: Mapping[str, Any]) -> str:
     if row.get("status") == "error":
         return f"ERROR {row.get('note', '')}"
     return row.get("note", "")
+
+
+def group_rows(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Rows grouped by their values of ``keys`` (a case), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def speedup(baseline_us: Optional[float], us: Optional[float]) -> Optional[float]:
+    """``baseline / this`` (> 1 is faster), None when either time is missing."""
+    return baseline_us / us if (baseline_us and us) else None
+
+
+def best_rows(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, dict]:
+    """{values of ``keys``: our fastest measured row}."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("kind") == "ours" and row.get("median_us"):
+            key = tuple(row[k] for k in keys)
+            if key not in out or row["median_us"] < out[key]["median_us"]:
+                out[key] = row
+    return out
+
+
+def met_cell(met: Optional[bool]) -> str:
+    """A target's verdict for the targets table."""
+    return {True: "yes", False: "NO", None: "-"}[met]
 
 
 def best_of(group: Sequence[Mapping[str, Any]], candidates: Sequence[Mapping[str, Any]],
