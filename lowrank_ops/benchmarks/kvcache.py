@@ -344,10 +344,8 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
         for (context, batch, config), row in sorted(best.items(), key=lambda kv: kv[0][:2]):
             if config != tgt.config or context < tgt.min_context:
                 continue
-            value = row.get(tgt.kind)
-            met = None if value is None else (value >= tgt.goal if tgt.kind == "vs_sdpa" else value <= tgt.goal)
-            out.append({"target": tgt.text, "context": context, "batch": batch, "method": T.method_cell(row),
-                        "value": value, "goal": tgt.goal, "met": T.met_cell(met)})
+            out.append(T.target_line(tgt.text, {"context": context, "batch": batch}, T.method_cell(row),
+                                     row.get(tgt.kind), tgt.goal, at_most=tgt.kind != "vs_sdpa"))
     return out
 
 

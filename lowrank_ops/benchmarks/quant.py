@@ -478,13 +478,11 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
                 continue
             if tgt.kind == "cost_vs_4b":
                 ref = best.get((shape, m, "4b"))
-                value = row["median_us"] / ref["median_us"] if ref else None
-                met = None if value is None else value <= tgt.goal
+                value = T.speedup(row["median_us"], ref and ref["median_us"])
             else:
                 value = row.get(tgt.kind)
-                met = None if value is None else value >= tgt.goal
-            out.append({"target": tgt.text, "shape": shape, "m": m, "method": T.method_cell(row),
-                        "value": value, "goal": tgt.goal, "met": T.met_cell(met)})
+            out.append(T.target_line(tgt.text, {"shape": shape, "m": m}, T.method_cell(row), value, tgt.goal,
+                                     at_most=tgt.kind == "cost_vs_4b"))
     return out
 
 

@@ -351,10 +351,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
         for tgt in TARGETS:
             if s["pattern"] != tgt.pattern or not tgt.min_m <= s["m"] <= tgt.max_m or not s["best_us"]:
                 continue
-            value = s.get(tgt.kind)
-            met = None if value is None else value >= tgt.goal
-            out.append({"target": tgt.text, "shape": s["shape"], "m": s["m"], "method": s["best"], "value": value,
-                        "goal": tgt.goal, "met": T.met_cell(met)})
+            out.append(T.target_line(tgt.text, {"shape": s["shape"], "m": s["m"]}, s["best"], s.get(tgt.kind), tgt.goal))
     return out
 
 

@@ -639,9 +639,13 @@ def best_rows(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, dict]:
     return out
 
 
-def met_cell(met: Optional[bool]) -> str:
-    """A target's verdict for the targets table."""
-    return {True: "yes", False: "NO", None: "-"}[met]
+def target_line(text: str, where: Mapping[str, Any], method: str, value: Optional[float], goal: float,
+                at_most: bool = False) -> dict:
+    """One line of a targets table: ``value`` against ``goal`` (met when ≥ goal, or ≤ with
+    ``at_most``), "-" when nothing was measured; ``where`` names the case (shape, M, ...)."""
+    met = None if value is None else (value <= goal if at_most else value >= goal)
+    return {"target": text, **where, "method": method, "value": value, "goal": goal,
+            "met": {True: "yes", False: "NO", None: "-"}[met]}
 
 
 def best_of(group: Sequence[Mapping[str, Any]], candidates: Sequence[Mapping[str, Any]],
