@@ -28,6 +28,23 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
+def ext():
+    """The compiled ``lowrank_ops._C`` for the gpu lane's CUDA-kernel tests: the installed one
+    when it loads and has every entry point, else csrc/ built for this GPU into the cache (needs
+    nvcc). Skips without a CUDA device."""
+    if not HAS_CUDA:
+        pytest.skip("gpu lane: needs a CUDA device")
+    from lowrank_ops.core import cuda_ext
+
+    module = cuda_ext.load()
+    if module is None or not all(hasattr(module, f) for f in ("lowrank_decode", "quant_decode", "sparse_decode")):
+        major, minor = torch.cuda.get_device_capability()
+        module = cuda_ext.build_and_load(archs=[f"{major}{minor}"])
+    assert cuda_ext.available(), cuda_ext.unavailable_reason()
+    return module
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module of tiny problems: on a busy 2-core runner multi-threaded
     LAPACK (eigh, SVD) and small matmuls spin, several times (up to ~100×) slower than one

@@ -7,7 +7,6 @@ fp16/bf16 inputs.
 import pytest
 import torch
 
-from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import use_backend
 from lowrank_ops.lowrank import cuda_decode
 
@@ -27,18 +26,6 @@ SHAPES = [
     (2048, 96, 1000),
     (1, 1, 1),
 ]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not torch.cuda.is_available():
-        pytest.skip("gpu lane: needs a CUDA device")
-    module = cuda_ext.load()
-    if module is None:
-        major, minor = torch.cuda.get_device_capability()
-        module = cuda_ext.build_and_load(archs=[f"{major}{minor}"])
-    assert cuda_ext.available(), cuda_ext.unavailable_reason()
-    return module
 
 
 def _make(m, k, n, r, dtype, bias, offset=0):

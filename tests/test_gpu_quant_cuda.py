@@ -7,7 +7,6 @@ cache (needs nvcc). Error measure: ‖out − ref‖ / ‖ref‖ against the fp3
 import pytest
 import torch
 
-from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import use_backend
 from lowrank_ops.quant import cuda_decode
 from lowrank_ops.quant.ops import quant_linear, quant_linear_reference
@@ -19,18 +18,6 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 FIELDS = ("qweight", "qweight_hi", "scales", "zeros", "lut", "outlier_rowptr", "outlier_cols", "outlier_vals",
           "lr_u", "lr_v", "bias")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not torch.cuda.is_available():
-        pytest.skip("gpu lane: needs a CUDA device")
-    module = cuda_ext.load()
-    if module is None:
-        major, minor = torch.cuda.get_device_capability()
-        module = cuda_ext.build_and_load(archs=[f"{major}{minor}"])
-    assert cuda_ext.available(), cuda_ext.unavailable_reason()
-    return module
 
 
 def _case(m, k, n, bits, g, lut, outliers, lowrank, dtype, bias=True, seed=0, qstats=False):

@@ -9,7 +9,6 @@ into the cache (needs nvcc). Error measure: ‖out − ref‖ / ‖ref‖; outpu
 import pytest
 import torch
 
-from lowrank_ops.core import cuda_ext
 from lowrank_ops.sparse import cuda_decode
 from lowrank_ops.sparse.format import nm_mask_from_scores, pack_nm, unpack_nm
 from kernel_lane import capture_graph
@@ -62,18 +61,6 @@ def kernels():
     from lowrank_ops.kernels import sparse
 
     return sparse
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not torch.cuda.is_available():
-        pytest.skip("gpu lane: needs a CUDA device")
-    module = cuda_ext.load()
-    if module is None or not hasattr(module, "sparse_decode"):
-        major, minor = torch.cuda.get_device_capability()
-        module = cuda_ext.build_and_load(archs=[f"{major}{minor}"])
-    assert cuda_ext.available(), cuda_ext.unavailable_reason()
-    return module
 
 
 # --------------------------------------------------------------------------- Triton
