@@ -82,7 +82,7 @@ def _bench(rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="compress all-MiniLM-L6-v2 at several budgets and compare (extra args go to the demo; try 'demo --help')", add_help=False)
+    sub.add_parser("demo", help="compress all-MiniLM-L6-v2 with every weight family (low-rank, quant, N:M) and compare (extra args go to the demo; try 'demo --help')", add_help=False)
     sub.add_parser("bench", help="microbenchmarks of the kernels (extra args go to the benchmark; try 'bench --help')", add_help=False)
     c = sub.add_parser("compress", help="compress a saved transformers model directory")
     c.add_argument("src", help="model directory with config.json, or 'minilm' for the bundled all-MiniLM-L6-v2")

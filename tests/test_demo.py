@@ -72,6 +72,11 @@ MILD_RATIO_MIN_COS = 0.85  # whitened SVD at ratio 0.9 keeps at least this (meas
 WHITEN_GAIN = 0.15  # whitened beats plain SVD at ratio 0.75 by at least this (measured 0.29)
 #   ratio 0.5, whitened: uniform allocation 0.765, global (sensitivity-weighted) 0.842
 GLOBAL_GAIN = 0.04  # global allocation beats uniform at ratio 0.5 by at least this (measured 0.076)
+# The demo's first quant and N:M rows, same sentences: mean cosine to dense
+MIN_COS = {
+    "gptq 4b g128": 0.97,  # measured 0.983 (4.25 bits per weight)
+    "sparsegpt 2:4": 0.82,  # measured 0.856 (fp32 kept values: 17 bits per weight)
+}
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +92,26 @@ def minilm():
     return model, calib, evals, dense
 
 
-def _compressed_cos(minilm, ratio: float, whiten: bool, allocation: str = "uniform") -> tuple[float, object]:
+def _compressed_cos(minilm, config) -> float:
+    """Mean held-out cosine to dense after compressing a copy as the demo's ``config`` says."""
     import lowrank_ops
     from lowrank_ops import demo
 
     model, calib, evals, dense = minilm
     m = copy.deepcopy(model)
-    report = lowrank_ops.compress(
-        m[0].auto_model, "lowrank", ratio=ratio, whiten=whiten, allocation=allocation,
-        calib_data=calib if whiten else None, exclude=demo.EXCLUDE,
-    )
+    report = lowrank_ops.compress(m[0].auto_model, config.family, calib_data=calib if config.calibrated else None,
+                                  exclude=demo.EXCLUDE, **config.options)
     assert report.bytes_after < report.bytes_before
     cos = torch.nn.functional.cosine_similarity(demo.embed(m, evals), dense)
     assert torch.isfinite(cos).all()
-    return float(cos.mean()), m
+    return float(cos.mean())
+
+
+def _lowrank_cos(minilm, ratio: float, *, plain: bool, with_global: bool) -> list[float]:
+    """Mean cosine of each of the demo's low-rank rows at ``ratio`` (plain, whitened, global)."""
+    from lowrank_ops import demo
+
+    return [_compressed_cos(minilm, c) for c in demo.lowrank_configs([ratio], plain=plain, with_global=with_global)]
 
 
 @pytest.mark.slow
@@ -116,27 +127,39 @@ def test_demo_embedding_path_matches_sentence_transformers(minilm):
 
 @pytest.mark.slow
 def test_whitened_svd_beats_plain_svd_on_held_out_text(minilm):
-    plain, _ = _compressed_cos(minilm, 0.75, whiten=False)
-    whitened, _ = _compressed_cos(minilm, 0.75, whiten=True)
+    plain, whitened = _lowrank_cos(minilm, 0.75, plain=True, with_global=False)
     assert whitened > plain + WHITEN_GAIN, (whitened, plain)
 
 
 @pytest.mark.slow
 def test_global_allocation_beats_uniform_at_equal_budget(minilm):
-    uniform, _ = _compressed_cos(minilm, 0.5, whiten=True)
-    spread, _ = _compressed_cos(minilm, 0.5, whiten=True, allocation="global")
+    uniform, spread = _lowrank_cos(minilm, 0.5, plain=False, with_global=True)
     assert spread > uniform + GLOBAL_GAIN, (spread, uniform)
 
 
 @pytest.mark.slow
 def test_mild_ratio_keeps_embeddings_close(minilm):
-    whitened, _ = _compressed_cos(minilm, MILD_RATIO, whiten=True)
+    [whitened] = _lowrank_cos(minilm, MILD_RATIO, plain=False, with_global=False)
     assert whitened > MILD_RATIO_MIN_COS, whitened
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MIN_COS))
+def test_quant_and_nm_rows_keep_embeddings_close(minilm, name):
+    from lowrank_ops import demo
+
+    [config] = [c for c in demo.QUANT_CONFIGS + demo.NM_CONFIGS if c.name == name]
+    cos = _compressed_cos(minilm, config)
+    assert cos > MIN_COS[name], (name, cos)
+
+
+@pytest.mark.slow
 @pytest.mark.interpreter
-def test_interpreter_check_runs_block_zero_on_triton_and_restores_it(minilm):
+@pytest.mark.parametrize("family, options, layer", [
+    ("lowrank", {"ratio": 0.5, "whiten": False}, "LowRankLinear"),  # ~9 s: decode route forced
+    ("nm", {"n": 2, "m": 4, "method": "magnitude"}, "SparseLinear"),  # ~10 s: decode by itself at M <= 16
+], ids=["lowrank", "nm"])
+def test_interpreter_check_runs_block_zero_on_triton_and_restores_it(minilm, family, options, layer):
     import os
 
     import lowrank_ops
@@ -146,17 +169,27 @@ def test_interpreter_check_runs_block_zero_on_triton_and_restores_it(minilm):
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py on CPU machines)")
     model, _, _, _ = minilm
     m = copy.deepcopy(model)
-    lowrank_ops.compress(m[0].auto_model, "lowrank", ratio=0.5, whiten=False, exclude=demo.EXCLUDE)
+    lowrank_ops.compress(m[0].auto_model, family, exclude=demo.EXCLUDE, **options)
     block0 = m[0].auto_model.encoder.layer[0]
     batch = demo.tokenize(m, ["A short sentence.", "Another one here."], 2, "cpu")[0]
     assert batch["attention_mask"].numel() <= 16  # decode-sized: the Triton decode kernels run
-    ms, err, where = demo.interpreter_check(m, batch, first_block_only=True)
+    ms, err, where = demo.interpreter_check(m, batch, family)
     assert m[0].auto_model.encoder.layer[0] is block0  # the wrapper was taken out again
     assert ms > 0 and err < 1e-4, (ms, err)
-    assert where == "transformer block 0: 6 low-rank layers on the Triton decode kernel", where
+    assert where == f"transformer block 0: 6 {family} layers ({layer}) on the Triton decode kernel", where
 
 
 # ----------------------------------------------------------------------------- main()
+
+
+# What the quick run's rows hold (16 calibration / 16 held-out sentences, float32 on CPU):
+# family -> (row, bits per weight range, byte fraction range, lower bound of mean cos (measured))
+QUICK_ROWS = {
+    "lowrank": ("whitened svd 0.75 uniform", (23, 25), (0.7, 0.8), 0.75),  # 23.97 bits, cos 0.828
+    "quant": ("gptq 4b g128", (4.2, 4.3), (0.12, 0.15), 0.95),  # 4.25 bits (4 + two fp16 per 128), cos 0.977
+    # fp32 kept values: half the weights at 32 bits + one 2-bit position per kept value = 17.0 bits
+    "nm": ("sparsegpt 2:4", (16.9, 17.1), (0.5, 0.56), 0.78),  # cos 0.842
+}
 
 
 @pytest.mark.slow
@@ -172,16 +205,33 @@ def test_demo_main_quick_runs_end_to_end(tmp_path, capsys):
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "all-MiniLM-L6-v2 on cpu" in printed
+    assert "all-MiniLM-L6-v2 on cpu" in printed and "families: lowrank, quant, nm" in printed
     assert "No GPU found" in printed
-    assert "reference ms" in printed and "whitened svd 0.75 uniform" in printed
+    assert "reference ms" in printed and "bits/w" in printed and "gptq 4b g128" in printed
     result = json.loads(out.read_text())
-    assert [r["config"] for r in result["rows"]] == ["dense", "svd 0.75 uniform", "whitened svd 0.75 uniform"]
-    for row in result["rows"][1:]:
-        assert 0.7 < row["byte_fraction"] < 0.8
-        assert -1 <= row["cos_min"] <= row["cos_mean"] <= 1
+    dense, *rows = result["rows"]
+    assert dense["config"] == "dense" and dense["bits_per_weight"] == 32.0 and dense["byte_fraction"] == 1.0
+    assert [(r["family"], r["config"]) for r in rows] == [(f, QUICK_ROWS[f][0]) for f in demo.FAMILIES]
+    for row in rows:
+        _, (bits_lo, bits_hi), (frac_lo, frac_hi), min_cos = QUICK_ROWS[row["family"]]
+        assert bits_lo < row["bits_per_weight"] < bits_hi, row
+        assert frac_lo < row["byte_fraction"] < frac_hi, row
+        assert min_cos < row["cos_mean"] and -1 <= row["cos_min"] <= row["cos_mean"] <= 1, row
         assert row["times_ms"]["reference"] > 0 and row["times_ms"]["dense"] > 0
         assert row["layers"] == "36/36"
+    assert (rows[0]["mean_rank"] is not None) and all(r["mean_rank"] is None for r in rows[1:])
+
+
+def test_demo_configs_cover_every_family_and_quick_keeps_one_each():
+    from lowrank_ops import demo
+
+    full = demo.build_configs(["nm", "lowrank", "quant"], [0.9, 0.5], quick=False, with_global=True)
+    assert [c.family for c in full] == ["lowrank"] * 6 + ["quant"] * 3 + ["nm"] * 2
+    assert [c.name for c in full[:3]] == ["svd 0.9 uniform", "whitened svd 0.9 uniform", "whitened svd 0.9 global"]
+    assert [c.calibrated for c in full[6:]] == [True, True, False, True, True]  # hqq is data-free
+    quick = demo.build_configs(list(demo.FAMILIES), [0.75], quick=True, with_global=True)
+    assert [c.name for c in quick] == ["whitened svd 0.75 uniform", "gptq 4b g128", "sparsegpt 2:4"]
+    assert [c.name for c in demo.build_configs(["quant"], [0.75], quick=True, with_global=True)] == ["gptq 4b g128"]
 
 
 def test_demo_rejects_bad_arguments():
@@ -191,3 +241,5 @@ def test_demo_rejects_bad_arguments():
         demo.main(["--ratios", "1.5"])
     with pytest.raises(SystemExit):
         demo.main(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        demo.main(["--families", "lowrank", "pruning"])

@@ -60,11 +60,39 @@ class CompressedLinear(nn.Module):
         return 8.0 * self.weight_nbytes / (self.in_features * self.out_features)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class PackedFormatLinear(CompressedLinear):
     """A drop-in whose weight is one packed format object (``format``, with ``nbytes`` and
-    ``dense()``) computed in a fixed dtype kept in ``_dtype``."""
+    ``dense()``) computed in the dtype kept in ``_dtype``.
 
+    The buffers named in ``PACKED_BUFFERS`` are the format itself (codes, indices, fp16 scales,
+    tables, outlier values): ``.to(device)``, ``.cuda()`` move them, but ``.to(dtype)``,
+    ``.half()``, ``.float()`` never cast them (an fp16 scale cast to bfloat16 would lose bits,
+    and the kernels read the format's dtypes). The compute dtype follows those calls: the
+    floating parameters (low-rank factors, bias) and unpacked values are cast as in any module.
+    """
+
+    PACKED_BUFFERS: ClassVar[tuple[str, ...]] = ()
     _dtype: torch.dtype
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "PackedFormatLinear":
+        packed = {name: self._buffers[name] for name in self.PACKED_BUFFERS if self._buffers.get(name) is not None}
+        for name in packed:
+            self._buffers[name] = None  # out of the generic pass
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(packed)
+            raise
+        for name, buf in packed.items():
+            if buf.is_floating_point():  # through fn as integers of its size: moved, never cast
+                self._buffers[name] = fn(buf.view(_SAME_SIZE_INT[buf.element_size()])).view(buf.dtype)
+            else:
+                self._buffers[name] = fn(buf)
+        self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
+        return self
 
     @property
     def format(self) -> Any:

@@ -25,6 +25,7 @@ class QuantLinear(PackedFormatLinear):
     so the layer is a QLoRA/LQ-LoRA-style base for adapters out of the box."""
 
     FORMAT = "quant"
+    PACKED_BUFFERS = _FROZEN
 
     def __init__(self, fmt: QuantFormat, bias: Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()

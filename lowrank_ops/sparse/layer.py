@@ -30,6 +30,7 @@ class SparseLinear(PackedFormatLinear):
     ``lr_v`` (r×in) and the bias are trainable parameters."""
 
     FORMAT = "nm"
+    PACKED_BUFFERS = ("indices",) + tuple(f"qvalues_{name}" for name in _QUANT_FIELDS)
 
     def __init__(self, fmt: NMFormat, bias: Tensor | None, dtype: torch.dtype, *, trainable: bool = False) -> None:
         super().__init__()
