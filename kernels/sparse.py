@@ -467,48 +467,60 @@ def nm_matmul_dvalues(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int, dt
 
 
 # --------------------------------------------------------------------------- compile lane
-# The tile, dx and dvalues kernels for every pattern the issue names (2:4, 1:4, 2:8 with 3-bit
-# positions, 4:16) in fp16 and bf16 (values in x's dtype, bias on), plus fp32 for 2:4. The decode kernel in
-# both modes (DIRECT with bias, split partials), at 1 and 16 rows. With 4-bit kept values (g128;
-# 2:4 and 2:8): the decode (split), tile and dx kernels. The reduce kernel is the quant family's
+# Which (kernel, dtype, pattern) combinations compile: the forward tile kernel for every pattern
+# the issue names (2:4, 1:4, 2:8 with 3-bit positions crossing words, 4:16) in fp16 and bf16, and
+# fp32 2:4 (exact dots, the largest tiles: every autotune config is checked on sm_80); the decode
+# kernel in both modes (DIRECT with bias at 1 row, split partials at 16) for every pattern in fp16,
+# two in bf16, 2:4 in fp32. The backward kernels (dx, dvalues) and the 4-bit-values variants
+# (g128) are compiled for every pattern and both 16-bit dtypes between them, not for every pair
+# (each case is a few seconds per architecture in CI). The reduce kernel is the quant family's
 # and is compiled by its cases.
+_ALL_PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 16))
+_CASE_TABLE = {  # kernel -> (dtype, (n, m)) pairs
+    "tile": [("fp16", nm) for nm in _ALL_PATTERNS] + [("bf16", nm) for nm in _ALL_PATTERNS] + [("fp32", (2, 4))],
+    "decode": [("fp16", nm) for nm in _ALL_PATTERNS] + [("bf16", (2, 4)), ("bf16", (2, 8)), ("fp32", (2, 4))],
+    "dx": [("fp16", (1, 4)), ("fp16", (2, 8)), ("fp16", (4, 16)), ("bf16", (2, 4)), ("fp32", (2, 4))],
+    "dvalues": [("fp16", (2, 4)), ("fp16", (4, 16)), ("bf16", (2, 8)), ("bf16", (1, 4)), ("fp32", (2, 4))],
+    "tile_q4": [("fp16", (2, 4)), ("bf16", (2, 8))],
+    "dx_q4": [("fp16", (2, 8)), ("bf16", (2, 4))],
+    "decode_q4": [("fp16", (2, 4)), ("bf16", (2, 8))],
+}
+
+
 def _compile_cases() -> list[CompileCase]:
     cases = []
-    for dtype, patterns in (("fp16", ((2, 4), (1, 4), (2, 8), (4, 16))), ("bf16", ((2, 4), (1, 4), (2, 8), (4, 16))),
-                            ("fp32", ((2, 4),))):
-        p, prec = f"*{dtype}", ("ieee" if dtype == "fp32" else "tf32")
-        for n, m in patterns:
+    for kernel, combos in _CASE_TABLE.items():
+        q4 = kernel.endswith("_q4")
+        for dtype, (n, m) in combos:
+            p, prec = f"*{dtype}", ("ieee" if dtype == "fp32" else "tf32")
             pattern = _pattern(n, m)
             tag = f"{dtype},{n}:{m}"
-            for q4 in (False, True) if dtype != "fp32" and (n, m) in ((2, 4), (2, 8)) else (False,):
-                vals = dict(values_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16") if q4 else \
-                    dict(values_ptr=p, scales_ptr=p, zeros_ptr=p)
-                flags = dict(Q4=q4, QGROUP=128 if q4 else 1, **pattern)
-                q = "_q4" if q4 else ""
+            vals = dict(values_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*fp16") if q4 else \
+                dict(values_ptr=p, scales_ptr=p, zeros_ptr=p)
+            flags = dict(Q4=q4, QGROUP=128 if q4 else 1, **pattern)
+            ints = dict(M="i32", N="i32", K="i32")
+            if kernel.startswith("tile"):
                 cases.append(CompileCase(
-                    f"nm_tile{q}[{tag}]", _nm_tile_kernel,
-                    dict(x_ptr=p, **vals, indices_ptr="*i32", bias_ptr=p, y_ptr=p, M="i32", N="i32", K="i32",
-                         M_BUCKET="i32"),
-                    dict(HAS_BIAS=True, DOT_PRECISION=prec, **flags),
-                ))
-                if not q4:
-                    cases.append(CompileCase(
-                        f"nm_dvalues[{tag}]", _nm_dvalues_kernel,
-                        dict(dy_ptr=p, x_ptr=p, indices_ptr="*i32", dv_ptr=p, M="i32", N="i32", K="i32", M_BUCKET="i32"),
-                        dict(DOT_PRECISION=prec, **pattern),
-                    ))
+                    f"nm_{kernel}[{tag}]", _nm_tile_kernel,
+                    dict(x_ptr=p, **vals, indices_ptr="*i32", bias_ptr=p, y_ptr=p, **ints, M_BUCKET="i32"),
+                    dict(HAS_BIAS=True, DOT_PRECISION=prec, **flags)))
+            elif kernel.startswith("dx"):
                 cases.append(CompileCase(
-                    f"nm_dx{q}[{tag}]", _nm_dx_kernel,
-                    dict(dy_ptr=p, **vals, indices_ptr="*i32", dx_ptr=p, M="i32", N="i32", K="i32", M_BUCKET="i32"),
-                    dict(DOT_PRECISION=prec, **flags),
-                ))
+                    f"nm_{kernel}[{tag}]", _nm_dx_kernel,
+                    dict(dy_ptr=p, **vals, indices_ptr="*i32", dx_ptr=p, **ints, M_BUCKET="i32"),
+                    dict(DOT_PRECISION=prec, **flags)))
+            elif kernel == "dvalues":
+                cases.append(CompileCase(
+                    f"nm_dvalues[{tag}]", _nm_dvalues_kernel,
+                    dict(dy_ptr=p, x_ptr=p, indices_ptr="*i32", dv_ptr=p, **ints, M_BUCKET="i32"),
+                    dict(DOT_PRECISION=prec, **pattern)))
+            else:
                 for rows, direct in ((4, False),) if q4 else ((1, True), (16, False)):
                     cases.append(CompileCase(
-                        f"nm_decode{q}[{tag},M{rows},{'direct' if direct else 'split'}]", _nm_decode_kernel,
+                        f"nm_{kernel}[{tag},M{rows},{'direct' if direct else 'split'}]", _nm_decode_kernel,
                         dict(x_ptr=p, **vals, indices_ptr="*i32", bias_ptr=p, out_ptr=p if direct else "*fp32",
-                             M="i32", N="i32", K="i32", K_SPLIT="i32"),
-                        dict(DIRECT=direct, HAS_BIAS=direct, BLOCK_M=rows, **flags),
-                    ))
+                             **ints, K_SPLIT="i32"),
+                        dict(DIRECT=direct, HAS_BIAS=direct, BLOCK_M=rows, **flags)))
     return cases
 
 

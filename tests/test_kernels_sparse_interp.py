@@ -195,12 +195,16 @@ def test_bad_pattern_and_rows():
 
 
 def test_compile_cases_cover_every_kernel_and_pattern():
+    """Every kernel compiles for every pattern and for both 16-bit dtypes (not every pair), the
+    4-bit-values variants too, the decode kernel in both modes, fp32 for the all-configs run."""
     names = [c.name for c in kernels.COMPILE_CASES]
-    for kernel in ("nm_decode_q4", "nm_tile_q4", "nm_dx_q4"):
-        assert any(name.startswith(f"{kernel}[") for name in names), kernel
-    assert any(name.startswith("nm_dx[fp32,") for name in names)  # every autotune config checked on sm_80
-    for kernel in ("nm_tile", "nm_decode", "nm_dx", "nm_dvalues"):
+    for kernel in ("nm_tile", "nm_decode", "nm_dx", "nm_dvalues", "nm_tile_q4", "nm_dx_q4", "nm_decode_q4"):
+        ours = [name for name in names if name.startswith(f"{kernel}[")]
         for dtype in ("fp16", "bf16"):
+            assert any(name.startswith(f"{kernel}[{dtype},") for name in ours), (kernel, dtype)
+        if not kernel.endswith("_q4"):
             for n, m in ((2, 4), (1, 4), (2, 8), (4, 16)):
-                assert any(name.startswith(f"{kernel}[{dtype},{n}:{m}") for name in names), (kernel, dtype, n, m)
+                assert any(f",{n}:{m}" in name for name in ours), (kernel, n, m)
+    for kernel in ("nm_tile", "nm_dx", "nm_dvalues"):  # every autotune config checked on sm_80
+        assert f"{kernel}[fp32,2:4]" in names, kernel
     assert any("split" in name for name in names) and any("direct" in name for name in names)
