@@ -427,9 +427,7 @@ def _plan(args: argparse.Namespace, mode: str) -> tuple[list[int], list[int], li
     spec = MODES[mode]
     contexts = parse_ints(args.contexts, "--contexts") if args.contexts else spec["contexts"]
     batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
-    if not configs or any(c not in CONFIGS for c in configs):
-        raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    configs = T.pick_names(args.configs, spec["configs"], list(CONFIGS), "--configs")
     return contexts, batches, configs
 
 

@@ -562,10 +562,7 @@ def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
     shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
     batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else spec["configs"]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad or not configs:
-        raise ValueError(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    configs = T.pick_names(args.configs, spec["configs"], list(CONFIGS), "--configs")
     bad_k = [f"{n}x{k}" for n, k in shapes if k % 128]
     if bad_k:
         raise ValueError(f"--shapes: K must be a multiple of 128 (group size), got {','.join(bad_k)}")

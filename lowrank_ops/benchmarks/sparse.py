@@ -412,9 +412,7 @@ def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
     shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
     batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()] if args.patterns else spec["patterns"]
-    if not patterns or any(p not in PATTERNS for p in patterns):
-        raise ValueError(f"--patterns: expected names from {list(PATTERNS)}, got {args.patterns!r}")
+    patterns = T.pick_names(args.patterns, spec["patterns"], list(PATTERNS), "--patterns")
     bad_k = [f"{n}x{k}" for n, k in shapes if k % 16]
     if bad_k:
         raise ValueError(f"--shapes: K must be a multiple of 16 (whole groups of every pattern), got {','.join(bad_k)}")

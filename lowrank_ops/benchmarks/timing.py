@@ -746,6 +746,14 @@ def suite_parser(suite: str, description: str, quick_help: str) -> argparse.Argu
     return p
 
 
+def pick_names(text: Optional[str], default: Sequence[str], allowed: Sequence[str], flag: str) -> list[str]:
+    """The comma-separated names of ``flag`` (``default`` when not given), each one of ``allowed``."""
+    names = [name.strip() for name in text.split(",") if name.strip()] if text else list(default)
+    if not names or any(name not in allowed for name in names):
+        raise ValueError(f"{flag}: expected names from {list(allowed)}, got {text!r}")
+    return names
+
+
 def methods_filter(args: argparse.Namespace) -> Optional[set[str]]:
     return {m.strip() for m in args.methods.split(",")} if args.methods else None
 
