@@ -24,14 +24,17 @@ Two launches, no atomics, deterministic:
    q heads of one kv head (GQA: the G = q_heads / kv_heads heads × q_len rows of a kv group are
    contiguous in q) and keeps the running max / sum-exp / accumulator in fp32, then writes its
    partial (max, sum, acc) to a workspace;
-2. ``_gear_combine_kernel``, grid (batch · kv_heads, M-blocks): merges the splits' partials
-   with the usual rescaling and stores in q's dtype.
+2. ``_gear_combine_kernel``, grid (batch · kv_heads, M): merges one q row's split partials,
+   all splits' weights at once (no serial rescaling chain), and stores in q's dtype.
 
 Rows that attend to nothing (a fully masked sequence) give 0, never NaN. Every product
 accumulates in fp32; tiles are rounded to q's dtype for the tensor-core dots (fp32 q uses exact
-"ieee" dots). Keys are never dequantized element by element: a tile of BLOCK_N ≤ G tokens lies
-in one key group, whose per-channel scale/zero is folded into q,
-q·Deq(k)ᵀ = (q ⊙ s)·codeᵀ − q·(s ⊙ z), so the Kᵀ tile is the raw codes (exact in fp16/bf16).
+"ieee" dots). Codes become floats by the magic-number trick (OR into a power of two's
+mantissa, subtract it), not by integer → float converts, and are unpacked by in-thread joins so
+a thread keeps each word's codes adjacent (no shared-memory shuffle of single halves before
+the dots). Keys are never scaled element by element: a tile of BLOCK_N ≤ G tokens lies in one
+key group, whose per-channel scale is folded into q, q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; values
+are dequantized as (code − z) · s, in f16x2 arithmetic for fp16 (fp32 otherwise).
 One autotune config under the interpreter, four (warps × stages) on a GPU.
 """
 from __future__ import annotations
@@ -66,31 +69,51 @@ _SPLIT_TABLE = [
     (2, 3),
 ]
 _MAX_BLOCK_N = 64
+MAX_SPLITS = 128  # the combine kernel reads every split's max as one vector
+_COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PAD) fp32 tile)
 
 
 # --------------------------------------------------------------------------- on-chip helpers
 @triton.jit
-def _codes_to(code, dtype: tl.constexpr):
-    """Integer codes as ``dtype`` (exact: codes < 16). bf16 goes through fp32: PTX has no integer
-    → bf16 convert before sm_90, and the interpreter converts integers to bf16 as raw bits."""
-    if dtype == tl.bfloat16:
-        code = code.to(tl.float32)
-    return code.to(dtype)
+def _centered(code, zero, dtype: tl.constexpr):
+    """code − zero for small non-negative integer codes (< 1024), in fp16 when ``dtype`` is fp16
+    (f16x2 arithmetic, one rounding), else in fp32 (exact here; the caller rounds once). The code
+    becomes a float without an integer → float convert (I2F issues at a fraction of the FMA
+    rate): OR it into the mantissa of a power of two c (fp16 1024 = 0x6400, fp32 2^23 =
+    0x4B000000), reinterpret the bits, subtract c."""
+    if dtype == tl.float16:
+        x = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        return x - zero.to(tl.float16)
+    else:
+        x = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return x - zero.to(tl.float32)
 
 
 @triton.jit
-def _codes_t(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """(D_PAD × BLOCK_N) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
-    channel-major. Only the packed rows leave memory: a (W_PAD × BLOCK_N) tile of int32 words (a
-    token's row is HEAD_DIM / E consecutive words), unpacked on chip by shift and mask."""
+def _unpack(words, BITS: tl.constexpr, E: tl.constexpr, STRIDE: tl.constexpr):
+    """(..., 2, ..., 2) codes at bit offsets i · STRIDE · BITS (i < E) of ``words``, one axis of 2
+    per bit of i, most significant first: codes(E, S) = join(codes(E/2, 2S) of w, of w >> S), so
+    a thread keeps all E codes of its word (joins add in-thread axes) and the reshape to a
+    flat channel axis is free."""
+    if E == 1:
+        return words & ((1 << BITS) - 1)
+    else:
+        return tl.join(_unpack(words, BITS, E // 2, 2 * STRIDE), _unpack(words >> (STRIDE * BITS), BITS, E // 2, 2 * STRIDE))
+
+
+@triton.jit
+def _codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+           BLOCK_N: tl.constexpr):
+    """(BLOCK_N × D_PAD) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
+    token-major. Only the packed rows leave memory: a (BLOCK_N × W_PAD) tile of int32 words (a
+    token's row is HEAD_DIM / E consecutive words, one vector load), unpacked on chip by shift and
+    mask; a thread's codes of one word stay adjacent along the channels."""
     E: tl.constexpr = 32 // BITS
     W_PAD: tl.constexpr = D_PAD // E
     offs_w = tl.arange(0, W_PAD)
-    words = tl.load(codes_ptr + tok[None, :] * (HEAD_DIM // E) + offs_w[:, None],
-                    mask=valid[None, :] & (offs_w[:, None] < HEAD_DIM // E), other=0)
-    shifts = tl.arange(0, E) * BITS  # code e of a word sits at bit e · BITS
-    return tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (D_PAD, BLOCK_N))
+    words = tl.load(codes_ptr + tok[:, None] * (HEAD_DIM // E) + offs_w[None, :],
+                    mask=valid[:, None] & (offs_w[None, :] < HEAD_DIM // E), other=0)
+    return tl.reshape(_unpack(words, BITS, E, 1), (BLOCK_N, D_PAD))
 
 
 @triton.jit
@@ -100,24 +123,23 @@ def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, o
     """fp32 (BLOCK_M × BLOCK_N) scores q (Deq(codes) + outliers)ᵀ of tokens [tok0, tok0 + BLOCK_N),
     which lie in one key group (BLOCK_N ≤ GROUP, both powers of two).
 
-    The per-channel scale/zero of that group is folded into q instead of being applied to every
-    code: q·Deq(k)ᵀ = (q ⊙ s)·codeᵀ − q·(s ⊙ z), so the Kᵀ tile (D_PAD × BLOCK_N) is just the
-    unpacked codes (exact in fp16/bf16) and one (D) scale/zero row is read per tile. The outliers gather q
+    The per-channel scale of that group is folded into q instead of being applied to every
+    code: q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row
+    (one f16x2 subtract per two codes for fp16) and one (D) scale/zero row is read per tile. The outliers gather q
     at their channels, Σ_j q[:, idx_j] · val_j ((BLOCK_M × BLOCK_N) L1 loads of q's rows per j)
     instead of touching the (D × BLOCK_N) tile.
     """
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _codes_t(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    code = _codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     group = (tok0 // GROUP) * HEAD_DIM + offs_d
     scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
-    zs = scale * tl.load(zero_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
-    qf = q.to(tl.float32)
-    s = _dot((qf * scale[None, :]).to(q.dtype), _codes_to(code, q.dtype),
-             tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
-    s -= tl.sum(qf * zs[None, :], axis=1)[:, None]
+    zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
+    k = _centered(code, zero[None, :], q.dtype).to(q.dtype)
+    s = _dot((q.to(tl.float32) * scale[None, :]).to(q.dtype), tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
+             DOT_PRECISION)
     for j in tl.static_range(N_OUT):
         idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
         val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
@@ -128,38 +150,38 @@ def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, o
 
 
 @triton.jit
-def _value_tile_t(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end, N_OUT: tl.constexpr,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """fp32 Vᵀ tile (D_PAD × BLOCK_N), Deq(codes) + outliers of tokens [tok0, tok0 + BLOCK_N), zero
+def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end, N_OUT: tl.constexpr,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+    """V tile (BLOCK_N × D_PAD), Deq(codes) + outliers of tokens [tok0, tok0 + BLOCK_N), zero
     at tokens ≥ tok_end and channels ≥ HEAD_DIM.
 
-    Built channel-major, like the Kᵀ tile (the dot reads it transposed): a token is a column, so
-    its per-token data (scale/zero of each channel group, outlier channels and values) is one
-    value per column. The scale / scale·zero of each channel group (D_PAD / GROUP × BLOCK_N) are
-    read compact and broadcast over their group's channels on chip: one FMA per code. The
-    outliers (distinct channels per token) are selected into the tile by channel compare: a
-    select chain, then one add.
+    Token-major, the dot's natural right operand: a token is a row, so its per-token data (scale/
+    zero of each channel group, outlier channels and values) is one value per row. The scale and
+    scale·zero of each channel group (BLOCK_N × D_PAD / GROUP) are read compact and broadcast over
+    their group's channels on chip: one FMA per code. The outliers (distinct channels per token)
+    are selected into the tile by channel compare: a select chain, then one add.
     """
     G_PAD: tl.constexpr = D_PAD // GROUP
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _codes_t(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    code = _codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
     offs_g = tl.arange(0, G_PAD)
-    sz = tok[None, :] * (HEAD_DIM // GROUP) + offs_g[:, None]
-    sz_mask = valid[None, :] & (offs_g[:, None] < HEAD_DIM // GROUP)
-    scale = tl.load(scale_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
-    zs = scale * tl.load(zero_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
-    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (G_PAD, GROUP, BLOCK_N)), (D_PAD, BLOCK_N))
-    zs = tl.reshape(tl.broadcast_to(zs[:, None, :], (G_PAD, GROUP, BLOCK_N)), (D_PAD, BLOCK_N))
-    x = code.to(tl.float32) * scale - zs
+    sz = tok[:, None] * (HEAD_DIM // GROUP) + offs_g[None, :]
+    sz_mask = valid[:, None] & (offs_g[None, :] < HEAD_DIM // GROUP)
+    scale = tl.load(scale_ptr + sz, mask=sz_mask, other=0.0)
+    zero = tl.load(zero_ptr + sz, mask=sz_mask, other=0.0)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
+    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
+    x = _centered(code, zero, dtype)
+    x *= scale.to(x.dtype)
     if N_OUT > 0:
-        offs_d = tl.arange(0, D_PAD)[:, None]
-        out = tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32)
+        offs_d = tl.arange(0, D_PAD)[None, :]
+        out = tl.zeros([BLOCK_N, D_PAD], dtype=x.dtype)
         for j in tl.static_range(N_OUT):
             idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
-            out = tl.where(offs_d == idx[None, :], val[None, :], out)
+            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(x.dtype)
+            out = tl.where(offs_d == idx[:, None], val[:, None], out)
         x += out
     return x
 
@@ -194,9 +216,9 @@ def _online_softmax(s, m_i, l_i, acc):
 # offsets every pointer to its (batch, kv head) slab once, then walks its BLOCK_N-token tiles in
 # one loop (BLOCK_N divides G, which divides B: a tile never straddles a key group or a block):
 # qB_j = q B_kj of the tile's block j (rank space, rounded to q's dtype), scores
-# from the codes with the group's scale/zero folded into q + the gathered outliers + qB_j A_kᵀ,
-# masked, online softmax; then the Vᵀ tile (D × BLOCK_N, channel-major so per-token data is one
-# value per column) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
+# from the codes with the group's scale folded into q + the gathered outliers + qB_j A_kᵀ,
+# masked, online softmax; then the V tile (BLOCK_N × D, token-major so per-token data is one
+# value per row) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
 # leave memory (packed words, one scale row per group / per token); codes and scales are
 # expanded in registers. The tail tile is read as it is. The partial (max, sum-exp, acc) of the
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
@@ -266,14 +288,14 @@ def _gear_split_kernel(
             bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
                          mask=d_mask[:, None] & r_mask[None, :], other=0.0)
             qb = _dot(q, bk.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(dtype)
-            at = tl.load(ka_ptr + tok[None, :] * R + offs_r[:, None], mask=r_mask[:, None], other=0.0)
-            s = _dot(qb, at.to(dtype), s, DOT_PRECISION)
+            a = tl.load(ka_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            s = _dot(qb, tl.trans(a.to(dtype)), s, DOT_PRECISION)
         s = _masked_scores(s * qk_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         p = p.to(dtype)
-        vt = _value_tile_t(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,
-                           BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N)
-        acc = _dot(p, tl.trans(vt.to(dtype)), acc, DOT_PRECISION)
+        v = _value_tile(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,
+                        BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, dtype)
+        acc = _dot(p, v.to(dtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
             av = tl.load(va_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
             pa = _dot(p, av.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
@@ -300,44 +322,45 @@ def _gear_split_kernel(
 
 
 # --------------------------------------------------------------------------- step 2: combine splits
-# Grid (batch · kv_heads, M-blocks). Program (bh, mb) walks the splits' partials of its BLOCK_M
-# rows (fp32, L2-resident, written just before; only the M real rows exist) in split order,
-# merging (max, sum-exp, acc) with the online-softmax rescaling, and stores acc / sum in the
-# output's dtype; a row whose every key was masked has sum 0 and is written as 0.
+# Grid (batch · kv_heads, M): program (bh, m) merges the N_SPLIT partials of one q row (fp32,
+# L2-resident, written just before). The splits' maxima come in as one (S_PAD) vector, so the
+# global max and every split's weight 2^(m_s − max) are known at once; the (S_CHUNK × D_PAD)
+# partial-accumulator tiles are then summed with those weights, S_CHUNK splits per step, with no
+# step depending on the one before (no serial rescaling chain). A row whose every key was masked
+# has sum 0 and is written as 0; the output is stored in its dtype.
 @triton.jit
 def _gear_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, M, N_SPLIT,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(1)
     offs_d = tl.arange(0, D_PAD)
-    m_mask = offs_m < M
-    mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    for sp in range(0, N_SPLIT):
-        rows = (bh * N_SPLIT + sp) * M + offs_m
-        m_s = tl.load(part_m_ptr + rows, mask=m_mask, other=float("-inf"))
-        m_new = tl.maximum(m_g, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_g - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_g = l_g * alpha + tl.load(part_l_ptr + rows, mask=m_mask, other=0.0) * beta
-        part = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        acc = acc * alpha[:, None] + part * beta[:, None]
-        m_g = m_new
-    out = acc / tl.where(l_g > 0.0, l_g, 1.0)[:, None]
-    tl.store(out_ptr + (bh * M + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    d_mask = offs_d < HEAD_DIM
+    offs_s = tl.arange(0, S_PAD)
+    m_all = tl.load(part_m_ptr + (bh * N_SPLIT + offs_s) * M + row, mask=offs_s < N_SPLIT, other=float("-inf"))
+    m_g = tl.max(m_all, axis=0)
+    m_safe = tl.where(m_g == float("-inf"), 0.0, m_g)
+    l_g = 0.0
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for s0 in tl.static_range(0, S_PAD, S_CHUNK):
+        offs_c = s0 + tl.arange(0, S_CHUNK)
+        c_mask = offs_c < N_SPLIT
+        rows = (bh * N_SPLIT + offs_c) * M + row
+        w = tl.exp2(tl.load(part_m_ptr + rows, mask=c_mask, other=float("-inf")) - m_safe)
+        l_g += tl.sum(w * tl.load(part_l_ptr + rows, mask=c_mask, other=0.0), axis=0)
+        part = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                       other=0.0)
+        acc += tl.sum(w[:, None] * part, axis=0)
+    out = acc / tl.where(l_g > 0.0, l_g, 1.0)
+    tl.store(out_ptr + (bh * M + row) * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 # --------------------------------------------------------------------------- launcher
 def _num_splits(units: int, columns: int, device: torch.device) -> int:
     """Sequence splits so that (splits × columns) ≈ 4 programs per SM (latency hiding for the
-    dependent load → unpack → dot chain), at least one unit each."""
-    return max(1, min(units, 2 * _target_programs(device) // columns))
+    dependent load → unpack → dot chain), at least one unit each, at most MAX_SPLITS."""
+    return max(1, min(units, MAX_SPLITS, 2 * _target_programs(device) // columns))
 
 
 def gear_decode_attention(
@@ -383,7 +406,7 @@ def gear_decode_attention(
     d_pad = max(MIN_DOT, triton.next_power_of_2(head_dim))
     units = nblocks + (tail_len > 0)
     columns = batch * kv_heads * m_blocks
-    splits = num_splits if num_splits is not None else _num_splits(units, columns, q.device)
+    splits = min(num_splits, MAX_SPLITS) if num_splits is not None else _num_splits(units, columns, q.device)
     per_split = triton.cdiv(max(units, 1), max(1, min(splits, units)))
     splits = triton.cdiv(max(units, 1), per_split)  # no empty split
 
@@ -406,8 +429,10 @@ def gear_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=min(cfg.group_size, _MAX_BLOCK_N),
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
-    _gear_combine_kernel[(batch * kv_heads, m_blocks)](
-        part_m, part_l, part_acc, out, m, splits, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m,
+    s_pad = triton.next_power_of_2(splits)
+    _gear_combine_kernel[(batch * kv_heads, m)](
+        part_m, part_l, part_acc, out, m, splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad,
+        S_CHUNK=min(s_pad, _COMBINE_CHUNK),
     )
     return out
 
@@ -440,7 +465,7 @@ def _compile_cases() -> list[CompileCase]:
             f"gear_combine[{dtype}]", _gear_combine_kernel,
             dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr=f"*{dtype}", M="i32",
                  N_SPLIT="i32"),
-            dict(HEAD_DIM=128, D_PAD=128, BLOCK_M=16), dict(num_warps=4),
+            dict(HEAD_DIM=128, D_PAD=128, S_PAD=128, S_CHUNK=_COMBINE_CHUNK), dict(num_warps=4),
         ))
     return cases
 
