@@ -48,6 +48,7 @@ from torch import Tensor
 
 from lowrank_ops.core.checks import check_dim, check_tensor
 
+from ._codes import codes_to_f32, load_row_codes
 from ._compile_check import CompileCase
 from .lowrank import INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs
 
@@ -77,43 +78,22 @@ _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PA
 @triton.jit
 def _centered(code, zero, dtype: tl.constexpr):
     """code − zero for small non-negative integer codes (< 1024), in fp16 when ``dtype`` is fp16
-    (f16x2 arithmetic, one rounding), else in fp32 (exact here; the caller rounds once). The code
-    becomes a float without an integer → float convert (I2F issues at a fraction of the FMA
-    rate): OR it into the mantissa of a power of two c (fp16 1024 = 0x6400, fp32 2^23 =
-    0x4B000000), reinterpret the bits, subtract c."""
+    (f16x2 arithmetic, one rounding), else in fp32 (exact here; the caller rounds once). No
+    integer → float convert: the fp16 twin of :func:`codes_to_f32` ORs the code into the mantissa
+    of 1024 (0x6400) and subtracts 1024."""
     if dtype == tl.float16:
         x = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
         return x - zero.to(tl.float16)
     else:
-        x = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return x - zero.to(tl.float32)
+        return codes_to_f32(code) - zero.to(tl.float32)
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, E: tl.constexpr, STRIDE: tl.constexpr):
-    """(..., 2, ..., 2) codes at bit offsets i · STRIDE · BITS (i < E) of ``words``, one axis of 2
-    per bit of i, most significant first: codes(E, S) = join(codes(E/2, 2S) of w, of w >> S), so
-    a thread keeps all E codes of its word (joins add in-thread axes) and the reshape to a
-    flat channel axis is free."""
-    if E == 1:
-        return words & ((1 << BITS) - 1)
-    else:
-        return tl.join(_unpack(words, BITS, E // 2, 2 * STRIDE), _unpack(words >> (STRIDE * BITS), BITS, E // 2, 2 * STRIDE))
-
-
-@triton.jit
-def _codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-           BLOCK_N: tl.constexpr):
-    """(BLOCK_N × D_PAD) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
-    token-major. Only the packed rows leave memory: a (BLOCK_N × W_PAD) tile of int32 words (a
-    token's row is HEAD_DIM / E consecutive words, one vector load), unpacked on chip by shift and
-    mask; a thread's codes of one word stay adjacent along the channels."""
-    E: tl.constexpr = 32 // BITS
-    W_PAD: tl.constexpr = D_PAD // E
-    offs_w = tl.arange(0, W_PAD)
-    words = tl.load(codes_ptr + tok[:, None] * (HEAD_DIM // E) + offs_w[None, :],
-                    mask=valid[:, None] & (offs_w[None, :] < HEAD_DIM // E), other=0)
-    return tl.reshape(_unpack(words, BITS, E, 1), (BLOCK_N, D_PAD))
+def _token_codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """(len(tok) × D_PAD) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
+    token-major: a token's row is HEAD_DIM · BITS / 32 consecutive words."""
+    words = HEAD_DIM * BITS // 32
+    return load_row_codes(codes_ptr + tok[:, None] * words, 0, words, valid[:, None], BITS, D_PAD)
 
 
 @triton.jit
@@ -131,7 +111,7 @@ def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, o
     """
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     group = (tok0 // GROUP) * HEAD_DIM + offs_d
@@ -165,7 +145,7 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
     G_PAD: tl.constexpr = D_PAD // GROUP
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, BLOCK_N)
+    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
     offs_g = tl.arange(0, G_PAD)
     sz = tok[:, None] * (HEAD_DIM // GROUP) + offs_g[None, :]
     sz_mask = valid[:, None] & (offs_g[None, :] < HEAD_DIM // GROUP)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._codes import codes_to_f32, load_row_codes
 from ._compile_check import CompileCase
 from .lowrank import (
     DECODE_BLOCK_M,
@@ -119,41 +120,41 @@ def _load_quant_base_tile(
     qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
     BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_K × BLOCK_N) fp32 tile of Ŵᵀ dequantized from the packed rows ``offs_n``; zero outside
-    the matrix (k ≥ K included: padded codes are 0 but (0 − z)·s is not).
+    """(BLOCK_N × BLOCK_K) fp32 tile of Ŵ (rows ``offs_n``, columns ``offs_k`` = k0 + [0, BLOCK_K))
+    dequantized from the packed rows. Outside the matrix (rows ≥ N, k ≥ K) the entries are finite
+    but not zero ((0 − z)·s at padded codes): every caller multiplies the tile with an operand
+    that is zero there (x past K, dy past N), so no per-element select is spent on masking.
 
-    The quantized twin of ``lowrank._load_dense_base_tile``. Word loads repeat one address for
-    E consecutive k of a row (served by L1); a row's words are contiguous, so each column of the
-    tile reads BLOCK_K / E consecutive words. Scales/zeros are one fp16 pair per (row, group) (or
-    their second-level form, :func:`_load_group_stats`): when BLOCK_K ≤ GROUP the K-blocks never
-    straddle a group (both powers of two, K-blocks start at multiples of BLOCK_K), so one
-    (1 × BLOCK_N) vector serves the tile.
+    Row-major like the packed weight: each row's BLOCK_K codes are its BLOCK_K / E consecutive
+    words (one vector load per row), unpacked on chip by ``load_row_codes`` with a thread keeping
+    its words' codes adjacent; 3-bit codes OR the 1-bit plane, unpacked the same way, above the
+    2-bit plane. Codes become floats by the exact magic-number trick (``codes_to_f32``).
+    Scales/zeros are one fp16 pair per (row, group) (or their second-level form,
+    :func:`_load_group_stats`): when BLOCK_K ≤ GROUP the K-blocks never straddle a group (both
+    powers of two, K-blocks start at multiples of BLOCK_K), so one (BLOCK_N × 1) column serves
+    the tile. The tensor-core dots take the tile transposed (Ŵᵀ) or as it is (dx).
     """
     k_pad = tl.cdiv(K, GROUP) * GROUP
     n_groups = k_pad // GROUP
-    n_mask = offs_n < N
-    mask = n_mask[None, :] & (offs_k[:, None] < K)
-    rows = offs_n.to(tl.int64)[None, :]
-    kk = offs_k[:, None]
+    n_mask = offs_n[:, None] < N
+    mask = n_mask & (offs_k[None, :] < K)
+    rows = offs_n.to(tl.int64)[:, None]
     if BITS == 4:
-        words = tl.load(qw_ptr + rows * (k_pad // 8) + kk // 8, mask=mask, other=0)
-        q = (words >> ((kk % 8) * 4)) & 0xF
+        q = load_row_codes(qw_ptr + rows * (k_pad // 8), k0 // 8, k_pad // 8, n_mask, 4, BLOCK_K)
     else:
         # 2-bit codes, or the low 2 bits of 3-bit codes
-        words = tl.load(qw_ptr + rows * (k_pad // 16) + kk // 16, mask=mask, other=0)
-        q = (words >> ((kk % 16) * 2)) & 0x3
+        q = load_row_codes(qw_ptr + rows * (k_pad // 16), k0 // 16, k_pad // 16, n_mask, 2, BLOCK_K)
         if BITS == 3:
-            hi = tl.load(qwhi_ptr + rows * (k_pad // 32) + kk // 32, mask=mask, other=0)
-            q = q | (((hi >> (kk % 32)) & 1) << 2)
+            q = q | (load_row_codes(qwhi_ptr + rows * (k_pad // 32), k0 // 32, k_pad // 32, n_mask, 1, BLOCK_K) << 2)
     if USE_LUT:
         # per-row table of 2^BITS fp16 values (tiny, L1/L2-resident): a gather
         w = tl.load(lut_ptr + rows * (1 << BITS) + q, mask=mask, other=0.0).to(tl.float32)
     else:
         if BLOCK_K <= GROUP:
-            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, k0 // GROUP, n_groups, N, n_mask[None, :], QSTATS)
+            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, k0 // GROUP, n_groups, N, n_mask, QSTATS)
         else:
-            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, kk // GROUP, n_groups, N, mask, QSTATS)
-        w = tl.where(mask, (q.to(tl.float32) - z) * s, 0.0)
+            s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, offs_k[None, :] // GROUP, n_groups, N, mask, QSTATS)
+        w = codes_to_f32(q) * s - z * s  # one FFMA per code: z · s is per (row, group)
     return w
 
 
@@ -187,7 +188,7 @@ def _quant_k_run(
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & k_mask[None, :], other=0.0)
         w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
                                   BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
-        acc = _dot(x, w.to(dtype), acc, DOT_PRECISION)
+        acc = _dot(x, tl.trans(w.to(dtype)), acc, DOT_PRECISION)
         if HAS_LR:
             vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             t = _dot(x, vt.to(dtype), t, DOT_PRECISION)
@@ -318,7 +319,7 @@ def _quant_decode_reduce_kernel(
 # Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns one (BLOCK_M × BLOCK_K) tile
 # of dx and sweeps N in BLOCK_N steps: a (BLOCK_M × BLOCK_N) tile of dy (row-major, rows N
 # apart) times the (BLOCK_N × BLOCK_K) tile of Ŵ dequantized in registers by the forward's
-# loader (its (BLOCK_K × BLOCK_N) result transposed). The packed weight is read once per
+# loader. The packed weight is read once per
 # M-block and never expanded in memory; dx is written in fp32 (the caller adds the outlier and
 # low-rank terms before its one rounding). BLOCK_K and the group size are powers of two, so a
 # K-block lies in one group or covers whole groups, as the loader needs.
@@ -341,9 +342,9 @@ def _quant_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & (offs_n[None, :] < N), other=0.0)
-        wt = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-                                   BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
-        acc = _dot(dy, tl.trans(wt.to(dtype)), acc, DOT_PRECISION)
+        w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
+                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
+        acc = _dot(dy, w.to(dtype), acc, DOT_PRECISION)
     tl.store(dx_ptr + rows * K + offs_k[None, :], acc, mask=m_mask & (offs_k[None, :] < K))
 
 

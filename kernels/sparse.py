@@ -44,6 +44,7 @@ from torch import Tensor
 
 from lowrank_ops.sparse.format import check_nm, index_bits, positions_per_word
 
+from ._codes import codes_to_f32
 from ._compile_check import CompileCase
 from .lowrank import DX_GPU_TABLE, DX_NAMES, INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs
 from .quant import GROUP_SIZES, _quant_decode_reduce_kernel
@@ -113,7 +114,7 @@ def _load_kept(values_ptr, scales_ptr, zeros_ptr, rows, offs_j, mask, kk,
     if Q4:
         kk_pad = tl.cdiv(kk, QGROUP) * QGROUP
         word = tl.load(values_ptr + rows * (kk_pad // 8) + offs_j // 8, mask=mask, other=0)
-        q = ((word >> ((offs_j % 8) * 4)) & 0xF).to(tl.float32)
+        q = codes_to_f32((word >> ((offs_j % 8) * 4)) & 0xF)
         gidx = rows * (kk_pad // QGROUP) + offs_j // QGROUP
         s = tl.load(scales_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(zeros_ptr + gidx, mask=mask, other=0.0).to(tl.float32)
