@@ -32,9 +32,12 @@ accumulates in fp32; tiles are rounded to q's dtype for the tensor-core dots (fp
 "ieee" dots). Codes become floats by the magic-number trick (OR into a power of two's
 mantissa, subtract it), not by integer → float converts, and are unpacked by in-thread joins so
 a thread keeps each word's codes adjacent (no shared-memory shuffle of single halves before
-the dots). Keys are never scaled element by element: a tile of BLOCK_N ≤ G tokens lies in one
-key group, whose per-channel scale is folded into q, q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; values
-are dequantized as (code − z) · s, in f16x2 arithmetic for fp16 (fp32 otherwise).
+the dots). Tiles are BLOCK_N = min(B, 64) tokens: when a tile lies in one key group (G ≥
+BLOCK_N) that group's per-channel scale is folded into q, q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ;
+when it spans G-token groups (G < BLOCK_N, e.g. the default G = 32, B = 64) the key tile is
+dequantized like the values, (code − z) · s, in f16x2 arithmetic for fp16 (fp32 otherwise):
+one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
+step, factor loads, loop overhead) per token.
 One autotune config under the interpreter, four (warps × stages) on a GPU.
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ _LOG2E = 1.4426950408889634
 _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more rows -> more M-blocks
 
 # --------------------------------------------------------------------------- config table
-# Tiles are fixed by the format (BLOCK_N = min(group_size, 64) tokens: one key group per tile);
+# Tiles are fixed by the format (BLOCK_N = min(buffer_tokens, 64) tokens: one block or part of one);
 # a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
 _SPLIT_TABLE = [
     # warps stages
@@ -101,11 +104,14 @@ def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, o
                 N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 (BLOCK_M × BLOCK_N) scores q (Deq(codes) + outliers)ᵀ of tokens [tok0, tok0 + BLOCK_N),
-    which lie in one key group (BLOCK_N ≤ GROUP, both powers of two).
+    which lie in one key group (BLOCK_N ≤ GROUP) or cover BLOCK_N / GROUP whole groups (powers of
+    two, tiles start at multiples of BLOCK_N).
 
-    The per-channel scale of that group is folded into q instead of being applied to every
-    code: q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row
-    (one f16x2 subtract per two codes for fp16) and one (D) scale/zero row is read per tile. The outliers gather q
+    In one group, its per-channel scale is folded into q instead of being applied to every code:
+    q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row (one
+    f16x2 subtract per two codes for fp16) and one (D) scale/zero row is read per tile. Across
+    groups, their (BLOCK_N / GROUP × D) scale/zero rows are broadcast over their tokens on chip
+    and the tile is (code − z) · s. The outliers gather q
     at their channels, Σ_j q[:, idx_j] · val_j ((BLOCK_M × BLOCK_N) L1 loads of q's rows per j)
     instead of touching the (D × BLOCK_N) tile.
     """
@@ -114,12 +120,23 @@ def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, o
     code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    group = (tok0 // GROUP) * HEAD_DIM + offs_d
-    scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
-    k = _centered(code, zero[None, :], q.dtype).to(q.dtype)
-    s = _dot((q.to(tl.float32) * scale[None, :]).to(q.dtype), tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-             DOT_PRECISION)
+    if BLOCK_N <= GROUP:
+        group = (tok0 // GROUP) * HEAD_DIM + offs_d
+        scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
+        k = _centered(code, zero[None, :], q.dtype).to(q.dtype)
+        s = _dot((q.to(tl.float32) * scale[None, :]).to(q.dtype), tl.trans(k),
+                 tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+    else:
+        NG: tl.constexpr = BLOCK_N // GROUP
+        group = ((tok0 // GROUP) + tl.arange(0, NG))[:, None] * HEAD_DIM + offs_d[None, :]
+        scale = tl.load(scale_ptr + group, mask=d_mask[None, :], other=0.0)
+        zero = tl.load(zero_ptr + group, mask=d_mask[None, :], other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, GROUP, D_PAD)), (BLOCK_N, D_PAD))
+        zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, GROUP, D_PAD)), (BLOCK_N, D_PAD))
+        k = _centered(code, zero, q.dtype)
+        k = (k * scale.to(k.dtype)).to(q.dtype)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
     for j in tl.static_range(N_OUT):
         idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
         val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
@@ -194,9 +211,10 @@ def _online_softmax(s, m_i, l_i, acc):
 # heads of one kv head are adjacent) and the sp-th contiguous run of sequence units (compressed
 # blocks of B tokens, then the tail as one more unit). All tensors are contiguous; the program
 # offsets every pointer to its (batch, kv head) slab once, then walks its BLOCK_N-token tiles in
-# one loop (BLOCK_N divides G, which divides B: a tile never straddles a key group or a block):
+# one loop (BLOCK_N divides B: a tile never straddles a block; it lies in one key group or covers
+# whole ones):
 # qB_j = q B_kj of the tile's block j (rank space, rounded to q's dtype), scores
-# from the codes with the group's scale folded into q + the gathered outliers + qB_j A_kᵀ,
+# from the codes (scale folded into q, or applied on chip) + the gathered outliers + qB_j A_kᵀ,
 # masked, online softmax; then the V tile (BLOCK_N × D, token-major so per-token data is one
 # value per row) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
 # leave memory (packed words, one scale row per group / per token); codes and scales are
@@ -406,7 +424,7 @@ def gear_decode_attention(
         kv_heads, m, seq_len, nblocks, tail_len, units, rank, per_split, float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=min(cfg.group_size, _MAX_BLOCK_N),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=min(cfg.buffer_tokens, _MAX_BLOCK_N),
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = triton.next_power_of_2(splits)
@@ -418,9 +436,10 @@ def gear_decode_attention(
 
 
 # --------------------------------------------------------------------------- compile lane
-# 2 and 4 bits, head_dim 64 and 128, outliers and low rank each on and off, fp16 and bf16 q, each
-# value in at least one case (every case compiles in tens of seconds); one fp32 case (exact dots,
-# the largest tiles) for the all-configs fp32 run; the combine kernel per output dtype.
+# 2 and 4 bits, head_dim 64 and 128, outliers and low rank each on and off, fp16 and bf16 q,
+# 64-token tiles across two key groups and 32-token tiles in one, each value in at least one
+# case (every case compiles in seconds); one fp32 case (exact dots) for the all-configs fp32
+# run; the combine kernel per output dtype.
 def _compile_cases() -> list[CompileCase]:
     cases = []
     packed = dict(kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", koi_ptr="*u8", kov_ptr="*fp16", ka_ptr="*fp16",
@@ -428,17 +447,17 @@ def _compile_cases() -> list[CompileCase]:
                   va_ptr="*fp16", vb_ptr="*fp16")
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32", R="i32",
                 UNITS_PER_SPLIT="i32", qk_scale="fp32")
-    for dtype, bits, head_dim, has_out, has_lr in (
-        ("fp16", 4, 128, True, True), ("bf16", 2, 128, False, False), ("fp16", 2, 64, True, False),
-        ("bf16", 4, 64, False, True), ("fp32", 4, 128, True, True),
+    for dtype, bits, head_dim, has_out, has_lr, block_n in (
+        ("fp16", 4, 128, True, True, 64), ("bf16", 2, 128, False, False, 64), ("fp16", 2, 64, True, False, 32),
+        ("bf16", 4, 64, False, True, 32), ("fp32", 4, 128, True, True, 64),
     ):
         p = f"*{dtype}"
         sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
                    part_acc_ptr="*fp32", **ints)
         flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
-                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R_PAD=16, HAS_LR=has_lr, BLOCK_N=32, HAS_MASK=True,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R_PAD=16, HAS_LR=has_lr, BLOCK_N=block_n, HAS_MASK=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-        name = f"gear_split[{dtype},{bits}b,d{head_dim}{',out' if has_out else ''}{',lr' if has_lr else ''}]"
+        name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{',lr' if has_lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))
     for dtype in ("fp16", "bf16", "fp32"):
         cases.append(CompileCase(

@@ -8,7 +8,8 @@ masks with right and left padding). The (bits × rank × outliers) product is co
 tail (empty / partial), GQA (4:1 / 1:1), head_dim (64 / 128, plus 80: padded channels), q_len
 (1 / 2 / 3 / 17: several row blocks), dtype (fp16 / fp32, one bf16) and the split count are
 sampled across it with co-prime periods so every value meets every path; key groups of 32 tokens
-(one tile), 16 (two tiles per block) and 128 (two tiles per group).
+in 32-token blocks (one group per tile), 16 in 32-token blocks and 32 in 64-token blocks (tiles
+spanning two groups), and 128 (two tiles per group).
 """
 import itertools
 
@@ -77,6 +78,9 @@ def _cases():
                     dtype=torch.bfloat16, splits=None, group_size=16))
     out.append(dict(bits=4, rank=2, ratio=0.02, nblocks=1, tail=70, head_dim=128, groups=1, q_len=1,
                     dtype=torch.float16, splits=None, group_size=128, buffer_tokens=128))
+    # the default GEAR layout (G = 32, B = 64): 64-token tiles spanning two key groups
+    out.append(dict(bits=2, rank=4, ratio=0.02, nblocks=3, tail=9, head_dim=128, groups=4, q_len=1,
+                    dtype=torch.float16, splits=2, group_size=32, buffer_tokens=64))
     return out
 
 
