@@ -8,22 +8,25 @@
 // * One warp per output row n, 8 warps (8 rows) per 256-thread block, grid ceil(N / 8): at
 //   N = 4096 that is 512 blocks, ~4 per SM on a 132-SM H100, so batch 1 keeps every SM busy
 //   without a split-K second pass.
-// * K is swept in tiles of kTile = 2048 columns. Per tile the block stages x[:, tile] (zero
-//   past K, rows >= M zero) into shared memory in x's own 16-bit dtype (MB x 2048 x 2 B = 32 KB
-//   at MB = 8), so the 8 warps of the block share one copy of x. The layout is permuted so
-//   that lanes reading "their" 8 columns hit consecutive 16-byte words (no bank conflicts):
-//   column c of the tile -> unit u = c / 32, chunk q = (c % 32) / 8, element e = c % 8 is
-//   stored at q * (kTile / 4) + u * 8 + e.
+// * K is swept in tiles of kTile columns (2048 for MB <= 4, 1024 for MB = 8). Per tile the
+//   block stages x[:, tile] (zero past K, rows >= M zero) into shared memory converted to fp32
+//   once (MB x kTile x 4 B <= 32 KB), so the 8 warps of the block share one copy of x and no
+//   lane converts x again per weight (that was one HADD2.F32 per code and row). The layout is
+//   permuted so that the lanes of a warp, each reading the same 4 columns of its own unit,
+//   hit consecutive 16-byte words (no bank conflicts): column c of the tile -> unit u = c / 32,
+//   chunk q = (c % 32) / 8, half h = (c % 8) / 4, element e = c % 4 is stored at
+//   q * (kTile / 4) + h * (kTile / 8) + u * 4 + e.
 // * A "unit" is 32 consecutive codes (never straddles a group since group_size >= 32, so one
-//   scale/zero per unit). Lane l owns units l and l + 32 of each tile; per unit it reads whole
+//   scale/zero per unit). Lane l owns units l and l + 32 of each tile (l only at MB = 8); per unit it reads whole
 //   int32 words, coalesced along K: 4-bit = one 16-byte load (4 words x 8 codes), 2-bit = one
 //   8-byte load (2 words x 16 codes), 3-bit = one
 //   8-byte load of the 2-bit plane (2 words x 16 codes) + one 4-byte word of the 1-bit plane.
 //   The weight loads of a tile are issued before the barrier that stages x, so they overlap.
 // * Decoding is shifts and masks. Uniform codes become floats with the magic-exponent trick:
 //   __int_as_float(0x4B000000 | q) is the fp32 number 2^23 + q exactly (q < 2^23 sits in the
-//   mantissa of 2^23), so one LOP3 plus one FADD of -2^23 replaces an I2F conversion (I2F
-//   runs at quarter rate on sm_80/sm_90); then w = fma(q, s, -z*s). With second-level statistics
+//   mantissa of 2^23), so one FADD of -2^23 replaces an I2F conversion (I2F runs at quarter
+//   rate on sm_80/sm_90), and the mask and the OR are one LOP3 (written as PTX: ptxas left them
+//   as two); then w = fma(q, s, -z*s). With second-level statistics
 //   the lane decodes its unit's (s, z) from one stat byte (scale code | zero << 4) and the
 //   block's fp16 (log2_lo, log2_step) pair: s = exp2(lo + code * step), once per 32 codes. (The fp16 analogue is
 //   0x6400 | q = 1024 + q as a half; fp32 keeps the whole chain in fp32 so no fp16 rounding
@@ -56,9 +59,10 @@ constexpr int kWarp = 32;
 constexpr int kWarps = 8;                    // rows per block
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kUnit = 32;                    // codes per lane per step
-constexpr int kUnitsPerLane = 2;             // per tile
-constexpr int kTile = kWarp * kUnit * kUnitsPerLane;  // 2048 columns of x staged per tile
 constexpr int kMaxM = 8;
+// Units per lane per tile, and the tile (columns of x staged as fp32: MB x kTile x 4 B <= 32 KB)
+template <int MB> __host__ __device__ constexpr int units_per_lane() { return MB >= 8 ? 1 : 2; }
+template <int MB> __host__ __device__ constexpr int tile_cols() { return kWarp * kUnit * units_per_lane<MB>(); }
 constexpr int kStatRows = 16;                // rows sharing one second-level (log2_lo, log2_step) pair
 
 template <typename T> struct QCvt;
@@ -78,10 +82,16 @@ template <> struct QCvt<__nv_bfloat16> {
   }
 };
 
-// Exact fp32 value of a small unsigned code (see the design note: 2^23 + q, minus 2^23).
-__device__ __forceinline__ float code_to_f(uint32_t q) { return __int_as_float(0x4B000000 | q) - 8388608.f; }
+// Exact fp32 value of the code (word >> shift) & mask (see the design note: 2^23 + q, minus 2^23):
+// one LOP3 computes (w & mask) | 0x4B000000 (truth table 0xEA = (a & b) | c), one FADD removes 2^23.
+__device__ __forceinline__ float magic_code(uint32_t shifted, uint32_t mask) {
+  uint32_t bits;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(shifted), "r"(mask), "r"(0x4B000000u));
+  return __int_as_float(bits) - 8388608.f;
+}
 
-// Per unit: the 32 codes as 4 chunks of 8, chunk-wise decode into 8 floats.
+// Per unit: the 32 codes as 4 chunks of 8, chunk-wise decode into 8 floats (code(): the integer,
+// for LUT indexing; uniform(): the dequantized weights).
 template <int BITS> struct Unit;
 template <> struct Unit<4> {
   uint4 w;  // 4 words x 8 codes
@@ -90,9 +100,20 @@ template <> struct Unit<4> {
     w = __ldg(reinterpret_cast<const uint4*>(qw + static_cast<size_t>(n) * words_lo + u * 4));
   }
   __device__ __forceinline__ void zero() { w = make_uint4(0u, 0u, 0u, 0u); }
-  __device__ __forceinline__ uint32_t code(int chunk, int e) const {
-    const uint32_t word = chunk == 0 ? w.x : chunk == 1 ? w.y : chunk == 2 ? w.z : w.w;
-    return (word >> (4 * e)) & 0xFu;
+  __device__ __forceinline__ uint32_t word(int chunk) const {
+    return chunk == 0 ? w.x : chunk == 1 ? w.y : chunk == 2 ? w.z : w.w;
+  }
+  __device__ __forceinline__ uint32_t code(int chunk, int e) const { return (word(chunk) >> (4 * e)) & 0xFu; }
+  // The chunk's 8 uniform weights q * s + nzs. Codes 0..4 sit at bits 4e <= 16, inside the 23-bit
+  // mantissa where they are: (word & 0xF << 4e) | 0x4B000000 is 2^23 + q * 16^e, so they need no
+  // shift, and s16[e] = s / 16^e (a power-of-two scaling, exact) undoes the 16^e in the same FMA:
+  // bit for bit the value of fma(q, s, nzs). Codes 5..7 take one shift by 20 between them.
+  __device__ __forceinline__ void uniform(int chunk, const float (&s16)[5], float nzs, float (&out)[8]) const {
+    const uint32_t low = word(chunk), high = low >> 20;
+#pragma unroll
+    for (int e = 0; e < 5; ++e) out[e] = fmaf(magic_code(low, 0xFu << (4 * e)), s16[e], nzs);
+#pragma unroll
+    for (int e = 5; e < 8; ++e) out[e] = fmaf(magic_code(high, 0xFu << (4 * (e - 5))), s16[e - 5], nzs);
   }
 };
 template <> struct Unit<2> {
@@ -104,6 +125,10 @@ template <> struct Unit<2> {
   __device__ __forceinline__ void zero() { w = 0ull; }
   __device__ __forceinline__ uint32_t code(int chunk, int e) const {
     return static_cast<uint32_t>(w >> (2 * (chunk * 8 + e))) & 3u;
+  }
+  __device__ __forceinline__ void uniform(int chunk, const float (&s16)[5], float nzs, float (&out)[8]) const {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = fmaf(magic_code(static_cast<uint32_t>(w >> (2 * (chunk * 8 + e))), 3u), s16[0], nzs);
   }
 };
 template <> struct Unit<3> {
@@ -120,6 +145,10 @@ template <> struct Unit<3> {
     const uint32_t word = chunk < 2 ? lo.x : lo.y;
     return ((word >> (2 * (j & 15))) & 3u) | (((hi >> j) & 1u) << 2);
   }
+  __device__ __forceinline__ void uniform(int chunk, const float (&s16)[5], float nzs, float (&out)[8]) const {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = fmaf(magic_code(code(chunk, e), 7u), s16[0], nzs);
+  }
 };
 
 template <typename T, int BITS, int MB>
@@ -131,7 +160,9 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
                     const uint16_t* __restrict__ cols, const __half* __restrict__ vals,
                     const T* __restrict__ bias, T* __restrict__ y, int M, int K, int N, int group_size,
                     bool x_vec) {
-  __shared__ __align__(16) uint16_t xs_raw[MB * kTile];
+  constexpr int kUnitsPerLane = units_per_lane<MB>();
+  constexpr int kTile = tile_cols<MB>();
+  __shared__ __align__(16) float xs[MB * kTile];
   __shared__ float lut_s[kWarps][1 << BITS];
 
   const int warp = threadIdx.x / kWarp;
@@ -193,17 +224,19 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
         const int k = kt + c;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (m < M && k < K) v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k));
-        const int dst = m * kTile + ((c % kUnit) / 8) * (kTile / 4) + (c / kUnit) * 8;
-        *reinterpret_cast<uint4*>(xs_raw + dst) = v;
+        const float2 p0 = QCvt<T>::pair(v.x), p1 = QCvt<T>::pair(v.y);
+        const float2 p2 = QCvt<T>::pair(v.z), p3 = QCvt<T>::pair(v.w);
+        float* dst = xs + m * kTile + ((c % kUnit) / 8) * (kTile / 4) + (c / kUnit) * 4;
+        *reinterpret_cast<float4*>(dst) = make_float4(p0.x, p0.y, p1.x, p1.y);
+        *reinterpret_cast<float4*>(dst + kTile / 8) = make_float4(p2.x, p2.y, p3.x, p3.y);
       }
     } else {
       for (int idx = threadIdx.x; idx < MB * kTile; idx += kThreads) {
         const int m = idx / kTile;
         const int c = idx % kTile;
         const int k = kt + c;
-        uint16_t v = 0;
-        if (m < M && k < K) v = reinterpret_cast<const uint16_t*>(x)[static_cast<size_t>(m) * K + k];
-        xs_raw[m * kTile + ((c % kUnit) / 8) * (kTile / 4) + (c / kUnit) * 8 + (c % 8)] = v;
+        const float v = m < M && k < K ? QCvt<T>::to_f(x[static_cast<size_t>(m) * K + k]) : 0.f;
+        xs[m * kTile + ((c % kUnit) / 8) * (kTile / 4) + ((c % 8) / 4) * (kTile / 8) + (c / kUnit) * 4 + (c % 4)] = v;
       }
     }
     __syncthreads();
@@ -213,6 +246,10 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
     for (int i = 0; i < kUnitsPerLane; ++i) {
       const int ut = lane + i * kWarp;  // unit within the tile
       if (kt / kUnit + ut >= units) break;
+      float s16[5];  // s / 16^k (Unit<4>::uniform); 2- and 3-bit units read s16[0] only
+      s16[0] = s[i];
+#pragma unroll
+      for (int k = 1; k < 5; ++k) s16[k] = s16[k - 1] * 0.0625f;
 #pragma unroll
       for (int chunk = 0; chunk < 4; ++chunk) {
         float w[8];
@@ -221,18 +258,18 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
           for (int e = 0; e < 8; ++e) w[e] = lut_s[warp][wq[i].code(chunk, e)];
         } else {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) w[e] = fmaf(code_to_f(wq[i].code(chunk, e)), s[i], nzs[i]);
+          wq[i].uniform(chunk, s16, nzs[i], w);
         }
 #pragma unroll
         for (int m = 0; m < MB; ++m) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(xs_raw + m * kTile + chunk * (kTile / 4) + ut * 8);
-          const float2 p0 = QCvt<T>::pair(raw.x), p1 = QCvt<T>::pair(raw.y);
-          const float2 p2 = QCvt<T>::pair(raw.z), p3 = QCvt<T>::pair(raw.w);
+          const float* xr = xs + m * kTile + chunk * (kTile / 4) + ut * 4;
+          const float4 x_lo = *reinterpret_cast<const float4*>(xr);
+          const float4 x_hi = *reinterpret_cast<const float4*>(xr + kTile / 8);
           float a = acc[m];
-          a = fmaf(p0.x, w[0], a); a = fmaf(p0.y, w[1], a);
-          a = fmaf(p1.x, w[2], a); a = fmaf(p1.y, w[3], a);
-          a = fmaf(p2.x, w[4], a); a = fmaf(p2.y, w[5], a);
-          a = fmaf(p3.x, w[6], a); a = fmaf(p3.y, w[7], a);
+          a = fmaf(x_lo.x, w[0], a); a = fmaf(x_lo.y, w[1], a);
+          a = fmaf(x_lo.z, w[2], a); a = fmaf(x_lo.w, w[3], a);
+          a = fmaf(x_hi.x, w[4], a); a = fmaf(x_hi.y, w[5], a);
+          a = fmaf(x_hi.z, w[6], a); a = fmaf(x_hi.w, w[7], a);
           acc[m] = a;
         }
       }
