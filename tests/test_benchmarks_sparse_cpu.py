@@ -22,11 +22,19 @@ def test_case_lists():
     assert {(c.n, c.k) for c in full} == {(4096, 4096), (11008, 4096), (4096, 11008)}
     assert {c.m for c in full} == {1, 4, 16, 64, 256, 1024, 4096}
     quick = SB.sparse_cases(SB.QUICK["shapes"], SB.QUICK["batches"])
-    assert [(c.shape, c.m) for c in quick] == [("4096x4096", 1), ("4096x4096", 256), ("11008x4096", 1),
-                                               ("11008x4096", 256)]
+    assert [(c.shape, c.m) for c in quick] == [("4096x4096", 1), ("4096x4096", 1024), ("11008x4096", 1),
+                                               ("11008x4096", 1024)]
     assert SB.FULL["patterns"] == ["2:4", "1:4", "2:8", "2:4+q4", "2:8+q4"]
-    assert SB.QUICK["patterns"] == ["2:4", "1:4", "2:8", "2:8+q4"]
+    assert SB.QUICK["patterns"] == ["2:4", "1:4", "2:8", "2:4+q4"]
     assert all(t.pattern in SB.PATTERNS for t in SB.TARGETS)
+    # the goals, as written there, each measurable in the quick run
+    goals = {(t.pattern, t.goal, t.max_m, t.min_m) for t in SB.TARGETS if t.kind == "vs_dense"}
+    assert {("2:4", 1.6, 1, 0), ("1:4", 3.0, 1, 0), ("2:8", 2.9, 1, 0), ("2:4+q4", 4.5, 1, 0)} <= {
+        (p, g, mx, mn) for p, g, mx, mn in goals if mx == 1}
+    assert ("2:4", 1.2, 1 << 30, 1024) in goals
+    for t in SB.TARGETS:
+        assert t.pattern in SB.QUICK["patterns"] or t.min_m, t.text
+        assert any(t.min_m <= c.m <= t.max_m for c in quick), t.text
 
 
 @pytest.mark.parametrize("pattern", list(SB.PATTERNS))
@@ -91,8 +99,8 @@ def test_speedups_summary_and_targets():
     assert summary[(1, "2:4")]["dense_us"] == 40.0 and summary[(1, "2:4")]["semi24_us"] == 50.0
     assert summary[(1, "2:4")]["limit"] == 1.78
     targets = {(t["target"], t["m"]): t for t in SB.evaluate_targets(rows)}
-    assert targets[("2:4 batch 1 >= 1.5x dense", 1)]["met"] == "yes"
-    assert targets[("1:4 batch 1 >= 2.5x dense", 1)]["met"] == "NO"
+    assert targets[("2:4 batch 1 >= 1.6x dense", 1)]["met"] == "yes"
+    assert targets[("1:4 batch 1 >= 3x dense", 1)]["met"] == "NO"
     assert targets[("2:4 batch <= 16 faster than semi24", 1)]["met"] == "yes"
     assert targets[("2:4 batch >= 256 >= 0.8x dense", 256)]["met"] == "yes"
     assert not any(t["m"] == 256 and "batch 1 " in t["target"] for t in targets.values())
