@@ -32,9 +32,9 @@ accumulates in fp32; tiles are rounded to q's dtype for the tensor-core dots (fp
 "ieee" dots). Codes become floats by the magic-number trick (OR into a power of two's
 mantissa, subtract it), not by integer → float converts, and are unpacked by in-thread joins so
 a thread keeps each word's codes adjacent (no shared-memory shuffle of single halves before
-the dots). Tiles are BLOCK_N = min(B, 64) tokens: when a tile lies in one key group (G ≥
-BLOCK_N) that group's per-channel scale is folded into q, q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ;
-when it spans G-token groups (G < BLOCK_N, e.g. the default G = 32, B = 64) the key tile is
+the dots). Tiles are BLOCK_N tokens, the largest power of two dividing B, at most 64: when a
+tile lies in one key group (G ≥ BLOCK_N) that group's per-channel scale is folded into q,
+q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; when it spans G-token groups (G < BLOCK_N, e.g. the default G = 32, B = 64) the key tile is
 dequantized like the values, (code − z) · s, in f16x2 arithmetic for fp16 (fp32 otherwise):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
@@ -63,7 +63,7 @@ _LOG2E = 1.4426950408889634
 _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more rows -> more M-blocks
 
 # --------------------------------------------------------------------------- config table
-# Tiles are fixed by the format (BLOCK_N = min(buffer_tokens, 64) tokens: one block or part of one);
+# Tiles are fixed by the format (BLOCK_N tokens, see _tile_tokens: one block or part of one);
 # a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
 _SPLIT_TABLE = [
     # warps stages
@@ -355,6 +355,13 @@ def _gear_combine_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
+def _tile_tokens(buffer_tokens: int) -> int:
+    """Tokens per tile: the largest power of two dividing B, at most 64. Tiles never straddle a
+    block, and since the key group size G (a power of two) divides B, a tile lies in one key group
+    or covers whole ones; B = 48 (G = 16) gives 16-token tiles."""
+    return min(buffer_tokens & -buffer_tokens, _MAX_BLOCK_N)
+
+
 def _num_splits(units: int, columns: int, device: torch.device) -> int:
     """Sequence splits so that (splits × columns) ≈ 4 programs per SM (latency hiding for the
     dependent load → unpack → dot chain), at least one unit each, at most MAX_SPLITS."""
@@ -424,7 +431,7 @@ def gear_decode_attention(
         kv_heads, m, seq_len, nblocks, tail_len, units, rank, per_split, float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=min(cfg.buffer_tokens, _MAX_BLOCK_N),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=_tile_tokens(cfg.buffer_tokens),
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = triton.next_power_of_2(splits)

@@ -9,7 +9,8 @@ tail (empty / partial), GQA (4:1 / 1:1), head_dim (64 / 128, plus 80: padded cha
 (1 / 2 / 3 / 17: several row blocks), dtype (fp16 / fp32, one bf16) and the split count are
 sampled across it with co-prime periods so every value meets every path; key groups of 32 tokens
 in 32-token blocks (one group per tile), 16 in 32-token blocks and 32 in 64-token blocks (tiles
-spanning two groups), and 128 (two tiles per group).
+spanning two groups), 16 in 48-token blocks (three tiles per block), and 128 (two tiles per
+group).
 """
 import itertools
 
@@ -81,6 +82,9 @@ def _cases():
     # the default GEAR layout (G = 32, B = 64): 64-token tiles spanning two key groups
     out.append(dict(bits=2, rank=4, ratio=0.02, nblocks=3, tail=9, head_dim=128, groups=4, q_len=1,
                     dtype=torch.float16, splits=2, group_size=32, buffer_tokens=64))
+    # a block that is not a power of two (B = 48, G = 16): 16-token tiles, three per block
+    out.append(dict(bits=4, rank=2, ratio=0.02, nblocks=2, tail=20, head_dim=64, groups=2, q_len=2,
+                    dtype=torch.float16, splits=None, group_size=16, buffer_tokens=48))
     return out
 
 
