@@ -34,9 +34,11 @@
 //   row's 2^bits-entry LUT (fp32) in shared memory: 16 floats in 16 distinct banks, so any
 //   pattern of codes is conflict-free (equal codes broadcast).
 // * Each decoded weight is reused for the MB rows of x (fp32 FMAs into acc[MB]).
-// * After the K sweep, the row's CSR outliers are walked by the same warp (lane-strided over
-//   rowptr[n] .. rowptr[n+1], x read from global/L2 at the outlier columns) into the same
-//   accumulators; then a warp-shuffle (xor) reduction, and lane m writes y[m, n] (+ bias).
+// * The row's CSR outliers are walked by the same warp (lane-strided over rowptr[n] ..
+//   rowptr[n+1], x read from global/L2 at the outlier columns) into the same accumulators after
+//   the K sweep. Their row pointers and each lane's first two (column, value) pairs are loaded
+//   before the sweep, so the three dependent loads do not trail it (64 outliers a row: 1 % of
+//   K = 6400). Then a warp-shuffle (xor) reduction, and lane m writes y[m, n] (+ bias).
 //
 // This file does not include torch: the host entry point takes raw device pointers and the
 // stream as integers (see module.cpp).
@@ -64,6 +66,7 @@ constexpr int kMaxM = 8;
 template <int MB> __host__ __device__ constexpr int units_per_lane() { return MB >= 8 ? 1 : 2; }
 template <int MB> __host__ __device__ constexpr int tile_cols() { return kWarp * kUnit * units_per_lane<MB>(); }
 constexpr int kStatRows = 16;                // rows sharing one second-level (log2_lo, log2_step) pair
+constexpr int kPrefetchOutliers = 2;         // CSR entries per lane loaded before the K sweep
 
 template <typename T> struct QCvt;
 template <> struct QCvt<__half> {
@@ -183,6 +186,30 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
     lut_s[warp][lane] = __half2float(lut[static_cast<size_t>(n) * (1 << BITS) + lane]);
   __syncwarp();
 
+  // The row's first kPrefetchOutliers x 32 CSR outliers (lane-strided), loaded now so their
+  // dependent loads (row pointers, then columns and values) complete during the K sweep
+  // instead of after it; at 1 % outliers and K <= 6400 that is all of them.
+  int e_first = 0, e_end = 0;
+  int out_col[kPrefetchOutliers];
+  float out_val[kPrefetchOutliers];
+#pragma unroll
+  for (int i = 0; i < kPrefetchOutliers; ++i) {
+    out_col[i] = 0;
+    out_val[i] = 0.f;
+  }
+  if (rowptr != nullptr && row_ok) {
+    e_first = rowptr[n] + lane;
+    e_end = rowptr[n + 1];
+#pragma unroll
+    for (int i = 0; i < kPrefetchOutliers; ++i) {
+      const int e = e_first + i * kWarp;
+      if (e < e_end) {
+        out_col[i] = cols[e];  // unsigned 16-bit column
+        out_val[i] = __half2float(vals[e]);
+      }
+    }
+  }
+
   float acc[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) acc[m] = 0.f;
@@ -257,7 +284,6 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
 #pragma unroll
           for (int e = 0; e < 8; ++e) w[e] = lut_s[warp][wq[i].code(chunk, e)];
         } else {
-#pragma unroll
           wq[i].uniform(chunk, s16, nzs[i], w);
         }
 #pragma unroll
@@ -277,17 +303,17 @@ quant_decode_kernel(const T* __restrict__ x, const int* __restrict__ qweight, co
   }
   if (!row_ok) return;  // no barriers past this point
 
-  // 4) the row's CSR outliers, lane-strided, into the same accumulators
-  if (rowptr != nullptr) {
-    const int e_end = rowptr[n + 1];
-    for (int e = rowptr[n] + lane; e < e_end; e += kWarp) {
-      const int col = cols[e];  // unsigned 16-bit column
-      const float v = __half2float(vals[e]);
+  // 4) the row's CSR outliers, lane-strided, into the same accumulators (prefetched ones first,
+  //    then any beyond them, in the same entry order)
+  auto add_outlier = [&](int col, float v) {
 #pragma unroll
-      for (int m = 0; m < MB; ++m)
-        if (m < M) acc[m] = fmaf(v, QCvt<T>::to_f(x[static_cast<size_t>(m) * K + col]), acc[m]);
-    }
-  }
+    for (int m = 0; m < MB; ++m)
+      if (m < M) acc[m] = fmaf(v, QCvt<T>::to_f(x[static_cast<size_t>(m) * K + col]), acc[m]);
+  };
+#pragma unroll
+  for (int i = 0; i < kPrefetchOutliers; ++i)
+    if (e_first + i * kWarp < e_end) add_outlier(out_col[i], out_val[i]);
+  for (int e = e_first + kPrefetchOutliers * kWarp; e < e_end; e += kWarp) add_outlier(cols[e], __half2float(vals[e]));
 
   // 5) warp reduction (fixed order), lane m writes y[m, n]
   const float b = bias != nullptr ? QCvt<T>::to_f(bias[n]) : 0.f;
