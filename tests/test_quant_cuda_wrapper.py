@@ -1,4 +1,5 @@
-"""Reference lane: the CUDA quant decode wrapper's verdicts and input checks, on CPU tensors (no GPU)."""
+"""Reference lane: the CUDA quant decode wrapper's verdicts and input checks, on CPU tensors (no GPU),
+and the kernel's shared-memory staging layout and in-place 4-bit magic floats, restated in torch."""
 import pytest
 import torch
 
@@ -165,3 +166,37 @@ def test_check_inputs_names_the_second_level_statistics(mutate, exc, pattern):
     x, t = make_packed(bits=3, n=20, qstats=True)
     with pytest.raises(exc, match=pattern):
         cuda_decode.quant_decode(x, **mutate(t), bits=3, group_size=32)
+
+
+# --------------------------------------------------------------------------- emulation of the kernel's index math
+# csrc/quant_decode.cu stages x[:, tile] in shared memory as fp32, column c of the tile at
+#   (c % 32 / 8) * (kTile / 4) + (c % 8 / 4) * (kTile / 8) + (c / 32) * 4 + c % 4
+# (the 128-bit path writes 8 columns as two float4 at that address and + kTile / 8), and lane
+# unit u reads columns u * 32 + chunk * 8 + e at chunk * (kTile / 4) + (e / 4) * (kTile / 8) + u * 4 + e % 4.
+# These formulas are restated here from the kernel; they must be one permutation, read back as written.
+@pytest.mark.parametrize("k_tile", [2048, 1024])  # MB <= 4 and MB = 8
+def test_staging_layout_is_a_conflict_free_permutation(k_tile):
+    cols = torch.arange(k_tile)
+    scalar = (cols % 32 // 8) * (k_tile // 4) + (cols % 8 // 4) * (k_tile // 8) + (cols // 32) * 4 + cols % 4
+    chunk_start = cols - cols % 8  # the 128-bit path: 8 columns from a multiple of 8
+    vec = ((chunk_start % 32) // 8) * (k_tile // 4) + (chunk_start // 32) * 4 + (cols % 8 // 4) * (k_tile // 8) + cols % 4
+    unit, chunk, e = cols // 32, cols % 32 // 8, cols % 8
+    read = chunk * (k_tile // 4) + (e // 4) * (k_tile // 8) + unit * 4 + e % 4
+    assert torch.equal(scalar, vec) and torch.equal(scalar, read)
+    assert torch.equal(scalar.sort().values, cols)  # a permutation of the tile
+    # a warp's float4 reads (lanes = units 0..31 of one chunk and half) are 32 consecutive 16-byte words
+    for chunk_i in range(4):
+        for half in range(2):
+            starts = chunk_i * (k_tile // 4) + half * (k_tile // 8) + torch.arange(32) * 4
+            assert torch.equal(starts, starts[0] + torch.arange(0, 128, 4))
+
+
+def test_in_place_four_bit_codes_are_exact_magic_floats():
+    """Unit<4>::uniform: codes 0..4 of a word are read where they sit, (w & 0xF << 4e) | 0x4B000000
+    = 2^23 + q * 16^e exactly; codes 5..7 the same after one shift by 20."""
+    words = torch.randint(-2**31, 2**31, (4096,), dtype=torch.int64) & 0xFFFFFFFF
+    for e in range(8):
+        src, pos = (words, e) if e < 5 else (words >> 20, e - 5)
+        bits = ((src & (0xF << (4 * pos))) | 0x4B000000).to(torch.int32)  # values < 2^31: no wrap
+        value = bits.view(torch.float32).double() - 2.0**23
+        assert torch.equal(value, (((words >> (4 * e)) & 0xF) * 16**pos).double())
