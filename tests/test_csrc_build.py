@@ -125,6 +125,12 @@ def test_embeds_sass_for_both_archs(built):
 
     candidates = [str(cuda_build.Path(NVCC).resolve().with_name("cuobjdump")), shutil.which("cuobjdump")]
     candidates += sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))
+    try:  # Triton ships its own copy of the CUDA binary utilities
+        import triton
+
+        candidates.append(str(cuda_build.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
     cuobjdump = next((c for c in candidates if c and cuda_build.Path(c).is_file()), None)
     if cuobjdump is None:
         pytest.skip("cuobjdump not found")
