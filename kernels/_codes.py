@@ -9,7 +9,8 @@ bits [e · BITS, (e + 1) · BITS); a matrix row's words are contiguous.
   keep a word's E codes in the thread that loaded it: the reshape to a flat column axis moves
   no data, and a tile bound for a dot is stored to shared memory in wide vectors, not one half
   at a time.
-* :func:`codes_to_f32` turns small codes into floats without an integer → float convert.
+* :func:`codes_to_f32` and :func:`codes_to_f16` turn small codes into floats without an integer →
+  float convert.
 """
 from __future__ import annotations
 
@@ -50,3 +51,11 @@ def codes_to_f32(code):
     2^23 (0x4B000000), reinterpret the bits, subtract 2^23 — a LOP3 and an FADD at full rate
     instead of an I2F, which issues at a fraction of the FMA rate."""
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def codes_to_f16(code):
+    """Small non-negative integer codes (< 1024) as fp16, exactly: the fp16 twin of
+    :func:`codes_to_f32`, OR into the mantissa of 1024 (0x6400), reinterpret, subtract 1024; pairs
+    of them run as f16x2 arithmetic."""
+    return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from lowrank_ops.core.checks import check_dim, check_tensor
 
-from ._codes import codes_to_f32, load_row_codes
+from ._codes import codes_to_f16, codes_to_f32, load_row_codes
 from ._compile_check import CompileCase
 from .lowrank import INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs
 
@@ -80,13 +80,10 @@ _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PA
 # --------------------------------------------------------------------------- on-chip helpers
 @triton.jit
 def _centered(code, zero, dtype: tl.constexpr):
-    """code − zero for small non-negative integer codes (< 1024), in fp16 when ``dtype`` is fp16
-    (f16x2 arithmetic, one rounding), else in fp32 (exact here; the caller rounds once). No
-    integer → float convert: the fp16 twin of :func:`codes_to_f32` ORs the code into the mantissa
-    of 1024 (0x6400) and subtracts 1024."""
+    """code − zero for small non-negative integer codes, in fp16 when ``dtype`` is fp16 (f16x2
+    arithmetic, one rounding), else in fp32 (exact here; the caller rounds once)."""
     if dtype == tl.float16:
-        x = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-        return x - zero.to(tl.float16)
+        return codes_to_f16(code) - zero.to(tl.float16)
     else:
         return codes_to_f32(code) - zero.to(tl.float32)
 

@@ -4,7 +4,7 @@
 A tiny kernel loads a (ROWS × COLS) tile of codes with ``load_row_codes`` from rows of random
 int32 words (every bit pattern, sign bit included) at a word offset, with rows masked off and
 the tile running past the row's last word, and stores the codes and their ``codes_to_f32``
-values; both must match exactly.
+values in fp32 and fp16; all must match exactly.
 """
 import numpy as np
 import pytest
@@ -19,17 +19,18 @@ from kernel_lane import DEVICE, MARKS  # noqa: E402
 
 pytestmark = MARKS
 
-from lowrank_ops.kernels._codes import codes_to_f32, load_row_codes  # noqa: E402
+from lowrank_ops.kernels._codes import codes_to_f16, codes_to_f32, load_row_codes  # noqa: E402
 
 
 @triton.jit
-def _probe_kernel(words_ptr, codes_ptr, values_ptr, W, w0, words_per_row, n_rows,
+def _probe_kernel(words_ptr, codes_ptr, values_ptr, halves_ptr, W, w0, words_per_row, n_rows,
                   BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows = tl.arange(0, ROWS)[:, None]
     codes = load_row_codes(words_ptr + rows * W, w0, words_per_row, rows < n_rows, BITS, COLS)
     cols = tl.arange(0, COLS)[None, :]
     tl.store(codes_ptr + rows * COLS + cols, codes)
     tl.store(values_ptr + rows * COLS + cols, codes_to_f32(codes))
+    tl.store(halves_ptr + rows * COLS + cols, codes_to_f16(codes))
 
 
 def _numpy_codes(words: np.ndarray, bits: int, w0: int, words_per_row: int, n_rows: int, cols: int) -> np.ndarray:
@@ -57,9 +58,12 @@ def test_load_row_codes_and_magic_floats(bits, cols, w0, words_per_row):
     words = torch.randint(-2**31, 2**31, (rows, W), generator=gen, dtype=torch.int64).to(torch.int32)
     codes = torch.full((rows, cols), -7, dtype=torch.int32)
     values = torch.full((rows, cols), float("nan"), dtype=torch.float32)
-    d_words, d_codes, d_values = (t.to(DEVICE) for t in (words, codes, values))
-    _probe_kernel[(1,)](d_words, d_codes, d_values, W, w0, words_per_row, n_rows, BITS=bits, ROWS=rows, COLS=cols)
+    halves = torch.full((rows, cols), float("nan"), dtype=torch.float16)
+    d_words, d_codes, d_values, d_halves = (t.to(DEVICE) for t in (words, codes, values, halves))
+    _probe_kernel[(1,)](d_words, d_codes, d_values, d_halves, W, w0, words_per_row, n_rows, BITS=bits, ROWS=rows,
+                        COLS=cols)
     expected = _numpy_codes(words.numpy(), bits, w0, words_per_row, n_rows, cols)
     np.testing.assert_array_equal(d_codes.cpu().numpy(), expected)
     np.testing.assert_array_equal(d_values.cpu().numpy(), expected.astype(np.float32))
+    np.testing.assert_array_equal(d_halves.cpu().numpy(), expected.astype(np.float16))
     assert expected[:n_rows].max() == (1 << bits) - 1  # the draw reaches the largest code
