@@ -3,8 +3,8 @@
 
 A tiny kernel loads a (ROWS × COLS) tile of codes with ``load_row_codes`` from rows of random
 int32 words (every bit pattern, sign bit included) at a word offset, with rows masked off and
-the tile running past the row's last word, and stores the codes and their ``codes_to_f32``
-values in fp32 and fp16; all must match exactly.
+the tile running past the row's last word, and stores the codes and their ``codes_to_f32`` and
+``codes_to_f16`` values; all must match exactly.
 """
 import numpy as np
 import pytest
