@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowrank_ops.core.checks import check_dim, check_tensor
+from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
 from ._codes import codes_to_f16, codes_to_f32, load_row_codes
 from ._compile_check import CompileCase
@@ -384,15 +384,13 @@ def gear_decode_attention(
     if q_heads % kv.kv_heads:
         raise ValueError(
             f"q: expected q_heads (dim 1) a multiple of the cache's kv_heads {kv.kv_heads}, got shape {tuple(q.shape)}")
-    if q.device != kv.device:
-        raise ValueError(f"q: expected device {kv.device} (that of the cache), got {q.device}")
+    check_device("q", q, kv.device, "the cache")
     seq_len = kv.seq_len
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,))
         check_dim("key_mask", key_mask, 0, batch, "batch")
         check_dim("key_mask", key_mask, 1, seq_len, "cached tokens")
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask: expected device {q.device} (that of q), got {key_mask.device}")
+        check_device("key_mask", key_mask, q.device, "q")
     if cfg.rank > KV_MAX_RANK:
         raise ValueError(f"kv: the Triton decode kernel supports rank <= {KV_MAX_RANK}, got {cfg.rank}")
     if scale is None:

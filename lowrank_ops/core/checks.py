@@ -42,12 +42,17 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_device(name: str, value: torch.Tensor, device: torch.device, owner: str) -> None:
+    """``value`` lives on ``device``, that of ``owner`` (named in the message)."""
+    if value.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of {owner}), got {value.device}")
+
+
 def check_same(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """``value`` has the dtype and device of ``ref``."""
     if value.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {value.dtype}")
-    if value.device != ref.device:
-        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {value.device}")
+    check_device(name, value, ref.device, ref_name)
 
 
 def check_dim(name: str, value: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
@@ -139,8 +144,7 @@ def check_kernel_operand(name: str, t: object, dtypes: tuple, shape: tuple[int, 
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous (row-major) tensor, got strides {t.stride()}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of x), got {t.device}")
+    check_device(name, t, device, "x")
     return t
 
 

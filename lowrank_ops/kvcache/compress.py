@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_finite, check_tensor
+from lowrank_ops.core.checks import check_device, check_finite, check_same, check_tensor
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, TAIL_DTYPES, pack_last
 
@@ -174,10 +174,7 @@ def _check_kv(keys: object, values: object, config: object) -> tuple[Tensor, Ten
     check_tensor("values", values, ndim=4, dtypes=TAIL_DTYPES)
     if values.shape != keys.shape:
         raise ValueError(f"values: expected shape {tuple(keys.shape)} (that of keys), got {tuple(values.shape)}")
-    if values.dtype != keys.dtype:
-        raise TypeError(f"values: expected dtype {keys.dtype} (that of keys), got {values.dtype}")
-    if values.device != keys.device:
-        raise ValueError(f"values: expected device {keys.device} (that of keys), got {values.device}")
+    check_same("values", values, "keys", keys)
     config.check_head_dim(keys.shape[-1], "keys")
     return keys, values, config
 
@@ -210,8 +207,7 @@ def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> None:
         raise ValueError(f"keys: expected shape (batch, kv_heads, n, head_dim) = {expected} (that of the cache), got {tuple(keys.shape)}")
     if keys.dtype != kv.dtype:
         raise TypeError(f"keys: expected dtype {kv.dtype} (that of the cache), got {keys.dtype}")
-    if keys.device != kv.device:
-        raise ValueError(f"keys: expected device {kv.device} (that of the cache), got {keys.device}")
+    check_device("keys", keys, kv.device, "the cache")
     buf, n = kv.config.buffer_tokens, keys.shape[2]
     if kv.tail_len + n < buf:  # decode fast path: write into the tail buffer
         kv.tail_keys[:, :, kv.tail_len: kv.tail_len + n] = keys

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import check_dim, check_int, check_tensor
+from lowrank_ops.core.checks import check_device, check_dim, check_int, check_tensor
 from lowrank_ops.kvcache.config import GEARConfig
 
 BLOCK_FIELDS = ("codes", "scale", "zero", "out_idx", "out_val", "lr_a", "lr_b")
@@ -219,8 +219,7 @@ class GEARKV:
             check_tensor(name, t, ndim=len(shape), dtypes=dtypes)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-            if t.device != self.tail_keys.device:
-                raise ValueError(f"{name}: expected device {self.tail_keys.device} (that of tail_keys), got {t.device}")
+            check_device(name, t, self.tail_keys.device, "tail_keys")
 
     # --------------------------------------------------------------- reference reconstruction
     def _reconstruct(self, kind: str, dtype: torch.dtype) -> Tensor:

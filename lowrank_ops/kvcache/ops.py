@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_tensor
+from lowrank_ops.core.checks import check_device, check_tensor
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import TENSOR_FIELDS, GEARKV
 
@@ -113,16 +113,14 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
     expected = f"(batch={kv.batch}, q_heads multiple of kv_heads={kv.kv_heads}, q_len>=1, head_dim={kv.head_dim})"
     if b != kv.batch or qh % kv.kv_heads or qh == 0 or q_len < 1 or d != kv.head_dim:
         raise ValueError(f"q: expected shape {expected}, got {tuple(q.shape)}")
-    if q.device != kv.device:
-        raise ValueError(f"q: expected device {kv.device} (that of kv), got {q.device}")
+    check_device("q", q, kv.device, "kv")
     if kv.seq_len < 1:
         raise ValueError("kv: expected a cache holding at least one token, got seq_len 0")
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,))
         if tuple(key_mask.shape) != (b, kv.seq_len):
             raise ValueError(f"key_mask: expected shape (batch, seq_len) = {(b, kv.seq_len)}, got {tuple(key_mask.shape)}")
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask: expected device {q.device} (that of q), got {key_mask.device}")
+        check_device("key_mask", key_mask, q.device, "q")
         key_mask = key_mask.contiguous()
     if scale is None:
         scale = 1.0 / math.sqrt(d)

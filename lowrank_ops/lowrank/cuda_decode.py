@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, cuda_kernel_support
+from lowrank_ops.core.checks import check_same
 
 CUDA_DECODE_MAX_M = 16  # rows of x the kernel serves (the GEMV regime)
 CUDA_DECODE_MAX_RANK = 1024  # T = x Vᵀ (M × R fp32) must fit in shared memory
@@ -90,10 +91,7 @@ def check_inputs(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> tup
     for name, t in (("v", v), ("u", u), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (that of x), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+        check_same(name, t, "x", x)
     if v.shape[1] != k:
         raise ValueError(f"v: expected shape (R, {k}) (K = x.shape[1]), got {tuple(v.shape)}")
     if u.shape[1] != r:

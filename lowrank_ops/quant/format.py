@@ -65,7 +65,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import check_choice, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
+from lowrank_ops.core.checks import check_choice, check_device, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -370,15 +370,12 @@ class QuantFormat:
         check_dim("qweight", self.qweight, 1, k_pad * _planes(bits)[0][0] // 32, f"K_pad·{_planes(bits)[0][0]}/32 int32 words, K_pad={k_pad}")
         dev = self.qweight.device
 
-        def same_device(name: str, t: Tensor) -> None:
-            if t.device != dev:
-                raise ValueError(f"{name}: expected device {dev} (that of qweight), got {t.device}")
 
         if bits == 3:
             check_tensor("qweight_hi", self.qweight_hi, ndim=2, dtypes=(torch.int32,))
             check_dim("qweight_hi", self.qweight_hi, 0, n, "out_features")
             check_dim("qweight_hi", self.qweight_hi, 1, k_pad // 32, f"K_pad/32 int32 words, K_pad={k_pad}")
-            same_device("qweight_hi", self.qweight_hi)
+            check_device("qweight_hi", self.qweight_hi, dev, "qweight")
         elif self.qweight_hi is not None:
             raise ValueError(f"qweight_hi: expected None for {bits}-bit codes (only 3-bit has a high plane), got a tensor")
 
@@ -389,7 +386,7 @@ class QuantFormat:
             check_tensor("lut", self.lut, ndim=2, dtypes=(torch.float16,))
             check_dim("lut", self.lut, 0, n, "out_features")
             check_dim("lut", self.lut, 1, 1 << bits, "2^bits table entries")
-            same_device("lut", self.lut)
+            check_device("lut", self.lut, dev, "qweight")
         else:
             quantized = "stat_codes" in given or "stat_meta" in given
             if quantized and ("scales" in given or "zeros" in given):
@@ -401,7 +398,7 @@ class QuantFormat:
                 check_tensor(name, t, ndim=len(shape), dtypes=(dtype,))
                 for dim, size in enumerate(shape):
                     check_dim(name, t, dim, size, f"shape {shape} (G = K_pad / group_size = {k_pad // g})")
-                same_device(name, t)
+                check_device(name, t, dev, "qweight")
 
         sparse = [self.outlier_rowptr, self.outlier_cols, self.outlier_vals]
         if any(t is not None for t in sparse):
@@ -416,7 +413,7 @@ class QuantFormat:
             nnz = self.outlier_vals.numel()
             check_dim("outlier_cols", self.outlier_cols, 0, nnz, "nnz = outlier_vals.numel()")
             for name, t in zip(("outlier_rowptr", "outlier_cols", "outlier_vals"), sparse):
-                same_device(name, t)
+                check_device(name, t, dev, "qweight")
             ptr = self.outlier_rowptr
             if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
                 raise ValueError(f"outlier_rowptr: expected non-decreasing pointers from 0 to nnz={nnz}, got first {int(ptr[0])}, last {int(ptr[-1])}")
@@ -425,8 +422,8 @@ class QuantFormat:
 
         check_lowrank_pair(self.lr_u, self.lr_v, n, k, _LR_DTYPES)
         if self.lr_u is not None:
-            same_device("lr_u", self.lr_u)
-            same_device("lr_v", self.lr_v)
+            check_device("lr_u", self.lr_u, dev, "qweight")
+            check_device("lr_v", self.lr_v, dev, "qweight")
 
     # --------------------------------------------------------------- bytes
     @property

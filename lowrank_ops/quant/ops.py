@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_choice, check_dim, check_int, check_same, check_tensor
+from lowrank_ops.core.checks import check_choice, check_device, check_dim, check_int, check_same, check_tensor
 from lowrank_ops.quant.format import (
     BITS,
     GROUP_SIZES,
@@ -206,8 +206,7 @@ def _check_int_tensor(name: str, t: object, dtype: torch.dtype, shape: tuple[int
     check_tensor(name, t, ndim=len(shape), dtypes=(dtype,))
     for dim, size in enumerate(shape):
         check_dim(name, t, dim, size, f"{name} shape {shape}")
-    if t.device != x.device:
-        raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+    check_device(name, t, x.device, "x")
     return t
 
 
@@ -280,8 +279,7 @@ def quant_linear(
         check_dim("lr_v", lr_v, 0, r, "rank = lr_u.shape[1]")
         check_dim("lr_v", lr_v, 1, k, "in_features")
         check_same("lr_v", lr_v, "lr_u", lr_u)
-        if lr_u.device != x.device:
-            raise ValueError(f"lr_u: expected device {x.device} (that of x), got {lr_u.device}")
+        check_device("lr_u", lr_u, x.device, "x")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "x", x)

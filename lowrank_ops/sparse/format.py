@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
+from lowrank_ops.core.checks import FLOAT_DTYPES, check_choice, check_device, check_dim, check_format_metadata, check_int, check_lowrank_pair, check_tensor
 from lowrank_ops.quant.format import QuantFormat
 
 M_CHOICES = (4, 8, 16)
@@ -159,8 +159,7 @@ def pack_nm(weight: Tensor, mask: Tensor, n: int, m: int) -> tuple[Tensor, Tenso
     check_nm_mask(mask, n, m)
     if mask.shape != weight.shape:
         raise ValueError(f"mask: expected shape {tuple(weight.shape)} (that of weight), got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask: expected device {weight.device} (that of weight), got {mask.device}")
+    check_device("mask", mask, weight.device, "weight")
     rows, k = weight.shape
     grouped = mask.reshape(rows, k // m, m)
     col = torch.arange(m, device=weight.device)
@@ -180,8 +179,7 @@ def unpack_nm(values: Tensor, indices: Tensor, n: int, m: int, in_features: int)
     check_tensor("values", values, ndim=2, dtypes=_PACK_DTYPES)
     check_dim("values", values, 1, k // m * n, "KK = in_features / m · n kept values per row")
     check_dim("indices", indices, 0, values.shape[0], "out_features (rows of values)")
-    if indices.device != values.device:
-        raise ValueError(f"indices: expected device {values.device} (that of values), got {indices.device}")
+    check_device("indices", indices, values.device, "values")
     cols = kept_columns(indices, n, m, k)
     dense = torch.zeros(values.shape[0], k, dtype=values.dtype, device=values.device)
     return dense.scatter_(1, cols, values)
@@ -252,9 +250,6 @@ class NMFormat:
             raise ValueError("indices: expected a row-major contiguous tensor, got a strided view")
         dev = self.device
 
-        def same_device(name: str, t: Tensor) -> None:
-            if t.device != dev:
-                raise ValueError(f"{name}: expected device {dev} (that of indices), got {t.device}")
 
         if (self.values is None) == (self.qvalues is None):
             raise ValueError("values/qvalues: expected exactly one (dense kept values or their 4-bit QuantFormat), got "
@@ -265,7 +260,7 @@ class NMFormat:
             check_dim("values", self.values, 1, kept, "KK = in_features / m · n kept values per row")
             if not self.values.is_contiguous():
                 raise ValueError("values: expected a row-major contiguous tensor, got a strided view")
-            same_device("values", self.values)
+            check_device("values", self.values, dev, "indices")
         else:
             q = self.qvalues
             if not isinstance(q, QuantFormat):
@@ -275,8 +270,7 @@ class NMFormat:
                                  f"second-level statistics, outliers or low-rank path), got {q.config()}")
             if (q.out_features, q.in_features) != (rows, kept):
                 raise ValueError(f"qvalues: expected shape ({rows}, {kept}) (out_features, KK), got ({q.out_features}, {q.in_features})")
-            if q.device != dev:
-                raise ValueError(f"qvalues: expected device {dev} (that of indices), got {q.device}")
+            check_device("qvalues", q, dev, "indices")
 
         # positions: strictly increasing within each group, unused bits zero
         pos = unpack_positions(self.indices, n, m, kept)
@@ -288,11 +282,11 @@ class NMFormat:
         if self.bias is not None:
             check_tensor("bias", self.bias, ndim=1)
             check_dim("bias", self.bias, 0, rows, "out_features")
-            same_device("bias", self.bias)
+            check_device("bias", self.bias, dev, "indices")
         check_lowrank_pair(self.lr_u, self.lr_v, rows, k)
         if self.lr_u is not None:
-            same_device("lr_u", self.lr_u)
-            same_device("lr_v", self.lr_v)
+            check_device("lr_u", self.lr_u, dev, "indices")
+            check_device("lr_v", self.lr_v, dev, "indices")
 
     # --------------------------------------------------------------- bytes
     @property

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
-from lowrank_ops.core.checks import check_choice, check_dim, check_same, check_tensor
+from lowrank_ops.core.checks import check_choice, check_device, check_dim, check_same, check_tensor
 from lowrank_ops.quant.format import GROUP_SIZES, padded_k
 from lowrank_ops.quant.ops import dequantize_reference
 from lowrank_ops.sparse.format import (
@@ -287,11 +287,6 @@ torch.library.register_autograd("lowrank_ops::nm_linear", _nm_backward, setup_co
 
 
 # --------------------------------------------------------------------------- public wrapper
-def _check_device(name: str, t: Tensor, x: Tensor) -> None:
-    if t.device != x.device:
-        raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
-
-
 def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None, *,
               n: int, m: int, in_features: int, path: str = "auto", qscales: Optional[Tensor] = None,
               qzeros: Optional[Tensor] = None, group_size: Optional[int] = None) -> Tensor:
@@ -326,13 +321,13 @@ def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]
         check_tensor("values", values, ndim=2, dtypes=(torch.int32,))
         check_dim("values", values, 1, kk_pad // 8,
                   f"4-bit codes: KK_pad / 8 int32 words per row, KK_pad = ceil(KK / {group_size})·{group_size}")
-        _check_device("values", values, x)
+        check_device("values", values, x.device, "x")
         rows = values.shape[0]
         for name, t in (("qscales", qscales), ("qzeros", qzeros)):
             check_tensor(name, t, ndim=2, dtypes=(torch.float16,))
             check_dim(name, t, 0, rows, "out_features = values.shape[0]")
             check_dim(name, t, 1, kk_pad // group_size, f"KK_pad / {group_size} groups of kept values per row")
-            _check_device(name, t, x)
+            check_device(name, t, x.device, "x")
     else:
         check_tensor("values", values, ndim=2)
         check_same("values", values, "x", x)
@@ -341,7 +336,7 @@ def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]
     check_tensor("indices", indices, ndim=2, dtypes=(torch.int32,))
     check_dim("indices", indices, 0, rows, "out_features = values.shape[0]")
     check_dim("indices", indices, 1, index_words(kept, m), "ceil(KK / positions per word) int32 words")
-    _check_device("indices", indices, x)
+    check_device("indices", indices, x.device, "x")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "x", x)
