@@ -9,11 +9,12 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   (d % E)·bits (E = 32 / bits); per-channel scale/zero (batch, kv_heads, T / G, D) of each
   group of G tokens; value codes packed the same way, per-token scale/zero
   (batch, kv_heads, T, D / G) of each group of G channels; Deq = (code − zero) · scale;
-* outliers: n_out (uint8 channel, fp16 value) pairs per token vector (distinct channels):
-  for K, q is gathered at the channels (Σ_j q[:, idx_j] · val_j per token); for V they are
-  selected into the dequantized tile by channel compare (n_out is ~2 % of D);
+* outliers: n_out (uint8 channel, fp16 value) pairs per token vector (distinct channels), added
+  into the dequantized K and V tiles by channel compare (n_out is ~2 % of D; fp16 tiles compare
+  channel pairs, see ``_add_outliers``);
 * low rank: A (batch, kv_heads, T, r), B (batch, kv_heads, T / B, D, r), used factored only:
-  scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed;
+  scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed; the rank r
+  is a compile-time constant (the factor rows are then vector loads);
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
 
 Two launches, no atomics, deterministic:
@@ -97,50 +98,82 @@ def _token_codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _key_scores(q, q_rows_ptr, offs_m, m_mask, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end,
+def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
+    """x (BLOCK_N × D_PAD) + the N_OUT outliers (distinct channels, value) of each token row.
+
+    The outliers are selected into a zero tile by channel compare, a select chain, then added
+    once. fp16 tiles select channel pairs: a token's outlier j becomes the 32-bit word holding
+    its fp16 value in the half of its channel (bits 0-15 for even channels, 16-31 for odd) and
+    is selected into the (BLOCK_N × D_PAD / 2) pair tile by pair index, so a compare and a select
+    serve two channels, and the word tile is read as fp16 pairs for one f16x2 add. Two outliers of
+    a token can share a pair; each word first ORs in the other half of any earlier outlier in
+    its pair (per row, N_OUT² cheap steps), so the chain's last match holds both.
+    """
+    if N_OUT == 0:
+        return x
+    D_PAD: tl.constexpr = x.shape[1]
+    if x.dtype == tl.float16:
+        pair = tl.arange(0, D_PAD // 2)[None, :]
+        out = tl.zeros([x.shape[0], D_PAD // 2], dtype=tl.int32)
+        idx_prev = ()
+        word_prev = ()
+        for j in tl.static_range(N_OUT):
+            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
+            bits = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.int16, bitcast=True)
+            word = (bits.to(tl.int32) & 0xFFFF) << ((idx & 1) * 16)
+            for i in tl.static_range(j):
+                word |= tl.where((idx_prev[i] >> 1) == (idx >> 1), word_prev[i], 0)
+            out = tl.where(pair == (idx >> 1)[:, None], word[:, None], out)
+            idx_prev = idx_prev + (idx,)
+            word_prev = word_prev + (word,)
+        halves = tl.join((out & 0xFFFF).to(tl.int16), (out >> 16).to(tl.int16)).to(tl.float16, bitcast=True)
+        return x + tl.reshape(halves, (x.shape[0], D_PAD))
+    else:
+        offs_d = tl.arange(0, D_PAD)[None, :]
+        out = tl.zeros(x.shape, dtype=x.dtype)
+        for j in tl.static_range(N_OUT):
+            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
+            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(x.dtype)
+            out = tl.where(offs_d == idx[:, None], val[:, None], out)
+        return x + out
+
+
+@triton.jit
+def _key_scores(q, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end,
                 N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 (BLOCK_M × BLOCK_N) scores q (Deq(codes) + outliers)ᵀ of tokens [tok0, tok0 + BLOCK_N),
     which lie in one key group (BLOCK_N ≤ GROUP) or cover BLOCK_N / GROUP whole groups (powers of
     two, tiles start at multiples of BLOCK_N).
 
-    In one group, its per-channel scale is folded into q instead of being applied to every code:
-    q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row (one
-    f16x2 subtract per two codes for fp16) and one (D) scale/zero row is read per tile. Across
-    groups, their (BLOCK_N / GROUP × D) scale/zero rows are broadcast over their tokens on chip
-    and the tile is (code − z) · s. The outliers gather q
-    at their channels, Σ_j q[:, idx_j] · val_j ((BLOCK_M × BLOCK_N) L1 loads of q's rows per j)
-    instead of touching the (D × BLOCK_N) tile.
+    In one group and without outliers, its per-channel scale is folded into q instead of being
+    applied to every code: q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes
+    minus the zero row (one f16x2 subtract per two codes for fp16) and one (D) scale/zero row is
+    read per tile. Otherwise the (NG × D) scale/zero rows of the tile's NG groups are broadcast
+    over their tokens on chip, the tile is (code − z) · s, and the outliers are added into it
+    like the values' (:func:`_add_outliers`).
     """
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
     code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    if BLOCK_N <= GROUP:
+    if (BLOCK_N <= GROUP) and (N_OUT == 0):
         group = (tok0 // GROUP) * HEAD_DIM + offs_d
         scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
         k = _centered(code, zero[None, :], q.dtype).to(q.dtype)
-        s = _dot((q.to(tl.float32) * scale[None, :]).to(q.dtype), tl.trans(k),
-                 tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+        q = (q.to(tl.float32) * scale[None, :]).to(q.dtype)
     else:
-        NG: tl.constexpr = BLOCK_N // GROUP
+        NG: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
         group = ((tok0 // GROUP) + tl.arange(0, NG))[:, None] * HEAD_DIM + offs_d[None, :]
         scale = tl.load(scale_ptr + group, mask=d_mask[None, :], other=0.0)
         zero = tl.load(zero_ptr + group, mask=d_mask[None, :], other=0.0)
-        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, GROUP, D_PAD)), (BLOCK_N, D_PAD))
-        zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, GROUP, D_PAD)), (BLOCK_N, D_PAD))
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
+        zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
         k = _centered(code, zero, q.dtype)
-        k = (k * scale.to(k.dtype)).to(q.dtype)
-        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
-    for j in tl.static_range(N_OUT):
-        idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-        val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
-        qg = tl.load(q_rows_ptr + offs_m[:, None] * HEAD_DIM + idx[None, :], mask=m_mask[:, None] & valid[None, :],
-                     other=0.0)
-        s += qg.to(tl.float32) * val[None, :]
-    return s
+        k = _add_outliers(k * scale.to(k.dtype), oidx_ptr, oval_ptr, tok, valid, N_OUT).to(q.dtype)
+    return _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
 
 
 @triton.jit
@@ -152,9 +185,10 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
 
     Token-major, the dot's natural right operand: a token is a row, so its per-token data (scale/
     zero of each channel group, outlier channels and values) is one value per row. The scale and
-    scale·zero of each channel group (BLOCK_N × D_PAD / GROUP) are read compact and broadcast over
-    their group's channels on chip: one FMA per code. The outliers (distinct channels per token)
-    are selected into the tile by channel compare: a select chain, then one add.
+    zero of each channel group (BLOCK_N × D_PAD / GROUP) are read compact and broadcast over
+    their group's channels on chip; (code − z) · s is then, for fp16, one f16x2 subtract (the
+    magic number's subtraction folds into z) and one f16x2 multiply per two codes. The outliers
+    (distinct channels per token) are added by :func:`_add_outliers`.
     """
     G_PAD: tl.constexpr = D_PAD // GROUP
     tok = tok0 + tl.arange(0, BLOCK_N)
@@ -169,15 +203,7 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
     x = _centered(code, zero, dtype)
     x *= scale.to(x.dtype)
-    if N_OUT > 0:
-        offs_d = tl.arange(0, D_PAD)[None, :]
-        out = tl.zeros([BLOCK_N, D_PAD], dtype=x.dtype)
-        for j in tl.static_range(N_OUT):
-            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(x.dtype)
-            out = tl.where(offs_d == idx[:, None], val[:, None], out)
-        x += out
-    return x
+    return _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT)
 
 
 @triton.jit
@@ -218,16 +244,16 @@ def _online_softmax(s, m_i, l_i, acc):
 # expanded in registers. The tail tile is read as it is. The partial (max, sum-exp, acc) of the
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
 @triton.autotune(configs=_configs(_SPLIT_TABLE, ()),
-                  key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R_PAD", "HAS_LR",
+                  key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
                        "DOT_PRECISION", "BLOCK_N"])
 @triton.jit
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, R, UNITS_PER_SPLIT, qk_scale,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, UNITS_PER_SPLIT, qk_scale,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -276,7 +302,7 @@ def _gear_split_kernel(
         tok0 = tile * BLOCK_N
         tok = tok0 + tl.arange(0, BLOCK_N)
         valid = tok < T  # always true here; shared helpers take a bound
-        s = _key_scores(q, q_rows_ptr, offs_m, m_mask, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
+        s = _key_scores(q, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
                         N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
@@ -423,9 +449,9 @@ def gear_decode_attention(
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
-        kv_heads, m, seq_len, nblocks, tail_len, units, rank, per_split, float(scale) * _LOG2E,
+        kv_heads, m, seq_len, nblocks, tail_len, units, per_split, float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_M=block_m, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
+        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=_tile_tokens(cfg.buffer_tokens),
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
@@ -447,7 +473,7 @@ def _compile_cases() -> list[CompileCase]:
     packed = dict(kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", koi_ptr="*u8", kov_ptr="*fp16", ka_ptr="*fp16",
                   kb_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16", vz_ptr="*fp16", voi_ptr="*u8", vov_ptr="*fp16",
                   va_ptr="*fp16", vb_ptr="*fp16")
-    ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32", R="i32",
+    ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
                 UNITS_PER_SPLIT="i32", qk_scale="fp32")
     for dtype, bits, head_dim, has_out, has_lr, block_n in (
         ("fp16", 4, 128, True, True, 64), ("bf16", 2, 128, False, False, 64), ("fp16", 2, 64, True, False, 32),
@@ -457,7 +483,7 @@ def _compile_cases() -> list[CompileCase]:
         sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
                    part_acc_ptr="*fp32", **ints)
         flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
-                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R_PAD=16, HAS_LR=has_lr, BLOCK_N=block_n, HAS_MASK=True,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if has_lr else 0, R_PAD=16, HAS_LR=has_lr, BLOCK_N=block_n, HAS_MASK=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{',lr' if has_lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))

@@ -112,6 +112,22 @@ def test_gear_decode_attention(case, poisoned):
     assert_close(out, reference(q, kv, mask, scale), dtype, _id(case), TOL)
 
 
+def test_outliers_in_adjacent_channels():
+    """fp16 tiles add outliers two channels at a time: here every token's four outliers sit in two
+    channel pairs (6, 7 largest; 10, 11 smallest), so each pair holds two of them."""
+    cfg = GEARConfig(bits=2, rank=0, outlier_ratio=0.0625, buffer_tokens=32, group_size=32)
+    assert cfg.outliers_per_vector(64) == 4
+    keys, values = torch.randn(2, BATCH, KV_HEADS, 2 * 32 + 3, 64).unbind(0)
+    for x in (keys, values):
+        x[..., 6:8] += 40.0 + torch.rand(x.shape[:-1] + (2,))
+        x[..., 10:12] -= 40.0 + torch.rand(x.shape[:-1] + (2,))
+    kv = compress(keys.half().to(DEVICE), values.half().to(DEVICE), cfg)
+    assert set(kv.tensors()["value_out_idx"].unique().tolist()) == {6, 7, 10, 11}
+    q = torch.randn(BATCH, KV_HEADS * 2, 1, 64).half().to(DEVICE)
+    out = kernels.gear_decode_attention(q, kv, None, 0.1, num_splits=2)
+    assert_close(out, reference(q, kv, None, 0.1), torch.float16, "adjacent outliers", TOL)
+
+
 def test_no_mask_default_scale_and_split_counts():
     """key_mask None, scale None (head_dim ** -0.5); every split count gives the same result,
     counts beyond the number of units are clamped."""
