@@ -29,8 +29,8 @@ Two launches, no atomics, deterministic:
    all splits' weights at once (no serial rescaling chain), and stores in q's dtype.
 
 Rows that attend to nothing (a fully masked sequence) give 0, never NaN. Every product
-accumulates in fp32; tiles are rounded to q's dtype for the tensor-core dots (fp32 q uses exact
-"ieee" dots). Codes become floats by the magic-number trick (OR into a power of two's
+accumulates in fp32; the compressed tiles are fp16 for fp16 and bf16 q (all they are built
+from is fp16) and fp32 for fp32 q (exact "ieee" dots); the fp16 tail is read in q's dtype. Codes become floats by the magic-number trick (OR into a power of two's
 mantissa, subtract it), not by integer → float converts, and are unpacked by in-thread joins so
 a thread keeps each word's codes adjacent (no shared-memory shuffle of single halves before
 the dots). Tiles are BLOCK_N tokens, the largest power of two dividing B, at most 64: when a
@@ -236,8 +236,8 @@ def _online_softmax(s, m_i, l_i, acc):
 # offsets every pointer to its (batch, kv head) slab once, then walks its BLOCK_N-token tiles in
 # one loop (BLOCK_N divides B: a tile never straddles a block; it lies in one key group or covers
 # whole ones):
-# qB_j = q B_kj of the tile's block j (rank space, rounded to q's dtype), scores
-# from the codes (scale folded into q, or applied on chip) + the gathered outliers + qB_j A_kᵀ,
+# qB_j = q B_kj of the tile's block j (rank space, rounded to the tile dtype), scores
+# from the codes (scale folded into q, or applied on chip) + the added outliers + qB_j A_kᵀ,
 # masked, online softmax; then the V tile (BLOCK_N × D, token-major so per-token data is one
 # value per row) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
 # leave memory (packed words, one scale row per group / per token); codes and scales are
@@ -289,6 +289,15 @@ def _gear_split_kernel(
     m_mask = offs_m < M
     q = tl.load(q_rows_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
                 other=0.0)
+    # The compressed tiles run in fp16 for fp16 and bf16 q: their codes, scales, outliers and
+    # factors are fp16 already, and bf16 tiles would have to be formed in fp32 (the interpreter
+    # lane has no bf16 arithmetic). q is prescaled by the softmax scale and, for fp16, clamped to
+    # its finite range (only scores past ±65504 · max|k| change, where softmax is saturated).
+    cdtype: tl.constexpr = tl.float32 if dtype == tl.float32 else tl.float16
+    qc = q.to(tl.float32) * qk_scale
+    if cdtype == tl.float16:
+        qc = tl.clamp(qc, -65504.0, 65504.0)
+    qc = qc.to(cdtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -302,27 +311,27 @@ def _gear_split_kernel(
         tok0 = tile * BLOCK_N
         tok = tok0 + tl.arange(0, BLOCK_N)
         valid = tok < T  # always true here; shared helpers take a bound
-        s = _key_scores(q, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
+        s = _key_scores(qc, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
                         N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
             bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
                          mask=d_mask[:, None] & r_mask[None, :], other=0.0)
-            qb = _dot(q, bk.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(dtype)
+            qb = _dot(qc, bk.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
             a = tl.load(ka_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
-            s = _dot(qb, tl.trans(a.to(dtype)), s, DOT_PRECISION)
-        s = _masked_scores(s * qk_scale, tok, valid, mask_ptr, HAS_MASK)
+            s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
+        s = _masked_scores(s, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
-        p = p.to(dtype)
+        p = p.to(cdtype)
         v = _value_tile(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,
-                        BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, dtype)
-        acc = _dot(p, v.to(dtype), acc, DOT_PRECISION)
+                        BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
+        acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
             av = tl.load(va_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
-            pa = _dot(p, av.to(dtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
+            pa = _dot(p, av.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
                           mask=d_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = _dot(pa.to(dtype), bvt.to(dtype), acc, DOT_PRECISION)
+            acc = _dot(pa.to(cdtype), bvt.to(cdtype), acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
