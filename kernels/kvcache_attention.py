@@ -291,13 +291,16 @@ def _gear_split_kernel(
                 other=0.0)
     # The compressed tiles run in fp16 for fp16 and bf16 q: their codes, scales, outliers and
     # factors are fp16 already, and bf16 tiles would have to be formed in fp32 (the interpreter
-    # lane has no bf16 arithmetic). q is prescaled by the softmax scale and, for fp16, clamped to
-    # its finite range (only scores past ±65504 · max|k| change, where softmax is saturated).
+    # lane has no bf16 arithmetic). q meets them prescaled by the softmax scale and, for fp16, by
+    # a power of two per row that brings its largest entry to (1/2, 1] (any bf16 q fits fp16
+    # then, and q ⊙ key scale cannot overflow); the scores are multiplied back in fp32.
     cdtype: tl.constexpr = tl.float32 if dtype == tl.float32 else tl.float16
-    qc = q.to(tl.float32) * qk_scale
+    qf = q.to(tl.float32) * qk_scale
+    row_exp = tl.zeros([BLOCK_M], dtype=tl.float32)
     if cdtype == tl.float16:
-        qc = tl.clamp(qc, -65504.0, 65504.0)
-    qc = qc.to(cdtype)
+        row_exp = tl.ceil(tl.log2(tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30)))
+    qc = (qf * tl.exp2(-row_exp)[:, None]).to(cdtype)
+    row_scale = tl.exp2(row_exp)[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -320,7 +323,7 @@ def _gear_split_kernel(
             qb = _dot(qc, bk.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
             a = tl.load(ka_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
             s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
-        s = _masked_scores(s, tok, valid, mask_ptr, HAS_MASK)
+        s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         p = p.to(cdtype)
         v = _value_tile(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,

@@ -128,6 +128,18 @@ def test_outliers_in_adjacent_channels():
     assert_close(out, reference(q, kv, None, 0.1), torch.float16, "adjacent outliers", TOL)
 
 
+def test_bf16_query_beyond_fp16_range():
+    """bf16 q meets the compressed tiles in fp16, scaled by a power of two per row: a query past
+    fp16's range gives the reference's attention, not inf/NaN."""
+    kv = make_cache(bits=4, rank=2, ratio=0.02, nblocks=2, tail=3, head_dim=64, dtype=torch.bfloat16)
+    q = torch.randn(BATCH, KV_HEADS, 1, 64)
+    q[..., 0] = 2e5 * torch.sign(q[..., 0])
+    q = q.to(dtype=torch.bfloat16, device=DEVICE)
+    out = kernels.gear_decode_attention(q, kv, None, 1.0, num_splits=2)
+    assert out.isfinite().all()
+    assert_close(out, reference(q, kv, None, 1.0), torch.bfloat16, "huge bf16 q", TOL)
+
+
 def test_no_mask_default_scale_and_split_counts():
     """key_mask None, scale None (head_dim ** -0.5); every split count gives the same result,
     counts beyond the number of units are clamped."""
