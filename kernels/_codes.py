@@ -10,7 +10,8 @@ bits [e · BITS, (e + 1) · BITS); a matrix row's words are contiguous.
   no data, and a tile bound for a dot is stored to shared memory in wide vectors, not one half
   at a time.
 * :func:`codes_to_f32` and :func:`codes_to_f16` turn small codes into floats without an integer →
-  float convert.
+  float convert; :func:`row_codes_f16` loads 2- or 4-bit codes straight to fp16, two per
+  instruction.
 """
 from __future__ import annotations
 
@@ -59,3 +60,34 @@ def codes_to_f16(code):
     :func:`codes_to_f32`, OR into the mantissa of 1024 (0x6400), reinterpret, subtract 1024; pairs
     of them run as f16x2 arithmetic."""
     return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _magic_pairs(words, BITS: tl.constexpr, E2: tl.constexpr, STRIDE: tl.constexpr):
+    """Pair words of codes k and k + E2 (k < E2, bit offsets k · STRIDE · BITS and 16 more): each
+    one OR'd into the mantissas of the fp16 pair (1024, 1024); as ``words.shape + (2,) · log2 E2``,
+    most significant bit of k first (the recursion of :func:`unpack_words`)."""
+    if E2 == 1:
+        return (words & (((1 << BITS) - 1) * 0x10001)) | 0x64006400
+    else:
+        return tl.join(_magic_pairs(words, BITS, E2 // 2, 2 * STRIDE),
+                       _magic_pairs(words >> (STRIDE * BITS), BITS, E2 // 2, 2 * STRIDE))
+
+
+@triton.jit
+def row_codes_f16(row_ptrs, w0, words_per_row, row_mask, BITS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS × COLS) fp16 codes, the fp16 twin of :func:`load_row_codes` for 2- and 4-bit codes
+    (16 bits per word hold E / 2 of them): one AND+OR (a LOP3) and one shift per two codes, the
+    pair (code k, code k + E/2 of a word) made fp16 pair (1024 + code) by that OR, read as two
+    halves and put in column order in the thread that loaded the word; 1024 subtracted as f16x2."""
+    E: tl.constexpr = 32 // BITS
+    offs_w = w0 + tl.arange(0, COLS // E)[None, :]
+    words = tl.load(row_ptrs + offs_w, mask=row_mask & (offs_w < words_per_row), other=0)
+    pairs = _magic_pairs(words.to(tl.uint32, bitcast=True), BITS, E // 2, 1)
+    halves = tl.join((pairs & 0xFFFF).to(tl.int16), (pairs >> 16).to(tl.int16)).to(tl.float16, bitcast=True)
+    ROWS: tl.constexpr = row_ptrs.shape[0]
+    # axes (rows, words, k bits..., half): half h of pair k is code k + h · E/2, so the half axis
+    # goes before the k axes for column order
+    halves = tl.reshape(halves, (ROWS, COLS // E, E // 2, 2))
+    codes = tl.reshape(tl.permute(halves, (0, 1, 3, 2)), (ROWS, COLS))
+    return codes - 1024.0

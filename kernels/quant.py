@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._codes import codes_to_f32, load_row_codes
+from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
 from .lowrank import (
     DECODE_BLOCK_M,
@@ -119,16 +119,22 @@ def _load_group_stats(scales_ptr, zeros_ptr, rows, gcol, n_groups, N, gmask, QST
 def _load_quant_base_tile(
     qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
     BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, BLOCK_K: tl.constexpr,
+    dtype: tl.constexpr,
 ):
-    """(BLOCK_N × BLOCK_K) fp32 tile of Ŵ (rows ``offs_n``, columns ``offs_k`` = k0 + [0, BLOCK_K))
-    dequantized from the packed rows. Outside the matrix (rows ≥ N, k ≥ K) the entries are finite
+    """(BLOCK_N × BLOCK_K) tile of Ŵ (rows ``offs_n``, columns ``offs_k`` = k0 + [0, BLOCK_K))
+    dequantized from the packed rows, fp16 for ``dtype`` fp16 with 2/4-bit uniform codes, else
+    fp32 (the caller rounds it to ``dtype``). Outside the matrix (rows ≥ N, k ≥ K) the entries are finite
     but not zero ((0 − z)·s at padded codes): every caller multiplies the tile with an operand
     that is zero there (x past K, dy past N), so no per-element select is spent on masking.
 
     Row-major like the packed weight: each row's BLOCK_K codes are its BLOCK_K / E consecutive
     words (one vector load per row), unpacked on chip by ``load_row_codes`` with a thread keeping
     its words' codes adjacent; 3-bit codes OR the 1-bit plane, unpacked the same way, above the
-    2-bit plane. Codes become floats by the exact magic-number trick (``codes_to_f32``).
+    2-bit plane. Codes become floats by the exact magic-number trick (``codes_to_f32``), and
+    (code · s − z · s) is one FFMA per code. For fp16, 2/4-bit uniform codes take
+    ``row_codes_f16`` instead: two codes per LOP3 into an fp16 pair, then f16x2 arithmetic (an
+    HADD2 and an HFMA2 per two codes) — a third of the instructions per code of the fp32 route
+    with its converts to fp16, at one extra fp16 rounding (of z · s).
     Scales/zeros are one fp16 pair per (row, group) (or their second-level form,
     :func:`_load_group_stats`): when BLOCK_K ≤ GROUP the K-blocks never straddle a group (both
     powers of two, K-blocks start at multiples of BLOCK_K), so one (BLOCK_N × 1) column serves
@@ -139,7 +145,12 @@ def _load_quant_base_tile(
     n_mask = offs_n[:, None] < N
     mask = n_mask & (offs_k[None, :] < K)
     rows = offs_n.to(tl.int64)[:, None]
-    if BITS == 4:
+    # fp16 tiles of 2/4-bit uniform codes are formed in f16x2 arithmetic, two codes per instruction
+    PAIRS: tl.constexpr = (dtype == tl.float16) and (BITS != 3) and (not USE_LUT)
+    if PAIRS:
+        E: tl.constexpr = 32 // BITS
+        q = row_codes_f16(qw_ptr + rows * (k_pad // E), k0 // E, k_pad // E, n_mask, BITS, BLOCK_K)
+    elif BITS == 4:
         q = load_row_codes(qw_ptr + rows * (k_pad // 8), k0 // 8, k_pad // 8, n_mask, 4, BLOCK_K)
     else:
         # 2-bit codes, or the low 2 bits of 3-bit codes
@@ -154,7 +165,10 @@ def _load_quant_base_tile(
             s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, k0 // GROUP, n_groups, N, n_mask, QSTATS)
         else:
             s, z = _load_group_stats(scales_ptr, zeros_ptr, rows, offs_k[None, :] // GROUP, n_groups, N, mask, QSTATS)
-        w = codes_to_f32(q) * s - z * s  # one FFMA per code: z · s is per (row, group)
+        if PAIRS:
+            w = q * s.to(tl.float16) - (z * s).to(tl.float16)  # one HFMA2 per two codes
+        else:
+            w = codes_to_f32(q) * s - z * s  # one FFMA per code: z · s is per (row, group)
     return w
 
 
@@ -187,7 +201,7 @@ def _quant_k_run(
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=m_mask & k_mask[None, :], other=0.0)
         w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
+                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K, dtype)
         acc = _dot(x, tl.trans(w.to(dtype)), acc, DOT_PRECISION)
         if HAS_LR:
             vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
@@ -343,7 +357,7 @@ def _quant_dx_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=m_mask & (offs_n[None, :] < N), other=0.0)
         w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
-                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K)
+                                  BITS, GROUP, USE_LUT, QSTATS, BLOCK_K, dtype)
         acc = _dot(dy, w.to(dtype), acc, DOT_PRECISION)
     tl.store(dx_ptr + rows * K + offs_k[None, :], acc, mask=m_mask & (offs_k[None, :] < K))
 

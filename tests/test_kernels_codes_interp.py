@@ -3,8 +3,9 @@
 
 A tiny kernel loads a (ROWS × COLS) tile of codes with ``load_row_codes`` from rows of random
 int32 words (every bit pattern, sign bit included) at a word offset, with rows masked off and
-the tile running past the row's last word, and stores the codes and their ``codes_to_f32`` and
-``codes_to_f16`` values; all must match exactly.
+the tile running past the row's last word, and stores the codes, their ``codes_to_f32`` and
+``codes_to_f16`` values and (2- and 4-bit) the fp16 codes of ``row_codes_f16``, which forms them
+two at a time; all must match exactly.
 """
 import numpy as np
 import pytest
@@ -19,11 +20,11 @@ from kernel_lane import DEVICE, MARKS  # noqa: E402
 
 pytestmark = MARKS
 
-from lowrank_ops.kernels._codes import codes_to_f16, codes_to_f32, load_row_codes  # noqa: E402
+from lowrank_ops.kernels._codes import codes_to_f16, codes_to_f32, load_row_codes, row_codes_f16  # noqa: E402
 
 
 @triton.jit
-def _probe_kernel(words_ptr, codes_ptr, values_ptr, halves_ptr, W, w0, words_per_row, n_rows,
+def _probe_kernel(words_ptr, codes_ptr, values_ptr, halves_ptr, pairs_ptr, W, w0, words_per_row, n_rows,
                   BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows = tl.arange(0, ROWS)[:, None]
     codes = load_row_codes(words_ptr + rows * W, w0, words_per_row, rows < n_rows, BITS, COLS)
@@ -31,6 +32,9 @@ def _probe_kernel(words_ptr, codes_ptr, values_ptr, halves_ptr, W, w0, words_per
     tl.store(codes_ptr + rows * COLS + cols, codes)
     tl.store(values_ptr + rows * COLS + cols, codes_to_f32(codes))
     tl.store(halves_ptr + rows * COLS + cols, codes_to_f16(codes))
+    if BITS != 1:
+        tl.store(pairs_ptr + rows * COLS + cols, row_codes_f16(words_ptr + rows * W, w0, words_per_row, rows < n_rows,
+                                                               BITS, COLS))
 
 
 def _numpy_codes(words: np.ndarray, bits: int, w0: int, words_per_row: int, n_rows: int, cols: int) -> np.ndarray:
@@ -59,11 +63,14 @@ def test_load_row_codes_and_magic_floats(bits, cols, w0, words_per_row):
     codes = torch.full((rows, cols), -7, dtype=torch.int32)
     values = torch.full((rows, cols), float("nan"), dtype=torch.float32)
     halves = torch.full((rows, cols), float("nan"), dtype=torch.float16)
-    d_words, d_codes, d_values, d_halves = (t.to(DEVICE) for t in (words, codes, values, halves))
-    _probe_kernel[(1,)](d_words, d_codes, d_values, d_halves, W, w0, words_per_row, n_rows, BITS=bits, ROWS=rows,
-                        COLS=cols)
+    pairs = halves.clone()
+    d_words, d_codes, d_values, d_halves, d_pairs = (t.to(DEVICE) for t in (words, codes, values, halves, pairs))
+    _probe_kernel[(1,)](d_words, d_codes, d_values, d_halves, d_pairs, W, w0, words_per_row, n_rows, BITS=bits,
+                        ROWS=rows, COLS=cols)
     expected = _numpy_codes(words.numpy(), bits, w0, words_per_row, n_rows, cols)
     np.testing.assert_array_equal(d_codes.cpu().numpy(), expected)
     np.testing.assert_array_equal(d_values.cpu().numpy(), expected.astype(np.float32))
     np.testing.assert_array_equal(d_halves.cpu().numpy(), expected.astype(np.float16))
+    if bits != 1:
+        np.testing.assert_array_equal(d_pairs.cpu().numpy(), expected.astype(np.float16))
     assert expected[:n_rows].max() == (1 << bits) - 1  # the draw reaches the largest code
