@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
-from ._codes import codes_to_f16, codes_to_f32, load_row_codes
+from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
 from .lowrank import INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs
 
@@ -80,21 +80,17 @@ _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PA
 
 # --------------------------------------------------------------------------- on-chip helpers
 @triton.jit
-def _centered(code, zero, dtype: tl.constexpr):
-    """code − zero for small non-negative integer codes, in fp16 when ``dtype`` is fp16 (f16x2
-    arithmetic, one rounding), else in fp32 (exact here; the caller rounds once)."""
-    if dtype == tl.float16:
-        return codes_to_f16(code) - zero.to(tl.float16)
-    else:
-        return codes_to_f32(code) - zero.to(tl.float32)
-
-
-@triton.jit
-def _token_codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """(len(tok) × D_PAD) int32 codes of tokens ``tok`` (0 where not ``valid`` or past HEAD_DIM),
-    token-major: a token's row is HEAD_DIM · BITS / 32 consecutive words."""
+def _token_codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                 dtype: tl.constexpr):
+    """(len(tok) × D_PAD) codes of tokens ``tok`` as floats (0 where not ``valid`` or past
+    HEAD_DIM), token-major: a token's row is HEAD_DIM · BITS / 32 consecutive words. fp16 when
+    ``dtype`` is fp16, made two at a time (``row_codes_f16``), else fp32."""
     words = HEAD_DIM * BITS // 32
-    return load_row_codes(codes_ptr + tok[:, None] * words, 0, words, valid[:, None], BITS, D_PAD)
+    row_ptrs = codes_ptr + tok[:, None] * words
+    if dtype == tl.float16:
+        return row_codes_f16(row_ptrs, 0, words, valid[:, None], BITS, D_PAD)
+    else:
+        return codes_to_f32(load_row_codes(row_ptrs, 0, words, valid[:, None], BITS, D_PAD))
 
 
 @triton.jit
@@ -148,21 +144,21 @@ def _key_scores(q, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok
 
     In one group and without outliers, its per-channel scale is folded into q instead of being
     applied to every code: q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes
-    minus the zero row (one f16x2 subtract per two codes for fp16) and one (D) scale/zero row is
+    minus the zero row (f16x2 arithmetic for fp16) and one (D) scale/zero row is
     read per tile. Otherwise the (NG × D) scale/zero rows of the tile's NG groups are broadcast
     over their tokens on chip, the tile is (code − z) · s, and the outliers are added into it
     like the values' (:func:`_add_outliers`).
     """
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
+    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, q.dtype)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     if (BLOCK_N <= GROUP) and (N_OUT == 0):
         group = (tok0 // GROUP) * HEAD_DIM + offs_d
         scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
-        k = _centered(code, zero[None, :], q.dtype).to(q.dtype)
+        k = (code - zero[None, :].to(code.dtype)).to(q.dtype)
         q = (q.to(tl.float32) * scale[None, :]).to(q.dtype)
     else:
         NG: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
@@ -171,7 +167,7 @@ def _key_scores(q, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok
         zero = tl.load(zero_ptr + group, mask=d_mask[None, :], other=0.0)
         scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
         zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
-        k = _centered(code, zero, q.dtype)
+        k = code - zero.to(code.dtype)
         k = _add_outliers(k * scale.to(k.dtype), oidx_ptr, oval_ptr, tok, valid, N_OUT).to(q.dtype)
     return _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
 
@@ -186,14 +182,14 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
     Token-major, the dot's natural right operand: a token is a row, so its per-token data (scale/
     zero of each channel group, outlier channels and values) is one value per row. The scale and
     zero of each channel group (BLOCK_N × D_PAD / GROUP) are read compact and broadcast over
-    their group's channels on chip; (code − z) · s is then, for fp16, one f16x2 subtract (the
-    magic number's subtraction folds into z) and one f16x2 multiply per two codes. The outliers
-    (distinct channels per token) are added by :func:`_add_outliers`.
+    their group's channels on chip; for fp16, codes come two per instruction and (code − z) · s
+    is three f16x2 operations per two codes (the magic number's subtraction, z's, the scale).
+    The outliers (distinct channels per token) are added by :func:`_add_outliers`.
     """
     G_PAD: tl.constexpr = D_PAD // GROUP
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
-    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD)
+    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, dtype)
     offs_g = tl.arange(0, G_PAD)
     sz = tok[:, None] * (HEAD_DIM // GROUP) + offs_g[None, :]
     sz_mask = valid[:, None] & (offs_g[None, :] < HEAD_DIM // GROUP)
@@ -201,8 +197,7 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
     zero = tl.load(zero_ptr + sz, mask=sz_mask, other=0.0)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
-    x = _centered(code, zero, dtype)
-    x *= scale.to(x.dtype)
+    x = (code - zero.to(code.dtype)) * scale.to(code.dtype)
     return _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT)
 
 
