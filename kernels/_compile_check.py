@@ -6,18 +6,21 @@ named once, in :data:`KERNEL_MODULES`. Run as
     TRITON_INTERPRET=0 python -m lowrank_ops.kernels._compile_check [--arch 80 90] [--only NAME] [--all-configs]
 
 to compile every case for every arch and print one JSON list of results (cubin and shared
-memory size per compile; a kernel that needs more shared memory than the arch has fails).
+memory size per compile; a kernel that needs more shared memory than the arch has fails), or
+with ``--main-loop`` to count the SASS instructions of chosen cases' main loops.
 It must run in its own process with the interpreter off: under ``TRITON_INTERPRET=1``
 ``@triton.jit`` makes interpreter objects that cannot be compiled.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import functools
 import importlib
 import json
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -86,8 +89,10 @@ def variants(case: CompileCase, all_configs: bool) -> list[tuple[str, Any, dict[
     ]
 
 
-def compile_one(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], options: dict[str, Any], arch: int):
-    """Compile ``fn`` for ``sm_{arch}``; return ``(cubin bytes, shared memory bytes)``."""
+def _compile(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], options: dict[str, Any], arch: int,
+             divisible: tuple[str, ...] = ()):
+    """Triton's compiled kernel for ``sm_{arch}``. ``divisible``: runtime arguments declared
+    multiples of 16 (for pointers: 16-byte aligned), as Triton's launcher specializes them."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -95,9 +100,51 @@ def compile_one(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], 
     missing = [name for name in fn.arg_names if name not in types]
     if missing:
         raise ValueError(f"no type or value for arguments {missing}")
-    source = ASTSource(fn=fn, signature={name: types[name] for name in fn.arg_names}, constexprs=constexprs)
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in divisible}
+    source = ASTSource(fn=fn, signature={name: types[name] for name in fn.arg_names}, constexprs=constexprs,
+                       attrs=attrs)
+    return compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_one(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], options: dict[str, Any], arch: int):
+    """Compile ``fn`` for ``sm_{arch}``; return ``(cubin bytes, shared memory bytes)``."""
+    compiled = _compile(fn, signature, constexprs, options, arch)
     return len(compiled.asm["cubin"]), compiled.metadata.shared
+
+
+def main_loop_opcodes(case: CompileCase, overrides: dict[str, Any], divisible_ints: tuple[str, ...] = (),
+                      arch: int = 90) -> list[str]:
+    """Opcodes of the main loop of ``case`` (first config, constexprs updated by ``overrides``)
+    compiled for ``sm_{arch}`` as a real launch specializes it (every pointer 16-byte aligned,
+    ``divisible_ints`` multiples of 16), disassembled by the nvdisasm Triton ships. The main
+    loop is the longest span from a label to a branch back to it that holds tensor-core
+    instructions (HMMA, or HGMMA for wgmma). These static counts are the instruction budgets the
+    README quotes and ``tests/test_kernels_sass_budget.py`` holds."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    _, fn, constexprs, options = variants(case, False)[0]
+    pointers = tuple(name for name, ty in case.signature.items() if ty.startswith("*"))
+    compiled = _compile(fn, case.signature, {**constexprs, **overrides}, options, arch, pointers + divisible_ints)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        lines = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    loops = [[m.group(1) for line in lines[first:last + 1]
+              if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+             for first, last in spans]
+    loops = [ops for ops in loops if any(op.startswith(("HMMA", "HGMMA")) for op in ops)]
+    if not loops:
+        raise ValueError(f"{case.name}: no loop with tensor-core instructions in the SASS")
+    return max(loops, key=len)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +198,17 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="compile only cases whose name contains this")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument("--main-loop", metavar="JSON", help='instead: [{"case": NAME, "set": {...}, "divisible": '
+                        '[INT ARG, ...]}, ...] -> the sm_90 main-loop instruction count and opcodes of each')
     args = parser.parse_args()
+    if args.main_loop:
+        cases = {case.name: case for _, case in all_cases()}
+        rows = []
+        for spec in json.loads(args.main_loop):
+            ops = main_loop_opcodes(cases[spec["case"]], spec.get("set", {}), tuple(spec.get("divisible", ())))
+            rows.append(dict(spec, instructions=len(ops), opcodes=collections.Counter(op.split(".")[0] for op in ops)))
+        print(json.dumps(rows, indent=1))
+        return
     print(json.dumps(run(tuple(args.arch), args.only, args.all_configs, args.jobs), indent=1))
 
 

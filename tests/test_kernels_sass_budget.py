@@ -1,0 +1,71 @@
+"""Compile lane: instruction budgets of the hottest loops, counted in sm_90 SASS.
+
+No GPU times these kernels here, so the static instruction count of each one's main loop is
+the measure of the work this project did on them (README: GEAR speed; quantization). Each case
+is compiled as a real launch specializes it (pointers 16-byte aligned, the named int arguments
+multiples of 16) by ``python -m lowrank_ops.kernels._compile_check --main-loop``; its longest
+loop must stay within the budget (the count when the budget was set, plus ~4 %) and hold
+tensor-core instructions, HMMA or (wgmma) HGMMA, so it is the main loop that was found. A change that makes a loop
+costlier fails here and has to justify a new budget.
+
+Counts when set (2026-11-26, Triton 3.9), against the counts before the work they record:
+
+===============================================  ======  ======
+loop (per step)                                   before  budget
+===============================================  ======  ======
+GEAR split, fp16, 2-bit G 32, 64 tokens           1448    890  (857)
+GEAR split, + 3 outliers per vector + rank 4      3008    1540 (1489)
+GEAR split, same with bf16 q (fp16 tiles)         2543    1540 (1489)
+quant split-K decode, fp16 4-bit, 64 × 128        557     415  (399)
+quant tile, fp16 4-bit, 64 × 64 × 64 (wgmma)      376     316  (304)
+quant dx, fp16 4-bit (wgmma)                      297     240  (229)
+===============================================  ======  ======
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.compile
+
+GEAR_2BIT = {"BITS": 2, "GROUP": 32, "N_OUT": 0, "HAS_LR": False, "R": 0}
+GEAR_FULL = {"BITS": 2, "GROUP": 32, "N_OUT": 3, "HAS_LR": True, "R": 4}
+BUDGETS = [
+    # (case, constexpr overrides, int arguments divisible by 16, budget)
+    ("gear_split[fp16,4b,d128,n64,out,lr]", GEAR_2BIT, [], 890),
+    ("gear_split[fp16,4b,d128,n64,out,lr]", GEAR_FULL, [], 1540),
+    ("gear_split[bf16,2b,d128,n64]", GEAR_FULL, [], 1540),
+    ("quant_decode_split[fp16,4b,lut]", {"USE_LUT": False, "HAS_LR": False}, ["N", "K"], 415),
+    ("quant_tile[fp16,4b,uniform]", {}, ["N", "K"], 316),
+    ("quant_dx[fp16,4b,uniform]", {}, ["N", "K"], 240),
+]
+
+
+def _label(entry) -> str:
+    case, overrides, _, _ = entry
+    return case + "".join(f",{k}={v}" for k, v in overrides.items())
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict:
+    specs = [dict(case=case, set=overrides, divisible=divisible) for case, overrides, divisible, _ in BUDGETS]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowrank_ops.kernels._compile_check", "--main-loop", json.dumps(specs)],
+        env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"main-loop count crashed:\n{proc.stderr[-4000:]}"
+    return {_label((row["case"], row["set"], None, None)): row for row in json.loads(proc.stdout)}
+
+
+@pytest.mark.parametrize("entry", BUDGETS, ids=_label)
+def test_main_loop_within_budget(entry, counts):
+    row = counts[_label(entry)]
+    tensor_core = row["opcodes"].get("HMMA", 0) + row["opcodes"].get("HGMMA", 0)  # mma.sync / wgmma
+    assert tensor_core > 0, f"{_label(entry)}: the loop found has no tensor-core instruction"
+    assert row["instructions"] <= entry[3], (
+        f"{_label(entry)}: {row['instructions']} SASS instructions per main-loop step, budget {entry[3]}; "
+        f"opcodes {row['opcodes']}")
