@@ -174,19 +174,18 @@ def _load_quant_base_tile(
 
 @triton.jit
 def _quant_k_run(
-    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
-    offs_m, offs_n, kb_first, kb_last, M, N, K, R,
+    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, v_ptr,
+    offs_m, offs_n, kb_first, kb_last, M, N, K, R, lr_on,
     BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, HAS_LR: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """fp32 (BLOCK_M × BLOCK_N) product of x rows ``offs_m`` with (Ŵ + U V)ᵀ columns ``offs_n``
-    over the K-blocks [kb_first, kb_last).
+    """fp32 (BLOCK_M × BLOCK_N) product acc of x rows ``offs_m`` with Ŵᵀ columns ``offs_n`` and
+    fp32 (BLOCK_M × R_PAD) rank-space product t = x Vᵀ, both over the K-blocks [kb_first, kb_last).
 
     Each x tile is loaded once and feeds two dots: acc += x · Ŵ_tileᵀ and, with the low-rank
-    path, t += x · V_tileᵀ (a (BLOCK_K × R_PAD) tile of Vᵀ, rows of V past R masked to zero).
-    After the loop t is rounded to x's dtype and acc += t @ U_tileᵀ (an (R_PAD × BLOCK_N) tile
-    read from U rows ``offs_n``). By linearity this is also right for a partial K range.
+    path and ``lr_on`` (a runtime flag, the same for the whole program), t += x · V_tileᵀ (a
+    (BLOCK_K × R_PAD) tile of Vᵀ, rows of V past R masked to zero); t stays zero otherwise.
     """
     dtype = x_ptr.dtype.element_ty
     rows = offs_m.to(tl.int64)[:, None]
@@ -204,13 +203,21 @@ def _quant_k_run(
                                   BITS, GROUP, USE_LUT, QSTATS, BLOCK_K, dtype)
         acc = _dot(x, tl.trans(w.to(dtype)), acc, DOT_PRECISION)
         if HAS_LR:
-            vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            t = _dot(x, vt.to(dtype), t, DOT_PRECISION)
-    if HAS_LR:
-        ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
-                     mask=(offs_n[None, :] < N) & r_mask[:, None], other=0.0)
-        acc = _dot(t.to(dtype), ut.to(dtype), acc, DOT_PRECISION)
-    return acc
+            if lr_on:
+                vt = tl.load(v_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None],
+                             other=0.0)
+                t = _dot(x, vt.to(dtype), t, DOT_PRECISION)
+    return acc, t
+
+
+@triton.jit
+def _add_lowrank(acc, t, u_ptr, offs_n, N, R, DOT_PRECISION: tl.constexpr, dtype: tl.constexpr):
+    """acc + t U_tileᵀ: t (BLOCK_M × R_PAD, fp32, rank space) rounded to ``dtype`` once, times the
+    (R_PAD × BLOCK_N) tile of Uᵀ read from U rows ``offs_n`` (columns past R masked to zero)."""
+    offs_r = tl.arange(0, t.shape[1])
+    ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+    return _dot(t.to(dtype), ut.to(dtype), acc, DOT_PRECISION)
 
 
 @triton.jit
@@ -256,9 +263,11 @@ def _quant_tile_kernel(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
-                       offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R,
-                       BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, t = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, v_ptr,
+                          offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R, True,
+                          BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_LR:
+        acc = _add_lowrank(acc, t, u_ptr, offs_n, N, R, DOT_PRECISION, x_ptr.dtype.element_ty)
     if HAS_OUTLIERS:
         acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
     n_mask = offs_n < N
@@ -274,14 +283,16 @@ def _quant_tile_kernel(
 # dealt out in contiguous runs; program (pn, ks, pm) dequantizes its run of the (K × BLOCK_N)
 # weight columns, multiplies with 16 x rows (masked to M) on tensor cores and writes fp32
 # partials to part[ks, m, n] (K_SPLIT × M × N, contiguous); an empty run writes zeros. The
-# low-rank path is folded in per split by linearity: Σ_s (x_s V_sᵀ) Uᵀ = (x Vᵀ) Uᵀ (the
-# rank-space partial is rounded to x's dtype per split; U's tile is re-read by each split).
+# low-rank path is split by linearity, (x Vᵀ) Uᵀ = (Σ_s x_s V_sᵀ) Uᵀ: only the programs of the
+# first N-block (pn = 0) form their split's rank-space partial x_s V_sᵀ, written to
+# tpart[ks, m, r] (K_SPLIT × M × R, fp32); the reduce kernel sums it and applies U. So V is read
+# once per call, not once per N-block (64 times at N = 4096), and U once.
 @triton.autotune(configs=_configs(_DECODE_TABLE, _DECODE_NAMES),
                   key=["M_BUCKET", "N", "K", "R_PAD", "K_SPLIT", "BITS", "GROUP", "USE_LUT", "QSTATS"],
                   prune_configs_by=_DECODE_PRUNE)
 @triton.jit
 def _quant_decode_split_kernel(
-    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr, part_ptr,
+    x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, v_ptr, part_ptr, tpart_ptr,
     M, N, K, R, K_SPLIT,
     M_BUCKET,  # autotune key only: next power of two of M
     BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr,
@@ -294,22 +305,31 @@ def _quant_decode_split_kernel(
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, K_SPLIT)
     first = split * per_split
-    acc = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, u_ptr, v_ptr,
-                       offs_m, offs_n, first, tl.minimum(first + per_split, k_blocks), M, N, K, R,
-                       BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    first_block = tl.program_id(0) == 0
+    acc, t = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, v_ptr,
+                          offs_m, offs_n, first, tl.minimum(first + per_split, k_blocks), M, N, K, R, first_block,
+                          BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = offs_m.to(tl.int64)[:, None]
     out = part_ptr + split.to(tl.int64) * M * N + rows * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if HAS_LR:
+        if first_block:
+            offs_r = tl.arange(0, R_PAD)[None, :]
+            tl.store(tpart_ptr + split.to(tl.int64) * M * R + rows * R + offs_r, t,
+                     mask=(offs_m[:, None] < M) & (offs_r < R))
 
 
 # --------------------------------------------------------------------------- decode, step 2: reduce + outliers + bias
 # Grid (cdiv(N, BLOCK_N), cdiv(M, 16)). Program (pn, pm) sums the K_SPLIT fp32 partials of its
-# (16 × BLOCK_N) output tile (L2-resident, written just before), adds the outliers of its N rows
-# (same lockstep CSR walk as the tile path) and the bias, and stores in x's dtype.
+# (16 × BLOCK_N) output tile (L2-resident, written just before), adds the low-rank term (the
+# K_SPLIT rank-space partials summed, rounded to x's dtype once, times its tile of Uᵀ), the
+# outliers of its N rows (same lockstep CSR walk as the tile path) and the bias, and stores in
+# x's dtype.
 @triton.jit
 def _quant_decode_reduce_kernel(
-    x_ptr, part_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr, y_ptr,
-    M, N, K, K_SPLIT,
+    x_ptr, part_ptr, tpart_ptr, u_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr, y_ptr,
+    M, N, K, R, K_SPLIT,
+    HAS_LR: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -322,6 +342,15 @@ def _quant_decode_reduce_kernel(
     for _ in range(0, K_SPLIT):
         acc += tl.load(part, mask=mask, other=0.0)
         part += M * N  # next split's (M × N) slab
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)[None, :]
+        t_mask = (offs_m[:, None] < M) & (offs_r < R)
+        t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        tpart = tpart_ptr + rows * R + offs_r
+        for _ in range(0, K_SPLIT):
+            t += tl.load(tpart, mask=t_mask, other=0.0)
+            tpart += M * R  # next split's (M × R) slab
+        acc = _add_lowrank(acc, t, u_ptr, offs_n, N, R, DOT_PRECISION, x_ptr.dtype.element_ty)
     if HAS_OUTLIERS:
         acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
     if HAS_BIAS:
@@ -415,12 +444,14 @@ def quant_matmul(
     k_split = _decode_k_split(m, n, k, x.device)
     m_blocks = triton.cdiv(m, DECODE_BLOCK_M)
     part = _empty((k_split, m, n), torch.float32, x.device)
+    tpart = _empty((k_split, m, r), torch.float32, x.device) if has_lr else part
     _quant_decode_split_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), k_split, m_blocks)](
-        x, qweight, qwhi, sc, zr, lt, u, v, part, m, n, k, r, k_split, m_bucket,
+        x, qweight, qwhi, sc, zr, lt, v, part, tpart, m, n, k, r, k_split, m_bucket,
         BLOCK_M=DECODE_BLOCK_M, **flags,
     )
     _quant_decode_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N), m_blocks)](
-        x, part, rp, cl, vl, b, y, m, n, k, k_split,
+        x, part, tpart, u, rp, cl, vl, b, y, m, n, k, r, k_split,
+        HAS_LR=has_lr, R_PAD=flags["R_PAD"], DOT_PRECISION=flags["DOT_PRECISION"],
         HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
     )
     return y
@@ -484,7 +515,7 @@ def _compile_cases() -> list[CompileCase]:
                     flags.update(HAS_OUTLIERS=True, HAS_BIAS=True)
                 else:
                     name, sig = f"quant_decode_split[{dtype},{bits}b,{mode}]", dict(
-                        **packed, u_ptr=p, v_ptr=p, part_ptr="*fp32", K_SPLIT="i32", **ints)
+                        **packed, v_ptr=p, part_ptr="*fp32", tpart_ptr="*fp32", K_SPLIT="i32", **ints)
                     flags.update(BLOCK_M=DECODE_BLOCK_M)
                 cases.append(CompileCase(name, kernel, sig, flags))
         for bits, lut in ((4, False), (3, dtype == "bf16"), (2, dtype == "fp16")):
@@ -499,9 +530,10 @@ def _compile_cases() -> list[CompileCase]:
             ))
         cases.append(CompileCase(
             f"quant_decode_reduce[{dtype}]", _quant_decode_reduce_kernel,
-            dict(x_ptr=p, part_ptr="*fp32", rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", bias_ptr=p,
-                 y_ptr=p, M="i32", N="i32", K="i32", K_SPLIT="i32"),
-            dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=128),
+            dict(x_ptr=p, part_ptr="*fp32", tpart_ptr="*fp32", u_ptr=p, rowptr_ptr="*i32", cols_ptr="*i16",
+                 vals_ptr="*fp16", bias_ptr=p, y_ptr=p, M="i32", N="i32", K="i32", R="i32", K_SPLIT="i32"),
+            dict(HAS_LR=True, R_PAD=QUANT_MAX_RANK, DOT_PRECISION=prec, HAS_OUTLIERS=True, HAS_BIAS=True,
+                 BLOCK_M=DECODE_BLOCK_M, BLOCK_N=128),
             dict(num_warps=4),
         ))
     return cases
