@@ -17,10 +17,11 @@ path. The packed format is the shared contract of ``lowrank_ops/quant/format.py`
 
 Two paths (chosen by ``ops.quant_path``):
 
-* ``"tile"`` — one launch, grid (M-blocks, N-blocks), tensor-core dots on dequantized tiles;
-* ``"decode"`` — M ≤ 16: split-K over (N-blocks × K-splits) programs writing fp32 partials,
-  then a small reduction kernel that adds the outliers and the bias. Two launches, no atomics,
-  deterministic.
+* ``"tile"`` — one launch, grid (M-blocks, N-blocks), tensor-core dots on dequantized tiles
+  (with a low-rank path, x Vᵀ (M × r) comes from one small GEMM before it);
+* ``"decode"`` — M ≤ 16: split-K over (N-blocks × K-splits) programs writing fp32 partials
+  (the first N-block's programs also x Vᵀ's), then a small reduction kernel that adds the
+  low-rank term, the outliers and the bias. Two launches, no atomics, deterministic.
 
 and, for training adapters on a frozen quantized base, ``quant_matmul_dx``: dx = dy · Ŵ from
 the packed weight (one launch, tiles of dx, N swept inside).
@@ -84,12 +85,16 @@ _DECODE_GPU_TABLE = [
 ]
 _DECODE_TABLE = [(32, 32, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
 _DX_TABLE = [(32, 64, 32, 4, 1)] if INTERPRET else DX_GPU_TABLE
-_TILE_PRUNE = _pruner(
+_TILE_PRUNE = _pruner(  # the low-rank path: a (BLOCK_M × R_PAD) tile of x Vᵀ and one of Uᵀ after the loop
+    loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"]),
+    after_tile=lambda m: m["R_PAD"] * (m["BLOCK_M"] + m["BLOCK_N"]),
+    acc_tile=lambda m: m["BLOCK_M"] * m["BLOCK_N"],
+)
+_DECODE_PRUNE = _pruner(  # BLOCK_M = 16 passed as a constexpr; V tiles in the loop (first N-block)
     loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] + m["R_PAD"]),
-    after_tile=lambda m: m["R_PAD"] * m["BLOCK_N"],
+    after_tile=lambda m: 0,
     acc_tile=lambda m: m["BLOCK_M"] * (m["R_PAD"] + m["BLOCK_N"]),
 )
-_DECODE_PRUNE = _TILE_PRUNE  # same tiles, BLOCK_M = 16 passed as a constexpr
 
 
 # --------------------------------------------------------------------------- dequantization
@@ -247,14 +252,16 @@ def _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M,
 # Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (pm, pn) owns one (BLOCK_M × BLOCK_N)
 # output tile. One pass over K (``_quant_k_run``): x tile (BLOCK_M × BLOCK_K, row-major, rows
 # K apart), packed words of the (BLOCK_K × BLOCK_N) tile of Ŵᵀ (BLOCK_K / E words per weight
-# row) dequantized in registers, then tensor-core dots; the low-rank path rides on the same x
-# tile. Then the CSR outliers of the block's N rows, the bias, one store.
+# row) dequantized in registers, then tensor-core dots. Then the low-rank term t Uᵀ with t = x Vᵀ
+# (M × r) formed once per call by the launcher (one small GEMM: formed here, every N-block would
+# redo it, r / BLOCK_N more tensor-core work: doubling it at r = 64), the CSR outliers of the
+# block's N rows, the bias, one store.
 @triton.autotune(configs=_configs(_TILE_TABLE, _TILE_NAMES),
                   key=["M_BUCKET", "N", "K", "R_PAD", "BITS", "GROUP", "USE_LUT", "QSTATS"], prune_configs_by=_TILE_PRUNE)
 @triton.jit
 def _quant_tile_kernel(
     x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, rowptr_ptr, cols_ptr, vals_ptr,
-    u_ptr, v_ptr, bias_ptr, y_ptr,
+    u_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R,
     M_BUCKET,  # autotune key only: next power of two of M
     BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
@@ -263,10 +270,13 @@ def _quant_tile_kernel(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, t = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, v_ptr,
-                          offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R, True,
-                          BITS, GROUP, USE_LUT, QSTATS, HAS_LR, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _quant_k_run(x_ptr, qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, t_ptr,
+                          offs_m, offs_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, R, False,
+                          BITS, GROUP, USE_LUT, QSTATS, False, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)[None, :]
+        t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r, mask=(offs_m[:, None] < M) & (offs_r < R),
+                    other=0.0)
         acc = _add_lowrank(acc, t, u_ptr, offs_n, N, R, DOT_PRECISION, x_ptr.dtype.element_ty)
     if HAS_OUTLIERS:
         acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
@@ -436,8 +446,9 @@ def quant_matmul(
                  R_PAD=_rank_pad(max(r, 1)), DOT_PRECISION=_dot_precision(x.dtype))
     m_bucket = triton.next_power_of_2(m)
     if path == "tile":
+        t = (x @ lr_v.to(x.dtype).t()).contiguous() if has_lr else dummy  # x Vᵀ, once per call
         _quant_tile_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
-            x, qweight, qwhi, sc, zr, lt, rp, cl, vl, u, v, b, y, m, n, k, r, m_bucket,
+            x, qweight, qwhi, sc, zr, lt, rp, cl, vl, u, t, b, y, m, n, k, r, m_bucket,
             HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, **flags,
         )
         return y
@@ -510,7 +521,7 @@ def _compile_cases() -> list[CompileCase]:
                 mode = "lut" if lut else ("uniform+qstats" if qstats else "uniform")
                 if kernel is _quant_tile_kernel:
                     name, sig = f"quant_tile[{dtype},{bits}b,{mode}]", dict(
-                        **packed, rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", u_ptr=p, v_ptr=p,
+                        **packed, rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", u_ptr=p, t_ptr=p,
                         bias_ptr=p, y_ptr=p, **ints)
                     flags.update(HAS_OUTLIERS=True, HAS_BIAS=True)
                 else:

@@ -8,18 +8,22 @@ loop must stay within the budget (the count when the budget was set, plus ~4 %) 
 tensor-core instructions, HMMA or (wgmma) HGMMA, so it is the main loop that was found. A change that makes a loop
 costlier fails here and has to justify a new budget.
 
-Counts when set (2026-11-26, Triton 3.9), against the counts before the work they record:
+Counts when set (2026-11-26, Triton 3.9; in brackets), against those of 02e5f10, before that
+session's work on these loops:
 
 ===============================================  ======  ======
 loop (per step)                                   before  budget
 ===============================================  ======  ======
-GEAR split, fp16, 2-bit G 32, 64 tokens           1448    890  (857)
-GEAR split, + 3 outliers per vector + rank 4      3008    1540 (1489)
+GEAR split, fp16, 2-bit G 32, 64 tokens           943     890  (857)
+GEAR split, + 3 outliers per vector + rank 4      2067    1540 (1489)
 GEAR split, same with bf16 q (fp16 tiles)         2543    1540 (1489)
 quant split-K decode, fp16 4-bit, 64 × 128        557     415  (399)
-quant tile, fp16 4-bit, 64 × 64 × 64 (wgmma)      376     316  (304)
+quant tile, fp16 4-bit, 64 × 64 × 64 (wgmma) *    376     240  (228)
 quant dx, fp16 4-bit (wgmma)                      297     240  (229)
 ===============================================  ======  ======
+
+* the case has a rank-128 path, whose x Vᵀ dot ran in the loop (304 after the fp16 pairs, with
+  it); x Vᵀ now comes from one small GEMM before the launch.
 """
 import json
 import os
@@ -40,7 +44,7 @@ BUDGETS = [
     ("gear_split[fp16,4b,d128,n64,out,lr]", GEAR_FULL, [], 1540),
     ("gear_split[bf16,2b,d128,n64]", GEAR_FULL, [], 1540),
     ("quant_decode_split[fp16,4b,lut]", {"USE_LUT": False, "HAS_LR": False}, ["N", "K"], 415),
-    ("quant_tile[fp16,4b,uniform]", {}, ["N", "K"], 316),
+    ("quant_tile[fp16,4b,uniform]", {}, ["N", "K"], 240),
     ("quant_dx[fp16,4b,uniform]", {}, ["N", "K"], 240),
 ]
 
