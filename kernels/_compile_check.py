@@ -38,8 +38,9 @@ class CompileCase:
     ``signature`` gives the Triton type of every runtime argument (``"*fp16"``, ``"i32"``,
     ``"fp32"``...), ``constexprs`` the value of every ``tl.constexpr`` argument that is not a
     block size. An ``@triton.autotune`` kernel takes block sizes, ``num_warps`` and
-    ``num_stages`` from its first config (or from each config, ``--all-configs``); a plain
-    ``@triton.jit`` kernel takes them from ``constexprs`` and ``options``.
+    ``num_stages`` from its first config (or from each config, ``--all-configs``) that survives
+    its pruning for runtime arguments 1 (or the values in ``args``); a plain ``@triton.jit``
+    kernel takes them from ``constexprs`` and ``options``.
     """
 
     name: str
@@ -47,6 +48,7 @@ class CompileCase:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 # Shared memory one block may use (bytes): A100 (sm_80) and H100 (sm_90) opt-in limits.
@@ -56,13 +58,15 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "i8": "int8", "u8": "uint8", "i16": "int16", "i32": "int32"}
 
 
-def _example_args(signature: dict[str, str]) -> dict[str, Any]:
-    """Stand-ins for the runtime arguments, enough for an autotuner's config pruning (dtypes)."""
+def _example_args(case: CompileCase) -> dict[str, Any]:
+    """Stand-ins for the runtime arguments, enough for an autotuner's config pruning (dtypes;
+    integers 1 unless the case names them)."""
     import torch
 
     return {
-        name: torch.empty(0, dtype=getattr(torch, _TORCH_DTYPES[ty[1:]])) if ty.startswith("*") else 1
-        for name, ty in signature.items()
+        name: torch.empty(0, dtype=getattr(torch, _TORCH_DTYPES[ty[1:]])) if ty.startswith("*")
+        else case.args.get(name, 1)
+        for name, ty in case.signature.items()
     }
 
 
@@ -76,7 +80,7 @@ def variants(case: CompileCase, all_configs: bool) -> list[tuple[str, Any, dict[
         return [(case.name, kernel, dict(case.constexprs), dict(case.options))]
     configs = list(kernel.configs)
     if kernel.early_config_prune is not None:
-        configs = kernel.early_config_prune(configs, _example_args(case.signature), **case.constexprs)
+        configs = kernel.early_config_prune(configs, _example_args(case), **case.constexprs)
     index = {id(c): i for i, c in enumerate(kernel.configs)}  # label by position in the kernel's table
     return [
         (
@@ -182,7 +186,7 @@ def run(
     todo = [
         (i, v, arch, all_configs)
         for i, (_, case) in enumerate(all_cases())
-        if only is None or only in case.name
+        if only is None or any(part in case.name for part in only.split(","))
         for v in range(len(variants(case, all_configs)))
         for arch in archs
     ]
@@ -195,7 +199,8 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    parser.add_argument("--only", default=None, help="compile only cases whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="compile only cases whose name contains this (or one of these, comma-separated)")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--main-loop", metavar="JSON", help='instead: [{"case": NAME, "set": {...}, "divisible": '

@@ -67,12 +67,18 @@ _REDUCE_BLOCK_N = 32 if INTERPRET else 128
 # every row: on the H100 seven rows cost ~10 s per key, so the tables stay at four). The
 # interpreter gets one row of large blocks instead (multi-config autotuning cannot run there).
 _TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+TILE_LARGE_M = 256  # from this M (its power-of-two bucket) the tile path tries the 8-warp rows only
 _TILE_GPU_TABLE = [
     # BLOCK_M BLOCK_N BLOCK_K warps stages
     (64, 64, 64, 4, 3),
     (128, 64, 32, 4, 4),
     (64, 64, 128, 4, 3),  # one 128-group per K step: scales loaded once per tile
     (32, 64, 32, 4, 2),  # lean: fp32 at R_PAD = 128
+    # M >= TILE_LARGE_M: two warpgroups on 128-row tiles, as dense fp16 GEMMs take on sm_90; each
+    # dequantized weight tile serves 128 rows of x
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 128, 8, 3),
 ]
 _TILE_TABLE = [(32, 32, 64, 4, 1)] if INTERPRET else _TILE_GPU_TABLE
 _DECODE_NAMES = ("BLOCK_N", "BLOCK_K")
@@ -85,11 +91,21 @@ _DECODE_GPU_TABLE = [
 ]
 _DECODE_TABLE = [(32, 32, 4, 1)] if INTERPRET else _DECODE_GPU_TABLE
 _DX_TABLE = [(32, 64, 32, 4, 1)] if INTERPRET else DX_GPU_TABLE
-_TILE_PRUNE = _pruner(  # the low-rank path: a (BLOCK_M × R_PAD) tile of x Vᵀ and one of Uᵀ after the loop
+_TILE_FIT = _pruner(  # the low-rank path: a (BLOCK_M × R_PAD) tile of x Vᵀ and one of Uᵀ after the loop
     loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"]),
     after_tile=lambda m: m["R_PAD"] * (m["BLOCK_M"] + m["BLOCK_N"]),
     acc_tile=lambda m: m["BLOCK_M"] * m["BLOCK_N"],
-)
+)["early_config_prune"]
+
+
+def _tile_prune(configs: list, named_args: dict, **kwargs) -> list:
+    """The 8-warp rows for M ≥ TILE_LARGE_M, the others below (so an M bucket times at most four
+    rows), then what fits (:func:`lowrank._pruner`); the single interpreter row always stays."""
+    large = named_args["M_BUCKET"] >= TILE_LARGE_M
+    return _TILE_FIT([c for c in configs if (c.num_warps == 8) == large] or configs, named_args, **kwargs)
+
+
+_TILE_PRUNE = {"early_config_prune": _tile_prune}
 _DECODE_PRUNE = _pruner(  # BLOCK_M = 16 passed as a constexpr; V tiles in the loop (first N-block)
     loop_tile=lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] + m["R_PAD"]),
     after_tile=lambda m: 0,
@@ -529,6 +545,9 @@ def _compile_cases() -> list[CompileCase]:
                         **packed, v_ptr=p, part_ptr="*fp32", tpart_ptr="*fp32", K_SPLIT="i32", **ints)
                     flags.update(BLOCK_M=DECODE_BLOCK_M)
                 cases.append(CompileCase(name, kernel, sig, flags))
+                if kernel is _quant_tile_kernel and dtype == "fp16" and bits == 4:  # the 8-warp rows, rank ≤ 16
+                    cases.append(CompileCase(f"quant_tile[fp16,4b,{mode},large-M]", kernel, sig,
+                                             {**flags, "R_PAD": 16}, args=dict(M_BUCKET=TILE_LARGE_M)))
         for bits, lut in ((4, False), (3, dtype == "bf16"), (2, dtype == "fp16")):
             qstats = bits == 4 and dtype == "bf16"
             packed = _packed_signature(p, qstats)

@@ -4,8 +4,9 @@ The kernels are compiled in a subprocess with ``TRITON_INTERPRET=0`` (under the 
 ``@triton.jit`` yields objects that cannot be compiled) by
 ``python -m lowrank_ops.kernels._compile_check``, which walks ``COMPILE_CASES`` of every module
 in ``KERNEL_MODULES`` and prints JSON. Each (case, arch) is then one test here. A second run
-compiles every autotune config in fp32 (the largest tiles) for sm_80 (the smallest shared
-memory), so no config a GPU may pick fails to build or to fit.
+compiles every autotune config in fp32 (the largest tiles) and of the quant tile kernel's
+large-M rows for sm_80 (the smallest shared memory), so no config a GPU may pick fails to build
+or to fit.
 """
 import json
 import os
@@ -40,7 +41,7 @@ def first_configs() -> dict:
 
 @pytest.fixture(scope="module")
 def all_fp32_configs_sm80() -> dict:
-    return _compile_check("--all-configs", "--only", "fp32", "--arch", "80")
+    return _compile_check("--all-configs", "--only", "fp32,large-M", "--arch", "80")
 
 
 def _check(row: dict) -> None:
@@ -62,7 +63,7 @@ def test_compiles(name, arch, first_configs):
         _check(row)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "fp32" in n])
+@pytest.mark.parametrize("name", [n for n in CASES if "fp32" in n or "large-M" in n])
 def test_every_autotune_config_fits_sm80(name, all_fp32_configs_sm80):
     rows = [row for (variant, _), row in all_fp32_configs_sm80.items() if variant.split("#")[0] == name]
     assert rows, f"{name}: not compiled"

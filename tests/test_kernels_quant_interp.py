@@ -194,3 +194,17 @@ def test_quant_linear_grads(m):
     for leaf, ref, name in zip(leaves, refs, ("x", "lr_u", "lr_v", "bias")):
         assert leaf.grad is not None, f"{name}: no gradient"
         assert_close(leaf.grad, ref.grad, torch.float32, f"grad of {name}")
+
+
+def test_tile_configs_by_batch():
+    """The tile path's autotuner times the 4-warp rows below TILE_LARGE_M and the 8-warp,
+    128-row tiles from there (at most four rows per M bucket); the rows that survive fit."""
+    import triton
+
+    configs = [triton.Config(dict(zip(kernels._TILE_NAMES, row[:-2])), num_warps=row[-2], num_stages=row[-1])
+               for row in kernels._TILE_GPU_TABLE]
+    x16 = torch.empty(0, dtype=torch.float16)
+    for m_bucket, warps in ((16, 4), (128, 4), (kernels.TILE_LARGE_M, 8), (4096, 8)):
+        kept = kernels._tile_prune(configs, dict(x_ptr=x16, M_BUCKET=m_bucket), R_PAD=16)
+        assert 1 <= len(kept) <= 4 and {c.num_warps for c in kept} == {warps}, (m_bucket, kept)
+        assert all(c.kwargs["BLOCK_M"] >= 128 for c in kept) == (warps == 8)
