@@ -211,7 +211,8 @@ def main() -> None:
         rows = []
         for spec in json.loads(args.main_loop):
             ops = main_loop_opcodes(cases[spec["case"]], spec.get("set", {}), tuple(spec.get("divisible", ())))
-            rows.append(dict(spec, instructions=len(ops), opcodes=collections.Counter(op.split(".")[0] for op in ops)))
+            opcodes = collections.Counter(op.split(".")[0] for op in ops)
+            rows.append(dict(spec, instructions=len(ops), opcodes=opcodes))
         print(json.dumps(rows, indent=1))
         return
     print(json.dumps(run(tuple(args.arch), args.only, args.all_configs, args.jobs), indent=1))

@@ -30,13 +30,14 @@ Two launches, no atomics, deterministic:
 
 Rows that attend to nothing (a fully masked sequence) give 0, never NaN. Every product
 accumulates in fp32; the compressed tiles are fp16 for fp16 and bf16 q (all they are built
-from is fp16) and fp32 for fp32 q (exact "ieee" dots); the fp16 tail is read in q's dtype. Codes become floats by the magic-number trick (OR into a power of two's
-mantissa, subtract it), not by integer → float converts, and are unpacked by in-thread joins so
-a thread keeps each word's codes adjacent (no shared-memory shuffle of single halves before
-the dots). Tiles are BLOCK_N tokens, the largest power of two dividing B, at most 64: when a
-tile lies in one key group (G ≥ BLOCK_N) that group's per-channel scale is folded into q,
-q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; when it spans G-token groups (G < BLOCK_N, e.g. the default G = 32, B = 64) the key tile is
-dequantized like the values, (code − z) · s, in f16x2 arithmetic for fp16 (fp32 otherwise):
+from is fp16) and fp32 for fp32 q (exact "ieee" dots); the fp16 tail is read in q's dtype.
+Codes become floats by the magic-number trick (OR into a power of two's mantissa, subtract
+it), not by integer → float converts, and are unpacked by in-thread joins so a thread keeps
+each word's codes adjacent (no shared-memory shuffle of single halves before the dots). Tiles
+are BLOCK_N tokens, the largest power of two dividing B, at most 64: when a tile lies in one
+key group (G ≥ BLOCK_N) and has no outliers, that group's per-channel scale is folded into q,
+q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B = 64) the key tile is
+dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
 One autotune config under the interpreter, four (warps × stages) on a GPU.
