@@ -346,6 +346,17 @@ def _quant_decode_split_kernel(
 
 
 # --------------------------------------------------------------------------- decode, step 2: reduce + outliers + bias
+@triton.jit
+def _sum_splits(ptrs, mask, K_SPLIT, slab):
+    """fp32 sum of the K_SPLIT partial tiles at ``ptrs``, ``ptrs + slab``, ... (one split's slab
+    after another), zero where ``mask`` is off."""
+    acc = tl.zeros(ptrs.shape, dtype=tl.float32)
+    for _ in range(0, K_SPLIT):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += slab
+    return acc
+
+
 # Grid (cdiv(N, BLOCK_N), cdiv(M, 16)). Program (pn, pm) sums the K_SPLIT fp32 partials of its
 # (16 × BLOCK_N) output tile (L2-resident, written just before), adds the low-rank term (the
 # K_SPLIT rank-space partials summed, rounded to x's dtype once, times its tile of Uᵀ), the
@@ -363,19 +374,10 @@ def _quant_decode_reduce_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     n_mask = offs_n < N
     mask = (offs_m[:, None] < M) & n_mask[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    part = part_ptr + rows * N + offs_n[None, :]
-    for _ in range(0, K_SPLIT):
-        acc += tl.load(part, mask=mask, other=0.0)
-        part += M * N  # next split's (M × N) slab
+    acc = _sum_splits(part_ptr + rows * N + offs_n[None, :], mask, K_SPLIT, M * N)
     if HAS_LR:
         offs_r = tl.arange(0, R_PAD)[None, :]
-        t_mask = (offs_m[:, None] < M) & (offs_r < R)
-        t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        tpart = tpart_ptr + rows * R + offs_r
-        for _ in range(0, K_SPLIT):
-            t += tl.load(tpart, mask=t_mask, other=0.0)
-            tpart += M * R  # next split's (M × R) slab
+        t = _sum_splits(tpart_ptr + rows * R + offs_r, (offs_m[:, None] < M) & (offs_r < R), K_SPLIT, M * R)
         acc = _add_lowrank(acc, t, u_ptr, offs_n, N, R, DOT_PRECISION, x_ptr.dtype.element_ty)
     if HAS_OUTLIERS:
         acc = _add_outliers(acc, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, K)
