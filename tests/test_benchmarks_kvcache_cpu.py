@@ -25,7 +25,7 @@ def test_case_lists_and_geometry():
     assert len(full) == 4 * 3 and {c.context for c in full} == {1024, 4096, 16384, 32768}
     quick = KB.kv_cases(KB.QUICK["contexts"], KB.QUICK["batches"], KB.QUICK["skip"])
     assert [(c.context, c.batch) for c in quick] == [(8192, 1), (8192, 16), (32768, 1), (32768, 16)]
-    assert KB.QUICK["configs"] == ["2b-r4-s2", "2b-r4-s2-g64", "4b"] and set(KB.FULL["configs"]) == set(KB.CONFIGS)
+    assert KB.QUICK["configs"] == ["2b-r4-s2", "2b-r4-s2-g64", "2b", "4b"] and set(KB.FULL["configs"]) == set(KB.CONFIGS)
     # the goals (2 bits, r = 4, s = 2 %): >= 2x SDPA and <= 30 % of fp16 memory at T >= 8k
     goals = {(t.config, t.kind, t.goal, t.min_context) for t in KB.TARGETS}
     assert {("2b-r4-s2", "vs_sdpa", 2.0, 8192), ("2b-r4-s2-g64", "mem_vs_fp16", 0.30, 8192)} <= goals

@@ -72,8 +72,8 @@ CPU_GEOMETRY = Geometry(8, 2, 64)
 FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16], "configs": list(CONFIGS),
         "dequant_baseline": True, "geometry": GPU_GEOMETRY}
 # bench/device_check.sh gives this ~75 s with autotune: the contexts of the targets, 4 cases x
-# (2 SDPA rows + 3 configs).
-QUICK = {"contexts": [8192, 32768], "batches": [1, 16], "configs": ["2b-r4-s2", "2b-r4-s2-g64", "4b"],
+# (2 SDPA rows + 4 configs); plain 2-bit shows what the outliers and the rank cost.
+QUICK = {"contexts": [8192, 32768], "batches": [1, 16], "configs": ["2b-r4-s2", "2b-r4-s2-g64", "2b", "4b"],
          "dequant_baseline": False, "geometry": GPU_GEOMETRY, "skip": []}
 CPU_SMOKE = {"contexts": [80, 200], "batches": [1, 3], "configs": list(CONFIGS),
              "dequant_baseline": True, "geometry": CPU_GEOMETRY}
