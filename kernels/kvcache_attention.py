@@ -55,7 +55,8 @@ from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
 from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
-from .lowrank import INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs
+from .lowrank import (INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs, cdiv,
+                      next_pow2)
 
 if TYPE_CHECKING:
     from lowrank_ops.kvcache.format import GEARKV
@@ -435,14 +436,14 @@ def gear_decode_attention(
     kv_heads, nblocks, tail_len, rank = kv.kv_heads, kv.nblocks, kv.tail_len, cfg.rank
     n_out = t["key_out_idx"].shape[-1]
     m = (q_heads // kv_heads) * q_len
-    block_m = min(max(MIN_DOT, triton.next_power_of_2(m)), _MAX_BLOCK_M)
-    m_blocks = triton.cdiv(m, block_m)
-    d_pad = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    block_m = min(max(MIN_DOT, next_pow2(m)), _MAX_BLOCK_M)
+    m_blocks = cdiv(m, block_m)
+    d_pad = max(MIN_DOT, next_pow2(head_dim))
     units = nblocks + (tail_len > 0)
     columns = batch * kv_heads * m_blocks
     splits = min(num_splits, MAX_SPLITS) if num_splits is not None else _num_splits(units, columns, q.device)
-    per_split = triton.cdiv(max(units, 1), max(1, min(splits, units)))
-    splits = triton.cdiv(max(units, 1), per_split)  # no empty split
+    per_split = cdiv(max(units, 1), max(1, min(splits, units)))
+    splits = cdiv(max(units, 1), per_split)  # no empty split
 
     rows = batch * kv_heads * splits * m
     part_m = _empty((rows,), torch.float32, q.device)
@@ -463,7 +464,7 @@ def gear_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=_tile_tokens(cfg.buffer_tokens),
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
-    s_pad = triton.next_power_of_2(splits)
+    s_pad = next_pow2(splits)
     _gear_combine_kernel[(batch * kv_heads, m)](
         part_m, part_l, part_acc, out, m, splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad,
         S_CHUNK=min(s_pad, _COMBINE_CHUNK),

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._compile_check import CompileCase
-from .lowrank import _empty
+from .lowrank import _empty, next_pow2
 
 # The scale floors of lowrank_ops.kvcache.compress (REL_SCALE_FLOOR, ABS_SCALE_FLOOR; a test
 # checks they agree), as constexprs so that kernels may read them.
@@ -190,8 +190,8 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
         return out_k, out_v
     _gear_quantize_kernel[(b * h, t // group_size)](
         keys, values, *out_k.values(), *out_v.values(), t, d,
-        BITS=bits, GROUP=group_size, D_PAD=triton.next_power_of_2(d), N_HI=(n_out + 1) // 2, N_LO=n_out // 2,
-        num_warps=_num_warps(triton.next_power_of_2(d), group_size),
+        BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), N_HI=(n_out + 1) // 2, N_LO=n_out // 2,
+        num_warps=_num_warps(next_pow2(d), group_size),
     )
     return out_k, out_v
 

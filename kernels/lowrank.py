@@ -324,13 +324,24 @@ def _lora_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+# Host arithmetic for the launchers. triton.cdiv / triton.next_power_of_2 are constexpr functions:
+# about 6 µs per call from Python, several per launch, on the decode path's critical host time.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 dots for fp32 inputs; fp16/bf16 run on tensor cores whatever this says."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _rank_pad(rank: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(rank))
+    return max(MIN_DOT, next_pow2(rank))
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,11 +369,11 @@ def _lowrank_fused(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> T
     target = _target_programs(x.device)
 
     def grid(meta):
-        m_blocks = triton.cdiv(m, meta["BLOCK_M"])
-        return m_blocks, min(max(1, target // m_blocks), triton.cdiv(n, meta["BLOCK_N"]))
+        m_blocks = cdiv(m, meta["BLOCK_M"])
+        return m_blocks, min(max(1, target // m_blocks), cdiv(n, meta["BLOCK_N"]))
 
     _lowrank_fused_kernel[grid](
-        x, v, u, bias if bias is not None else y, y, m, n, k, r, triton.next_power_of_2(m),
+        x, v, u, bias if bias is not None else y, y, m, n, k, r, next_pow2(m),
         HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(x.dtype),
     )
     return y
@@ -370,19 +381,19 @@ def _lowrank_fused(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> T
 
 def _lowrank_decode(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
     (m, k), (n, r) = x.shape, u.shape
-    m_blocks = triton.cdiv(m, DECODE_BLOCK_M)
-    rank_columns = triton.cdiv(r, 64) * m_blocks  # step-1 programs per K split, for a nominal BLOCK_R
+    m_blocks = cdiv(m, DECODE_BLOCK_M)
+    rank_columns = cdiv(r, 64) * m_blocks  # step-1 programs per K split, for a nominal BLOCK_R
     # Every step-2 program re-reads K_SPLIT × 16 × R fp32 partials from L2; keeping K_SPLIT·M ≤ 32
     # bounds that to about the bytes of its own U tile, at some loss of step-1 parallelism for M ≈ 16.
-    k_split = max(1, min(triton.cdiv(k, _DECODE_K_CHUNK), _target_programs(x.device) // rank_columns, 32 // m))
+    k_split = max(1, min(cdiv(k, _DECODE_K_CHUNK), _target_programs(x.device) // rank_columns, 32 // m))
     t_part = _empty((k_split, m, r), torch.float32, x.device)
     y = _empty((m, n), x.dtype, x.device)
-    precision, m_bucket = _dot_precision(x.dtype), triton.next_power_of_2(m)
+    precision, m_bucket = _dot_precision(x.dtype), next_pow2(m)
 
-    _lowrank_decode_xv_kernel[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), k_split, m_blocks)](
+    _lowrank_decode_xv_kernel[lambda meta: (cdiv(r, meta["BLOCK_R"]), k_split, m_blocks)](
         x, v, t_part, m, k, r, k_split, m_bucket, DOT_PRECISION=precision, BLOCK_M=DECODE_BLOCK_M,
     )
-    _lowrank_decode_tu_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m_blocks)](
+    _lowrank_decode_tu_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), m_blocks)](
         t_part, u, bias if bias is not None else y, y, m, n, r, k_split, m_bucket,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_M=DECODE_BLOCK_M,
     )
@@ -412,8 +423,8 @@ def lora_matmul(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: 
     if r > LORA_MAX_RANK:
         raise ValueError(f"rank: the fused LoRA kernel supports rank <= {LORA_MAX_RANK}, got {r}")
     y = _empty((m, n), x.dtype, x.device)
-    _lora_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
-        x, w, a, b, bias if bias is not None else y, y, m, n, k, r, float(scale), triton.next_power_of_2(m),
+    _lora_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
+        x, w, a, b, bias if bias is not None else y, y, m, n, k, r, float(scale), next_pow2(m),
         HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(x.dtype),
     )
     return y

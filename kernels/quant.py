@@ -53,6 +53,8 @@ from .lowrank import (
     _pruner,
     _rank_pad,
     _target_programs,
+    cdiv,
+    next_pow2,
 )
 
 QUANT_MAX_RANK = 128  # the fused kernels keep a (BLOCK_M × R_PAD) fp32 tile next to the accumulator
@@ -427,8 +429,8 @@ def _quantized_stats(scales: Optional[Tensor]) -> bool:
 
 def _decode_k_split(m: int, n: int, k: int, device: torch.device) -> int:
     """K splits so that (N-blocks × splits × M-blocks) ≈ 2 programs per SM (nominal BLOCK_N 64)."""
-    columns = triton.cdiv(n, 64) * triton.cdiv(m, DECODE_BLOCK_M)
-    return max(1, min(triton.cdiv(k, _DECODE_K_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
+    columns = cdiv(n, 64) * cdiv(m, DECODE_BLOCK_M)
+    return max(1, min(cdiv(k, _DECODE_K_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
 
 
 def quant_matmul(
@@ -462,23 +464,23 @@ def quant_matmul(
     b = bias if bias is not None else y
     flags = dict(BITS=bits, GROUP=group_size, USE_LUT=use_lut, QSTATS=_quantized_stats(scales), HAS_LR=has_lr,
                  R_PAD=_rank_pad(max(r, 1)), DOT_PRECISION=_dot_precision(x.dtype))
-    m_bucket = triton.next_power_of_2(m)
+    m_bucket = next_pow2(m)
     if path == "tile":
         t = (x @ lr_v.to(x.dtype).t()).contiguous() if has_lr else dummy  # x Vᵀ, once per call
-        _quant_tile_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+        _quant_tile_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
             x, qweight, qwhi, sc, zr, lt, rp, cl, vl, u, t, b, y, m, n, k, r, m_bucket,
             HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, **flags,
         )
         return y
     k_split = _decode_k_split(m, n, k, x.device)
-    m_blocks = triton.cdiv(m, DECODE_BLOCK_M)
+    m_blocks = cdiv(m, DECODE_BLOCK_M)
     part = _empty((k_split, m, n), torch.float32, x.device)
     tpart = _empty((k_split, m, r), torch.float32, x.device) if has_lr else part
-    _quant_decode_split_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), k_split, m_blocks)](
+    _quant_decode_split_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), k_split, m_blocks)](
         x, qweight, qwhi, sc, zr, lt, v, part, tpart, m, n, k, r, k_split, m_bucket,
         BLOCK_M=DECODE_BLOCK_M, **flags,
     )
-    _quant_decode_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N), m_blocks)](
+    _quant_decode_reduce_kernel[(cdiv(n, _REDUCE_BLOCK_N), m_blocks)](
         x, part, tpart, u, rp, cl, vl, b, y, m, n, k, r, k_split,
         HAS_LR=has_lr, R_PAD=flags["R_PAD"], DOT_PRECISION=flags["DOT_PRECISION"],
         HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
@@ -498,8 +500,8 @@ def quant_matmul_dx(
     dx = _empty((m, k), torch.float32, dy.device)
     dummy = qweight
     sc, zr, lt = (dummy, dummy, lut) if use_lut else (scales, zeros, dummy)
-    _quant_dx_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
-        dy, qweight, qweight_hi if bits == 3 else dummy, sc, zr, lt, dx, m, n, k, triton.next_power_of_2(m),
+    _quant_dx_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))](
+        dy, qweight, qweight_hi if bits == 3 else dummy, sc, zr, lt, dx, m, n, k, next_pow2(m),
         BITS=bits, GROUP=group_size, USE_LUT=use_lut, QSTATS=_quantized_stats(scales),
         DOT_PRECISION=_dot_precision(dy.dtype),
     )

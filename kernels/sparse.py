@@ -46,7 +46,8 @@ from lowrank_ops.sparse.format import check_nm, index_bits, positions_per_word
 
 from ._codes import codes_to_f32
 from ._compile_check import CompileCase
-from .lowrank import DX_GPU_TABLE, DX_NAMES, INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs
+from .lowrank import (DX_GPU_TABLE, DX_NAMES, INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs,
+                      cdiv, next_pow2)
 from .quant import GROUP_SIZES, _quant_decode_reduce_kernel
 
 DECODE_MAX_ROWS = 16  # the decode kernel keeps a (rows × BLOCK_N × BLOCK_J) gather tile in registers
@@ -346,8 +347,8 @@ def _kept_args(values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor]
 def decode_k_split(rows: int, n_out: int, kept: int, device: torch.device) -> int:
     """K splits so that (N-blocks × splits) ≈ 2 programs per SM (nominal BLOCK_N 32), each split
     given at least ``_DECODE_J_CHUNK`` kept values per row."""
-    columns = triton.cdiv(n_out, 32)
-    return max(1, min(triton.cdiv(kept, _DECODE_J_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
+    columns = cdiv(n_out, 32)
+    return max(1, min(cdiv(kept, _DECODE_J_CHUNK), _target_programs(device) // columns, _DECODE_MAX_SPLIT))
 
 
 def nm_matmul_decode(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
@@ -382,8 +383,8 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
     y = _empty((rows, n_out), x2d.dtype, x2d.device)
     k_split = decode_k_split(rows, n_out, k // m * n, x2d.device)
     b = bias if bias is not None else y
-    flags = dict(BLOCK_M=triton.next_power_of_2(rows), **q4, **pattern)
-    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), k_split)  # noqa: E731
+    flags = dict(BLOCK_M=next_pow2(rows), **q4, **pattern)
+    grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]), k_split)  # noqa: E731
     if k_split == 1:
         _nm_decode_kernel[grid](x2d, *kept, indices, b, y, rows, n_out, k, 1, DIRECT=True,
                                 HAS_BIAS=bias is not None, **flags)
@@ -391,7 +392,7 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
     part = _empty((k_split, rows, n_out), torch.float32, x2d.device)
     _nm_decode_kernel[grid](x2d, *kept, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
                             HAS_BIAS=False, **flags)
-    _quant_decode_reduce_kernel[(triton.cdiv(n_out, _REDUCE_BLOCK_N), 1)](
+    _quant_decode_reduce_kernel[(cdiv(n_out, _REDUCE_BLOCK_N), 1)](
         x2d, part, part, part, part, part, part, b, y, rows, n_out, k, 0, k_split,
         HAS_LR=False, R_PAD=16, DOT_PRECISION=_dot_precision(x2d.dtype),
         HAS_OUTLIERS=False, HAS_BIAS=bias is not None, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
@@ -421,8 +422,8 @@ def _tile(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional
     rows, k = x2d.shape
     n_out = values.shape[0]
     y = _empty((rows, n_out), x2d.dtype, x2d.device)
-    _nm_tile_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))](
-        x2d, *kept, indices, bias if bias is not None else y, y, rows, n_out, k, triton.next_power_of_2(rows),
+    _nm_tile_kernel[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"]))](
+        x2d, *kept, indices, bias if bias is not None else y, y, rows, n_out, k, next_pow2(rows),
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2d.dtype), **q4, **pattern,
     )
     return y
@@ -449,8 +450,8 @@ def _dx(dy: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional[Te
     rows, n_out = dy.shape
     k = in_features
     dx = _empty((rows, k), dy.dtype, dy.device)
-    _nm_dx_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
-        dy, *kept, indices, dx, rows, n_out, k, triton.next_power_of_2(rows),
+    _nm_dx_kernel[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))](
+        dy, *kept, indices, dx, rows, n_out, k, next_pow2(rows),
         DOT_PRECISION=_dot_precision(dy.dtype), **q4, **pattern,
     )
     return dx
@@ -464,8 +465,8 @@ def nm_matmul_dvalues(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int, dt
     rows, n_out = dy.shape
     k = x.shape[1]
     dv = _empty((n_out, k // m * n), dtype, dy.device)
-    _nm_dvalues_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))](
-        dy, x, indices, dv, rows, n_out, k, triton.next_power_of_2(rows),
+    _nm_dvalues_kernel[lambda meta: (cdiv(n_out, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
+        dy, x, indices, dv, rows, n_out, k, next_pow2(rows),
         DOT_PRECISION=_dot_precision(x.dtype), **pattern,
     )
     return dv

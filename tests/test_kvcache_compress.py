@@ -60,6 +60,8 @@ def test_shapes_and_tail(t, bits, d, g, rank, ratio, dtype):
     assert kv.key_out_idx.shape == kv.value_out_val.shape == (2, 3, tc, n_out)
     assert kv.key_lr_a.shape == (2, 3, tc, rank) and kv.value_lr_b.shape == (2, 3, nblocks, d, rank)
     assert kv.tail_keys.shape == (2, 3, 64, d) and kv.tail_keys.dtype == dtype
+    # row-major as the layout says (QR's Q is column-major): attention would copy every call
+    assert all(t.is_contiguous() for t in kv.tensors().values())
     k_hat, v_hat = kv.decompress()
     assert k_hat.shape == v_hat.shape == keys.shape and k_hat.dtype == dtype
     assert torch.equal(k_hat[:, :, tc:], keys[:, :, tc:]) and torch.equal(v_hat[:, :, tc:], values[:, :, tc:])
@@ -81,6 +83,7 @@ def test_append_equals_compress_at_once(chunks):
         assert grown.append(keys[:, :, start: start + n], values[:, :, start: start + n]) is grown
         start += n
     assert grown.seq_len == once.seq_len == 150 and grown.tail_len == once.tail_len == 22
+    assert all(t.is_contiguous() for t in grown.tensors().values())
     for name in TENSOR_FIELDS:
         a, b = getattr(grown, name), getattr(once, name)
         if name.startswith("tail"):  # rows past tail_len are stale, never read

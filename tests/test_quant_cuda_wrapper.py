@@ -29,7 +29,8 @@ def make_packed(m=2, k=100, n=12, bits=4, g=32, lut=False, outliers=True, bias=T
         t["scales"] = (torch.rand(n, k_pad // g, generator=gen) * 0.02 + 0.005).to(HALF)
         t["zeros"] = (torch.rand(n, k_pad // g, generator=gen) * (1 << bits)).to(HALF)
         if qstats:
-            t["scales"], t["zeros"] = pack_group_stats(t["scales"], t["zeros"].float().floor())
+            # zeros drawn below 2^bits can round up to 2^bits in fp16: clamp to the top code
+            t["scales"], t["zeros"] = pack_group_stats(t["scales"], t["zeros"].float().floor().clamp(max=(1 << bits) - 1))
     if outliers:
         mask = torch.rand(n, k, generator=gen) < 0.02
         mask[0] = False  # a row without outliers

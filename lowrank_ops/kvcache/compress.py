@@ -132,7 +132,7 @@ def lowrank_residual(residual: Tensor, rank: int, power_iters: int) -> tuple[Ten
         q = torch.linalg.qr(y).Q
         v = torch.linalg.qr(residual.transpose(-1, -2) @ q).Q
         y = residual @ v
-    v = v.half()
+    v = v.half().contiguous()  # QR's Q is column-major; the format (and the kernel) read it row-major
     a = residual @ v.float()
     return a.reshape(b, h, nblocks * buf, rank).half(), v
 

@@ -93,7 +93,11 @@ def _gear_attention_op(
     bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, power_iters: int, tail_len: int,
 ) -> Tensor:
     kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, power_iters, tail_len)
-    if _attention_backend(q, rank) == "triton":
+    return _attention_impl(q, kv, key_mask, scale)
+
+
+def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float) -> Tensor:
+    if _attention_backend(q, kv.config.rank) == "triton":
         return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale)
     return attention_reference(q, kv, key_mask, scale)
 
@@ -126,6 +130,11 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
+    if not torch.compiler.is_compiling():
+        # eager: straight to the implementation. The custom op's dispatch and its rebuild (and
+        # re-validation) of the GEARKV cost more host time than the kernels take on a GPU at
+        # short context, and a decode step calls this once per layer.
+        return _attention_impl(q.contiguous(), kv, key_mask, float(scale))
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
     return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), cfg.bits, cfg.group_size, cfg.rank,

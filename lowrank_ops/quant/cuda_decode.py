@@ -143,6 +143,10 @@ def quant_decode(
     module = cuda_ext.load()
     if module is None:
         raise RuntimeError(f"quant_decode: {cuda_ext.unavailable_reason()}")
+    if outlier_vals is not None and outlier_vals.numel() == 0:
+        # an empty CSR adds nothing; its empty tensors have null data pointers, which the kernel
+        # would read as a CSR missing its columns and values
+        outlier_rowptr = outlier_cols = outlier_vals = None
     qweight = _aligned(qweight, 16)
     qweight_hi = _aligned(qweight_hi, 4)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
