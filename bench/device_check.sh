@@ -18,6 +18,8 @@
 #            (by default only the configurations and methods the targets need, see DEFAULT_ARGS)
 #   sparse   python -m lowrank_ops.benchmarks.sparse --quick        -> sparse-quick.json
 #   lowrank  python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
+#   profile  python bench/kernel_profile.py: device time per kernel of the cases that miss their
+#            targets, GEAR by sequence-split count                  -> log.txt only
 #   summary  steps, test counts, one line per benchmark case        -> summary.txt (printed last)
 # plus log.txt (everything printed): 8 files, the most the device tool returns. Every suite
 # rewrites its JSON after each case, so a step stopped by its cap keeps what it measured.
@@ -41,7 +43,7 @@
 #
 # Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_STEPS (e.g. "build tests quant"),
 # LRO_TEST_PATHS (default: every file with gpu tests, in priority order), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
-# serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75),
+# serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75) / _PROFILE (60),
 # LRO_RESERVE_TESTS (300: what the tests step leaves for the suites), LRO_<SUITE>_ARGS (extra
 # arguments for one suite, e.g. LRO_QUANT_ARGS="--configs 4b,3b+1%"), LRO_BENCH_MODE (quick;
 # "cpu-smoke" runs the benchmark and summary steps on a CPU-only machine).
@@ -66,7 +68,7 @@ declare -A DEFAULT_CAPS=([lowrank]=60 [quant]=90 [sparse]=75 [kvcache]=75)  # se
 # forced Triton path and each configuration autotunes its own kernels: the whole quick plan
 # ran past its 90 s cap on the first case in the 2026-11-26 run)
 declare -A DEFAULT_ARGS=([quant]="--methods cuda,triton --configs 4b,4b+1%,3b+1%,4b+r64")
-WANT=" ${LRO_STEPS:-env build tests $SUITES} "
+WANT=" ${LRO_STEPS:-env build tests $SUITES profile} "
 # every test file with gpu-marked tests (a CPU test checks the list): GEAR first, then the
 # others never run on a GPU
 GPU_TEST_FILES="tests/test_gpu_kvcache_attention.py tests/test_kernels_kvcache_compress_interp.py tests/test_kvcache_hf.py
@@ -385,6 +387,7 @@ main() {
         RESERVE=15 step "$suite" "$cap" "$PY" -m "lowrank_ops.benchmarks.$suite" "--$BENCH_MODE" --out "$OUTDIR" \
             --time-budget $((cap * 2 / 3)) $args
     done
+    wants profile && RESERVE=10 step profile "${LRO_CAP_PROFILE:-60}" "$PY" bench/kernel_profile.py
     echo
     summary
     # exit status: 0 only if every step passed (the files under $OUT are written either way)

@@ -393,7 +393,7 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
     _nm_decode_kernel[grid](x2d, *kept, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
                             HAS_BIAS=False, **flags)
     _quant_decode_reduce_kernel[(cdiv(n_out, _REDUCE_BLOCK_N), 1)](
-        x2d, part, part, part, part, part, part, b, y, rows, n_out, k, 0, k_split,
+        x2d, part, part, part, part, b, y, rows, n_out, 0, k_split,
         HAS_LR=False, R_PAD=16, DOT_PRECISION=_dot_precision(x2d.dtype),
         HAS_OUTLIERS=False, HAS_BIAS=bias is not None, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
     )

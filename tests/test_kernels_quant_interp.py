@@ -208,3 +208,23 @@ def test_tile_configs_by_batch():
         kept = kernels._tile_prune(configs, dict(x_ptr=x16, M_BUCKET=m_bucket), R_PAD=16)
         assert 1 <= len(kept) <= 4 and {c.num_warps for c in kept} == {warps}, (m_bucket, kept)
         assert all(c.kwargs["BLOCK_M"] >= 128 for c in kept) == (warps == 8)
+
+
+@pytest.mark.parametrize("m,k", [(1, 300), (5, 40000), (70, 300)])
+def test_outlier_product_walks_long_rows_and_row_blocks(m, k, poisoned):
+    """The outlier kernel's fp32 x Sᵀ: rows with more entries than one step takes (JC), an empty
+    row, x rows over two row blocks (M = 70 > 64), N not a multiple of its feature block, and
+    columns >= 32768 (int16 read unsigned, K = 40000)."""
+    n = 45
+    keep = torch.rand(n, k) < 0.03
+    keep[3] = False
+    keep[7, -20:] = True  # 20 entries in one row, the last columns of K
+    _, cols = keep.nonzero(as_tuple=True)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)]).to(torch.int32)
+    vals = torch.randn(len(cols)).half()
+    x = torch.randn(m, k).half()
+    out = kernels._outlier_product(x.to(DEVICE), rowptr.to(DEVICE), cols.to(torch.int16).to(DEVICE), vals.to(DEVICE), n)
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    dense[keep] = vals.double()
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert_close(out, f64(x) @ dense.t(), torch.float32, f"outliers M={m} K={k}")

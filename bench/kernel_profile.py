@@ -1,0 +1,106 @@
+"""Where the time goes in the configurations that miss their targets: device time per kernel.
+
+    python bench/kernel_profile.py            # on a CUDA machine (bench/device_check.sh step "profile")
+
+For each case, eager calls run under ``torch.profiler`` and every CUDA kernel's device time is
+summed per kernel name and divided by the call count: the split between our kernels (and any
+copy or helper kernel that should not be there) without the host-side gaps of eager launches.
+The GEAR cases also time the whole call as a CUDA-graph replay for several sequence-split
+counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
+a batch-1 step has. Prints tables only (the device tool returns at most 8 files; the step's
+output lands in log.txt). Nothing here is asserted: the suites and the gpu lane do that.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowrank_ops.benchmarks import kvcache as KB
+from lowrank_ops.benchmarks import quant as QB
+from lowrank_ops.benchmarks import timing as T
+
+CALLS = 10
+GEAR_CASES = [(8192, 1), (8192, 16)]
+GEAR_CONFIGS = ["2b", "2b-r4-s2"]
+SPLITS = [None, 16, 32, 64, 128]
+QUANT_CASES = [(4096, 4096, 16, "4b+1%"), (4096, 4096, 256, "4b+1%"), (4096, 4096, 256, "4b")]
+
+
+def kernel_times(fn, calls: int = CALLS) -> list[tuple[str, float, int]]:
+    """(kernel name, device µs per call, launches per call) of ``fn()``, largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total[event.name] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            count[event.name] += 1
+    return sorted(((name[:60], us / calls, count[name] // calls) for name, us in total.items()), key=lambda r: -r[1])
+
+
+def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:
+    print(f"\n{title}: device time per call {sum(r[1] for r in rows):.1f} us")
+    for name, us, n in rows:
+        print(f"  {us:9.1f} us  x{n}  {name}")
+
+
+def gear(device: torch.device) -> None:
+    from lowrank_ops.kernels.kvcache_attention import gear_decode_attention
+    from lowrank_ops.kvcache import compress
+
+    env = KB.Env(device, torch.float16, KB.GPU_GEOMETRY, triton_ok=True)
+    for context, batch in GEAR_CASES:
+        case = KB.Case(context, batch)
+        keys, values = KB.random_kv(case, env, seed=1)
+        q = KB.random_q(case, env, 1, seed=2)[0]
+        for config in GEAR_CONFIGS:
+            kv = compress(keys, values, KB.gear_config(config))
+            print_kernels(f"GEAR {config} T={context} b={batch}", kernel_times(lambda: KB._gear(q, kv)))
+            cells = []
+            for splits in SPLITS:
+                timing = T.measure(lambda q_: gear_decode_attention(q_, kv, None, None, num_splits=splits), [(q,)],
+                                   device, target_ms=20)
+                cells.append(f"{splits or 'auto'}: {timing.median_us:.1f}")
+            print("  graph us by num_splits  " + " | ".join(cells))
+        del keys, values
+        torch.cuda.empty_cache()
+
+
+def quant(device: torch.device) -> None:
+    for n, k, m, config in QUANT_CASES:
+        fmt = QB.build_format(n, k, config, device)
+        tensors = fmt.op_tensors()
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        path = "decode" if m <= 16 else "tile"
+        with QB.forced_quant_path(path), QB.pinned("triton"):
+            rows = kernel_times(lambda: QB._quant_fn(x, *tensors, bits=fmt.bits, group_size=fmt.group_size,
+                                                     in_features=k))
+        print_kernels(f"quant {config} {n}x{k} M={m} ({path})", rows)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("kernel_profile: needs a CUDA device; nothing to do")
+        return 0
+    device = torch.device("cuda")
+    t0 = time.perf_counter()
+    for part in (gear, quant):
+        try:
+            part(device)
+        except Exception as exc:  # one part failing must not hide the other's numbers
+            print(f"\n{part.__name__}: failed: {type(exc).__name__}: {exc}")
+    print(f"\nkernel_profile: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
