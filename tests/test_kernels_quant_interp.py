@@ -218,7 +218,7 @@ def test_outlier_product_walks_long_rows_and_row_blocks(m, k, poisoned):
     n = 45
     keep = torch.rand(n, k) < 0.03
     keep[3] = False
-    keep[7, -20:] = True  # 20 entries in one row, the last columns of K
+    keep[7, -80:] = True  # 80 entries in one row (over two steps of any JC), the last columns of K
     _, cols = keep.nonzero(as_tuple=True)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)]).to(torch.int32)
     vals = torch.randn(len(cols)).half()
