@@ -27,7 +27,8 @@ CALLS = 10
 GEAR_CASES = [(8192, 1), (8192, 16)]
 GEAR_CONFIGS = ["2b", "2b-r4-s2"]
 SPLITS = [None, 16, 32, 64, 128]
-QUANT_CASES = [(4096, 4096, 16, "4b+1%"), (4096, 4096, 256, "4b+1%"), (4096, 4096, 256, "4b")]
+QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
+               (4096, 4096, 256, "4b", "tile"), (4096, 4096, 256, "4b", "dequant")]
 
 
 def kernel_times(fn, calls: int = CALLS) -> list[tuple[str, float, int]]:
@@ -76,11 +77,10 @@ def gear(device: torch.device) -> None:
 
 
 def quant(device: torch.device) -> None:
-    for n, k, m, config in QUANT_CASES:
+    for n, k, m, config, path in QUANT_CASES:
         fmt = QB.build_format(n, k, config, device)
         tensors = fmt.op_tensors()
         x = torch.randn(m, k, device=device, dtype=torch.float16)
-        path = "decode" if m <= 16 else "tile"
         with QB.forced_quant_path(path), QB.pinned("triton"):
             rows = kernel_times(lambda: QB._quant_fn(x, *tensors, bits=fmt.bits, group_size=fmt.group_size,
                                                      in_features=k))

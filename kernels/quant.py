@@ -15,15 +15,17 @@ path. The packed format is the shared contract of ``lowrank_ops/quant/format.py`
   (log2_lo, log2_step planes), scale = exp2(lo + code · step); LUT: Ŵ = lut[n, q];
 * outliers: ``rowptr`` int32 (N + 1), ``cols`` int16 (read as unsigned), ``vals`` fp16.
 
-Two paths (chosen by ``ops.quant_path``):
+Three paths (chosen by ``ops.quant_path``):
 
 * ``"tile"`` — one launch, grid (M-blocks, N-blocks), tensor-core dots on dequantized tiles
   (with a low-rank path, x Vᵀ (M × r) comes from one small GEMM before it);
 * ``"decode"`` — M ≤ 16: split-K over (N-blocks × K-splits) programs writing fp32 partials
   (the first N-block's programs also x Vᵀ's), then a small reduction kernel that adds the
-  low-rank term, the outliers and the bias. Two launches, no atomics, deterministic.
+  low-rank term, the outliers and the bias. Two launches, no atomics, deterministic;
+* ``"dequant"`` — large M: ``_quant_dequant_kernel`` writes the dense Ŵ (transient, in x's
+  dtype), the outliers and U V are added into it, and one dense GEMM (cuBLAS) does the rest.
 
-With outliers, both paths first launch ``_quant_outlier_kernel``: the fp32 (M × N) x Sᵀ, from
+With outliers, the tile and decode paths first launch ``_quant_outlier_kernel``: the fp32 (M × N) x Sᵀ, from
 a CSR walk over many programs with contiguous gathers from xᵀ, which the tile or reduce kernel
 adds before its one rounding. (Walked inside those kernels, the gathers from x were one
 sector per element, and the decode path's walk ran in only N / 128 programs: on an H100 at
@@ -44,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from lowrank_ops.quant.format import csr_coordinates
 
 from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
@@ -78,6 +82,9 @@ _OUTLIER_BLOCK_N = 8
 _OUTLIER_MAX_M = 64
 _OUTLIER_MAX_JC = 32
 _OUTLIER_GATHER = 4096
+# dequant kernel tile: 16 rows × 256 columns (512 contiguous bytes of fp16 output per row)
+_DQ_BLOCK_N = 16
+_DQ_BLOCK_K = 64 if INTERPRET else 256
 
 # --------------------------------------------------------------------------- config tables
 # GPU tables: a few configs under @triton.autotune (each autotuned key compiles and times
@@ -291,6 +298,29 @@ def _quant_outlier_kernel(
     tl.store(out_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask=n_mask[:, None] & m_mask[None, :])
 
 
+# --------------------------------------------------------------------------- dequant path (large M)
+# Grid (cdiv(N, DQ_BLOCK_N), cdiv(K, DQ_BLOCK_K)). Program (pn, pk) writes the (DQ_BLOCK_N ×
+# DQ_BLOCK_K) tile of Ŵ at rows [pn·DQ_BLOCK_N, +DQ_BLOCK_N), columns [pk·DQ_BLOCK_K, +DQ_BLOCK_K)
+# of the dense row-major (N × K) output in its dtype: the packed rows are read once (one vector
+# load per row run, the tile path's loader) and the tile is stored row by row, a contiguous
+# DQ_BLOCK_K run per row; columns past K are not written. A streaming kernel: 4.25 bits read and
+# 16 written per weight at 4-bit g128.
+@triton.jit
+def _quant_dequant_kernel(
+    qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, w_ptr, N, K,
+    BITS: tl.constexpr, GROUP: tl.constexpr, USE_LUT: tl.constexpr, QSTATS: tl.constexpr,
+    DQ_BLOCK_N: tl.constexpr, DQ_BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * DQ_BLOCK_N + tl.arange(0, DQ_BLOCK_N)
+    k0 = tl.program_id(1) * DQ_BLOCK_K
+    offs_k = k0 + tl.arange(0, DQ_BLOCK_K)
+    dtype = w_ptr.dtype.element_ty
+    w = _load_quant_base_tile(qw_ptr, qwhi_ptr, scales_ptr, zeros_ptr, lut_ptr, offs_n, offs_k, k0, N, K,
+                              BITS, GROUP, USE_LUT, QSTATS, DQ_BLOCK_K, dtype)
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(dtype),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
 # --------------------------------------------------------------------------- tile path
 # Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (pm, pn) owns one (BLOCK_M × BLOCK_N)
 # output tile. One pass over K (``_quant_k_run``): x tile (BLOCK_M × BLOCK_K, row-major, rows
@@ -473,6 +503,30 @@ def _outlier_product(x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, n: i
     return out
 
 
+def quant_dequantize(
+    qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
+    lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
+    outlier_vals: Optional[Tensor], lr_u: Optional[Tensor], lr_v: Optional[Tensor],
+    bits: int, group_size: int, in_features: int, dtype: torch.dtype,
+) -> Tensor:
+    """Dense (N, K) Ŵ + S + U V in ``dtype``: one ``_quant_dequant_kernel`` launch for Ŵ, the CSR
+    outliers added at their coordinates, U V by one GEMM into it. Inputs are trusted."""
+    n, k = qweight.shape[0], in_features
+    w = _empty((n, k), dtype, qweight.device)
+    dummy = qweight
+    use_lut = lut is not None
+    _quant_dequant_kernel[(cdiv(n, _DQ_BLOCK_N), cdiv(k, _DQ_BLOCK_K))](
+        qweight, qweight_hi if bits == 3 else dummy, dummy if use_lut else scales, dummy if use_lut else zeros,
+        lut if use_lut else dummy, w, n, k, BITS=bits, GROUP=group_size, USE_LUT=use_lut,
+        QSTATS=_quantized_stats(scales), DQ_BLOCK_N=_DQ_BLOCK_N, DQ_BLOCK_K=_DQ_BLOCK_K,
+    )
+    if outlier_rowptr is not None and outlier_cols is not None and outlier_cols.numel() > 0:
+        w.index_put_(csr_coordinates(outlier_rowptr, outlier_cols), outlier_vals.to(dtype), accumulate=True)
+    if lr_u is not None:
+        w.addmm_(lr_u.to(dtype), lr_v.to(dtype))
+    return w
+
+
 def quant_matmul(
     x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
     lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
@@ -483,12 +537,18 @@ def quant_matmul(
 
     Inputs are trusted (``ops.quant_linear`` checks them): LUT mode when ``lut`` is given,
     else scales/zeros (second-level stat codes/meta when ``scales`` is uint8); outliers when ``outlier_rowptr`` is given and nnz > 0; the low-rank
-    path when ``lr_u`` is given (rank ≤ :data:`QUANT_MAX_RANK`). ``path``: ``"tile"`` (one
-    launch) or ``"decode"`` (split-K + reduce; made for M ≤ 16, correct for any M).
+    path when ``lr_u`` is given (rank ≤ :data:`QUANT_MAX_RANK` on the fused paths). ``path``:
+    ``"tile"`` (one launch), ``"decode"`` (split-K + reduce; made for M ≤ 16, correct for any M)
+    or ``"dequant"`` (large M: :func:`quant_dequantize`, then one dense GEMM; the dense weight is
+    transient, one layer's worth).
     """
-    if path not in ("tile", "decode"):
-        raise ValueError(f"path: expected 'tile' or 'decode', got {path!r}")
+    if path not in ("tile", "decode", "dequant"):
+        raise ValueError(f"path: expected 'tile', 'decode' or 'dequant', got {path!r}")
     (m, k), n = x.shape, qweight.shape[0]
+    if path == "dequant":
+        w = quant_dequantize(qweight, qweight_hi, scales, zeros, lut, outlier_rowptr, outlier_cols, outlier_vals,
+                             lr_u, lr_v, bits, group_size, k, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
     use_lut = lut is not None
     has_out = outlier_rowptr is not None and outlier_cols is not None and outlier_cols.numel() > 0
     has_lr = lr_u is not None
@@ -609,6 +669,15 @@ def _compile_cases() -> list[CompileCase]:
                  BLOCK_M=DECODE_BLOCK_M, BLOCK_N=128),
             dict(num_warps=4),
         ))
+        for bits, mode in ((4, "uniform"), (3, "lut"), (3, "qstats")):  # the dequant path's loader variants
+            qstats = mode == "qstats"
+            cases.append(CompileCase(
+                f"quant_dequant[{dtype},{bits}b,{mode}]", _quant_dequant_kernel,
+                dict(**{k: v for k, v in _packed_signature(p, qstats).items() if k != "x_ptr"}, w_ptr=p, N="i32", K="i32"),
+                dict(BITS=bits, GROUP=128, USE_LUT=mode == "lut", QSTATS=qstats, DQ_BLOCK_N=_DQ_BLOCK_N,
+                     DQ_BLOCK_K=_DQ_BLOCK_K),
+                dict(num_warps=4),
+            ))
         for ob_m in (1, _OUTLIER_MAX_M):  # batch-1 decode and tile blocks
             cases.append(CompileCase(
                 f"quant_outliers[{dtype},M{ob_m}]", _quant_outlier_kernel,

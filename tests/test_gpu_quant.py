@@ -118,10 +118,14 @@ def test_triton_auto_path_matches_float64(name, dtype, m):
     check(y, ref64(name, x, bias), dtype, f"{name} {ops.quant_path(m, N, K)} M={m}")
 
 
-# the other path, forced: tile at decode sizes, decode (correct for any M) at M = 64
+# the other paths, forced: tile at decode sizes and at M = 300 (auto: dequant there), decode
+# (correct for any M) at M = 64, dequant (auto from M = 256) at small M and in every mode
 FORCED_CASES = ([("tile", name, F16, m) for name in FULL_M for m in (1, 7)]
                 + [("tile", "4b+r64", BF16, 1)]
-                + [("decode", name, F16, 64) for name in ("3b", "4b-lut", "4b+r64")])
+                + [("tile", name, F16, 300) for name in ("4b", "3b+1%+r64")]
+                + [("decode", name, F16, 64) for name in ("3b", "4b-lut", "4b+r64")]
+                + [("dequant", name, F16, 7) for name in ("3b-lut", "3b-g32-qstats", "4b+1%")]
+                + [("dequant", "3b+1%+r64", BF16, 64)])
 
 
 @pytest.mark.parametrize("path,name,dtype,m", FORCED_CASES, ids=lambda p: str(p).replace("torch.", ""))

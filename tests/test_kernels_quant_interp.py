@@ -92,7 +92,8 @@ def poisoned(monkeypatch):
 def _cases():
     """(path, bits, mode, dtype) in full; the other axes sampled with co-prime periods."""
     out = []
-    for i, (path, bits, mode, dtype) in enumerate(itertools.product(("tile", "decode"), (2, 3, 4), ("uniform", "lut", "qstats"), DTYPES)):
+    paths = ("tile", "decode", "dequant")
+    for i, (path, bits, mode, dtype) in enumerate(itertools.product(paths, (2, 3, 4), ("uniform", "lut", "qstats"), DTYPES)):
         out.append(dict(
             path=path, bits=bits, mode=mode, dtype=dtype,
             m=(1, 3, 17)[i % 3], n=(37, 19)[i % 2], group=(32, 32, 64, 128)[i % 4],
@@ -100,6 +101,7 @@ def _cases():
         ))
     out.append(dict(path="tile", bits=4, mode="uniform", dtype=torch.float16, m=40, n=70, group=32, frac=0.02, rank=8, bias=True))
     out.append(dict(path="decode", bits=3, mode="uniform", dtype=torch.float32, m=16, n=37, group=32, frac=0.02, rank=8, bias=True))
+    out.append(dict(path="dequant", bits=4, mode="uniform", dtype=torch.float16, m=40, n=70, group=32, frac=0.02, rank=8, bias=True))
     return out
 
 
@@ -228,3 +230,17 @@ def test_outlier_product_walks_long_rows_and_row_blocks(m, k, poisoned):
     dense[keep] = vals.double()
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert_close(out, f64(x) @ dense.t(), torch.float32, f"outliers M={m} K={k}")
+
+
+@pytest.mark.parametrize("bits,mode,dtype", [(4, "uniform", torch.float16), (3, "lut", torch.bfloat16),
+                                             (2, "qstats", torch.float32), (3, "uniform", torch.float16)])
+def test_dequantize_matches_reference(bits, mode, dtype, poisoned):
+    """The dequant path's dense Ŵ + S + U V against the spec's float32 dequantization: every
+    element written (poisoned buffers), K = 100 not a multiple of the kernel's column block."""
+    k, n = 100, 37
+    t = make_packed(n, k, bits=bits, group=32, mode=mode, outlier_frac=0.05, rank=4, dtype=dtype)
+    w = kernels.quant_dequantize(*(t[name] for name in ORDER), bits, 32, k, dtype)
+    cpu = {name: (None if v is None else v.cpu()) for name, v in t.items()}
+    ref = ops.dequantize_reference(**cpu, bits=bits, group_size=32, in_features=k).double()
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert_close(w, ref, dtype, f"dequantize {bits}b {mode}")

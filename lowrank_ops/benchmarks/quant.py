@@ -348,7 +348,7 @@ def our_methods(case: Case, env: Env) -> list[tuple[str, Optional[str], Optional
     auto_path = ops.quant_path(case.m, case.n, case.k)
     out.append(("triton", "triton", None, env.triton_why))
     if env.triton_ok:
-        for path in ("decode", "tile") if case.m <= ops.DECODE_MAX_M else ("tile",):
+        for path in ("decode", "tile") if case.m <= ops.DECODE_MAX_M else ("tile", "dequant"):
             if path != auto_path:
                 out.append((f"triton:{path}", "triton", path, ""))
     return out

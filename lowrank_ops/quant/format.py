@@ -258,7 +258,8 @@ def outliers_to_csr(mask: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Ten
 def csr_coordinates(rowptr: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """(row, column) int64 index of every CSR entry (columns read as unsigned 16-bit)."""
     counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=cols.device), counts)
+    # output_size: no device-to-host sync (so this can run inside a CUDA-graph capture)
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=cols.device), counts, output_size=cols.numel())
     return rows, cols.to(torch.int64) & 0xFFFF
 
 
