@@ -9,7 +9,7 @@ M consecutive columns (M ∈ {4, 8, 16}, 1 ≤ n < M), stored as
   bits at bit ``(j % E)·b`` of word ``j // E``, E = 32 // b positions per word (16, 10, 8);
   the column of value j is ``(j // n)·M + p_j``.
 
-Two paths (chosen by ``ops.nm_path``):
+Three paths (chosen by ``ops.nm_path``; for 2:4 at many rows PyTorch's semi-structured kernel):
 
 * ``"decode"`` — M ≤ 16: GEMV style, reads only the kept values and their index words. Grid
   (N-blocks × K-splits); each program walks its run of kept values, unpacks positions with
@@ -22,6 +22,8 @@ Two paths (chosen by ``ops.nm_path``):
   (BLOCK_K × BLOCK_N) tile of Wᵀ on chip (for each slot: ``where(pos == column in group, value,
   0)``) and feeds it to a tensor-core ``tl.dot``; bias fused. :func:`nm_matmul_tile_q4` reads
   4-bit kept values the same way.
+* ``"expand"`` — many rows: the same expansion writes a transient dense weight once
+  (:func:`nm_expand`), and one dense GEMM (cuBLAS) does the product.
 
 The backward to x, ``dx = dy · Ŵ`` (:func:`nm_matmul_dx`, :func:`nm_matmul_dx_q4`), is one
 launch over (M-blocks × K-blocks) that sweeps N and expands each (BLOCK_N × BLOCK_K) tile of Ŵ on
@@ -56,6 +58,9 @@ _DECODE_J_CHUNK = 64 if INTERPRET else 256  # fewest kept values per row one dec
 _DECODE_MAX_SPLIT = 16
 _REDUCE_BLOCK_N = 32 if INTERPRET else 128
 _REDUCE_BLOCK_M = 16
+# expand kernel tile: 32 rows × 128 columns of the dense weight (a multiple of every M in {4, 8, 16})
+_EXPAND_BLOCK_N = 32
+_EXPAND_BLOCK_K = 128
 
 
 # --------------------------------------------------------------------------- config tables
@@ -249,6 +254,27 @@ def _nm_tile_kernel(
     tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
 
+# --------------------------------------------------------------------------- expand path (large M)
+# Grid (cdiv(N, EX_BLOCK_N), cdiv(K, EX_BLOCK_K)). Program (pn, pk) expands the (EX_BLOCK_K ×
+# EX_BLOCK_N) tile of Wᵀ for columns [pk·EX_BLOCK_K, +EX_BLOCK_K) and rows [pn·EX_BLOCK_N,
+# +EX_BLOCK_N) with the tile path's expansion and stores it into the dense row-major (N × K)
+# weight in its dtype (zeros where nothing is kept): each row's EX_BLOCK_K columns are one
+# contiguous run. A streaming kernel: the kept values and index words are read once, the dense
+# weight written once, for one dense GEMM to consume.
+@triton.jit
+def _nm_expand_kernel(
+    values_ptr, scales_ptr, zeros_ptr, indices_ptr, w_ptr, N, K,
+    NM_N: tl.constexpr, NM_M: tl.constexpr, POS_BITS: tl.constexpr, PER_WORD: tl.constexpr,
+    Q4: tl.constexpr, QGROUP: tl.constexpr, EX_BLOCK_N: tl.constexpr, EX_BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * EX_BLOCK_N + tl.arange(0, EX_BLOCK_N)
+    offs_k = tl.program_id(1) * EX_BLOCK_K + tl.arange(0, EX_BLOCK_K)
+    wt = _expand_nm_tile(values_ptr, scales_ptr, zeros_ptr, indices_ptr, offs_n, tl.program_id(1) * (EX_BLOCK_K // NM_M),
+                         N, K, NM_N, NM_M, POS_BITS, PER_WORD, Q4, QGROUP, EX_BLOCK_K, EX_BLOCK_N)
+    tl.store(w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], wt.to(w_ptr.dtype.element_ty),
+             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
 # --------------------------------------------------------------------------- backward: dx = dy · Ŵ
 # Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (pm, pk) owns one (BLOCK_M × BLOCK_K) tile
 # of dx and sweeps N in BLOCK_N steps: a (BLOCK_M × BLOCK_N) tile of dy (row-major, rows N
@@ -429,6 +455,36 @@ def _tile(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional
     return y
 
 
+def nm_matmul_expand(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                     bias: Optional[Tensor] = None) -> Tensor:
+    """``x2d Wₙₘᵀ + b`` for many rows: W expanded once to a transient dense weight in x2d's dtype
+    (one streaming launch), then one dense GEMM. Same trusted inputs and result as
+    :func:`nm_matmul_decode`."""
+    w = nm_expand(values, None, None, 0, indices, n, m, x2d.shape[1], x2d.dtype)
+    return torch.nn.functional.linear(x2d, w, bias)
+
+
+def nm_matmul_expand_q4(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                        indices: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`nm_matmul_expand` with 4-bit kept values (tensors as in :func:`nm_matmul_decode_q4`)."""
+    w = nm_expand(qweight, scales, zeros, group_size, indices, n, m, x2d.shape[1], x2d.dtype)
+    return torch.nn.functional.linear(x2d, w, bias)
+
+
+def nm_expand(values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor], group_size: int, indices: Tensor,
+              n: int, m: int, in_features: int, dtype: torch.dtype) -> Tensor:
+    """The dense (N, K) weight in ``dtype`` from the packed N:M format (dense kept values, or
+    4-bit codes when ``scales`` is given): one ``_nm_expand_kernel`` launch."""
+    pattern = _pattern(n, m)
+    kept, q4 = _kept_args(values, scales, zeros, group_size)
+    n_out = values.shape[0]
+    w = _empty((n_out, in_features), dtype, values.device)
+    _nm_expand_kernel[(cdiv(n_out, _EXPAND_BLOCK_N), cdiv(in_features, _EXPAND_BLOCK_K))](
+        *kept, indices, w, n_out, in_features, EX_BLOCK_N=_EXPAND_BLOCK_N, EX_BLOCK_K=_EXPAND_BLOCK_K, **q4, **pattern,
+    )
+    return w
+
+
 def nm_matmul_dx(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
     """``dx = dy · Wₙₘ`` (M, K = ``in_features``) in dy's dtype, for dy (M, N) contiguous: the
     backward to x, reading the packed weight (expanded tile by tile on chip, never in memory).
@@ -478,7 +534,7 @@ def nm_matmul_dvalues(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int, dt
 # fp32 2:4 (exact dots, the largest tiles: every autotune config is checked on sm_80); the decode
 # kernel in both modes (DIRECT with bias at 1 row, split partials at 16) for every pattern in fp16,
 # two in bf16, 2:4 in fp32. The backward kernels (dx, dvalues) and the 4-bit-values variants
-# (g128) are compiled for every pattern and both 16-bit dtypes between them, not for every pair
+# (g128) and the expand kernel are compiled for every pattern and both 16-bit dtypes between them, not for every pair
 # (each case is a few seconds per architecture in CI). The reduce kernel is the quant family's
 # and is compiled by its cases.
 _ALL_PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 16))
@@ -490,6 +546,8 @@ _CASE_TABLE = {  # kernel -> (dtype, (n, m)) pairs
     "tile_q4": [("fp16", (2, 4)), ("bf16", (2, 8))],
     "dx_q4": [("fp16", (2, 8)), ("bf16", (2, 4))],
     "decode_q4": [("fp16", (2, 4)), ("bf16", (2, 8))],
+    "expand": [("fp16", (1, 4)), ("fp16", (2, 8)), ("bf16", (4, 16)), ("bf16", (2, 4)), ("fp32", (2, 8))],
+    "expand_q4": [("fp16", (2, 8)), ("bf16", (2, 4))],
 }
 
 
@@ -515,6 +573,11 @@ def _compile_cases() -> list[CompileCase]:
                     f"nm_{kernel}[{tag}]", _nm_dx_kernel,
                     dict(dy_ptr=p, **vals, indices_ptr="*i32", dx_ptr=p, **ints, M_BUCKET="i32"),
                     dict(DOT_PRECISION=prec, **flags)))
+            elif kernel.startswith("expand"):
+                cases.append(CompileCase(
+                    f"nm_{kernel}[{tag}]", _nm_expand_kernel,
+                    dict(**vals, indices_ptr="*i32", w_ptr=p, N="i32", K="i32"),
+                    dict(EX_BLOCK_N=_EXPAND_BLOCK_N, EX_BLOCK_K=_EXPAND_BLOCK_K, **flags), dict(num_warps=4)))
             elif kernel == "dvalues":
                 cases.append(CompileCase(
                     f"nm_dvalues[{tag}]", _nm_dvalues_kernel,

@@ -72,9 +72,11 @@ def test_our_methods_on_a_cuda_run():
     q4_small = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 1), "2:8+q4", env)]
     assert q4_small == small  # 4-bit kept values: the same backends and paths, through nm_linear
     q4_large = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 256), "2:4+q4", env)]
-    assert q4_large == [("cuda", "auto"), ("triton", "auto")]  # auto is the tile path: no semi-structured 4-bit
+    # auto is the expand path (no semi-structured 4-bit); the tile path is timed beside it
+    assert q4_large == [("cuda", "auto"), ("triton", "auto"), ("triton:tile", "tile")]
     large = [(name, path) for name, _b, path, _s in SB.our_methods(SB.Case(4096, 4096, 256), "2:4", env)]
     assert ("triton", "auto") in large and ("triton:tile", "tile") in large and ("triton:decode", "decode") not in large
+    assert ("triton:expand", "expand") in large  # auto there is torch's semi-structured kernel
     env = SB.Env(torch.device("cuda"), torch.float16, triton_ok=False, triton_why="no triton")
     rows = SB.our_methods(SB.Case(4096, 4096, 1), "1:4", env)
     assert [r[0] for r in rows] == ["cuda", "triton"] and rows[1][3] == "no triton"

@@ -82,6 +82,9 @@ def test_triton_paths_match_float64(kernels, n_out, k, n, m, dtype):
         x = make_x(rows, k, dtype)
         check(kernels.nm_matmul_tile(x, values, indices, n, m, None), reference(x, values, indices, n, m),
               dtype, f"tile {n}:{m} M={rows}")
+    x = make_x(300, k, dtype)
+    check(kernels.nm_matmul_expand(x, values, indices, n, m, bias), reference(x, values, indices, n, m, bias),
+          dtype, f"expand {n}:{m} M=300")
 
 
 @pytest.mark.parametrize("n_out,k,n,m,dtype,group", [
@@ -102,6 +105,8 @@ def test_triton_dx_and_q4_paths_match_float64(kernels, n_out, k, n, m, dtype, gr
         x = make_x(rows, k, dtype)
         check(kernels.nm_matmul_tile_q4(x, qweight, scales, zeros, group, qindices, n, m, None), x.double() @ wq.t(),
               dtype, f"tile q4 {n}:{m} M={rows}")
+        check(kernels.nm_matmul_expand_q4(x, qweight, scales, zeros, group, qindices, n, m, None), x.double() @ wq.t(),
+              dtype, f"expand q4 {n}:{m} M={rows}")
         kept = unpack_nm(torch.ones_like(values, dtype=torch.float64), indices, n, m, k).bool()
         check(kernels.nm_matmul_dvalues(dy, x, indices, n, m, dtype), (dy.double().t() @ x.double())[kept].reshape(values.shape),
               dtype, f"dvalues {n}:{m} M={rows}")
@@ -201,11 +206,13 @@ def test_op_routes_to_cuda_at_small_m(ext):
 
 
 # --------------------------------------------------------------------------- CUDA graphs
-@pytest.mark.parametrize("which,rows", [("cuda", 1), ("cuda", 8), ("decode", 1), ("decode", 3), ("tile", 64)])
+@pytest.mark.parametrize("which,rows", [("cuda", 1), ("cuda", 8), ("decode", 1), ("decode", 3), ("tile", 64),
+                                        ("expand", 256)])
 def test_cuda_graph_capture_and_replay(kernels, which, rows, request):
     if which == "cuda":
         request.getfixturevalue("ext")  # the CUDA module, built if needed
-    fns = {"cuda": cuda_decode.nm_linear_decode, "decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile}
+    fns = {"cuda": cuda_decode.nm_linear_decode, "decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile,
+           "expand": kernels.nm_matmul_expand}
     values, indices = make_nm(4096, 4096, 2, 4, torch.float16)
     bias = torch.randn(4096, device=DEV).half()
     x = make_x(rows, 4096, torch.float16)

@@ -24,7 +24,7 @@ from lowrank_ops.kernels import sparse as kernels  # noqa: E402
 from lowrank_ops.sparse.format import nm_mask_from_scores, pack_nm, unpack_nm  # noqa: E402
 
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (4, 16)]
-PATHS = {"decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile}
+PATHS = {"decode": kernels.nm_matmul_decode, "tile": kernels.nm_matmul_tile, "expand": kernels.nm_matmul_expand}
 
 
 def make_nm(n_out, k, n, m, dtype):
@@ -116,6 +116,7 @@ def test_values_dtype_may_differ_from_x():
     ("decode", 1, 4, 520, 128, 16, torch.float32), ("decode", 3, 8, 200, 32, 5, torch.float16),
     ("tile", 2, 4, 100, 32, 17, torch.float16), ("tile", 4, 8, 200, 64, 3, torch.bfloat16),
     ("tile", 1, 4, 520, 128, 1, torch.float32), ("tile", 4, 16, 400, 32, 40, torch.float32),
+    ("expand", 2, 8, 400, 64, 20, torch.bfloat16), ("expand", 1, 4, 520, 128, 3, torch.float32),
 ], ids=str)
 def test_nm_matmul_q4(path, n, m, k, group, rows, dtype, poisoned):
     """4-bit kept values (the quant family's uniform format along KK, KK off the group size) read
@@ -124,7 +125,7 @@ def test_nm_matmul_q4(path, n, m, k, group, rows, dtype, poisoned):
     q, q4 = quantized(values, group)
     x = torch.randn(rows, k).to(dtype=dtype, device=DEVICE)
     bias = torch.randn(37).to(dtype=dtype, device=DEVICE)
-    fn = {"decode": kernels.nm_matmul_decode_q4, "tile": kernels.nm_matmul_tile_q4}[path]
+    fn = {"decode": kernels.nm_matmul_decode_q4, "tile": kernels.nm_matmul_tile_q4, "expand": kernels.nm_matmul_expand_q4}[path]
     y = fn(x, *q4, indices, n, m, bias)
     assert y.dtype == dtype and poisoned
     assert_close(y, reference(x, q.dense(torch.float32), indices, n, m, bias), dtype, f"{path} q4 {n}:{m} g{group}")
@@ -198,7 +199,8 @@ def test_compile_cases_cover_every_kernel_and_pattern():
     """Every kernel compiles for every pattern and for both 16-bit dtypes (not every pair), the
     4-bit-values variants too, the decode kernel in both modes, fp32 for the all-configs run."""
     names = [c.name for c in kernels.COMPILE_CASES]
-    for kernel in ("nm_tile", "nm_decode", "nm_dx", "nm_dvalues", "nm_tile_q4", "nm_dx_q4", "nm_decode_q4"):
+    for kernel in ("nm_tile", "nm_decode", "nm_dx", "nm_dvalues", "nm_expand", "nm_tile_q4", "nm_dx_q4", "nm_decode_q4",
+                   "nm_expand_q4"):
         ours = [name for name in names if name.startswith(f"{kernel}[")]
         for dtype in ("fp16", "bf16"):
             assert any(name.startswith(f"{kernel}[{dtype},") for name in ours), (kernel, dtype)

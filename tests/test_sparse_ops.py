@@ -165,11 +165,13 @@ def test_torch_compile_fullgraph_has_no_graph_break():
 
 # --------------------------------------------------------------------------- dispatch
 def test_nm_path():
-    assert [ops.nm_path(r) for r in (1, 16, 17, 4096)] == ["decode", "decode", "tile", "tile"]
+    assert [ops.nm_path(r) for r in (1, 16, 17, ops.EXPAND_MIN_ROWS - 1, ops.EXPAND_MIN_ROWS)] == [
+        "decode", "decode", "tile", "tile", "expand"]
     assert ops.nm_path(16, 2, 4) == "decode"
     assert ops.nm_path(ops.SEMI_STRUCTURED_MIN_ROWS - 1, 2, 4) == "tile"
     assert ops.nm_path(ops.SEMI_STRUCTURED_MIN_ROWS, 2, 4) == "semi_structured"
-    assert ops.nm_path(4096, 2, 8) == "tile"
+    assert ops.nm_path(ops.SEMI_STRUCTURED_MIN_ROWS, 2, 4, quantized=True) == "expand"
+    assert ops.nm_path(4096, 2, 8) == "expand"
 
 
 def test_semi_structured_support_reasons():
@@ -177,8 +179,8 @@ def test_semi_structured_support_reasons():
     x = torch.randn(256, 64).half()
     assert "CUDA tensor" in ops.semi_structured_support(x, values, 2, 4).why
     assert "2:4 only" in ops.semi_structured_support(x, values, 2, 8).why
-    # an fp32 call on the auto path falls back to the tile kernel
-    assert ops._resolve_path("auto", x.float(), values.float(), 2, 4) == "tile"
+    # an fp32 call on the auto path falls back to the expand path (256 rows)
+    assert ops._resolve_path("auto", x.float(), values.float(), 2, 4) == "expand"
     assert ops._resolve_path("auto", x[:3], values, 2, 4) == "decode"
     assert ops._resolve_path("semi_structured", x[:3], values, 2, 4) == "semi_structured"
 

@@ -189,7 +189,7 @@ def our_methods(case: Case, pattern: str, env: Env) -> list[tuple[str, Optional[
     out.append(("triton", "triton", "auto", env.triton_why))
     if env.triton_ok:
         auto = ops.nm_path(case.m, n, m, quantized=pattern in Q4_PATTERNS)
-        others = ("decode", "tile") if case.m <= ops.DECODE_MAX_M else ("tile",)
+        others = ("decode", "tile") if case.m <= ops.DECODE_MAX_M else ("tile", "expand")
         out += [(f"triton:{p}", "triton", p, "") for p in others if p != auto]
     return out
 

@@ -16,8 +16,9 @@ dequantize 4-bit values → unpack → matmul). Kernel modules are imported lazi
 module or function makes that backend unsupported for the call, with the reason.
 
 Paths of the GPU (triton) backend: ``"decode"`` (M ≤ 16 rows: split-K gather, reads only kept
-values + indices), ``"tile"`` (expand kept values on chip, tensor-core ``tl.dot``) and, for 2:4
-at ≥ :data:`SEMI_STRUCTURED_MIN_ROWS` rows of fp16/bf16 on CUDA, ``"semi_structured"``: torch's
+values + indices), ``"tile"`` (expand kept values on chip, tensor-core ``tl.dot``), ``"expand"``
+(≥ :data:`EXPAND_MIN_ROWS` rows: the weight expanded once to a transient dense one, then one
+dense GEMM) and, for 2:4 at ≥ :data:`SEMI_STRUCTURED_MIN_ROWS` rows of fp16/bf16 on CUDA, ``"semi_structured"``: torch's
 own 2:4 sparse matmul (cuSPARSELt/CUTLASS) on a :class:`SparseSemiStructuredTensor` built once
 from the packed weight and cached while ``values``/``indices`` are unchanged (same objects, same
 version counters; dense values only). Pass ``path=`` to force one (the benchmark compares them).
@@ -53,21 +54,26 @@ from lowrank_ops.sparse.format import (
 
 DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: split-K decode kernel
 SEMI_STRUCTURED_MIN_ROWS = 128  # 2:4 at this many rows or more: torch's sparse tensor-core matmul
-PATHS = ("decode", "tile", "semi_structured")
-_KERNEL_FUNCTIONS = {"decode": "nm_matmul_decode", "tile": "nm_matmul_tile", "dx": "nm_matmul_dx",  # + "_q4"
-                     "dvalues": "nm_matmul_dvalues"}
+# Other patterns (and 4-bit kept values) at this many rows or more: the weight expanded once to a
+# transient dense one, then cuBLAS. On an H100 at 4096² × 1024 the expand-on-chip tile kernel took
+# 272–855 µs against 47.6 µs for the fp16 GEMM; the expansion should take ~12 µs (not yet timed).
+EXPAND_MIN_ROWS = 128
+PATHS = ("decode", "tile", "expand", "semi_structured")
+_KERNEL_FUNCTIONS = {"decode": "nm_matmul_decode", "tile": "nm_matmul_tile", "expand": "nm_matmul_expand",  # + "_q4"
+                     "dx": "nm_matmul_dx", "dvalues": "nm_matmul_dvalues"}
 
 
 def nm_path(rows: int, n: int | None = None, m: int | None = None, quantized: bool = False) -> str:
     """GPU route for ``rows`` rows of x: ``"decode"`` for ≤ 16 rows, ``"semi_structured"`` for
     2:4 dense kept values (not ``quantized``) at ≥ :data:`SEMI_STRUCTURED_MIN_ROWS` rows (when the
-    pattern is given), else ``"tile"``. Calls the semi-structured path cannot serve (dtype,
-    shape) fall back to ``"tile"``."""
+    pattern is given), ``"expand"`` for the others at ≥ :data:`EXPAND_MIN_ROWS` rows, else
+    ``"tile"``. Calls the semi-structured path cannot serve (dtype, shape) fall back to
+    ``"expand"``."""
     if rows <= DECODE_MAX_M:
         return "decode"
     if (n, m) == (2, 4) and not quantized and rows >= SEMI_STRUCTURED_MIN_ROWS:
         return "semi_structured"
-    return "tile"
+    return "expand" if rows >= EXPAND_MIN_ROWS else "tile"
 
 
 # --------------------------------------------------------------------------- reference
@@ -143,7 +149,8 @@ def _cuda_support(x: Tensor, values: Tensor, n: int, m: int, group_size: Optiona
 
 
 def _triton_kernels(path: str, group_size: Optional[int] = None):
-    """The Triton function for ``path`` (``"decode"``, ``"tile"`` or ``"dx"``; its ``_q4`` variant
+    """The Triton function for ``path`` (``"decode"``, ``"tile"``, ``"expand"``, ``"dx"`` or
+    ``"dvalues"``; its ``_q4`` variant
     for 4-bit kept values), or None and a reason string why not."""
     name = _KERNEL_FUNCTIONS[path] + ("" if group_size is None else "_q4")
     try:
@@ -167,7 +174,7 @@ def _resolve_path(path: str, x: Tensor, values: Tensor, n: int, m: int) -> str:
     if path == "auto":
         path = nm_path(rows, n, m)
         if path == "semi_structured" and not semi_structured_support(x, values, n, m).ok:
-            path = "tile"
+            path = "expand"
     return path
 
 
