@@ -7,7 +7,9 @@ summed per kernel name and divided by the call count: the split between our kern
 copy or helper kernel that should not be there) without the host-side gaps of eager launches.
 The GEAR cases also time the whole call as a CUDA-graph replay for several sequence-split
 counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
-a batch-1 step has. Prints tables only (the device tool returns at most 8 files; the step's
+a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32 without
+outliers, 32-token tiles fold the key scale into q). After each case the configs the autotuner
+chose are printed (warps and pipeline depth are not in the SASS counts). Prints tables only (the device tool returns at most 8 files; the step's
 output lands in log.txt). Nothing here is asserted: the suites and the gpu lane do that.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ CALLS = 10
 GEAR_CASES = [(8192, 1), (8192, 16)]
 GEAR_CONFIGS = ["2b", "2b-r4-s2"]
 SPLITS = [None, 16, 32, 64, 128]
+TILE_TOKENS = [32, 64]
 QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
                (4096, 4096, 256, "4b", "tile"), (4096, 4096, 256, "4b", "dequant")]
 
@@ -48,6 +51,13 @@ def kernel_times(fn, calls: int = CALLS) -> list[tuple[str, float, int]]:
     return sorted(((name[:60], us / calls, count[name] // calls) for name, us in total.items()), key=lambda r: -r[1])
 
 
+def print_autotuned(*kernels) -> None:
+    """The config each autotuned kernel chose for every key it has seen so far."""
+    for kernel in kernels:
+        for key, config in getattr(kernel, "cache", {}).items():
+            print(f"  autotuned {kernel.fn.__name__} {key[:6]}...: {config}")
+
+
 def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:
     print(f"\n{title}: device time per call {sum(r[1] for r in rows):.1f} us")
     for name, us, n in rows:
@@ -55,7 +65,7 @@ def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:
 
 
 def gear(device: torch.device) -> None:
-    from lowrank_ops.kernels.kvcache_attention import gear_decode_attention
+    from lowrank_ops.kernels.kvcache_attention import _gear_split_kernel, gear_decode_attention
     from lowrank_ops.kvcache import compress
 
     env = KB.Env(device, torch.float16, KB.GPU_GEOMETRY, triton_ok=True)
@@ -72,6 +82,13 @@ def gear(device: torch.device) -> None:
                                    device, target_ms=20)
                 cells.append(f"{splits or 'auto'}: {timing.median_us:.1f}")
             print("  graph us by num_splits  " + " | ".join(cells))
+            cells = []
+            for tokens in TILE_TOKENS:
+                timing = T.measure(lambda q_: gear_decode_attention(q_, kv, None, None, tile_tokens=tokens), [(q,)],
+                                   device, target_ms=20)
+                cells.append(f"{tokens}: {timing.median_us:.1f}")
+            print("  graph us by tile_tokens " + " | ".join(cells))
+            print_autotuned(_gear_split_kernel)
         del keys, values
         torch.cuda.empty_cache()
 
@@ -85,6 +102,9 @@ def quant(device: torch.device) -> None:
             rows = kernel_times(lambda: QB._quant_fn(x, *tensors, bits=fmt.bits, group_size=fmt.group_size,
                                                      in_features=k))
         print_kernels(f"quant {config} {n}x{k} M={m} ({path})", rows)
+    from lowrank_ops.kernels import quant as kernels
+
+    print_autotuned(kernels._quant_tile_kernel, kernels._quant_decode_split_kernel)
 
 
 def main() -> int:

@@ -401,7 +401,8 @@ def _num_splits(units: int, columns: int, device: torch.device) -> int:
 
 
 def gear_decode_attention(
-    q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, num_splits: Optional[int] = None
+    q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, num_splits: Optional[int] = None,
+    tile_tokens: Optional[int] = None,
 ) -> Tensor:
     """Decode attention of ``q`` (batch, q_heads, q_len, head_dim) over every cached token of the
     GEAR cache ``kv`` (a ``lowrank_ops.kvcache.GEARKV``), read in its compressed form.
@@ -409,7 +410,9 @@ def gear_decode_attention(
     ``key_mask``: optional bool (batch, seq_len), True = attend; ``scale``: score scale, None for
     head_dim ** -0.5. q_heads must be a multiple of kv_heads (GQA); there is no causal mask
     among the cached tokens. Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
-    every key masked out is 0. ``num_splits`` overrides the sequence split count (tests).
+    every key masked out is 0. ``num_splits`` overrides the sequence split count (tests), and
+    ``tile_tokens`` the tokens per tile (a power of two dividing B, at most 64; tests and
+    ``bench/kernel_profile.py``: 32-token tiles at G = 32 take the folded-scale key path).
     """
     check_tensor("q", q, ndim=4)
     cfg = kv.config
@@ -430,6 +433,12 @@ def gear_decode_attention(
         raise ValueError(f"kv: the Triton decode kernel supports rank <= {KV_MAX_RANK}, got {cfg.rank}")
     if scale is None:
         scale = head_dim**-0.5
+    block_n = _tile_tokens(cfg.buffer_tokens)
+    if tile_tokens is not None:
+        if tile_tokens not in (16, 32, 64) or cfg.buffer_tokens % tile_tokens:
+            raise ValueError(f"tile_tokens: expected 16, 32 or 64 dividing buffer_tokens={cfg.buffer_tokens}, "
+                             f"got {tile_tokens!r}")
+        block_n = tile_tokens
 
     q = q.contiguous()
     t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
@@ -461,7 +470,7 @@ def gear_decode_attention(
         kv_heads, m, seq_len, nblocks, tail_len, units, per_split, float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=_tile_tokens(cfg.buffer_tokens),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = next_pow2(splits)

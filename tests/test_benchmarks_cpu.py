@@ -547,3 +547,17 @@ def test_device_check_runs_every_suite_and_stays_within_eight_files():
     written |= {f"{suite}-quick.json" for suite in suites}
     written = {w.replace("$BENCH_MODE", "quick") for w in written if not w.endswith(".tmp")}
     assert len(written) <= 8, sorted(written)
+
+
+def test_kernel_profile_script_imports_and_needs_cuda(capsys):
+    """bench/kernel_profile.py (device_check.sh's profile step) imports against the current
+    suites and kernels, and without CUDA says so and exits 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_profile", REPO / "bench" / "kernel_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only check")
+    assert module.main() == 0 and "needs a CUDA device" in capsys.readouterr().out
+    assert all(path in ("decode", "tile", "dequant") for *_, path in module.QUANT_CASES)

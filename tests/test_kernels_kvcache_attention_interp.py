@@ -230,3 +230,19 @@ def test_rank_limit():
     kv = compress(x, x, cfg)
     with pytest.raises(ValueError, match="rank"):
         kernels.gear_decode_attention(torch.randn(1, 1, 1, 128, device=DEVICE), kv, None, None)
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.05], ids=["folded-key-scale", "outliers"])
+def test_tile_tokens_override(outliers):
+    """tile_tokens (bench/kernel_profile.py's A/B): 16- and 32-token tiles of 64-token blocks give
+    the reference's attention (32 at G = 32 without outliers takes the folded-scale key path); a
+    size that does not divide B is refused."""
+    kv = make_cache(bits=2, rank=2, ratio=outliers, nblocks=2, tail=5, head_dim=64, dtype=torch.float16,
+                    buffer_tokens=64)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    ref = reference(q, kv, None, None)
+    for tokens in (16, 32):
+        out = kernels.gear_decode_attention(q, kv, None, None, num_splits=2, tile_tokens=tokens)
+        assert_close(out, ref, torch.float16, f"tile_tokens={tokens}", TOL)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        kernels.gear_decode_attention(q, kv, None, None, tile_tokens=24)
