@@ -26,8 +26,10 @@ CASES = [case.name for _, case in all_cases()]
 
 def _compile_check(*args: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # one compiler process per core (this lane is ~220 compiles of 1-5 s: serial, most of CI's time)
+    jobs = str(min(4, os.cpu_count() or 1))
     proc = subprocess.run(
-        [sys.executable, "-m", "lowrank_ops.kernels._compile_check", *args],
+        [sys.executable, "-m", "lowrank_ops.kernels._compile_check", "--jobs", jobs, *args],
         env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, f"compile check crashed:\n{proc.stderr[-4000:]}"
