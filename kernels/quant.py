@@ -22,8 +22,9 @@ Three paths (chosen by ``ops.quant_path``):
 * ``"decode"`` — M ≤ 16: split-K over (N-blocks × K-splits) programs writing fp32 partials
   (the first N-block's programs also x Vᵀ's), then a small reduction kernel that adds the
   low-rank term, the outliers and the bias. Two launches, no atomics, deterministic;
-* ``"dequant"`` — large M: ``_quant_dequant_kernel`` writes the dense Ŵ (transient, in x's
-  dtype), the outliers and U V are added into it, and one dense GEMM (cuBLAS) does the rest.
+* ``"dequant"`` — large M, opt-in (``ops.DEQUANT_MIN_M``): ``_quant_dequant_kernel`` writes the
+  dense Ŵ (transient, in x's dtype), the outliers and U V are added into it, and one dense GEMM
+  (cuBLAS) does the rest.
 
 With outliers, the tile and decode paths first launch ``_quant_outlier_kernel``: the fp32 (M × N) x Sᵀ, from
 a CSR walk over many programs with contiguous gathers from xᵀ, which the tile or reduce kernel

@@ -86,9 +86,7 @@ def test_our_methods_on_a_cuda_run():
     small = [(name, path) for name, _b, path, skip in QB.our_methods(QB.Case(4096, 4096, 1), env)]
     assert small == [("cuda", None), ("triton", None), ("triton:tile", "tile")]
     large = [(name, path) for name, _b, path, _s in QB.our_methods(QB.Case(4096, 4096, 256), env)]
-    assert large == [("cuda", None), ("triton", None), ("triton:tile", "tile")]  # auto: dequant
-    middle = [(name, path) for name, _b, path, _s in QB.our_methods(QB.Case(4096, 4096, 64), env)]
-    assert middle == [("cuda", None), ("triton", None), ("triton:dequant", "dequant")]  # auto: tile
+    assert large == [("cuda", None), ("triton", None), ("triton:dequant", "dequant")]  # auto: tile (dequant is opt-in)
     env = QB.Env(torch.device("cuda"), torch.float16, triton_ok=False, triton_why="no triton")
     rows = QB.our_methods(QB.Case(4096, 4096, 1), env)
     assert [r[0] for r in rows] == ["cuda", "triton"] and rows[1][3] == "no triton"

@@ -118,13 +118,13 @@ def test_triton_auto_path_matches_float64(name, dtype, m):
     check(y, ref64(name, x, bias), dtype, f"{name} {ops.quant_path(m, N, K)} M={m}")
 
 
-# the other paths, forced: tile at decode sizes and at M = 300 (auto: dequant there), decode
-# (correct for any M) at M = 64, dequant (auto from M = 256) at small M and in every mode
+# the other paths, forced: tile at decode sizes, decode (correct for any M) at M = 64, dequant
+# (opt-in, ops.DEQUANT_MIN_M) at small and large M and in every mode
 FORCED_CASES = ([("tile", name, F16, m) for name in FULL_M for m in (1, 7)]
                 + [("tile", "4b+r64", BF16, 1)]
-                + [("tile", name, F16, 300) for name in ("4b", "3b+1%+r64")]
                 + [("decode", name, F16, 64) for name in ("3b", "4b-lut", "4b+r64")]
                 + [("dequant", name, F16, 7) for name in ("3b-lut", "3b-g32-qstats", "4b+1%")]
+                + [("dequant", name, F16, 300) for name in ("4b", "3b+1%+r64")]
                 + [("dequant", "3b+1%+r64", BF16, 64)])
 
 
@@ -191,8 +191,11 @@ def test_torch_compile_fullgraph(m):
 
 # --------------------------------------------------------------------------- CUDA graphs
 @pytest.mark.parametrize("backend,name,m", [("auto", "4b", 1), ("triton", "3b+1%+r64", 1), ("triton", "4b-lut", 7),
-                                            ("triton", "4b+1%", 300), ("auto", "3b+1%", 64)])
-def test_cuda_graph_capture_and_replay(backend, name, m):
+                                            ("triton", "4b+1%", 300), ("auto", "3b+1%", 64), ("dequant", "4b+1%", 300)])
+def test_cuda_graph_capture_and_replay(backend, name, m, force_path):
+    if backend == "dequant":  # the opt-in path: a transient dense weight inside the captured graph
+        force_path("dequant")
+        backend = "triton"
     x = make_x(m, F16, seed=2)
     with use_backend(backend):
         graph, y_static = capture_graph(lambda: run(name, x))

@@ -21,8 +21,8 @@ ours, per configuration (``quant_linear`` on a :class:`~lowrank_ops.quant.format
                   3.31 bits before outliers, the quality of g32 for the bytes of g128
   methods: ``cuda`` (the op pinned to the CUDA backend; "skipped: <reason>" when
   ``use_backend("cuda")`` refuses the call), ``triton`` (pinned to Triton, automatic path:
-  ``decode`` for M ≤ 16, ``tile`` above) and ``triton:tile`` (M ≤ 16: ``ops.quant_path`` forced to
-  the tile kernel). On CPU (``--cpu-smoke``) a ``reference`` row stands in.
+  ``decode`` for M ≤ 16, ``tile`` above), ``triton:tile`` (M ≤ 16: ``ops.quant_path`` forced to
+  the tile kernel) and ``triton:dequant`` (M > 16: forced to the opt-in dequant path). On CPU (``--cpu-smoke``) a ``reference`` row stands in.
 
 Per row: median / p20 / p80 µs (CUDA-graph replay), eager µs, GB/s on the true byte count
 (``format.nbytes`` + x + y; for the baselines their own weights + x + y), fraction of the

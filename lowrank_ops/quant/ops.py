@@ -47,20 +47,22 @@ from lowrank_ops.quant.format import (
 )
 
 DECODE_MAX_M = 16  # at or below this many rows the weight read dominates: split-K decode kernels
-# From this many rows the Triton backend dequantizes the weight once (a streaming kernel) and runs
-# one dense GEMM: on an H100 the fused tile kernel took 56 µs at 4096² × 256 against 18.7 µs for
-# the fp16 GEMM, and the dequantization should take ~15 µs at bandwidth (not yet timed).
-DEQUANT_MIN_M = 256
+# Opt-in: from this many rows the Triton backend dequantizes the weight once (a streaming kernel)
+# and runs one dense GEMM. On an H100 the fused tile kernel took 56 µs at 4096² × 256 against
+# 18.7 µs for the fp16 GEMM; the dequantization should take ~15 µs at bandwidth (not yet timed).
+# None (the default) keeps the fused paths, which never materialize a dense weight, as the quant
+# issue specifies; set e.g. 256 to allow the transient dense weight at large batch.
+DEQUANT_MIN_M: Optional[int] = None
 QUANT_MAX_RANK = 128  # = kernels.quant.QUANT_MAX_RANK (not imported: that would import Triton)
 
 
 def quant_path(m: int, n: int, k: int) -> str:
     """Triton route: ``"decode"`` for M ≤ 16 (split-K so batch 1 fills the GPU, two launches),
-    ``"tile"`` above (one launch, (M-blocks × N-blocks) tensor-core tiles), ``"dequant"`` from
-    :data:`DEQUANT_MIN_M` rows (a transient dense weight, then cuBLAS)."""
+    ``"tile"`` above ((M-blocks × N-blocks) tensor-core tiles), or ``"dequant"`` from
+    :data:`DEQUANT_MIN_M` rows when that opt-in is set (a transient dense weight, then cuBLAS)."""
     if m <= DECODE_MAX_M:
         return "decode"
-    return "tile" if m < DEQUANT_MIN_M else "dequant"
+    return "dequant" if DEQUANT_MIN_M is not None and m >= DEQUANT_MIN_M else "tile"
 
 
 # --------------------------------------------------------------------------- reference
