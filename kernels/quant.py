@@ -622,6 +622,12 @@ def _packed_signature(p: str, qstats: bool) -> dict[str, str]:
                 zeros_ptr="*fp16", lut_ptr="*fp16")
 
 
+# the dequant kernel's loader variants (fp16 pairs, 2/3-bit, LUT, second-level statistics) and the
+# outlier kernel's row blocks (batch-1 decode, tile), spread over the dtypes
+_DEQUANT_COMPILE = {"fp16": ((4, "uniform"),), "bf16": ((3, "lut"), (2, "uniform")), "fp32": ((3, "qstats"),)}
+_OUTLIER_COMPILE_ROWS = {"fp16": (1,), "bf16": (_OUTLIER_MAX_M,), "fp32": (_OUTLIER_MAX_M,)}
+
+
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32")
@@ -670,7 +676,7 @@ def _compile_cases() -> list[CompileCase]:
                  BLOCK_M=DECODE_BLOCK_M, BLOCK_N=128),
             dict(num_warps=4),
         ))
-        for bits, mode in ((4, "uniform"), (3, "lut"), (3, "qstats")):  # the dequant path's loader variants
+        for bits, mode in _DEQUANT_COMPILE[dtype]:
             qstats = mode == "qstats"
             cases.append(CompileCase(
                 f"quant_dequant[{dtype},{bits}b,{mode}]", _quant_dequant_kernel,
@@ -679,7 +685,7 @@ def _compile_cases() -> list[CompileCase]:
                      DQ_BLOCK_K=_DQ_BLOCK_K),
                 dict(num_warps=4),
             ))
-        for ob_m in (1, _OUTLIER_MAX_M):  # batch-1 decode and tile blocks
+        for ob_m in _OUTLIER_COMPILE_ROWS[dtype]:
             cases.append(CompileCase(
                 f"quant_outliers[{dtype},M{ob_m}]", _quant_outlier_kernel,
                 dict(xt_ptr=p, rowptr_ptr="*i32", cols_ptr="*i16", vals_ptr="*fp16", out_ptr="*fp32", M="i32", N="i32"),
