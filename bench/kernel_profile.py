@@ -76,18 +76,13 @@ def gear(device: torch.device) -> None:
         for config in GEAR_CONFIGS:
             kv = compress(keys, values, KB.gear_config(config))
             print_kernels(f"GEAR {config} T={context} b={batch}", kernel_times(lambda: KB._gear(q, kv)))
-            cells = []
-            for splits in SPLITS:
-                timing = T.measure(lambda q_: gear_decode_attention(q_, kv, None, None, num_splits=splits), [(q,)],
-                                   device, target_ms=20)
-                cells.append(f"{splits or 'auto'}: {timing.median_us:.1f}")
-            print("  graph us by num_splits  " + " | ".join(cells))
-            cells = []
-            for tokens in TILE_TOKENS:
-                timing = T.measure(lambda q_: gear_decode_attention(q_, kv, None, None, tile_tokens=tokens), [(q,)],
-                                   device, target_ms=20)
-                cells.append(f"{tokens}: {timing.median_us:.1f}")
-            print("  graph us by tile_tokens " + " | ".join(cells))
+            for knob, settings in (("num_splits", SPLITS), ("tile_tokens", TILE_TOKENS)):
+                cells = []
+                for value in settings:
+                    timing = T.measure(lambda q_: gear_decode_attention(q_, kv, None, None, **{knob: value}), [(q,)],
+                                       device, target_ms=20)
+                    cells.append(f"{value or 'auto'}: {timing.median_us:.1f}")
+                print(f"  graph us by {knob:<11} " + " | ".join(cells))
             print_autotuned(_gear_split_kernel)
         del keys, values
         torch.cuda.empty_cache()
