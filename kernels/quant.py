@@ -484,6 +484,11 @@ def _quantized_stats(scales: Optional[Tensor]) -> bool:
     return scales is not None and scales.dtype == torch.uint8
 
 
+def _has_outliers(rowptr: Optional[Tensor], cols: Optional[Tensor]) -> bool:
+    """A CSR with at least one entry (an empty one adds nothing: no launch, no scatter)."""
+    return rowptr is not None and cols is not None and cols.numel() > 0
+
+
 def _decode_k_split(m: int, n: int, k: int, device: torch.device) -> int:
     """K splits so that (N-blocks × splits × M-blocks) ≈ 2 programs per SM (nominal BLOCK_N 64)."""
     columns = cdiv(n, 64) * cdiv(m, DECODE_BLOCK_M)
@@ -521,7 +526,7 @@ def quant_dequantize(
         lut if use_lut else dummy, w, n, k, BITS=bits, GROUP=group_size, USE_LUT=use_lut,
         QSTATS=_quantized_stats(scales), DQ_BLOCK_N=_DQ_BLOCK_N, DQ_BLOCK_K=_DQ_BLOCK_K,
     )
-    if outlier_rowptr is not None and outlier_cols is not None and outlier_cols.numel() > 0:
+    if _has_outliers(outlier_rowptr, outlier_cols):
         w.index_put_(csr_coordinates(outlier_rowptr, outlier_cols), outlier_vals.to(dtype), accumulate=True)
     if lr_u is not None:
         w.addmm_(lr_u.to(dtype), lr_v.to(dtype))
@@ -551,7 +556,7 @@ def quant_matmul(
                              lr_u, lr_v, bits, group_size, k, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     use_lut = lut is not None
-    has_out = outlier_rowptr is not None and outlier_cols is not None and outlier_cols.numel() > 0
+    has_out = _has_outliers(outlier_rowptr, outlier_cols)
     has_lr = lr_u is not None
     r = lr_u.shape[1] if has_lr else 0
     if r > QUANT_MAX_RANK:
