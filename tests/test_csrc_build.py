@@ -19,7 +19,7 @@ pytestmark = pytest.mark.compile
 NVCC = cuda_build.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="compile lane: nvcc not found")
 
-EXPECTED = ["lowrank_decode", "lowrank_decode_splits", "quant_decode", "sparse_decode", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
+EXPECTED = ["gear_decode", "lowrank_decode", "lowrank_decode_splits", "quant_decode", "sparse_decode", "DTYPE_FLOAT16", "DTYPE_BFLOAT16"]
 
 PROBE = textwrap.dedent(
     """
@@ -70,6 +70,22 @@ PROBE = textwrap.dedent(
     sp("q4 g=48", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 48)
     sp("q4 null", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 0, 16, 32)
     sp("dense+scales", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 0)
+    # (22 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, bits, group_size, head_dim,
+    #  n_out, rank, splits, steps_per_split, qk_scale, dtype, stream)
+    def gear(key, ptrs=None, **sizes):
+        args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, bits=2, G=32, D=128, n_out=3, rank=4, splits=2,
+                    per=9)
+        dtype = sizes.pop("dtype", 0)
+        args.update(sizes)
+        p = [16] * 22 if ptrs is None else ptrs
+        attempt("gear_decode", key, *p, *args.values(), 0.1, dtype, 0)
+    gear("bits=3", bits=3)
+    gear("D=96", D=96)
+    gear("rank=2", rank=2)
+    gear("G>D", D=64, G=128, B=128)
+    gear("tail=B", tail=64)
+    gear("dtype=7", dtype=7)
+    gear("null", ptrs=[16] * 4 + [0] + [16] * 17)
     out["errors"] = errors
     print(json.dumps(out))
     """
@@ -111,6 +127,9 @@ def test_builds_for_sm80_sm90_and_imports(built):
                           ("K=66", "K must be a positive multiple"), ("null", "null pointer"), ("align", "4-byte aligned"),
                           ("dtype=7", "dtype"), ("q4 g=48", "group_size must be 0"),
                           ("q4 null", "null pointer for scales or zeros"), ("dense+scales", "4-bit values only")],
+        "gear_decode": [("bits=3", "unsupported configuration"), ("D=96", "unsupported configuration"),
+                        ("rank=2", "unsupported configuration"), ("G>D", "unsupported configuration"),
+                        ("tail=B", "bad sizes"), ("dtype=7", "dtype"), ("null", "null")],
     }
     for fn, cases in expected.items():
         for key, fragment in cases:

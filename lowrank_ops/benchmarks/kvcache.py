@@ -128,6 +128,7 @@ class Env:
     geometry: Geometry
     triton_ok: bool = False
     triton_why: str = ""
+    cuda_why: str = "no CUDA device"  # why the csrc kernel cannot run here ("" = it can)
 
 
 @dataclass
@@ -246,9 +247,16 @@ def _fail(row: dict, exc: BaseException, env: Env, log: Callable[[str], None]) -
 
 def our_methods(env: Env) -> list[tuple[str, str, str]]:
     """(name, pinned backend, skip reason) of our rows for each configuration."""
-    out = [("reference", "reference", "")] if env.device.type != "cuda" else []
-    out.append(("triton", "triton", env.triton_why))
-    return out
+    if env.device.type != "cuda":
+        return [("reference", "reference", ""), ("triton", "triton", env.triton_why)]
+    return [("cuda", "cuda", env.cuda_why), ("triton", "triton", env.triton_why)]
+
+
+def auto_method(env: Env) -> str:
+    """The backend :func:`lowrank_ops.kvcache.attention` picks by itself for the served configurations."""
+    if env.device.type != "cuda":
+        return "reference"
+    return "cuda" if not env.cuda_why else "triton"
 
 
 def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], matmul_tflops: Optional[float],
@@ -309,8 +317,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             kind = "baseline" if name == "dequant+sdpa" else "ours"
             fn = _dequant_sdpa if kind == "baseline" else _gear
             row = _base_row(case, name, kind, env, config)
-            row.update(backend=backend_name or "torch", auto=backend_name == ("triton" if env.device.type == "cuda" else "reference"),
-                       **memory)
+            row.update(backend=backend_name or "torch", auto=backend_name == auto_method(env), **memory)
             row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))
             if skip:
                 row.update(status="skipped", note=skip)
@@ -440,6 +447,10 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
     # fp16 on CPU too: the cache format's scales are fp16 whatever the input, the reference upcasts
     env = Env(device, torch.float16, spec["geometry"])
     env.triton_ok, env.triton_why = T.probe_triton(device, "lowrank_ops.kernels.kvcache_attention")
+    if device.type == "cuda":
+        from lowrank_ops.core import cuda_ext
+
+        env.cuda_why = "" if cuda_ext.available() else f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}"
     skip = spec.get("skip", ()) if not (args.contexts or args.batches) else ()
     cases = kv_cases(contexts, batches, skip)
     cfg = RunConfig(mode, configs=configs, dequant_baseline=spec["dequant_baseline"], use_graph=not args.no_graph,

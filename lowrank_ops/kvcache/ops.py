@@ -5,7 +5,9 @@
 raw tensors of :class:`~lowrank_ops.kvcache.format.GEARKV` (in :data:`TENSOR_FIELDS` order)
 plus the static settings. Backends per call (:func:`lowrank_ops.core.backend.select_backend`):
 
-* ``cuda``: none exists for this op (reported unsupported, with the reason);
+* ``cuda``: ``gear_decode(q, kv, key_mask, scale)`` of :mod:`lowrank_ops.kvcache.cuda_decode`
+  (csrc/gear_decode.cu: packed codes straight into tensor-core fragments), when the extension is
+  built and the call is one it serves (fp16/bf16, 2/4 bits, head_dim 64/128, rank 0/4/8);
 * ``triton``: ``gear_decode_attention(q, kv, key_mask, scale)`` of
   :mod:`lowrank_ops.kernels.kvcache_attention`, imported lazily (unsupported, with the reason,
   when that module or function is absent or Triton cannot launch on the device);
@@ -29,6 +31,7 @@ from torch import Tensor
 from lowrank_ops.core import backend
 from lowrank_ops.core.backend import Support
 from lowrank_ops.core.checks import check_device, check_tensor
+from lowrank_ops.kvcache import cuda_decode
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import TENSOR_FIELDS, GEARKV
 
@@ -70,10 +73,10 @@ def _triton_support(q: Tensor, rank: int) -> Support:
     return Support(True)
 
 
-def _attention_backend(q: Tensor, rank: int) -> str:
+def _attention_backend(q: Tensor, kv: GEARKV) -> str:
     support = {
-        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR decode attention; use triton"),
-        "triton": _triton_support(q, rank),
+        "cuda": cuda_decode.supports(q, kv),
+        "triton": _triton_support(q, kv.config.rank),
         "reference": Support(True),
     }
     return backend.select_backend("gear_decode_attention", support, q.device)
@@ -97,7 +100,10 @@ def _gear_attention_op(
 
 
 def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float) -> Tensor:
-    if _attention_backend(q, kv.config.rank) == "triton":
+    chosen = _attention_backend(q, kv)
+    if chosen == "cuda":
+        return cuda_decode.gear_decode(q, kv, key_mask, scale)
+    if chosen == "triton":
         return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale)
     return attention_reference(q, kv, key_mask, scale)
 

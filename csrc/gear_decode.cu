@@ -1,0 +1,777 @@
+// GEAR decode attention on tensor cores, reading the compressed cache as stored
+// (lowrank_ops/kvcache/format.py): out = softmax(scale q K_hat^T + mask) V_hat with
+//   x_hat_t = (code_t - zero) * scale + outliers_t + A_t B_j^T   (token t of block j)
+// plus the uncompressed tail. fp16 or bf16 q; every product accumulates in fp32.
+//
+// Work split (flash-decoding): grid (splits, ceil(M / MB), batch * kv_heads), 4 warps per CTA.
+// The sequence is cut into 16-token steps (compressed steps, then the tail's); a CTA owns a
+// contiguous run of steps and each warp a contiguous quarter of it. A warp keeps the running
+// max / sum / output of its MB q rows (all q heads of the kv head x q_len, padded to 8 or 16:
+// the mma's M) in registers; the CTA merges its 4 warps through shared memory and writes one
+// fp32 partial per split, and a second kernel merges the splits (skipped when there is one).
+//
+// Per 16-token step a warp issues, with m16n8k16 mma (fp32 accumulate):
+// * scores S = Q' C^T: the B operand (k = channels, n = 8 tokens) is built from the packed codes
+//   in registers, never through shared memory. Lane (g, t) (g = lane / 4, t = lane % 4) reads
+//   words [t * D/128 * bits, ...) of token g -- D/4 contiguous channels -- and each 16-bit half
+//   of a word gives code pairs (channel c, channel c + E/2) of the same slot: one LOP3 puts
+//   both codes into the mantissas of two fp16 magic numbers 2^(10 - k) (k = the code's bit
+//   position, so no shift is needed for the low 8 bits of a half and one shift for the high 8)
+//   and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
+//   channels, and the A operand Q' is gathered in the same permutation: Q' = q * key scale of
+//   the current key group (per channel), rounded to fp16 once per group, so the K tile is the
+//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d.
+//   Keys' outliers add q[idx] * val to their token's score (a gather of q in shared memory);
+//   the low-rank term adds (q B_kj) . A_t with q B_kj (MB x rank) formed once per block.
+// * online softmax in base 2 on the score fragments (quad shuffles), lazily rescaling;
+// * O += P V: P is the score fragment re-packed as the A operand (no shared memory); the B
+//   operand (k = 16 tokens, n = 8 channels) pairs two tokens of one channel, so lane (g, t)
+//   byte-permutes the same half-word of tokens 2t and 2t + 1 (and 2t + 8, 2t + 9) into one
+//   word and decodes its slots as above. Lane g covers the channel run [g D/8, (g+1) D/8),
+//   one value group (group_size >= 16 divides it), so n-tile j is channel n D/8 + j and the
+//   dequantization is one HFMA2 with the two tokens' (scale, -zero * scale).
+//   Values' outliers are scattered into a per-warp fp32 copy of O in shared memory (atomic
+//   adds: two tokens may hit one channel), rescaled with O when a row's max moves; the
+//   low-rank term accumulates P A_v (MB x rank) and adds (P A_v) B_vj^T once per block.
+// * tail steps: the same mma chain on the raw fp16/bf16 tail (natural channel order).
+// Rows whose keys are all masked give 0. Deterministic: no global atomics.
+//
+// This file does not include torch: the host entry point takes raw device pointers and the
+// stream as integers (see module.cpp).
+
+#include "gear_decode.h"
+#include "lowrank_decode.h"  // DTypeCode
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace lowrank_ops {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarp;
+constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16 tile of P V
+constexpr unsigned kFull = 0xffffffffu;
+
+// ----------------------------------------------------------------------------- small helpers
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;  // (a & b) | c in one instruction
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;  // ex2.approx(-inf) = +0
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rank_entry(const uint32_t* words, int k) {  // fp16 entry k of packed pairs
+  return __half2float(__ushort_as_half(uint16_t(words[k / 2] >> (16 * (k % 2)))));
+}
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// m16n8k16 mma, fp32 accumulate in place. C = 4: all 16 rows (c0, c1 row g; c2, c3 row g + 8);
+// C = 2: only rows 0-7 are kept (8 q rows or fewer): the bottom half's accumulator input is zero
+// and its outputs are discarded, so they hold no registers across the loop.
+#define LOWRANK_OPS_MMA(NAME, TYPE)                                                                              \
+  template <int C>                                                                                             \
+  __device__ __forceinline__ void NAME(float (&c)[C], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,      \
+                                       uint32_t b0, uint32_t b1) {                                             \
+    if constexpr (C == 4) {                                                                                    \
+      asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
+                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                            \
+                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                    \
+    } else {                                                                                                   \
+      float d2, d3;                                                                                            \
+      asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
+                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};"                              \
+                   : "+f"(c[0]), "+f"(c[1]), "=f"(d2), "=f"(d3)                                                \
+                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));                          \
+    }                                                                                                          \
+  }
+LOWRANK_OPS_MMA(mma_f16, "f16")
+LOWRANK_OPS_MMA(mma_bf16, "bf16")
+#undef LOWRANK_OPS_MMA
+
+// q, the tail and the output are fp16 or bf16 (a runtime flag: one kernel serves both).
+__device__ __forceinline__ float load_as_float(const uint16_t* p, long i, bool bf16) {
+  return bf16 ? __bfloat162float(__ushort_as_bfloat16(p[i])) : __half2float(__ushort_as_half(p[i]));
+}
+__device__ __forceinline__ uint16_t float_bits(float v, bool bf16) {
+  return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+}
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi, bool bf16) {
+  return uint32_t(float_bits(lo, bf16)) | (uint32_t(float_bits(hi, bf16)) << 16);
+}
+template <int C>
+__device__ __forceinline__ void mma_raw(bool bf16, float (&c)[C], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  if (bf16) {
+    mma_bf16<C>(c, a0, a1, a2, a3, b0, b1);
+  } else {
+    mma_f16<C>(c, a0, a1, a2, a3, b0, b1);
+  }
+}
+
+// ----------------------------------------------------------------------------- code layout
+// Codes of BITS bits, E = 32 / BITS per int32 word, code d of a token in word d / E at bit
+// (d % E) * BITS; a 16-bit half holds E/2 codes ("slots"). Slot p of both halves of a word is
+// the pair (channel word*E + p, channel word*E + E/2 + p).
+template <int BITS, int D>
+struct Layout {
+  static constexpr int kE = 32 / BITS;
+  static constexpr int kHalf = kE / 2;            // slots per half
+  static constexpr int kDirect = 8 / BITS;        // slots in the low 8 bits of a half
+  static constexpr int kWords = D * BITS / 32;    // words per token row
+  static constexpr int kKeyWords = kWords / 4;    // words per lane of a key row (D/4 channels)
+  static constexpr int kKSteps = D / 16;          // k16 steps of the score mma
+  static constexpr int kNT = D / 8;               // n8 tiles of the output = channels per lane's run
+  static constexpr int kRunHalves = kNT / kHalf;  // 16-bit halves of a value run: 1, 2 or 4
+  static constexpr int kRunWords = kRunHalves >= 2 ? kRunHalves / 2 : 1;
+  static_assert(kKeyWords >= 1 && kKSteps * 2 == kKeyWords * kHalf, "key pairs per lane = 2 per k-step");
+
+  // Both codes of slot `slot` of word w as the fp16 pair {low half's, high half's} (exact).
+  static __device__ __forceinline__ uint32_t pair(uint32_t w, int slot) {
+    const int k = BITS * (slot % kDirect);
+    const uint32_t mask = ((1u << BITS) - 1u) << k;
+    const uint32_t magic = (25u - k) << 10;  // fp16 2^(10 - k): its mantissa holds code << k exactly
+    const uint32_t src = slot < kDirect ? w : (w >> 8);
+    return hsub2(lop3_and_or(src, mask | (mask << 16), magic | (magic << 16)), magic | (magic << 16));
+  }
+  // Key pair i (0 .. D/8 - 1) of lane t, half hi (0: low, 1: high) is channel t * D/4 + key_offset(i, hi).
+  static __device__ __forceinline__ constexpr int key_offset(int i, int hi) {
+    return (i / kHalf) * kE + hi * kHalf + i % kHalf;
+  }
+};
+
+// ----------------------------------------------------------------------------- kernel state
+template <int MB, int D>
+struct SharedState {
+  float qf[MB][D];               // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
+  float row_scale[MB];           // 2^row_exp
+  float oacc[kWarps][MB][D];     // values' outliers per warp; then the warps' outputs for the merge
+  float wm[kWarps][MB], wl[kWarps][MB];
+};
+
+struct Ptrs {
+  const uint32_t *kc, *vc;
+  const __half *ks, *kz, *vs, *vz;
+  const uint8_t *koi, *voi;
+  const __half *kov, *vov, *ka, *kb, *va, *vb;
+  const uint8_t* mask;
+};
+
+// Global loads of one lane in a compressed 16-token step, in two parts. Lane (g, t) reads key
+// rows g and 8 + g (its D/4 channels) and value rows 2t, 2t+1, 2t+8, 2t+9 (its channel run).
+__device__ __forceinline__ uint32_t pack_bits(__half lo, __half hi) {
+  return uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
+}
+template <int N>
+__device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[N]) {
+  if constexpr (N == 4) {
+    *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(src);
+  } else if constexpr (N == 2) {
+    *reinterpret_cast<uint2*>(w) = *reinterpret_cast<const uint2*>(src);
+  } else {
+    w[0] = src[0];
+  }
+}
+
+// Key codes and the key-mask bits of the lane's four score columns (tokens 2t, 2t+1, 8+2t,
+// 9+2t): fetched one step ahead, so the loads of step i + 1 fly while step i computes.
+template <int BITS, int D>
+struct KeyFrame {
+  using L = Layout<BITS, D>;
+  uint32_t kw[2][L::kKeyWords];
+  uint32_t keep;
+
+  __device__ __forceinline__ void load(const Ptrs& p, long tok0, int g, int t) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) load_words(p.kc + (tok0 + 8 * nt + g) * L::kWords + t * L::kKeyWords, kw[nt]);
+    keep = 0xfu;
+#pragma unroll
+    for (int col = 0; col < 4; ++col) {
+      const long tok = tok0 + 8 * (col / 2) + 2 * t + col % 2;
+      if (p.mask && !p.mask[tok]) keep &= ~(1u << col);
+    }
+  }
+};
+
+// Value codes and (scale, zero) of the lane's group: loaded at the start of their own step (the
+// key work and the softmax run while they arrive; prefetching them too spilled registers).
+template <int BITS, int D>
+struct ValueFrame {
+  using L = Layout<BITS, D>;
+  uint32_t vw[2][2][L::kRunWords];  // [token pair][token of the pair][word]
+  uint32_t v_scale[2], v_zero[2];    // fp16 {token a, token b} per pair
+
+  __device__ __forceinline__ void load(const Ptrs& p, long tok0, int g, int t, int group_size) {
+    const int word0 = L::kRunHalves >= 2 ? g * L::kRunHalves / 2 : g / 2;
+    const int groups = D / group_size, vgrp = g * L::kNT / group_size;
+#pragma unroll
+    for (int pr = 0; pr < 2; ++pr) {
+      const long tok = tok0 + 8 * pr + 2 * t;
+      load_words(p.vc + tok * L::kWords + word0, vw[pr][0]);
+      load_words(p.vc + (tok + 1) * L::kWords + word0, vw[pr][1]);
+      v_scale[pr] = pack_bits(p.vs[tok * groups + vgrp], p.vs[(tok + 1) * groups + vgrp]);
+      v_zero[pr] = pack_bits(p.vz[tok * groups + vgrp], p.vz[(tok + 1) * groups + vgrp]);
+    }
+  }
+};
+
+template <int BITS, int D, int MB, int RANK>
+struct Warp {
+  using L = Layout<BITS, D>;
+  static constexpr int kRows = MB / 8;  // fragment rows per lane: g and (MB = 16) g + 8
+  static constexpr int kC = 2 * kRows;  // accumulator values per n8 tile and lane
+
+  // ---- per key group: A operand Q' = q * key scale (fp16, permuted) and the zero bias
+  static __device__ __forceinline__ void key_group(const SharedState<MB, D>& sh, const __half* ks, const __half* kz,
+                                                   int t, uint32_t (&aq)[L::kKSteps][4], float (&bias)[2], int g) {
+    // the lane's contiguous channels [t D/4, (t+1) D/4), one word's E channels at a time (few live registers)
+    constexpr int kCh = D / 4;
+    float partial[2] = {0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < L::kKeyWords; ++w) {
+      __half s[L::kE], z[L::kE];
+#pragma unroll
+      for (int i = 0; i < L::kE; i += 8) {
+        *reinterpret_cast<uint4*>(&s[i]) = *reinterpret_cast<const uint4*>(ks + t * kCh + w * L::kE + i);
+        *reinterpret_cast<uint4*>(&z[i]) = *reinterpret_cast<const uint4*>(kz + t * kCh + w * L::kE + i);
+      }
+#pragma unroll
+      for (int i = w * L::kHalf; i < (w + 1) * L::kHalf; ++i) {  // pair i: k-step i / 2, low (even) or high k
+        const int lo = L::key_offset(i, 0), hi = L::key_offset(i, 1);  // channel offsets in the lane's range
+        const int slo = lo - w * L::kE, shi = hi - w * L::kE;           // ... in this word's E channels
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float* q = sh.qf[g + 8 * r] + t * kCh;
+          const __half qlo = __float2half_rn(q[lo] * __half2float(s[slo]));
+          const __half qhi = __float2half_rn(q[hi] * __half2float(s[shi]));
+          partial[r] += __half2float(qlo) * __half2float(z[slo]) + __half2float(qhi) * __half2float(z[shi]);
+          __half2 h = __halves2half2(qlo, qhi);
+          aq[i / 2][r + 2 * (i % 2)] = *reinterpret_cast<uint32_t*>(&h);  // regs 0 / 1: rows g / g+8, k 2t..; 2 / 3: k 2t+8..
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      partial[r] += __shfl_xor_sync(kFull, partial[r], 1);
+      partial[r] += __shfl_xor_sync(kFull, partial[r], 2);
+      bias[r] = partial[r];
+    }
+    if (kRows == 1) {
+#pragma unroll
+      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) aq[ks_][1] = aq[ks_][3] = 0u;
+    }
+  }
+
+  // ---- per block: the A operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
+  // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; rounded to fp16)
+  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<MB, D>& sh, const __half* kb, int t,
+                                                         int g) {
+    if constexpr (RANK > 0) {
+      constexpr int kCh = D / 4;
+      float qb[RANK];
+#pragma unroll
+      for (int k = 0; k < RANK; ++k) qb[k] = 0.f;
+      const float* q = sh.qf[g];
+#pragma unroll 4
+      for (int c = t * kCh; c < (t + 1) * kCh; ++c) {
+        uint32_t row[RANK / 2];
+        load_words(reinterpret_cast<const uint32_t*>(kb + c * RANK), row);
+#pragma unroll
+        for (int k = 0; k < RANK; ++k) qb[k] += q[c] * rank_entry(row, k);
+      }
+      uint32_t mine = 0u;
+#pragma unroll
+      for (int k = 0; k < RANK; k += 2) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          qb[k + e] += __shfl_xor_sync(kFull, qb[k + e], 1);
+          qb[k + e] += __shfl_xor_sync(kFull, qb[k + e], 2);
+        }
+        if (2 * t == k) mine = pack_half2(qb[k], qb[k + 1]);
+      }
+      return mine;
+    } else {
+      return 0u;
+    }
+  }
+
+  // ---- per block end: O += (P A_v) B_vj^T as one mma per n-tile: A = P A_v (its C fragment
+  // {PA[g][2t], PA[g][2t+1]} is the A operand for k = rank), B = {B_vj[ch][2t], B_vj[ch][2t+1]}
+  // with ch = g D/8 + j, the output mapping of n-tile j
+  static __device__ __forceinline__ void flush_value_lowrank(const __half* vb, int t, int g, float (&pa)[2],
+                                                             float (&o)[L::kNT][2]) {
+    if constexpr (RANK > 0) {
+      const uint32_t a0 = pack_half2(pa[0], pa[1]);
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j) {
+        const uint32_t b0 = 2 * t < RANK ? *reinterpret_cast<const uint32_t*>(vb + (g * L::kNT + j) * RANK + 2 * t) : 0u;
+        mma_f16(o[j], a0, 0u, 0u, 0u, b0, 0u);
+      }
+      pa[0] = pa[1] = 0.f;
+    }
+  }
+
+  // ---- online softmax over the step's score fragments s[n-tile][c] (c: 0,1 row g; 2,3 row g+8)
+  static __device__ __forceinline__ bool softmax(float (&s)[2][kC], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+    bool moved = false;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = fast_exp2(m[r] - m_safe);
+      moved |= m_new != m[r];
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          s[nt][2 * r + c] = fast_exp2(s[nt][2 * r + c] - m_safe);
+          sum += s[nt][2 * r + c];
+        }
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = m_new;
+    }
+    return __any_sync(kFull, moved);
+  }
+};
+
+// ----------------------------------------------------------------------------- split kernel
+template <int BITS, int D, int MB, int RANK>
+__global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs a) {
+  using L = Layout<BITS, D>;
+  using W = Warp<BITS, D, MB, RANK>;
+  constexpr int kRows = W::kRows, kC = W::kC;
+  __shared__ SharedState<MB, D> sh;
+
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int g = lane / 4, t = lane % 4;
+  const int split = blockIdx.x, row0 = blockIdx.y * MB;
+  const long bh = blockIdx.z;
+  const int M = a.M, B = a.buffer_tokens, G = a.group_size, n_out = a.n_out;
+  const int rows_here = min(MB, M - row0);
+  const long Tc = long(a.nblocks) * B;
+  const int csteps = int(Tc / kStep);
+  const int all_steps = csteps + (a.tail_len + kStep - 1) / kStep;
+  const long seq_len = Tc + a.tail_len;
+
+  // (batch, kv head) slabs
+  Ptrs p;
+  p.kc = reinterpret_cast<const uint32_t*>(a.key_codes) + bh * Tc * L::kWords;
+  p.vc = reinterpret_cast<const uint32_t*>(a.value_codes) + bh * Tc * L::kWords;
+  p.ks = reinterpret_cast<const __half*>(a.key_scale) + bh * (Tc / G) * D;
+  p.kz = reinterpret_cast<const __half*>(a.key_zero) + bh * (Tc / G) * D;
+  p.vs = reinterpret_cast<const __half*>(a.value_scale) + bh * Tc * (D / G);
+  p.vz = reinterpret_cast<const __half*>(a.value_zero) + bh * Tc * (D / G);
+  p.koi = reinterpret_cast<const uint8_t*>(a.key_out_idx) + bh * Tc * n_out;
+  p.voi = reinterpret_cast<const uint8_t*>(a.value_out_idx) + bh * Tc * n_out;
+  p.kov = reinterpret_cast<const __half*>(a.key_out_val) + bh * Tc * n_out;
+  p.vov = reinterpret_cast<const __half*>(a.value_out_val) + bh * Tc * n_out;
+  p.ka = reinterpret_cast<const __half*>(a.key_lr_a) + bh * Tc * RANK;
+  p.va = reinterpret_cast<const __half*>(a.value_lr_a) + bh * Tc * RANK;
+  p.kb = reinterpret_cast<const __half*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
+  p.vb = reinterpret_cast<const __half*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
+  p.mask = a.key_mask ? reinterpret_cast<const uint8_t*>(a.key_mask) + (bh / a.kv_heads) * seq_len : nullptr;
+  const bool bf16 = a.dtype == kBFloat16;
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(a.q) + (bh * M + row0) * D;
+  const uint16_t* tk = reinterpret_cast<const uint16_t*>(a.tail_keys) + bh * B * D;
+  const uint16_t* tv = reinterpret_cast<const uint16_t*>(a.tail_values) + bh * B * D;
+
+  // q rows -> fp32, scaled by qk_scale and a power of two per row that brings its largest
+  // entry to (1/2, 1] (fp16 operands for any bf16 q; q * key scale cannot overflow)
+  for (int r = warp; r < MB; r += kWarps) {
+    float v[D / kWarp];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / kWarp; ++i) {
+      v[i] = r < rows_here ? load_as_float(q, r * D + lane + kWarp * i, bf16) * a.qk_scale : 0.f;
+      amax = fmaxf(amax, fabsf(v[i]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
+    const float e = ceilf(log2f(fmaxf(amax, 1e-30f)));
+    const float down = exp2f(-e);
+#pragma unroll
+    for (int i = 0; i < D / kWarp; ++i) sh.qf[r][lane + kWarp * i] = v[i] * down;
+    if (lane == 0) sh.row_scale[r] = exp2f(e);
+  }
+  float(&oacc)[MB][D] = sh.oacc[warp];
+  for (int i = lane; i < MB * D; i += kWarp) oacc[i / D][i % D] = 0.f;
+  __syncthreads();
+
+  // this warp's steps
+  const int first = split * a.steps_per_split;
+  const int count = min(a.steps_per_split, all_steps - first);
+  const int per_warp = (count + kWarps - 1) / kWarps;
+  const int s_begin = first + min(count, warp * per_warp);
+  const int s_end = first + min(count, (warp + 1) * per_warp);
+
+  float o[L::kNT][kC];
+#pragma unroll
+  for (int j = 0; j < L::kNT; ++j)
+#pragma unroll
+    for (int c = 0; c < kC; ++c) o[j][c] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float row_scale[2], bias[2] = {0.f, 0.f};
+  for (int r = 0; r < kRows; ++r) row_scale[r] = sh.row_scale[g + 8 * r];
+  uint32_t aq[L::kKSteps][4];
+  uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
+  float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
+  int cur_group = -1, cur_block = -1;
+  const bool row_live[2] = {row0 + g < M, row0 + g + 8 < M};
+  KeyFrame<BITS, D> cur, nxt;
+  ValueFrame<BITS, D> vf;
+  if (s_begin < min(s_end, csteps)) cur.load(p, long(s_begin) * kStep, g, t);
+
+  for (int step = s_begin; step < s_end; ++step) {
+    float s[2][kC];
+#pragma unroll
+    for (int c = 0; c < kC; ++c) s[0][c] = s[1][c] = 0.f;
+    const bool compressed = step < csteps;
+    const long tok0 = long(step) * kStep;  // sequence position of the step's first token
+    // the lane's four score / P columns: tokens 2t, 2t+1 (n-tile 0) and 8+2t, 9+2t (n-tile 1)
+    uint32_t keep = 0xfu;
+    uint32_t b_ka[2] = {0u, 0u}, b_va[2] = {0u, 0u};  // low-rank B operands (compressed steps, RANK > 0)
+    if (compressed) {
+      if (step + 1 < min(s_end, csteps)) nxt.load(p, tok0 + kStep, g, t);
+      vf.load(p, tok0, g, t, G);
+      keep = cur.keep;
+      // low-rank rows: B operand of the scores' rank k-step {A_k[g][2t], A_k[g][2t+1]} per n-tile,
+      // and of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
+      if constexpr (RANK > 0) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(p.ka + (tok0 + 8 * nt + g) * RANK + 2 * t);
+          if (g < RANK) {
+            const long tok = tok0 + 8 * nt + 2 * t;
+            b_va[nt] = pack_bits(p.va[tok * RANK + g], p.va[(tok + 1) * RANK + g]);
+          }
+        }
+      }
+      const int grp = int(tok0 / G), blk = int(tok0 / B);
+      if (blk != cur_block) {
+        if (cur_block >= 0) W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
+        a_qb = W::key_lowrank(sh, p.kb + long(blk) * D * RANK, t, g);
+        cur_block = blk;
+      }
+      if (grp != cur_group) {
+        W::key_group(sh, p.ks + long(grp) * D, p.kz + long(grp) * D, t, aq, bias, g);
+        cur_group = grp;
+      }
+      // S = Q' codes^T over key rows tok0 + 8 nt + g
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+          const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;
+          const uint32_t b0 = L::pair(cur.kw[nt][i0 / L::kHalf], i0 % L::kHalf);
+          const uint32_t b1 = L::pair(cur.kw[nt][i1 / L::kHalf], i1 % L::kHalf);
+          mma_f16(s[nt], aq[ks_][0], aq[ks_][1], aq[ks_][2], aq[ks_][3], b0, b1);
+        }
+      if constexpr (RANK > 0) {  // + (q B_kj) A_kᵀ: one more k-step, k = rank (<= 8 of its 16)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, 0u, 0u, b_ka[nt], 0u);
+      }
+      // - zero bias + outliers, then back to qk_scale units
+#pragma unroll
+      for (int col = 0; col < 4; ++col) {
+        const int nt = col / 2, c = col % 2;
+        const long tok = tok0 + 8 * nt + 2 * t + c;
+        float add[2] = {0.f, 0.f};
+        for (int j = 0; j < n_out; ++j) {
+          const int idx = p.koi[tok * n_out + j];
+          const float val = __half2float(p.kov[tok * n_out + j]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) add[r] += sh.qf[g + 8 * r][idx] * val;
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) s[nt][2 * r + c] = (s[nt][2 * r + c] - bias[r] + add[r]) * row_scale[r];
+      }
+    } else {
+      // tail step: raw q (natural channel order) against the raw tail keys, in q's dtype
+      const int base = int(tok0 - Tc);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int tok = base + 8 * nt + g;
+        const bool ok = tok < a.tail_len;
+#pragma unroll
+        for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+          const int c0 = 16 * ks_ + 2 * t;
+          uint32_t qa[4];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const bool live = r < kRows && g + 8 * r < rows_here;
+            qa[r] = live ? *reinterpret_cast<const uint32_t*>(q + (g + 8 * r) * D + c0) : 0u;
+            qa[r + 2] = live ? *reinterpret_cast<const uint32_t*>(q + (g + 8 * r) * D + c0 + 8) : 0u;
+          }
+          const uint32_t b0 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0) : 0u;
+          const uint32_t b1 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0 + 8) : 0u;
+          mma_raw(bf16, s[nt], qa[0], qa[1], qa[2], qa[3], b0, b1);
+        }
+#pragma unroll
+        for (int c = 0; c < kC; ++c) s[nt][c] *= a.qk_scale;
+      }
+#pragma unroll
+      for (int col = 0; col < 4; ++col) {
+        const long pos = tok0 + 8 * (col / 2) + 2 * t + col % 2;
+        if (pos >= seq_len || (p.mask && !p.mask[pos])) keep &= ~(1u << col);
+      }
+    }
+    // masked columns (and tail positions past the end) -> -inf
+#pragma unroll
+    for (int col = 0; col < 4; ++col)
+      if (!((keep >> col) & 1u)) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) s[col / 2][2 * r + col % 2] = -INFINITY;
+      }
+    float alpha[2] = {1.f, 1.f};
+    if (W::softmax(s, m, l, alpha)) {
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j)
+#pragma unroll
+        for (int c = 0; c < kC; ++c) o[j][c] *= alpha[c / 2];
+      pa[0] *= alpha[0];
+      pa[1] *= alpha[0];
+      if (n_out > 0) {
+        __syncwarp();
+        for (int r = 0; r < rows_here; ++r) {
+          const float ar = __shfl_sync(kFull, r < 8 ? alpha[0] : alpha[1], (r % 8) * 4);
+          for (int c = lane; c < D; c += kWarp) oacc[r][c] *= ar;
+        }
+        __syncwarp();
+      }
+    }
+    // O += P V
+    if (compressed) {
+      const uint32_t pa0 = pack_half2(s[0][0], s[0][1]), pa2 = pack_half2(s[1][0], s[1][1]);
+      const uint32_t pa1 = kRows == 2 ? pack_half2(s[0][kC - 2], s[0][kC - 1]) : 0u;
+      const uint32_t pa3 = kRows == 2 ? pack_half2(s[1][kC - 2], s[1][kC - 1]) : 0u;
+      // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
+      // one word, then each slot is one channel of the lane's run for both tokens
+      uint32_t comb[2][L::kRunHalves], v_scale[2], v_nzs[2];
+#pragma unroll
+      for (int pr = 0; pr < 2; ++pr) {
+#pragma unroll
+        for (int hh = 0; hh < L::kRunHalves; ++hh) {
+          const int pos = L::kRunHalves >= 2 ? hh % 2 : g % 2;
+          const int wi = L::kRunHalves >= 2 ? hh / 2 : 0;
+          comb[pr][hh] = __byte_perm(vf.vw[pr][0][wi], vf.vw[pr][1][wi], 0x5410 + pos * 0x2222);
+        }
+        v_scale[pr] = vf.v_scale[pr];
+        v_nzs[pr] = hmul2(vf.v_zero[pr], v_scale[pr]) ^ 0x80008000u;  // -zero * scale
+      }
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j) {
+        const int hh = j / L::kHalf, slot = j % L::kHalf;
+        const uint32_t b0 = hfma2(L::pair(comb[0][hh], slot), v_scale[0], v_nzs[0]);
+        const uint32_t b1 = hfma2(L::pair(comb[1][hh], slot), v_scale[1], v_nzs[1]);
+        mma_f16(o[j], pa0, pa1, pa2, pa3, b0, b1);
+      }
+      if constexpr (RANK > 0) mma_f16(pa, pa0, pa1, pa2, pa3, b_va[0], b_va[1]);  // P A_v
+      // values' outliers into the warp's fp32 copy of O
+#pragma unroll
+      for (int col = 0; col < 4; ++col) {
+        const int nt = col / 2, c = col % 2;
+        const long tok = tok0 + 8 * nt + 2 * t + c;
+        for (int j = 0; j < n_out; ++j) {
+          const int idx = p.voi[tok * n_out + j];
+          const float val = __half2float(p.vov[tok * n_out + j]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r)
+            if (row_live[r]) atomicAdd(&oacc[g + 8 * r][idx], s[nt][2 * r + c] * val);
+        }
+      }
+      cur = nxt;
+    } else {
+      const int base = int(tok0 - Tc);
+      const uint32_t pa0 = pack_pair(s[0][0], s[0][1], bf16), pa2 = pack_pair(s[1][0], s[1][1], bf16);
+      const uint32_t pa1 = kRows == 2 ? pack_pair(s[0][kC - 2], s[0][kC - 1], bf16) : 0u;
+      const uint32_t pa3 = kRows == 2 ? pack_pair(s[1][kC - 2], s[1][kC - 1], bf16) : 0u;
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j) {
+        const int ch = g * L::kNT + j;
+        uint32_t b[2];
+#pragma unroll
+        for (int pr = 0; pr < 2; ++pr) {
+          const int ta = base + 8 * pr + 2 * t, tb = ta + 1;
+          const uint32_t lo = ta < a.tail_len ? tv[ta * D + ch] : 0u;
+          const uint32_t hi = tb < a.tail_len ? tv[tb * D + ch] : 0u;
+          b[pr] = lo | (hi << 16);
+        }
+        mma_raw(bf16, o[j], pa0, pa1, pa2, pa3, b[0], b[1]);
+      }
+      if (cur_block >= 0) {  // the compressed steps are over
+        W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
+        cur_block = -1;
+      }
+    }
+  }
+  if (cur_block >= 0) W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
+
+  // the warp's partial: l summed over the quad, O plus the outliers' copy, into shared memory
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    l[r] += __shfl_xor_sync(kFull, l[r], 1);
+    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j) {
+        float& cell = oacc[g + 8 * r][(2 * t + c) * L::kNT + j];
+        cell += o[j][2 * r + c];
+      }
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      sh.wm[warp][g + 8 * r] = m[r];
+      sh.wl[warp][g + 8 * r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  // merge the CTA's warps; one split: the final output, else this split's partial
+  const bool final_out = gridDim.x == 1;
+  const long part_row0 = (bh * gridDim.x + split) * M + row0;
+  for (int i = threadIdx.x; i < rows_here * D; i += kThreads) {
+    const int r = i / D, c = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sh.wm[w][r]);
+    const float m_safe = mx == -INFINITY ? 0.f : mx;
+    float acc = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = fast_exp2(sh.wm[w][r] - m_safe);
+      acc += wt * sh.oacc[w][r][c];
+      sum += wt * sh.wl[w][r];
+    }
+    if (final_out) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(a.out) + (bh * M + row0 + r) * D;
+      out[c] = float_bits(sum > 0.f ? acc / sum : 0.f, bf16);
+    } else {
+      reinterpret_cast<float*>(a.part_acc)[(part_row0 + r) * D + c] = acc;
+      if (c == 0) {
+        reinterpret_cast<float*>(a.part_m)[part_row0 + r] = mx;
+        reinterpret_cast<float*>(a.part_l)[part_row0 + r] = sum;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- combine kernel
+// Grid (M, batch * kv_heads), D threads: thread c merges channel c of one q row over the splits
+// (fp32 partials, L2-resident), max first, then the weighted sums; 0 for a row with no keys.
+__global__ void gear_combine_kernel(const float* part_m, const float* part_l, const float* part_acc, uint16_t* out,
+                                    int M, int splits, int D, bool bf16) {
+  const int row = blockIdx.x, c = threadIdx.x;
+  const long bh = blockIdx.y;
+  const long base = bh * splits * M + row;  // partial of split s: base + s * M
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_m[base + long(s) * M]);
+  const float m_safe = mx == -INFINITY ? 0.f : mx;
+  float acc = 0.f, sum = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const long r = base + long(s) * M;
+    const float wt = fast_exp2(part_m[r] - m_safe);
+    sum += wt * part_l[r];
+    acc += wt * part_acc[r * D + c];
+  }
+  out[(bh * M + row) * D + c] = float_bits(sum > 0.f ? acc / sum : 0.f, bf16);
+}
+
+// ----------------------------------------------------------------------------- host side
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("gear_decode: ") + what + ": " + cudaGetErrorString(err));
+}
+
+template <int BITS, int D, int MB, int RANK>
+void launch(const GearDecodeArgs& a) {
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  dim3 grid(a.splits, (a.M + MB - 1) / MB, a.batch_kv_heads);
+  gear_split_kernel<BITS, D, MB, RANK><<<grid, kThreads, 0, stream>>>(a);
+  check_cuda(cudaGetLastError(), "split kernel launch");
+  if (a.splits > 1) {
+    gear_combine_kernel<<<dim3(a.M, a.batch_kv_heads), D, 0, stream>>>(
+        reinterpret_cast<const float*>(a.part_m), reinterpret_cast<const float*>(a.part_l),
+        reinterpret_cast<const float*>(a.part_acc), reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, D,
+        a.dtype == kBFloat16);
+    check_cuda(cudaGetLastError(), "combine kernel launch");
+  }
+}
+
+template <int BITS, int D>
+void dispatch_rank(const GearDecodeArgs& a) {
+  constexpr int MB = 8;  // q rows per CTA; more rows -> more row blocks (grid y)
+  switch (a.rank) {
+    case 0: return launch<BITS, D, MB, 0>(a);
+    case 4: return launch<BITS, D, MB, 4>(a);
+    case 8: return launch<BITS, D, MB, 8>(a);
+    default: throw std::invalid_argument("gear_decode: rank must be 0, 4 or 8, got " + std::to_string(a.rank));
+  }
+}
+
+
+}  // namespace
+
+bool gear_decode_supported(int bits, int head_dim, int rank, int group_size, int buffer_tokens, int M) {
+  const bool rank_ok = rank == 0 || rank == 4 || rank == 8;
+  const bool group_ok = group_size >= 16 && group_size <= 128 && (group_size & (group_size - 1)) == 0;
+  return (bits == 2 || bits == 4) && (head_dim == 64 || head_dim == 128) && rank_ok && group_ok &&
+         group_size <= head_dim && buffer_tokens % group_size == 0 && M >= 1;
+}
+
+void gear_decode(const GearDecodeArgs& a) {
+  if (!gear_decode_supported(a.bits, a.head_dim, a.rank, a.group_size, a.buffer_tokens, a.M))
+    throw std::invalid_argument("gear_decode: unsupported configuration (see gear_decode_supported)");
+  if (a.n_out < 0 || a.n_out > 255 || a.splits < 1 || a.steps_per_split < 1 || a.batch_kv_heads < 1 ||
+      a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0)
+    throw std::invalid_argument("gear_decode: bad sizes");
+  if ((a.n_out > 0 && (!a.key_out_idx || !a.key_out_val || !a.value_out_idx || !a.value_out_val)) ||
+      (a.rank > 0 && (!a.key_lr_a || !a.key_lr_b || !a.value_lr_a || !a.value_lr_b)) || !a.q || !a.out ||
+      !a.tail_keys || !a.tail_values || (a.nblocks > 0 && (!a.key_codes || !a.value_codes)) ||
+      (a.splits > 1 && (!a.part_m || !a.part_l || !a.part_acc)))
+    throw std::invalid_argument("gear_decode: a required pointer is null");
+  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
+    throw std::invalid_argument("gear_decode: dtype must be float16 or bfloat16");
+  if (a.bits == 2 && a.head_dim == 128) return dispatch_rank<2, 128>(a);
+  if (a.bits == 2 && a.head_dim == 64) return dispatch_rank<2, 64>(a);
+  if (a.bits == 4 && a.head_dim == 128) return dispatch_rank<4, 128>(a);
+  return dispatch_rank<4, 64>(a);
+}
+
+}  // namespace lowrank_ops

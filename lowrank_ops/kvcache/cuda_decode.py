@@ -1,0 +1,136 @@
+"""Python side of the hand-written CUDA GEAR decode-attention kernel (csrc/gear_decode.cu).
+
+``softmax(scale · q K̂ᵀ + mask) V̂`` straight from the compressed cache (codes into the tensor
+cores' fragment layout, key scale folded into q, outliers and low rank as corrections, fp16/bf16
+tail), split over the sequence: one launch when one split suffices, else two (partials, then
+their merge). The compiled module takes raw device pointers, sizes, a dtype code and the stream
+as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
+workspace with torch (CUDA-graph pools apply) and launches on the current stream.
+
+Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
+or 8, any outlier count, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
+kernel (:func:`supports` says why).
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_ops.core import cuda_ext
+from lowrank_ops.core.backend import Support
+
+if TYPE_CHECKING:
+    from lowrank_ops.kvcache.format import GEARKV
+
+CUDA_GEAR_BITS = (2, 4)
+CUDA_GEAR_HEAD_DIMS = (64, 128)
+CUDA_GEAR_RANKS = (0, 4, 8)
+STEP_TOKENS = 16  # tokens per warp step of the kernel
+WARPS_PER_SPLIT = 4
+MAX_SPLITS = 1024
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+
+
+def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
+                   group_size: int) -> Support:
+    """The dtype / format part of :func:`supports` (device- and build-independent)."""
+    if dtype not in _DTYPE_CODES:
+        return Support(False, f"q has dtype {dtype}; the CUDA GEAR kernel takes float16 or bfloat16")
+    if cache_dtype != dtype:
+        return Support(False, f"the cache tail is {cache_dtype} and q is {dtype}; the CUDA GEAR kernel needs one dtype")
+    if bits not in CUDA_GEAR_BITS:
+        return Support(False, f"bits={bits}; the CUDA GEAR kernel serves {CUDA_GEAR_BITS}")
+    if head_dim not in CUDA_GEAR_HEAD_DIMS:
+        return Support(False, f"head_dim={head_dim}; the CUDA GEAR kernel serves {CUDA_GEAR_HEAD_DIMS}")
+    if rank not in CUDA_GEAR_RANKS:
+        return Support(False, f"rank={rank}; the CUDA GEAR kernel serves ranks {CUDA_GEAR_RANKS}")
+    if group_size > head_dim:
+        return Support(False, f"group_size={group_size} > head_dim={head_dim}: a value group would exceed a vector")
+    return Support(True)
+
+
+def supports(q: object, kv: "GEARKV") -> Support:
+    """Whether the CUDA GEAR kernel can serve ``attention(q, kv)``. Cheap; never raises."""
+    if not isinstance(q, Tensor):
+        return Support(False, f"q must be a tensor, got {type(q).__name__}")
+    if q.device.type != "cuda":
+        return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
+    cfg = kv.config
+    verdict = config_support(q.dtype, kv.dtype, cfg.bits, kv.head_dim, cfg.rank, cfg.group_size)
+    if not verdict.ok:
+        return verdict
+    misaligned = [name for name, x in kv.tensors().items() if x.data_ptr() % 16]
+    if misaligned:
+        return Support(False, f"{misaligned[0]} is not 16-byte aligned (the kernel reads 128-bit words)")
+    if not cuda_ext.available():
+        return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
+    return Support(True)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def split_plan(steps: int, columns: int, num_sms: int) -> tuple[int, int]:
+    """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split
+    (batch · kv_heads · row blocks): about two CTAs per SM (the kernel's register use allows
+    two), at least one step per warp, no empty split."""
+    want = max(1, min(MAX_SPLITS, -(-2 * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
+    per_split = -(-max(steps, 1) // want)
+    return -(-max(steps, 1) // per_split), per_split
+
+
+def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
+                num_splits: Optional[int] = None) -> Tensor:
+    """Decode attention of ``q`` (batch, q_heads, q_len, head_dim) over ``kv`` on the CUDA kernel.
+
+    Inputs as checked by :func:`lowrank_ops.kvcache.attention` (``key_mask`` bool
+    (batch, seq_len) or None, ``scale`` the score scale); :func:`supports` must hold.
+    ``num_splits`` overrides the sequence split count (tests). Returns q's shape and dtype.
+    """
+    verdict = supports(q, kv)
+    if not verdict.ok:
+        raise ValueError(f"q: the CUDA GEAR kernel cannot serve this call: {verdict.why}")
+    module = cuda_ext.load()
+    cfg = kv.config
+    batch, q_heads, q_len, head_dim = q.shape
+    q = q.contiguous()
+    t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
+    m = (q_heads // kv.kv_heads) * q_len
+    row_blocks = -(-m // 16) if m > 8 else 1
+    steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    columns = batch * kv.kv_heads * row_blocks
+    if num_splits is None:
+        splits, per_split = split_plan(steps, columns, _num_sms(device))
+    else:
+        per_split = -(-max(steps, 1) // max(1, min(num_splits, steps)))
+        splits = -(-max(steps, 1) // per_split)
+    out = torch.empty_like(q)
+    rows = batch * kv.kv_heads * splits * m if splits > 1 else 0
+    part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
+    part_acc = torch.empty(rows * head_dim, dtype=torch.float32, device=q.device)
+    n_out = t["key_out_idx"].shape[-1]
+
+    def ptr(name: str, present: bool = True) -> int:
+        return t[name].data_ptr() if present and t[name].numel() else 0
+
+    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else None
+    with torch.cuda.device(device):
+        module.gear_decode(
+            q.data_ptr(), ptr("key_codes"), ptr("key_scale"), ptr("key_zero"), ptr("key_out_idx", n_out > 0),
+            ptr("key_out_val", n_out > 0), ptr("key_lr_a", cfg.rank > 0), ptr("key_lr_b", cfg.rank > 0),
+            ptr("value_codes"), ptr("value_scale"), ptr("value_zero"), ptr("value_out_idx", n_out > 0),
+            ptr("value_out_val", n_out > 0), ptr("value_lr_a", cfg.rank > 0), ptr("value_lr_b", cfg.rank > 0),
+            ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
+            part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
+            out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
+            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, splits, per_split, float(scale) * 1.4426950408889634,
+            _DTYPE_CODES[q.dtype], torch.cuda.current_stream(device).cuda_stream,
+        )
+    return out

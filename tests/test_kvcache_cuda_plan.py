@@ -1,0 +1,57 @@
+"""CPU checks of the CUDA GEAR kernel's Python side (lowrank_ops/kvcache/cuda_decode.py): what it
+serves and says it does not, how it splits the sequence. The kernel itself runs in the gpu lane
+(tests/test_gpu_kvcache_cuda.py) and compiles in the compile lane (tests/test_csrc_build.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_ops.kvcache import GEARConfig, compress
+from lowrank_ops.kvcache import cuda_decode
+from lowrank_ops.kvcache.ops import _attention_backend
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(dtype=torch.float32), "takes float16 or bfloat16"),
+    (dict(cache_dtype=BF16), "needs one dtype"),
+    (dict(bits=3), "bits=3"),
+    (dict(head_dim=96), "head_dim=96"),
+    (dict(rank=2), "rank=2"),
+    (dict(head_dim=64, group_size=128), "group_size=128 > head_dim=64"),
+])
+def test_config_support_names_what_it_refuses(kwargs, fragment):
+    args = dict(dtype=F16, cache_dtype=F16, bits=2, head_dim=128, rank=4, group_size=32)
+    args.update(kwargs)
+    if "dtype" in kwargs and "cache_dtype" not in kwargs:
+        args["cache_dtype"] = args["dtype"]
+    verdict = cuda_decode.config_support(**args)
+    assert not verdict.ok and fragment in verdict.why
+
+
+@pytest.mark.parametrize("bits,head_dim,rank,group", [(2, 128, 4, 32), (4, 64, 0, 64), (2, 128, 8, 128), (4, 128, 4, 16)])
+def test_config_support_accepts_the_served_formats(bits, head_dim, rank, group):
+    for dtype in (F16, BF16):
+        assert cuda_decode.config_support(dtype, dtype, bits, head_dim, rank, group).ok
+
+
+def test_cpu_tensors_are_not_served_and_auto_picks_reference():
+    kv = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16), GEARConfig(rank=4))
+    q = torch.randn(1, 4, 1, 64, dtype=F16)
+    verdict = cuda_decode.supports(q, kv)
+    assert not verdict.ok and "needs a CUDA tensor" in verdict.why
+    assert _attention_backend(q, kv) == "reference"
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        cuda_decode.gear_decode(q, kv, None, 0.125)
+
+
+@pytest.mark.parametrize("steps,columns,sms", [(512, 8, 132), (512, 128, 132), (3, 8, 132), (1, 1, 132),
+                                                (2049, 1, 132), (10, 4096, 132), (100000, 1, 132)])
+def test_split_plan_covers_every_step_without_an_empty_split(steps, columns, sms):
+    splits, per_split = cuda_decode.split_plan(steps, columns, sms)
+    assert 1 <= splits <= cuda_decode.MAX_SPLITS and per_split >= 1
+    assert (splits - 1) * per_split < steps <= splits * per_split  # every split has work, all steps covered
+    # about two CTAs per SM when there are enough steps (rounding to whole steps loses < half)
+    target = min(-(-2 * sms // columns), -(-steps // cuda_decode.WARPS_PER_SPLIT), cuda_decode.MAX_SPLITS)
+    assert 2 * splits >= target
