@@ -59,6 +59,8 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16 tile of P V
 constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxOutliers = 8;  // outliers per vector the kernel stages (round(s * head_dim))
+constexpr int kStageWords = 24 * kMaxOutliers;  // a step's key/value outlier bytes and halves, in words
 
 // ----------------------------------------------------------------------------- small helpers
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
@@ -80,6 +82,19 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t (&r)[4]) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;  // ex2.approx(-inf) = +0
@@ -172,9 +187,16 @@ struct Layout {
 // ----------------------------------------------------------------------------- kernel state
 template <int MB, int D>
 struct SharedState {
-  float qf[MB][D];               // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
-  float row_scale[MB];           // 2^row_exp
-  float oacc[kWarps][MB][D];     // values' outliers per warp; then the warps' outputs for the merge
+  float qf[MB][D];      // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
+  float row_scale[MB];  // 2^row_exp
+  union {
+    // per warp while the steps run: the values' outliers of the step as a sparse fp16 tile (16 tokens
+    // x D, zero elsewhere; column (c % (D/8)) * 8 + c / (D/8) holds channel c, so n-tile j is columns
+    // 8j..8j+7; rows padded by 8 halves: conflict-free ldmatrix)
+    __half vout[kWarps][kStep][D + 8];
+    float oacc[kWarps][MB][D];  // after the steps: the warps' outputs, for the merge
+  };
+  uint32_t stage[kWarps][2][kStageWords];  // the next step's outliers (cp.async), double-buffered
   float wm[kWarps][MB], wl[kWarps][MB];
 };
 
@@ -426,9 +448,33 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     for (int i = 0; i < D / kWarp; ++i) sh.qf[r][lane + kWarp * i] = v[i] * down;
     if (lane == 0) sh.row_scale[r] = exp2f(e);
   }
-  float(&oacc)[MB][D] = sh.oacc[warp];
-  for (int i = lane; i < MB * D; i += kWarp) oacc[i / D][i % D] = 0.f;
+  __half(&vout)[kStep][D + 8] = sh.vout[warp];
+  for (int i = lane; i < kStep * (D + 8); i += kWarp) vout[i / (D + 8)][i % (D + 8)] = __float2half(0.f);
   __syncthreads();
+  // a step's outliers in the staging buffer: key channels (bytes), value channels, key values, value
+  // values (halves), each 16 * n_out entries in token-major order, at fixed word offsets
+  const auto stage_outliers = [&](int step_, int buf) {
+    const long first_entry = long(step_) * kStep * n_out;  // a multiple of 16: word-aligned in every array
+    const int idx_words = 4 * n_out, val_words = 8 * n_out;
+    uint32_t* dst = sh.stage[warp][buf];
+    for (int i = lane; i < 2 * idx_words + 2 * val_words; i += kWarp) {
+      const void* src;
+      int at;
+      if (i < idx_words) {
+        src = reinterpret_cast<const uint32_t*>(p.koi + first_entry) + i, at = i;
+      } else if (i < 2 * idx_words) {
+        src = reinterpret_cast<const uint32_t*>(p.voi + first_entry) + (i - idx_words), at = 4 * kMaxOutliers + i - idx_words;
+      } else if (i < 2 * idx_words + val_words) {
+        src = reinterpret_cast<const uint32_t*>(p.kov + first_entry) + (i - 2 * idx_words),
+        at = 8 * kMaxOutliers + i - 2 * idx_words;
+      } else {
+        src = reinterpret_cast<const uint32_t*>(p.vov + first_entry) + (i - 2 * idx_words - val_words),
+        at = 16 * kMaxOutliers + i - 2 * idx_words - val_words;
+      }
+      cp_async4(dst + at, src);
+    }
+    cp_async_commit();
+  };
 
   // this warp's steps
   const int first = split * a.steps_per_split;
@@ -449,10 +495,12 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
   float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
   int cur_group = -1, cur_block = -1;
-  const bool row_live[2] = {row0 + g < M, row0 + g + 8 < M};
   KeyFrame<BITS, D> cur, nxt;
   ValueFrame<BITS, D> vf;
-  if (s_begin < min(s_end, csteps)) cur.load(p, long(s_begin) * kStep, g, t);
+  if (s_begin < min(s_end, csteps)) {
+    cur.load(p, long(s_begin) * kStep, g, t);
+    if (n_out > 0) stage_outliers(s_begin, s_begin & 1);
+  }
 
   for (int step = s_begin; step < s_end; ++step) {
     float s[2][kC];
@@ -464,8 +512,19 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     uint32_t keep = 0xfu;
     uint32_t b_ka[2] = {0u, 0u}, b_va[2] = {0u, 0u};  // low-rank B operands (compressed steps, RANK > 0)
     if (compressed) {
-      if (step + 1 < min(s_end, csteps)) nxt.load(p, tok0 + kStep, g, t);
+      const bool more = step + 1 < min(s_end, csteps);
+      if (more) nxt.load(p, tok0 + kStep, g, t);
       vf.load(p, tok0, g, t, G);
+      if (n_out > 0) {  // this step's outliers are staged; stage the next step's into the other buffer
+        __syncwarp();    // every lane is done with the other buffer (read two steps ago)
+        if (more) {
+          stage_outliers(step + 1, (step + 1) & 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncwarp();
+      }
       keep = cur.keep;
       // low-rank rows: B operand of the scores' rank k-step {A_k[g][2t], A_k[g][2t+1]} per n-tile,
       // and of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
@@ -504,14 +563,17 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, 0u, 0u, b_ka[nt], 0u);
       }
       // - zero bias + outliers, then back to qk_scale units
+      const uint8_t* staged_key_idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1]);
+      const __half* staged_key_val = reinterpret_cast<const __half*>(sh.stage[warp][step & 1] + 8 * kMaxOutliers);
 #pragma unroll
       for (int col = 0; col < 4; ++col) {
         const int nt = col / 2, c = col % 2;
         const long tok = tok0 + 8 * nt + 2 * t + c;
         float add[2] = {0.f, 0.f};
+        const int e0 = int(tok - tok0) * n_out;
         for (int j = 0; j < n_out; ++j) {
-          const int idx = p.koi[tok * n_out + j];
-          const float val = __half2float(p.kov[tok * n_out + j]);
+          const int idx = staged_key_idx[e0 + j];
+          const float val = __half2float(staged_key_val[e0 + j]);
 #pragma unroll
           for (int r = 0; r < kRows; ++r) add[r] += sh.qf[g + 8 * r][idx] * val;
         }
@@ -563,14 +625,6 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         for (int c = 0; c < kC; ++c) o[j][c] *= alpha[c / 2];
       pa[0] *= alpha[0];
       pa[1] *= alpha[0];
-      if (n_out > 0) {
-        __syncwarp();
-        for (int r = 0; r < rows_here; ++r) {
-          const float ar = __shfl_sync(kFull, r < 8 ? alpha[0] : alpha[1], (r % 8) * 4);
-          for (int c = lane; c < D; c += kWarp) oacc[r][c] *= ar;
-        }
-        __syncwarp();
-      }
     }
     // O += P V
     if (compressed) {
@@ -599,18 +653,22 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         mma_f16(o[j], pa0, pa1, pa2, pa3, b0, b1);
       }
       if constexpr (RANK > 0) mma_f16(pa, pa0, pa1, pa2, pa3, b_va[0], b_va[1]);  // P A_v
-      // values' outliers into the warp's fp32 copy of O
+      if (n_out > 0) {  // O += P Vout: the values' outliers as a sparse tile through the same mma
+        const uint8_t* idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1] + 4 * kMaxOutliers);
+        const __half* val = reinterpret_cast<const __half*>(sh.stage[warp][step & 1] + 16 * kMaxOutliers);
+        for (int e = lane; e < kStep * n_out; e += kWarp)  // a token's outlier channels are distinct
+          vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = val[e];
+        __syncwarp();
+        const int mat = lane / 8;  // ldmatrix: lane gives row lane % 8 of matrix mat (tokens 0-7 / 8-15, n-tile j / j+1)
 #pragma unroll
-      for (int col = 0; col < 4; ++col) {
-        const int nt = col / 2, c = col % 2;
-        const long tok = tok0 + 8 * nt + 2 * t + c;
-        for (int j = 0; j < n_out; ++j) {
-          const int idx = p.voi[tok * n_out + j];
-          const float val = __half2float(p.vov[tok * n_out + j]);
-#pragma unroll
-          for (int r = 0; r < kRows; ++r)
-            if (row_live[r]) atomicAdd(&oacc[g + 8 * r][idx], s[nt][2 * r + c] * val);
+        for (int j = 0; j < L::kNT; j += 2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(&vout[lane % 8 + 8 * (mat % 2)][8 * (j + mat / 2)], b);
+          mma_f16(o[j], pa0, pa1, pa2, pa3, b[0], b[1]);
+          mma_f16(o[j + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
         }
+        __syncwarp();
+        for (int e = lane; e < kStep * n_out; e += kWarp) vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = __half();
       }
       cur = nxt;
     } else {
@@ -639,22 +697,20 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   }
   if (cur_block >= 0) W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
 
-  // the warp's partial: l summed over the quad, O plus the outliers' copy, into shared memory
+  // the warp's partial: l summed over the quad, O into shared memory (over the outlier tiles: all
+  // warps must be past their steps)
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     l[r] += __shfl_xor_sync(kFull, l[r], 1);
     l[r] += __shfl_xor_sync(kFull, l[r], 2);
   }
-  __syncwarp();
+  __syncthreads();
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
 #pragma unroll
-      for (int j = 0; j < L::kNT; ++j) {
-        float& cell = oacc[g + 8 * r][(2 * t + c) * L::kNT + j];
-        cell += o[j][2 * r + c];
-      }
+      for (int j = 0; j < L::kNT; ++j) sh.oacc[warp][g + 8 * r][(2 * t + c) * L::kNT + j] = o[j][2 * r + c];
   if (t == 0) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -758,12 +814,14 @@ bool gear_decode_supported(int bits, int head_dim, int rank, int group_size, int
 void gear_decode(const GearDecodeArgs& a) {
   if (!gear_decode_supported(a.bits, a.head_dim, a.rank, a.group_size, a.buffer_tokens, a.M))
     throw std::invalid_argument("gear_decode: unsupported configuration (see gear_decode_supported)");
-  if (a.n_out < 0 || a.n_out > 255 || a.splits < 1 || a.steps_per_split < 1 || a.batch_kv_heads < 1 ||
+  if (a.n_out < 0 || a.n_out > kMaxOutliers || a.splits < 1 || a.steps_per_split < 1 || a.batch_kv_heads < 1 ||
       a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0)
     throw std::invalid_argument("gear_decode: bad sizes");
-  if ((a.n_out > 0 && (!a.key_out_idx || !a.key_out_val || !a.value_out_idx || !a.value_out_val)) ||
-      (a.rank > 0 && (!a.key_lr_a || !a.key_lr_b || !a.value_lr_a || !a.value_lr_b)) || !a.q || !a.out ||
-      !a.tail_keys || !a.tail_values || (a.nblocks > 0 && (!a.key_codes || !a.value_codes)) ||
+  const bool blocks = a.nblocks > 0;  // the compressed tensors are empty (null) without blocks
+  if ((blocks && a.n_out > 0 && (!a.key_out_idx || !a.key_out_val || !a.value_out_idx || !a.value_out_val)) ||
+      (blocks && a.rank > 0 && (!a.key_lr_a || !a.key_lr_b || !a.value_lr_a || !a.value_lr_b)) || !a.q || !a.out ||
+      !a.tail_keys || !a.tail_values || (blocks && (!a.key_codes || !a.value_codes || !a.key_scale || !a.key_zero ||
+                                                    !a.value_scale || !a.value_zero)) ||
       (a.splits > 1 && (!a.part_m || !a.part_l || !a.part_acc)))
     throw std::invalid_argument("gear_decode: a required pointer is null");
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)

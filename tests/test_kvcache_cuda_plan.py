@@ -20,9 +20,10 @@ F16, BF16 = torch.float16, torch.bfloat16
     (dict(head_dim=96), "head_dim=96"),
     (dict(rank=2), "rank=2"),
     (dict(head_dim=64, group_size=128), "group_size=128 > head_dim=64"),
+    (dict(n_out=9), "9 outliers per vector"),
 ])
 def test_config_support_names_what_it_refuses(kwargs, fragment):
-    args = dict(dtype=F16, cache_dtype=F16, bits=2, head_dim=128, rank=4, group_size=32)
+    args = dict(dtype=F16, cache_dtype=F16, bits=2, head_dim=128, rank=4, group_size=32, n_out=3)
     args.update(kwargs)
     if "dtype" in kwargs and "cache_dtype" not in kwargs:
         args["cache_dtype"] = args["dtype"]

@@ -8,7 +8,7 @@ as ints; this wrapper checks what the kernel serves, allocates the output and th
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
 
 Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
-or 8, any outlier count, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
+or 8, up to 8 outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
 kernel (:func:`supports` says why).
 """
 from __future__ import annotations
@@ -28,14 +28,16 @@ if TYPE_CHECKING:
 CUDA_GEAR_BITS = (2, 4)
 CUDA_GEAR_HEAD_DIMS = (64, 128)
 CUDA_GEAR_RANKS = (0, 4, 8)
+CUDA_GEAR_MAX_OUTLIERS = 8  # per vector (round(outlier_ratio * head_dim)): the kernel stages a step's in shared memory
 STEP_TOKENS = 16  # tokens per warp step of the kernel
+ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the kernel keeps the top 8
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
-                   group_size: int) -> Support:
+                   group_size: int, n_out: int = 0) -> Support:
     """The dtype / format part of :func:`supports` (device- and build-independent)."""
     if dtype not in _DTYPE_CODES:
         return Support(False, f"q has dtype {dtype}; the CUDA GEAR kernel takes float16 or bfloat16")
@@ -49,6 +51,8 @@ def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head
         return Support(False, f"rank={rank}; the CUDA GEAR kernel serves ranks {CUDA_GEAR_RANKS}")
     if group_size > head_dim:
         return Support(False, f"group_size={group_size} > head_dim={head_dim}: a value group would exceed a vector")
+    if n_out > CUDA_GEAR_MAX_OUTLIERS:
+        return Support(False, f"{n_out} outliers per vector; the CUDA GEAR kernel stages at most {CUDA_GEAR_MAX_OUTLIERS}")
     return Support(True)
 
 
@@ -59,7 +63,8 @@ def supports(q: object, kv: "GEARKV") -> Support:
     if q.device.type != "cuda":
         return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
     cfg = kv.config
-    verdict = config_support(q.dtype, kv.dtype, cfg.bits, kv.head_dim, cfg.rank, cfg.group_size)
+    verdict = config_support(q.dtype, kv.dtype, cfg.bits, kv.head_dim, cfg.rank, cfg.group_size,
+                             cfg.outliers_per_vector(kv.head_dim))
     if not verdict.ok:
         return verdict
     misaligned = [name for name, x in kv.tensors().items() if x.data_ptr() % 16]
@@ -101,7 +106,7 @@ def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: floa
     q = q.contiguous()
     t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
     m = (q_heads // kv.kv_heads) * q_len
-    row_blocks = -(-m // 16) if m > 8 else 1
+    row_blocks = -(-m // ROWS_PER_BLOCK)
     steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     columns = batch * kv.kv_heads * row_blocks
