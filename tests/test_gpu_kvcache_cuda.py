@@ -126,7 +126,11 @@ def test_attention_through_cuda_backend_and_graph_replay():
     head_dim, cfg = _fmt("2b+2%+r4")
     kv = make_cache(1, 8, 8192 + 3, head_dim, F16, seed=3, **cfg)
     q = torch.randn(1, 32, 1, head_dim, device=DEV, dtype=F16)
-    assert cuda_decode.supports(q, kv).ok
+    verdict = cuda_decode.supports(q, kv)
+    assert verdict.ok and not verdict.preferred  # measured slower than Triton: pinned use only
+    from lowrank_ops.kvcache.ops import _attention_backend
+
+    assert _attention_backend(q, kv) == "triton"
     with use_backend("cuda"):
         eager = attention(q, kv)
         static_q = q.clone()

@@ -252,12 +252,6 @@ def our_methods(env: Env) -> list[tuple[str, str, str]]:
     return [("cuda", "cuda", env.cuda_why), ("triton", "triton", env.triton_why)]
 
 
-def auto_method(env: Env) -> str:
-    """The backend :func:`lowrank_ops.kvcache.attention` picks by itself for the served configurations."""
-    if env.device.type != "cuda":
-        return "reference"
-    return "cuda" if not env.cuda_why else "triton"
-
 
 def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], matmul_tflops: Optional[float],
              log: Callable[[str], None] = print) -> list[dict]:
@@ -317,7 +311,9 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             kind = "baseline" if name == "dequant+sdpa" else "ours"
             fn = _dequant_sdpa if kind == "baseline" else _gear
             row = _base_row(case, name, kind, env, config)
-            row.update(backend=backend_name or "torch", auto=backend_name == auto_method(env), **memory)
+            # automatic dispatch: Triton on a GPU (the CUDA kernel measured slower, see kvcache/cuda_decode.py)
+            row.update(backend=backend_name or "torch", auto=backend_name == ("triton" if env.device.type == "cuda" else "reference"),
+                       **memory)
             row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))
             if skip:
                 row.update(status="skipped", note=skip)

@@ -7,7 +7,8 @@ their merge). The compiled module takes raw device pointers, sizes, a dtype code
 as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
 
-Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
+Not chosen automatically (:data:`MEASURED_SLOWER`): pin it with ``LOWRANK_OPS_BACKEND=cuda`` or
+:func:`lowrank_ops.core.backend.use_backend`. Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
 or 8, up to 8 outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
 kernel (:func:`supports` says why).
 """
@@ -33,7 +34,11 @@ STEP_TOKENS = 16  # tokens per warp step of the kernel
 ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the kernel keeps the top 8
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+# Automatic dispatch passes this kernel over (pinning the "cuda" backend still runs it): on the H100
+# it ran behind the Triton kernel in 11 of the 12 benchmark cases, e.g. 8k context, batch 16,
+# 2 bits + 2 % outliers + rank 4: 437 us against 340 (bench/results/h100-2026-11-27-88e7c84).
+MEASURED_SLOWER = "measured slower than the Triton GEAR kernel on an H100 (bench/results/h100-2026-11-27-88e7c84)"  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
@@ -72,7 +77,7 @@ def supports(q: object, kv: "GEARKV") -> Support:
         return Support(False, f"{misaligned[0]} is not 16-byte aligned (the kernel reads 128-bit words)")
     if not cuda_ext.available():
         return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True)
+    return Support(True, MEASURED_SLOWER, preferred=False)
 
 
 @functools.lru_cache(maxsize=None)
