@@ -3,11 +3,11 @@
 //   x_hat_t = (code_t - zero) * scale + outliers_t + A_t B_j^T   (token t of block j)
 // plus the uncompressed tail. fp16 or bf16 q; every product accumulates in fp32.
 //
-// Work split (flash-decoding): grid (splits, ceil(M / MB), batch * kv_heads), 4 warps per CTA.
+// Work split (flash-decoding): grid (splits, ceil(M / 8), batch * kv_heads), 4 warps per CTA.
 // The sequence is cut into 16-token steps (compressed steps, then the tail's); a CTA owns a
 // contiguous run of steps and each warp a contiguous quarter of it. A warp keeps the running
-// max / sum / output of its MB q rows (all q heads of the kv head x q_len, padded to 8 or 16:
-// the mma's M) in registers; the CTA merges its 4 warps through shared memory and writes one
+// max / sum / output of 8 q rows (of the M = q heads per kv head x q_len; the top half of the
+// mma's M = 16) in registers; the CTA merges its 4 warps through shared memory and writes one
 // fp32 partial per split, and a second kernel merges the splits (skipped when there is one).
 //
 // Per 16-token step a warp issues, with m16n8k16 mma (fp32 accumulate):
@@ -20,21 +20,25 @@
 //   and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
 //   channels, and the A operand Q' is gathered in the same permutation: Q' = q * key scale of
 //   the current key group (per channel), rounded to fp16 once per group, so the K tile is the
-//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d.
+//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d. The key codes and mask
+//   bits of step i + 1 are loaded while step i computes.
 //   Keys' outliers add q[idx] * val to their token's score (a gather of q in shared memory);
-//   the low-rank term adds (q B_kj) . A_t with q B_kj (MB x rank) formed once per block.
-// * online softmax in base 2 on the score fragments (quad shuffles), lazily rescaling;
+//   the low-rank term is one more k-step: A = q B_kj (rank space, formed once per block).
+// * online softmax in base 2 on the score fragments (quad shuffles), rescaling O only when a
+//   row's max moved;
 // * O += P V: P is the score fragment re-packed as the A operand (no shared memory); the B
 //   operand (k = 16 tokens, n = 8 channels) pairs two tokens of one channel, so lane (g, t)
 //   byte-permutes the same half-word of tokens 2t and 2t + 1 (and 2t + 8, 2t + 9) into one
 //   word and decodes its slots as above. Lane g covers the channel run [g D/8, (g+1) D/8),
 //   one value group (group_size >= 16 divides it), so n-tile j is channel n D/8 + j and the
 //   dequantization is one HFMA2 with the two tokens' (scale, -zero * scale).
-//   Values' outliers are scattered into a per-warp fp32 copy of O in shared memory (atomic
-//   adds: two tokens may hit one channel), rescaled with O when a row's max moves; the
-//   low-rank term accumulates P A_v (MB x rank) and adds (P A_v) B_vj^T once per block.
+//   Values' outliers form a sparse fp16 tile in shared memory (a token's channels are distinct:
+//   plain stores) that goes through the same P V mma via ldmatrix.trans, then is cleared; the
+//   step's outlier channels and values are staged one step ahead with cp.async. The low-rank
+//   term accumulates P A_v as a C fragment and adds (P A_v) B_vj^T once per block (one mma per
+//   n-tile: that C fragment is the A operand).
 // * tail steps: the same mma chain on the raw fp16/bf16 tail (natural channel order).
-// Rows whose keys are all masked give 0. Deterministic: no global atomics.
+// Rows whose keys are all masked give 0. Deterministic: no atomics.
 //
 // This file does not include torch: the host entry point takes raw device pointers and the
 // stream as integers (see module.cpp).
@@ -58,6 +62,7 @@ constexpr int kWarp = 32;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16 tile of P V
+constexpr int kRows = 8;   // q rows per CTA (lane (g, t) holds row g); more rows -> more row blocks
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxOutliers = 8;  // outliers per vector the kernel stages (round(s * head_dim))
 constexpr int kStageWords = 24 * kMaxOutliers;  // a step's key/value outlier bytes and halves, in words
@@ -109,25 +114,16 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// m16n8k16 mma, fp32 accumulate in place. C = 4: all 16 rows (c0, c1 row g; c2, c3 row g + 8);
-// C = 2: only rows 0-7 are kept (8 q rows or fewer): the bottom half's accumulator input is zero
-// and its outputs are discarded, so they hold no registers across the loop.
-#define LOWRANK_OPS_MMA(NAME, TYPE)                                                                              \
-  template <int C>                                                                                             \
-  __device__ __forceinline__ void NAME(float (&c)[C], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,      \
-                                       uint32_t b0, uint32_t b1) {                                             \
-    if constexpr (C == 4) {                                                                                    \
-      asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
-                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                \
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                            \
-                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                    \
-    } else {                                                                                                   \
-      float d2, d3;                                                                                            \
-      asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
-                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};"                              \
-                   : "+f"(c[0]), "+f"(c[1]), "=f"(d2), "=f"(d3)                                                \
-                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));                          \
-    }                                                                                                          \
+// m16n8k16 mma, fp32 accumulate in place, for the 8 q rows a CTA holds: lane (g, t) passes the
+// A registers of row g (a_lo: k 2t, 2t+1; a_hi: k 2t+8, 2t+9) and gets c[0], c[1] = C[g][2t, 2t+1];
+// the bottom 8 rows of the instruction's M = 16 are zero in, discarded out (no registers held).
+#define LOWRANK_OPS_MMA(NAME, TYPE)                                                                            \
+  __device__ __forceinline__ void NAME(float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0, uint32_t b1) { \
+    asm("{\n .reg .f32 d2, d3, fz;\n .reg .b32 az;\n mov.b32 az, 0;\n mov.f32 fz, 0f00000000;\n"              \
+        " mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                                \
+        ".f32 {%0,%1,d2,d3}, {%2,az,%3,az}, {%4,%5}, {%0,%1,fz,fz};\n}"                                        \
+        : "+f"(c[0]), "+f"(c[1])                                                                               \
+        : "r"(a_lo), "r"(a_hi), "r"(b0), "r"(b1));                                                             \
   }
 LOWRANK_OPS_MMA(mma_f16, "f16")
 LOWRANK_OPS_MMA(mma_bf16, "bf16")
@@ -143,13 +139,12 @@ __device__ __forceinline__ uint16_t float_bits(float v, bool bf16) {
 __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, bool bf16) {
   return uint32_t(float_bits(lo, bf16)) | (uint32_t(float_bits(hi, bf16)) << 16);
 }
-template <int C>
-__device__ __forceinline__ void mma_raw(bool bf16, float (&c)[C], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_raw(bool bf16, float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0,
+                                        uint32_t b1) {
   if (bf16) {
-    mma_bf16<C>(c, a0, a1, a2, a3, b0, b1);
+    mma_bf16(c, a_lo, a_hi, b0, b1);
   } else {
-    mma_f16<C>(c, a0, a1, a2, a3, b0, b1);
+    mma_f16(c, a_lo, a_hi, b0, b1);
   }
 }
 
@@ -185,19 +180,19 @@ struct Layout {
 };
 
 // ----------------------------------------------------------------------------- kernel state
-template <int MB, int D>
+template <int D>
 struct SharedState {
-  float qf[MB][D];      // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
-  float row_scale[MB];  // 2^row_exp
+  float qf[kRows][D];      // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
+  float row_scale[kRows];  // 2^row_exp
   union {
     // per warp while the steps run: the values' outliers of the step as a sparse fp16 tile (16 tokens
     // x D, zero elsewhere; column (c % (D/8)) * 8 + c / (D/8) holds channel c, so n-tile j is columns
     // 8j..8j+7; rows padded by 8 halves: conflict-free ldmatrix)
     __half vout[kWarps][kStep][D + 8];
-    float oacc[kWarps][MB][D];  // after the steps: the warps' outputs, for the merge
+    float oacc[kWarps][kRows][D];  // after the steps: the warps' outputs, for the merge
   };
   uint32_t stage[kWarps][2][kStageWords];  // the next step's outliers (cp.async), double-buffered
-  float wm[kWarps][MB], wl[kWarps][MB];
+  float wm[kWarps][kRows], wl[kWarps][kRows];
 };
 
 struct Ptrs {
@@ -266,18 +261,17 @@ struct ValueFrame {
   }
 };
 
-template <int BITS, int D, int MB, int RANK>
+template <int BITS, int D, int RANK>
 struct Warp {
   using L = Layout<BITS, D>;
-  static constexpr int kRows = MB / 8;  // fragment rows per lane: g and (MB = 16) g + 8
-  static constexpr int kC = 2 * kRows;  // accumulator values per n8 tile and lane
 
   // ---- per key group: A operand Q' = q * key scale (fp16, permuted) and the zero bias
-  static __device__ __forceinline__ void key_group(const SharedState<MB, D>& sh, const __half* ks, const __half* kz,
-                                                   int t, uint32_t (&aq)[L::kKSteps][4], float (&bias)[2], int g) {
+  static __device__ __forceinline__ void key_group(const SharedState<D>& sh, const __half* ks, const __half* kz,
+                                                   int t, uint32_t (&aq)[L::kKSteps][2], float& bias, int g) {
     // the lane's contiguous channels [t D/4, (t+1) D/4), one word's E channels at a time (few live registers)
     constexpr int kCh = D / 4;
-    float partial[2] = {0.f, 0.f};
+    const float* q = sh.qf[g] + t * kCh;
+    float partial = 0.f;
 #pragma unroll
     for (int w = 0; w < L::kKeyWords; ++w) {
       __half s[L::kE], z[L::kE];
@@ -290,32 +284,21 @@ struct Warp {
       for (int i = w * L::kHalf; i < (w + 1) * L::kHalf; ++i) {  // pair i: k-step i / 2, low (even) or high k
         const int lo = L::key_offset(i, 0), hi = L::key_offset(i, 1);  // channel offsets in the lane's range
         const int slo = lo - w * L::kE, shi = hi - w * L::kE;           // ... in this word's E channels
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float* q = sh.qf[g + 8 * r] + t * kCh;
-          const __half qlo = __float2half_rn(q[lo] * __half2float(s[slo]));
-          const __half qhi = __float2half_rn(q[hi] * __half2float(s[shi]));
-          partial[r] += __half2float(qlo) * __half2float(z[slo]) + __half2float(qhi) * __half2float(z[shi]);
-          __half2 h = __halves2half2(qlo, qhi);
-          aq[i / 2][r + 2 * (i % 2)] = *reinterpret_cast<uint32_t*>(&h);  // regs 0 / 1: rows g / g+8, k 2t..; 2 / 3: k 2t+8..
-        }
+        const __half qlo = __float2half_rn(q[lo] * __half2float(s[slo]));
+        const __half qhi = __float2half_rn(q[hi] * __half2float(s[shi]));
+        partial += __half2float(qlo) * __half2float(z[slo]) + __half2float(qhi) * __half2float(z[shi]);
+        __half2 h = __halves2half2(qlo, qhi);
+        aq[i / 2][i % 2] = *reinterpret_cast<uint32_t*>(&h);  // [0]: k 2t, 2t+1 of the k-step; [1]: k 2t+8, 2t+9
       }
     }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      partial[r] += __shfl_xor_sync(kFull, partial[r], 1);
-      partial[r] += __shfl_xor_sync(kFull, partial[r], 2);
-      bias[r] = partial[r];
-    }
-    if (kRows == 1) {
-#pragma unroll
-      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) aq[ks_][1] = aq[ks_][3] = 0u;
-    }
+    partial += __shfl_xor_sync(kFull, partial, 1);
+    partial += __shfl_xor_sync(kFull, partial, 2);
+    bias = partial;
   }
 
   // ---- per block: the A operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
   // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; rounded to fp16)
-  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<MB, D>& sh, const __half* kb, int t,
+  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const __half* kb, int t,
                                                          int g) {
     if constexpr (RANK > 0) {
       constexpr int kCh = D / 4;
@@ -356,53 +339,50 @@ struct Warp {
 #pragma unroll
       for (int j = 0; j < L::kNT; ++j) {
         const uint32_t b0 = 2 * t < RANK ? *reinterpret_cast<const uint32_t*>(vb + (g * L::kNT + j) * RANK + 2 * t) : 0u;
-        mma_f16(o[j], a0, 0u, 0u, 0u, b0, 0u);
+        mma_f16(o[j], a0, 0u, b0, 0u);
       }
       pa[0] = pa[1] = 0.f;
     }
   }
 
-  // ---- online softmax over the step's score fragments s[n-tile][c] (c: 0,1 row g; 2,3 row g+8)
-  static __device__ __forceinline__ bool softmax(float (&s)[2][kC], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
-    bool moved = false;
+  // ---- online softmax over the step's score fragments s[n-tile][c] (row g, tokens 8 n-tile + 2t + c):
+  // scores -> probabilities in place, running max m and the lane's partial sum l; alpha rescales
+  // what was accumulated before. Returns whether any row's max moved (then O needs the rescale).
+  static __device__ __forceinline__ bool softmax(float (&s)[2][2], float& m, float& l, float& alpha) {
+    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+    alpha = fast_exp2(m - m_safe);
+    const bool moved = m_new != m;
+    float sum = 0.f;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-      alpha[r] = fast_exp2(m[r] - m_safe);
-      moved |= m_new != m[r];
-      float sum = 0.f;
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          s[nt][2 * r + c] = fast_exp2(s[nt][2 * r + c] - m_safe);
-          sum += s[nt][2 * r + c];
-        }
-      l[r] = l[r] * alpha[r] + sum;
-      m[r] = m_new;
-    }
+      for (int c = 0; c < 2; ++c) {
+        s[nt][c] = fast_exp2(s[nt][c] - m_safe);
+        sum += s[nt][c];
+      }
+    l = l * alpha + sum;
+    m = m_new;
     return __any_sync(kFull, moved);
   }
 };
 
 // ----------------------------------------------------------------------------- split kernel
-template <int BITS, int D, int MB, int RANK>
+template <int BITS, int D, int RANK>
 __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs a) {
   using L = Layout<BITS, D>;
-  using W = Warp<BITS, D, MB, RANK>;
-  constexpr int kRows = W::kRows, kC = W::kC;
-  __shared__ SharedState<MB, D> sh;
+  using W = Warp<BITS, D, RANK>;
+  __shared__ SharedState<D> sh;
 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = lane / 4, t = lane % 4;
-  const int split = blockIdx.x, row0 = blockIdx.y * MB;
+  const int split = blockIdx.x, row0 = blockIdx.y * kRows;
   const long bh = blockIdx.z;
   const int M = a.M, B = a.buffer_tokens, G = a.group_size, n_out = a.n_out;
-  const int rows_here = min(MB, M - row0);
+  const int rows_here = min(kRows, M - row0);
   const long Tc = long(a.nblocks) * B;
   const int csteps = int(Tc / kStep);
   const int all_steps = csteps + (a.tail_len + kStep - 1) / kStep;
@@ -430,27 +410,13 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   const uint16_t* tk = reinterpret_cast<const uint16_t*>(a.tail_keys) + bh * B * D;
   const uint16_t* tv = reinterpret_cast<const uint16_t*>(a.tail_values) + bh * B * D;
 
-  // q rows -> fp32, scaled by qk_scale and a power of two per row that brings its largest
-  // entry to (1/2, 1] (fp16 operands for any bf16 q; q * key scale cannot overflow)
-  for (int r = warp; r < MB; r += kWarps) {
-    float v[D / kWarp];
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < D / kWarp; ++i) {
-      v[i] = r < rows_here ? load_as_float(q, r * D + lane + kWarp * i, bf16) * a.qk_scale : 0.f;
-      amax = fmaxf(amax, fabsf(v[i]));
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
-    const float e = ceilf(log2f(fmaxf(amax, 1e-30f)));
-    const float down = exp2f(-e);
-#pragma unroll
-    for (int i = 0; i < D / kWarp; ++i) sh.qf[r][lane + kWarp * i] = v[i] * down;
-    if (lane == 0) sh.row_scale[r] = exp2f(e);
-  }
-  __half(&vout)[kStep][D + 8] = sh.vout[warp];
-  for (int i = lane; i < kStep * (D + 8); i += kWarp) vout[i / (D + 8)][i % (D + 8)] = __float2half(0.f);
-  __syncthreads();
+  // this warp's steps
+  const int first = split * a.steps_per_split;
+  const int count = min(a.steps_per_split, all_steps - first);
+  const int per_warp = (count + kWarps - 1) / kWarps;
+  const int s_begin = first + min(count, warp * per_warp);
+  const int s_end = first + min(count, (warp + 1) * per_warp);
+
   // a step's outliers in the staging buffer: key channels (bytes), value channels, key values, value
   // values (halves), each 16 * n_out entries in token-major order, at fixed word offsets
   const auto stage_outliers = [&](int step_, int buf) {
@@ -476,36 +442,48 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     cp_async_commit();
   };
 
-  // this warp's steps
-  const int first = split * a.steps_per_split;
-  const int count = min(a.steps_per_split, all_steps - first);
-  const int per_warp = (count + kWarps - 1) / kWarps;
-  const int s_begin = first + min(count, warp * per_warp);
-  const int s_end = first + min(count, (warp + 1) * per_warp);
-
-  float o[L::kNT][kC];
-#pragma unroll
-  for (int j = 0; j < L::kNT; ++j)
-#pragma unroll
-    for (int c = 0; c < kC; ++c) o[j][c] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float row_scale[2], bias[2] = {0.f, 0.f};
-  for (int r = 0; r < kRows; ++r) row_scale[r] = sh.row_scale[g + 8 * r];
-  uint32_t aq[L::kKSteps][4];
-  uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
-  float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
-  int cur_group = -1, cur_block = -1;
+  // the first step's key frame and outliers fly while q is set up
   KeyFrame<BITS, D> cur, nxt;
-  ValueFrame<BITS, D> vf;
   if (s_begin < min(s_end, csteps)) {
     cur.load(p, long(s_begin) * kStep, g, t);
     if (n_out > 0) stage_outliers(s_begin, s_begin & 1);
   }
 
-  for (int step = s_begin; step < s_end; ++step) {
-    float s[2][kC];
+  // q rows -> fp32, scaled by qk_scale and a power of two per row that brings its largest
+  // entry to (1/2, 1] (fp16 operands for any bf16 q; q * key scale cannot overflow)
+  for (int r = warp; r < kRows; r += kWarps) {
+    float v[D / kWarp];
+    float amax = 0.f;
 #pragma unroll
-    for (int c = 0; c < kC; ++c) s[0][c] = s[1][c] = 0.f;
+    for (int i = 0; i < D / kWarp; ++i) {
+      v[i] = r < rows_here ? load_as_float(q, r * D + lane + kWarp * i, bf16) * a.qk_scale : 0.f;
+      amax = fmaxf(amax, fabsf(v[i]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
+    const float e = ceilf(log2f(fmaxf(amax, 1e-30f)));
+    const float down = exp2f(-e);
+#pragma unroll
+    for (int i = 0; i < D / kWarp; ++i) sh.qf[r][lane + kWarp * i] = v[i] * down;
+    if (lane == 0) sh.row_scale[r] = exp2f(e);
+  }
+  __half(&vout)[kStep][D + 8] = sh.vout[warp];
+  for (int i = lane; i < kStep * (D + 8); i += kWarp) vout[i / (D + 8)][i % (D + 8)] = __float2half(0.f);
+  __syncthreads();
+
+  float o[L::kNT][2];  // O[g][(2t + c) D/8 + j] in o[j][c]
+#pragma unroll
+  for (int j = 0; j < L::kNT; ++j) o[j][0] = o[j][1] = 0.f;
+  float m = -INFINITY, l = 0.f, bias = 0.f;
+  const float row_scale = sh.row_scale[g];
+  uint32_t aq[L::kKSteps][2];
+  uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
+  float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
+  int cur_group = -1, cur_block = -1;
+  ValueFrame<BITS, D> vf;
+
+  for (int step = s_begin; step < s_end; ++step) {
+    float s[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     const bool compressed = step < csteps;
     const long tok0 = long(step) * kStep;  // sequence position of the step's first token
     // the lane's four score / P columns: tokens 2t, 2t+1 (n-tile 0) and 8+2t, 9+2t (n-tile 1)
@@ -556,11 +534,11 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
           const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;
           const uint32_t b0 = L::pair(cur.kw[nt][i0 / L::kHalf], i0 % L::kHalf);
           const uint32_t b1 = L::pair(cur.kw[nt][i1 / L::kHalf], i1 % L::kHalf);
-          mma_f16(s[nt], aq[ks_][0], aq[ks_][1], aq[ks_][2], aq[ks_][3], b0, b1);
+          mma_f16(s[nt], aq[ks_][0], aq[ks_][1], b0, b1);
         }
       if constexpr (RANK > 0) {  // + (q B_kj) A_kᵀ: one more k-step, k = rank (<= 8 of its 16)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, 0u, 0u, b_ka[nt], 0u);
+        for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, b_ka[nt], 0u);
       }
       // - zero bias + outliers, then back to qk_scale units
       const uint8_t* staged_key_idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1]);
@@ -569,16 +547,14 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       for (int col = 0; col < 4; ++col) {
         const int nt = col / 2, c = col % 2;
         const long tok = tok0 + 8 * nt + 2 * t + c;
-        float add[2] = {0.f, 0.f};
+        float add = 0.f;
         const int e0 = int(tok - tok0) * n_out;
         for (int j = 0; j < n_out; ++j) {
           const int idx = staged_key_idx[e0 + j];
           const float val = __half2float(staged_key_val[e0 + j]);
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) add[r] += sh.qf[g + 8 * r][idx] * val;
+          add += sh.qf[g][idx] * val;
         }
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) s[nt][2 * r + c] = (s[nt][2 * r + c] - bias[r] + add[r]) * row_scale[r];
+        s[nt][c] = (s[nt][c] - bias + add) * row_scale;
       }
     } else {
       // tail step: raw q (natural channel order) against the raw tail keys, in q's dtype
@@ -590,19 +566,15 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
 #pragma unroll
         for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
           const int c0 = 16 * ks_ + 2 * t;
-          uint32_t qa[4];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bool live = r < kRows && g + 8 * r < rows_here;
-            qa[r] = live ? *reinterpret_cast<const uint32_t*>(q + (g + 8 * r) * D + c0) : 0u;
-            qa[r + 2] = live ? *reinterpret_cast<const uint32_t*>(q + (g + 8 * r) * D + c0 + 8) : 0u;
-          }
+          const bool live = g < rows_here;
+          const uint32_t qa_lo = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0) : 0u;
+          const uint32_t qa_hi = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0 + 8) : 0u;
           const uint32_t b0 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0) : 0u;
           const uint32_t b1 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0 + 8) : 0u;
-          mma_raw(bf16, s[nt], qa[0], qa[1], qa[2], qa[3], b0, b1);
+          mma_raw(bf16, s[nt], qa_lo, qa_hi, b0, b1);
         }
-#pragma unroll
-        for (int c = 0; c < kC; ++c) s[nt][c] *= a.qk_scale;
+        s[nt][0] *= a.qk_scale;
+        s[nt][1] *= a.qk_scale;
       }
 #pragma unroll
       for (int col = 0; col < 4; ++col) {
@@ -613,24 +585,18 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     // masked columns (and tail positions past the end) -> -inf
 #pragma unroll
     for (int col = 0; col < 4; ++col)
-      if (!((keep >> col) & 1u)) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) s[col / 2][2 * r + col % 2] = -INFINITY;
-      }
-    float alpha[2] = {1.f, 1.f};
+      if (!((keep >> col) & 1u)) s[col / 2][col % 2] = -INFINITY;
+    float alpha;
     if (W::softmax(s, m, l, alpha)) {
 #pragma unroll
-      for (int j = 0; j < L::kNT; ++j)
-#pragma unroll
-        for (int c = 0; c < kC; ++c) o[j][c] *= alpha[c / 2];
-      pa[0] *= alpha[0];
-      pa[1] *= alpha[0];
+      for (int j = 0; j < L::kNT; ++j) o[j][0] *= alpha, o[j][1] *= alpha;
+      pa[0] *= alpha;
+      pa[1] *= alpha;
     }
     // O += P V
     if (compressed) {
-      const uint32_t pa0 = pack_half2(s[0][0], s[0][1]), pa2 = pack_half2(s[1][0], s[1][1]);
-      const uint32_t pa1 = kRows == 2 ? pack_half2(s[0][kC - 2], s[0][kC - 1]) : 0u;
-      const uint32_t pa3 = kRows == 2 ? pack_half2(s[1][kC - 2], s[1][kC - 1]) : 0u;
+      // P as the A operand: tokens 2t, 2t+1 (k low) and 8+2t, 9+2t (k high) of row g
+      const uint32_t p_lo = pack_half2(s[0][0], s[0][1]), p_hi = pack_half2(s[1][0], s[1][1]);
       // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
       // one word, then each slot is one channel of the lane's run for both tokens
       uint32_t comb[2][L::kRunHalves], v_scale[2], v_nzs[2];
@@ -650,9 +616,9 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         const int hh = j / L::kHalf, slot = j % L::kHalf;
         const uint32_t b0 = hfma2(L::pair(comb[0][hh], slot), v_scale[0], v_nzs[0]);
         const uint32_t b1 = hfma2(L::pair(comb[1][hh], slot), v_scale[1], v_nzs[1]);
-        mma_f16(o[j], pa0, pa1, pa2, pa3, b0, b1);
+        mma_f16(o[j], p_lo, p_hi, b0, b1);
       }
-      if constexpr (RANK > 0) mma_f16(pa, pa0, pa1, pa2, pa3, b_va[0], b_va[1]);  // P A_v
+      if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
       if (n_out > 0) {  // O += P Vout: the values' outliers as a sparse tile through the same mma
         const uint8_t* idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1] + 4 * kMaxOutliers);
         const __half* val = reinterpret_cast<const __half*>(sh.stage[warp][step & 1] + 16 * kMaxOutliers);
@@ -664,8 +630,8 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         for (int j = 0; j < L::kNT; j += 2) {
           uint32_t b[4];
           ldmatrix_x4_trans(&vout[lane % 8 + 8 * (mat % 2)][8 * (j + mat / 2)], b);
-          mma_f16(o[j], pa0, pa1, pa2, pa3, b[0], b[1]);
-          mma_f16(o[j + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
+          mma_f16(o[j], p_lo, p_hi, b[0], b[1]);
+          mma_f16(o[j + 1], p_lo, p_hi, b[2], b[3]);
         }
         __syncwarp();
         for (int e = lane; e < kStep * n_out; e += kWarp) vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = __half();
@@ -673,9 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       cur = nxt;
     } else {
       const int base = int(tok0 - Tc);
-      const uint32_t pa0 = pack_pair(s[0][0], s[0][1], bf16), pa2 = pack_pair(s[1][0], s[1][1], bf16);
-      const uint32_t pa1 = kRows == 2 ? pack_pair(s[0][kC - 2], s[0][kC - 1], bf16) : 0u;
-      const uint32_t pa3 = kRows == 2 ? pack_pair(s[1][kC - 2], s[1][kC - 1], bf16) : 0u;
+      const uint32_t p_lo = pack_pair(s[0][0], s[0][1], bf16), p_hi = pack_pair(s[1][0], s[1][1], bf16);
 #pragma unroll
       for (int j = 0; j < L::kNT; ++j) {
         const int ch = g * L::kNT + j;
@@ -687,7 +651,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
           const uint32_t hi = tb < a.tail_len ? tv[tb * D + ch] : 0u;
           b[pr] = lo | (hi << 16);
         }
-        mma_raw(bf16, o[j], pa0, pa1, pa2, pa3, b[0], b[1]);
+        mma_raw(bf16, o[j], p_lo, p_hi, b[0], b[1]);
       }
       if (cur_block >= 0) {  // the compressed steps are over
         W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
@@ -699,24 +663,16 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
 
   // the warp's partial: l summed over the quad, O into shared memory (over the outlier tiles: all
   // warps must be past their steps)
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    l[r] += __shfl_xor_sync(kFull, l[r], 1);
-    l[r] += __shfl_xor_sync(kFull, l[r], 2);
-  }
+  l += __shfl_xor_sync(kFull, l, 1);
+  l += __shfl_xor_sync(kFull, l, 2);
   __syncthreads();
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int c = 0; c < 2; ++c)
 #pragma unroll
-    for (int c = 0; c < 2; ++c)
-#pragma unroll
-      for (int j = 0; j < L::kNT; ++j) sh.oacc[warp][g + 8 * r][(2 * t + c) * L::kNT + j] = o[j][2 * r + c];
+    for (int j = 0; j < L::kNT; ++j) sh.oacc[warp][g][(2 * t + c) * L::kNT + j] = o[j][c];
   if (t == 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      sh.wm[warp][g + 8 * r] = m[r];
-      sh.wl[warp][g + 8 * r] = l[r];
-    }
+    sh.wm[warp][g] = m;
+    sh.wl[warp][g] = l;
   }
   __syncthreads();
 
@@ -775,11 +731,11 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("gear_decode: ") + what + ": " + cudaGetErrorString(err));
 }
 
-template <int BITS, int D, int MB, int RANK>
+template <int BITS, int D, int RANK>
 void launch(const GearDecodeArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
-  dim3 grid(a.splits, (a.M + MB - 1) / MB, a.batch_kv_heads);
-  gear_split_kernel<BITS, D, MB, RANK><<<grid, kThreads, 0, stream>>>(a);
+  dim3 grid(a.splits, (a.M + kRows - 1) / kRows, a.batch_kv_heads);
+  gear_split_kernel<BITS, D, RANK><<<grid, kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "split kernel launch");
   if (a.splits > 1) {
     gear_combine_kernel<<<dim3(a.M, a.batch_kv_heads), D, 0, stream>>>(
@@ -792,11 +748,10 @@ void launch(const GearDecodeArgs& a) {
 
 template <int BITS, int D>
 void dispatch_rank(const GearDecodeArgs& a) {
-  constexpr int MB = 8;  // q rows per CTA; more rows -> more row blocks (grid y)
   switch (a.rank) {
-    case 0: return launch<BITS, D, MB, 0>(a);
-    case 4: return launch<BITS, D, MB, 4>(a);
-    case 8: return launch<BITS, D, MB, 8>(a);
+    case 0: return launch<BITS, D, 0>(a);
+    case 4: return launch<BITS, D, 4>(a);
+    case 8: return launch<BITS, D, 8>(a);
     default: throw std::invalid_argument("gear_decode: rank must be 0, 4 or 8, got " + std::to_string(a.rank));
   }
 }
