@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -561,3 +562,12 @@ def test_kernel_profile_script_imports_and_needs_cuda(capsys):
         pytest.skip("a CPU-only check")
     assert module.main() == 0 and "needs a CUDA device" in capsys.readouterr().out
     assert all(path in ("decode", "tile", "dequant") for *_, path in module.QUANT_CASES)
+
+
+@pytest.mark.parametrize("suite", ["lowrank", "quant", "sparse", "kvcache"])
+def test_every_suite_prints_its_help(suite):
+    """--help renders (a "%" in a help text, e.g. the quant configuration "4b+1%", broke it)."""
+    proc = subprocess.run([sys.executable, "-m", f"lowrank_ops.benchmarks.{suite}", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--out" in proc.stdout

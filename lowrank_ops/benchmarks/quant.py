@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = T.suite_parser("quant", "Benchmark quant_linear against dense fp16 and tinygemm int4.", "2 shapes x M {1, 16, 256}")
     p.add_argument("--shapes", help="override shapes, N×K list: 4096x4096,11008x4096")
     p.add_argument("--batches", help="override batch sizes M, e.g. 1,16,256")
-    p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}")
+    p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}".replace("%", "%%"))
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     return p
 
