@@ -75,13 +75,13 @@ _DECODE_K_CHUNK = 64 if INTERPRET else 256  # smallest K range one decode split 
 _DECODE_MAX_SPLIT = 16
 _REDUCE_BLOCK_N = 32 if INTERPRET else 128
 # outlier kernel: output features per program, most x rows per program, CSR entries per step, and
-# the gather tile's element budget (features × entries × rows) that sets that step. Its steps are
-# a dependent chain (entries, then the gather from them): at 32 features and 8 entries per step
-# the batch-16 decode case (4096², 1 %: ~41 entries per row, 128 programs of ~8 steps) took
-# 11.5 µs on an H100; 8 features and up to 32 entries give 512 programs of ~2 steps.
-_OUTLIER_BLOCK_N = 8
+# the gather tile's element budget (features × entries × rows) that sets that step. Measured on an
+# H100 (4b + 1 %, M = 256): 32 features and 8 entries per step 84.5 µs at 4096² and 163 µs at
+# 11008 × 4096 (4ccb0e0); 8 features and up to 32 entries (shorter dependent chains, 4× the
+# programs) 135.8 and 298.8 µs (4ec857a), so the first shape stays.
+_OUTLIER_BLOCK_N = 32
 _OUTLIER_MAX_M = 64
-_OUTLIER_MAX_JC = 32
+_OUTLIER_MAX_JC = 8
 _OUTLIER_GATHER = 4096
 # dequant kernel tile: 16 rows × 256 columns (512 contiguous bytes of fp16 output per row)
 _DQ_BLOCK_N = 16
