@@ -126,22 +126,22 @@ def test_attention_through_cuda_backend_and_graph_replay():
     head_dim, cfg = _fmt("2b+2%+r4")
     kv = make_cache(1, 8, 8192 + 3, head_dim, F16, seed=3, **cfg)
     q = torch.randn(1, 32, 1, head_dim, device=DEV, dtype=F16)
-    verdict = cuda_decode.supports(q, kv)
-    assert verdict.ok and not verdict.preferred  # measured slower than Triton: pinned use only
     from lowrank_ops.kvcache.ops import _attention_backend
 
-    assert _attention_backend(q, kv) == "triton"
+    assert cuda_decode.supports(q, kv).preferred and _attention_backend(q, kv) == "cuda"  # eager, small
     with use_backend("cuda"):
         eager = attention(q, kv)
         static_q = q.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
+            captured_choice = _attention_backend(static_q, kv)  # what automatic dispatch would take here
             static_out = attention(static_q, kv)
         fresh = torch.randn_like(q)
         static_q.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
+    assert captured_choice == "triton"  # under capture the Triton kernel is the faster one
     ref = attention_reference(fresh.double(), kv, None, None, compute_dtype=torch.float64)
     assert ((static_out.double() - ref).norm() / ref.norm()).item() < TOL[F16]
     with use_backend("cuda"):

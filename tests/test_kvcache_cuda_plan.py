@@ -56,3 +56,13 @@ def test_split_plan_covers_every_step_without_an_empty_split(steps, columns, sms
     # about two CTAs per SM when there are enough steps (rounding to whole steps loses < half)
     target = min(-(-2 * sms // columns), -(-steps // cuda_decode.WARPS_PER_SPLIT), cuda_decode.MAX_SPLITS)
     assert 2 * splits >= target
+
+
+def test_automatic_dispatch_prefers_the_cuda_kernel_only_for_small_eager_calls():
+    from types import SimpleNamespace
+
+    small = SimpleNamespace(batch=1, kv_heads=8, seq_len=32768)   # 262K head-tokens: measured faster eager
+    large = SimpleNamespace(batch=16, kv_heads=8, seq_len=8192)   # 1M: measured slower
+    assert cuda_decode.preferred(small)
+    assert not cuda_decode.preferred(large)
+    assert cuda_decode.EAGER_MAX_WORK == 1 << 19

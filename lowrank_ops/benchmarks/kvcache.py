@@ -311,7 +311,8 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             kind = "baseline" if name == "dequant+sdpa" else "ours"
             fn = _dequant_sdpa if kind == "baseline" else _gear
             row = _base_row(case, name, kind, env, config)
-            # automatic dispatch: Triton on a GPU (the CUDA kernel measured slower, see kvcache/cuda_decode.py)
+            # "auto" = what automatic dispatch takes under CUDA-graph capture, where the rows are timed
+            # (eager calls of small caches take the CUDA kernel: lowrank_ops/kvcache/cuda_decode.py)
             row.update(backend=backend_name or "torch", auto=backend_name == ("triton" if env.device.type == "cuda" else "reference"),
                        **memory)
             row.update(T.derived_metrics(None, cost, copy_gbps, matmul_tflops))

@@ -7,8 +7,10 @@ their merge). The compiled module takes raw device pointers, sizes, a dtype code
 as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
 
-Not chosen automatically (:data:`MEASURED_SLOWER`): pin it with ``LOWRANK_OPS_BACKEND=cuda`` or
-:func:`lowrank_ops.core.backend.use_backend`. Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
+Automatic dispatch takes it for eager calls at small sizes, where its shorter host path wins, and
+takes the Triton kernel under CUDA-graph capture and for large calls (:func:`preferred`, with the
+measurements); pin either with ``LOWRANK_OPS_BACKEND`` or :func:`lowrank_ops.core.backend.use_backend`.
+Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
 or 8, up to 8 outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
 kernel (:func:`supports` says why).
 """
@@ -35,10 +37,16 @@ ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the ke
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-# Automatic dispatch passes this kernel over (pinning the "cuda" backend still runs it): on the H100
-# it ran behind the Triton kernel in 11 of the 12 benchmark cases, e.g. 8k context, batch 16,
-# 2 bits + 2 % outliers + rank 4: 437 us against 340 (bench/results/h100-2026-11-27-88e7c84).
-MEASURED_SLOWER = "measured slower than the Triton GEAR kernel on an H100 (bench/results/h100-2026-11-27-88e7c84)"  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+# When automatic dispatch takes this kernel (H100, bench/results/h100-2026-11-27-4ec857a, 32 q / 8
+# kv heads, head_dim 128): its device time is behind the Triton kernel's (graph replay, 8k, batch 1:
+# 24-36 us against 16-33; batch 16: 174-437 against 148-383), but an eager call costs far less host
+# time (8k, batch 1: 89-145 us against 178-302; 32k, batch 1 (88e7c84): 104-200 against 178-456),
+# and at small sizes an eager decode step is host-bound. So it is preferred for eager calls up to
+# EAGER_MAX_WORK = batch * kv_heads * seq_len (the measured cases: 65K and 262K won, 1M = 8k x 16
+# lost, 182-444 us against 186-345), and never while a CUDA graph is being captured (graphs remove
+# the host time, and there Triton is faster).
+EAGER_MAX_WORK = 1 << 19
+NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and for large eager calls (measured on an H100)"  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
@@ -77,7 +85,15 @@ def supports(q: object, kv: "GEARKV") -> Support:
         return Support(False, f"{misaligned[0]} is not 16-byte aligned (the kernel reads 128-bit words)")
     if not cuda_ext.available():
         return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True, MEASURED_SLOWER, preferred=False)
+    return Support(True, NOT_PREFERRED, preferred=preferred(kv))
+
+
+def preferred(kv: "GEARKV") -> bool:
+    """Whether automatic dispatch takes this kernel for ``kv`` (see :data:`EAGER_MAX_WORK`): an eager
+    call (no CUDA graph being captured) over at most EAGER_MAX_WORK cached head-tokens."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return kv.batch * kv.kv_heads * kv.seq_len <= EAGER_MAX_WORK
 
 
 @functools.lru_cache(maxsize=None)
