@@ -8,6 +8,8 @@ masked sequence, one split (the kernel writes the output itself) and many, CUDA-
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,8 +27,13 @@ TOL = {F16: 3e-3, BF16: 2e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
+    """Skip without the CUDA extension; fail instead where it must exist (LOWRANK_OPS_REQUIRE_CUDA_EXT=1,
+    set by bench/device_check.sh after its build)."""
     if cuda_ext.load() is None:
-        pytest.skip(f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
+        why = f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}"
+        if os.environ.get("LOWRANK_OPS_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 def make_cache(batch, kv_heads, seq, head_dim, dtype, seed, **cfg):
