@@ -36,7 +36,7 @@ STEP_TOKENS = 16  # tokens per warp step of the kernel
 ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the kernel keeps the top 8
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 # When automatic dispatch takes this kernel (H100, bench/results/h100-2026-11-27-4ec857a, 32 q / 8
 # kv heads, head_dim 128): its device time is behind the Triton kernel's (graph replay, 8k, batch 1:
 # 24-36 us against 16-33; batch 16: 174-437 against 148-383), but an eager call costs far less host
@@ -46,7 +46,7 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # lost, 182-444 us against 186-345), and never while a CUDA graph is being captured (graphs remove
 # the host time, and there Triton is faster).
 EAGER_MAX_WORK = 1 << 19
-NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and for large eager calls (measured on an H100)"  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and for large eager calls (measured on an H100)"
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
@@ -85,7 +85,8 @@ def supports(q: object, kv: "GEARKV") -> Support:
         return Support(False, f"{misaligned[0]} is not 16-byte aligned (the kernel reads 128-bit words)")
     if not cuda_ext.available():
         return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
-    return Support(True, NOT_PREFERRED, preferred=preferred(kv))
+    chosen = preferred(kv)
+    return Support(True, "" if chosen else NOT_PREFERRED, preferred=chosen)
 
 
 def preferred(kv: "GEARKV") -> bool:
