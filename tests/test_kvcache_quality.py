@@ -28,6 +28,20 @@ So GEAR clearly beats quantization alone at the same code width and groups (15-2
 error, asserted below), and both of its parts help; but on these tensors, at an equal budget
 of bits per entry, finer quantization groups do as well and 4-bit codes far better — the
 per-block rank-4 factors cost ≈ 1.5 bits per entry at head_dim 128 and B = 64.
+
+Cheaper GEAR settings do not change that (same ``errors`` helper, 2026-11-27; B = 256 spreads a
+block's factors over the whole padded batch length; steady-state bits per entry):
+
+==============================  ======  ======  ======  ======
+config                          K       V       output  bits
+==============================  ======  ======  ======  ======
+GEAR 2-bit G 64, r 4, s 2 %     0.299   0.371   0.379   3.81
+GEAR 2-bit G 32, r 4, s 2 %     0.251   0.329   0.319   4.31
+GEAR 2-bit G 64, r 2, s 1 %     0.323   0.426   0.432   3.06
+2-bit quant alone, G 32         0.285   0.399   0.386   3.00
+2-bit quant alone, G 16         0.225   0.329   0.306   4.00
+4-bit quant alone, G 128        0.079   0.106   0.106   4.25
+==============================  ======  ======  ======  ======
 """
 import math
 
