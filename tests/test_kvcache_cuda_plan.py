@@ -66,3 +66,20 @@ def test_automatic_dispatch_prefers_the_cuda_kernel_only_for_small_eager_calls()
     assert cuda_decode.preferred(small)
     assert not cuda_decode.preferred(large)
     assert cuda_decode.EAGER_MAX_WORK == 1 << 19
+
+
+def test_an_extension_built_without_the_kernel_is_refused_by_name(monkeypatch):
+    """An older lowrank_ops._C (no gear_decode) must not be dispatched to: it would fail mid-call."""
+    from types import SimpleNamespace
+
+    from lowrank_ops.core import cuda_ext
+
+    kv = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16), GEARConfig(rank=4))
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=F16)
+    monkeypatch.setattr(cuda_decode, "Tensor", SimpleNamespace)  # q passes the tensor check on a CPU machine
+    monkeypatch.setattr(cuda_ext, "available", lambda: True)
+    monkeypatch.setattr(cuda_ext, "load", lambda: SimpleNamespace(lowrank_decode=None))
+    verdict = cuda_decode.supports(q, kv)
+    assert not verdict.ok and "without gear_decode" in verdict.why
+    monkeypatch.setattr(cuda_ext, "load", lambda: SimpleNamespace(gear_decode=None))
+    assert cuda_decode.supports(q, kv).ok

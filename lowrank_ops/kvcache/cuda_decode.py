@@ -85,6 +85,8 @@ def supports(q: object, kv: "GEARKV") -> Support:
         return Support(False, f"{misaligned[0]} is not 16-byte aligned (the kernel reads 128-bit words)")
     if not cuda_ext.available():
         return Support(False, f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}")
+    if not hasattr(cuda_ext.load(), "gear_decode"):
+        return Support(False, "the CUDA extension was built without gear_decode (older csrc/): rebuild it")
     chosen = preferred(kv)
     return Support(True, "" if chosen else NOT_PREFERRED, preferred=chosen)
 
