@@ -252,7 +252,6 @@ def our_methods(env: Env) -> list[tuple[str, str, str]]:
     return [("cuda", "cuda", env.cuda_why), ("triton", "triton", env.triton_why)]
 
 
-
 def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], matmul_tflops: Optional[float],
              log: Callable[[str], None] = print) -> list[dict]:
     """Time the baselines and every configuration of one case; never raises (errors become rows)."""

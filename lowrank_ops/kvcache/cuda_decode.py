@@ -17,6 +17,7 @@ kernel (:func:`supports` says why).
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -37,6 +38,7 @@ ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the ke
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
+_LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 # When automatic dispatch takes this kernel (H100, bench/results/h100-2026-11-27-4ec857a, 32 q / 8
 # kv heads, head_dim 128): its device time is behind the Triton kernel's (graph replay, 8k, batch 1:
 # 24-36 us against 16-33; batch 16: 174-437 against 148-383), but an eager call costs far less host
@@ -124,6 +126,13 @@ def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: floa
     verdict = supports(q, kv)
     if not verdict.ok:
         raise ValueError(f"q: the CUDA GEAR kernel cannot serve this call: {verdict.why}")
+    return launch(q, kv, key_mask, scale, num_splits)
+
+
+def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
+           num_splits: Optional[int] = None) -> Tensor:
+    """:func:`gear_decode` without its :func:`supports` check, for a caller that has just made it
+    (automatic dispatch: the check scans every tensor's alignment, and eager decode is host-bound)."""
     module = cuda_ext.load()
     cfg = kv.config
     batch, q_heads, q_len, head_dim = q.shape
@@ -159,7 +168,7 @@ def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: floa
             ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
             part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
             out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
-            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, splits, per_split, float(scale) * 1.4426950408889634,
+            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, splits, per_split, float(scale) * _LOG2E,
             _DTYPE_CODES[q.dtype], torch.cuda.current_stream(device).cuda_stream,
         )
     return out

@@ -104,7 +104,7 @@ def _gear_attention_op(
 def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float) -> Tensor:
     chosen = _attention_backend(q, kv)
     if chosen == "cuda":
-        return cuda_decode.gear_decode(q, kv, key_mask, scale)
+        return cuda_decode.launch(q, kv, key_mask, scale)  # dispatch has just checked supports()
     if chosen == "triton":
         return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale)
     return attention_reference(q, kv, key_mask, scale)
