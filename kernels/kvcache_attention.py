@@ -14,7 +14,9 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   channel pairs, see ``_add_outliers``);
 * low rank: A (batch, kv_heads, T, r), B (batch, kv_heads, T / B, D, r), used factored only:
   scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed; the rank r
-  is a compile-time constant (the factor rows are then vector loads);
+  is a compile-time constant (the factor rows are then vector loads). Factors are fp16, or int8
+  (``INT8_FACTORS``) with A's per-(block, rank column) scales (batch, kv_heads, T / B, r) and
+  B = B̂ / 127: both are scaled on chip into the same fp16 tiles as fp16 factors;
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
 
 Two launches, no atomics, deterministic:
@@ -62,6 +64,8 @@ if TYPE_CHECKING:
     from lowrank_ops.kvcache.format import GEARKV
 
 KV_MAX_RANK = 64  # the split kernel keeps (BLOCK_M × R_PAD) and (R_PAD × D) factor tiles on chip
+# lowrank_ops.kvcache.format.INT8_BASIS_SCALE (a test checks they agree), as a constexpr for the kernel
+INT8_BASIS_SCALE = tl.constexpr(1.0 / 127)
 _LOG2E = 1.4426950408889634
 _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more rows -> more M-blocks
 
@@ -204,6 +208,25 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
 
 
 @triton.jit
+def _factor_rows(a_ptr, scale_ptr, tok, blk, offs_r, r_mask, R: tl.constexpr, INT8_FACTORS: tl.constexpr):
+    """fp32 (BLOCK_N × R_PAD) rows of A of tokens ``tok`` (in block ``blk``); int8 rows times
+    the block's column scales."""
+    a = tl.load(a_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0).to(tl.float32)
+    if INT8_FACTORS:
+        a = a * tl.load(scale_ptr + blk * R + offs_r, mask=r_mask, other=0.0)[None, :]
+    return a
+
+
+@triton.jit
+def _basis(b_ptrs, mask, INT8_FACTORS: tl.constexpr):
+    """fp32 entries of B at ``b_ptrs``; int8 ones times INT8_BASIS_SCALE."""
+    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if INT8_FACTORS:
+        b = b * INT8_BASIS_SCALE
+    return b
+
+
+@triton.jit
 def _masked_scores(s, pos, valid, mask_row_ptr, HAS_MASK: tl.constexpr):
     """Scores of tokens at sequence positions ``pos``; -inf where not ``valid`` or masked out."""
     keep = valid
@@ -242,16 +265,17 @@ def _online_softmax(s, m_i, l_i, acc):
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
 @triton.autotune(configs=_configs(_SPLIT_TABLE, ()),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
-                       "DOT_PRECISION", "BLOCK_N"])
+                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N"])
 @triton.jit
 def _gear_split_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr,
-    vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
+    vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, UNITS_PER_SPLIT, qk_scale,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_LR: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -278,6 +302,8 @@ def _gear_split_kernel(
     va_ptr += bh * T * R
     kb_ptr += bh * NBLOCKS * HEAD_DIM * R
     vb_ptr += bh * NBLOCKS * HEAD_DIM * R
+    kas_ptr += bh * NBLOCKS * R
+    vas_ptr += bh * NBLOCKS * R
     tk_ptr += bh * BLOCK_TOKENS * HEAD_DIM
     tv_ptr += bh * BLOCK_TOKENS * HEAD_DIM
     mask_ptr += (bh // H_KV) * SEQ_LEN
@@ -315,10 +341,10 @@ def _gear_split_kernel(
                         N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
-            bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                         mask=d_mask[:, None] & r_mask[None, :], other=0.0)
+            bk = _basis(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                        d_mask[:, None] & r_mask[None, :], INT8_FACTORS)
             qb = _dot(qc, bk.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
-            a = tl.load(ka_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            a = _factor_rows(ka_ptr, kas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS)
             s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
@@ -327,10 +353,10 @@ def _gear_split_kernel(
                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = tl.load(va_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            av = _factor_rows(va_ptr, vas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS)
             pa = _dot(p, av.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
-            bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                          mask=d_mask[None, :] & r_mask[:, None], other=0.0)
+            bvt = _basis(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                         d_mask[None, :] & r_mask[:, None], INT8_FACTORS)
             acc = _dot(pa.to(cdtype), bvt.to(cdtype), acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
@@ -462,14 +488,17 @@ def gear_decode_attention(
     dummy = t["key_codes"]  # pointer for absent tensors (their branches are compiled out)
     has_lr = rank > 0
     outl = [t[n] if n_out else dummy for n in ("key_out_idx", "key_out_val", "value_out_idx", "value_out_val")]
+    int8_factors = has_lr and cfg.factor_bits == 8
     lr = [t[n] if has_lr else dummy for n in ("key_lr_a", "key_lr_b", "value_lr_a", "value_lr_b")]
+    lr_scale = [t[n] if int8_factors else dummy for n in ("key_lr_scale", "value_lr_scale")]
     _gear_split_kernel[(splits, m_blocks, batch * kv_heads)](
-        q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1],
-        t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3],
+        q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
+        t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
         kv_heads, m, seq_len, nblocks, tail_len, units, per_split, float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, HAS_MASK=key_mask is not None,
+        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
+        HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
     )
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
@@ -482,28 +511,30 @@ def gear_decode_attention(
 
 
 # --------------------------------------------------------------------------- compile lane
-# 2 and 4 bits, head_dim 64 and 128, outliers and low rank each on and off, fp16 and bf16 q,
-# 64-token tiles across two key groups and 32-token tiles in one, each value in at least one
-# case (every case compiles in seconds); one fp32 case (exact dots) for the all-configs fp32
-# run; the combine kernel per output dtype.
+# 2 and 4 bits, head_dim 64 and 128, outliers and low rank (fp16 and int8 factors) each on and
+# off, fp16 and bf16 q, 64-token tiles across two key groups and 32-token tiles in one, each
+# value in at least one case (every case compiles in seconds); one fp32 case (exact dots) for
+# the all-configs fp32 run; the combine kernel per output dtype.
 def _compile_cases() -> list[CompileCase]:
     cases = []
-    packed = dict(kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", koi_ptr="*u8", kov_ptr="*fp16", ka_ptr="*fp16",
-                  kb_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16", vz_ptr="*fp16", voi_ptr="*u8", vov_ptr="*fp16",
-                  va_ptr="*fp16", vb_ptr="*fp16")
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
                 UNITS_PER_SPLIT="i32", qk_scale="fp32")
-    for dtype, bits, head_dim, has_out, has_lr, block_n in (
-        ("fp16", 4, 128, True, True, 64), ("bf16", 2, 128, False, False, 64), ("fp16", 2, 64, True, False, 32),
-        ("bf16", 4, 64, False, True, 32), ("fp32", 4, 128, True, True, 64),
+    for dtype, bits, head_dim, has_out, lr, block_n in (
+        ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
+        ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),
     ):
+        f = f"*{lr or 'fp16'}"
+        packed = dict(kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", koi_ptr="*u8", kov_ptr="*fp16", ka_ptr=f,
+                      kb_ptr=f, kas_ptr="*fp32", vc_ptr="*i32", vs_ptr="*fp16", vz_ptr="*fp16", voi_ptr="*u8",
+                      vov_ptr="*fp16", va_ptr=f, vb_ptr=f, vas_ptr="*fp32")
         p = f"*{dtype}"
         sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
                    part_acc_ptr="*fp32", **ints)
         flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
-                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if has_lr else 0, R_PAD=16, HAS_LR=has_lr, BLOCK_N=block_n, HAS_MASK=True,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_PAD=16, HAS_LR=lr is not None,
+                     INT8_FACTORS=lr == "i8", BLOCK_N=block_n, HAS_MASK=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-        name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{',lr' if has_lr else ''}]"
+        name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{f',lr-{lr}' if lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))
     for dtype in ("fp16", "bf16", "fp32"):
         cases.append(CompileCase(

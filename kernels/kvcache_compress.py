@@ -14,7 +14,7 @@ size G, into the layout of ``lowrank_ops/kvcache/format.py``:
 * the residual ``x − deq − outliers`` is written in fp32 for the low-rank step.
 
 The low-rank approximation of the residual (subspace iteration, a few batched matmuls and QRs
-per block) stays in torch: :func:`lowrank_ops.kvcache.compress.lowrank_residual`.
+per block) stays in torch: :func:`lowrank_ops.kvcache.compress.lowrank_factors`.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 32, 8, 128
 SEQ = 4096 + 37
 CONFIGS = {
     "2b+2%+r4": dict(bits=2, rank=4, outlier_ratio=0.02),
-    "4b+2%+r2": dict(bits=4, rank=2, outlier_ratio=0.02),
+    "4b+2%+r2": dict(bits=4, rank=2, outlier_ratio=0.02, factor_bits=16),
     "2b": dict(bits=2, rank=0, outlier_ratio=0.0),
 }
 

@@ -71,7 +71,7 @@ FORMATS = {
 
 def _fmt(name):
     bits, rank, ratio, group, buf, head_dim = FORMATS[name]
-    return head_dim, dict(bits=bits, rank=rank, outlier_ratio=ratio, group_size=group, buffer_tokens=buf)
+    return head_dim, dict(bits=bits, rank=rank, outlier_ratio=ratio, group_size=group, buffer_tokens=buf, factor_bits=16)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])

@@ -10,7 +10,7 @@ tail (empty / partial), GQA (4:1 / 1:1), head_dim (64 / 128, plus 80: padded cha
 sampled across it with co-prime periods so every value meets every path; key groups of 32 tokens
 in 32-token blocks (one group per tile), 16 in 32-token blocks and 32 in 64-token blocks (tiles
 spanning two groups), 16 in 48-token blocks (three tiles per block), and 128 (two tiles per
-group).
+group); int8 and fp16 factors.
 """
 import itertools
 
@@ -32,10 +32,11 @@ BATCH, KV_HEADS = 2, 2
 
 
 # --------------------------------------------------------------------------- helpers
-def make_cache(*, bits, rank, ratio, nblocks, tail, head_dim, dtype, buffer_tokens=32, group_size=32):
+def make_cache(*, bits, rank, ratio, nblocks, tail, head_dim, dtype, buffer_tokens=32, group_size=32, factor_bits=8):
     """compress() of random (BATCH, KV_HEADS, nblocks·B + tail, head_dim) keys/values (keys with a
     per-channel offset and a few large entries, as real keys have)."""
-    cfg = GEARConfig(bits=bits, rank=rank, outlier_ratio=ratio, buffer_tokens=buffer_tokens, group_size=group_size)
+    cfg = GEARConfig(bits=bits, rank=rank, outlier_ratio=ratio, buffer_tokens=buffer_tokens, group_size=group_size,
+                     factor_bits=factor_bits)
     seq = nblocks * buffer_tokens + tail
     keys = torch.randn(BATCH, KV_HEADS, seq, head_dim) + torch.randn(head_dim) * 2
     keys[..., 3] *= 8
@@ -70,11 +71,12 @@ def _cases():
             bits=bits, rank=rank, ratio=ratio, nblocks=(2, 3, 1)[i % 3], tail=(0, 5, 19)[i % 3] if i % 4 else 0,
             head_dim=(64, 128)[i % 2], groups=(4, 1)[(i // 2) % 2], q_len=(1, 2, 3)[i % 3],
             dtype=(torch.float16, torch.float32)[(i // 3) % 2], splits=(None, 2, 1, 5)[i % 4],
+            factor_bits=(8, 16)[(i // 4) % 2],
         ))
     # row blocks (4 heads × 17 tokens = 68 rows > 64); padded channels (80 → 128) with group 16
     # (tiles of 16 tokens), bf16; group 128 in blocks of 128 (two 64-token tiles per key group)
     out.append(dict(bits=4, rank=4, ratio=0.02, nblocks=2, tail=3, head_dim=64, groups=4, q_len=17,
-                    dtype=torch.float16, splits=3))
+                    dtype=torch.float16, splits=3, factor_bits=16))
     out.append(dict(bits=2, rank=4, ratio=0.05, nblocks=2, tail=7, head_dim=80, groups=2, q_len=1,
                     dtype=torch.bfloat16, splits=None, group_size=16))
     out.append(dict(bits=4, rank=2, ratio=0.02, nblocks=1, tail=70, head_dim=128, groups=1, q_len=1,
@@ -92,14 +94,14 @@ CASES = _cases()
 
 
 def _id(c):
-    return "{bits}b-r{rank}-o{ratio}-nb{nblocks}-t{tail}-d{head_dim}-g{groups}-q{q_len}-{d}-s{splits}-G{G}".format(
-        **c, d=str(c["dtype"]).split(".")[-1], G=c.get("group_size", 32))
+    return "{bits}b-r{rank}-o{ratio}-nb{nblocks}-t{tail}-d{head_dim}-g{groups}-q{q_len}-{d}-s{splits}-G{G}-f{f}".format(
+        **c, d=str(c["dtype"]).split(".")[-1], G=c.get("group_size", 32), f=c.get("factor_bits", 8))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_gear_decode_attention(case, poisoned):
     dtype, head_dim = case["dtype"], case["head_dim"]
-    sizes = {k: case[k] for k in ("group_size", "buffer_tokens") if k in case}
+    sizes = {k: case[k] for k in ("group_size", "buffer_tokens", "factor_bits") if k in case}
     kv = make_cache(bits=case["bits"], rank=case["rank"], ratio=case["ratio"], nblocks=case["nblocks"],
                     tail=case["tail"], head_dim=head_dim, dtype=dtype, **sizes)
     assert kv.tail_len == case["tail"] and kv.nblocks == case["nblocks"]
@@ -222,6 +224,12 @@ def test_bad_input():
         kernels.gear_decode_attention(q, kv, mask.int(), None)
     with pytest.raises(ValueError, match="key_mask: .*cached tokens"):
         kernels.gear_decode_attention(q, kv, mask[:, 1:], None)
+
+
+def test_int8_basis_scale_matches_the_format():
+    from lowrank_ops.kvcache.format import INT8_BASIS_SCALE
+
+    assert kernels.INT8_BASIS_SCALE.value == INT8_BASIS_SCALE
 
 
 def test_rank_limit():

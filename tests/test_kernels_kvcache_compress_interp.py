@@ -88,10 +88,10 @@ def test_pinned_triton_compress_equals_reference_compress():
         a, b = getattr(kv, name), getattr(ref, name)
         if name.startswith("tail"):
             a, b = a[:, :, : kv.tail_len], b[:, :, : ref.tail_len]
-        if ON_CUDA or "lr" in name:
-            torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-2)
-        else:
+        if not ON_CUDA:  # on a GPU, fp32 roundings may differ: see the decompressed caches below
             assert torch.equal(a, b), name
+    for a, b in zip(kv.decompress(torch.float32), ref.decompress(torch.float32)):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
 
 
 def test_scale_floors_agree_with_the_reference():

@@ -114,7 +114,7 @@ def test_custom_op_fake_and_opcheck():
     mask = torch.rand(2, 70) > 0.2
     cfg = kv.config
     args = (q, list(kv.tensors().values()), mask, 0.125, cfg.bits, cfg.group_size, cfg.rank,
-            float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.power_iters, kv.tail_len)
+            float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
     with use_backend("reference"):
         torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, args)
         compiled = torch.compile(lambda q: attention(q, kv, key_mask=mask, scale=0.125), fullgraph=True, backend="eager")

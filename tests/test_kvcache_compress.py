@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lowrank_ops.kvcache import GEARConfig, GEARKV, compress, dense_nbytes
-from lowrank_ops.kvcache.compress import outlier_slots, quantize_reference
-from lowrank_ops.kvcache.format import TENSOR_FIELDS, pack_last, unpack_last
+from lowrank_ops.kvcache.compress import lowrank_basis, lowrank_factors, outlier_slots, quantize_reference
+from lowrank_ops.kvcache.format import TENSOR_FIELDS, lowrank_product, pack_last, unpack_last
 
 
 
@@ -167,7 +167,7 @@ def test_constant_and_all_outlier_groups_stay_finite():
 
 
 def test_full_rank_is_lossless():
-    cfg = GEARConfig(bits=2, group_size=32, rank=64, buffer_tokens=64, outlier_ratio=0.0)
+    cfg = GEARConfig(bits=2, group_size=32, rank=64, buffer_tokens=64, outlier_ratio=0.0, factor_bits=16)
     keys, values = kv_pair(1, 2, 128, 64, torch.float32)
     k_hat, v_hat = compress(keys, values, cfg).decompress(torch.float32)
     assert rel(k_hat, keys) < 2e-3 and rel(v_hat, values) < 2e-3
@@ -182,16 +182,54 @@ def test_lowrank_reduces_error_and_more_iters_do_not_hurt():
     assert errs[1] < errs[0] and errs[2] <= errs[1] * 1.01 and errs[3] < errs[2]
 
 
+@pytest.mark.parametrize("fit", ["joint", "residual"])
+def test_lowrank_fit_order(fit):
+    """"joint": the codes are those of X − L₀, L₀ the rank-r term of the data; "residual" (GEAR's
+    order): those of X. Either way the stored term is the fit of what the codes and outliers leave."""
+    cfg = GEARConfig(bits=2, rank=4, lowrank_fit=fit, factor_bits=16)
+    keys, values = kv_pair(1, 2, 128, 64, torch.float32)
+    kv = compress(keys, values, cfg)
+    for kind, x in (("key", keys), ("value", values)):
+        blocks = x.reshape(1, 2, 2, 64, 64)
+        v = lowrank_basis(blocks, 4, cfg.power_iters)
+        start = (blocks @ v @ v.transpose(-1, -2)).reshape(x.shape)
+        q = quantize_reference(x - start if fit == "joint" else x, cfg, kind)
+        assert torch.equal(getattr(kv, f"{kind}_codes"), q["codes"]), kind
+        left = (q["residual"] + start if fit == "joint" else q["residual"]).reshape(blocks.shape)
+        a, b, _ = lowrank_factors(left, 4, cfg.power_iters, 16)
+        assert torch.equal(getattr(kv, f"{kind}_lr_a"), a) and torch.equal(getattr(kv, f"{kind}_lr_b"), b), kind
+
+
+def test_int8_factors_are_scaled_fp16_ones():
+    """int8 A with per-(block, column) fp32 scales and int8 B read as B̂/127 represent the same
+    rank-r term as fp16 factors, to int8 rounding."""
+    keys, values = kv_pair(2, 2, 128, 64, torch.float32)
+    int8 = compress(keys, values, GEARConfig(bits=2, rank=4))
+    fp16 = compress(keys, values, GEARConfig(bits=2, rank=4, factor_bits=16))
+    for kind in ("key", "value"):
+        a, b, scale = (getattr(int8, f"{kind}_lr_{n}") for n in ("a", "b", "scale"))
+        assert a.dtype == b.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (2, 2, 2, 4)
+        assert a.abs().amax(2).eq(127).all()  # every block's columns use the full int8 range
+        assert torch.equal(getattr(int8, f"{kind}_codes"), getattr(fp16, f"{kind}_codes"))
+        term = lowrank_product(a, b, scale, 64, torch.float32)
+        ref = lowrank_product(*(getattr(fp16, f"{kind}_lr_{n}") for n in ("a", "b", "scale")), 64, torch.float32)
+        assert rel(term, ref) < 0.03, kind
+    assert rel(int8.decompress(torch.float32)[1], values) < 1.01 * rel(fp16.decompress(torch.float32)[1], values)
+
+
 # --------------------------------------------------------------------------- bytes
-@pytest.mark.parametrize("bits, d, g, rank, ratio, t", [(2, 128, 32, 4, 0.02, 200), (4, 64, 16, 0, 0.0, 64), (2, 64, 64, 8, 0.1, 5)])
-def test_nbytes_formula(bits, d, g, rank, ratio, t):
-    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio)
+@pytest.mark.parametrize("bits, d, g, rank, ratio, t, factor_bits", [
+    (2, 128, 32, 4, 0.02, 200, 8), (2, 128, 32, 4, 0.02, 200, 16), (4, 64, 16, 0, 0.0, 64, 8), (2, 64, 64, 8, 0.1, 5, 16),
+])
+def test_nbytes_formula(bits, d, g, rank, ratio, t, factor_bits):
+    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, factor_bits=factor_bits)
     b, h = 2, 3
     kv = compress(*kv_pair(b, h, t, d), cfg)
     tc, nblocks, n_out = t // 64 * 64, t // 64, round(ratio * d)
     key = tc * d * bits // 8 + 2 * 2 * (tc // g) * d
     value = tc * d * bits // 8 + 2 * 2 * tc * (d // g)
-    shared = tc * n_out * (1 + 2) + 2 * tc * rank + 2 * nblocks * d * rank
+    factor = factor_bits // 8 * (tc * rank + nblocks * d * rank) + (4 * nblocks * rank if factor_bits == 8 else 0)
+    shared = tc * n_out * (1 + 2) + factor
     tail = 2 * 64 * d * 2
     expected = b * h * (key + value + 2 * shared + tail)
     assert kv.nbytes == expected == sum(t.numel() * t.element_size() for t in kv.tensors().values())
@@ -201,18 +239,22 @@ def test_nbytes_formula(bits, d, g, rank, ratio, t):
 
 
 def test_two_bit_memory_fraction():
-    """2 bits, r = 4, s = 2 %, B = 64, head_dim 128, all bytes in (tail buffer included), 8192 tokens:
-    group 64 → 29.3 % of fp16 (28.5 % per block); the default group 32 → 32.4 % (31.6 % per block):
-    its fp16 scales and zeros cost one bit per entry more than group 64's."""
+    """2 bits, r = 4, s = 2 %, B = 64, head_dim 128, all bytes in (tail buffer included), 8192 tokens.
+    Per token and kv head, K and V: codes 64 B, fp16 scales + zeros 32 (group 32) or 16 (group 64),
+    3 outliers 18, factors 48.5 (int8 A rows 8, int8 B 16 per token, fp32 scales 0.5) or 48 (fp16).
+    The default (group 32, int8 factors) → 27.8 % of fp16 (27.1 % per block), within the contract's
+    30 %; fp16 factors → 32.4 % (31.6 %), or 29.3 % with group 64."""
     t = 8192
     keys, values = kv_pair(1, 1, t, 128)
-    fractions = {}
-    for g in (32, 64):
-        kv = compress(keys, values, GEARConfig(bits=2, rank=4, outlier_ratio=0.02, buffer_tokens=64, group_size=g))
-        fractions[g] = kv.nbytes / dense_nbytes(1, 1, t, 128)
+
+    def fraction(**kw):
+        return compress(keys, values, GEARConfig(bits=2, rank=4, outlier_ratio=0.02, **kw)).nbytes / dense_nbytes(1, 1, t, 128)
+
     tail = 2 * 64 * 128 * 2 / t  # bytes per token of the fp16 tail buffer
-    assert fractions[64] == pytest.approx((146 + tail) / 512) and fractions[64] <= 0.30
-    assert fractions[32] == pytest.approx((162 + tail) / 512)
+    default = compress(keys, values, GEARConfig()).nbytes / dense_nbytes(1, 1, t, 128)
+    assert default == pytest.approx((138.5 + tail) / 512) and default <= 0.30
+    assert fraction(factor_bits=16) == pytest.approx((162 + tail) / 512)
+    assert fraction(factor_bits=16, group_size=64) == pytest.approx((146 + tail) / 512)
 
 
 # --------------------------------------------------------------------------- errors
@@ -250,7 +292,7 @@ def test_bad_inputs():
 
 
 def test_validate_refuses_mismatched_tensors():
-    kv = compress(*kv_pair(1, 2, 70, 64), GEARConfig())
+    kv = compress(*kv_pair(1, 2, 70, 64), GEARConfig(group_size=32))  # two key groups per block
     fields = dict(kv.tensors(), config=kv.config, tail_len=kv.tail_len)
     GEARKV(**fields)
     with pytest.raises(ValueError, match="key_scale"):

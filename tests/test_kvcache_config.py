@@ -9,6 +9,7 @@ from lowrank_ops.kvcache import GEARConfig
 def test_defaults_follow_the_contract():
     cfg = GEARConfig()
     assert (cfg.bits, cfg.group_size, cfg.rank, cfg.outlier_ratio, cfg.buffer_tokens, cfg.power_iters) == (2, 32, 4, 0.02, 64, 2)
+    assert (cfg.factor_bits, cfg.lowrank_fit) == (8, "joint")
     assert cfg.outliers_per_vector(128) == 3 and cfg.outliers_per_vector(64) == 1
     assert GEARConfig(outlier_ratio=0.0).outliers_per_vector(128) == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -33,6 +34,10 @@ def test_defaults_follow_the_contract():
     (dict(outlier_ratio="2%"), TypeError, "outlier_ratio"),
     (dict(power_iters=0), ValueError, "power_iters"),
     (dict(power_iters=1.5), TypeError, "power_iters"),
+    (dict(factor_bits=4), ValueError, "factor_bits"),
+    (dict(factor_bits="int8"), TypeError, "factor_bits"),
+    (dict(lowrank_fit="first"), ValueError, "lowrank_fit"),
+    (dict(lowrank_fit=1), TypeError, "lowrank_fit"),
 ])
 def test_bad_fields_are_refused_by_name(kwargs, error, field):
     with pytest.raises(error, match=field):

@@ -21,6 +21,7 @@ F16, BF16 = torch.float16, torch.bfloat16
     (dict(rank=2), "rank=2"),
     (dict(head_dim=64, group_size=128), "group_size=128 > head_dim=64"),
     (dict(n_out=9), "9 outliers per vector"),
+    (dict(factor_bits=8), "factor_bits=8"),
 ])
 def test_config_support_names_what_it_refuses(kwargs, fragment):
     args = dict(dtype=F16, cache_dtype=F16, bits=2, head_dim=128, rank=4, group_size=32, n_out=3)
@@ -35,6 +36,8 @@ def test_config_support_names_what_it_refuses(kwargs, fragment):
 def test_config_support_accepts_the_served_formats(bits, head_dim, rank, group):
     for dtype in (F16, BF16):
         assert cuda_decode.config_support(dtype, dtype, bits, head_dim, rank, group).ok
+    # without factors their storage does not matter
+    assert cuda_decode.config_support(F16, F16, bits, head_dim, 0, group, factor_bits=8).ok
 
 
 def test_cpu_tensors_are_not_served_and_auto_picks_reference():
@@ -74,7 +77,8 @@ def test_an_extension_built_without_the_kernel_is_refused_by_name(monkeypatch):
 
     from lowrank_ops.core import cuda_ext
 
-    kv = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16), GEARConfig(rank=4))
+    kv = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16),
+                  GEARConfig(rank=4, factor_bits=16))
     q = SimpleNamespace(device=torch.device("cuda", 0), dtype=F16)
     monkeypatch.setattr(cuda_decode, "Tensor", SimpleNamespace)  # q passes the tensor check on a CPU machine
     monkeypatch.setattr(cuda_ext, "available", lambda: True)

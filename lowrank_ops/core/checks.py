@@ -88,6 +88,15 @@ def check_choice(name: str, value: object, allowed: Sequence[int]) -> int:
     return value
 
 
+def check_name(name: str, value: object, allowed: Sequence[str]) -> str:
+    """``value`` is a str among ``allowed``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str in {list(allowed)}, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+    return value
+
+
 def check_fraction(name: str, value: object, *, low_open: bool = True, high_closed: bool = True) -> float:
     """``value`` is a real number in (0, 1] (bounds adjustable)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

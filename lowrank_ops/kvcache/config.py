@@ -8,6 +8,14 @@ GEAR (KIVI-style quantization + per-vector outliers + low-rank residual + fp16 t
   (half the largest, half the smallest) kept exactly outside the quantizer;
 * ``rank`` r ≥ 0: the remaining error of each (sequence, head, block) approximated as A Bᵀ
   with ``power_iters`` ≥ 1 subspace iterations (r = 0: no low-rank part);
+* ``factor_bits`` ∈ {8, 16}: the factors' storage. 16: fp16 A and B. 8 (default): int8 A and B
+  with one fp32 scale per (block, rank column) for their product, ``A Bᵀ = Â diag(s) B̂ᵀ``;
+  half the factor bytes (0.75 instead of 1.5 bits per entry at r = 4, B = 64, head_dim 128) at
+  a measured 0.5 % more output error (``tests/test_kvcache_quality.py``);
+* ``lowrank_fit``: ``"joint"`` (default) fits a rank-r term to the data first, quantizes what it
+  leaves and refits the term to the remaining error; ``"residual"`` (GEAR's order) quantizes the
+  data and fits the term to the quantization error only (same format, more error: see
+  :mod:`lowrank_ops.kvcache.compress`);
 * ``buffer_tokens`` B: the newest tokens stay uncompressed until B of them are there, then
   those B are compressed once into a block (append-only, never re-quantized).
 """
@@ -15,13 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrank_ops.core.checks import check_choice, check_int
+from lowrank_ops.core.checks import check_choice, check_int, check_name
 
 GEAR_BITS = (2, 4)
 GEAR_GROUP_SIZES = (16, 32, 64, 128)  # powers of two ≥ 16 (Triton tiles, packed words)
 MAX_OUTLIER_RATIO = 0.1
 MAX_BUFFER_TOKENS = 4096
 MAX_POWER_ITERS = 16
+LOWRANK_FITS = ("joint", "residual")
+FACTOR_BITS = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class GEARConfig:
     outlier_ratio: float = 0.02
     buffer_tokens: int = 64
     power_iters: int = 2
+    factor_bits: int = 8
+    lowrank_fit: str = "joint"
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, GEAR_BITS)
@@ -51,6 +63,8 @@ class GEARConfig:
             )
         check_int("rank", self.rank, low=0, high=self.buffer_tokens)
         check_int("power_iters", self.power_iters, low=1, high=MAX_POWER_ITERS)
+        check_choice("factor_bits", self.factor_bits, FACTOR_BITS)
+        check_name("lowrank_fit", self.lowrank_fit, LOWRANK_FITS)
         ratio = self.outlier_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"outlier_ratio: expected a float in [0, {MAX_OUTLIER_RATIO}], got {type(ratio).__name__}")

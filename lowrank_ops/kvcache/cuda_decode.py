@@ -11,8 +11,9 @@ Automatic dispatch takes it for eager calls at small sizes, where its shorter ho
 takes the Triton kernel under CUDA-graph capture and for large calls (:func:`preferred`, with the
 measurements); pin either with ``LOWRANK_OPS_BACKEND`` or :func:`lowrank_ops.core.backend.use_backend`.
 Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
-or 8, up to 8 outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton
-kernel (:func:`supports` says why).
+or 8 with fp16 factors (``factor_bits=16``; the default int8 factors are Triton's), up to 8
+outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton kernel
+(:func:`supports` says why).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and f
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
-                   group_size: int, n_out: int = 0) -> Support:
+                   group_size: int, n_out: int = 0, factor_bits: int = 16) -> Support:
     """The dtype / format part of :func:`supports` (device- and build-independent)."""
     if dtype not in _DTYPE_CODES:
         return Support(False, f"q has dtype {dtype}; the CUDA GEAR kernel takes float16 or bfloat16")
@@ -64,6 +65,8 @@ def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head
         return Support(False, f"head_dim={head_dim}; the CUDA GEAR kernel serves {CUDA_GEAR_HEAD_DIMS}")
     if rank not in CUDA_GEAR_RANKS:
         return Support(False, f"rank={rank}; the CUDA GEAR kernel serves ranks {CUDA_GEAR_RANKS}")
+    if rank and factor_bits != 16:
+        return Support(False, f"factor_bits={factor_bits}; the CUDA GEAR kernel reads fp16 factors (factor_bits=16)")
     if group_size > head_dim:
         return Support(False, f"group_size={group_size} > head_dim={head_dim}: a value group would exceed a vector")
     if n_out > CUDA_GEAR_MAX_OUTLIERS:
@@ -79,7 +82,7 @@ def supports(q: object, kv: "GEARKV") -> Support:
         return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
     cfg = kv.config
     verdict = config_support(q.dtype, kv.dtype, cfg.bits, kv.head_dim, cfg.rank, cfg.group_size,
-                             cfg.outliers_per_vector(kv.head_dim))
+                             cfg.outliers_per_vector(kv.head_dim), cfg.factor_bits)
     if not verdict.ok:
         return verdict
     misaligned = [name for name, x in kv.tensors().items() if x.data_ptr() % 16]

@@ -15,10 +15,15 @@ value_codes          (b, h, T_c, D·bits/32)          int32  packed codes along 
 value_scale/_zero    (b, h, T_c, D / G)              fp16   per token, per group of G channels
 *_out_idx            (b, h, T_c, n_out)              uint8  channel of each outlier
 *_out_val            (b, h, T_c, n_out)              fp16   x − dequant(code) at that channel
-*_lr_a               (b, h, T_c, r)                  fp16   per token row of A
-*_lr_b               (b, h, nblocks, D, r)           fp16   per block B
+*_lr_a               (b, h, T_c, r)                  F      per token row of A
+*_lr_b               (b, h, nblocks, D, r)           F      per block B
+*_lr_scale           (b, h, nblocks, r or 0)         fp32   int8 factors: A's scale per rank column
 tail_keys/_values    (b, h, B, D)                    input  first ``tail_len`` rows valid
 ===================  ==============================  =====  ===========================================
+
+F is the factor storage of ``config.factor_bits``: fp16 (16; ``lr_scale`` has 0 columns), or
+int8 (8): A = Â ⊙ s_j with s_j the block's ``lr_scale`` row, and B = B̂ / 127 (B's columns
+are orthonormal, so its entries lie in [-1, 1]).
 
 Packing: code d of a vector sits in word ``d // E`` at bit ``(d % E) · bits`` (bit 31 is a
 payload bit: read words as unsigned). Dequantization ``deq = (code − zero) · scale`` (zeros are
@@ -43,7 +48,9 @@ from torch import Tensor
 from lowrank_ops.core.checks import check_device, check_dim, check_int, check_tensor
 from lowrank_ops.kvcache.config import GEARConfig
 
-BLOCK_FIELDS = ("codes", "scale", "zero", "out_idx", "out_val", "lr_a", "lr_b")
+BLOCK_FIELDS = ("codes", "scale", "zero", "out_idx", "out_val", "lr_a", "lr_b", "lr_scale")
+FACTOR_DTYPES = {8: torch.int8, 16: torch.float16}  # config.factor_bits -> storage of A and B
+INT8_BASIS_SCALE = 1.0 / 127  # int8 B: its columns are orthonormal, so every entry is in [-1, 1]
 TENSOR_FIELDS = (
     tuple(f"key_{f}" for f in BLOCK_FIELDS) + tuple(f"value_{f}" for f in BLOCK_FIELDS) + ("tail_keys", "tail_values")
 )
@@ -89,14 +96,21 @@ def scatter_outliers(idx: Tensor, val: Tensor, head_dim: int, dtype: torch.dtype
     return dense.scatter_add_(-1, idx.to(torch.int64), val.to(dtype))
 
 
-def lowrank_product(a: Tensor, b: Tensor, buffer_tokens: int, dtype: torch.dtype) -> Tensor:
-    """A (b, h, T_c, r) with per-block B (b, h, nblocks, D, r) → (b, h, T_c, D), row t times B_{t // B}ᵀ."""
+def lowrank_product(a: Tensor, b: Tensor, scale: Tensor, buffer_tokens: int, dtype: torch.dtype) -> Tensor:
+    """A (b, h, T_c, r) with per-block B (b, h, nblocks, D, r) and column scales ``scale`` (b, h,
+    nblocks, r; r = 0 columns for fp16 factors) → (b, h, T_c, D): row t times B_jᵀ of its block
+    j = t // B. Int8 factors become ``Â ⊙ s_j`` and ``B̂ · INT8_BASIS_SCALE``; both factors are
+    rounded to ``dtype`` before the product (as the kernels' tiles)."""
     bt, h, t, r = a.shape
     nblocks, d = b.shape[2], b.shape[3]
     if r == 0:
         return torch.zeros(bt, h, t, d, dtype=dtype, device=a.device)
-    blocks = a.to(dtype).reshape(bt, h, nblocks, buffer_tokens, r) @ b.to(dtype).transpose(-1, -2)
-    return blocks.reshape(bt, h, t, d)
+    a = a.float().reshape(bt, h, nblocks, buffer_tokens, r)
+    b = b.float()
+    if scale.shape[-1]:
+        a = a * scale[:, :, :, None, :]
+        b = b * INT8_BASIS_SCALE
+    return (a.to(dtype) @ b.to(dtype).transpose(-1, -2)).reshape(bt, h, t, d)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -115,6 +129,7 @@ class GEARKV:
     key_out_val: Tensor
     key_lr_a: Tensor
     key_lr_b: Tensor
+    key_lr_scale: Tensor
     value_codes: Tensor
     value_scale: Tensor
     value_zero: Tensor
@@ -122,6 +137,7 @@ class GEARKV:
     value_out_val: Tensor
     value_lr_a: Tensor
     value_lr_b: Tensor
+    value_lr_scale: Tensor
     tail_keys: Tensor
     tail_values: Tensor
     tail_len: int
@@ -209,11 +225,14 @@ class GEARKV:
             "value_scale": ((b, h, t_c, d // g), (torch.float16,)),
             "value_zero": ((b, h, t_c, d // g), (torch.float16,)),
         }
+        factor = (FACTOR_DTYPES[cfg.factor_bits],)
+        scales = r if cfg.factor_bits == 8 else 0
         for kind in ("key", "value"):
             expected[f"{kind}_out_idx"] = ((b, h, t_c, n_out), (torch.uint8,))
             expected[f"{kind}_out_val"] = ((b, h, t_c, n_out), (torch.float16,))
-            expected[f"{kind}_lr_a"] = ((b, h, t_c, r), (torch.float16,))
-            expected[f"{kind}_lr_b"] = ((b, h, nblocks, d, r), (torch.float16,))
+            expected[f"{kind}_lr_a"] = ((b, h, t_c, r), factor)
+            expected[f"{kind}_lr_b"] = ((b, h, nblocks, d, r), factor)
+            expected[f"{kind}_lr_scale"] = ((b, h, nblocks, scales), (torch.float32,))
         for name, (shape, dtypes) in expected.items():
             t = getattr(self, name)
             check_tensor(name, t, ndim=len(shape), dtypes=dtypes)
@@ -228,7 +247,8 @@ class GEARKV:
         deq = dequant_keys if kind == "key" else dequant_values
         x = deq(codes, getattr(self, f"{kind}_scale"), getattr(self, f"{kind}_zero"), cfg.group_size, dtype)
         x = x + scatter_outliers(getattr(self, f"{kind}_out_idx"), getattr(self, f"{kind}_out_val"), self.head_dim, dtype)
-        x = x + lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"), cfg.buffer_tokens, dtype)
+        x = x + lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"),
+                                getattr(self, f"{kind}_lr_scale"), cfg.buffer_tokens, dtype)
         tail = (self.tail_keys if kind == "key" else self.tail_values)[:, :, : self.tail_len]
         return torch.cat([x, tail.to(dtype)], dim=2)
 

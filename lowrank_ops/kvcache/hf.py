@@ -170,8 +170,8 @@ class GEARCache(Cache):
     """A transformers ``Cache`` of GEAR-compressed layers; decode attention reads the compressed
     blocks (see the module docstring). Needs ``model.set_attn_implementation("gear")``.
 
-    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, rank 4, 2 % outliers,
-    64-token blocks). ``model_config``: the model's config (recommended): one layer per decoder
+    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, groups of 64, rank 4,
+    2 % outliers, 64-token blocks). ``model_config``: the model's config (recommended): one layer per decoder
     layer, a check that all are full attention (sliding windows are not supported) and that the
     attention implementation is "gear" at every update. Without it, layers are made lazily.
     """

@@ -86,18 +86,19 @@ def _attention_backend(q: Tensor, kv: GEARKV) -> str:
 
 # --------------------------------------------------------------------------- custom op
 def _rebuild(tensors: list[Tensor], bits: int, group_size: int, rank: int, outlier_ratio: float,
-             buffer_tokens: int, power_iters: int, tail_len: int) -> GEARKV:
+             buffer_tokens: int, factor_bits: int, tail_len: int) -> GEARKV:
+    """The GEARKV the custom op was given (its compression-only settings left at their defaults)."""
     config = GEARConfig(bits=bits, group_size=group_size, rank=rank, outlier_ratio=outlier_ratio,
-                        buffer_tokens=buffer_tokens, power_iters=power_iters)
+                        buffer_tokens=buffer_tokens, factor_bits=factor_bits)
     return GEARKV(config=config, **dict(zip(TENSOR_FIELDS, tensors)), tail_len=tail_len)
 
 
 @torch.library.custom_op("lowrank_ops::gear_decode_attention", mutates_args=())
 def _gear_attention_op(
     q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float,
-    bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, power_iters: int, tail_len: int,
+    bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, factor_bits: int, tail_len: int,
 ) -> Tensor:
-    kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, power_iters, tail_len)
+    kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len)
     return _attention_impl(q, kv, key_mask, scale)
 
 
@@ -111,7 +112,7 @@ def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: fl
 
 
 @_gear_attention_op.register_fake
-def _(q, tensors, key_mask, scale, bits, group_size, rank, outlier_ratio, buffer_tokens, power_iters, tail_len):
+def _(q, tensors, key_mask, scale, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len):
     return torch.empty_like(q)
 
 
@@ -146,4 +147,4 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
     return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), cfg.bits, cfg.group_size, cfg.rank,
-                              float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.power_iters, kv.tail_len)
+                              float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
