@@ -11,6 +11,11 @@ table replaces its transformer's linear layers (the pooler stays dense) by one f
   second-level statistics and 1% outliers, and data-free HQQ 4-bit g128;
 * N:M sparsity (:class:`lowrank_ops.SparseLinear`): SparseGPT 2:4, kept values as they are or in 4 bits.
 
+A second table (family ``kv``) compresses the model's own keys and values, captured on four
+paragraphs of real text, into GEAR KV caches (:class:`lowrank_ops.GEARConfig`) and reports the
+bits stored per entry and the relative error of K, V and the attention output
+(:mod:`lowrank_ops.kvcache.evaluate`), against plain 2- and 4-bit quantization.
+
 The calibration set is real English text (:mod:`lowrank_ops.textdata`). For each configuration
 the demo reports
 
@@ -53,6 +58,17 @@ EXCLUDE = ["pooler.*"]
 INTERPRETER_NOTE = "Triton interpreter on CPU: a correctness check, not a speed number"
 # compress()'s kind -> the drop-in layer it swaps in (an attribute of lowrank_ops)
 FAMILIES = {"lowrank": "LowRankLinear", "quant": "QuantLinear", "nm": "SparseLinear"}
+KV_FAMILY = "kv"  # the GEAR KV-cache table
+# name -> GEARConfig options (defaults: 2 bits, G 32, r 4, s 2 %, B 64, int8 factors, joint fit);
+# --quick keeps the first two
+KV_CONFIGS = {
+    "GEAR (the default)": {},
+    "2-bit quant, G 16": dict(rank=0, outlier_ratio=0.0, group_size=16),
+    "GEAR G 64, B 128, r 8, s 1 %": dict(group_size=64, buffer_tokens=128, rank=8, outlier_ratio=0.01),
+    "2-bit quant, G 32": dict(rank=0, outlier_ratio=0.0),
+    "GEAR, residual fit, fp16 factors": dict(lowrank_fit="residual", factor_bits=16),
+    "4-bit quant, G 128": dict(bits=4, rank=0, outlier_ratio=0.0, group_size=128, buffer_tokens=128),
+}
 
 
 class Config(NamedTuple):
@@ -133,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration-whitened SVD; quantization: GPTQ and data-free HQQ; N:M sparsity: SparseGPT 2:4) "
         "and report bytes, bits per weight, embedding quality on held-out text, and time per batch per backend.",
     )
-    p.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES), metavar="F",
-                   help="compression families to run: %s (default: all)" % " ".join(FAMILIES))
+    p.add_argument("--families", nargs="+", choices=(*FAMILIES, KV_FAMILY), default=[*FAMILIES, KV_FAMILY],
+                   metavar="F", help="compression families to run: %s (default: all)" % " ".join((*FAMILIES, KV_FAMILY)))
     p.add_argument("--ratios", type=_ratio, nargs="+", default=None, metavar="R",
                    help="low-rank rows: parameter ratios kept per linear layer (default: %s; --quick: 0.75)"
                    % " ".join(map(str, DEFAULT_RATIOS)))
@@ -515,6 +531,7 @@ def run(args: argparse.Namespace) -> dict:
         interp_batch=_short_sentence_batch(model, evals, device),
         backends=backends, reps=reps, warmup=warmup,
     )
+    kv_rows = kv_table(model, quick) if KV_FAMILY in args.families else []
     del model
     dense_row = measure(bench, dense, Config("dense", "dense", {}, False))
     dense_row.times_ms, _ = time_forwards({"dense": (dense, None)}, bench.timing_batch, reps, warmup)
@@ -534,7 +551,7 @@ def run(args: argparse.Namespace) -> dict:
         "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""),
         "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "families": [f for f in FAMILIES if f in args.families],
+        "families": [f for f in (*FAMILIES, KV_FAMILY) if f in args.families],
         "calib_sentences": n_calib,
         "eval_sentences": n_eval,
         "batch_size": args.batch_size,
@@ -547,7 +564,23 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "seconds": time.perf_counter() - t_start,
         "rows": [dict(asdict(r), byte_fraction=r.byte_fraction) for r in rows],
+        "kv_rows": kv_rows,
     }
+
+
+def kv_table(model: Any, quick: bool) -> list[dict]:
+    """The GEAR table: each of :data:`KV_CONFIGS` (the first two with ``quick``) on the model's own
+    keys and values (:func:`lowrank_ops.kvcache.evaluate.capture` of four paragraphs of held-out text)."""
+    from lowrank_ops.kvcache import GEARConfig
+    from lowrank_ops.kvcache.evaluate import PARAGRAPH_SENTENCES, capture, errors, paragraphs
+    from lowrank_ops.textdata import evaluation_sentences
+
+    captured = capture(model, paragraphs(evaluation_sentences(sum(PARAGRAPH_SENTENCES))))
+    names = list(KV_CONFIGS)[:2] if quick else list(KV_CONFIGS)
+    lengths = captured.mask.sum(1).tolist()
+    return [dict(config=name, options=KV_CONFIGS[name], tokens=lengths, pack=captured.pack,
+                 cache_head_dim=captured.pack * captured.head_dim,
+                 **asdict(errors(captured, GEARConfig(**KV_CONFIGS[name])))) for name in names]
 
 
 def _device_name(device: Any) -> str:
@@ -583,11 +616,6 @@ def format_table(result: dict) -> str:
             t = r["times_ms"].get(c, "absent")
             cells.append("" if t == "absent" else ("n/a" if t is None else f"{t:.1f}"))
         body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     tb = result["timing_batch_shape"]
     out = [
         f"lowrank_ops demo: {result['model']} on {result['device']}, {result['dtype']}; "
@@ -606,9 +634,7 @@ def format_table(result: dict) -> str:
     out.append(f"Times: median of {result['reps']} passes over one batch of {tb[0]} sentences x {tb[1]} tokens "
                "(transformer + pooling); 'dense ms' is the uncompressed model, timed interleaved with each row.")
     out.append("")
-    out.append(line(header))
-    out.append(line(["-" * w for w in widths]))
-    out.extend(line(b) for b in body)
+    out.extend(_aligned(header, body))
     notes = [(r["config"], k, v) for r in rows for k, v in r["notes"].items()]
     if result["interpreter"]:
         ib = result["interpreter_batch_shape"]
@@ -621,8 +647,34 @@ def format_table(result: dict) -> str:
                    + " in the first low-rank row; two_gemm means two torch GEMMs, decode/fused the Triton kernels.")
     for config, k, v in notes:
         out.append(f"  {config} / {k}: {v}")
+    if result["kv_rows"]:
+        out += [""] + format_kv_table(result["kv_rows"])
     out.append(f"Total {result['seconds']:.0f} s.")
     return "\n".join(out)
+
+
+def format_kv_table(rows: list[dict]) -> list[str]:
+    first = rows[0]
+    lengths = first["tokens"]
+    out = [f"GEAR KV cache on the model's own keys and values ({len(lengths)} paragraphs of {min(lengths)}-"
+           f"{max(lengths)} tokens, every layer, {first['pack']} heads cached as one of head_dim "
+           f"{first['cache_head_dim']}): bits stored per "
+           "K or V entry per compressed block (all-in with the fp16 tail buffer: see the JSON), relative "
+           "error of K, V and the attention output against the fp16 cache.", ""]
+    header = ["kv config", "bits/entry", "K err", "V err", "output err"]
+    body = [[r["config"], f"{r['block_bits']:.2f}", f"{r['keys']:.3f}", f"{r['values']:.3f}", f"{r['output']:.3f}"]
+            for r in rows]
+    return out + _aligned(header, body)
+
+
+def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
+    """The header, a rule and the body as columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), line(["-" * w for w in widths])] + [line(b) for b in body]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,7 +205,7 @@ def test_demo_main_quick_runs_end_to_end(tmp_path, capsys):
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "all-MiniLM-L6-v2 on cpu" in printed and "families: lowrank, quant, nm" in printed
+    assert "all-MiniLM-L6-v2 on cpu" in printed and "families: lowrank, quant, nm, kv" in printed
     assert "No GPU found" in printed
     assert "reference ms" in printed and "bits/w" in printed and "gptq 4b g128" in printed
     result = json.loads(out.read_text())
@@ -220,6 +220,13 @@ def test_demo_main_quick_runs_end_to_end(tmp_path, capsys):
         assert row["times_ms"]["reference"] > 0 and row["times_ms"]["dense"] > 0
         assert row["layers"] == "36/36"
     assert (rows[0]["mean_rank"] is not None) and all(r["mean_rank"] is None for r in rows[1:])
+    # the GEAR table (quick: the default against 2-bit quantization at its finest groups)
+    assert "GEAR KV cache on the model's own keys and values" in printed and "output err" in printed
+    gear, quant = result["kv_rows"]
+    assert [gear["config"], quant["config"]] == list(demo.KV_CONFIGS)[:2]
+    assert gear["block_bits"] == pytest.approx(2 + 1 + 3 * 24 / 128 + 0.75 + 4 * 32 / (64 * 128))  # 4.33
+    assert quant["block_bits"] == pytest.approx(4.0)
+    assert gear["output"] < 0.85 * quant["output"] and gear["keys"] < quant["keys"], (gear, quant)
 
 
 def test_demo_configs_cover_every_family_and_quick_keeps_one_each():
