@@ -18,7 +18,7 @@ term ``L`` (per sequence, head and block), with ``X ≈ deq + outliers + L``:
 The format (and so every decode kernel) is the same for both orders. The joint start takes the
 data's dominant low-rank structure (channel offsets of the values, token-wide patterns of the
 keys) out before quantization, so the quantization groups span a smaller range; on MiniLM's
-keys and values it cuts GEAR's error by 17-25 % at the same bits (``tests/test_kvcache_quality.py``).
+keys and values it cuts GEAR's error by 20-23 % at the same bits (``tests/test_kvcache_quality.py``).
 
 Quantization parameters (identical in the kernel): over the kept entries of a group,
 ``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))`` (the floors keep the zero
