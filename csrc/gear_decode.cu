@@ -37,6 +37,10 @@
 //   step's outlier channels and values are staged one step ahead with cp.async. The low-rank
 //   term accumulates P A_v as a C fragment and adds (P A_v) B_vj^T once per block (one mma per
 //   n-tile: that C fragment is the A operand).
+// * factors are fp16, or int8 (template flag I8): Â enters the mma as exact fp16 integers and
+//   its per-(block, rank column) fp32 scales multiply the rank-space operands instead (q B_kj
+//   and P A_v, both formed in fp32); B = B̂ / 127 is made fp32 (q B_kj) or fp16 (values) on
+//   the fly. The fp16 path is the int8 one's `else` branches, unchanged.
 // * tail steps: the same mma chain on the raw fp16/bf16 tail (natural channel order).
 // Rows whose keys are all masked give 0. Deterministic: no atomics.
 //
@@ -54,6 +58,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace lowrank_ops {
 namespace {
@@ -101,6 +106,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 __device__ __forceinline__ float rank_entry(const uint32_t* words, int k) {  // fp16 entry k of packed pairs
   return __half2float(__ushort_as_half(uint16_t(words[k / 2] >> (16 * (k % 2)))));
+}
+constexpr float kInt8BasisScale = 1.f / 127.f;  // int8 B = B̂ / 127 (format.py INT8_BASIS_SCALE)
+__device__ __forceinline__ float int8_entry(const uint32_t* words, int k) {  // int8 entry k of packed quads
+  return float(int8_t(words[k / 4] >> (8 * (k % 4))));
 }
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -192,7 +201,9 @@ struct Ptrs {
   const uint32_t *kc, *vc;
   const __half *ks, *kz, *vs, *vz;
   const uint8_t *koi, *voi;
-  const __half *kov, *vov, *ka, *kb, *va, *vb;
+  const __half *kov, *vov, *ka, *kb, *va, *vb;    // fp16 factors
+  const int8_t *ka8, *kb8, *va8, *vb8;            // int8 factors ...
+  const float *kas, *vas;                          // ... and A's column scales per block
   const uint8_t* mask;
 };
 
@@ -254,7 +265,7 @@ struct ValueFrame {
   }
 };
 
-template <int BITS, int D, int RANK>
+template <int BITS, int D, int RANK, bool I8>
 struct Warp {
   using L = Layout<BITS, D>;
 
@@ -289,22 +300,41 @@ struct Warp {
     bias = partial;
   }
 
+  // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
+  // (fp16, or int8 read as B̂: its 1/127 is the caller's)
+  template <typename T>
+  static __device__ __forceinline__ void accumulate_qb(const float* q, const T* b, int t, float (&qb)[RANK]) {
+    constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4;
+#pragma unroll 4
+    for (int c = t * kCh; c < (t + 1) * kCh; ++c) {
+      uint32_t row[kRowWords];
+      load_words(reinterpret_cast<const uint32_t*>(b + c * RANK), row);
+#pragma unroll
+      for (int k = 0; k < RANK; ++k) {
+        if constexpr (std::is_same_v<T, int8_t>) {
+          qb[k] += q[c] * int8_entry(row, k);
+        } else {
+          qb[k] += q[c] * rank_entry(row, k);
+        }
+      }
+    }
+  }
+
   // ---- per block: the A operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
-  // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; rounded to fp16)
-  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const __half* kb, int t,
+  // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; int8 factors:
+  // times A's column scales / 127; rounded to fp16)
+  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const Ptrs& p, int blk, int t,
                                                          int g) {
     if constexpr (RANK > 0) {
-      constexpr int kCh = D / 4;
       float qb[RANK];
 #pragma unroll
       for (int k = 0; k < RANK; ++k) qb[k] = 0.f;
-      const float* q = sh.qf[g];
-#pragma unroll 4
-      for (int c = t * kCh; c < (t + 1) * kCh; ++c) {
-        uint32_t row[RANK / 2];
-        load_words(reinterpret_cast<const uint32_t*>(kb + c * RANK), row);
+      if constexpr (I8) {
+        accumulate_qb(sh.qf[g], p.kb8 + long(blk) * D * RANK, t, qb);
 #pragma unroll
-        for (int k = 0; k < RANK; ++k) qb[k] += q[c] * rank_entry(row, k);
+        for (int k = 0; k < RANK; ++k) qb[k] *= p.kas[long(blk) * RANK + k] * kInt8BasisScale;
+      } else {
+        accumulate_qb(sh.qf[g], p.kb + long(blk) * D * RANK, t, qb);
       }
       uint32_t mine = 0u;
 #pragma unroll
@@ -325,9 +355,21 @@ struct Warp {
   // ---- per block end: O += (P A_v) B_vj^T as one mma per n-tile: A = P A_v (its C fragment
   // {PA[g][2t], PA[g][2t+1]} is the A operand for k = rank), B = {B_vj[ch][2t], B_vj[ch][2t+1]}
   // with ch = g D/8 + j, the output mapping of n-tile j
-  static __device__ __forceinline__ void flush_value_lowrank(const __half* vb, int t, int g, float (&pa)[2],
+  static __device__ __forceinline__ void flush_value_lowrank(const Ptrs& p, int blk, int t, int g, float (&pa)[2],
                                                              float (&o)[L::kNT][2]) {
-    if constexpr (RANK > 0) {
+    if constexpr (RANK > 0 && I8) {  // A's scales on P A_v's columns 2t, 2t+1 (pa is 0 past the rank); B = B̂ / 127
+      const float* sc = p.vas + long(blk) * RANK;
+      const uint32_t a0 = 2 * t < RANK ? pack_half2(pa[0] * sc[2 * t], pa[1] * sc[2 * t + 1]) : 0u;
+      const int8_t* vb = p.vb8 + long(blk) * D * RANK;
+#pragma unroll
+      for (int j = 0; j < L::kNT; ++j) {
+        const int8_t* b = vb + (g * L::kNT + j) * RANK + 2 * t;
+        const uint32_t b0 = 2 * t < RANK ? pack_half2(float(b[0]) * kInt8BasisScale, float(b[1]) * kInt8BasisScale) : 0u;
+        mma_f16(o[j], a0, 0u, b0, 0u);
+      }
+      pa[0] = pa[1] = 0.f;
+    } else if constexpr (RANK > 0) {
+      const __half* vb = p.vb + long(blk) * D * RANK;
       const uint32_t a0 = pack_half2(pa[0], pa[1]);
 #pragma unroll
       for (int j = 0; j < L::kNT; ++j) {
@@ -364,10 +406,10 @@ struct Warp {
 };
 
 // ----------------------------------------------------------------------------- split kernel
-template <int BITS, int D, int RANK>
+template <int BITS, int D, int RANK, bool I8>
 __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs a) {
   using L = Layout<BITS, D>;
-  using W = Warp<BITS, D, RANK>;
+  using W = Warp<BITS, D, RANK, I8>;
   __shared__ SharedState<D> sh;
 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -397,6 +439,12 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   p.va = reinterpret_cast<const __half*>(a.value_lr_a) + bh * Tc * RANK;
   p.kb = reinterpret_cast<const __half*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
   p.vb = reinterpret_cast<const __half*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
+  p.ka8 = reinterpret_cast<const int8_t*>(a.key_lr_a) + bh * Tc * RANK;
+  p.va8 = reinterpret_cast<const int8_t*>(a.value_lr_a) + bh * Tc * RANK;
+  p.kb8 = reinterpret_cast<const int8_t*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
+  p.vb8 = reinterpret_cast<const int8_t*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
+  p.kas = reinterpret_cast<const float*>(a.key_lr_scale) + bh * a.nblocks * RANK;
+  p.vas = reinterpret_cast<const float*>(a.value_lr_scale) + bh * a.nblocks * RANK;
   p.mask = a.key_mask ? reinterpret_cast<const uint8_t*>(a.key_mask) + (bh / a.kv_heads) * seq_len : nullptr;
   const bool bf16 = a.dtype == kBFloat16;
   const uint16_t* q = reinterpret_cast<const uint16_t*>(a.q) + (bh * M + row0) * D;
@@ -502,17 +550,27 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       if constexpr (RANK > 0) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(p.ka + (tok0 + 8 * nt + g) * RANK + 2 * t);
-          if (g < RANK) {
-            const long tok = tok0 + 8 * nt + 2 * t;
-            b_va[nt] = pack_bits(p.va[tok * RANK + g], p.va[(tok + 1) * RANK + g]);
+          if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
+            const long tok_k = tok0 + 8 * nt + g, tok_v = tok0 + 8 * nt + 2 * t;
+            if (2 * t < RANK)
+              b_ka[nt] = pack_bits(__short2half_rn(p.ka8[tok_k * RANK + 2 * t]),
+                                   __short2half_rn(p.ka8[tok_k * RANK + 2 * t + 1]));
+            if (g < RANK)
+              b_va[nt] = pack_bits(__short2half_rn(p.va8[tok_v * RANK + g]),
+                                   __short2half_rn(p.va8[(tok_v + 1) * RANK + g]));
+          } else {
+            if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(p.ka + (tok0 + 8 * nt + g) * RANK + 2 * t);
+            if (g < RANK) {
+              const long tok = tok0 + 8 * nt + 2 * t;
+              b_va[nt] = pack_bits(p.va[tok * RANK + g], p.va[(tok + 1) * RANK + g]);
+            }
           }
         }
       }
       const int grp = int(tok0 / G), blk = int(tok0 / B);
       if (blk != cur_block) {
-        if (cur_block >= 0) W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
-        a_qb = W::key_lowrank(sh, p.kb + long(blk) * D * RANK, t, g);
+        if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
+        a_qb = W::key_lowrank(sh, p, blk, t, g);
         cur_block = blk;
       }
       if (grp != cur_group) {
@@ -647,12 +705,12 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         mma_raw(bf16, o[j], p_lo, p_hi, b[0], b[1]);
       }
       if (cur_block >= 0) {  // the compressed steps are over
-        W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
+        W::flush_value_lowrank(p, cur_block, t, g, pa, o);
         cur_block = -1;
       }
     }
   }
-  if (cur_block >= 0) W::flush_value_lowrank(p.vb + long(cur_block) * D * RANK, t, g, pa, o);
+  if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
 
   // the warp's partial: l summed over the quad, O into shared memory (over the outlier tiles: all
   // warps must be past their steps)
@@ -724,11 +782,11 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("gear_decode: ") + what + ": " + cudaGetErrorString(err));
 }
 
-template <int BITS, int D, int RANK>
+template <int BITS, int D, int RANK, bool I8>
 void launch(const GearDecodeArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   dim3 grid(a.splits, (a.M + kRows - 1) / kRows, a.batch_kv_heads);
-  gear_split_kernel<BITS, D, RANK><<<grid, kThreads, 0, stream>>>(a);
+  gear_split_kernel<BITS, D, RANK, I8><<<grid, kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "split kernel launch");
   if (a.splits > 1) {
     gear_combine_kernel<<<dim3(a.M, a.batch_kv_heads), D, 0, stream>>>(
@@ -741,10 +799,11 @@ void launch(const GearDecodeArgs& a) {
 
 template <int BITS, int D>
 void dispatch_rank(const GearDecodeArgs& a) {
+  const bool i8 = a.factor_bits == 8;
   switch (a.rank) {
-    case 0: return launch<BITS, D, 0>(a);
-    case 4: return launch<BITS, D, 4>(a);
-    case 8: return launch<BITS, D, 8>(a);
+    case 0: return launch<BITS, D, 0, false>(a);
+    case 4: return i8 ? launch<BITS, D, 4, true>(a) : launch<BITS, D, 4, false>(a);
+    case 8: return i8 ? launch<BITS, D, 8, true>(a) : launch<BITS, D, 8, false>(a);
     default: throw std::invalid_argument("gear_decode: rank must be 0, 4 or 8, got " + std::to_string(a.rank));
   }
 }
@@ -774,6 +833,10 @@ void gear_decode(const GearDecodeArgs& a) {
     throw std::invalid_argument("gear_decode: a required pointer is null");
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)
     throw std::invalid_argument("gear_decode: dtype must be float16 or bfloat16");
+  if (a.factor_bits != 8 && a.factor_bits != 16)
+    throw std::invalid_argument("gear_decode: factor_bits must be 8 (int8 factors) or 16 (fp16)");
+  if (blocks && a.rank > 0 && a.factor_bits == 8 && (!a.key_lr_scale || !a.value_lr_scale))
+    throw std::invalid_argument("gear_decode: int8 factors need key_lr_scale and value_lr_scale (a null pointer)");
   if (a.bits == 2 && a.head_dim == 128) return dispatch_rank<2, 128>(a);
   if (a.bits == 2 && a.head_dim == 64) return dispatch_rank<2, 64>(a);
   if (a.bits == 4 && a.head_dim == 128) return dispatch_rank<4, 128>(a);

@@ -70,14 +70,14 @@ PROBE = textwrap.dedent(
     sp("q4 g=48", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 48)
     sp("q4 null", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 0, 16, 32)
     sp("dense+scales", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 0)
-    # (22 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, bits, group_size, head_dim,
-    #  n_out, rank, splits, steps_per_split, qk_scale, dtype, stream)
+    # (24 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, bits, group_size, head_dim,
+    #  n_out, rank, factor_bits, splits, steps_per_split, qk_scale, dtype, stream)
     def gear(key, ptrs=None, **sizes):
-        args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, bits=2, G=32, D=128, n_out=3, rank=4, splits=2,
-                    per=9)
+        args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, bits=2, G=32, D=128, n_out=3, rank=4, factor_bits=16,
+                    splits=2, per=9)
         dtype = sizes.pop("dtype", 0)
         args.update(sizes)
-        p = [16] * 22 if ptrs is None else ptrs
+        p = [16] * 24 if ptrs is None else ptrs
         attempt("gear_decode", key, *p, *args.values(), 0.1, dtype, 0)
     gear("bits=3", bits=3)
     gear("D=96", D=96)
@@ -85,7 +85,9 @@ PROBE = textwrap.dedent(
     gear("G>D", D=64, G=128, B=128)
     gear("tail=B", tail=64)
     gear("dtype=7", dtype=7)
-    gear("null", ptrs=[16] * 4 + [0] + [16] * 17)
+    gear("null", ptrs=[16] * 4 + [0] + [16] * 19)
+    gear("factor_bits=5", factor_bits=5)
+    gear("int8 scale", ptrs=[16] * 8 + [0] + [16] * 15, factor_bits=8)  # key_lr_scale
     out["errors"] = errors
     print(json.dumps(out))
     """
@@ -129,7 +131,8 @@ def test_builds_for_sm80_sm90_and_imports(built):
                           ("q4 null", "null pointer for scales or zeros"), ("dense+scales", "4-bit values only")],
         "gear_decode": [("bits=3", "unsupported configuration"), ("D=96", "unsupported configuration"),
                         ("rank=2", "unsupported configuration"), ("G>D", "unsupported configuration"),
-                        ("tail=B", "bad sizes"), ("dtype=7", "dtype"), ("null", "null")],
+                        ("tail=B", "bad sizes"), ("dtype=7", "dtype"), ("null", "null"),
+                        ("factor_bits=5", "factor_bits must be 8"), ("int8 scale", "int8 factors need")],
     }
     for fn, cases in expected.items():
         for key, fragment in cases:

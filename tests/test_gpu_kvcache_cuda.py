@@ -2,7 +2,7 @@
 
 Every case compares the kernel with the float64 reference attention of the same compressed
 cache, on fresh random data: 2 and 4 bits, head_dim 128 and 64, ranks 0 / 4 / 8, outliers on and
-off, group sizes 16-128, fp16 and bf16, q rows per kv head 1-32 (GQA 4:1 and 8:1, q_len 1-4,
+off, fp16 and int8 factors, group sizes 16-128, fp16 and bf16, q rows per kv head 1-32 (GQA 4:1 and 8:1, q_len 1-4,
 two row blocks), a partial tail, no tail, a cache that is only tail, left padding and a fully
 masked sequence, one split (the kernel writes the output itself) and many, CUDA-graph replay.
 """
@@ -56,22 +56,27 @@ def check(q, kv, mask, what, num_splits=None):
     return out, ref
 
 
-# (bits, rank, outlier_ratio, group_size, buffer_tokens, head_dim)
+# (bits, rank, outlier_ratio, group_size, buffer_tokens, head_dim, factor_bits)
 FORMATS = {
-    "2b+2%+r4": (2, 4, 0.02, 32, 64, 128),
-    "4b+2%+r4": (4, 4, 0.02, 32, 64, 128),
-    "2b": (2, 0, 0.0, 32, 64, 128),
-    "4b+r8": (4, 8, 0.0, 64, 128, 128),
-    "2b+5%+r4-g16-b48": (2, 4, 0.05, 16, 48, 128),
-    "2b+2%+r4-d64": (2, 4, 0.02, 32, 64, 64),
-    "4b+3%-g64-d64": (4, 0, 0.03, 64, 64, 64),
-    "2b+r8-g128": (2, 8, 0.0, 128, 128, 128),
+    "2b+2%+r4": (2, 4, 0.02, 32, 64, 128, 16),
+    "4b+2%+r4": (4, 4, 0.02, 32, 64, 128, 16),
+    "2b": (2, 0, 0.0, 32, 64, 128, 16),
+    "4b+r8": (4, 8, 0.0, 64, 128, 128, 16),
+    "2b+5%+r4-g16-b48": (2, 4, 0.05, 16, 48, 128, 16),
+    "2b+2%+r4-d64": (2, 4, 0.02, 32, 64, 64, 16),
+    "4b+3%-g64-d64": (4, 0, 0.03, 64, 64, 64, 16),
+    "2b+r8-g128": (2, 8, 0.0, 128, 128, 128, 16),
+    # int8 factors (the default storage; written without a GPU, these are their first run)
+    "2b+2%+r4-i8": (2, 4, 0.02, 32, 64, 128, 8),
+    "4b+r8-i8": (4, 8, 0.0, 64, 128, 128, 8),
+    "2b+2%+r8-d64-i8": (2, 8, 0.02, 32, 64, 64, 8),
 }
 
 
 def _fmt(name):
-    bits, rank, ratio, group, buf, head_dim = FORMATS[name]
-    return head_dim, dict(bits=bits, rank=rank, outlier_ratio=ratio, group_size=group, buffer_tokens=buf, factor_bits=16)
+    bits, rank, ratio, group, buf, head_dim, factor_bits = FORMATS[name]
+    return head_dim, dict(bits=bits, rank=rank, outlier_ratio=ratio, group_size=group, buffer_tokens=buf,
+                          factor_bits=factor_bits)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
@@ -153,6 +158,20 @@ def test_attention_through_cuda_backend_and_graph_replay():
     assert ((static_out.double() - ref).norm() / ref.norm()).item() < TOL[F16]
     with use_backend("cuda"):
         assert torch.equal(eager, attention(q, kv))
+
+
+def test_int8_factors_are_served_pinned_and_left_to_triton_automatically():
+    head_dim, cfg = _fmt("2b+2%+r4-i8")
+    kv = make_cache(1, 8, 1024 + 3, head_dim, F16, seed=7, **cfg)
+    q = torch.randn(1, 32, 1, head_dim, device=DEV, dtype=F16)
+    from lowrank_ops.kvcache.ops import _attention_backend
+
+    verdict = cuda_decode.supports(q, kv)
+    assert verdict.ok and not verdict.preferred and _attention_backend(q, kv) == "triton"
+    with use_backend("cuda"):
+        out = attention(q, kv)
+    ref = attention_reference(q.double(), kv, None, None, compute_dtype=torch.float64)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[F16]
 
 
 def test_unserved_configuration_is_refused_by_name():

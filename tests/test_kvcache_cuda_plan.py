@@ -21,7 +21,7 @@ F16, BF16 = torch.float16, torch.bfloat16
     (dict(rank=2), "rank=2"),
     (dict(head_dim=64, group_size=128), "group_size=128 > head_dim=64"),
     (dict(n_out=9), "9 outliers per vector"),
-    (dict(factor_bits=8), "factor_bits=8"),
+    (dict(factor_bits=4), "factor_bits=4"),
 ])
 def test_config_support_names_what_it_refuses(kwargs, fragment):
     args = dict(dtype=F16, cache_dtype=F16, bits=2, head_dim=128, rank=4, group_size=32, n_out=3)
@@ -36,8 +36,7 @@ def test_config_support_names_what_it_refuses(kwargs, fragment):
 def test_config_support_accepts_the_served_formats(bits, head_dim, rank, group):
     for dtype in (F16, BF16):
         assert cuda_decode.config_support(dtype, dtype, bits, head_dim, rank, group).ok
-    # without factors their storage does not matter
-    assert cuda_decode.config_support(F16, F16, bits, head_dim, 0, group, factor_bits=8).ok
+        assert cuda_decode.config_support(dtype, dtype, bits, head_dim, rank, group, factor_bits=8).ok
 
 
 def test_cpu_tensors_are_not_served_and_auto_picks_reference():
@@ -64,10 +63,14 @@ def test_split_plan_covers_every_step_without_an_empty_split(steps, columns, sms
 def test_automatic_dispatch_prefers_the_cuda_kernel_only_for_small_eager_calls():
     from types import SimpleNamespace
 
-    small = SimpleNamespace(batch=1, kv_heads=8, seq_len=32768)   # 262K head-tokens: measured faster eager
-    large = SimpleNamespace(batch=16, kv_heads=8, seq_len=8192)   # 1M: measured slower
+    fp16 = SimpleNamespace(rank=4, factor_bits=16)
+    small = SimpleNamespace(batch=1, kv_heads=8, seq_len=32768, config=fp16)   # 262K head-tokens: measured faster eager
+    large = SimpleNamespace(batch=16, kv_heads=8, seq_len=8192, config=fp16)   # 1M: measured slower
     assert cuda_decode.preferred(small)
     assert not cuda_decode.preferred(large)
+    # int8 factors stay on Triton until the CUDA int8 path has run on a GPU; without factors they do not matter
+    assert not cuda_decode.preferred(SimpleNamespace(**{**vars(small), "config": SimpleNamespace(rank=4, factor_bits=8)}))
+    assert cuda_decode.preferred(SimpleNamespace(**{**vars(small), "config": SimpleNamespace(rank=0, factor_bits=8)}))
     assert cuda_decode.EAGER_MAX_WORK == 1 << 19
 
 
@@ -87,3 +90,6 @@ def test_an_extension_built_without_the_kernel_is_refused_by_name(monkeypatch):
     assert not verdict.ok and "without gear_decode" in verdict.why
     monkeypatch.setattr(cuda_ext, "load", lambda: SimpleNamespace(gear_decode=None))
     assert cuda_decode.supports(q, kv).ok
+    int8 = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16), GEARConfig(rank=4))
+    verdict = cuda_decode.supports(q, int8)
+    assert verdict.ok and not verdict.preferred and verdict.why == cuda_decode.INT8_NOT_PREFERRED

@@ -11,9 +11,9 @@ Automatic dispatch takes it for eager calls at small sizes, where its shorter ho
 takes the Triton kernel under CUDA-graph capture and for large calls (:func:`preferred`, with the
 measurements); pin either with ``LOWRANK_OPS_BACKEND`` or :func:`lowrank_ops.core.backend.use_backend`.
 Served: fp16/bf16 q with a cache of the same dtype, 2 or 4 bits, head_dim 64 or 128, rank 0, 4
-or 8 with fp16 factors (``factor_bits=16``; the default int8 factors are Triton's), up to 8
-outliers per vector, group sizes 16–128 (≤ head_dim). Anything else goes to the Triton kernel
-(:func:`supports` says why).
+or 8 with fp16 or int8 factors, up to 8 outliers per vector, group sizes 16–128 (≤ head_dim).
+Anything else goes to the Triton kernel (:func:`supports` says why). Automatic dispatch does not
+take it for int8 factors (:data:`INT8_NOT_PREFERRED`); pinned, it serves them.
 """
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ _LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 # the host time, and there Triton is faster).
 EAGER_MAX_WORK = 1 << 19
 NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and for large eager calls (measured on an H100)"
+# The kernel's int8-factor path (written 2026-11-27) compiles for sm_80/sm_90 without spills and
+# has gpu-lane tests, but has not run on a GPU yet: until it has, automatic dispatch keeps int8
+# factors on the Triton kernel, whose int8 path the interpreter lane checks.
+INT8_NOT_PREFERRED = "int8 factors: the CUDA kernel's int8 path has not yet run on a GPU; pin backend cuda to use it"
 
 
 def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head_dim: int, rank: int,
@@ -65,8 +69,8 @@ def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head
         return Support(False, f"head_dim={head_dim}; the CUDA GEAR kernel serves {CUDA_GEAR_HEAD_DIMS}")
     if rank not in CUDA_GEAR_RANKS:
         return Support(False, f"rank={rank}; the CUDA GEAR kernel serves ranks {CUDA_GEAR_RANKS}")
-    if rank and factor_bits != 16:
-        return Support(False, f"factor_bits={factor_bits}; the CUDA GEAR kernel reads fp16 factors (factor_bits=16)")
+    if factor_bits not in (8, 16):
+        return Support(False, f"factor_bits={factor_bits}; the CUDA GEAR kernel reads int8 (8) or fp16 (16) factors")
     if group_size > head_dim:
         return Support(False, f"group_size={group_size} > head_dim={head_dim}: a value group would exceed a vector")
     if n_out > CUDA_GEAR_MAX_OUTLIERS:
@@ -93,12 +97,19 @@ def supports(q: object, kv: "GEARKV") -> Support:
     if not hasattr(cuda_ext.load(), "gear_decode"):
         return Support(False, "the CUDA extension was built without gear_decode (older csrc/): rebuild it")
     chosen = preferred(kv)
-    return Support(True, "" if chosen else NOT_PREFERRED, preferred=chosen)
+    return Support(True, "" if chosen else INT8_NOT_PREFERRED if _int8_factors(kv) else NOT_PREFERRED, preferred=chosen)
+
+
+def _int8_factors(kv: "GEARKV") -> bool:
+    return kv.config.rank > 0 and kv.config.factor_bits == 8
 
 
 def preferred(kv: "GEARKV") -> bool:
     """Whether automatic dispatch takes this kernel for ``kv`` (see :data:`EAGER_MAX_WORK`): an eager
-    call (no CUDA graph being captured) over at most EAGER_MAX_WORK cached head-tokens."""
+    call (no CUDA graph being captured) over at most EAGER_MAX_WORK cached head-tokens, with fp16
+    factors or none (:data:`INT8_NOT_PREFERRED`)."""
+    if _int8_factors(kv):
+        return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     return kv.batch * kv.kv_heads * kv.seq_len <= EAGER_MAX_WORK
@@ -166,12 +177,14 @@ def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
         module.gear_decode(
             q.data_ptr(), ptr("key_codes"), ptr("key_scale"), ptr("key_zero"), ptr("key_out_idx", n_out > 0),
             ptr("key_out_val", n_out > 0), ptr("key_lr_a", cfg.rank > 0), ptr("key_lr_b", cfg.rank > 0),
-            ptr("value_codes"), ptr("value_scale"), ptr("value_zero"), ptr("value_out_idx", n_out > 0),
-            ptr("value_out_val", n_out > 0), ptr("value_lr_a", cfg.rank > 0), ptr("value_lr_b", cfg.rank > 0),
+            ptr("key_lr_scale", cfg.rank > 0), ptr("value_codes"), ptr("value_scale"), ptr("value_zero"),
+            ptr("value_out_idx", n_out > 0), ptr("value_out_val", n_out > 0), ptr("value_lr_a", cfg.rank > 0),
+            ptr("value_lr_b", cfg.rank > 0), ptr("value_lr_scale", cfg.rank > 0),
             ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
             part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
             out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
-            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, splits, per_split, float(scale) * _LOG2E,
+            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
+            float(scale) * _LOG2E,
             _DTYPE_CODES[q.dtype], torch.cuda.current_stream(device).cuda_stream,
         )
     return out
