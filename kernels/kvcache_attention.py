@@ -16,7 +16,8 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed; the rank r
   is a compile-time constant (the factor rows are then vector loads). Factors are fp16, or int8
   (``INT8_FACTORS``) with A's per-(block, rank column) scales (batch, kv_heads, T / B, r) and
-  B = B̂ / 127: both are scaled on chip into the same fp16 tiles as fp16 factors;
+  B = B̂ / 127: B̂ enters the dots as exact fp16 integers, and A's scales and the 1/127 ride on
+  the A tile's columns (keys) or on P A_v (values), never on the (D × r) B tile;
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
 
 Two launches, no atomics, deterministic:
@@ -208,22 +209,16 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
 
 
 @triton.jit
-def _factor_rows(a_ptr, scale_ptr, tok, blk, offs_r, r_mask, R: tl.constexpr, INT8_FACTORS: tl.constexpr):
-    """fp32 (BLOCK_N × R_PAD) rows of A of tokens ``tok`` (in block ``blk``); int8 rows times
-    the block's column scales."""
-    a = tl.load(a_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0).to(tl.float32)
+def _factor_rows(a_ptr, scale_ptr, tok, blk, offs_r, r_mask, R: tl.constexpr, INT8_FACTORS: tl.constexpr,
+                 col_mult: tl.constexpr):
+    """(BLOCK_N × R_PAD) rows of A of tokens ``tok`` (in block ``blk``) as stored (fp16), or, for
+    int8 factors, in fp32 times the block's column scales times ``col_mult`` (an R_PAD-vector
+    product: the 1/127 of B̂ may ride on it)."""
+    a = tl.load(a_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
     if INT8_FACTORS:
-        a = a * tl.load(scale_ptr + blk * R + offs_r, mask=r_mask, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + blk * R + offs_r, mask=r_mask, other=0.0) * col_mult
+        a = a.to(tl.float32) * scale[None, :]
     return a
-
-
-@triton.jit
-def _basis(b_ptrs, mask, INT8_FACTORS: tl.constexpr):
-    """fp32 entries of B at ``b_ptrs``; int8 ones times INT8_BASIS_SCALE."""
-    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if INT8_FACTORS:
-        b = b * INT8_BASIS_SCALE
-    return b
 
 
 @triton.jit
@@ -341,10 +336,12 @@ def _gear_split_kernel(
                         N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
-            bk = _basis(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                        d_mask[:, None] & r_mask[None, :], INT8_FACTORS)
+            # int8 B̂ enters as exact integers (|q B̂| ≤ 127 √D |q|max, far inside fp16); its 1/127
+            # rides on A's column scales
+            bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                         mask=d_mask[:, None] & r_mask[None, :], other=0.0)
             qb = _dot(qc, bk.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
-            a = _factor_rows(ka_ptr, kas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS)
+            a = _factor_rows(ka_ptr, kas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS, INT8_BASIS_SCALE)
             s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
@@ -353,10 +350,12 @@ def _gear_split_kernel(
                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = _factor_rows(va_ptr, vas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS)
+            av = _factor_rows(va_ptr, vas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS, 1.0)
             pa = _dot(p, av.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
-            bvt = _basis(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                         d_mask[None, :] & r_mask[:, None], INT8_FACTORS)
+            if INT8_FACTORS:  # B̂'s 1/127 on the (BLOCK_M × R_PAD) P A_v, B̂ as exact integers
+                pa = pa * INT8_BASIS_SCALE
+            bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                          mask=d_mask[None, :] & r_mask[:, None], other=0.0)
             acc = _dot(pa.to(cdtype), bvt.to(cdtype), acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
