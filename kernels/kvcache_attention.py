@@ -209,6 +209,17 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
 
 
 @triton.jit
+def _basis_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
+    """B entries at ``ptrs`` as ``dtype``; int8 B̂ as its exact integers, for fp16 without an
+    integer → float convert: (B̂ + 128) ORed into the mantissa of 1024, minus 1152."""
+    b = tl.load(ptrs, mask=mask, other=0)
+    if INT8_FACTORS and dtype == tl.float16:
+        return ((b.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return b.to(dtype)
+
+
+@triton.jit
 def _factor_rows(a_ptr, scale_ptr, tok, blk, offs_r, r_mask, R: tl.constexpr, INT8_FACTORS: tl.constexpr,
                  col_mult: tl.constexpr):
     """(BLOCK_N × R_PAD) rows of A of tokens ``tok`` (in block ``blk``) as stored (fp16), or, for
@@ -338,9 +349,9 @@ def _gear_split_kernel(
             blk = tile // TILES
             # int8 B̂ enters as exact integers (|q B̂| ≤ 127 √D |q|max, far inside fp16); its 1/127
             # rides on A's column scales
-            bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                         mask=d_mask[:, None] & r_mask[None, :], other=0.0)
-            qb = _dot(qc, bk.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
+            bk = _basis_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                             d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
+            qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
             a = _factor_rows(ka_ptr, kas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS, INT8_BASIS_SCALE)
             s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
@@ -354,9 +365,9 @@ def _gear_split_kernel(
             pa = _dot(p, av.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:  # B̂'s 1/127 on the (BLOCK_M × R_PAD) P A_v, B̂ as exact integers
                 pa = pa * INT8_BASIS_SCALE
-            bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                          mask=d_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = _dot(pa.to(cdtype), bvt.to(cdtype), acc, DOT_PRECISION)
+            bvt = _basis_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                              d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
+            acc = _dot(pa.to(cdtype), bvt, acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
