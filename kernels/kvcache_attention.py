@@ -16,8 +16,9 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed; the rank r
   is a compile-time constant (the factor rows are then vector loads). Factors are fp16, or int8
   (``INT8_FACTORS``) with A's per-(block, rank column) scales (batch, kv_heads, T / B, r) and
-  B = B̂ / 127: B̂ enters the dots as exact fp16 integers, and A's scales and the 1/127 ride on
-  the A tile's columns (keys) or on P A_v (values), never on the (D × r) B tile;
+  B = B̂ / 127: Â and B̂ enter the dots as exact fp16 integers (made by a magic number, not
+  integer converts), and A's scales with the 1/127 multiply the (rows × r) rank-space products
+  q B̂ and P Â, never a factor tile;
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
 
 Two launches, no atomics, deterministic:
@@ -209,27 +210,21 @@ def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_en
 
 
 @triton.jit
-def _basis_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
-    """B entries at ``ptrs`` as ``dtype``; int8 B̂ as its exact integers, for fp16 without an
-    integer → float convert: (B̂ + 128) ORed into the mantissa of 1024, minus 1152."""
-    b = tl.load(ptrs, mask=mask, other=0)
+def _factor_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
+    """Factor entries at ``ptrs`` as ``dtype``; int8 ones as their exact integers, for fp16
+    without an integer → float convert: (x + 128) ORed into the mantissa of 1024, minus 1152."""
+    x = tl.load(ptrs, mask=mask, other=0)
     if INT8_FACTORS and dtype == tl.float16:
-        return ((b.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+        return ((x.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     else:
-        return b.to(dtype)
+        return x.to(dtype)
 
 
 @triton.jit
-def _factor_rows(a_ptr, scale_ptr, tok, blk, offs_r, r_mask, R: tl.constexpr, INT8_FACTORS: tl.constexpr,
-                 col_mult: tl.constexpr):
-    """(BLOCK_N × R_PAD) rows of A of tokens ``tok`` (in block ``blk``) as stored (fp16), or, for
-    int8 factors, in fp32 times the block's column scales times ``col_mult`` (an R_PAD-vector
-    product: the 1/127 of B̂ may ride on it)."""
-    a = tl.load(a_ptr + tok[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
-    if INT8_FACTORS:
-        scale = tl.load(scale_ptr + blk * R + offs_r, mask=r_mask, other=0.0) * col_mult
-        a = a.to(tl.float32) * scale[None, :]
-    return a
+def _rank_scales(scale_ptr, blk, offs_r, r_mask, R: tl.constexpr):
+    """fp32 (R_PAD) column scales of block ``blk``'s int8 A, times B̂'s 1/127: the int8 factors'
+    whole scaling, applied to a (BLOCK_M × R_PAD) rank-space tile."""
+    return tl.load(scale_ptr + blk * R + offs_r, mask=r_mask, other=0.0) * INT8_BASIS_SCALE
 
 
 @triton.jit
@@ -347,13 +342,14 @@ def _gear_split_kernel(
                         N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
-            # int8 B̂ enters as exact integers (|q B̂| ≤ 127 √D |q|max, far inside fp16); its 1/127
-            # rides on A's column scales
-            bk = _basis_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                             d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
-            qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION).to(cdtype)
-            a = _factor_rows(ka_ptr, kas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS, INT8_BASIS_SCALE)
-            s = _dot(qb, tl.trans(a.to(cdtype)), s, DOT_PRECISION)
+            # int8 Â and B̂ enter as exact integers; their scales go on q B̂ (rank space)
+            bk = _factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                              d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
+            qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
+            if INT8_FACTORS:
+                qb = qb * _rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :]
+            a = _factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype, INT8_FACTORS)
+            s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         p = p.to(cdtype)
@@ -361,12 +357,12 @@ def _gear_split_kernel(
                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = _factor_rows(va_ptr, vas_ptr, tok, blk, offs_r, r_mask, R, INT8_FACTORS, 1.0)
-            pa = _dot(p, av.to(cdtype), tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
-            if INT8_FACTORS:  # B̂'s 1/127 on the (BLOCK_M × R_PAD) P A_v, B̂ as exact integers
-                pa = pa * INT8_BASIS_SCALE
-            bvt = _basis_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                              d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
+            av = _factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype, INT8_FACTORS)
+            pa = _dot(p, av, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
+            if INT8_FACTORS:  # the scales on P Â (rank space)
+                pa = pa * _rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :]
+            bvt = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                               d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
             acc = _dot(pa.to(cdtype), bvt, acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
