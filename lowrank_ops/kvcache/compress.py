@@ -13,7 +13,8 @@ term ``L`` (per sequence, head and block), with ``X ≈ deq + outliers + L``:
 3. ``L`` = the rank-r approximation of what quantization and outliers leave, ``X − deq −
    outliers``, stored as factors (:func:`lowrank_factors`; :func:`lowrank_basis` runs
    ``power_iters`` subspace iterations, batched torch matmuls + QR, on every backend; ``L₀`` is
-   ``X V Vᵀ`` in float32, never stored).
+   ``X V₀ V₀ᵀ`` in float32, never stored). The joint refit starts from V₀ and runs one
+   iteration less (at least one): on MiniLM as good as ``power_iters`` from the fixed start.
 
 The format (and so every decode kernel) is the same for both orders. The joint start takes the
 data's dominant low-rank structure (channel offsets of the values, token-wide patterns of the
@@ -124,11 +125,12 @@ def _start_basis(head_dim: int, rank: int, device: torch.device) -> Tensor:
     return torch.randn(head_dim, rank, generator=gen).to(device)
 
 
-def lowrank_basis(x: Tensor, rank: int, power_iters: int) -> Tensor:
+def lowrank_basis(x: Tensor, rank: int, power_iters: int, start: Tensor | None = None) -> Tensor:
     """Orthonormal float32 (b, h, nblocks, D, r) basis of the rank-r approximation of each block
-    of ``x`` (b, h, nblocks, B, D): subspace iteration from a fixed start Ω, Y = X Ω, then
-    ``power_iters`` times (Q = orth(Y), V = orth(Xᵀ Q), Y = X V). The approximation is X V Vᵀ."""
-    v = _start_basis(x.shape[-1], rank, x.device)
+    of ``x`` (b, h, nblocks, B, D): subspace iteration from ``start`` (default: a fixed Gaussian
+    Ω), Y = X Ω, then ``power_iters`` times (Q = orth(Y), V = orth(Xᵀ Q), Y = X V). The
+    approximation is X V Vᵀ."""
+    v = _start_basis(x.shape[-1], rank, x.device) if start is None else start
     y = x @ v
     for _ in range(power_iters):
         q = torch.linalg.qr(y).Q
@@ -137,10 +139,11 @@ def lowrank_basis(x: Tensor, rank: int, power_iters: int) -> Tensor:
     return v
 
 
-def lowrank_factors(residual: Tensor, rank: int, power_iters: int, factor_bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def lowrank_factors(residual: Tensor, rank: int, power_iters: int, factor_bits: int,
+                    start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-block rank-r factors of ``residual`` (b, h, nblocks, B, D) float32, stored as
     ``factor_bits`` asks (see :mod:`lowrank_ops.kvcache.format`): B = :func:`lowrank_basis`
-    rounded to its storage, A = E B with that rounded B (int8: A's columns scaled to ±127 per
+    (from ``start``) rounded to its storage, A = E B with that rounded B (int8: A's columns scaled to ±127 per
     block). Returns ``lr_a`` (b, h, nblocks·B, r), ``lr_b`` (b, h, nblocks, D, r) and ``lr_scale``
     (b, h, nblocks, r for int8, 0 for fp16). At r = min(B, D) and fp16 factors the product is E
     up to fp16 rounding.
@@ -151,7 +154,7 @@ def lowrank_factors(residual: Tensor, rank: int, power_iters: int, factor_bits: 
     if rank == 0:
         return (residual.new_empty(b, h, nblocks * buf, 0, dtype=FACTOR_DTYPES[factor_bits]),
                 residual.new_empty(b, h, nblocks, d, 0, dtype=FACTOR_DTYPES[factor_bits]), scale)
-    v = lowrank_basis(residual, rank, power_iters)
+    v = lowrank_basis(residual, rank, power_iters, start)
     # QR's Q is column-major; the format (and the kernels) read B row-major
     v = (v / INT8_BASIS_SCALE).round_().clamp_(-127, 127).to(torch.int8) if int8 else v.half()
     a = residual @ (v.float() * INT8_BASIS_SCALE if int8 else v.float())
@@ -187,21 +190,20 @@ def compress_blocks(keys: Tensor, values: Tensor, config: GEARConfig) -> dict[st
     def blocks(x: Tensor) -> Tensor:
         return x.reshape(b, h, t // buf, buf, d)
 
-    def data_term(x: Tensor) -> Tensor:  # L₀: the data's rank-r approximation X V Vᵀ, float32
-        v = lowrank_basis(blocks(x), config.rank, config.power_iters)
-        return (blocks(x) @ v @ v.transpose(-1, -2)).reshape(b, h, t, d)
-
     data = (keys.contiguous(), values.contiguous())
-    joint = config.rank > 0 and config.lowrank_fit == "joint"
-    starts = [data_term(x.float()) for x in data] if joint else [0.0, 0.0]
-    if joint:
+    starts, bases, refit_iters = [0.0, 0.0], [None, None], config.power_iters
+    if config.rank > 0 and config.lowrank_fit == "joint":
+        # the data's basis V₀ and L₀ = X V₀ V₀ᵀ (float32, never stored); the refit starts from V₀
+        bases = [lowrank_basis(blocks(x.float()), config.rank, config.power_iters) for x in data]
+        starts = [(blocks(x.float()) @ v @ v.transpose(-1, -2)).reshape(b, h, t, d) for x, v in zip(data, bases)]
         data = tuple(x - l0 for x, l0 in zip(data, starts))
+        refit_iters = max(1, config.power_iters - 1)
     out = {}
-    for kind, q, l0 in zip(("key", "value"), _quantize(*data, config), starts):
+    for kind, q, l0, v0 in zip(("key", "value"), _quantize(*data, config), starts, bases):
         left = q.pop("residual") + l0  # X − deq − outliers
         out.update({f"{kind}_{name}": tensor for name, tensor in q.items()})
         out[f"{kind}_lr_a"], out[f"{kind}_lr_b"], out[f"{kind}_lr_scale"] = lowrank_factors(
-            blocks(left), config.rank, config.power_iters, config.factor_bits)
+            blocks(left), config.rank, refit_iters, config.factor_bits, start=v0)
     return out
 
 
