@@ -27,7 +27,7 @@ from lowrank_ops.benchmarks import timing as T
 
 CALLS = 10
 GEAR_CASES = [(8192, 1), (8192, 16)]
-GEAR_CONFIGS = ["2b", "2b-r4-s2"]
+GEAR_CONFIGS = ["2b", "2b-r4-s2", "2b-r4-s2-i8"]  # the last: the default int8 factors (not yet profiled)
 SPLITS = [None, 16, 32, 64, 128]
 TILE_TOKENS = [32, 64]
 QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
