@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   const long seq_len = Tc + a.tail_len;
 
   // (batch, kv head) slabs
-  Ptrs p;
+  Ptrs p{};  // null until set
   p.kc = reinterpret_cast<const uint32_t*>(a.key_codes) + bh * Tc * L::kWords;
   p.vc = reinterpret_cast<const uint32_t*>(a.value_codes) + bh * Tc * L::kWords;
   p.ks = reinterpret_cast<const __half*>(a.key_scale) + bh * (Tc / G) * D;
@@ -435,16 +435,19 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   p.voi = reinterpret_cast<const uint8_t*>(a.value_out_idx) + bh * Tc * n_out;
   p.kov = reinterpret_cast<const __half*>(a.key_out_val) + bh * Tc * n_out;
   p.vov = reinterpret_cast<const __half*>(a.value_out_val) + bh * Tc * n_out;
-  p.ka = reinterpret_cast<const __half*>(a.key_lr_a) + bh * Tc * RANK;
-  p.va = reinterpret_cast<const __half*>(a.value_lr_a) + bh * Tc * RANK;
-  p.kb = reinterpret_cast<const __half*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
-  p.vb = reinterpret_cast<const __half*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
-  p.ka8 = reinterpret_cast<const int8_t*>(a.key_lr_a) + bh * Tc * RANK;
-  p.va8 = reinterpret_cast<const int8_t*>(a.value_lr_a) + bh * Tc * RANK;
-  p.kb8 = reinterpret_cast<const int8_t*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
-  p.vb8 = reinterpret_cast<const int8_t*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
-  p.kas = reinterpret_cast<const float*>(a.key_lr_scale) + bh * a.nblocks * RANK;
-  p.vas = reinterpret_cast<const float*>(a.value_lr_scale) + bh * a.nblocks * RANK;
+  if constexpr (I8) {  // the other storage's pointers stay null (its offsets would leave the buffers)
+    p.ka8 = reinterpret_cast<const int8_t*>(a.key_lr_a) + bh * Tc * RANK;
+    p.va8 = reinterpret_cast<const int8_t*>(a.value_lr_a) + bh * Tc * RANK;
+    p.kb8 = reinterpret_cast<const int8_t*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
+    p.vb8 = reinterpret_cast<const int8_t*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
+    p.kas = reinterpret_cast<const float*>(a.key_lr_scale) + bh * a.nblocks * RANK;
+    p.vas = reinterpret_cast<const float*>(a.value_lr_scale) + bh * a.nblocks * RANK;
+  } else {
+    p.ka = reinterpret_cast<const __half*>(a.key_lr_a) + bh * Tc * RANK;
+    p.va = reinterpret_cast<const __half*>(a.value_lr_a) + bh * Tc * RANK;
+    p.kb = reinterpret_cast<const __half*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
+    p.vb = reinterpret_cast<const __half*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
+  }
   p.mask = a.key_mask ? reinterpret_cast<const uint8_t*>(a.key_mask) + (bh / a.kv_heads) * seq_len : nullptr;
   const bool bf16 = a.dtype == kBFloat16;
   const uint16_t* q = reinterpret_cast<const uint16_t*>(a.q) + (bh * M + row0) * D;

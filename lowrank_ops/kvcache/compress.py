@@ -194,9 +194,10 @@ def compress_blocks(keys: Tensor, values: Tensor, config: GEARConfig) -> dict[st
     starts, bases, refit_iters = [0.0, 0.0], [None, None], config.power_iters
     if config.rank > 0 and config.lowrank_fit == "joint":
         # the data's basis V₀ and L₀ = X V₀ V₀ᵀ (float32, never stored); the refit starts from V₀
-        bases = [lowrank_basis(blocks(x.float()), config.rank, config.power_iters) for x in data]
-        starts = [(blocks(x.float()) @ v @ v.transpose(-1, -2)).reshape(b, h, t, d) for x, v in zip(data, bases)]
-        data = tuple(x - l0 for x, l0 in zip(data, starts))
+        data = tuple(blocks(x.float()) for x in data)
+        bases = [lowrank_basis(x, config.rank, config.power_iters) for x in data]
+        starts = [(x @ v @ v.transpose(-1, -2)).reshape(b, h, t, d) for x, v in zip(data, bases)]
+        data = tuple(x.reshape(b, h, t, d) - l0 for x, l0 in zip(data, starts))
         refit_iters = max(1, config.power_iters - 1)
     out = {}
     for kind, q, l0, v0 in zip(("key", "value"), _quantize(*data, config), starts, bases):
