@@ -9,8 +9,10 @@ The GEAR cases also time the whole call as a CUDA-graph replay for several seque
 counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
 a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32 without
 outliers, 32-token tiles fold the key scale into q). After each case the configs the autotuner
-chose are printed (warps and pipeline depth are not in the SASS counts). Prints tables only (the device tool returns at most 8 files; the step's
-output lands in log.txt). Nothing here is asserted: the suites and the gpu lane do that.
+chose are printed, with every row's time in the latest autotuning (warps, pipeline depth and
+the register caps that buy a third or fourth program per SM are not in the SASS counts).
+Prints tables only (the device tool returns at most 8 files; the step's output lands in
+log.txt). Nothing here is asserted: the suites and the gpu lane do that.
 """
 from __future__ import annotations
 
@@ -52,10 +54,13 @@ def kernel_times(fn, calls: int = CALLS) -> list[tuple[str, float, int]]:
 
 
 def print_autotuned(*kernels) -> None:
-    """The config each autotuned kernel chose for every key it has seen so far."""
+    """The config each autotuned kernel chose for every key it has seen so far, and every row's
+    time in its latest autotuning (the GEAR rows differ in warps, stages and register cap)."""
     for kernel in kernels:
         for key, config in getattr(kernel, "cache", {}).items():
             print(f"  autotuned {kernel.fn.__name__} {key[:6]}...: {config}")
+        for config, ms in (getattr(kernel, "configs_timings", None) or {}).items():
+            print(f"    last autotuning: {float(ms[0] if isinstance(ms, (list, tuple)) else ms) * 1e3:9.1f} us  {config}")
 
 
 def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:

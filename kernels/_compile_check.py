@@ -87,7 +87,8 @@ def variants(case: CompileCase, all_configs: bool) -> list[tuple[str, Any, dict[
             f"{case.name}#{index[id(config)]}",
             kernel.fn,
             {**case.constexprs, **config.kwargs},
-            {"num_warps": config.num_warps, "num_stages": config.num_stages, **case.options},
+            {"num_warps": config.num_warps, "num_stages": config.num_stages,
+             **({"maxnreg": config.maxnreg} if config.maxnreg else {}), **case.options},
         )
         for config in (configs if all_configs else configs[:1])
     ]
@@ -116,29 +117,36 @@ def compile_one(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], 
     return len(compiled.asm["cubin"]), compiled.metadata.shared
 
 
-def main_loop_opcodes(case: CompileCase, overrides: dict[str, Any], divisible_ints: tuple[str, ...] = (),
-                      arch: int = 90) -> list[str]:
-    """Opcodes of the main loop of ``case`` (first config, constexprs updated by ``overrides``)
-    compiled for ``sm_{arch}`` as a real launch specializes it (every pointer 16-byte aligned,
-    ``divisible_ints`` multiples of 16), disassembled by the nvdisasm Triton ships. The main
-    loop is the longest span from a label to a branch back to it that holds tensor-core
-    instructions (HMMA, or HGMMA for wgmma). These static counts are the instruction budgets the
-    README quotes and ``tests/test_kernels_sass_budget.py`` holds."""
+def main_loop(case: CompileCase, overrides: dict[str, Any], divisible_ints: tuple[str, ...] = (),
+              arch: int = 90, config: int = 0) -> tuple[list[str], int]:
+    """``(opcodes of the main loop, registers per thread)`` of ``case`` (its kernel's autotune row
+    ``config``, constexprs updated by ``overrides``) compiled for ``sm_{arch}`` as a real launch
+    specializes it (every pointer 16-byte aligned, ``divisible_ints`` multiples of 16),
+    disassembled by the nvdisasm Triton ships (registers: its cuobjdump). The main loop is the
+    longest span from a label to a branch back to it that holds tensor-core instructions (HMMA,
+    or HGMMA for wgmma). These static counts are the instruction budgets the README quotes and
+    ``tests/test_kernels_sass_budget.py`` holds."""
     import subprocess
     import tempfile
     from pathlib import Path
 
     import triton
 
-    _, fn, constexprs, options = variants(case, False)[0]
+    rows = variants(case, True)
+    chosen = [row for row in rows if row[0].endswith(f"#{config}")] or rows[config:config + 1]
+    if not chosen:
+        raise ValueError(f"{case.name}: no autotune row {config}")
+    _, fn, constexprs, options = chosen[0]
     pointers = tuple(name for name, ty in case.signature.items() if ty.startswith("*"))
     compiled = _compile(fn, case.signature, {**constexprs, **overrides}, options, arch, pointers + divisible_ints)
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        lines = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True,
+        lines = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
                                check=True).stdout.splitlines()
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
@@ -148,7 +156,7 @@ def main_loop_opcodes(case: CompileCase, overrides: dict[str, Any], divisible_in
     loops = [ops for ops in loops if any(op.startswith(("HMMA", "HGMMA")) for op in ops)]
     if not loops:
         raise ValueError(f"{case.name}: no loop with tensor-core instructions in the SASS")
-    return max(loops, key=len)
+    return max(loops, key=len), int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,15 +212,17 @@ def main() -> None:
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--main-loop", metavar="JSON", help='instead: [{"case": NAME, "set": {...}, "divisible": '
-                        '[INT ARG, ...]}, ...] -> the sm_90 main-loop instruction count and opcodes of each')
+                        '[INT ARG, ...], "config": AUTOTUNE ROW}, ...] -> the sm_90 main-loop instruction count, '
+                        'opcodes and registers per thread of each')
     args = parser.parse_args()
     if args.main_loop:
         cases = {case.name: case for _, case in all_cases()}
         rows = []
         for spec in json.loads(args.main_loop):
-            ops = main_loop_opcodes(cases[spec["case"]], spec.get("set", {}), tuple(spec.get("divisible", ())))
+            ops, registers = main_loop(cases[spec["case"]], spec.get("set", {}), tuple(spec.get("divisible", ())),
+                                       config=spec.get("config", 0))
             opcodes = collections.Counter(op.split(".")[0] for op in ops)
-            rows.append(dict(spec, instructions=len(ops), opcodes=opcodes))
+            rows.append(dict(spec, instructions=len(ops), opcodes=opcodes, registers=registers))
         print(json.dumps(rows, indent=1))
         return
     print(json.dumps(run(tuple(args.arch), args.only, args.all_configs, args.jobs), indent=1))

@@ -44,7 +44,7 @@ q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B
 dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
-One autotune config under the interpreter, four (warps × stages) on a GPU.
+One autotune config under the interpreter, six (warps × stages × register cap) on a GPU.
 """
 from __future__ import annotations
 
@@ -74,14 +74,24 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 # --------------------------------------------------------------------------- config table
 # Tiles are fixed by the format (BLOCK_N tokens, see _tile_tokens: one block or part of one);
 # a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
+# The full configuration's loop needs ~220 registers per thread, which leaves two 4-warp
+# programs per SM (eight warps to hide every load and dot latency); the capped rows trade a few
+# spilled loop invariants (L1-resident reloads, no stores in the loop) for a third or fourth
+# program per SM (README: GEAR speed). The autotuner measures which wins.
+_SPLIT_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 _SPLIT_TABLE = [
-    # warps stages
-    (4, 1) if INTERPRET else (4, 2),
-    (4, 3),
-    (8, 2),
-    (2, 3),
+    # warps stages register cap (None: the compiler's choice)
+    (4, 1, None) if INTERPRET else (4, 2, None),
+    (4, 3, None),
+    (8, 2, None),
+    (2, 3, None),
+    (4, 2, 168),  # three programs per SM
+    (4, 2, 128),  # four
 ]
 _MAX_BLOCK_N = 64
+# Splits of at most this many units are latency-bound (batch 1: two blocks each), longer ones
+# issue-bound (batch 16); the autotuner keeps a row per kind (key LONG_RUNS, unused by the body).
+_SHORT_RUN = 4
 MAX_SPLITS = 128  # the combine kernel reads every split's max as one vector
 _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PAD) fp32 tile)
 
@@ -264,15 +274,15 @@ def _online_softmax(s, m_i, l_i, acc):
 # leave memory (packed words, one scale row per group / per token); codes and scales are
 # expanded in registers. The tail tile is read as it is. The partial (max, sum-exp, acc) of the
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
-@triton.autotune(configs=_configs(_SPLIT_TABLE, ()),
+@triton.autotune(configs=_configs(_SPLIT_TABLE, (), _SPLIT_OPTIONS),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
-                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N"])
-@triton.jit
+                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "LONG_RUNS"])
+@triton.jit(do_not_specialize=["LONG_RUNS"])  # both kinds of run share one binary per row
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, UNITS_PER_SPLIT, qk_scale,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, UNITS_PER_SPLIT, LONG_RUNS, qk_scale,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -432,6 +442,13 @@ def _num_splits(units: int, columns: int, device: torch.device) -> int:
     return max(1, min(units, MAX_SPLITS, 2 * _target_programs(device) // columns))
 
 
+def last_split_config() -> Optional[str]:
+    """The autotune row (warps, stages, register cap) the last GPU launch of the split kernel ran
+    with, as Triton prints it; None before one. The benchmark records it next to each time."""
+    best = getattr(_gear_split_kernel, "best_config", None)
+    return None if best is None else str(best)
+
+
 def gear_decode_attention(
     q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, num_splits: Optional[int] = None,
     tile_tokens: Optional[int] = None,
@@ -501,7 +518,7 @@ def gear_decode_attention(
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
-        kv_heads, m, seq_len, nblocks, tail_len, units, per_split, float(scale) * _LOG2E,
+        kv_heads, m, seq_len, nblocks, tail_len, units, per_split, int(per_split > _SHORT_RUN), float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
@@ -524,7 +541,7 @@ def gear_decode_attention(
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                UNITS_PER_SPLIT="i32", qk_scale="fp32")
+                UNITS_PER_SPLIT="i32", LONG_RUNS="i32", qk_scale="fp32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),

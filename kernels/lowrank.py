@@ -39,10 +39,13 @@ _INTERPRETER_SMS = 2  # stand-in "SM count" under the interpreter: a few program
 _DECODE_K_CHUNK = 64 if INTERPRET else 128  # smallest K range one decode split is given
 
 
-def _configs(table: list[tuple], names: tuple[str, ...]) -> list[triton.Config]:
-    """``(block sizes..., num_warps, num_stages)`` rows -> Configs; the first row alone under the interpreter."""
+def _configs(table: list[tuple], names: tuple[str, ...],
+             options: tuple[str, ...] = ("num_warps", "num_stages")) -> list[triton.Config]:
+    """``(block sizes..., num_warps, num_stages)`` rows -> Configs (``options`` names the trailing
+    Config options of a row, e.g. ``maxnreg`` too); the first row alone under the interpreter."""
     rows = table[:1] if INTERPRET else table
-    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+    n = len(options)
+    return [triton.Config(dict(zip(names, row[:-n])), **dict(zip(options, row[-n:]))) for row in rows]
 
 
 # --------------------------------------------------------------------------- config tables

@@ -153,6 +153,18 @@ def test_no_mask_default_scale_and_split_counts():
         assert_close(out, ref, torch.float32, f"splits={splits}", TOL)
 
 
+def test_long_runs_and_the_recorded_autotune_row():
+    """Splits that walk more than _SHORT_RUN units (an autotune key of their own: issue-bound,
+    not latency-bound) give the reference result too, and the launch records its autotune row."""
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=kernels._SHORT_RUN + 2, tail=3, head_dim=64,
+                    dtype=torch.float16)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    out = kernels.gear_decode_attention(q, kv, None, None, num_splits=1)
+    assert_close(out, reference(q, kv, None, None), torch.float16, "one long split", TOL)
+    row = kernels.last_split_config()
+    assert row is not None and "num_warps: 4" in row and "maxnreg: None" in row, row
+
+
 def test_fully_masked_row_is_zero_and_others_unharmed():
     kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=2, tail=4, head_dim=64, dtype=torch.float16)
     q = torch.randn(BATCH, KV_HEADS, 2, 64).to(dtype=torch.float16, device=DEVICE)

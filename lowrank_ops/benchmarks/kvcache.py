@@ -22,7 +22,9 @@ baselines: fp16 K, V + q + out), fraction of the measured copy bandwidth, ``vs_s
 time / this, > 1 is faster), the memory of the cache (bytes per token per layer, bits per entry,
 ``mem_vs_fp16``) and two errors of the output: ``err_vs_ref`` (against the fp32 reference attention
 on the same compressed cache, sequence 0: the kernel) and ``err_vs_fp16`` (against SDPA on the exact K, V:
-the compression). Targets (:data:`TARGETS`) are printed, never asserted.
+the compression); ``triton`` rows on a GPU also name the autotune row the split kernel ran
+(``kernel_config``: warps, stages, register cap). Targets (:data:`TARGETS`) are printed, never
+asserted.
 
 The JSON (``kvcache-<mode>.json``) is rewritten after every case, so a run cut short by its time
 cap keeps what it measured.
@@ -327,6 +329,9 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
                     out = fn(q_probe, kv)
                     row.update(err_vs_ref=rel_err(out[:1], ref), err_vs_fp16=rel_err(out, exact))
                     _time_into(row, fn, sets, env, cfg, cost, copy_gbps, matmul_tflops)
+                if backend_name == "triton" and env.device.type == "cuda":
+                    from lowrank_ops.kernels.kvcache_attention import last_split_config
+                    row["kernel_config"] = last_split_config()  # which autotune row (register cap) won
             except Exception as exc:
                 _fail(row, exc, env, log)
             rows.append(row)
