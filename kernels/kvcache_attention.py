@@ -76,17 +76,18 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 # a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
 # The full configuration's loop needs ~220 registers per thread, which leaves two 4-warp
 # programs per SM (eight warps to hide every load and dot latency); the capped rows trade a few
-# spilled loop invariants (L1-resident reloads, no stores in the loop) for a third or fourth
-# program per SM (README: GEAR speed). The autotuner measures which wins.
+# spilled loop invariants (L1-resident reloads) for more warps per SM (README: GEAR speed). Eight
+# warps split a tile's work less evenly (~40 % more instructions per token) but hide latency
+# better, which a batch-1 step (a few tiles per program) may prefer. The autotuner measures.
 _SPLIT_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 _SPLIT_TABLE = [
     # warps stages register cap (None: the compiler's choice)
     (4, 1, None) if INTERPRET else (4, 2, None),
     (4, 3, None),
     (8, 2, None),
-    (2, 3, None),
     (4, 2, 168),  # three programs per SM
     (4, 2, 128),  # four
+    (8, 2, 128),  # two 8-warp programs per SM
 ]
 _MAX_BLOCK_N = 64
 # Splits of at most this many units are latency-bound (batch 1: two blocks each), longer ones

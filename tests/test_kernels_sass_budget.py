@@ -21,17 +21,21 @@ GEAR split, + 3 outliers + rank 4, int8 factors   —       1865 (1792) †
 GEAR split, full, fp16 factors, ≤ 168 registers   —       1590 (1527) ‡
 GEAR split, full, int8 factors, ≤ 168 registers   —       1910 (1837) ‡
 GEAR split, 2-bit, ≤ 128 registers                —       905  (870)  ‡
+GEAR split, full, fp16 factors, 8 warps, ≤ 128    —       1105 (1061) ‡
+GEAR split, full, int8 factors, 8 warps, ≤ 128    —       1355 (1302) ‡
 quant split-K decode, fp16 4-bit, 64 × 128        557     415  (399)
 quant tile, fp16 4-bit, 64 × 64 × 64 (wgmma) *    376     240  (228)
 quant dx, fp16 4-bit (wgmma)                      297     240  (229)
 ===============================================  ======  ======
 
-‡ the GEAR split kernel's register-capped autotune rows (``maxnreg``): 168 registers (three
-  4-warp programs per SM instead of two; the full configuration needs 219-223 uncapped) and 128
-  (four; plain 2-bit needs 161 uncapped). Set 2026-11-27 (fourth session): each may reload a few
-  spilled loop invariants from L1 but stores nothing to local memory in the loop (full, cap 168:
-  1527 / 1837 instructions with 20 reloads; plain 2-bit, cap 128: 870 with 2); the uncapped
-  counts are held too, so a capped row keeps its reason to exist.
+‡ the GEAR split kernel's register-capped autotune rows (``maxnreg``): 4 warps at 168 registers
+  (three programs per SM instead of two; the full configuration needs 219-223 uncapped), 4 warps
+  at 128 (four; plain 2-bit needs 161 uncapped) and 8 warps at 128 (two 8-warp programs per SM;
+  170-175 uncapped; counts per warp, eight warps share a step). Set 2026-11-27 (fourth session):
+  each may reload a few spilled loop invariants from L1 and store at most one (full, 4 warps at
+  168: 1527 / 1837 instructions with 20 reloads; 8 warps at 128: 1061 / 1302 with 21 / 28
+  reloads; plain 2-bit, 4 warps at 128: 870 with 2); the uncapped counts are held too, so a
+  capped row keeps its reason to exist.
 
 † set 2026-11-27: int8 factors cost 303 instructions per step more than fp16 ones: 71 more
   shared-memory loads (the int8 tiles reach the dot's layout through LDS, not ldmatrix), byte
@@ -54,7 +58,7 @@ pytestmark = pytest.mark.compile
 GEAR_2BIT = {"BITS": 2, "GROUP": 32, "N_OUT": 0, "HAS_LR": False, "R": 0}
 GEAR_FULL = {"BITS": 2, "GROUP": 32, "N_OUT": 3, "HAS_LR": True, "R": 4}
 # the GEAR split kernel's autotune rows (kernels/kvcache_attention.py _SPLIT_TABLE)
-GEAR_UNCAPPED, GEAR_CAP_168, GEAR_CAP_128 = 0, 4, 5
+GEAR_UNCAPPED, GEAR_8_WARPS, GEAR_CAP_168, GEAR_CAP_128, GEAR_8_WARPS_CAP_128 = 0, 2, 3, 4, 5
 BUDGETS = [
     # (case, constexpr overrides, int arguments divisible by 16, budget, autotune row)
     ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_2BIT, [], 890, GEAR_UNCAPPED),
@@ -64,13 +68,17 @@ BUDGETS = [
     ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1590, GEAR_CAP_168),
     ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1910, GEAR_CAP_168),
     ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_2BIT, [], 905, GEAR_CAP_128),
+    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1105, GEAR_8_WARPS_CAP_128),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1355, GEAR_8_WARPS_CAP_128),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1355, GEAR_8_WARPS),
     ("quant_decode_split[fp16,4b,lut]", {"USE_LUT": False, "HAS_LR": False}, ["N", "K"], 415, 0),
     ("quant_tile[fp16,4b,uniform]", {}, ["N", "K"], 240, 0),
     ("quant_dx[fp16,4b,uniform]", {}, ["N", "K"], 240, 0),
 ]
-# (entry of BUDGETS, register cap, most spill reloads in the loop); spill stores: none
-REGISTER_CAPS = [(BUDGETS[4], 168, 24), (BUDGETS[5], 168, 24), (BUDGETS[6], 128, 4)]
-UNCAPPED_NEED = [(BUDGETS[1], 168), (BUDGETS[2], 168), (BUDGETS[0], 128)]  # more than the cap
+# (entry of BUDGETS, register cap, most spill reloads and stores in the loop)
+REGISTER_CAPS = [(BUDGETS[4], 168, 24, 0), (BUDGETS[5], 168, 24, 0), (BUDGETS[6], 128, 4, 0),
+                 (BUDGETS[7], 128, 26, 1), (BUDGETS[8], 128, 32, 1)]
+UNCAPPED_NEED = [(BUDGETS[1], 168), (BUDGETS[2], 168), (BUDGETS[0], 128), (BUDGETS[9], 128)]  # more than the cap
 
 
 def _label(entry) -> str:
@@ -100,13 +108,13 @@ def test_main_loop_within_budget(entry, counts):
         f"opcodes {row['opcodes']}")
 
 
-@pytest.mark.parametrize("entry,cap,reloads", REGISTER_CAPS, ids=[_label(e) for e, _, _ in REGISTER_CAPS])
-def test_register_capped_rows_spill_little(entry, cap, reloads, counts):
-    """A capped autotune row fits its cap (one more program per SM) by reloading a few loop
-    invariants, never by storing to local memory inside the loop."""
+@pytest.mark.parametrize("entry,cap,reloads,stores", REGISTER_CAPS, ids=[_label(e[0]) for e in REGISTER_CAPS])
+def test_register_capped_rows_spill_little(entry, cap, reloads, stores, counts):
+    """A capped autotune row fits its cap (more programs per SM) by reloading a few loop
+    invariants from L1, storing at most one value to local memory per step."""
     row = counts[_label(entry)]
     assert row["registers"] <= cap, f"{_label(entry)}: {row['registers']} registers, cap {cap}"
-    assert row["opcodes"].get("STL", 0) == 0, f"{_label(entry)}: spill stores in the loop: {row['opcodes']}"
+    assert row["opcodes"].get("STL", 0) <= stores, f"{_label(entry)}: spill stores in the loop: {row['opcodes']}"
     assert row["opcodes"].get("LDL", 0) <= reloads, f"{_label(entry)}: spill reloads in the loop: {row['opcodes']}"
 
 
