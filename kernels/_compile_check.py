@@ -133,7 +133,7 @@ def main_loop(case: CompileCase, overrides: dict[str, Any], divisible_ints: tupl
     import triton
 
     rows = variants(case, True)
-    chosen = [row for row in rows if row[0].endswith(f"#{config}")] or rows[config:config + 1]
+    chosen = [row for row in rows if row[0] == f"{case.name}#{config}"] or rows[config:config + 1]  # plain jit: one row
     if not chosen:
         raise ValueError(f"{case.name}: no autotune row {config}")
     _, fn, constexprs, options = chosen[0]

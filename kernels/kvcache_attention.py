@@ -73,7 +73,8 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 
 # --------------------------------------------------------------------------- config table
 # Tiles are fixed by the format (BLOCK_N tokens, see _tile_tokens: one block or part of one);
-# a GPU autotunes warps and pipeline depth over a handful of rows, the interpreter takes the first.
+# a GPU autotunes warps, pipeline depth and register cap over a handful of rows, the interpreter
+# takes the first.
 # The full configuration's loop needs ~220 registers per thread, which leaves two 4-warp
 # programs per SM (eight warps to hide every load and dot latency); the capped rows trade a few
 # spilled loop invariants (L1-resident reloads) for more warps per SM (README: GEAR speed). Eight
