@@ -25,7 +25,8 @@ Two launches, no atomics, deterministic:
 
 1. ``_gear_split_kernel``, grid (splits, M-blocks, batch · kv_heads): the sequence is cut into
    units (each compressed block of B tokens, then the tail) dealt out to the splits in
-   contiguous runs, so one decoded token fills the GPU (flash-decoding). A program owns all
+   contiguous runs, so one decoded token fills the GPU (flash-decoding); the split count fills
+   one wave at the autotune row's programs per SM. A program owns all
    q heads of one kv head (GQA: the G = q_heads / kv_heads heads × q_len rows of a kv group are
    contiguous in q) and keeps the running max / sum-exp / accumulator in fp32, then writes its
    partial (max, sum, acc) to a workspace;
@@ -44,7 +45,8 @@ q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B
 dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
-One autotune config under the interpreter, six (warps × stages × register cap) on a GPU.
+One autotune config under the interpreter, six (programs per SM × warps × stages × register cap)
+on a GPU.
 """
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
 from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
-from .lowrank import (INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _target_programs, cdiv,
-                      next_pow2)
+from .lowrank import (_INTERPRETER_SMS, INTERPRET, MIN_DOT, _configs, _cuda_sm_count, _dot, _dot_precision, _empty,
+                      _rank_pad, cdiv, next_pow2)
 
 if TYPE_CHECKING:
     from lowrank_ops.kvcache.format import GEARKV
@@ -79,21 +81,21 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 # programs per SM (eight warps to hide every load and dot latency); the capped rows trade a few
 # spilled loop invariants (L1-resident reloads) for more warps per SM (README: GEAR speed). Eight
 # warps split a tile's work less evenly (~40 % more instructions per token) but hide latency
-# better, which a batch-1 step (a few tiles per program) may prefer. The autotuner measures.
+# better, which a batch-1 step (a few tiles per program) may prefer. Each row also sets how many
+# programs per SM its grid targets (the sequence split count, one wave at the occupancy its
+# registers allow, see _split_count), so a row is timed at its own occupancy. The autotuner measures.
+_SPLIT_NAMES = ("PROGRAMS_PER_SM",)
 _SPLIT_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 _SPLIT_TABLE = [
-    # warps stages register cap (None: the compiler's choice)
-    (4, 1, None) if INTERPRET else (4, 2, None),
-    (4, 3, None),
-    (8, 2, None),
-    (4, 2, 168),  # three programs per SM
-    (4, 2, 128),  # four
-    (8, 2, 128),  # two 8-warp programs per SM
+    # programs per SM, warps, stages, register cap (None: the compiler's choice)
+    (2, 4, 1, None) if INTERPRET else (2, 4, 2, None),
+    (2, 4, 3, None),
+    (1, 8, 2, None),
+    (3, 4, 2, 168),
+    (4, 4, 2, 128),
+    (2, 8, 2, 128),
 ]
 _MAX_BLOCK_N = 64
-# Splits of at most this many units are latency-bound (batch 1: two blocks each), longer ones
-# issue-bound (batch 16); the autotuner keeps a row per kind (key LONG_RUNS, unused by the body).
-_SHORT_RUN = 4
 MAX_SPLITS = 128  # the combine kernel reads every split's max as one vector
 _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PAD) fp32 tile)
 
@@ -276,19 +278,19 @@ def _online_softmax(s, m_i, l_i, acc):
 # leave memory (packed words, one scale row per group / per token); codes and scales are
 # expanded in registers. The tail tile is read as it is. The partial (max, sum-exp, acc) of the
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
-@triton.autotune(configs=_configs(_SPLIT_TABLE, (), _SPLIT_OPTIONS),
+@triton.autotune(configs=_configs(_SPLIT_TABLE, _SPLIT_NAMES, _SPLIT_OPTIONS),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
-                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "LONG_RUNS"])
-@triton.jit(do_not_specialize=["LONG_RUNS"])  # both kinds of run share one binary per row
+                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "WIDE_GRID"])
+@triton.jit(do_not_specialize=["WIDE_GRID"])  # narrow and wide grids share one binary per row
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, UNITS_PER_SPLIT, LONG_RUNS, qk_scale,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
     split = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -341,8 +343,9 @@ def _gear_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    first = split * UNITS_PER_SPLIT
-    last = tl.minimum(first + UNITS_PER_SPLIT, UNITS)
+    per_split = tl.cdiv(UNITS, tl.num_programs(0))  # the grid's splits (the row's, or the caller's count)
+    first = split * per_split
+    last = tl.minimum(first + per_split, UNITS)
     # one flat loop over the run's BLOCK_N-token tiles (BLOCK_N divides B: a tile lies in one block
     # and one key group), so the compiler can prefetch the next tile's codes while this one computes
     TILES: tl.constexpr = BLOCK_TOKENS // BLOCK_N
@@ -438,10 +441,18 @@ def _tile_tokens(buffer_tokens: int) -> int:
     return min(buffer_tokens & -buffer_tokens, _MAX_BLOCK_N)
 
 
-def _num_splits(units: int, columns: int, device: torch.device) -> int:
-    """Sequence splits so that (splits × columns) ≈ 4 programs per SM (latency hiding for the
-    dependent load → unpack → dot chain), at least one unit each, at most MAX_SPLITS."""
-    return max(1, min(units, MAX_SPLITS, 2 * _target_programs(device) // columns))
+def _sm_count(device: torch.device) -> int:
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _INTERPRETER_SMS
+
+
+def _split_count(units: int, columns: int, programs_per_sm: int, device: torch.device) -> int:
+    """Sequence splits so that (splits × columns) programs fill one wave of ``programs_per_sm``
+    per SM (an autotune row's occupancy: the dependent load → unpack → dot chain needs every
+    resident warp, and a second, partial wave would idle most SMs), at least one unit each and
+    none empty, at most MAX_SPLITS."""
+    splits = max(1, min(units, MAX_SPLITS, programs_per_sm * _sm_count(device) // columns))
+    return cdiv(units, cdiv(units, splits))
 
 
 def last_split_config() -> Optional[str]:
@@ -501,11 +512,20 @@ def gear_decode_attention(
     d_pad = max(MIN_DOT, next_pow2(head_dim))
     units = nblocks + (tail_len > 0)
     columns = batch * kv_heads * m_blocks
-    splits = min(num_splits, MAX_SPLITS) if num_splits is not None else _num_splits(units, columns, q.device)
-    per_split = cdiv(max(units, 1), max(1, min(splits, units)))
-    splits = cdiv(max(units, 1), per_split)  # no empty split
+    if num_splits is not None:
+        fixed = max(1, min(num_splits, MAX_SPLITS, units))
+        fixed = cdiv(units, cdiv(units, fixed))  # no empty split
+    else:
+        fixed = None
 
-    rows = batch * kv_heads * splits * m
+    def splits_of(programs_per_sm: int) -> int:
+        return fixed or _split_count(units, columns, programs_per_sm, q.device)
+
+    # the workspace holds the most splits any row may take; the kernel writes the first ones.
+    # WIDE_GRID (an autotune key, unused by the body): at least half as many columns as SMs, so
+    # splits are few and long (issue-bound, e.g. batch 16), else many and short (latency-bound,
+    # batch 1); the autotuner keeps a row for each
+    rows = batch * kv_heads * max(splits_of(c.kwargs["PROGRAMS_PER_SM"]) for c in _gear_split_kernel.configs) * m
     part_m = _empty((rows,), torch.float32, q.device)
     part_l = _empty((rows,), torch.float32, q.device)
     part_acc = _empty((rows, head_dim), torch.float32, q.device)
@@ -516,16 +536,17 @@ def gear_decode_attention(
     int8_factors = has_lr and cfg.factor_bits == 8
     lr = [t[n] if has_lr else dummy for n in ("key_lr_a", "key_lr_b", "value_lr_a", "value_lr_b")]
     lr_scale = [t[n] if int8_factors else dummy for n in ("key_lr_scale", "value_lr_scale")]
-    _gear_split_kernel[(splits, m_blocks, batch * kv_heads)](
+    _gear_split_kernel[lambda meta: (splits_of(meta["PROGRAMS_PER_SM"]), m_blocks, batch * kv_heads)](
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
-        kv_heads, m, seq_len, nblocks, tail_len, units, per_split, int(per_split > _SHORT_RUN), float(scale) * _LOG2E,
+        kv_heads, m, seq_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
     )
+    splits = splits_of(_gear_split_kernel.best_config.kwargs["PROGRAMS_PER_SM"])  # the row it ran with
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = next_pow2(splits)
     _gear_combine_kernel[(batch * kv_heads, m)](
@@ -543,7 +564,7 @@ def gear_decode_attention(
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                UNITS_PER_SPLIT="i32", LONG_RUNS="i32", qk_scale="fp32")
+                WIDE_GRID="i32", qk_scale="fp32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),

@@ -153,16 +153,30 @@ def test_no_mask_default_scale_and_split_counts():
         assert_close(out, ref, torch.float32, f"splits={splits}", TOL)
 
 
-def test_long_runs_and_the_recorded_autotune_row():
-    """Splits that walk more than _SHORT_RUN units (an autotune key of their own: issue-bound,
-    not latency-bound) give the reference result too, and the launch records its autotune row."""
-    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=kernels._SHORT_RUN + 2, tail=3, head_dim=64,
-                    dtype=torch.float16)
+def test_one_long_split_and_the_recorded_autotune_row():
+    """One split walking every block gives the reference result too, and the launch records the
+    autotune row it ran with."""
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=6, tail=3, head_dim=64, dtype=torch.float16)
     q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
     out = kernels.gear_decode_attention(q, kv, None, None, num_splits=1)
     assert_close(out, reference(q, kv, None, None), torch.float16, "one long split", TOL)
     row = kernels.last_split_config()
     assert row is not None and "num_warps: 4" in row and "maxnreg: None" in row, row
+
+
+@pytest.mark.parametrize("units", [1, 2, 5, 9, 10, 33, 129, 200])
+@pytest.mark.parametrize("columns", [1, 3, 8, 128, 1000])
+@pytest.mark.parametrize("programs_per_sm", [1, 2, 3, 4])
+def test_split_count_fills_one_wave(units, columns, programs_per_sm):
+    """The split count of an autotune row: (splits × columns) within one wave of its programs per
+    SM (unless one split per column already exceeds it), every split holding at least one unit
+    when the kernel deals cdiv(units, splits) to each, at most MAX_SPLITS."""
+    sms = kernels._sm_count(torch.device(DEVICE))
+    splits = kernels._split_count(units, columns, programs_per_sm, torch.device(DEVICE))
+    assert 1 <= splits <= min(units, kernels.MAX_SPLITS)
+    assert splits == 1 or splits * columns <= programs_per_sm * sms
+    per_split = -(-units // splits)
+    assert (splits - 1) * per_split < units  # the last split is not empty
 
 
 def test_fully_masked_row_is_zero_and_others_unharmed():
