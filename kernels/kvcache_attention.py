@@ -45,8 +45,8 @@ q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B
 dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
-One autotune config under the interpreter, six (programs per SM × warps × stages × register cap)
-on a GPU.
+One autotune config under the interpreter, seven (programs per SM × warps × stages × register
+cap) on a GPU.
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ _SPLIT_TABLE = [
     (3, 4, 2, 168),
     (4, 4, 2, 128),
     (2, 8, 2, 128),
+    (4, 4, 2, None),  # the launcher's former split count for every row: two waves of two
 ]
 _MAX_BLOCK_N = 64
 MAX_SPLITS = 128  # the combine kernel reads every split's max as one vector
@@ -281,7 +282,7 @@ def _online_softmax(s, m_i, l_i, acc):
 @triton.autotune(configs=_configs(_SPLIT_TABLE, _SPLIT_NAMES, _SPLIT_OPTIONS),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
                        "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "WIDE_GRID"])
-@triton.jit(do_not_specialize=["WIDE_GRID"])  # narrow and wide grids share one binary per row
+@triton.jit(do_not_specialize=["WIDE_GRID", "PROGRAMS_PER_SM"])  # neither changes the code: one binary per row
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
@@ -290,7 +291,8 @@ def _gear_split_kernel(
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PROGRAMS_PER_SM,  # the autotune row's (sets the grid's split count; unused here)
 ):
     split = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -564,7 +566,7 @@ def gear_decode_attention(
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                WIDE_GRID="i32", qk_scale="fp32")
+                WIDE_GRID="i32", PROGRAMS_PER_SM="i32", qk_scale="fp32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),
