@@ -17,8 +17,9 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   is a compile-time constant (the factor rows are then vector loads). Factors are fp16, or int8
   (``INT8_FACTORS``) with A's per-(block, rank column) scales (batch, kv_heads, T / B, r) and
   B = B̂ / 127: Â and B̂ enter the dots as exact fp16 integers (made by a magic number, not
-  integer converts), and A's scales with the 1/127 multiply the (rows × r) rank-space products
-  q B̂ and P Â, never a factor tile;
+  integer converts, at the rank's own width and padded to the dot's after, ``_pad_rank``), and
+  A's scales with the 1/127 multiply the (rows × r) rank-space products q B̂ and P Â, never a
+  factor tile;
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
 
 Two launches, no atomics, deterministic:
@@ -236,6 +237,18 @@ def _factor_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
 
 
 @triton.jit
+def _pad_rank(x, R_PAD: tl.constexpr):
+    """(rows × R_LOAD) -> (rows × R_PAD): rank column c moves to c · R_PAD / R_LOAD, zeros between
+    (joins: no shared memory). Both operands of a rank-space dot are padded alike, so the dot's
+    order over the padded rank axis does not matter; the factors are loaded and converted
+    compact instead of at the dot's minimum width."""
+    if x.shape[1] >= R_PAD:
+        return x
+    else:
+        return _pad_rank(tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], 2 * x.shape[1])), R_PAD)
+
+
+@triton.jit
 def _rank_scales(scale_ptr, blk, offs_r, r_mask, R: tl.constexpr):
     """fp32 (R_PAD) column scales of block ``blk``'s int8 A, times B̂'s 1/127: the int8 factors'
     whole scaling, applied to a (BLOCK_M × R_PAD) rank-space tile."""
@@ -289,7 +302,7 @@ def _gear_split_kernel(
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PROGRAMS_PER_SM,  # the autotune row's (sets the grid's split count; unused here)
@@ -302,7 +315,10 @@ def _gear_split_kernel(
     WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    offs_r = tl.arange(0, R_PAD)
+    # int8 factors are loaded and converted at their own width (R_LOAD, a power of two >= R) and
+    # padded to the dot's after conversion (_pad_rank); fp16 ones load padded (masked) directly
+    R_TILE: tl.constexpr = R_LOAD if INT8_FACTORS else R_PAD
+    offs_r = tl.arange(0, R_TILE)
     r_mask = offs_r < R
     # (batch, kv head) slabs
     kc_ptr += bh * T * WORDS
@@ -360,12 +376,13 @@ def _gear_split_kernel(
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
             # int8 Â and B̂ enter as exact integers; their scales go on q B̂ (rank space)
-            bk = _factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                              d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
+            bk = _pad_rank(_factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                                        d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD)
             qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:
-                qb = qb * _rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :]
-            a = _factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype, INT8_FACTORS)
+                qb = qb * _pad_rank(_rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
+            a = _pad_rank(_factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
+                                       INT8_FACTORS), R_PAD)
             s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
@@ -374,12 +391,17 @@ def _gear_split_kernel(
                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = _factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype, INT8_FACTORS)
+            av = _pad_rank(_factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
+                                        INT8_FACTORS), R_PAD)
             pa = _dot(p, av, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:  # the scales on P Â (rank space)
-                pa = pa * _rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :]
-            bvt = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                               d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
+                pa = pa * _pad_rank(_rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
+            if INT8_FACTORS:  # converted compact, padded, then turned (R_PAD × D)
+                bvt = tl.trans(_pad_rank(_factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                                                      d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD))
+            else:
+                bvt = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                                   d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
             acc = _dot(pa.to(cdtype), bvt, acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
@@ -544,7 +566,7 @@ def gear_decode_attention(
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
         kv_heads, m, seq_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
+        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
     )
@@ -579,7 +601,7 @@ def _compile_cases() -> list[CompileCase]:
         sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
                    part_acc_ptr="*fp32", **ints)
         flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
-                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_PAD=16, HAS_LR=lr is not None,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_LOAD=4, R_PAD=16, HAS_LR=lr is not None,
                      INT8_FACTORS=lr == "i8", BLOCK_N=block_n, HAS_MASK=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{f',lr-{lr}' if lr else ''}]"

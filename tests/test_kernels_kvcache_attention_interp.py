@@ -164,6 +164,18 @@ def test_one_long_split_and_the_recorded_autotune_row():
     assert row is not None and "num_warps: 4" in row and "maxnreg: None" in row, row
 
 
+@pytest.mark.parametrize("factor_bits", [8, 16])
+@pytest.mark.parametrize("rank", [1, 3, 5, 16, 20])
+def test_factor_ranks_below_and_above_the_dot_width(rank, factor_bits):
+    """Ranks that are not powers of two, below the dot's minimum width 16 (int8 factors are
+    converted compact and padded after: _pad_rank) and above it."""
+    kv = make_cache(bits=2, rank=rank, ratio=0.02, nblocks=2, tail=5, head_dim=64, dtype=torch.float16,
+                    factor_bits=factor_bits)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    out = kernels.gear_decode_attention(q, kv, None, None, num_splits=2)
+    assert_close(out, reference(q, kv, None, None), torch.float16, f"rank {rank}, {factor_bits}-bit factors", TOL)
+
+
 @pytest.mark.parametrize("units", [1, 2, 5, 9, 10, 33, 129, 200])
 @pytest.mark.parametrize("columns", [1, 3, 8, 128, 1000])
 @pytest.mark.parametrize("programs_per_sm", [1, 2, 3, 4])
