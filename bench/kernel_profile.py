@@ -7,8 +7,8 @@ summed per kernel name and divided by the call count: the split between our kern
 copy or helper kernel that should not be there) without the host-side gaps of eager launches.
 The GEAR cases also time the whole call as a CUDA-graph replay for several sequence-split
 counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
-a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32 without
-outliers, 32-token tiles fold the key scale into q). After each case the configs the autotuner
+a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32, 32-token
+tiles fold the key scale into q). After each case the configs the autotuner
 chose are printed, with every row's time in the latest autotuning (warps, pipeline depth and
 the register caps that buy a third or fourth program per SM are not in the SASS counts).
 Prints tables only (the device tool returns at most 8 files; the step's output lands in

@@ -9,15 +9,16 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   (d % E)·bits (E = 32 / bits); per-channel scale/zero (batch, kv_heads, T / G, D) of each
   group of G tokens; value codes packed the same way, per-token scale/zero
   (batch, kv_heads, T, D / G) of each group of G channels; Deq = (code − zero) · scale;
-* outliers: n_out (uint8 channel, fp16 value) pairs per token vector (distinct channels), added
-  into the dequantized K and V tiles by channel compare (n_out is ~2 % of D; fp16 tiles compare
-  channel pairs, see ``_add_outliers``);
+* outliers: n_out (uint8 channel, fp16 value) pairs per token vector (distinct channels; n_out is
+  ~2 % of D). Keys': q at each outlier's channel times its value, on the rows that can be real
+  only, starting the score dot's accumulator (``_key_outlier_scores``); values': added into the
+  dequantized V tile by channel compare (fp16 tiles compare channel pairs, ``_add_outliers``);
 * low rank: A (batch, kv_heads, T, r), B (batch, kv_heads, T / B, D, r), used factored only:
   scores += (q B_j) A_tᵀ and out += (p A_t) B_jᵀ, the product A Bᵀ is never formed; the rank r
   is a compile-time constant (the factor rows are then vector loads). Factors are fp16, or int8
   (``INT8_FACTORS``) with A's per-(block, rank column) scales (batch, kv_heads, T / B, r) and
   B = B̂ / 127: Â and B̂ enter the dots as exact fp16 integers (made by a magic number, not
-  integer converts, at the rank's own width and padded to the dot's after, ``_pad_rank``), and
+  integer converts, at the rank's own width and padded to the dot's after, ``_spread_columns``), and
   A's scales with the 1/127 multiply the (rows × r) rank-space products q B̂ and P Â, never a
   factor tile;
 * tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
@@ -41,7 +42,7 @@ Codes become floats by the magic-number trick (OR into a power of two's mantissa
 it), not by integer → float converts, and are unpacked by in-thread joins so a thread keeps
 each word's codes adjacent (no shared-memory shuffle of single halves before the dots). Tiles
 are BLOCK_N tokens, the largest power of two dividing B, at most 64: when a tile lies in one
-key group (G ≥ BLOCK_N) and has no outliers, that group's per-channel scale is folded into q,
+key group (G ≥ BLOCK_N), that group's per-channel scale is folded into q,
 q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B = 64) the key tile is
 dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
@@ -159,26 +160,43 @@ def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(q, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end,
-                N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 (BLOCK_M × BLOCK_N) scores q (Deq(codes) + outliers)ᵀ of tokens [tok0, tok0 + BLOCK_N),
-    which lie in one key group (BLOCK_N ≤ GROUP) or cover BLOCK_N / GROUP whole groups (powers of
-    two, tiles start at multiples of BLOCK_N).
+def _key_outlier_scores(q_rows_ptr, q_row0, M, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, M_REAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(BLOCK_M × BLOCK_N) fp32 q·oᵀ, the key outliers' share of the scores, in the program's row
+    order (q row q_row0 + j at tile row j · BLOCK_M / M_REAL, zeros between) and q's units as
+    stored: q at each of a token's N_OUT outlier channels (a load from q's rows, L1-resident)
+    times the outlier's value, summed, for the M_REAL rows that can be real only (a decode
+    step's GQA group: 4 of the dot's 16), then spread to the tile rows by joins (_spread_columns) and
+    turned. A load and an FMA per (real row, token, outlier), where adding the outliers into the
+    key tile costs a compare and a select per (token, channel pair, outlier)."""
+    rows = tl.minimum(q_row0 + tl.arange(0, M_REAL), M - 1)  # a row past M reads a real one; never stored
+    corr = tl.zeros([tok.shape[0], M_REAL], dtype=tl.float32)
+    for j in tl.static_range(N_OUT):
+        idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
+        val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
+        corr += tl.load(q_rows_ptr + rows[None, :] * HEAD_DIM + idx[:, None]).to(tl.float32) * val[:, None]
+    return tl.trans(_spread_columns(corr, BLOCK_M))
 
-    In one group and without outliers, its per-channel scale is folded into q instead of being
-    applied to every code: q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes
-    minus the zero row (f16x2 arithmetic for fp16) and one (D) scale/zero row is
-    read per tile. Otherwise the (NG × D) scale/zero rows of the tile's NG groups are broadcast
-    over their tokens on chip, the tile is (code − z) · s, and the outliers are added into it
-    like the values' (:func:`_add_outliers`).
+
+@triton.jit
+def _key_scores(q, s0, codes_ptr, scale_ptr, zero_ptr, tok0, tok_end, BITS: tl.constexpr, GROUP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M × BLOCK_N) scores s0 + q Deq(codes)ᵀ of tokens [tok0, tok0 + BLOCK_N), which
+    lie in one key group (BLOCK_N ≤ GROUP) or cover BLOCK_N / GROUP whole groups (powers of two,
+    tiles start at multiples of BLOCK_N); s0 (the outliers' share) is the dot's accumulator.
+
+    In one group, its per-channel scale is folded into q instead of being applied to every code:
+    q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row
+    (f16x2 arithmetic for fp16) and one (D) scale/zero row is read per tile. Otherwise the
+    (NG × D) scale/zero rows of the tile's NG groups are broadcast over their tokens on chip and
+    the tile is (code − z) · s.
     """
     tok = tok0 + tl.arange(0, BLOCK_N)
     valid = tok < tok_end
     code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, q.dtype)
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    if (BLOCK_N <= GROUP) and (N_OUT == 0):
+    if BLOCK_N <= GROUP:
         group = (tok0 // GROUP) * HEAD_DIM + offs_d
         scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
@@ -191,9 +209,8 @@ def _key_scores(q, codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok
         zero = tl.load(zero_ptr + group, mask=d_mask[None, :], other=0.0)
         scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
         zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
-        k = code - zero.to(code.dtype)
-        k = _add_outliers(k * scale.to(k.dtype), oidx_ptr, oval_ptr, tok, valid, N_OUT).to(q.dtype)
-    return _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+        k = ((code - zero.to(code.dtype)) * scale.to(code.dtype)).to(q.dtype)
+    return _dot(q, tl.trans(k), s0, DOT_PRECISION)
 
 
 @triton.jit
@@ -237,15 +254,15 @@ def _factor_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
 
 
 @triton.jit
-def _pad_rank(x, R_PAD: tl.constexpr):
-    """(rows × R_LOAD) -> (rows × R_PAD): rank column c moves to c · R_PAD / R_LOAD, zeros between
-    (joins: no shared memory). Both operands of a rank-space dot are padded alike, so the dot's
-    order over the padded rank axis does not matter; the factors are loaded and converted
-    compact instead of at the dot's minimum width."""
-    if x.shape[1] >= R_PAD:
+def _spread_columns(x, WIDTH: tl.constexpr):
+    """(rows × n) -> (rows × WIDTH), n and WIDTH powers of two: column c moves to c · WIDTH / n,
+    zeros between (joins: no shared memory). Lets small operands be built at their own width:
+    int8 rank factors (both operands of a rank-space dot spread alike, so the dot's order over
+    the padded rank axis does not matter) and the key outliers' scores of the real q rows."""
+    if x.shape[1] >= WIDTH:
         return x
     else:
-        return _pad_rank(tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], 2 * x.shape[1])), R_PAD)
+        return _spread_columns(tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], 2 * x.shape[1])), WIDTH)
 
 
 @triton.jit
@@ -286,7 +303,7 @@ def _online_softmax(s, m_i, l_i, acc):
 # one loop (BLOCK_N divides B: a tile never straddles a block; it lies in one key group or covers
 # whole ones):
 # qB_j = q B_kj of the tile's block j (rank space, rounded to the tile dtype), scores
-# from the codes (scale folded into q, or applied on chip) + the added outliers + qB_j A_kᵀ,
+# from the codes (scale folded into q, or applied on chip) + the outliers' q[idx]·val + qB_j A_kᵀ,
 # masked, online softmax; then the V tile (BLOCK_N × D, token-major so per-token data is one
 # value per row) dequantized + outliers, acc += p V + (p A_v) B_vjᵀ. Only compact tiles
 # leave memory (packed words, one scale row per group / per token); codes and scales are
@@ -294,7 +311,7 @@ def _online_softmax(s, m_i, l_i, acc):
 # M real rows goes to the fp32 workspace part[bh, split, m(, d)].
 @triton.autotune(configs=_configs(_SPLIT_TABLE, _SPLIT_NAMES, _SPLIT_OPTIONS),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
-                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "WIDE_GRID"])
+                       "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "M_REAL", "WIDE_GRID"])
 @triton.jit(do_not_specialize=["WIDE_GRID", "PROGRAMS_PER_SM"])  # neither changes the code: one binary per row
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
@@ -304,11 +321,17 @@ def _gear_split_kernel(
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, M_REAL: tl.constexpr,
     PROGRAMS_PER_SM,  # the autotune row's (sets the grid's split count; unused here)
 ):
     split = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # tile row i holds q row q_row0 + i // SPREAD when i % SPREAD == 0 (M_REAL = the rows that can
+    # be real, a power of two <= BLOCK_M): rows are independent, and the key outliers' scores
+    # are computed on the M_REAL rows alone and spread to these positions (_key_outlier_scores)
+    SPREAD: tl.constexpr = BLOCK_M // M_REAL
+    q_row0 = tl.program_id(1) * M_REAL
+    offs_m = q_row0 + tl.arange(0, BLOCK_M) // SPREAD
+    spread_ok = (tl.arange(0, BLOCK_M) % SPREAD) == 0
     bh = tl.program_id(2).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     T = NBLOCKS * BLOCK_TOKENS
@@ -316,7 +339,7 @@ def _gear_split_kernel(
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     # int8 factors are loaded and converted at their own width (R_LOAD, a power of two >= R) and
-    # padded to the dot's after conversion (_pad_rank); fp16 ones load padded (masked) directly
+    # padded to the dot's after conversion (_spread_columns); fp16 ones load padded (masked) directly
     R_TILE: tl.constexpr = R_LOAD if INT8_FACTORS else R_PAD
     offs_r = tl.arange(0, R_TILE)
     r_mask = offs_r < R
@@ -342,7 +365,7 @@ def _gear_split_kernel(
     mask_ptr += (bh // H_KV) * SEQ_LEN
 
     q_rows_ptr = q_ptr + bh * M * HEAD_DIM
-    m_mask = offs_m < M
+    m_mask = (offs_m < M) & spread_ok
     q = tl.load(q_rows_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
                 other=0.0)
     # The compressed tiles run in fp16 for fp16 and bf16 q: their codes, scales, outliers and
@@ -355,7 +378,8 @@ def _gear_split_kernel(
     row_exp = tl.zeros([BLOCK_M], dtype=tl.float32)
     if cdtype == tl.float16:
         row_exp = tl.ceil(tl.log2(tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30)))
-    qc = (qf * tl.exp2(-row_exp)[:, None]).to(cdtype)
+    q_mul = qk_scale * tl.exp2(-row_exp)[:, None]  # q's prescale (the key outliers read q from memory)
+    qc = (q.to(tl.float32) * q_mul).to(cdtype)
     row_scale = tl.exp2(row_exp)[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -371,17 +395,20 @@ def _gear_split_kernel(
         tok0 = tile * BLOCK_N
         tok = tok0 + tl.arange(0, BLOCK_N)
         valid = tok < T  # always true here; shared helpers take a bound
-        s = _key_scores(qc, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, tok0, T,
-                        N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
+        s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if N_OUT > 0:  # the key outliers' scores start the dot's accumulator (in its layout)
+            s0 = _key_outlier_scores(q_rows_ptr, q_row0, M, koi_ptr, kov_ptr, tok, valid, N_OUT, HEAD_DIM, M_REAL,
+                                     BLOCK_M) * q_mul
+        s = _key_scores(qc, s0, kc_ptr, ks_ptr, kz_ptr, tok0, T, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
             # int8 Â and B̂ enter as exact integers; their scales go on q B̂ (rank space)
-            bk = _pad_rank(_factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+            bk = _spread_columns(_factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
                                         d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD)
             qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:
-                qb = qb * _pad_rank(_rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
-            a = _pad_rank(_factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
+                qb = qb * _spread_columns(_rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
+            a = _spread_columns(_factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
                                        INT8_FACTORS), R_PAD)
             s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
@@ -391,14 +418,15 @@ def _gear_split_kernel(
                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = _pad_rank(_factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
+            av = _spread_columns(_factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
                                         INT8_FACTORS), R_PAD)
             pa = _dot(p, av, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:  # the scales on P Â (rank space)
-                pa = pa * _pad_rank(_rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
+                pa = pa * _spread_columns(_rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
             if INT8_FACTORS:  # converted compact, padded, then turned (R_PAD × D)
-                bvt = tl.trans(_pad_rank(_factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                                                      d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD))
+                bv = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                                  d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
+                bvt = tl.trans(_spread_columns(bv, R_PAD))
             else:
                 bvt = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
                                    d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
@@ -498,7 +526,7 @@ def gear_decode_attention(
     among the cached tokens. Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
     every key masked out is 0. ``num_splits`` overrides the sequence split count (tests), and
     ``tile_tokens`` the tokens per tile (a power of two dividing B, at most 64; tests and
-    ``bench/kernel_profile.py``: 32-token tiles at G = 32 take the folded-scale key path).
+    ``bench/kernel_profile.py``: 32-token tiles at G = 32 fold the key scale into q).
     """
     check_tensor("q", q, ndim=4)
     cfg = kv.config
@@ -566,9 +594,11 @@ def gear_decode_attention(
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
         kv_heads, m, seq_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
         N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)), HAS_LR=has_lr, INT8_FACTORS=int8_factors,
+        D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)),
+        HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
+        M_REAL=min(block_m, next_pow2(m)),  # the q rows a program can hold (4 of 16 for a GQA-4 decode step)
     )
     splits = splits_of(_gear_split_kernel.best_config.kwargs["PROGRAMS_PER_SM"])  # the row it ran with
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
@@ -601,8 +631,9 @@ def _compile_cases() -> list[CompileCase]:
         sig = dict(q_ptr=p, **packed, tk_ptr=p, tv_ptr=p, mask_ptr="*u8", part_m_ptr="*fp32", part_l_ptr="*fp32",
                    part_acc_ptr="*fp32", **ints)
         flags = dict(N_OUT=round(0.02 * head_dim) if has_out else 0, BITS=bits, GROUP=32, BLOCK_TOKENS=64,
-                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_LOAD=4, R_PAD=16, HAS_LR=lr is not None,
-                     INT8_FACTORS=lr == "i8", BLOCK_N=block_n, HAS_MASK=True,
+                     HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_LOAD=4, R_PAD=16,
+                     HAS_LR=lr is not None, INT8_FACTORS=lr == "i8", BLOCK_N=block_n, HAS_MASK=True,
+                     M_REAL=16 if dtype == "fp32" or head_dim == 64 else 4,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{f',lr-{lr}' if lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))

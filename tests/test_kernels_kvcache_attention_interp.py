@@ -168,7 +168,7 @@ def test_one_long_split_and_the_recorded_autotune_row():
 @pytest.mark.parametrize("rank", [1, 3, 5, 16, 20])
 def test_factor_ranks_below_and_above_the_dot_width(rank, factor_bits):
     """Ranks that are not powers of two, below the dot's minimum width 16 (int8 factors are
-    converted compact and padded after: _pad_rank) and above it."""
+    converted compact and padded after: _spread_columns) and above it."""
     kv = make_cache(bits=2, rank=rank, ratio=0.02, nblocks=2, tail=5, head_dim=64, dtype=torch.float16,
                     factor_bits=factor_bits)
     q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
@@ -278,11 +278,11 @@ def test_rank_limit():
         kernels.gear_decode_attention(torch.randn(1, 1, 1, 128, device=DEVICE), kv, None, None)
 
 
-@pytest.mark.parametrize("outliers", [0.0, 0.05], ids=["folded-key-scale", "outliers"])
+@pytest.mark.parametrize("outliers", [0.0, 0.05], ids=["no-outliers", "outliers"])
 def test_tile_tokens_override(outliers):
     """tile_tokens (bench/kernel_profile.py's A/B): 16- and 32-token tiles of 64-token blocks give
-    the reference's attention (32 at G = 32 without outliers takes the folded-scale key path); a
-    size that does not divide B is refused."""
+    the reference's attention (at G = 32 both fold the key scale into q, with or without key
+    outliers); a size that does not divide B is refused."""
     kv = make_cache(bits=2, rank=2, ratio=outliers, nblocks=2, tail=5, head_dim=64, dtype=torch.float16,
                     buffer_tokens=64)
     q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)

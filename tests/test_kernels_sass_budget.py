@@ -15,35 +15,40 @@ session's work on these loops:
 loop (per step)                                   before  budget
 ===============================================  ======  ======
 GEAR split, fp16, 2-bit G 32, 64 tokens           943     890  (857)
-GEAR split, + 3 outliers per vector + rank 4      2067    1540 (1489)
-GEAR split, same with bf16 q (fp16 tiles)         2543    1540 (1489)
-GEAR split, + 3 outliers + rank 4, int8 factors   —       1660 (1596) †
-GEAR split, full, fp16 factors, ≤ 168 registers   —       1590 (1527) ‡
-GEAR split, full, int8 factors, ≤ 168 registers   —       1720 (1656) ‡
-GEAR split, 2-bit, ≤ 128 registers                —       905  (870)  ‡
-GEAR split, full, fp16 factors, 8 warps, ≤ 128    —       1105 (1061) ‡
-GEAR split, full, int8 factors, 8 warps, ≤ 128    —       1215 (1168) ‡
-GEAR split, full, int8 factors, 8 warps           —       1190 (1143) ‡
+GEAR split, + 3 outliers per vector + rank 4      2067    1410 (1355) §
+GEAR split, same with bf16 q (fp16 tiles)         2543    1410 (1355) §
+GEAR split, + 3 outliers + rank 4, int8 factors   —       1535 (1474) †
+GEAR split, full, fp16 factors, ≤ 168 registers   —       1440 (1384) ‡
+GEAR split, full, int8 factors, ≤ 168 registers   —       1575 (1513) ‡
+GEAR split, 2-bit, ≤ 128 registers                —       925  (888)  ‡
+GEAR split, full, fp16 factors, 8 warps, ≤ 128    —       1030 (989)  ‡
+GEAR split, full, int8 factors, 8 warps, ≤ 128    —       1140 (1093) ‡
+GEAR split, full, int8 factors, 8 warps           —       1100 (1053) ‡
 quant split-K decode, fp16 4-bit, 64 × 128        557     415  (399)
 quant tile, fp16 4-bit, 64 × 64 × 64 (wgmma) *    376     240  (228)
 quant dx, fp16 4-bit (wgmma)                      297     240  (229)
 ===============================================  ======  ======
 
+§ set at 1489 (budget 1540); the fourth 2026-11-27 session adds the key outliers' scores as q at
+  their channels times their values on the real q rows only (4 of the dot's 16 for a GQA-4
+  decode step) instead of adding them into the key tile by compare and select: 1355.
+
 ‡ the GEAR split kernel's register-capped autotune rows (``maxnreg``): 4 warps at 168 registers
   (three programs per SM instead of two; the full configuration needs 219-223 uncapped), 4 warps
   at 128 (four; plain 2-bit needs 161 uncapped) and 8 warps at 128 (two 8-warp programs per SM;
   170-172 uncapped; counts per warp, eight warps share a step). Set 2026-11-27 (fourth session):
-  each may reload a few spilled loop invariants from L1 and store at most one (full, fp16 / int8
-  factors, 4 warps at 168: 1527 / 1656 instructions with 20 / 25 reloads; 8 warps at 128:
-  1061 / 1168 with 21 / 34; plain 2-bit, 4 warps at 128: 870 with 2); the uncapped counts are
-  held too, so a capped row keeps its reason to exist.
+  each may reload a few spilled loop invariants from L1 and store at most two (full, fp16 / int8
+  factors, 4 warps at 168: 1384 / 1513 instructions with 34 / 35 reloads, 2 / 0 stores; 8 warps
+  at 128: 989 / 1093 with 30 / 39; plain 2-bit, 4 warps at 128: 888 with 2; counts after the
+  key-outlier change §); the uncapped counts are held too, so a capped row keeps its reason to
+  exist.
 
 † set 2026-11-27 at 1792 (budget 1865): int8 factors cost 303 instructions per step more than
   fp16 ones: 71 more shared-memory loads (the int8 tiles reach the dot's layout through LDS, not
   ldmatrix), byte permutes, and the magic-number conversion of Â and B̂ (no I2F; with I2F for Â:
   1778, 24 of them quarter-rate). The fourth session converts the factor tiles at the rank's own
   width (4) and pads them to the dot's 16 after conversion, not before: 1596, 103 more than fp16
-  factors. Not yet timed on a GPU.
+  factors; 1474 after the key-outlier change §. Not yet timed on a GPU.
 * the case has a rank-128 path, whose x Vᵀ dot ran in the loop (304 after the fp16 pairs, with
   it); x Vᵀ now comes from one small GEMM before the launch.
 """
@@ -65,22 +70,22 @@ GEAR_UNCAPPED, GEAR_8_WARPS, GEAR_CAP_168, GEAR_CAP_128, GEAR_8_WARPS_CAP_128 = 
 BUDGETS = [
     # (case, constexpr overrides, int arguments divisible by 16, budget, autotune row)
     ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_2BIT, [], 890, GEAR_UNCAPPED),
-    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1540, GEAR_UNCAPPED),
-    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1660, GEAR_UNCAPPED),
-    ("gear_split[bf16,2b,d128,n64]", GEAR_FULL, [], 1540, GEAR_UNCAPPED),
-    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1590, GEAR_CAP_168),
-    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1720, GEAR_CAP_168),
-    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_2BIT, [], 905, GEAR_CAP_128),
-    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1105, GEAR_8_WARPS_CAP_128),
-    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1215, GEAR_8_WARPS_CAP_128),
-    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1190, GEAR_8_WARPS),
+    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1410, GEAR_UNCAPPED),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1535, GEAR_UNCAPPED),
+    ("gear_split[bf16,2b,d128,n64]", GEAR_FULL, [], 1410, GEAR_UNCAPPED),
+    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1440, GEAR_CAP_168),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1575, GEAR_CAP_168),
+    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_2BIT, [], 925, GEAR_CAP_128),
+    ("gear_split[fp16,4b,d128,n64,out,lr-fp16]", GEAR_FULL, [], 1030, GEAR_8_WARPS_CAP_128),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1140, GEAR_8_WARPS_CAP_128),
+    ("gear_split[fp16,2b,d128,n64,out,lr-i8]", GEAR_FULL, [], 1100, GEAR_8_WARPS),
     ("quant_decode_split[fp16,4b,lut]", {"USE_LUT": False, "HAS_LR": False}, ["N", "K"], 415, 0),
     ("quant_tile[fp16,4b,uniform]", {}, ["N", "K"], 240, 0),
     ("quant_dx[fp16,4b,uniform]", {}, ["N", "K"], 240, 0),
 ]
 # (entry of BUDGETS, register cap, most spill reloads and stores in the loop)
-REGISTER_CAPS = [(BUDGETS[4], 168, 24, 0), (BUDGETS[5], 168, 30, 0), (BUDGETS[6], 128, 4, 0),
-                 (BUDGETS[7], 128, 26, 1), (BUDGETS[8], 128, 38, 1)]
+REGISTER_CAPS = [(BUDGETS[4], 168, 38, 2), (BUDGETS[5], 168, 40, 1), (BUDGETS[6], 128, 4, 0),
+                 (BUDGETS[7], 128, 34, 1), (BUDGETS[8], 128, 44, 1)]
 UNCAPPED_NEED = [(BUDGETS[1], 168), (BUDGETS[2], 168), (BUDGETS[0], 128), (BUDGETS[9], 128)]  # more than the cap
 
 
@@ -114,7 +119,7 @@ def test_main_loop_within_budget(entry, counts):
 @pytest.mark.parametrize("entry,cap,reloads,stores", REGISTER_CAPS, ids=[_label(e[0]) for e in REGISTER_CAPS])
 def test_register_capped_rows_spill_little(entry, cap, reloads, stores, counts):
     """A capped autotune row fits its cap (more programs per SM) by reloading a few loop
-    invariants from L1, storing at most one value to local memory per step."""
+    invariants from L1, storing at most two values to local memory per step."""
     row = counts[_label(entry)]
     assert row["registers"] <= cap, f"{_label(entry)}: {row['registers']} registers, cap {cap}"
     assert row["opcodes"].get("STL", 0) <= stores, f"{_label(entry)}: spill stores in the loop: {row['opcodes']}"
