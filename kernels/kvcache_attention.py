@@ -63,8 +63,8 @@ from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
 from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
-from .lowrank import (_INTERPRETER_SMS, INTERPRET, MIN_DOT, _configs, _cuda_sm_count, _dot, _dot_precision, _empty,
-                      _rank_pad, cdiv, next_pow2)
+from .lowrank import (INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _sm_count, cdiv,
+                      next_pow2)
 
 if TYPE_CHECKING:
     from lowrank_ops.kvcache.format import GEARKV
@@ -168,7 +168,7 @@ def _key_outlier_scores(q_rows_ptr, q_row0, M, oidx_ptr, oval_ptr, tok, valid, N
     times the outlier's value, summed, for the M_REAL rows that can be real only (a decode
     step's GQA group: 4 of the dot's 16), then spread to the tile rows by joins (_spread_columns) and
     turned. A load and an FMA per (real row, token, outlier), where adding the outliers into the
-    key tile costs a compare and a select per (token, channel pair, outlier)."""
+    key tile cost a compare and a select per (token, channel pair, outlier)."""
     rows = tl.minimum(q_row0 + tl.arange(0, M_REAL), M - 1)  # a row past M reads a real one; never stored
     corr = tl.zeros([tok.shape[0], M_REAL], dtype=tl.float32)
     for j in tl.static_range(N_OUT):
@@ -404,12 +404,12 @@ def _gear_split_kernel(
             blk = tile // TILES
             # int8 Â and B̂ enter as exact integers; their scales go on q B̂ (rank space)
             bk = _spread_columns(_factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                                        d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD)
+                                              d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD)
             qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:
                 qb = qb * _spread_columns(_rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
             a = _spread_columns(_factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
-                                       INT8_FACTORS), R_PAD)
+                                             INT8_FACTORS), R_PAD)
             s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
@@ -419,7 +419,7 @@ def _gear_split_kernel(
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
             av = _spread_columns(_factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
-                                        INT8_FACTORS), R_PAD)
+                                              INT8_FACTORS), R_PAD)
             pa = _dot(p, av, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:  # the scales on P Â (rank space)
                 pa = pa * _spread_columns(_rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
@@ -493,11 +493,6 @@ def _tile_tokens(buffer_tokens: int) -> int:
     return min(buffer_tokens & -buffer_tokens, _MAX_BLOCK_N)
 
 
-def _sm_count(device: torch.device) -> int:
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else _INTERPRETER_SMS
-
-
 def _split_count(units: int, columns: int, programs_per_sm: int, device: torch.device) -> int:
     """Sequence splits so that (splits × columns) programs fill one wave of ``programs_per_sm``
     per SM (an autotune row's occupancy: the dependent load → unpack → dot chain needs every
@@ -508,8 +503,9 @@ def _split_count(units: int, columns: int, programs_per_sm: int, device: torch.d
 
 
 def last_split_config() -> Optional[str]:
-    """The autotune row (warps, stages, register cap) the last GPU launch of the split kernel ran
-    with, as Triton prints it; None before one. The benchmark records it next to each time."""
+    """The autotune row (programs per SM, warps, stages, register cap) the last launch of the split
+    kernel ran with, as Triton prints it; None before one. The benchmark records it next to each
+    time."""
     best = getattr(_gear_split_kernel, "best_config", None)
     return None if best is None else str(best)
 

@@ -352,11 +352,16 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
-    """About two programs per SM (queried once per device, on first launch)."""
+def _sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (queried once per device, on first launch); the interpreter's stand-in on CPU."""
     if device.type != "cuda":
-        return 2 * _INTERPRETER_SMS
-    return 2 * _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _target_programs(device: torch.device) -> int:
+    """About two programs per SM."""
+    return 2 * _sm_count(device)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
