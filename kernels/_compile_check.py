@@ -86,8 +86,7 @@ def variants(case: CompileCase, all_configs: bool) -> list[tuple[str, Any, dict[
         (
             f"{case.name}#{index[id(config)]}",
             kernel.fn,
-            # a config's runtime arguments (typed in the signature) stay runtime arguments
-            {**case.constexprs, **{k: v for k, v in config.kwargs.items() if k not in case.signature}},
+            {**case.constexprs, **config.kwargs},
             {"num_warps": config.num_warps, "num_stages": config.num_stages,
              **({"maxnreg": config.maxnreg} if config.maxnreg else {}), **case.options},
         )

@@ -52,7 +52,8 @@ cap) on a GPU.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import triton
@@ -312,7 +313,7 @@ def _online_softmax(s, m_i, l_i, acc):
 @triton.autotune(configs=_configs(_SPLIT_TABLE, _SPLIT_NAMES, _SPLIT_OPTIONS),
                   key=["BLOCK_TOKENS", "HEAD_DIM", "N_OUT", "BITS", "GROUP", "BLOCK_M", "R", "R_PAD", "HAS_LR",
                        "INT8_FACTORS", "DOT_PRECISION", "BLOCK_N", "M_REAL", "WIDE_GRID"])
-@triton.jit(do_not_specialize=["WIDE_GRID", "PROGRAMS_PER_SM"])  # neither changes the code: one binary per row
+@triton.jit(do_not_specialize=["WIDE_GRID"])  # narrow and wide grids share one binary per row
 def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
@@ -322,7 +323,9 @@ def _gear_split_kernel(
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, M_REAL: tl.constexpr,
-    PROGRAMS_PER_SM,  # the autotune row's (sets the grid's split count; unused here)
+    # the autotune row's (sets the grid's split count; unused here). A constexpr: the interpreter
+    # hands a grid function its runtime integers converted to tensors
+    PROGRAMS_PER_SM: tl.constexpr,
 ):
     split = tl.program_id(0)
     # tile row i holds q row q_row0 + i // SPREAD when i % SPREAD == 0 (M_REAL = the rows that can
@@ -502,6 +505,24 @@ def _split_count(units: int, columns: int, programs_per_sm: int, device: torch.d
     return cdiv(units, cdiv(units, splits))
 
 
+@contextlib.contextmanager
+def pin_split_row(row: int) -> Iterator[triton.Config]:
+    """Run the split kernel with autotune row ``row`` of ``_SPLIT_TABLE`` only (its warps, stages,
+    register cap and split count; under the interpreter only the split count matters), for tests
+    that check every row and for profiling one; restores the table and the autotuner's choices."""
+    kernel = _gear_split_kernel
+    config = _configs(_SPLIT_TABLE, _SPLIT_NAMES, _SPLIT_OPTIONS, every_row=True)[row]
+    saved_configs, saved_cache = kernel.configs, dict(kernel.cache)
+    kernel.configs = [config]
+    kernel.cache.clear()
+    try:
+        yield config
+    finally:
+        kernel.configs = saved_configs
+        kernel.cache.clear()
+        kernel.cache.update(saved_cache)
+
+
 def last_split_config() -> Optional[str]:
     """The autotune row (programs per SM, warps, stages, register cap) the last launch of the split
     kernel ran with, as Triton prints it; None before one. The benchmark records it next to each
@@ -614,7 +635,7 @@ def gear_decode_attention(
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                WIDE_GRID="i32", PROGRAMS_PER_SM="i32", qk_scale="fp32")
+                WIDE_GRID="i32", qk_scale="fp32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),

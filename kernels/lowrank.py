@@ -39,11 +39,12 @@ _INTERPRETER_SMS = 2  # stand-in "SM count" under the interpreter: a few program
 _DECODE_K_CHUNK = 64 if INTERPRET else 128  # smallest K range one decode split is given
 
 
-def _configs(table: list[tuple], names: tuple[str, ...],
-             options: tuple[str, ...] = ("num_warps", "num_stages")) -> list[triton.Config]:
+def _configs(table: list[tuple], names: tuple[str, ...], options: tuple[str, ...] = ("num_warps", "num_stages"),
+             every_row: bool = False) -> list[triton.Config]:
     """``(block sizes..., num_warps, num_stages)`` rows -> Configs (``options`` names the trailing
-    Config options of a row, e.g. ``maxnreg`` too); the first row alone under the interpreter."""
-    rows = table[:1] if INTERPRET else table
+    Config options of a row, e.g. ``maxnreg`` too); the first row alone under the interpreter
+    unless ``every_row``."""
+    rows = table[:1] if INTERPRET and not every_row else table
     n = len(options)
     return [triton.Config(dict(zip(names, row[:-n])), **dict(zip(options, row[-n:]))) for row in rows]
 

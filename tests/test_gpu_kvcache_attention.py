@@ -78,6 +78,23 @@ def test_kernel_vs_reference(name, dtype, q_len):
     assert_close(out, reference(q, kv, mask), dtype, f"{name} {dtype} q_len={q_len}")
 
 
+@pytest.mark.parametrize("row", range(7))
+def test_every_autotune_row(row):
+    """Each autotune row of the split kernel pinned (its warps, stages, register cap and split
+    count; the autotuner times them all but a miscompiled row would only show when chosen) gives
+    the reference result for GEAR's default configuration."""
+    from lowrank_ops.kernels import kvcache_attention as kernels
+
+    assert len(kernels._SPLIT_TABLE) == 7
+    kv = cache_of("2b+2%+r4", F16)
+    q = torch.randn(BATCH, Q_HEADS, 1, HEAD_DIM, device=DEV, dtype=F16)
+    mask = key_mask()
+    with kernels.pin_split_row(row) as config:
+        out = kernels.gear_decode_attention(q, kv, mask, None)
+        assert kernels.last_split_config() == str(config)
+    assert_close(out, reference(q, kv, mask), F16, f"autotune row {row}: {config}")
+
+
 def test_attention_op_triton():
     kv = cache_of("2b+2%+r4", F16)
     q = torch.randn(BATCH, Q_HEADS, 1, HEAD_DIM, device=DEV, dtype=F16)

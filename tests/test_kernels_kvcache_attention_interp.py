@@ -176,6 +176,21 @@ def test_factor_ranks_below_and_above_the_dot_width(rank, factor_bits):
     assert_close(out, reference(q, kv, None, None), torch.float16, f"rank {rank}, {factor_bits}-bit factors", TOL)
 
 
+@pytest.mark.parametrize("row", range(len(kernels._SPLIT_TABLE)))
+def test_every_autotune_row(row):
+    """Each autotune row pinned (here its split count: one wave at its programs per SM) gives the
+    reference result and is the row the launch reports; the table and choices come back after."""
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=9, tail=5, head_dim=64, dtype=torch.float16)
+    q = torch.randn(1, 4 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    kv1 = compress(*[x[:1] for x in kv.decompress(torch.float32)], kv.config)  # batch 1: many splits
+    before = list(kernels._gear_split_kernel.configs)
+    with kernels.pin_split_row(row) as config:
+        out = kernels.gear_decode_attention(q, kv1, None, None)
+        assert kernels.last_split_config() == str(config)
+    assert_close(out, reference(q, kv1, None, None), torch.float16, f"row {row}", TOL)
+    assert kernels._gear_split_kernel.configs == before
+
+
 @pytest.mark.parametrize("units", [1, 2, 5, 9, 10, 33, 129, 200])
 @pytest.mark.parametrize("columns", [1, 3, 8, 128, 1000])
 @pytest.mark.parametrize("programs_per_sm", [1, 2, 3, 4])
