@@ -99,6 +99,7 @@ _SPLIT_TABLE = [
     (2, 8, 2, 128),
     (4, 4, 2, None),  # the launcher's former split count for every row: two waves of two
 ]
+_MAX_PROGRAMS_PER_SM = max(row[0] for row in _SPLIT_TABLE)  # sizes the partials' workspace
 _MAX_BLOCK_N = 64
 MAX_SPLITS = 128  # the combine kernel reads every split's max as one vector
 _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PAD) fp32 tile)
@@ -496,13 +497,18 @@ def _tile_tokens(buffer_tokens: int) -> int:
     return min(buffer_tokens & -buffer_tokens, _MAX_BLOCK_N)
 
 
+def _even_splits(units: int, splits: int) -> int:
+    """At most ``splits`` (and MAX_SPLITS) splits of cdiv(units, splits) units each, none empty."""
+    splits = max(1, min(units, MAX_SPLITS, splits))
+    return cdiv(units, cdiv(units, splits))
+
+
 def _split_count(units: int, columns: int, programs_per_sm: int, device: torch.device) -> int:
     """Sequence splits so that (splits × columns) programs fill one wave of ``programs_per_sm``
     per SM (an autotune row's occupancy: the dependent load → unpack → dot chain needs every
-    resident warp, and a second, partial wave would idle most SMs), at least one unit each and
-    none empty, at most MAX_SPLITS."""
-    splits = max(1, min(units, MAX_SPLITS, programs_per_sm * _sm_count(device) // columns))
-    return cdiv(units, cdiv(units, splits))
+    resident warp, and a second, partial wave would idle most SMs); non-decreasing in
+    ``programs_per_sm``."""
+    return _even_splits(units, programs_per_sm * _sm_count(device) // columns)
 
 
 @contextlib.contextmanager
@@ -581,11 +587,7 @@ def gear_decode_attention(
     d_pad = max(MIN_DOT, next_pow2(head_dim))
     units = nblocks + (tail_len > 0)
     columns = batch * kv_heads * m_blocks
-    if num_splits is not None:
-        fixed = max(1, min(num_splits, MAX_SPLITS, units))
-        fixed = cdiv(units, cdiv(units, fixed))  # no empty split
-    else:
-        fixed = None
+    fixed = _even_splits(units, num_splits) if num_splits is not None else None
 
     def splits_of(programs_per_sm: int) -> int:
         return fixed or _split_count(units, columns, programs_per_sm, q.device)
@@ -594,7 +596,7 @@ def gear_decode_attention(
     # WIDE_GRID (an autotune key, unused by the body): at least half as many columns as SMs, so
     # splits are few and long (issue-bound, e.g. batch 16), else many and short (latency-bound,
     # batch 1); the autotuner keeps a row for each
-    rows = batch * kv_heads * max(splits_of(c.kwargs["PROGRAMS_PER_SM"]) for c in _gear_split_kernel.configs) * m
+    rows = batch * kv_heads * splits_of(_MAX_PROGRAMS_PER_SM) * m
     part_m = _empty((rows,), torch.float32, q.device)
     part_l = _empty((rows,), torch.float32, q.device)
     part_acc = _empty((rows, head_dim), torch.float32, q.device)
