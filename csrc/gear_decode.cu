@@ -10,9 +10,19 @@
 // mma's M = 16) in registers; the CTA merges its 4 warps through shared memory and writes one
 // fp32 partial per split, and a second kernel merges the splits (skipped when there is one).
 //
+// Loads: every warp streams its steps through a private ring of kStages step slots in shared
+// memory (StepSlot): the step's key and value codes, value scales/zeros, outliers, low-rank A
+// rows, and the key group's scales/zeros where the step starts one, all by cp.async issued
+// kStages - 1 steps ahead, so three steps' bytes per warp (~6 KB for 2 bits, 8 warps per SM) are in
+// flight while it computes: enough to cover HBM latency at full bandwidth, where the first
+// version fetched one step's key codes ahead and waited for its value codes every step (measured
+// latency-bound: 28-40 % of the issue rate). No barrier between warps: a warp's lanes sync
+// with __syncwarp around the ring. The B factors of a block are prefetched into L2 when its
+// first step is staged.
+//
 // Per 16-token step a warp issues, with m16n8k16 mma (fp32 accumulate):
 // * scores S = Q' C^T: the B operand (k = channels, n = 8 tokens) is built from the packed codes
-//   in registers, never through shared memory. Lane (g, t) (g = lane / 4, t = lane % 4) reads
+//   in registers (read from the step slot), never through ldmatrix. Lane (g, t) (g = lane / 4, t = lane % 4) reads
 //   words [t * D/128 * bits, ...) of token g -- D/4 contiguous channels -- and each 16-bit half
 //   of a word gives code pairs (channel c, channel c + E/2) of the same slot: one LOP3 puts
 //   both codes into the mantissas of two fp16 magic numbers 2^(10 - k) (k = the code's bit
@@ -20,8 +30,8 @@
 //   and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
 //   channels, and the A operand Q' is gathered in the same permutation: Q' = q * key scale of
 //   the current key group (per channel), rounded to fp16 once per group, so the K tile is the
-//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d. The key codes and mask
-//   bits of step i + 1 are loaded while step i computes.
+//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d. The mask bits of step
+//   i + 1 are loaded while step i computes.
 //   Keys' outliers add q[idx] * val to their token's score (a gather of q in shared memory);
 //   the low-rank term is one more k-step: A = q B_kj (rank space, formed once per block).
 // * online softmax in base 2 on the score fragments (quad shuffles), rescaling O only when a
@@ -33,8 +43,7 @@
 //   one value group (group_size >= 16 divides it), so n-tile j is channel n D/8 + j and the
 //   dequantization is one HFMA2 with the two tokens' (scale, -zero * scale).
 //   Values' outliers form a sparse fp16 tile in shared memory (a token's channels are distinct:
-//   plain stores) that goes through the same P V mma via ldmatrix.trans, then is cleared; the
-//   step's outlier channels and values are staged one step ahead with cp.async. The low-rank
+//   plain stores) that goes through the same P V mma via ldmatrix.trans, then is cleared. The low-rank
 //   term accumulates P A_v as a C fragment and adds (P A_v) B_vj^T once per block (one mma per
 //   n-tile: that C fragment is the A operand).
 // * factors are fp16, or int8 (template flag I8): Â enters the mma as exact fp16 integers and
@@ -49,11 +58,13 @@
 
 #include "gear_decode.h"
 #include "lowrank_decode.h"  // DTypeCode
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -63,6 +74,16 @@
 namespace lowrank_ops {
 namespace {
 
+using ptx::cp_async;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::fast_exp2;
+using ptx::ldmatrix_x4_trans;
+using ptx::lop3_and_or;
+using ptx::mma_bf16;
+using ptx::mma_f16;
+using ptx::prefetch_l2;
+
 constexpr int kWarp = 32;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
@@ -70,14 +91,10 @@ constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16
 constexpr int kRows = 8;   // q rows per CTA (lane (g, t) holds row g); more rows -> more row blocks
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxOutliers = 8;  // outliers per vector the kernel stages (round(s * head_dim))
-constexpr int kStageWords = 24 * kMaxOutliers;  // a step's key/value outlier bytes and halves, in words
+constexpr int kOutlierWords = 24 * kMaxOutliers;  // a step's key/value outlier bytes and halves, in words
+constexpr int kMinGroup = 16;  // smallest group size served (value scales per token <= D / 16)
 
 // ----------------------------------------------------------------------------- small helpers
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;  // (a & b) | c in one instruction
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
 // f16x2 arithmetic on packed words (the fragments are uint32 registers)
 __device__ __forceinline__ __half2 as_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 __device__ __forceinline__ uint32_t as_word(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
@@ -85,24 +102,6 @@ __device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) { return as_wo
 __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) { return as_word(__hmul2(as_half2(a), as_half2(b))); }
 __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
   return as_word(__hfma2(as_half2(a), as_half2(b), as_half2(c)));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t (&r)[4]) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;  // ex2.approx(-inf) = +0
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 __device__ __forceinline__ float rank_entry(const uint32_t* words, int k) {  // fp16 entry k of packed pairs
   return __half2float(__ushort_as_half(uint16_t(words[k / 2] >> (16 * (k % 2)))));
@@ -115,21 +114,6 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
-
-// m16n8k16 mma, fp32 accumulate in place, for the 8 q rows a CTA holds: lane (g, t) passes the
-// A registers of row g (a_lo: k 2t, 2t+1; a_hi: k 2t+8, 2t+9) and gets c[0], c[1] = C[g][2t, 2t+1];
-// the bottom 8 rows of the instruction's M = 16 are zero in, discarded out (no registers held).
-#define LOWRANK_OPS_MMA(NAME, TYPE)                                                                            \
-  __device__ __forceinline__ void NAME(float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0, uint32_t b1) { \
-    asm("{\n .reg .f32 d2, d3, fz;\n .reg .b32 az;\n mov.b32 az, 0;\n mov.f32 fz, 0f00000000;\n"              \
-        " mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                                \
-        ".f32 {%0,%1,d2,d3}, {%2,az,%3,az}, {%4,%5}, {%0,%1,fz,fz};\n}"                                        \
-        : "+f"(c[0]), "+f"(c[1])                                                                               \
-        : "r"(a_lo), "r"(a_hi), "r"(b0), "r"(b1));                                                             \
-  }
-LOWRANK_OPS_MMA(mma_f16, "f16")
-LOWRANK_OPS_MMA(mma_bf16, "bf16")
-#undef LOWRANK_OPS_MMA
 
 // q, the tail and the output are fp16 or bf16 (a runtime flag: one kernel serves both).
 __device__ __forceinline__ float load_as_float(const uint16_t* p, long i, bool bf16) {
@@ -193,7 +177,6 @@ struct SharedState {
     __half vout[kWarps][kStep][D + 8];
     float oacc[kWarps][kRows][D];  // after the steps: the warps' outputs, for the merge
   };
-  uint32_t stage[kWarps][2][kStageWords];  // the next step's outliers (cp.async), double-buffered
   float wm[kWarps][kRows], wl[kWarps][kRows];
 };
 
@@ -207,8 +190,6 @@ struct Ptrs {
   const uint8_t* mask;
 };
 
-// Global loads of one lane in a compressed 16-token step, in two parts. Lane (g, t) reads key
-// rows g and 8 + g (its D/4 channels) and value rows 2t, 2t+1, 2t+8, 2t+9 (its channel run).
 __device__ __forceinline__ uint32_t pack_bits(__half lo, __half hi) {
   return uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
 }
@@ -223,44 +204,59 @@ __device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[N]
   }
 }
 
-// Key codes and the key-mask bits of the lane's four score columns (tokens 2t, 2t+1, 8+2t,
-// 9+2t): fetched one step ahead, so the loads of step i + 1 fly while step i computes.
-template <int BITS, int D>
-struct KeyFrame {
-  using L = Layout<BITS, D>;
-  uint32_t kw[2][L::kKeyWords];
-  uint32_t keep;
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory into shared
+// memory by the warp's lanes, 16 bytes per cp.async
+__device__ __forceinline__ void copy_to_shared(void* dst, const void* src, int bytes, int lane) {
+  for (int i = 16 * lane; i < bytes; i += 16 * kWarp)
+    cp_async<16>(static_cast<char*>(dst) + i, static_cast<const char*>(src) + i);
+}
 
-  __device__ __forceinline__ void load(const Ptrs& p, long tok0, int g, int t) {
+// One compressed 16-token step's inputs in shared memory, as stored (token-major), filled by
+// cp.async kStages - 1 steps before the step runs. Every array is a multiple of 16 bytes.
+template <int BITS, int D, int RANK, bool I8>
+struct alignas(16) StepSlot {
+  using L = Layout<BITS, D>;
+  using Factor = std::conditional_t<I8, int8_t, __half>;
+  static constexpr int kRankEntries = kStep * (RANK > 0 ? RANK : 16);  // (token, rank); unused at rank 0
+  uint32_t key[kStep * L::kWords];                                     // codes
+  uint32_t value[kStep * L::kWords];
+  __half value_scale[kStep * D / kMinGroup], value_zero[kStep * D / kMinGroup];  // D / G per token
+  uint32_t outliers[kOutlierWords];  // key channels, value channels (bytes), key values, value values (halves)
+  Factor key_a[kRankEntries], value_a[kRankEntries];
+  __half key_scale[D], key_zero[D];  // the key group's, staged where the step starts one (or the warp's run)
+
+  // word offsets of the outlier arrays in `outliers` (room for kMaxOutliers per vector)
+  static constexpr int kValueIdx = 4 * kMaxOutliers, kKeyVal = 8 * kMaxOutliers, kValueVal = 16 * kMaxOutliers;
+
+  // the key-mask bits of the lane's four score columns (tokens 2t, 2t+1, 8+2t, 9+2t) of the step at tok0
+  static __device__ __forceinline__ uint32_t keep_bits(const uint8_t* mask, long tok0, int t) {
+    uint32_t keep = 0xfu;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) load_words(p.kc + (tok0 + 8 * nt + g) * L::kWords + t * L::kKeyWords, kw[nt]);
-    keep = 0xfu;
-#pragma unroll
-    for (int col = 0; col < 4; ++col) {
-      const long tok = tok0 + 8 * (col / 2) + 2 * t + col % 2;
-      if (p.mask && !p.mask[tok]) keep &= ~(1u << col);
-    }
+    for (int col = 0; col < 4; ++col)
+      if (mask && !mask[tok0 + 8 * (col / 2) + 2 * t + col % 2]) keep &= ~(1u << col);
+    return keep;
   }
 };
 
-// Value codes and (scale, zero) of the lane's group: loaded at the start of their own step (the
-// key work and the softmax run while they arrive; prefetching them too spilled registers).
+// Value codes and (scale, zero) of one lane for a step, read from its slot: lane (g, t) takes
+// value rows 2t, 2t+1, 2t+8, 2t+9 (its channel run [g D/8, (g+1) D/8), one value group).
 template <int BITS, int D>
 struct ValueFrame {
   using L = Layout<BITS, D>;
   uint32_t vw[2][2][L::kRunWords];  // [token pair][token of the pair][word]
   uint32_t v_scale[2], v_zero[2];    // fp16 {token a, token b} per pair
 
-  __device__ __forceinline__ void load(const Ptrs& p, long tok0, int g, int t, int group_size) {
+  template <typename Slot>
+  __device__ __forceinline__ void load(const Slot& slot, int g, int t, int group_size) {
     const int word0 = L::kRunHalves >= 2 ? g * L::kRunHalves / 2 : g / 2;
     const int groups = D / group_size, vgrp = g * L::kNT / group_size;
 #pragma unroll
     for (int pr = 0; pr < 2; ++pr) {
-      const long tok = tok0 + 8 * pr + 2 * t;
-      load_words(p.vc + tok * L::kWords + word0, vw[pr][0]);
-      load_words(p.vc + (tok + 1) * L::kWords + word0, vw[pr][1]);
-      v_scale[pr] = pack_bits(p.vs[tok * groups + vgrp], p.vs[(tok + 1) * groups + vgrp]);
-      v_zero[pr] = pack_bits(p.vz[tok * groups + vgrp], p.vz[(tok + 1) * groups + vgrp]);
+      const int tok = 8 * pr + 2 * t;
+      load_words(slot.value + tok * L::kWords + word0, vw[pr][0]);
+      load_words(slot.value + (tok + 1) * L::kWords + word0, vw[pr][1]);
+      v_scale[pr] = pack_bits(slot.value_scale[tok * groups + vgrp], slot.value_scale[(tok + 1) * groups + vgrp]);
+      v_zero[pr] = pack_bits(slot.value_zero[tok * groups + vgrp], slot.value_zero[(tok + 1) * groups + vgrp]);
     }
   }
 };
@@ -406,11 +402,27 @@ struct Warp {
 };
 
 // ----------------------------------------------------------------------------- split kernel
+// dynamic shared memory of the split kernel: the state, then each warp's ring of step slots
+// dynamic shared memory of the split kernel: the state, then each warp's ring of step slots: four
+// (steps i + 1 .. i + 3 load while step i computes) where a CTA stays within kSmemPerCta, else three
+constexpr size_t kSmemPerCta = 80 * 1024;  // two CTAs per SM on sm_80 (164 KB) and sm_90 (228 KB)
+template <int D>
+constexpr size_t kRingOffset = (sizeof(SharedState<D>) + 15) / 16 * 16;
+template <int BITS, int D, int RANK, bool I8>
+constexpr int kStageCount = kRingOffset<D> + 4 * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>) <= kSmemPerCta ? 4 : 3;
+template <int BITS, int D, int RANK, bool I8>
+constexpr size_t kSplitSmemBytes =
+    kRingOffset<D> + kStageCount<BITS, D, RANK, I8> * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>);
+
 template <int BITS, int D, int RANK, bool I8>
 __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs a) {
   using L = Layout<BITS, D>;
   using W = Warp<BITS, D, RANK, I8>;
-  __shared__ SharedState<D> sh;
+  using Slot = StepSlot<BITS, D, RANK, I8>;
+  using Factor = typename Slot::Factor;
+  constexpr int kStages = kStageCount<BITS, D, RANK, I8>;
+  LOWRANK_OPS_DYNAMIC_SMEM(smem);
+  SharedState<D>& sh = *reinterpret_cast<SharedState<D>*>(smem);
 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = lane / 4, t = lane % 4;
@@ -461,37 +473,53 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   const int s_begin = first + min(count, warp * per_warp);
   const int s_end = first + min(count, (warp + 1) * per_warp);
 
-  // a step's outliers in the staging buffer: key channels (bytes), value channels, key values, value
-  // values (halves), each 16 * n_out entries in token-major order, at fixed word offsets
-  const auto stage_outliers = [&](int step_, int buf) {
-    const long first_entry = long(step_) * kStep * n_out;  // a multiple of 16: word-aligned in every array
-    const int idx_words = 4 * n_out, val_words = 8 * n_out;
-    uint32_t* dst = sh.stage[warp][buf];
-    for (int i = lane; i < 2 * idx_words + 2 * val_words; i += kWarp) {
-      const void* src;
-      int at;
-      if (i < idx_words) {
-        src = reinterpret_cast<const uint32_t*>(p.koi + first_entry) + i, at = i;
-      } else if (i < 2 * idx_words) {
-        src = reinterpret_cast<const uint32_t*>(p.voi + first_entry) + (i - idx_words), at = 4 * kMaxOutliers + i - idx_words;
-      } else if (i < 2 * idx_words + val_words) {
-        src = reinterpret_cast<const uint32_t*>(p.kov + first_entry) + (i - 2 * idx_words),
-        at = 8 * kMaxOutliers + i - 2 * idx_words;
-      } else {
-        src = reinterpret_cast<const uint32_t*>(p.vov + first_entry) + (i - 2 * idx_words - val_words),
-        at = 16 * kMaxOutliers + i - 2 * idx_words - val_words;
-      }
-      cp_async4(dst + at, src);
+  // this warp's ring: step st runs from slot st % kStages, staged kStages - 1 steps before
+  Slot* const ring = reinterpret_cast<Slot*>(smem + kRingOffset<D>) + warp * kStages;
+  const int c_end = min(s_end, csteps);  // the warp's compressed steps are [s_begin, c_end)
+  const auto stage_step = [&](int st) {
+    Slot& slot = ring[st % kStages];
+    const long tok0 = long(st) * kStep;
+    copy_to_shared(slot.key, p.kc + tok0 * L::kWords, sizeof(slot.key), lane);
+    copy_to_shared(slot.value, p.vc + tok0 * L::kWords, sizeof(slot.value), lane);
+    const int vgroups = D / G;
+    copy_to_shared(slot.value_scale, p.vs + tok0 * vgroups, kStep * vgroups * 2, lane);
+    copy_to_shared(slot.value_zero, p.vz + tok0 * vgroups, kStep * vgroups * 2, lane);
+    if (n_out > 0) {  // 16 n_out entries per array: a multiple of 16 bytes
+      const long e0 = tok0 * n_out;
+      copy_to_shared(slot.outliers, p.koi + e0, kStep * n_out, lane);
+      copy_to_shared(slot.outliers + Slot::kValueIdx, p.voi + e0, kStep * n_out, lane);
+      copy_to_shared(slot.outliers + Slot::kKeyVal, p.kov + e0, 2 * kStep * n_out, lane);
+      copy_to_shared(slot.outliers + Slot::kValueVal, p.vov + e0, 2 * kStep * n_out, lane);
     }
-    cp_async_commit();
+    if (st == s_begin || tok0 % G == 0) {  // the steps where the loop below enters a key group
+      copy_to_shared(slot.key_scale, p.ks + (tok0 / G) * D, 2 * D, lane);
+      copy_to_shared(slot.key_zero, p.kz + (tok0 / G) * D, 2 * D, lane);
+    }
+    if constexpr (RANK > 0) {
+      const Factor *ka, *va, *kb, *vb;
+      if constexpr (I8) {
+        ka = p.ka8, va = p.va8, kb = p.kb8, vb = p.vb8;
+      } else {
+        ka = p.ka, va = p.va, kb = p.kb, vb = p.vb;
+      }
+      copy_to_shared(slot.key_a, ka + tok0 * RANK, sizeof(slot.key_a), lane);
+      copy_to_shared(slot.value_a, va + tok0 * RANK, sizeof(slot.value_a), lane);
+      if (st == s_begin || tok0 % B == 0) {  // the block's B factors, read when the loop enters it: into L2
+        const long blk_entries = (tok0 / B) * D * RANK;
+        for (int i = 128 * lane; i < D * RANK * int(sizeof(Factor)); i += 128 * kWarp) {
+          prefetch_l2(reinterpret_cast<const char*>(kb + blk_entries) + i);
+          prefetch_l2(reinterpret_cast<const char*>(vb + blk_entries) + i);
+        }
+      }
+    }
   };
-
-  // the first step's key frame and outliers fly while q is set up
-  KeyFrame<BITS, D> cur, nxt;
-  if (s_begin < min(s_end, csteps)) {
-    cur.load(p, long(s_begin) * kStep, g, t);
-    if (n_out > 0) stage_outliers(s_begin, s_begin & 1);
+  // the first steps' slots and mask bits fly while q is set up; one commit group per step (empty
+  // past the warp's compressed steps), so waiting for step i is always wait_group<kStages - 1>
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (s_begin + i < c_end) stage_step(s_begin + i);
+    cp_async_commit();
   }
+  uint32_t keep_next = s_begin < c_end ? Slot::keep_bits(p.mask, long(s_begin) * kStep, t) : 0xfu;
 
   // q rows -> fp32, scaled by qk_scale and a power of two per row that brings its largest
   // entry to (1/2, 1] (fp16 operands for any bf16 q; q * key scale cannot overflow)
@@ -533,40 +561,32 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     // the lane's four score / P columns: tokens 2t, 2t+1 (n-tile 0) and 8+2t, 9+2t (n-tile 1)
     uint32_t keep = 0xfu;
     uint32_t b_ka[2] = {0u, 0u}, b_va[2] = {0u, 0u};  // low-rank B operands (compressed steps, RANK > 0)
+    const Slot& slot = ring[step % kStages];          // read on compressed steps only
     if (compressed) {
-      const bool more = step + 1 < min(s_end, csteps);
-      if (more) nxt.load(p, tok0 + kStep, g, t);
-      vf.load(p, tok0, g, t, G);
-      if (n_out > 0) {  // this step's outliers are staged; stage the next step's into the other buffer
-        __syncwarp();    // every lane is done with the other buffer (read two steps ago)
-        if (more) {
-          stage_outliers(step + 1, (step + 1) & 1);
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        __syncwarp();
-      }
-      keep = cur.keep;
+      __syncwarp();  // every lane is done with step - 1's slot, which step + kStages - 1 takes
+      if (step + kStages - 1 < c_end) stage_step(step + kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();  // this lane's copies for this step have landed ...
+      __syncwarp();                  // ... and so have every lane's
+      keep = keep_next;
+      if (step + 1 < c_end) keep_next = Slot::keep_bits(p.mask, tok0 + kStep, t);
+      vf.load(slot, g, t, G);
       // low-rank rows: B operand of the scores' rank k-step {A_k[g][2t], A_k[g][2t+1]} per n-tile,
       // and of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
       if constexpr (RANK > 0) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
+          const int tok_k = 8 * nt + g, tok_v = 8 * nt + 2 * t;  // rows of the step
           if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
-            const long tok_k = tok0 + 8 * nt + g, tok_v = tok0 + 8 * nt + 2 * t;
             if (2 * t < RANK)
-              b_ka[nt] = pack_bits(__short2half_rn(p.ka8[tok_k * RANK + 2 * t]),
-                                   __short2half_rn(p.ka8[tok_k * RANK + 2 * t + 1]));
+              b_ka[nt] = pack_bits(__short2half_rn(slot.key_a[tok_k * RANK + 2 * t]),
+                                   __short2half_rn(slot.key_a[tok_k * RANK + 2 * t + 1]));
             if (g < RANK)
-              b_va[nt] = pack_bits(__short2half_rn(p.va8[tok_v * RANK + g]),
-                                   __short2half_rn(p.va8[(tok_v + 1) * RANK + g]));
+              b_va[nt] = pack_bits(__short2half_rn(slot.value_a[tok_v * RANK + g]),
+                                   __short2half_rn(slot.value_a[(tok_v + 1) * RANK + g]));
           } else {
-            if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(p.ka + (tok0 + 8 * nt + g) * RANK + 2 * t);
-            if (g < RANK) {
-              const long tok = tok0 + 8 * nt + 2 * t;
-              b_va[nt] = pack_bits(p.va[tok * RANK + g], p.va[(tok + 1) * RANK + g]);
-            }
+            if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(slot.key_a + tok_k * RANK + 2 * t);
+            if (g < RANK) b_va[nt] = pack_bits(slot.value_a[tok_v * RANK + g], slot.value_a[(tok_v + 1) * RANK + g]);
           }
         }
       }
@@ -577,26 +597,29 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         cur_block = blk;
       }
       if (grp != cur_group) {
-        W::key_group(sh, p.ks + long(grp) * D, p.kz + long(grp) * D, t, aq, bias, g);
+        W::key_group(sh, slot.key_scale, slot.key_zero, t, aq, bias, g);
         cur_group = grp;
       }
-      // S = Q' codes^T over key rows tok0 + 8 nt + g
+      // S = Q' codes^T over key rows tok0 + 8 nt + g (the lane's D/4 channels of each)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt) {
+        uint32_t kw[L::kKeyWords];
+        load_words(slot.key + (8 * nt + g) * L::kWords + t * L::kKeyWords, kw);
 #pragma unroll
         for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
           const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;
-          const uint32_t b0 = L::pair(cur.kw[nt][i0 / L::kHalf], i0 % L::kHalf);
-          const uint32_t b1 = L::pair(cur.kw[nt][i1 / L::kHalf], i1 % L::kHalf);
+          const uint32_t b0 = L::pair(kw[i0 / L::kHalf], i0 % L::kHalf);
+          const uint32_t b1 = L::pair(kw[i1 / L::kHalf], i1 % L::kHalf);
           mma_f16(s[nt], aq[ks_][0], aq[ks_][1], b0, b1);
         }
+      }
       if constexpr (RANK > 0) {  // + (q B_kj) A_kᵀ: one more k-step, k = rank (<= 8 of its 16)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, b_ka[nt], 0u);
       }
       // - zero bias + outliers, then back to qk_scale units
-      const uint8_t* staged_key_idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1]);
-      const __half* staged_key_val = reinterpret_cast<const __half*>(sh.stage[warp][step & 1] + 8 * kMaxOutliers);
+      const uint8_t* staged_key_idx = reinterpret_cast<const uint8_t*>(slot.outliers);
+      const __half* staged_key_val = reinterpret_cast<const __half*>(slot.outliers + Slot::kKeyVal);
 #pragma unroll
       for (int col = 0; col < 4; ++col) {
         const int nt = col / 2, c = col % 2;
@@ -674,8 +697,8 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       }
       if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
       if (n_out > 0) {  // O += P Vout: the values' outliers as a sparse tile through the same mma
-        const uint8_t* idx = reinterpret_cast<const uint8_t*>(sh.stage[warp][step & 1] + 4 * kMaxOutliers);
-        const __half* val = reinterpret_cast<const __half*>(sh.stage[warp][step & 1] + 16 * kMaxOutliers);
+        const uint8_t* idx = reinterpret_cast<const uint8_t*>(slot.outliers + Slot::kValueIdx);
+        const __half* val = reinterpret_cast<const __half*>(slot.outliers + Slot::kValueVal);
         for (int e = lane; e < kStep * n_out; e += kWarp)  // a token's outlier channels are distinct
           vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = val[e];
         __syncwarp();
@@ -690,7 +713,6 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
         __syncwarp();
         for (int e = lane; e < kStep * n_out; e += kWarp) vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = __half();
       }
-      cur = nxt;
     } else {
       const int base = int(tok0 - Tc);
       const uint32_t p_lo = pack_pair(s[0][0], s[0][1], bf16), p_hi = pack_pair(s[1][0], s[1][1], bf16);
@@ -789,10 +811,21 @@ template <int BITS, int D, int RANK, bool I8>
 void launch(const GearDecodeArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   dim3 grid(a.splits, (a.M + kRows - 1) / kRows, a.batch_kv_heads);
-  gear_split_kernel<BITS, D, RANK, I8><<<grid, kThreads, 0, stream>>>(a);
+  const auto split_kernel = gear_split_kernel<BITS, D, RANK, I8>;
+  constexpr size_t smem = kSplitSmemBytes<BITS, D, RANK, I8>;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static std::atomic<uint64_t> opted_in{0};  // bit d: device d allows this instantiation > 48 KB
+  if (device >= 64 || !((opted_in.load() >> device) & 1u)) {
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(split_kernel),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    if (device < 64) opted_in.fetch_or(uint64_t(1) << device);
+  }
+  LOWRANK_OPS_LAUNCH(split_kernel, grid, kThreads, smem, stream, a);
   check_cuda(cudaGetLastError(), "split kernel launch");
   if (a.splits > 1) {
-    gear_combine_kernel<<<dim3(a.M, a.batch_kv_heads), D, 0, stream>>>(
+    LOWRANK_OPS_LAUNCH(gear_combine_kernel, dim3(a.M, a.batch_kv_heads), D, 0, stream,
         reinterpret_cast<const float*>(a.part_m), reinterpret_cast<const float*>(a.part_l),
         reinterpret_cast<const float*>(a.part_acc), reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, D,
         a.dtype == kBFloat16);

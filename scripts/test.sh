@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All test lanes that run without a GPU (reference, interpreter, compile); the gpu lane skips.
+# All test lanes that run without a GPU (reference, interpreter, compile, emulation); the gpu lane skips.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup_venv.sh

@@ -1,4 +1,4 @@
-"""Test lanes (see README): reference, interpreter, compile, gpu.
+"""Test lanes (see README): reference, interpreter, compile, emulation, gpu.
 
 Without a CUDA device the Triton kernels run on CPU tensors under the interpreter, which must
 be switched on before any kernel module is imported: that is done here, first thing.

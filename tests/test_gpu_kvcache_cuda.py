@@ -13,16 +13,17 @@ import os
 import pytest
 import torch
 
+import gear_cuda_cases as cases
+from gear_cuda_cases import BF16, F16, FORMATS, TOL, assert_matches_reference
+from gear_cuda_cases import fmt as _fmt
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import use_backend
-from lowrank_ops.kvcache import GEARConfig, attention, attention_reference, compress
+from lowrank_ops.kvcache import attention, attention_reference
 from lowrank_ops.kvcache import cuda_decode
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-F16, BF16 = torch.float16, torch.bfloat16
-TOL = {F16: 3e-3, BF16: 2e-2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,46 +38,12 @@ def extension():
 
 
 def make_cache(batch, kv_heads, seq, head_dim, dtype, seed, **cfg):
-    gen = torch.Generator(device=DEV)
-    gen.manual_seed(seed)
-    keys = torch.randn(batch, kv_heads, seq, head_dim, device=DEV, generator=gen) + \
-        2 * torch.randn(head_dim, device=DEV, generator=gen)
-    values = torch.randn(batch, kv_heads, seq, head_dim, device=DEV, generator=gen)
-    with use_backend("reference"):
-        return compress(keys.to(dtype), values.to(dtype), GEARConfig(**cfg))
+    return cases.make_cache(batch, kv_heads, seq, head_dim, dtype, seed, DEV, **cfg)
 
 
 def check(q, kv, mask, what, num_splits=None):
     out = cuda_decode.gear_decode(q, kv, mask, q.shape[-1] ** -0.5, num_splits=num_splits)
-    ref = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert not out.isnan().any(), f"{what}: NaN in the output"
-    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    assert err < TOL[q.dtype], f"{what}: relative error {err:.3g} >= {TOL[q.dtype]:g}"
-    return out, ref
-
-
-# (bits, rank, outlier_ratio, group_size, buffer_tokens, head_dim, factor_bits)
-FORMATS = {
-    "2b+2%+r4": (2, 4, 0.02, 32, 64, 128, 16),
-    "4b+2%+r4": (4, 4, 0.02, 32, 64, 128, 16),
-    "2b": (2, 0, 0.0, 32, 64, 128, 16),
-    "4b+r8": (4, 8, 0.0, 64, 128, 128, 16),
-    "2b+5%+r4-g16-b48": (2, 4, 0.05, 16, 48, 128, 16),
-    "2b+2%+r4-d64": (2, 4, 0.02, 32, 64, 64, 16),
-    "4b+3%-g64-d64": (4, 0, 0.03, 64, 64, 64, 16),
-    "2b+r8-g128": (2, 8, 0.0, 128, 128, 128, 16),
-    # int8 factors (the default storage; written without a GPU, these are their first run)
-    "2b+2%+r4-i8": (2, 4, 0.02, 32, 64, 128, 8),
-    "4b+r8-i8": (4, 8, 0.0, 64, 128, 128, 8),
-    "2b+2%+r8-d64-i8": (2, 8, 0.02, 32, 64, 64, 8),
-}
-
-
-def _fmt(name):
-    bits, rank, ratio, group, buf, head_dim, factor_bits = FORMATS[name]
-    return head_dim, dict(bits=bits, rank=rank, outlier_ratio=ratio, group_size=group, buffer_tokens=buf,
-                          factor_bits=factor_bits)
+    return out, assert_matches_reference(out, q, kv, mask, what)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])

@@ -147,7 +147,17 @@ def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
            num_splits: Optional[int] = None) -> Tensor:
     """:func:`gear_decode` without its :func:`supports` check, for a caller that has just made it
     (automatic dispatch: the check scans every tensor's alignment, and eager decode is host-bound)."""
-    module = cuda_ext.load()
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(device):
+        return run_kernel(cuda_ext.load(), q, kv, key_mask, scale, num_splits, _num_sms(device),
+                          torch.cuda.current_stream(device).cuda_stream)
+
+
+def run_kernel(module: object, q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
+               num_splits: Optional[int], num_sms: int, stream: int) -> Tensor:
+    """One call of ``module.gear_decode`` on q's device: ``lowrank_ops._C`` on a GPU (:func:`launch`),
+    or the CPU emulation's module on CPU tensors (:mod:`lowrank_ops.core.cuda_emulation`, tests);
+    ``num_sms`` sizes the split plan, ``stream`` is the CUDA stream handle (0 in the emulation)."""
     cfg = kv.config
     batch, q_heads, q_len, head_dim = q.shape
     q = q.contiguous()
@@ -155,10 +165,9 @@ def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
     m = (q_heads // kv.kv_heads) * q_len
     row_blocks = -(-m // ROWS_PER_BLOCK)
     steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     columns = batch * kv.kv_heads * row_blocks
     if num_splits is None:
-        splits, per_split = split_plan(steps, columns, _num_sms(device))
+        splits, per_split = split_plan(steps, columns, num_sms)
     else:
         per_split = -(-max(steps, 1) // max(1, min(num_splits, steps)))
         splits = -(-max(steps, 1) // per_split)
@@ -173,18 +182,16 @@ def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
         return t[name].data_ptr() if present and t[name].numel() else 0
 
     mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else None
-    with torch.cuda.device(device):
-        module.gear_decode(
-            q.data_ptr(), ptr("key_codes"), ptr("key_scale"), ptr("key_zero"), ptr("key_out_idx", n_out > 0),
-            ptr("key_out_val", n_out > 0), ptr("key_lr_a", cfg.rank > 0), ptr("key_lr_b", cfg.rank > 0),
-            ptr("key_lr_scale", cfg.rank > 0), ptr("value_codes"), ptr("value_scale"), ptr("value_zero"),
-            ptr("value_out_idx", n_out > 0), ptr("value_out_val", n_out > 0), ptr("value_lr_a", cfg.rank > 0),
-            ptr("value_lr_b", cfg.rank > 0), ptr("value_lr_scale", cfg.rank > 0),
-            ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
-            part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
-            out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
-            cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
-            float(scale) * _LOG2E,
-            _DTYPE_CODES[q.dtype], torch.cuda.current_stream(device).cuda_stream,
-        )
+    module.gear_decode(
+        q.data_ptr(), ptr("key_codes"), ptr("key_scale"), ptr("key_zero"), ptr("key_out_idx", n_out > 0),
+        ptr("key_out_val", n_out > 0), ptr("key_lr_a", cfg.rank > 0), ptr("key_lr_b", cfg.rank > 0),
+        ptr("key_lr_scale", cfg.rank > 0), ptr("value_codes"), ptr("value_scale"), ptr("value_zero"),
+        ptr("value_out_idx", n_out > 0), ptr("value_out_val", n_out > 0), ptr("value_lr_a", cfg.rank > 0),
+        ptr("value_lr_b", cfg.rank > 0), ptr("value_lr_scale", cfg.rank > 0),
+        ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
+        part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
+        out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
+        cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
+        float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], stream,
+    )
     return out

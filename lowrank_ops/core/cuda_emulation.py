@@ -1,0 +1,128 @@
+"""The CPU emulation lane of the CUDA kernels: their own ``csrc/`` sources, built with the host
+C++ compiler against ``csrc/emulate/cuda_emulation.h``, run on CPU tensors.
+
+No GPU is lent to most sessions and CI has none, so before this lane a CUDA kernel was only
+compiled here (the compile lane) and checked on whatever GPU a later session was lent. The
+emulation runs the kernel's code path: its indexing, fragment layouts, pipelines and
+synchronization, with every warp collective (shuffle, vote, ``__syncwarp``, mma, ldmatrix) and
+block barrier a rendezvous of fibers, and every ``cp.async`` copy landing at the wait that retires
+it (or at issue, ``LOWRANK_OPS_EMULATE_COPIES=issue``). What it cannot show: timing, register
+pressure, bank conflicts, and arithmetic that the hardware rounds differently (mma sums in double
+here; ex2.approx is exp2).
+
+The module has the bindings of ``lowrank_ops._C`` for the families ported to the emulation
+(:data:`EMULATED_SOURCES`), takes host addresses where the real one takes device addresses, and
+is loaded under its own name, never as ``lowrank_ops._C``. Built once per source hash into the
+cache directory (``$LOWRANK_OPS_CACHE_DIR``). Needs Linux (ucontext), a C++17 compiler (``$CXX``,
+else c++/g++) and the CUDA toolkit's headers (cuda_fp16.h: found next to nvcc); pybind11.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from lowrank_ops.core import cuda_build
+from lowrank_ops.core.cuda_ext import default_cache_dir
+
+EMULATED_SOURCES = ("gear_decode.cu",)  # csrc/ kernels whose host code and bindings build under the emulation
+EMULATION_DIR = cuda_build.CSRC_DIR / "emulate"
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-DLOWRANK_OPS_EMULATE"]
+COPIES_ENV = "LOWRANK_OPS_EMULATE_COPIES"  # "issue": cp.async lands at issue; else at the wait that retires it
+ORDER_ENV = "LOWRANK_OPS_EMULATE_ORDER"  # "reverse": lanes run in reverse order between collectives
+
+
+def find_cxx() -> str | None:
+    """The host C++ compiler: ``$CXX``, else c++ or g++ on the PATH."""
+    for c in (os.environ.get("CXX"), shutil.which("c++"), shutil.which("g++")):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include directory (holding cuda_fp16.h): next to nvcc, under
+    ``$CUDA_HOME`` / ``$CUDA_PATH``, or /usr/local/cuda."""
+    nvcc = cuda_build.find_nvcc()
+    roots = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    roots.append(Path("/usr/local/cuda"))
+    return next((r / "include" for r in roots if (r / "include" / "cuda_fp16.h").is_file()), None)
+
+
+def unavailable_reason() -> str:
+    """Why the emulation lane cannot build here ("" when it can)."""
+    if not sys.platform.startswith("linux"):
+        return f"the emulation's fibers need Linux (ucontext), this is {sys.platform}"
+    if find_cxx() is None:
+        return "no C++ compiler ($CXX, c++ or g++)"
+    if cuda_include_dir() is None:
+        return "the CUDA toolkit's headers (cuda_fp16.h next to nvcc) were not found"
+    if importlib.util.find_spec("pybind11") is None:
+        return "pybind11 is not installed"
+    return ""
+
+
+def _sources() -> list[tuple[Path, bool]]:
+    """(file, force-include the emulation header) for every translation unit."""
+    csrc = cuda_build.CSRC_DIR
+    kernels = [(csrc / name, True) for name in EMULATED_SOURCES]
+    return kernels + [(EMULATION_DIR / "cuda_emulation.cpp", False), (csrc / "module.cpp", False)]
+
+
+def _source_hash(cxx: str) -> str:
+    h = hashlib.sha256()
+    csrc = cuda_build.CSRC_DIR
+    for p in sorted([*csrc.glob("*.cu"), *csrc.glob("*.h"), *csrc.glob("*.cuh"), *csrc.glob("*.cpp"),
+                     *EMULATION_DIR.iterdir()]):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(repr((FLAGS, cxx, cuda_build.ext_filename(), Path(__file__).read_bytes())).encode())
+    return h.hexdigest()[:16]
+
+
+def build(out_dir: Path, verbose: bool = False) -> Path:
+    """Compile the emulated module into ``out_dir`` and return its path (atomic: renamed into place)."""
+    why = unavailable_reason()
+    if why:
+        raise cuda_build.CudaBuildError(f"the CUDA emulation cannot build here: {why}")
+    cxx = find_cxx()
+    incs = [*cuda_build.include_flags(cuda_build.CSRC_DIR), f"-I{cuda_include_dir()}"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lowrank_ops_emulation_") as tmp:
+        jobs = []
+        for src, shim in _sources():
+            obj = str(Path(tmp) / (src.name + ".o"))
+            head = ["-include", str(EMULATION_DIR / "cuda_emulation.h"), "-x", "c++"] if shim else []
+            jobs.append(([cxx, *FLAGS, *incs, *head, "-c", str(src), "-o", obj], obj))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            list(pool.map(lambda job: cuda_build._run(job[0], verbose), jobs))
+        target = out_dir / cuda_build.ext_filename()
+        partial = out_dir / (cuda_build.ext_filename() + f".tmp{os.getpid()}")
+        cuda_build._run([cxx, "-shared", *[obj for _, obj in jobs], "-o", str(partial)], verbose)
+        os.replace(partial, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ModuleType:
+    """The emulated module (built on first use, then cached on disk by source hash). Raises
+    :class:`~lowrank_ops.core.cuda_build.CudaBuildError` when it cannot build."""
+    cxx = find_cxx() or ""
+    out = default_cache_dir().parent / "emulation" / _source_hash(cxx)
+    target = out / cuda_build.ext_filename()
+    if not target.is_file():
+        build(out)
+    spec = importlib.util.spec_from_file_location("lowrank_ops_emulation._C", target)  # PyInit__C; not lowrank_ops._C
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the emulated module from {target}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

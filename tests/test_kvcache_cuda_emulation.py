@@ -1,0 +1,106 @@
+"""Emulation lane for the CUDA GEAR decode-attention kernel: csrc/gear_decode.cu itself, built
+with the host compiler against csrc/emulate/ (lowrank_ops/core/cuda_emulation.py) and run on CPU
+tensors, against the float64 reference attention of the same compressed cache.
+
+The kernel streams every warp's 16-token steps through a ring of cp.async step slots. The
+emulation makes the ring's synchronization observable: copies land at the wait that retires
+them (a read before the wait sees stale data) or at issue (a copy into a slot that other lanes
+still read overwrites it), and lanes run in either order between collectives. The hazard tests
+run one split, so each warp runs many steps and reuses every slot several times.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gear_cuda_cases import BF16, F16, FORMATS, TOL, assert_matches_reference, fmt, make_cache
+from lowrank_ops.core import cuda_emulation
+from lowrank_ops.kvcache import attention_reference, cuda_decode
+
+pytestmark = [
+    pytest.mark.emulation,
+    pytest.mark.skipif(bool(cuda_emulation.unavailable_reason()),
+                       reason=f"CUDA emulation: {cuda_emulation.unavailable_reason()}"),
+]
+
+H100_SMS = 132  # sizes the default split plan as on the GPU the kernel was timed on
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cuda_emulation.load()
+
+
+def run(module, q, kv, mask=None, num_splits=None):
+    return cuda_decode.run_kernel(module, q, kv, mask, q.shape[-1] ** -0.5, num_splits, H100_SMS, 0)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_formats_vs_reference(module, name, dtype):
+    head_dim, cfg = fmt(name)
+    seq = 512 + 37  # partial tail
+    kv = make_cache(2, 2, seq, head_dim, dtype, seed=len(name), device="cpu", **cfg)
+    q = torch.randn(2, 8, 1, head_dim, dtype=dtype)
+    mask = torch.ones(2, seq, dtype=torch.bool)
+    mask[1, :100] = False  # left padding
+    assert_matches_reference(run(module, q, kv, mask, num_splits=2), q, kv, mask, f"{name} {dtype}")
+    assert_matches_reference(run(module, q, kv), q, kv, None, f"{name} {dtype}, default splits, no mask")
+
+
+MODES = list(itertools.product(["wait", "issue"], ["forward", "reverse"]))
+
+
+@pytest.mark.parametrize("copies,order", MODES, ids=[f"copies-at-{c}-{o}" for c, o in MODES])
+@pytest.mark.parametrize("name", ["2b+2%+r4", "2b+2%+r4-i8", "4b+r8", "2b+5%+r4-g16-b48"])
+def test_ring_synchronization_under_every_emulated_timing(module, monkeypatch, copies, order, name):
+    monkeypatch.setenv(cuda_emulation.COPIES_ENV, copies)
+    monkeypatch.setenv(cuda_emulation.ORDER_ENV, order)
+    head_dim, cfg = fmt(name)
+    seq = 1024 + 21  # one split: each warp runs 16 steps, every slot reused
+    kv = make_cache(1, 1, seq, head_dim, F16, seed=2, device="cpu", **cfg)
+    q = torch.randn(1, 4, 1, head_dim, dtype=F16)
+    mask = torch.rand(1, seq) > 0.1
+    assert_matches_reference(run(module, q, kv, mask, num_splits=1), q, kv, mask, f"{name} {copies} {order}")
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,q_len", [(2, 2, 1), (16, 2, 1), (8, 1, 3), (24, 1, 1)],
+                         ids=["M1", "M8", "M24-two-blocks", "M24-gqa"])
+def test_rows_per_kv_head(module, q_heads, kv_heads, q_len):
+    head_dim, cfg = fmt("2b+2%+r4")
+    kv = make_cache(1, kv_heads, 256 + 5, head_dim, F16, seed=q_heads + q_len, device="cpu", **cfg)
+    q = torch.randn(1, q_heads, q_len, head_dim, dtype=F16)
+    assert_matches_reference(run(module, q, kv), q, kv, None, f"{q_heads}q/{kv_heads}kv q_len {q_len}")
+
+
+@pytest.mark.parametrize("seq", [64 * 6, 37, 64 + 1, 16], ids=["no-tail", "tail-only", "one-block+1", "tail-16"])
+def test_sequence_shapes(module, seq):
+    head_dim, cfg = fmt("4b+2%+r4")
+    kv = make_cache(2, 2, seq, head_dim, F16, seed=seq, device="cpu", **cfg)
+    q = torch.randn(2, 8, 1, head_dim, dtype=F16)
+    assert_matches_reference(run(module, q, kv), q, kv, None, f"seq {seq}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 1000])
+def test_split_counts_agree_and_repeat_exactly(module, num_splits):
+    head_dim, cfg = fmt("2b+2%+r4")
+    kv = make_cache(1, 2, 640 + 9, head_dim, F16, seed=5, device="cpu", **cfg)
+    q = torch.randn(1, 8, 1, head_dim, dtype=F16)
+    out = run(module, q, kv, num_splits=num_splits)
+    assert_matches_reference(out, q, kv, None, f"{num_splits} splits")
+    assert torch.equal(out, run(module, q, kv, num_splits=num_splits)), "the kernel is not deterministic"
+
+
+def test_fully_masked_sequence_gives_zeros(module):
+    head_dim, cfg = fmt("2b+2%+r4")
+    seq = 256 + 9
+    kv = make_cache(2, 2, seq, head_dim, F16, seed=11, device="cpu", **cfg)
+    q = torch.randn(2, 8, 1, head_dim, dtype=F16)
+    mask = torch.ones(2, seq, dtype=torch.bool)
+    mask[0] = False
+    out = run(module, q, kv, mask)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    ref = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64)
+    assert ((out[1].double() - ref[1]).norm() / ref[1].norm()).item() < TOL[F16]
