@@ -11,7 +11,8 @@ bits [e · BITS, (e + 1) · BITS); a matrix row's words are contiguous.
   at a time.
 * :func:`codes_to_f32` and :func:`codes_to_f16` turn small codes into floats without an integer →
   float convert; :func:`row_codes_f16` loads 2- or 4-bit codes straight to fp16, two per
-  instruction.
+  instruction. :func:`word_codes` and :func:`word_codes_f16` are the same after the load, for
+  kernels that load a tile's words one tile ahead of their use.
 """
 from __future__ import annotations
 
@@ -41,9 +42,16 @@ def load_row_codes(row_ptrs, w0, words_per_row, row_mask, BITS: tl.constexpr, CO
     row's ``words_per_row`` words. COLS is a multiple of E = 32 / BITS."""
     E: tl.constexpr = 32 // BITS
     offs_w = w0 + tl.arange(0, COLS // E)[None, :]
-    words = tl.load(row_ptrs + offs_w, mask=row_mask & (offs_w < words_per_row), other=0)
+    return word_codes(tl.load(row_ptrs + offs_w, mask=row_mask & (offs_w < words_per_row), other=0), BITS, COLS)
+
+
+@triton.jit
+def word_codes(words, BITS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS × COLS) int32 codes of (ROWS × COLS / E) loaded words: :func:`load_row_codes` after its
+    load, for a caller that loads the words ahead of their use."""
+    E: tl.constexpr = 32 // BITS
     codes = unpack_words(words.to(tl.uint32, bitcast=True), BITS, E, 1)  # logical shifts
-    return tl.reshape(codes, (row_ptrs.shape[0], COLS)).to(tl.int32, bitcast=True)
+    return tl.reshape(codes, (words.shape[0], COLS)).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -82,10 +90,16 @@ def row_codes_f16(row_ptrs, w0, words_per_row, row_mask, BITS: tl.constexpr, COL
     halves and put in column order in the thread that loaded the word; 1024 subtracted as f16x2."""
     E: tl.constexpr = 32 // BITS
     offs_w = w0 + tl.arange(0, COLS // E)[None, :]
-    words = tl.load(row_ptrs + offs_w, mask=row_mask & (offs_w < words_per_row), other=0)
+    return word_codes_f16(tl.load(row_ptrs + offs_w, mask=row_mask & (offs_w < words_per_row), other=0), BITS, COLS)
+
+
+@triton.jit
+def word_codes_f16(words, BITS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS × COLS) fp16 codes of (ROWS × COLS / E) loaded words: :func:`row_codes_f16` after its load."""
+    E: tl.constexpr = 32 // BITS
     pairs = _magic_pairs(words.to(tl.uint32, bitcast=True), BITS, E // 2, 1)
     halves = tl.join((pairs & 0xFFFF).to(tl.int16), (pairs >> 16).to(tl.int16)).to(tl.float16, bitcast=True)
-    ROWS: tl.constexpr = row_ptrs.shape[0]
+    ROWS: tl.constexpr = words.shape[0]
     # axes (rows, words, k bits..., half): half h of pair k is code k + h · E/2, so the half axis
     # goes before the k axes for column order
     halves = tl.reshape(halves, (ROWS, COLS // E, E // 2, 2))

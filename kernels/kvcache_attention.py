@@ -47,8 +47,10 @@ q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ; otherwise (e.g. the default G = 32, B
 dequantized like the values, (code − z) · s, in f16x2 arithmetic (fp32 for fp32 q):
 one multiply more per two codes buys tiles twice as long, halving the per-tile work (softmax
 step, factor loads, loop overhead) per token.
-One autotune config under the interpreter, seven (programs per SM × warps × stages × register
-cap) on a GPU.
+Each tile's inputs are loaded in two halves, keys' and values' (``_key_inputs``, ``_value_inputs``):
+where they are used, or (autotune rows with LOAD_AHEAD) one tile ahead of that. One autotune
+config under the interpreter, eight (programs per SM × load-ahead × warps × stages × register cap)
+on a GPU.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ from torch import Tensor
 
 from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
-from ._codes import codes_to_f32, load_row_codes, row_codes_f16
+from ._codes import codes_to_f32, word_codes, word_codes_f16
 from ._compile_check import CompileCase
 from .lowrank import (INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _sm_count, cdiv,
                       next_pow2)
@@ -86,18 +88,24 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 # warps split a tile's work less evenly (~40 % more instructions per token) but hide latency
 # better, which a batch-1 step (a few tiles per program) may prefer. Each row also sets how many
 # programs per SM its grid targets (the sequence split count, one wave at the occupancy its
-# registers allow, see _split_count), so a row is timed at its own occupancy. The autotuner measures.
-_SPLIT_NAMES = ("PROGRAMS_PER_SM",)
+# registers allow, see _split_count), so a row is timed at its own occupancy. LOAD_AHEAD rows load
+# each tile's inputs one iteration ahead (_key_inputs / _value_inputs): their HBM latency hides
+# behind the previous tile, for ~40-60 more instructions and up to 255 registers (too many for the
+# capped rows, which would spill them); the others load where used and leave prefetching to
+# Triton's pipeliner (num_stages). The last row is the former first row, kept to compare. The
+# autotuner measures.
+_SPLIT_NAMES = ("PROGRAMS_PER_SM", "LOAD_AHEAD")
 _SPLIT_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 _SPLIT_TABLE = [
-    # programs per SM, warps, stages, register cap (None: the compiler's choice)
-    (2, 4, 1, None) if INTERPRET else (2, 4, 2, None),
-    (2, 4, 3, None),
-    (1, 8, 2, None),
-    (3, 4, 2, 168),
-    (4, 4, 2, 128),
-    (2, 8, 2, 128),
-    (4, 4, 2, None),  # the launcher's former split count for every row: two waves of two
+    # programs per SM, load ahead, warps, stages, register cap (None: the compiler's choice)
+    (2, True, 4, 1, None) if INTERPRET else (2, True, 4, 2, None),
+    (2, False, 4, 3, None),
+    (1, True, 8, 2, None),
+    (3, False, 4, 2, 168),
+    (4, False, 4, 2, 128),
+    (2, False, 8, 2, 128),
+    (4, False, 4, 2, None),  # the launcher's former split count for every row: two waves of two
+    (2, False, 4, 1, None) if INTERPRET else (2, False, 4, 2, None),  # the former first row
 ]
 _MAX_PROGRAMS_PER_SM = max(row[0] for row in _SPLIT_TABLE)  # sizes the partials' workspace
 _MAX_BLOCK_N = 64
@@ -107,22 +115,19 @@ _COMBINE_CHUNK = 32  # splits merged per step of the combine kernel ((32 × D_PA
 
 # --------------------------------------------------------------------------- on-chip helpers
 @triton.jit
-def _token_codes(codes_ptr, tok, valid, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                 dtype: tl.constexpr):
-    """(len(tok) × D_PAD) codes of tokens ``tok`` as floats (0 where not ``valid`` or past
-    HEAD_DIM), token-major: a token's row is HEAD_DIM · BITS / 32 consecutive words. fp16 when
-    ``dtype`` is fp16, made two at a time (``row_codes_f16``), else fp32."""
-    words = HEAD_DIM * BITS // 32
-    row_ptrs = codes_ptr + tok[:, None] * words
+def _tile_codes(words, BITS: tl.constexpr, D_PAD: tl.constexpr, dtype: tl.constexpr):
+    """(BLOCK_N × D_PAD) codes of a tile's loaded (BLOCK_N × D_PAD · BITS / 32) words as floats,
+    token-major; fp16 when ``dtype`` is fp16, made two at a time (``word_codes_f16``), else fp32."""
     if dtype == tl.float16:
-        return row_codes_f16(row_ptrs, 0, words, valid[:, None], BITS, D_PAD)
+        return word_codes_f16(words, BITS, D_PAD)
     else:
-        return codes_to_f32(load_row_codes(row_ptrs, 0, words, valid[:, None], BITS, D_PAD))
+        return codes_to_f32(word_codes(words, BITS, D_PAD))
 
 
 @triton.jit
-def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
-    """x (BLOCK_N × D_PAD) + the N_OUT outliers (distinct channels, value) of each token row.
+def _add_outliers(x, idxs, vals):
+    """x (BLOCK_N × D_PAD) + the outliers of each token row: ``idxs`` and ``vals`` are N_OUT
+    (BLOCK_N) channel and value vectors as loaded (a token's channels are distinct).
 
     The outliers are selected into a zero tile by channel compare, a select chain, then added
     once. fp16 tiles select channel pairs: a token's outlier j becomes the 32-bit word holding
@@ -132,6 +137,7 @@ def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
     a token can share a pair; each word first ORs in the other half of any earlier outlier in
     its pair (per row, N_OUT² cheap steps), so the chain's last match holds both.
     """
+    N_OUT: tl.constexpr = len(idxs)
     if N_OUT == 0:
         return x
     D_PAD: tl.constexpr = x.shape[1]
@@ -141,8 +147,8 @@ def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
         idx_prev = ()
         word_prev = ()
         for j in tl.static_range(N_OUT):
-            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-            bits = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.int16, bitcast=True)
+            idx = idxs[j].to(tl.int32)
+            bits = vals[j].to(tl.int16, bitcast=True)
             word = (bits.to(tl.int32) & 0xFFFF) << ((idx & 1) * 16)
             for i in tl.static_range(j):
                 word |= tl.where((idx_prev[i] >> 1) == (idx >> 1), word_prev[i], 0)
@@ -155,15 +161,13 @@ def _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr):
         offs_d = tl.arange(0, D_PAD)[None, :]
         out = tl.zeros(x.shape, dtype=x.dtype)
         for j in tl.static_range(N_OUT):
-            idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-            val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(x.dtype)
-            out = tl.where(offs_d == idx[:, None], val[:, None], out)
+            out = tl.where(offs_d == idxs[j].to(tl.int32)[:, None], vals[j].to(x.dtype)[:, None], out)
         return x + out
 
 
 @triton.jit
-def _key_outlier_scores(q_rows_ptr, q_row0, M, oidx_ptr, oval_ptr, tok, valid, N_OUT: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, M_REAL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _key_outlier_scores(q_rows_ptr, q_row0, M, idxs, vals, HEAD_DIM: tl.constexpr, M_REAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
     """(BLOCK_M × BLOCK_N) fp32 q·oᵀ, the key outliers' share of the scores, in the program's row
     order (q row q_row0 + j at tile row j · BLOCK_M / M_REAL, zeros between) and q's units as
     stored: q at each of a token's N_OUT outlier channels (a load from q's rows, L1-resident)
@@ -172,43 +176,32 @@ def _key_outlier_scores(q_rows_ptr, q_row0, M, oidx_ptr, oval_ptr, tok, valid, N
     turned. A load and an FMA per (real row, token, outlier), where adding the outliers into the
     key tile cost a compare and a select per (token, channel pair, outlier)."""
     rows = tl.minimum(q_row0 + tl.arange(0, M_REAL), M - 1)  # a row past M reads a real one; never stored
-    corr = tl.zeros([tok.shape[0], M_REAL], dtype=tl.float32)
-    for j in tl.static_range(N_OUT):
-        idx = tl.load(oidx_ptr + tok * N_OUT + j, mask=valid, other=0).to(tl.int32)
-        val = tl.load(oval_ptr + tok * N_OUT + j, mask=valid, other=0.0).to(tl.float32)
-        corr += tl.load(q_rows_ptr + rows[None, :] * HEAD_DIM + idx[:, None]).to(tl.float32) * val[:, None]
+    corr = tl.zeros([idxs[0].shape[0], M_REAL], dtype=tl.float32)
+    for j in tl.static_range(len(idxs)):
+        q_at = tl.load(q_rows_ptr + rows[None, :] * HEAD_DIM + idxs[j].to(tl.int32)[:, None])
+        corr += q_at.to(tl.float32) * vals[j].to(tl.float32)[:, None]
     return tl.trans(_spread_columns(corr, BLOCK_M))
 
 
 @triton.jit
-def _key_scores(q, s0, codes_ptr, scale_ptr, zero_ptr, tok0, tok_end, BITS: tl.constexpr, GROUP: tl.constexpr,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 (BLOCK_M × BLOCK_N) scores s0 + q Deq(codes)ᵀ of tokens [tok0, tok0 + BLOCK_N), which
-    lie in one key group (BLOCK_N ≤ GROUP) or cover BLOCK_N / GROUP whole groups (powers of two,
-    tiles start at multiples of BLOCK_N); s0 (the outliers' share) is the dot's accumulator.
+def _key_scores(q, s0, words, scale, zero, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M × BLOCK_N) scores s0 + q Deq(codes)ᵀ of a tile from its loaded words and key
+    statistics (``_tile_inputs``): the tile lies in one key group (BLOCK_N ≤ GROUP; scale and zero
+    are that group's (D_PAD) rows) or covers BLOCK_N / GROUP whole groups ((NG × D_PAD) rows);
+    s0 (the outliers' share) is the dot's accumulator.
 
     In one group, its per-channel scale is folded into q instead of being applied to every code:
     q·Deq(k)ᵀ = (q ⊙ s)·(code − z)ᵀ, so the K tile is the unpacked codes minus the zero row
-    (f16x2 arithmetic for fp16) and one (D) scale/zero row is read per tile. Otherwise the
-    (NG × D) scale/zero rows of the tile's NG groups are broadcast over their tokens on chip and
-    the tile is (code − z) · s.
+    (f16x2 arithmetic for fp16). Otherwise the group rows are broadcast over their tokens on chip
+    and the tile is (code − z) · s.
     """
-    tok = tok0 + tl.arange(0, BLOCK_N)
-    valid = tok < tok_end
-    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, q.dtype)
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < HEAD_DIM
+    code = _tile_codes(words, BITS, D_PAD, q.dtype)
     if BLOCK_N <= GROUP:
-        group = (tok0 // GROUP) * HEAD_DIM + offs_d
-        scale = tl.load(scale_ptr + group, mask=d_mask, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + group, mask=d_mask, other=0.0)
         k = (code - zero[None, :].to(code.dtype)).to(q.dtype)
-        q = (q.to(tl.float32) * scale[None, :]).to(q.dtype)
+        q = (q.to(tl.float32) * scale.to(tl.float32)[None, :]).to(q.dtype)
     else:
         NG: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
-        group = ((tok0 // GROUP) + tl.arange(0, NG))[:, None] * HEAD_DIM + offs_d[None, :]
-        scale = tl.load(scale_ptr + group, mask=d_mask[None, :], other=0.0)
-        zero = tl.load(zero_ptr + group, mask=d_mask[None, :], other=0.0)
         scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
         zero = tl.reshape(tl.broadcast_to(zero[:, None, :], (NG, BLOCK_N // NG, D_PAD)), (BLOCK_N, D_PAD))
         k = ((code - zero.to(code.dtype)) * scale.to(code.dtype)).to(q.dtype)
@@ -216,43 +209,115 @@ def _key_scores(q, s0, codes_ptr, scale_ptr, zero_ptr, tok0, tok_end, BITS: tl.c
 
 
 @triton.jit
-def _value_tile(codes_ptr, scale_ptr, zero_ptr, oidx_ptr, oval_ptr, tok0, tok_end, N_OUT: tl.constexpr,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                BLOCK_N: tl.constexpr, dtype: tl.constexpr):
-    """V tile (BLOCK_N × D_PAD), Deq(codes) + outliers of tokens [tok0, tok0 + BLOCK_N), zero
-    at tokens ≥ tok_end and channels ≥ HEAD_DIM.
+def _value_tile(words, scale, zero, idxs, vals, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
+                dtype: tl.constexpr):
+    """V tile (BLOCK_N × D_PAD), Deq(codes) + outliers, from a tile's loaded words, per-token
+    (BLOCK_N × D_PAD / GROUP) scale and zero of each channel group and outliers
+    (``_tile_inputs``; all zero at tokens past the tile's end and channels past HEAD_DIM).
 
-    Token-major, the dot's natural right operand: a token is a row, so its per-token data (scale/
-    zero of each channel group, outlier channels and values) is one value per row. The scale and
-    zero of each channel group (BLOCK_N × D_PAD / GROUP) are read compact and broadcast over
-    their group's channels on chip; for fp16, codes come two per instruction and (code − z) · s
-    is three f16x2 operations per two codes (the magic number's subtraction, z's, the scale).
-    The outliers (distinct channels per token) are added by :func:`_add_outliers`.
+    Token-major, the dot's natural right operand: a token is a row, so its per-token data is one
+    value per row. The group statistics are broadcast over their channels on chip; for fp16,
+    codes come two per instruction and (code − z) · s is three f16x2 operations per two codes
+    (the magic number's subtraction, z's, the scale). The outliers (distinct channels per token)
+    are added by :func:`_add_outliers`.
     """
     G_PAD: tl.constexpr = D_PAD // GROUP
-    tok = tok0 + tl.arange(0, BLOCK_N)
-    valid = tok < tok_end
-    code = _token_codes(codes_ptr, tok, valid, BITS, HEAD_DIM, D_PAD, dtype)
-    offs_g = tl.arange(0, G_PAD)
-    sz = tok[:, None] * (HEAD_DIM // GROUP) + offs_g[None, :]
-    sz_mask = valid[:, None] & (offs_g[None, :] < HEAD_DIM // GROUP)
-    scale = tl.load(scale_ptr + sz, mask=sz_mask, other=0.0)
-    zero = tl.load(zero_ptr + sz, mask=sz_mask, other=0.0)
+    BLOCK_N: tl.constexpr = words.shape[0]
+    code = _tile_codes(words, BITS, D_PAD, dtype)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, G_PAD, GROUP)), (BLOCK_N, D_PAD))
     x = (code - zero.to(code.dtype)) * scale.to(code.dtype)
-    return _add_outliers(x, oidx_ptr, oval_ptr, tok, valid, N_OUT)
+    return _add_outliers(x, idxs, vals)
 
 
 @triton.jit
-def _factor_tile(ptrs, mask, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
-    """Factor entries at ``ptrs`` as ``dtype``; int8 ones as their exact integers, for fp16
+def _factor_tile(x, dtype: tl.constexpr, INT8_FACTORS: tl.constexpr):
+    """Loaded factor entries ``x`` as ``dtype``; int8 ones as their exact integers, for fp16
     without an integer → float convert: (x + 128) ORed into the mantissa of 1024, minus 1152."""
-    x = tl.load(ptrs, mask=mask, other=0)
     if INT8_FACTORS and dtype == tl.float16:
         return ((x.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     else:
         return x.to(dtype)
+
+
+# Tile inputs. Everything a compressed tile reads from memory, as stored, in two halves: the key
+# side (used by the scores) and the value side (used after the softmax); zero when ``tile`` is not
+# below ``tile_end`` (a load one tile past a run's end). With LOAD_AHEAD the split kernel issues
+# both one tile before the math that uses them, so a tile's HBM latency hides behind the previous
+# tile's work: Triton's own pipelining keeps only the dot-bound loads in flight (at two stages it
+# waits for them at the top of the very iteration after the one that issued them, at its end),
+# and the 1- and 2-byte outlier loads it never pipelines. Without it each half is loaded where
+# it is used.
+@triton.jit
+def _tile_rows(tile, tile_end, BLOCK_N: tl.constexpr):
+    """The tile's token positions and whether they are loaded (the tile is below tile_end)."""
+    tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tok, tok < tile_end * BLOCK_N
+
+
+@triton.jit
+def _tile_side(codes_ptr, idx_ptr, val_ptr, a_ptr, tok, rows, N_OUT: tl.constexpr, BITS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr,
+               HAS_LR: tl.constexpr):
+    """What keys and values share: the packed words (BLOCK_N × D_PAD · BITS / 32), N_OUT
+    (channel, value) vectors, one per outlier slot, and the A rows (BLOCK_N × R_TILE)."""
+    E: tl.constexpr = 32 // BITS
+    offs_w = tl.arange(0, D_PAD // E)[None, :]
+    words = tl.load(codes_ptr + tok[:, None] * (HEAD_DIM // E) + offs_w, mask=rows[:, None] & (offs_w < HEAD_DIM // E),
+                    other=0)
+    idxs, vals = (), ()
+    for j in tl.static_range(N_OUT):
+        idxs = idxs + (tl.load(idx_ptr + tok * N_OUT + j, mask=rows, other=0),)
+        vals = vals + (tl.load(val_ptr + tok * N_OUT + j, mask=rows, other=0.0),)
+    a = 0
+    if HAS_LR:
+        offs_r = tl.arange(0, R_TILE)[None, :]
+        a = tl.load(a_ptr + tok[:, None] * R + offs_r, mask=rows[:, None] & (offs_r < R), other=0)
+    return words, idxs, vals, a
+
+
+@triton.jit
+def _key_inputs(kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, mask_ptr, tile, tile_end, N_OUT: tl.constexpr,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, HAS_LR: tl.constexpr,
+                HAS_MASK: tl.constexpr):
+    """The key side of a tile (_tile_side), its key statistics ((D_PAD) rows of its group, or
+    (NG × D_PAD) rows of its NG groups) and its mask bytes."""
+    tok, rows = _tile_rows(tile, tile_end, BLOCK_N)
+    words, idxs, vals, a = _tile_side(kc_ptr, koi_ptr, kov_ptr, ka_ptr, tok, rows, N_OUT, BITS, HEAD_DIM, D_PAD, R,
+                                      R_TILE, HAS_LR)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = (offs_d < HEAD_DIM) & (tl.full([D_PAD], tile, tl.int32) < tile_end)
+    if BLOCK_N <= GROUP:
+        group = (tile * BLOCK_N // GROUP) * HEAD_DIM + offs_d
+        scale = tl.load(ks_ptr + group, mask=d_mask, other=0.0)
+        zero = tl.load(kz_ptr + group, mask=d_mask, other=0.0)
+    else:
+        NG: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
+        group = ((tile * BLOCK_N // GROUP) + tl.arange(0, NG))[:, None] * HEAD_DIM + offs_d[None, :]
+        scale = tl.load(ks_ptr + group, mask=d_mask[None, :], other=0.0)
+        zero = tl.load(kz_ptr + group, mask=d_mask[None, :], other=0.0)
+    keep = 0
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + tok, mask=rows, other=0)
+    return words, scale, zero, idxs, vals, a, keep
+
+
+@triton.jit
+def _value_inputs(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, tile, tile_end, N_OUT: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, R: tl.constexpr, R_TILE: tl.constexpr, HAS_LR: tl.constexpr):
+    """The value side of a tile (_tile_side) and its per-token (BLOCK_N × D_PAD / GROUP) scale and
+    zero of each channel group."""
+    tok, rows = _tile_rows(tile, tile_end, BLOCK_N)
+    words, idxs, vals, a = _tile_side(vc_ptr, voi_ptr, vov_ptr, va_ptr, tok, rows, N_OUT, BITS, HEAD_DIM, D_PAD, R,
+                                      R_TILE, HAS_LR)
+    offs_g = tl.arange(0, D_PAD // GROUP)[None, :]
+    stats = tok[:, None] * (HEAD_DIM // GROUP) + offs_g
+    g_mask = rows[:, None] & (offs_g < HEAD_DIM // GROUP)
+    scale = tl.load(vs_ptr + stats, mask=g_mask, other=0.0)
+    zero = tl.load(vz_ptr + stats, mask=g_mask, other=0.0)
+    return words, scale, zero, idxs, vals, a
 
 
 @triton.jit
@@ -275,11 +340,11 @@ def _rank_scales(scale_ptr, blk, offs_r, r_mask, R: tl.constexpr):
 
 
 @triton.jit
-def _masked_scores(s, pos, valid, mask_row_ptr, HAS_MASK: tl.constexpr):
-    """Scores of tokens at sequence positions ``pos``; -inf where not ``valid`` or masked out."""
+def _masked_scores(s, valid, mask_bytes, HAS_MASK: tl.constexpr):
+    """Scores; -inf where not ``valid`` or, with a mask, where its loaded byte is 0."""
     keep = valid
     if HAS_MASK:
-        keep = keep & (tl.load(mask_row_ptr + pos, mask=valid, other=0) != 0)
+        keep = keep & (mask_bytes != 0)
     return tl.where(keep[None, :], s, float("-inf"))
 
 
@@ -324,9 +389,10 @@ def _gear_split_kernel(
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, M_REAL: tl.constexpr,
-    # the autotune row's (sets the grid's split count; unused here). A constexpr: the interpreter
-    # hands a grid function its runtime integers converted to tensors
-    PROGRAMS_PER_SM: tl.constexpr,
+    # the autotune row's: programs per SM (sets the grid's split count; unused here; a constexpr:
+    # the interpreter hands a grid function its runtime integers converted to tensors), and
+    # whether each tile's inputs are loaded one iteration ahead (_tile_inputs)
+    PROGRAMS_PER_SM: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     split = tl.program_id(0)
     # tile row i holds q row q_row0 + i // SPREAD when i % SPREAD == 0 (M_REAL = the rows that can
@@ -393,47 +459,63 @@ def _gear_split_kernel(
     first = split * per_split
     last = tl.minimum(first + per_split, UNITS)
     # one flat loop over the run's BLOCK_N-token tiles (BLOCK_N divides B: a tile lies in one block
-    # and one key group), so the compiler can prefetch the next tile's codes while this one computes
+    # and one key group); every tile's inputs are loaded one iteration ahead (_tile_inputs)
     TILES: tl.constexpr = BLOCK_TOKENS // BLOCK_N
-    for tile in range(first * TILES, tl.minimum(last, NBLOCKS) * TILES):
-        tok0 = tile * BLOCK_N
-        tok = tok0 + tl.arange(0, BLOCK_N)
-        valid = tok < T  # always true here; shared helpers take a bound
+    tile_end = tl.minimum(last, NBLOCKS) * TILES
+    keys_ahead, values_ahead = 0, 0  # LOAD_AHEAD: the next tile's inputs, loaded while this one computes
+    if LOAD_AHEAD:
+        keys_ahead = _key_inputs(kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, mask_ptr, first * TILES, tile_end,
+                                 N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR, HAS_MASK)
+        values_ahead = _value_inputs(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, first * TILES, tile_end, N_OUT,
+                                     BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR)
+    for tile in range(first * TILES, tile_end):
+        if LOAD_AHEAD:
+            keys, values = keys_ahead, values_ahead
+            keys_ahead = _key_inputs(kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, mask_ptr, tile + 1, tile_end,
+                                     N_OUT, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR, HAS_MASK)
+            values_ahead = _value_inputs(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, tile + 1, tile_end, N_OUT,
+                                         BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR)
+        else:  # loaded where used; Triton's pipeliner prefetches the dot-bound ones (num_stages)
+            keys = _key_inputs(kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, mask_ptr, tile, tile_end, N_OUT,
+                               BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR, HAS_MASK)
+        key_words, key_scale, key_zero, key_idx, key_val, key_a, keep = keys
         s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if N_OUT > 0:  # the key outliers' scores start the dot's accumulator (in its layout)
-            s0 = _key_outlier_scores(q_rows_ptr, q_row0, M, koi_ptr, kov_ptr, tok, valid, N_OUT, HEAD_DIM, M_REAL,
-                                     BLOCK_M) * q_mul
-        s = _key_scores(qc, s0, kc_ptr, ks_ptr, kz_ptr, tok0, T, BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, DOT_PRECISION)
+            s0 = _key_outlier_scores(q_rows_ptr, q_row0, M, key_idx, key_val, HEAD_DIM, M_REAL, BLOCK_M) * q_mul
+        s = _key_scores(qc, s0, key_words, key_scale, key_zero, BITS, GROUP, D_PAD, BLOCK_N, DOT_PRECISION)
         if HAS_LR:  # (q B_kj) A_kᵀ with block j = tile // TILES; B_kj, B_vj are L1/L2 hits after the first tile
             blk = tile // TILES
             # int8 Â and B̂ enter as exact integers; their scales go on q B̂ (rank space)
-            bk = _spread_columns(_factor_tile(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                                              d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS), R_PAD)
+            bk = tl.load(kb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                         mask=d_mask[:, None] & r_mask[None, :], other=0)
+            bk = _spread_columns(_factor_tile(bk, cdtype, INT8_FACTORS), R_PAD)
             qb = _dot(qc, bk, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:
                 qb = qb * _spread_columns(_rank_scales(kas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
-            a = _spread_columns(_factor_tile(ka_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
-                                             INT8_FACTORS), R_PAD)
+            a = _spread_columns(_factor_tile(key_a, cdtype, INT8_FACTORS), R_PAD)
             s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
-        s = _masked_scores(s * row_scale, tok, valid, mask_ptr, HAS_MASK)
+        s = _masked_scores(s * row_scale, tl.full([BLOCK_N], True, tl.int1), keep, HAS_MASK)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         p = p.to(cdtype)
-        v = _value_tile(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, tok0, T, N_OUT,
-                        BITS, GROUP, HEAD_DIM, D_PAD, BLOCK_N, cdtype)
+        if not LOAD_AHEAD:
+            values = _value_inputs(vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, tile, tile_end, N_OUT, BITS, GROUP,
+                                   HEAD_DIM, D_PAD, BLOCK_N, R, R_TILE, HAS_LR)
+        value_words, value_scale, value_zero, value_idx, value_val, value_a = values
+        v = _value_tile(value_words, value_scale, value_zero, value_idx, value_val, BITS, GROUP, D_PAD, cdtype)
         acc = _dot(p, v.to(cdtype), acc, DOT_PRECISION)
         if HAS_LR:  # (p A_v) B_vjᵀ
-            av = _spread_columns(_factor_tile(va_ptr + tok[:, None] * R + offs_r[None, :], r_mask[None, :], cdtype,
-                                              INT8_FACTORS), R_PAD)
+            av = _spread_columns(_factor_tile(value_a, cdtype, INT8_FACTORS), R_PAD)
             pa = _dot(p, av, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), DOT_PRECISION)
             if INT8_FACTORS:  # the scales on P Â (rank space)
                 pa = pa * _spread_columns(_rank_scales(vas_ptr, blk, offs_r, r_mask, R)[None, :], R_PAD)
             if INT8_FACTORS:  # converted compact, padded, then turned (R_PAD × D)
-                bv = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
-                                  d_mask[:, None] & r_mask[None, :], cdtype, INT8_FACTORS)
-                bvt = tl.trans(_spread_columns(bv, R_PAD))
+                bv = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[:, None]) * R + offs_r[None, :],
+                             mask=d_mask[:, None] & r_mask[None, :], other=0)
+                bvt = tl.trans(_spread_columns(_factor_tile(bv, cdtype, INT8_FACTORS), R_PAD))
             else:
-                bvt = _factor_tile(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
-                                   d_mask[None, :] & r_mask[:, None], cdtype, INT8_FACTORS)
+                bvt = tl.load(vb_ptr + (blk * HEAD_DIM + offs_d[None, :]) * R + offs_r[:, None],
+                              mask=d_mask[None, :] & r_mask[:, None], other=0)
+                bvt = _factor_tile(bvt, cdtype, INT8_FACTORS)
             acc = _dot(pa.to(cdtype), bvt, acc, DOT_PRECISION)
     if (first <= NBLOCKS) & (last > NBLOCKS):  # this run holds the tail unit
         for n0 in range(0, TAIL_LEN, BLOCK_N):
@@ -442,7 +524,10 @@ def _gear_split_kernel(
             kt = tl.load(tk_ptr + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=valid[None, :] & d_mask[:, None],
                          other=0.0)
             s = _dot(q, kt.to(dtype), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
-            s = _masked_scores(s * qk_scale, T + offs_n, valid, mask_ptr, HAS_MASK)
+            keep = 0
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + T + offs_n, mask=valid, other=0)
+            s = _masked_scores(s * qk_scale, valid, keep, HAS_MASK)
             p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
             v = tl.load(tv_ptr + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
                         other=0.0)

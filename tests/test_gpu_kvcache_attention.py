@@ -78,14 +78,14 @@ def test_kernel_vs_reference(name, dtype, q_len):
     assert_close(out, reference(q, kv, mask), dtype, f"{name} {dtype} q_len={q_len}")
 
 
-@pytest.mark.parametrize("row", range(7))
+@pytest.mark.parametrize("row", range(8))
 def test_every_autotune_row(row):
-    """Each autotune row of the split kernel pinned (its warps, stages, register cap and split
-    count; the autotuner times them all but a miscompiled row would only show when chosen) gives
+    """Each autotune row of the split kernel pinned (its warps, stages, register cap, split count
+    and whether it loads ahead; the autotuner times them all but a miscompiled row would only show when chosen) gives
     the reference result for GEAR's default configuration."""
     from lowrank_ops.kernels import kvcache_attention as kernels
 
-    assert len(kernels._SPLIT_TABLE) == 7
+    assert len(kernels._SPLIT_TABLE) == 8
     kv = cache_of("2b+2%+r4", F16)
     q = torch.randn(BATCH, Q_HEADS, 1, HEAD_DIM, device=DEV, dtype=F16)
     mask = key_mask()

@@ -23,7 +23,7 @@ time / this, > 1 is faster), the memory of the cache (bytes per token per layer,
 ``mem_vs_fp16``) and two errors of the output: ``err_vs_ref`` (against the fp32 reference attention
 on the same compressed cache, sequence 0: the kernel) and ``err_vs_fp16`` (against SDPA on the exact K, V:
 the compression); ``triton`` rows on a GPU also name the autotune row the split kernel ran
-(``kernel_config``: warps, stages, register cap). Targets (:data:`TARGETS`) are printed, never
+(``kernel_config``: programs per SM, load-ahead, warps, stages, register cap). Targets (:data:`TARGETS`) are printed, never
 asserted.
 
 The JSON (``kvcache-<mode>.json``) is rewritten after every case, so a run cut short by its time
