@@ -18,6 +18,7 @@
 // stream as integers (see module.cpp), so the module builds with nvcc alone.
 
 #include "lowrank_decode.h"
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__(kP2Threads, 1)
 lowrank_decode_phase2(const float* __restrict__ part, const T* __restrict__ u, const T* __restrict__ bias,
                       T* __restrict__ y, int M, int N, int R, int splits, int team) {
   constexpr int RB = rows_per_thread(MB);
-  extern __shared__ float4 ts_raw[];
+  LOWRANK_OPS_DYNAMIC_SMEM(ts_raw);
   float* ts = reinterpret_cast<float*>(ts_raw);
   const int Rp = (R + kVec - 1) / kVec * kVec;
   const int half_plane = Rp / 2;
@@ -334,7 +335,8 @@ void launch(const DecodeArgs& a, int splits, int chunk, cudaStream_t stream) {
   float* part = reinterpret_cast<float*>(a.workspace);
 
   dim3 grid1((a.R + RB - 1) / RB, splits);
-  lowrank_decode_phase1<T, MB, VEC1><<<grid1, kP1Threads, 0, stream>>>(x, v, part, a.M, a.K, a.R, chunk);
+  const auto kernel1 = lowrank_decode_phase1<T, MB, VEC1>;
+  LOWRANK_OPS_LAUNCH(kernel1, grid1, kP1Threads, 0, stream, x, v, part, a.M, a.K, a.R, chunk);
   check(cudaGetLastError(), "phase 1 launch");
 
   const int groups = (a.R + kVec - 1) / kVec;
@@ -345,7 +347,8 @@ void launch(const DecodeArgs& a, int splits, int chunk, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(MB) * groups * kVec * sizeof(float);  // <= 64 KB
   auto kernel2 = lowrank_decode_phase2<T, MB, VEC2>;
   if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+    check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel2), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
           "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   // At most 2 resident blocks per SM and a single wave: every block re-stages T, so extra
   // blocks cost L2 traffic (the MB = 16 kernels fit only one block per SM by registers).
@@ -354,7 +357,7 @@ void launch(const DecodeArgs& a, int splits, int chunk, cudaStream_t stream) {
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   resident = std::max(1, std::min(resident, 2));
   const int grid2 = std::max(1, std::min(blocks_needed, resident * std::max(1, a.num_sms)));
-  kernel2<<<grid2, kP2Threads, smem, stream>>>(part, u, bias, y, a.M, a.N, a.R, splits, team);
+  LOWRANK_OPS_LAUNCH(kernel2, grid2, kP2Threads, smem, stream, part, u, bias, y, a.M, a.N, a.R, splits, team);
   check(cudaGetLastError(), "phase 2 launch");
 }
 

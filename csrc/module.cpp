@@ -18,7 +18,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT16") = static_cast<int>(lowrank_ops::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(lowrank_ops::kBFloat16);
 
-#ifndef LOWRANK_OPS_EMULATE  // the CPU emulation lane (lowrank_ops/core/cuda_emulation.py) builds gear_decode only
   m.def("lowrank_decode_splits", &lowrank_ops::lowrank_decode_splits, py::arg("M"), py::arg("K"), py::arg("R"),
         py::arg("num_sms"),
         "Number of K splits of phase 1; the fp32 workspace holds splits * M * R floats.");
@@ -75,8 +74,6 @@ PYBIND11_MODULE(_C, m) {
       "device addresses as ints (bias 0 = none); x/values/bias/y in `dtype`, indices int32 as in "
       "lowrank_ops/sparse/format.py. 4-bit kept values: group_size 32/64/128, values = int32 codes "
       "(N, KK_pad/8), scales/zeros fp16 (N, KK_pad/group_size); group_size 0 (default) = dense values.");
-
-#endif
 
   m.def(
       "gear_decode",

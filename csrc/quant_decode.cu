@@ -45,6 +45,7 @@
 
 #include "quant_decode.h"
 #include "lowrank_decode.h"  // DTypeCode
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -88,9 +89,7 @@ template <> struct QCvt<__nv_bfloat16> {
 // Exact fp32 value of the code (word >> shift) & mask (see the design note: 2^23 + q, minus 2^23):
 // one LOP3 computes (w & mask) | 0x4B000000 (truth table 0xEA = (a & b) | c), one FADD removes 2^23.
 __device__ __forceinline__ float magic_code(uint32_t shifted, uint32_t mask) {
-  uint32_t bits;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(shifted), "r"(mask), "r"(0x4B000000u));
-  return __int_as_float(bits) - 8388608.f;
+  return __uint_as_float(ptx::lop3_and_or(shifted, mask, 0x4B000000u)) - 8388608.f;
 }
 
 // Per unit: the 32 codes as 4 chunks of 8, chunk-wise decode into 8 floats (code(): the integer,
@@ -339,8 +338,9 @@ void launch(const QuantDecodeArgs& a, cudaStream_t stream) {
   // the two statistics slots hold fp16 scales/zeros, or stat codes (uint8) / stat meta (fp16)
   const std::uintptr_t scales = a.quantized_stats ? 0 : a.scales, zeros = a.quantized_stats ? 0 : a.zeros;
   const std::uintptr_t stat_codes = a.quantized_stats ? a.scales : 0, stat_meta = a.quantized_stats ? a.zeros : 0;
-  quant_decode_kernel<T, BITS, MB><<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const int*>(a.qweight),
+  const auto kernel = quant_decode_kernel<T, BITS, MB>;
+  LOWRANK_OPS_LAUNCH(
+      kernel, grid, kThreads, 0, stream, reinterpret_cast<const T*>(a.x), reinterpret_cast<const int*>(a.qweight),
       reinterpret_cast<const int*>(a.qweight_hi), reinterpret_cast<const __half*>(scales),
       reinterpret_cast<const __half*>(zeros), reinterpret_cast<const uint8_t*>(stat_codes),
       reinterpret_cast<const __half*>(stat_meta), reinterpret_cast<const __half*>(a.lut),

@@ -41,6 +41,7 @@
 
 #include "sparse_decode.h"
 #include "lowrank_decode.h"  // DTypeCode
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -219,8 +220,8 @@ void launch(const SparseDecodeArgs& a, cudaStream_t stream) {
   const int qshift = a.group_size == 32 ? 5 : a.group_size == 64 ? 6 : a.group_size == 128 ? 7 : 0;
   const int grid = (a.N + kWarps - 1) / kWarps;
   auto kernel = q4 ? sparse_decode_kernel<T, NM_M, MB, true> : sparse_decode_kernel<T, NM_M, MB, false>;
-  kernel<<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const void*>(a.values),
+  LOWRANK_OPS_LAUNCH(
+      kernel, grid, kThreads, 0, stream, reinterpret_cast<const T*>(a.x), reinterpret_cast<const void*>(a.values),
       reinterpret_cast<const uint32_t*>(a.indices), reinterpret_cast<const __half*>(a.scales),
       reinterpret_cast<const __half*>(a.zeros), qshift, reinterpret_cast<const T*>(a.bias), reinterpret_cast<T*>(a.y),
       a.M, a.K, a.N, a.nm_n, vec_values, vec_x);

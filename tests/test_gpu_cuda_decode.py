@@ -28,8 +28,7 @@ SHAPES = [
 ]
 
 
-def _make(m, k, n, r, dtype, bias, offset=0):
-    dev = "cuda"
+def _make(m, k, n, r, dtype, bias, offset=0, dev="cuda"):
     x = torch.randn(m * k + offset, dtype=dtype, device=dev)[offset:].view(m, k)
     v = (torch.randn(r, k, device=dev) / k**0.5).to(dtype)
     u = (torch.randn(n, r, device=dev) / r**0.5).to(dtype)

@@ -20,26 +20,27 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def make_nm(n_out, k, n, m, dtype, seed=0):
-    """(values, indices) of a random N:M weight packed by the format module, on the GPU."""
+def make_nm(n_out, k, n, m, dtype, seed=0, device=DEV):
+    """(values, indices) of a random N:M weight packed by the format module, on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n_out, k, generator=gen) * k**-0.5
     values, indices = pack_nm(w, nm_mask_from_scores(torch.rand(n_out, k, generator=gen), n, m), n, m)
-    return values.to(DEV, dtype), indices.to(DEV)
+    return values.to(device, dtype), indices.to(device)
 
 
-def make_q4(n_out, k, n, m, group, seed=0):
+def make_q4(n_out, k, n, m, group, seed=0, device=DEV):
     """(qweight, scales, zeros, indices, dequantized kept values fp32) of a random N:M weight whose
-    kept values are RTN-quantized to 4 bits in groups of ``group``, on the GPU."""
+    kept values are RTN-quantized to 4 bits in groups of ``group``, on ``device``."""
     from lowrank_ops.quant.compress import quantize_rtn
 
-    values, indices = make_nm(n_out, k, n, m, torch.float32, seed)
+    values, indices = make_nm(n_out, k, n, m, torch.float32, seed, device)
     q = quantize_rtn(values.cpu(), bits=4, group_size=group)
-    return q.qweight.to(DEV), q.scales.to(DEV), q.zeros.to(DEV), indices, q.dense(torch.float32).to(DEV)
+    return (q.qweight.to(device), q.scales.to(device), q.zeros.to(device), indices,
+            q.dense(torch.float32).to(device))
 
 
-def make_x(rows, k, dtype, seed=1):
-    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(DEV, dtype)
+def make_x(rows, k, dtype, seed=1, device=DEV):
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
 def reference(x, values, indices, n, m, bias=None):

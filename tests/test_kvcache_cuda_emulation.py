@@ -25,16 +25,13 @@ pytestmark = [
                        reason=f"CUDA emulation: {cuda_emulation.unavailable_reason()}"),
 ]
 
-H100_SMS = 132  # sizes the default split plan as on the GPU the kernel was timed on
-
-
 @pytest.fixture(scope="module")
 def module():
-    return cuda_emulation.load()
+    return cuda_emulation.target()
 
 
-def run(module, q, kv, mask=None, num_splits=None):
-    return cuda_decode.run_kernel(module, q, kv, mask, q.shape[-1] ** -0.5, num_splits, H100_SMS, 0)
+def run(target, q, kv, mask=None, num_splits=None):
+    return cuda_decode.launch(q, kv, mask, q.shape[-1] ** -0.5, num_splits, target=target)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])

@@ -286,7 +286,15 @@ void launch(dim3 grid, dim3 dim, size_t smem_bytes, const std::function<void()>&
 // ------------------------------------------------------------------ CUDA runtime calls, emulated
 cudaError_t cudaGetLastError() { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "no error (CUDA emulation)"; }
+const char* cudaGetErrorName(cudaError_t) { return "cudaSuccess"; }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t, unsigned) {
+  *blocks = 2;  // the emulation runs one block at a time; this sizes grids like a GPU that fits two
+  return cudaSuccess;
+}
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* kernel, int threads, size_t smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, kernel, threads, smem, 0);
+}
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;

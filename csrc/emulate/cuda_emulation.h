@@ -132,3 +132,7 @@ inline long min(long a, long b) { return a < b ? a : b; }
 inline long max(long a, long b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline float __uint_as_float(unsigned u) { return ::lowrank_ops::emu::word_float(u); }
+inline float __int_as_float(int i) { return ::lowrank_ops::emu::word_float(unsigned(i)); }
+inline unsigned __float_as_uint(float f) { return ::lowrank_ops::emu::float_word(f); }
+inline int __ffs(int x) { return __builtin_ffs(x); }

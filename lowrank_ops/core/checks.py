@@ -157,6 +157,13 @@ def check_kernel_operand(name: str, t: object, dtypes: tuple, shape: tuple[int, 
     return t
 
 
+def check_kernel_device(x: torch.Tensor, device_type: str) -> None:
+    """The last check of a raw-pointer kernel's inputs: x (and so every operand, checked against
+    x's device before) on a ``device_type`` device (cuda; cpu for the CUDA emulation lane)."""
+    if x.device.type != device_type:
+        raise ValueError(f"x: expected a {device_type.upper()} tensor, got device {x.device}")
+
+
 def check_decode_x(x: object, dtypes: Iterable[torch.dtype], max_rows: int, kernel: str) -> tuple[int, int]:
     """``x`` for a raw-pointer decode kernel: a contiguous 2-D tensor of one of ``dtypes`` with
     1..``max_rows`` rows and at least one column. Returns (M, K); the device is checked last by

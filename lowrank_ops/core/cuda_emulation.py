@@ -10,9 +10,10 @@ it (or at issue, ``LOWRANK_OPS_EMULATE_COPIES=issue``). What it cannot show: tim
 pressure, bank conflicts, and arithmetic that the hardware rounds differently (mma sums in double
 here; ex2.approx is exp2).
 
-The module has the bindings of ``lowrank_ops._C`` for the families ported to the emulation
-(:data:`EMULATED_SOURCES`), takes host addresses where the real one takes device addresses, and
-is loaded under its own name, never as ``lowrank_ops._C``. Built once per source hash into the
+The module has every binding of ``lowrank_ops._C`` (all of csrc/'s kernels: :data:`EMULATED_SOURCES`),
+takes host addresses where the real one takes device addresses, and is loaded under its own
+name, never as ``lowrank_ops._C``; the CUDA wrappers run it through their ``target`` argument
+(:func:`target`). Built once per source hash into the
 cache directory (``$LOWRANK_OPS_CACHE_DIR``). Needs Linux (ucontext), a C++17 compiler (``$CXX``,
 else c++/g++) and the CUDA toolkit's headers (cuda_fp16.h: found next to nvcc); pybind11.
 """
@@ -29,14 +30,14 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from lowrank_ops.core import cuda_build
-from lowrank_ops.core.cuda_ext import default_cache_dir
+from lowrank_ops.core import cuda_build, cuda_ext
 
-EMULATED_SOURCES = ("gear_decode.cu",)  # csrc/ kernels whose host code and bindings build under the emulation
+EMULATED_SOURCES = ("gear_decode.cu", "lowrank_decode.cu", "quant_decode.cu", "sparse_decode.cu")
 EMULATION_DIR = cuda_build.CSRC_DIR / "emulate"
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-DLOWRANK_OPS_EMULATE"]
 COPIES_ENV = "LOWRANK_OPS_EMULATE_COPIES"  # "issue": cp.async lands at issue; else at the wait that retires it
 ORDER_ENV = "LOWRANK_OPS_EMULATE_ORDER"  # "reverse": lanes run in reverse order between collectives
+H100_SMS = 132
 
 
 def find_cxx() -> str | None:
@@ -111,12 +112,19 @@ def build(out_dir: Path, verbose: bool = False) -> Path:
     return target
 
 
+def target() -> cuda_ext.LaunchTarget:
+    """The emulated module as a launch target for the CUDA wrappers' ``target`` argument: CPU
+    tensors, stream 0, and 132 SMs (an H100's count: launch plans sized as on the GPU the kernels
+    were timed on)."""
+    return cuda_ext.LaunchTarget(load(), 0, H100_SMS, "cpu")
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> ModuleType:
     """The emulated module (built on first use, then cached on disk by source hash). Raises
     :class:`~lowrank_ops.core.cuda_build.CudaBuildError` when it cannot build."""
     cxx = find_cxx() or ""
-    out = default_cache_dir().parent / "emulation" / _source_hash(cxx)
+    out = cuda_ext.default_cache_dir().parent / "emulation" / _source_hash(cxx)
     target = out / cuda_build.ext_filename()
     if not target.is_file():
         build(out)

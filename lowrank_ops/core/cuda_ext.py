@@ -12,14 +12,18 @@ package may have been installed without nvcc).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +151,40 @@ def build_and_load(
     if force or not target.is_file():
         cuda_build.build(out, archs=archs, nvcc=nvcc, verbose=verbose)
     return load_from(target)
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    """Where a csrc/ kernel call runs: the module holding the kernel (``lowrank_ops._C``, or the
+    CPU emulation's, :mod:`lowrank_ops.core.cuda_emulation`), the stream handle it launches on,
+    the SM count its launch plan sizes grids for, and the device type its tensors live on."""
+
+    module: Any
+    stream: int
+    num_sms: int
+    device_type: str = "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+@contextlib.contextmanager
+def on_device(device: Any, what: str, target: Optional[LaunchTarget] = None) -> Iterator[LaunchTarget]:
+    """The target of a call whose tensors are on ``device``: ``target`` itself when given, else
+    ``lowrank_ops._C`` on the device's current stream, with the device made current for the
+    launch. Raises RuntimeError naming ``what`` when the module is unavailable."""
+    if target is not None:
+        yield target
+        return
+    import torch
+
+    module = load()
+    if module is None:
+        raise RuntimeError(f"{what}: {unavailable_reason()}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        yield LaunchTarget(module, torch.cuda.current_stream(index).cuda_stream, _sm_count(index))

@@ -17,7 +17,6 @@ take it for int8 factors (:data:`INT8_NOT_PREFERRED`); pinned, it serves them.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import TYPE_CHECKING, Optional
 
@@ -115,11 +114,6 @@ def preferred(kv: "GEARKV") -> bool:
     return kv.batch * kv.kv_heads * kv.seq_len <= EAGER_MAX_WORK
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
 def split_plan(steps: int, columns: int, num_sms: int) -> tuple[int, int]:
     """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split
     (batch · kv_heads · row blocks): about two CTAs per SM (the kernel's register use allows
@@ -144,20 +138,16 @@ def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: floa
 
 
 def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
-           num_splits: Optional[int] = None) -> Tensor:
+           num_splits: Optional[int] = None, target: Optional[cuda_ext.LaunchTarget] = None) -> Tensor:
     """:func:`gear_decode` without its :func:`supports` check, for a caller that has just made it
-    (automatic dispatch: the check scans every tensor's alignment, and eager decode is host-bound)."""
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(device):
-        return run_kernel(cuda_ext.load(), q, kv, key_mask, scale, num_splits, _num_sms(device),
-                          torch.cuda.current_stream(device).cuda_stream)
+    (automatic dispatch: the check scans every tensor's alignment, and eager decode is host-bound),
+    or with another ``target`` (the CPU emulation lane's module, on CPU tensors)."""
+    with cuda_ext.on_device(q.device, "gear_decode", target) as chosen:
+        return _run(chosen, q, kv, key_mask, scale, num_splits)
 
 
-def run_kernel(module: object, q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
-               num_splits: Optional[int], num_sms: int, stream: int) -> Tensor:
-    """One call of ``module.gear_decode`` on q's device: ``lowrank_ops._C`` on a GPU (:func:`launch`),
-    or the CPU emulation's module on CPU tensors (:mod:`lowrank_ops.core.cuda_emulation`, tests);
-    ``num_sms`` sizes the split plan, ``stream`` is the CUDA stream handle (0 in the emulation)."""
+def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
+         num_splits: Optional[int]) -> Tensor:
     cfg = kv.config
     batch, q_heads, q_len, head_dim = q.shape
     q = q.contiguous()
@@ -167,7 +157,7 @@ def run_kernel(module: object, q: Tensor, kv: "GEARKV", key_mask: Optional[Tenso
     steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
     columns = batch * kv.kv_heads * row_blocks
     if num_splits is None:
-        splits, per_split = split_plan(steps, columns, num_sms)
+        splits, per_split = split_plan(steps, columns, target.num_sms)
     else:
         per_split = -(-max(steps, 1) // max(1, min(num_splits, steps)))
         splits = -(-max(steps, 1) // per_split)
@@ -182,7 +172,7 @@ def run_kernel(module: object, q: Tensor, kv: "GEARKV", key_mask: Optional[Tenso
         return t[name].data_ptr() if present and t[name].numel() else 0
 
     mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else None
-    module.gear_decode(
+    target.module.gear_decode(
         q.data_ptr(), ptr("key_codes"), ptr("key_scale"), ptr("key_zero"), ptr("key_out_idx", n_out > 0),
         ptr("key_out_val", n_out > 0), ptr("key_lr_a", cfg.rank > 0), ptr("key_lr_b", cfg.rank > 0),
         ptr("key_lr_scale", cfg.rank > 0), ptr("value_codes"), ptr("value_scale"), ptr("value_zero"),
@@ -192,6 +182,6 @@ def run_kernel(module: object, q: Tensor, kv: "GEARKV", key_mask: Optional[Tenso
         part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
         out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
         cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
-        float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], stream,
+        float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], target.stream,
     )
     return out

@@ -12,7 +12,6 @@ to scalar loads otherwise, so any contiguous tensor is accepted
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, cuda_kernel_support
-from lowrank_ops.core.checks import check_same
+from lowrank_ops.core.checks import check_kernel_device, check_same
 
 CUDA_DECODE_MAX_M = 16  # rows of x the kernel serves (the GEMV regime)
 CUDA_DECODE_MAX_RANK = 1024  # T = x Vᵀ (M × R fp32) must fit in shared memory
@@ -49,11 +48,6 @@ def shape_support(dtype: torch.dtype, shape: tuple[int, ...], rank: object) -> S
     return Support(True)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
 def vector_paths(x: Tensor, v: Tensor, u: Tensor) -> tuple[bool, bool]:
     """(phase 1 uses 128-bit loads, phase 2 uses 128-bit loads): the rule the C++ launcher applies."""
     k, r = x.shape[1], v.shape[0]
@@ -76,10 +70,12 @@ def _check(name: str, t: object, ndim: int) -> Tensor:
     return t
 
 
-def check_inputs(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> tuple[int, int, int, int]:
+def check_inputs(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor],
+                 device_type: str = "cuda") -> tuple[int, int, int, int]:
     """Raise ``TypeError``/``ValueError`` unless the kernel takes this call; return (M, K, N, R).
 
-    The device check comes last, so every other check can be exercised with CPU tensors.
+    The device check (``device_type``: cpu for the emulation lane) comes last, so every other check
+    can be exercised with CPU tensors.
     """
     _check("x", x, 2)
     _check("v", v, 2)
@@ -106,32 +102,27 @@ def check_inputs(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> tup
         raise ValueError(
             f"v: expected 1..{CUDA_DECODE_MAX_RANK} rows (the rank) for the CUDA decode kernel, got shape {tuple(v.shape)}"
         )
-    if x.device.type != "cuda":
-        raise ValueError(f"x: expected a CUDA tensor, got device {x.device}")
+    check_kernel_device(x, device_type)
     return m, k, n, r
 
 
-def lowrank_decode(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def lowrank_decode(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None, *,
+                   target: Optional[cuda_ext.LaunchTarget] = None) -> Tensor:
     """``(x Vᵀ) Uᵀ + b`` on the CUDA decode kernel: x (M ≤ 16, K), V (R ≤ 1024, K), U (N, R), bias (N,).
 
     fp16/bf16, contiguous, one device; fp32 accumulation; returns (M, N) in x's dtype.
-    Launches on ``torch.cuda.current_stream()``; capturable in a CUDA graph.
+    Launches on ``torch.cuda.current_stream()``; capturable in a CUDA graph. ``target``: another
+    module to run it (the CPU emulation lane's, on CPU tensors).
     """
-    m, k, n, r = check_inputs(x, v, u, bias)
-    module = cuda_ext.load()
-    if module is None:
-        raise RuntimeError(f"lowrank_decode: {cuda_ext.unavailable_reason()}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    num_sms = _num_sms(device)
-    splits = module.lowrank_decode_splits(m, k, r, num_sms)
-    workspace = torch.empty(splits * m * r, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        module.lowrank_decode(
+    m, k, n, r = check_inputs(x, v, u, bias, target.device_type if target else "cuda")
+    with cuda_ext.on_device(x.device, "lowrank_decode", target) as t:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if n == 0:
+            return y
+        splits = t.module.lowrank_decode_splits(m, k, r, t.num_sms)
+        workspace = torch.empty(splits * m * r, dtype=torch.float32, device=x.device)
+        t.module.lowrank_decode(
             x.data_ptr(), v.data_ptr(), u.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            y.data_ptr(), workspace.data_ptr(), m, k, n, r, splits, num_sms, _DTYPE_CODES[x.dtype], stream,
+            y.data_ptr(), workspace.data_ptr(), m, k, n, r, splits, t.num_sms, _DTYPE_CODES[x.dtype], t.stream,
         )
     return y

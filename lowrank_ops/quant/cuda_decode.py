@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, cuda_kernel_support
-from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
+from lowrank_ops.core.checks import check_decode_x, check_kernel_device, check_kernel_operand
 from lowrank_ops.quant.format import group_stats_layout, padded_k, stats_are_quantized
 
 CUDA_QUANT_MAX_M = 8  # rows of x the kernel serves
@@ -64,11 +64,12 @@ def shape_support(dtype: torch.dtype, shape: tuple[int, ...], bits: object, grou
 def check_inputs(
     x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
     lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
-    outlier_vals: Optional[Tensor], bias: Optional[Tensor], *, bits: int, group_size: int,
+    outlier_vals: Optional[Tensor], bias: Optional[Tensor], *, bits: int, group_size: int, device_type: str = "cuda",
 ) -> tuple[int, int, int]:
     """Raise ``TypeError``/``ValueError`` unless the kernel takes this call; return (M, K, N).
 
-    The CUDA-device check comes last, so every other check can be exercised with CPU tensors.
+    The device check (``device_type``: cpu for the emulation lane) comes last, so every other check
+    can be exercised with CPU tensors.
     """
     m, k = check_decode_x(x, _DTYPE_CODES, CUDA_QUANT_MAX_M, "CUDA quant decode kernel")
     if isinstance(bits, bool) or bits not in CUDA_QUANT_BITS:
@@ -112,8 +113,7 @@ def check_inputs(
         check_kernel_operand("outlier_vals", outlier_vals, f16, (nnz,), dev)
     if bias is not None:
         check_kernel_operand("bias", bias, (x.dtype,), (n,), dev)
-    if dev.type != "cuda":
-        raise ValueError(f"x: expected a CUDA tensor, got device {dev}")
+    check_kernel_device(x, device_type)
     return m, k, n
 
 
@@ -130,35 +130,32 @@ def quant_decode(
     zeros: Optional[Tensor] = None, lut: Optional[Tensor] = None, outlier_rowptr: Optional[Tensor] = None,
     outlier_cols: Optional[Tensor] = None, outlier_vals: Optional[Tensor] = None, lr_u: Optional[Tensor] = None,
     lr_v: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, bits: int, group_size: int,
+    target: Optional[cuda_ext.LaunchTarget] = None,
 ) -> Tensor:
     """``x (Ŵ + S)ᵀ + (x lr_vᵀ) lr_uᵀ + b`` on the CUDA quant decode kernel; x (M ≤ 8, K) fp16/bf16.
 
     Tensors as in :mod:`lowrank_ops.quant.format` (contiguous, on x's device). Returns (M, N) in
     x's dtype. Launches on ``torch.cuda.current_stream()``; capturable in a CUDA graph.
+    ``target``: another module to run it (the CPU emulation lane's, on CPU tensors).
     """
     if (lr_u is None) != (lr_v is None):
         raise ValueError("lr_u: lr_u and lr_v go together (both or none)")
     m, k, n = check_inputs(x, qweight, qweight_hi, scales, zeros, lut, outlier_rowptr, outlier_cols, outlier_vals,
-                           bias, bits=bits, group_size=group_size)
-    module = cuda_ext.load()
-    if module is None:
-        raise RuntimeError(f"quant_decode: {cuda_ext.unavailable_reason()}")
+                           bias, bits=bits, group_size=group_size, device_type=target.device_type if target else "cuda")
     if outlier_vals is not None and outlier_vals.numel() == 0:
         # an empty CSR adds nothing; its empty tensors have null data pointers, which the kernel
         # would read as a CSR missing its columns and values
         outlier_rowptr = outlier_cols = outlier_vals = None
     qweight = _aligned(qweight, 16)
     qweight_hi = _aligned(qweight_hi, 4)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        module.quant_decode(
+    with cuda_ext.on_device(x.device, "quant_decode", target) as t:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if n == 0:
+            return y
+        t.module.quant_decode(
             x.data_ptr(), qweight.data_ptr(), _ptr(qweight_hi), _ptr(scales), _ptr(zeros), _ptr(lut),
             _ptr(outlier_rowptr), _ptr(outlier_cols), _ptr(outlier_vals), _ptr(bias), y.data_ptr(),
-            m, k, n, bits, group_size, _DTYPE_CODES[x.dtype], int(stats_are_quantized(scales)), stream,
+            m, k, n, bits, group_size, _DTYPE_CODES[x.dtype], int(stats_are_quantized(scales)), t.stream,
         )
     if lr_u is not None:
         from lowrank_ops.lowrank.cuda_decode import CUDA_DECODE_MAX_RANK

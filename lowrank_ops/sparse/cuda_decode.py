@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lowrank_ops.core import cuda_ext
 from lowrank_ops.core.backend import Support, cuda_kernel_support
-from lowrank_ops.core.checks import check_decode_x, check_kernel_operand
+from lowrank_ops.core.checks import check_decode_x, check_kernel_device, check_kernel_operand
 from lowrank_ops.quant.format import padded_k
 from lowrank_ops.sparse.format import M_CHOICES, check_nm, index_words
 
@@ -69,10 +69,11 @@ def shape_support(dtype: torch.dtype, shape: tuple[int, ...], n: object, m: obje
 
 def check_inputs(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bias: Optional[Tensor],
                  qscales: Optional[Tensor] = None, qzeros: Optional[Tensor] = None,
-                 group_size: Optional[int] = None) -> tuple[int, int, int]:
+                 group_size: Optional[int] = None, device_type: str = "cuda") -> tuple[int, int, int]:
     """Raise ``TypeError``/``ValueError`` unless the kernel takes this call; return (M, K, N).
 
-    The CUDA-device check comes last, so every other check can be exercised with CPU tensors.
+    The device check (``device_type``: cpu for the emulation lane) comes last, so every other check
+    can be exercised with CPU tensors.
     """
     n, m = check_nm(n, m)
     rows, k = check_decode_x(x, _DTYPE_CODES, CUDA_SPARSE_MAX_M, "CUDA sparse decode kernel")
@@ -96,8 +97,7 @@ def check_inputs(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bia
     check_kernel_operand("indices", indices, (torch.int32,), (n_out, index_words(kept, m)), dev)
     if bias is not None:
         check_kernel_operand("bias", bias, (x.dtype,), (n_out,), dev)
-    if dev.type != "cuda":
-        raise ValueError(f"x: expected a CUDA tensor, got device {dev}")
+    check_kernel_device(x, device_type)
     return rows, k, n_out
 
 
@@ -107,25 +107,22 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 def nm_linear_decode(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bias: Optional[Tensor] = None, *,
                      qscales: Optional[Tensor] = None, qzeros: Optional[Tensor] = None,
-                     group_size: Optional[int] = None) -> Tensor:
+                     group_size: Optional[int] = None, target: Optional[cuda_ext.LaunchTarget] = None) -> Tensor:
     """``x Wₙₘᵀ + b`` on the CUDA N:M decode kernel; x (M ≤ 8, K) fp16/bf16, values in x's dtype,
     or, with ``group_size`` ∈ {32, 64, 128}, 4-bit kept values: ``values`` the int32 codes
     (N, KK_pad / 8), ``qscales``/``qzeros`` fp16 (N, KK_pad / group_size).
 
     Tensors as in :mod:`lowrank_ops.sparse.format` (contiguous, on x's device). Returns (M, N) in
     x's dtype. Launches on ``torch.cuda.current_stream()``; capturable in a CUDA graph.
+    ``target``: another module to run it (the CPU emulation lane's, on CPU tensors).
     """
-    rows, k, n_out = check_inputs(x, values, indices, n, m, bias, qscales, qzeros, group_size)
-    module = cuda_ext.load()
-    if module is None:
-        raise RuntimeError(f"nm_linear_decode: {cuda_ext.unavailable_reason()}")
-    y = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
-    if n_out == 0:
-        return y
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        module.sparse_decode(x.data_ptr(), values.data_ptr(), indices.data_ptr(), _ptr(bias), y.data_ptr(),
-                             rows, k, n_out, n, m, _DTYPE_CODES[x.dtype], stream, _ptr(qscales), _ptr(qzeros),
-                             group_size or 0)
+    rows, k, n_out = check_inputs(x, values, indices, n, m, bias, qscales, qzeros, group_size,
+                                  target.device_type if target else "cuda")
+    with cuda_ext.on_device(x.device, "nm_linear_decode", target) as t:
+        y = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+        if n_out == 0:
+            return y
+        t.module.sparse_decode(x.data_ptr(), values.data_ptr(), indices.data_ptr(), _ptr(bias), y.data_ptr(),
+                               rows, k, n_out, n, m, _DTYPE_CODES[x.dtype], t.stream, _ptr(qscales), _ptr(qzeros),
+                               group_size or 0)
     return y
