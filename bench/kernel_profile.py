@@ -5,7 +5,8 @@
 For each case, eager calls run under ``torch.profiler`` and every CUDA kernel's device time is
 summed per kernel name and divided by the call count: the split between our kernels (and any
 copy or helper kernel that should not be there) without the host-side gaps of eager launches.
-The GEAR cases also time the whole call as a CUDA-graph replay for several sequence-split
+The GEAR cases also give the CUDA kernel's per-kernel times where it serves the cache, and time
+the Triton call as a CUDA-graph replay for several sequence-split
 counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
 a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32, 32-token
 tiles fold the key scale into q). After each case the configs the autotuner
@@ -71,7 +72,7 @@ def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:
 
 def gear(device: torch.device) -> None:
     from lowrank_ops.kernels.kvcache_attention import _gear_split_kernel, gear_decode_attention
-    from lowrank_ops.kvcache import compress
+    from lowrank_ops.kvcache import compress, cuda_decode
 
     env = KB.Env(device, torch.float16, KB.GPU_GEOMETRY, triton_ok=True)
     for context, batch in GEAR_CASES:
@@ -81,6 +82,9 @@ def gear(device: torch.device) -> None:
         for config in GEAR_CONFIGS:
             kv = compress(keys, values, KB.gear_config(config))
             print_kernels(f"GEAR {config} T={context} b={batch}", kernel_times(lambda: KB._gear(q, kv)))
+            if cuda_decode.supports(q, kv).ok:  # the CUDA kernel's split and combine kernels (its cp.async ring)
+                print_kernels(f"GEAR {config} T={context} b={batch}, CUDA kernel",
+                              kernel_times(lambda: cuda_decode.gear_decode(q, kv, None, q.shape[-1] ** -0.5)))
             for knob, settings in (("num_splits", SPLITS), ("tile_tokens", TILE_TOKENS)):
                 cells = []
                 for value in settings:

@@ -13,10 +13,11 @@
 // Loads: every warp streams its steps through a private ring of kStages step slots in shared
 // memory (StepSlot): the step's key and value codes, value scales/zeros, outliers, low-rank A
 // rows, and the key group's scales/zeros where the step starts one, all by cp.async issued
-// kStages - 1 steps ahead, so three steps' bytes per warp (~6 KB for 2 bits, 8 warps per SM) are in
-// flight while it computes: enough to cover HBM latency at full bandwidth, where the first
-// version fetched one step's key codes ahead and waited for its value codes every step (measured
-// latency-bound: 28-40 % of the issue rate). No barrier between warps: a warp's lanes sync
+// kStages - 1 steps ahead (four slots, three for 4-bit codes at head_dim 128: a CTA stays within
+// 80 KB), so two or three steps' bytes per warp (~45 KB per SM for 2 bits) are in flight while it
+// computes: enough to cover HBM latency at full bandwidth, where the first version fetched one
+// step's key codes ahead and waited for its value codes every step (437 us at 8k, batch 16 on an
+// H100 against an issue floor estimated near 30 us: latency-bound). No barrier between warps: a warp's lanes sync
 // with __syncwarp around the ring. The B factors of a block are prefetched into L2 when its
 // first step is staged.
 //
@@ -217,7 +218,8 @@ template <int BITS, int D, int RANK, bool I8>
 struct alignas(16) StepSlot {
   using L = Layout<BITS, D>;
   using Factor = std::conditional_t<I8, int8_t, __half>;
-  static constexpr int kRankEntries = kStep * (RANK > 0 ? RANK : 16);  // (token, rank); unused at rank 0
+  // (token, rank) entries of an A array; 16 unused bytes at rank 0
+  static constexpr int kRankEntries = RANK > 0 ? kStep * RANK : 16 / int(sizeof(Factor));
   uint32_t key[kStep * L::kWords];                                     // codes
   uint32_t value[kStep * L::kWords];
   __half value_scale[kStep * D / kMinGroup], value_zero[kStep * D / kMinGroup];  // D / G per token
