@@ -784,23 +784,51 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
 }
 
 // ----------------------------------------------------------------------------- combine kernel
-// Grid (M, batch * kv_heads), D threads: thread c merges channel c of one q row over the splits
-// (fp32 partials, L2-resident), max first, then the weighted sums; 0 for a row with no keys.
+constexpr int kMaxSplits = 1024;  // lowrank_ops/kvcache/cuda_decode.py MAX_SPLITS
+
+// x reduced over the CTA's threads (a multiple of 32, at most 32 warps) by `op`; every thread gets it.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = op(x, __shfl_xor_sync(kFull, x, off));
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // scratch is free (an earlier reduction's readers are done)
+  if (threadIdx.x % kWarp == 0) scratch[warp] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < warps; ++w) x = op(x, scratch[w]);
+  return x;
+}
+
+// Grid (M, batch * kv_heads), D threads: one q row's split partials (fp32, L2-resident) merged.
+// The splits' maxima come in D at a time (thread s loads split s: independent loads, not one
+// split after another), then the row max, every split's weight 2^(m_s - max) into shared memory
+// and the weighted sum of the sums; thread c then sums channel c over the splits, its loads
+// unrolled. 0 for a row with no keys.
 __global__ void gear_combine_kernel(const float* part_m, const float* part_l, const float* part_acc, uint16_t* out,
                                     int M, int splits, int D, bool bf16) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float scratch[kWarp];
   const int row = blockIdx.x, c = threadIdx.x;
   const long bh = blockIdx.y;
   const long base = bh * splits * M + row;  // partial of split s: base + s * M
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, part_m[base + long(s) * M]);
-  const float m_safe = mx == -INFINITY ? 0.f : mx;
-  float acc = 0.f, sum = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const long r = base + long(s) * M;
-    const float wt = fast_exp2(part_m[r] - m_safe);
-    sum += wt * part_l[r];
-    acc += wt * part_acc[r * D + c];
+  for (int s = c; s < splits; s += blockDim.x) {
+    weight[s] = part_m[base + long(s) * M];
+    mx = fmaxf(mx, weight[s]);
   }
+  mx = block_reduce(mx, scratch, [](float x, float y) { return fmaxf(x, y); });
+  const float m_safe = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = c; s < splits; s += blockDim.x) {
+    const float wt = fast_exp2(weight[s] - m_safe);
+    weight[s] = wt;
+    sum += wt * part_l[base + long(s) * M];
+  }
+  sum = block_reduce(sum, scratch, [](float x, float y) { return x + y; });  // its barriers publish weight[]
+  float acc = 0.f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) acc += weight[s] * part_acc[(base + long(s) * M) * D + c];
   out[(bh * M + row) * D + c] = float_bits(sum > 0.f ? acc / sum : 0.f, bf16);
 }
 
@@ -859,8 +887,8 @@ bool gear_decode_supported(int bits, int head_dim, int rank, int group_size, int
 void gear_decode(const GearDecodeArgs& a) {
   if (!gear_decode_supported(a.bits, a.head_dim, a.rank, a.group_size, a.buffer_tokens, a.M))
     throw std::invalid_argument("gear_decode: unsupported configuration (see gear_decode_supported)");
-  if (a.n_out < 0 || a.n_out > kMaxOutliers || a.splits < 1 || a.steps_per_split < 1 || a.batch_kv_heads < 1 ||
-      a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0)
+  if (a.n_out < 0 || a.n_out > kMaxOutliers || a.splits < 1 || a.splits > kMaxSplits || a.steps_per_split < 1 ||
+      a.batch_kv_heads < 1 || a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0)
     throw std::invalid_argument("gear_decode: bad sizes");
   const bool blocks = a.nblocks > 0;  // the compressed tensors are empty (null) without blocks
   if ((blocks && a.n_out > 0 && (!a.key_out_idx || !a.key_out_val || !a.value_out_idx || !a.value_out_val)) ||

@@ -90,6 +90,14 @@ def test_split_counts_agree_and_repeat_exactly(module, num_splits):
     assert torch.equal(out, run(module, q, kv, num_splits=num_splits)), "the kernel is not deterministic"
 
 
+def test_more_splits_than_combine_threads(module):
+    """head_dim 64: the combine kernel's 64 threads stride over 69 splits (one step each)."""
+    head_dim, cfg = fmt("2b+2%+r4-d64")
+    kv = make_cache(1, 1, 64 * 17 + 5, head_dim, F16, seed=13, device="cpu", **cfg)
+    q = torch.randn(1, 4, 1, head_dim, dtype=F16)
+    assert_matches_reference(run(module, q, kv, num_splits=1000), q, kv, None, "69 splits")
+
+
 def test_fully_masked_sequence_gives_zeros(module):
     head_dim, cfg = fmt("2b+2%+r4")
     seq = 256 + 9
