@@ -103,15 +103,15 @@ def test_more_splits_than_combine_threads(module):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(bits=st.sampled_from([2, 4]), head_dim=st.sampled_from([64, 128]), rank=st.sampled_from([0, 4, 8]),
        factor_bits=st.sampled_from([8, 16]), group=st.sampled_from([16, 32, 64]),
-       blocks_per_group=st.sampled_from([1, 2, 3]),
+       groups_per_block=st.sampled_from([1, 2, 3]),
        outliers=st.integers(0, 4), q_per_kv=st.sampled_from([1, 4, 8]), q_len=st.integers(1, 2),
        seq=st.integers(1, 700), num_splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**16))
-def test_random_configurations(module, bits, head_dim, rank, factor_bits, group, blocks_per_group, outliers, q_per_kv,
+def test_random_configurations(module, bits, head_dim, rank, factor_bits, group, groups_per_block, outliers, q_per_kv,
                                q_len, seq, num_splits, seed):
     """The ring's edge cases together: blocks of one step (B = 16) to several groups, a warp's run
     starting mid-group and mid-block, runs shorter than the ring, tails of any length, caches that
     are only tail, and 1-16 q rows per kv head."""
-    buffer_tokens = group * blocks_per_group
+    buffer_tokens = group * groups_per_block
     if buffer_tokens % 16 or group > head_dim:
         return  # the format's own limits (B a multiple of 16, G at most head_dim)
     cfg = dict(bits=bits, rank=rank, outlier_ratio=outliers / head_dim, group_size=group, buffer_tokens=buffer_tokens,
