@@ -111,6 +111,17 @@ def test_sparse_decode_4bit_values(target, n, m, group):
         assert_close(y, nm_reference(x, dequant, indices, n, m), BF16, f"sparse q4 {n}:{m} g{group} M={rows}")
 
 
+def test_launches_from_two_threads_run_side_by_side(target):
+    """The module releases the GIL; each OS thread emulates its own blocks with its own shared memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [lowrank_case(16, 512, 300, 64, F16, bias=True, dev="cpu") for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outs = list(pool.map(lambda c: lowrank_cuda.lowrank_decode(*c, target=target), cases))
+    for (x, v, u, b), out in zip(cases, outs):
+        assert_close(out, lowrank_reference(x, v, u, b), F16, "threaded")
+
+
 def test_cpu_tensors_need_the_emulation_target():
     x, v, u, b = lowrank_case(1, 16, 8, 4, F16, bias=False, dev="cpu")
     with pytest.raises(ValueError, match="expected a CUDA tensor"):

@@ -5,12 +5,13 @@
 // another; a block's threads are fibers (ucontext) switched only at a warp collective (shuffle,
 // vote, __syncwarp, mma, ldmatrix) or a block barrier, where every live lane of the warp (thread
 // of the block) must arrive at the same kind of collective or the launch fails with the reason.
-// Shared memory is the kernel's static locals (one block at a time). cp.async copies are deferred:
-// by default they land at the cp.async.wait_group that retires their group (so a read before the
-// wait sees stale data), or at issue (LOWRANK_OPS_EMULATE_COPIES=issue: so a copy into a buffer
-// other lanes still read overwrites it); LOWRANK_OPS_EMULATE_ORDER=reverse runs lanes in reverse
-// between collectives. Tests run kernels under every combination: each exposes a different class
-// of missing synchronization.
+// Static shared memory is the kernel's thread-local static locals, dynamic shared memory a
+// buffer per launch (one block at a time per OS thread). cp.async copies are deferred: by default
+// they land at the cp.async.wait_group that retires their group (so a read before the wait sees
+// stale data), or at issue (LOWRANK_OPS_EMULATE_COPIES=issue: so a copy into a buffer other lanes
+// still read overwrites it); LOWRANK_OPS_EMULATE_ORDER=reverse runs lanes in reverse between
+// collectives. Tests run kernels under every combination: each exposes a different class of
+// missing synchronization.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,7 +35,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one block runs at a time: a kernel's static locals are its shared memory
+// one block runs at a time per OS thread (launches from several threads run side by side): a
+// kernel's thread-local static locals are its shared memory
+#define __shared__ static thread_local
 
 namespace lowrank_ops {
 namespace emu {
