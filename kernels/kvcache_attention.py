@@ -187,7 +187,7 @@ def _key_outlier_scores(q_rows_ptr, q_row0, M, idxs, vals, HEAD_DIM: tl.constexp
 def _key_scores(q, s0, words, scale, zero, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 (BLOCK_M × BLOCK_N) scores s0 + q Deq(codes)ᵀ of a tile from its loaded words and key
-    statistics (``_tile_inputs``): the tile lies in one key group (BLOCK_N ≤ GROUP; scale and zero
+    statistics (``_key_inputs``): the tile lies in one key group (BLOCK_N ≤ GROUP; scale and zero
     are that group's (D_PAD) rows) or covers BLOCK_N / GROUP whole groups ((NG × D_PAD) rows);
     s0 (the outliers' share) is the dot's accumulator.
 
@@ -213,7 +213,7 @@ def _value_tile(words, scale, zero, idxs, vals, BITS: tl.constexpr, GROUP: tl.co
                 dtype: tl.constexpr):
     """V tile (BLOCK_N × D_PAD), Deq(codes) + outliers, from a tile's loaded words, per-token
     (BLOCK_N × D_PAD / GROUP) scale and zero of each channel group and outliers
-    (``_tile_inputs``; all zero at tokens past the tile's end and channels past HEAD_DIM).
+    (``_value_inputs``; all zero at tokens past the tile's end and channels past HEAD_DIM).
 
     Token-major, the dot's natural right operand: a token is a row, so its per-token data is one
     value per row. The group statistics are broadcast over their channels on chip; for fp16,
@@ -391,7 +391,7 @@ def _gear_split_kernel(
     BLOCK_N: tl.constexpr, M_REAL: tl.constexpr,
     # the autotune row's: programs per SM (sets the grid's split count; unused here; a constexpr:
     # the interpreter hands a grid function its runtime integers converted to tensors), and
-    # whether each tile's inputs are loaded one iteration ahead (_tile_inputs)
+    # whether each tile's inputs are loaded one iteration ahead (_key_inputs, _value_inputs)
     PROGRAMS_PER_SM: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -459,7 +459,7 @@ def _gear_split_kernel(
     first = split * per_split
     last = tl.minimum(first + per_split, UNITS)
     # one flat loop over the run's BLOCK_N-token tiles (BLOCK_N divides B: a tile lies in one block
-    # and one key group); every tile's inputs are loaded one iteration ahead (_tile_inputs)
+    # and one key group); its inputs loaded where used or, LOAD_AHEAD, one tile ahead
     TILES: tl.constexpr = BLOCK_TOKENS // BLOCK_N
     tile_end = tl.minimum(last, NBLOCKS) * TILES
     keys_ahead, values_ahead = 0, 0  # LOAD_AHEAD: the next tile's inputs, loaded while this one computes
