@@ -71,11 +71,15 @@ def unavailable_reason() -> str:
     return ""
 
 
-def _sources() -> list[tuple[Path, bool]]:
-    """(file, force-include the emulation header) for every translation unit."""
+def _sources(name: str) -> list[tuple[Path, bool]]:
+    """(file, force-include the emulation header) for every translation unit of module ``name``:
+    ``_C`` (the kernels and module.cpp's bindings) or ``_selftest`` (csrc/emulate/selftest.cu,
+    unit kernels for the emulation itself)."""
     csrc = cuda_build.CSRC_DIR
-    kernels = [(csrc / name, True) for name in EMULATED_SOURCES]
-    return kernels + [(EMULATION_DIR / "cuda_emulation.cpp", False), (csrc / "module.cpp", False)]
+    runtime = (EMULATION_DIR / "cuda_emulation.cpp", False)
+    if name == "_selftest":
+        return [(EMULATION_DIR / "selftest.cu", True), runtime]
+    return [*[(csrc / src, True) for src in EMULATED_SOURCES], runtime, (csrc / "module.cpp", False)]
 
 
 def _source_hash(cxx: str) -> str:
@@ -89,8 +93,9 @@ def _source_hash(cxx: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out_dir: Path, verbose: bool = False) -> Path:
-    """Compile the emulated module into ``out_dir`` and return its path (atomic: renamed into place)."""
+def build(out_dir: Path, name: str = "_C", verbose: bool = False) -> Path:
+    """Compile the emulated module ``name`` (:func:`_sources`) into ``out_dir`` and return its path
+    (atomic: renamed into place)."""
     why = unavailable_reason()
     if why:
         raise cuda_build.CudaBuildError(f"the CUDA emulation cannot build here: {why}")
@@ -99,14 +104,15 @@ def build(out_dir: Path, verbose: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lowrank_ops_emulation_") as tmp:
         jobs = []
-        for src, shim in _sources():
+        for src, shim in _sources(name):
             obj = str(Path(tmp) / (src.name + ".o"))
             head = ["-include", str(EMULATION_DIR / "cuda_emulation.h"), "-x", "c++"] if shim else []
             jobs.append(([cxx, *FLAGS, *incs, *head, "-c", str(src), "-o", obj], obj))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             list(pool.map(lambda job: cuda_build._run(job[0], verbose), jobs))
-        target = out_dir / cuda_build.ext_filename()
-        partial = out_dir / (cuda_build.ext_filename() + f".tmp{os.getpid()}")
+        filename = name + cuda_build.ext_filename()[len(cuda_build.MODULE_NAME):]
+        target = out_dir / filename
+        partial = out_dir / (filename + f".tmp{os.getpid()}")
         cuda_build._run([cxx, "-shared", *[obj for _, obj in jobs], "-o", str(partial)], verbose)
         os.replace(partial, target)
     return target
@@ -119,16 +125,16 @@ def target() -> cuda_ext.LaunchTarget:
     return cuda_ext.LaunchTarget(load(), 0, H100_SMS, "cpu")
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> ModuleType:
-    """The emulated module (built on first use, then cached on disk by source hash). Raises
-    :class:`~lowrank_ops.core.cuda_build.CudaBuildError` when it cannot build."""
+@functools.lru_cache(maxsize=None)
+def load(name: str = "_C") -> ModuleType:
+    """The emulated module ``name`` (built on first use, then cached on disk by source hash; see
+    :func:`_sources`). Raises :class:`~lowrank_ops.core.cuda_build.CudaBuildError` when it cannot build."""
     cxx = find_cxx() or ""
     out = cuda_ext.default_cache_dir().parent / "emulation" / _source_hash(cxx)
-    target = out / cuda_build.ext_filename()
+    target = out / (name + cuda_build.ext_filename()[len(cuda_build.MODULE_NAME):])
     if not target.is_file():
-        build(out)
-    spec = importlib.util.spec_from_file_location("lowrank_ops_emulation._C", target)  # PyInit__C; not lowrank_ops._C
+        build(out, name)
+    spec = importlib.util.spec_from_file_location(f"lowrank_ops_emulation.{name}", target)  # never lowrank_ops._C
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load the emulated module from {target}")
     module = importlib.util.module_from_spec(spec)
