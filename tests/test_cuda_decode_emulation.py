@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emulation_lane import MARKS
 from lowrank_ops.core import cuda_emulation
 from lowrank_ops.lowrank import cuda_decode as lowrank_cuda
 from lowrank_ops.quant import cuda_decode as quant_cuda
@@ -22,11 +23,7 @@ from test_gpu_sparse import make_nm, make_q4, make_x
 from test_gpu_sparse import reference as nm_reference
 from test_quant_cuda_wrapper import make_packed
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.skipif(bool(cuda_emulation.unavailable_reason()),
-                       reason=f"CUDA emulation: {cuda_emulation.unavailable_reason()}"),
-]
+pytestmark = MARKS
 
 F16, BF16 = torch.float16, torch.bfloat16
 TOL = {F16: 2e-3, BF16: 1e-2}

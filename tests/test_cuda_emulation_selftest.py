@@ -8,13 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emulation_lane import MARKS
 from lowrank_ops.core import cuda_emulation
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.skipif(bool(cuda_emulation.unavailable_reason()),
-                       reason=f"CUDA emulation: {cuda_emulation.unavailable_reason()}"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")

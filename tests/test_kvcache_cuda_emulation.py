@@ -18,14 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gear_cuda_cases import BF16, F16, FORMATS, TOL, assert_matches_reference, fmt, make_cache
+from emulation_lane import MARKS
 from lowrank_ops.core import cuda_emulation
 from lowrank_ops.kvcache import attention_reference, cuda_decode
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.skipif(bool(cuda_emulation.unavailable_reason()),
-                       reason=f"CUDA emulation: {cuda_emulation.unavailable_reason()}"),
-]
+pytestmark = MARKS
 
 @pytest.fixture(scope="module")
 def module():
