@@ -10,12 +10,13 @@ it (or at issue, ``LOWRANK_OPS_EMULATE_COPIES=issue``). What it cannot show: tim
 pressure, bank conflicts, and arithmetic that the hardware rounds differently (mma sums in double
 here; ex2.approx is exp2).
 
-The module has every binding of ``lowrank_ops._C`` (all of csrc/'s kernels: :data:`EMULATED_SOURCES`),
-takes host addresses where the real one takes device addresses, and is loaded under its own
-name, never as ``lowrank_ops._C``; the CUDA wrappers run it through their ``target`` argument
-(:func:`target`). Built once per source hash into the
-cache directory (``$LOWRANK_OPS_CACHE_DIR``). Needs Linux (ucontext), a C++17 compiler (``$CXX``,
-else c++/g++) and the CUDA toolkit's headers (cuda_fp16.h: found next to nvcc); pybind11.
+The module ``_C`` has every binding of ``lowrank_ops._C`` (all of csrc/'s kernels:
+:data:`EMULATED_SOURCES`), takes host addresses where the real one takes device addresses, and is
+loaded under its own name, never as ``lowrank_ops._C``; the CUDA wrappers run it through their
+``target`` argument (:func:`target`). The module ``_selftest`` holds unit kernels for the
+emulation itself (csrc/emulate/selftest.cu). Both are built once per source hash into the cache
+directory (``$LOWRANK_OPS_CACHE_DIR``). Needs Linux (ucontext), a C++17 compiler (``$CXX``, else
+c++/g++) and the CUDA toolkit's headers (cuda_fp16.h: found next to nvcc); pybind11.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ EMULATION_DIR = cuda_build.CSRC_DIR / "emulate"
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-DLOWRANK_OPS_EMULATE"]
 COPIES_ENV = "LOWRANK_OPS_EMULATE_COPIES"  # "issue": cp.async lands at issue; else at the wait that retires it
 ORDER_ENV = "LOWRANK_OPS_EMULATE_ORDER"  # "reverse": lanes run in reverse order between collectives
-H100_SMS = 132
+H100_SMS = 132  # the SM count the emulated launch plans assume (:func:`target`)
 
 
 def find_cxx() -> str | None:
