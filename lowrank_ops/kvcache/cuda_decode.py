@@ -49,9 +49,10 @@ _LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 # the host time, and there Triton is faster).
 EAGER_MAX_WORK = 1 << 19
 NOT_PREFERRED = "the Triton GEAR kernel is faster under CUDA-graph capture and for large eager calls (measured on an H100)"
-# The kernel's int8-factor path (written 2026-11-27) compiles for sm_80/sm_90 without spills and
-# has gpu-lane tests, but has not run on a GPU yet: until it has, automatic dispatch keeps int8
-# factors on the Triton kernel, whose int8 path the interpreter lane checks.
+# The kernel's int8-factor path (written 2026-11-27) compiles for sm_80/sm_90 without spills,
+# matches the reference in the CPU emulation lane and has gpu-lane tests, but has not run on a GPU
+# yet: until it has, automatic dispatch keeps int8 factors on the Triton kernel, whose int8 path
+# the interpreter lane checks.
 INT8_NOT_PREFERRED = "int8 factors: the CUDA kernel's int8 path has not yet run on a GPU; pin backend cuda to use it"
 
 
