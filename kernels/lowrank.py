@@ -18,7 +18,6 @@ interpreted programs and loop trips small. Nothing here touches a GPU at import 
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -26,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from lowrank_ops.core import cuda_ext
 
 from ._compile_check import CompileCase
 
@@ -348,16 +349,11 @@ def _rank_pad(rank: int) -> int:
     return max(MIN_DOT, next_pow2(rank))
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
     """SMs of ``device`` (queried once per device, on first launch); the interpreter's stand-in on CPU."""
     if device.type != "cuda":
         return _INTERPRETER_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_ext.sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _target_programs(device: torch.device) -> int:

@@ -166,7 +166,8 @@ class LaunchTarget:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """SMs of CUDA device ``device_index`` (queried once per device)."""
     import torch
 
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
@@ -187,4 +188,4 @@ def on_device(device: Any, what: str, target: Optional[LaunchTarget] = None) -> 
         raise RuntimeError(f"{what}: {unavailable_reason()}")
     index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):
-        yield LaunchTarget(module, torch.cuda.current_stream(index).cuda_stream, _sm_count(index))
+        yield LaunchTarget(module, torch.cuda.current_stream(index).cuda_stream, sm_count(index))
