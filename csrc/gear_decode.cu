@@ -92,7 +92,6 @@ constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16
 constexpr int kRows = 8;   // q rows per CTA (lane (g, t) holds row g); more rows -> more row blocks
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxOutliers = 8;  // outliers per vector the kernel stages (round(s * head_dim))
-constexpr int kOutlierWords = 24 * kMaxOutliers;  // a step's key/value outlier bytes and halves, in words
 constexpr int kMinGroup = 16;  // smallest group size served (value scales per token <= D / 16)
 
 // ----------------------------------------------------------------------------- small helpers
@@ -205,11 +204,17 @@ __device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[N]
   }
 }
 
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory into shared
-// memory by the warp's lanes, 16 bytes per cp.async
-__device__ __forceinline__ void copy_to_shared(void* dst, const void* src, int bytes, int lane) {
-  for (int i = 16 * lane; i < bytes; i += 16 * kWarp)
-    cp_async<16>(static_cast<char*>(dst) + i, static_cast<const char*>(src) + i);
+// `bytes` (a multiple of 16, at most sizeof(dst); both addresses 16-byte aligned) from global
+// memory into the shared-memory array dst by the warp's lanes: one 16-byte cp.async per lane and
+// 512-byte round, the rounds unrolled to the array's size and predicated (no loop)
+template <typename T, size_t N>
+__device__ __forceinline__ void copy_to_shared(T (&dst)[N], const void* src, int bytes, int lane) {
+  constexpr int kRoundBytes = 16 * kWarp;
+#pragma unroll
+  for (int r = 0; r < int((sizeof(dst) + kRoundBytes - 1) / kRoundBytes); ++r) {
+    const int i = 16 * lane + kRoundBytes * r;
+    if (i < bytes) cp_async<16>(reinterpret_cast<char*>(dst) + i, static_cast<const char*>(src) + i);
+  }
 }
 
 // One compressed 16-token step's inputs in shared memory, as stored (token-major), filled by
@@ -223,12 +228,10 @@ struct alignas(16) StepSlot {
   uint32_t key[kStep * L::kWords];                                     // codes
   uint32_t value[kStep * L::kWords];
   __half value_scale[kStep * D / kMinGroup], value_zero[kStep * D / kMinGroup];  // D / G per token
-  uint32_t outliers[kOutlierWords];  // key channels, value channels (bytes), key values, value values (halves)
+  uint8_t key_out_idx[kStep * kMaxOutliers], value_out_idx[kStep * kMaxOutliers];  // n_out per token, token-major
+  __half key_out_val[kStep * kMaxOutliers], value_out_val[kStep * kMaxOutliers];
   Factor key_a[kRankEntries], value_a[kRankEntries];
   __half key_scale[D], key_zero[D];  // the key group's, staged where the step starts one (or the warp's run)
-
-  // word offsets of the outlier arrays in `outliers` (room for kMaxOutliers per vector)
-  static constexpr int kValueIdx = 4 * kMaxOutliers, kKeyVal = 8 * kMaxOutliers, kValueVal = 16 * kMaxOutliers;
 
   // the key-mask bits of the lane's four score columns (tokens 2t, 2t+1, 8+2t, 9+2t) of the step at tok0
   static __device__ __forceinline__ uint32_t keep_bits(const uint8_t* mask, long tok0, int t) {
@@ -273,7 +276,7 @@ struct Warp {
     // the lane's contiguous channels [t D/4, (t+1) D/4), one word's E channels at a time (few live registers)
     constexpr int kCh = D / 4;
     const float* q = sh.qf[g] + t * kCh;
-    float partial = 0.f;
+    uint32_t zb[L::kKSteps][2];  // the zeros in aq's layout, as a B operand (the same in every column)
 #pragma unroll
     for (int w = 0; w < L::kKeyWords; ++w) {
       __half s[L::kE], z[L::kE];
@@ -286,16 +289,16 @@ struct Warp {
       for (int i = w * L::kHalf; i < (w + 1) * L::kHalf; ++i) {  // pair i: k-step i / 2, low (even) or high k
         const int lo = L::key_offset(i, 0), hi = L::key_offset(i, 1);  // channel offsets in the lane's range
         const int slo = lo - w * L::kE, shi = hi - w * L::kE;           // ... in this word's E channels
-        const __half qlo = __float2half_rn(q[lo] * __half2float(s[slo]));
-        const __half qhi = __float2half_rn(q[hi] * __half2float(s[shi]));
-        partial += __half2float(qlo) * __half2float(z[slo]) + __half2float(qhi) * __half2float(z[shi]);
-        __half2 h = __halves2half2(qlo, qhi);
-        aq[i / 2][i % 2] = *reinterpret_cast<uint32_t*>(&h);  // [0]: k 2t, 2t+1 of the k-step; [1]: k 2t+8, 2t+9
+        // [0]: k 2t, 2t+1 of the k-step; [1]: k 2t+8, 2t+9
+        aq[i / 2][i % 2] = pack_half2(q[lo] * __half2float(s[slo]), q[hi] * __half2float(s[shi]));
+        zb[i / 2][i % 2] = pack_bits(z[slo], z[shi]);
       }
     }
-    partial += __shfl_xor_sync(kFull, partial, 1);
-    partial += __shfl_xor_sync(kFull, partial, 2);
-    bias = partial;
+    // bias = sum_d Q'_d zero_d of row g: the mma sums over the quad's channels as it does for the codes
+    float zc[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) mma_f16(zc, aq[ks_][0], aq[ks_][1], zb[ks_][0], zb[ks_][1]);
+    bias = zc[0];
   }
 
   // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
@@ -478,6 +481,12 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   // this warp's ring: step st runs from slot st % kStages, staged kStages - 1 steps before
   Slot* const ring = reinterpret_cast<Slot*>(smem + kRingOffset<D>) + warp * kStages;
   const int c_end = min(s_end, csteps);  // the warp's compressed steps are [s_begin, c_end)
+  // key groups and blocks of a step without a division per step: G is a power of two (>= 16), so
+  // step >> group_shift is its key group; staging and the loop visit consecutive steps, so a block
+  // is entered where a step reaches the previous block's end
+  const int group_shift = __ffs(G / kStep) - 1;
+  const int steps_per_block = B / kStep;
+  int stage_block_end = -1;  // first step past the block of the last staged step
   const auto stage_step = [&](int st) {
     Slot& slot = ring[st % kStages];
     const long tok0 = long(st) * kStep;
@@ -488,14 +497,15 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     copy_to_shared(slot.value_zero, p.vz + tok0 * vgroups, kStep * vgroups * 2, lane);
     if (n_out > 0) {  // 16 n_out entries per array: a multiple of 16 bytes
       const long e0 = tok0 * n_out;
-      copy_to_shared(slot.outliers, p.koi + e0, kStep * n_out, lane);
-      copy_to_shared(slot.outliers + Slot::kValueIdx, p.voi + e0, kStep * n_out, lane);
-      copy_to_shared(slot.outliers + Slot::kKeyVal, p.kov + e0, 2 * kStep * n_out, lane);
-      copy_to_shared(slot.outliers + Slot::kValueVal, p.vov + e0, 2 * kStep * n_out, lane);
+      copy_to_shared(slot.key_out_idx, p.koi + e0, kStep * n_out, lane);
+      copy_to_shared(slot.value_out_idx, p.voi + e0, kStep * n_out, lane);
+      copy_to_shared(slot.key_out_val, p.kov + e0, 2 * kStep * n_out, lane);
+      copy_to_shared(slot.value_out_val, p.vov + e0, 2 * kStep * n_out, lane);
     }
-    if (st == s_begin || tok0 % G == 0) {  // the steps where the loop below enters a key group
-      copy_to_shared(slot.key_scale, p.ks + (tok0 / G) * D, 2 * D, lane);
-      copy_to_shared(slot.key_zero, p.kz + (tok0 / G) * D, 2 * D, lane);
+    if (st == s_begin || (st & ((1 << group_shift) - 1)) == 0) {  // where the loop below enters a key group
+      const long group_entries = long(st >> group_shift) * D;
+      copy_to_shared(slot.key_scale, p.ks + group_entries, 2 * D, lane);
+      copy_to_shared(slot.key_zero, p.kz + group_entries, 2 * D, lane);
     }
     if constexpr (RANK > 0) {
       const Factor *ka, *va, *kb, *vb;
@@ -506,8 +516,10 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       }
       copy_to_shared(slot.key_a, ka + tok0 * RANK, sizeof(slot.key_a), lane);
       copy_to_shared(slot.value_a, va + tok0 * RANK, sizeof(slot.value_a), lane);
-      if (st == s_begin || tok0 % B == 0) {  // the block's B factors, read when the loop enters it: into L2
-        const long blk_entries = (tok0 / B) * D * RANK;
+      if (st >= stage_block_end) {  // the block's B factors, read when the loop enters it: into L2
+        const int blk = st / steps_per_block;
+        stage_block_end = (blk + 1) * steps_per_block;
+        const long blk_entries = long(blk) * D * RANK;
         for (int i = 128 * lane; i < D * RANK * int(sizeof(Factor)); i += 128 * kWarp) {
           prefetch_l2(reinterpret_cast<const char*>(kb + blk_entries) + i);
           prefetch_l2(reinterpret_cast<const char*>(vb + blk_entries) + i);
@@ -553,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   uint32_t aq[L::kKSteps][2];
   uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
   float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
-  int cur_group = -1, cur_block = -1;
+  int cur_group = -1, cur_block = -1, block_end = -1;  // block_end: first step past cur_block
   ValueFrame<BITS, D> vf;
 
   for (int step = s_begin; step < s_end; ++step) {
@@ -592,12 +604,14 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
           }
         }
       }
-      const int grp = int(tok0 / G), blk = int(tok0 / B);
-      if (blk != cur_block) {
+      if (step >= block_end) {  // the step enters a block
+        const int blk = step / steps_per_block;
         if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
         a_qb = W::key_lowrank(sh, p, blk, t, g);
         cur_block = blk;
+        block_end = (blk + 1) * steps_per_block;
       }
+      const int grp = step >> group_shift;
       if (grp != cur_group) {
         W::key_group(sh, slot.key_scale, slot.key_zero, t, aq, bias, g);
         cur_group = grp;
@@ -619,22 +633,18 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, b_ka[nt], 0u);
       }
-      // - zero bias + outliers, then back to qk_scale units
-      const uint8_t* staged_key_idx = reinterpret_cast<const uint8_t*>(slot.outliers);
-      const __half* staged_key_val = reinterpret_cast<const __half*>(slot.outliers + Slot::kKeyVal);
+      // - zero bias + outliers (q[idx] * val, outlier j of all four columns per iteration: four
+      // independent chains), then back to qk_scale units
+      float add[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int j = 0; j < n_out; ++j) {
 #pragma unroll
-      for (int col = 0; col < 4; ++col) {
-        const int nt = col / 2, c = col % 2;
-        const long tok = tok0 + 8 * nt + 2 * t + c;
-        float add = 0.f;
-        const int e0 = int(tok - tok0) * n_out;
-        for (int j = 0; j < n_out; ++j) {
-          const int idx = staged_key_idx[e0 + j];
-          const float val = __half2float(staged_key_val[e0 + j]);
-          add += sh.qf[g][idx] * val;
+        for (int col = 0; col < 4; ++col) {
+          const int e = (8 * (col / 2) + 2 * t + col % 2) * n_out + j;
+          add[col] += sh.qf[g][slot.key_out_idx[e]] * __half2float(slot.key_out_val[e]);
         }
-        s[nt][c] = (s[nt][c] - bias + add) * row_scale;
       }
+#pragma unroll
+      for (int col = 0; col < 4; ++col) s[col / 2][col % 2] = (s[col / 2][col % 2] - bias + add[col]) * row_scale;
     } else {
       // tail step: raw q (natural channel order) against the raw tail keys, in q's dtype
       const int base = int(tok0 - Tc);
@@ -699,10 +709,13 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
       }
       if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
       if (n_out > 0) {  // O += P Vout: the values' outliers as a sparse tile through the same mma
-        const uint8_t* idx = reinterpret_cast<const uint8_t*>(slot.outliers + Slot::kValueIdx);
-        const __half* val = reinterpret_cast<const __half*>(slot.outliers + Slot::kValueVal);
-        for (int e = lane; e < kStep * n_out; e += kWarp)  // a token's outlier channels are distinct
-          vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = val[e];
+        // lane: token lane % 16, outliers lane / 16, lane / 16 + 2, ... (a token's channels are distinct)
+        const int otok = lane % kStep;
+        const auto tile_entry = [&](int j) -> __half& {
+          const int c = slot.value_out_idx[otok * n_out + j];
+          return vout[otok][(c % L::kNT) * 8 + c / L::kNT];
+        };
+        for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = slot.value_out_val[otok * n_out + j];
         __syncwarp();
         const int mat = lane / 8;  // ldmatrix: lane gives row lane % 8 of matrix mat (tokens 0-7 / 8-15, n-tile j / j+1)
 #pragma unroll
@@ -713,7 +726,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
           mma_f16(o[j + 1], p_lo, p_hi, b[2], b[3]);
         }
         __syncwarp();
-        for (int e = lane; e < kStep * n_out; e += kWarp) vout[e / n_out][(idx[e] % L::kNT) * 8 + idx[e] / L::kNT] = __half();
+        for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = __half();
       }
     } else {
       const int base = int(tok0 - Tc);

@@ -5,6 +5,7 @@ The module is imported in a fresh interpreter so this test never loads a second 
 the test process. Skipped only when nvcc is absent.
 """
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,8 +141,8 @@ def test_builds_for_sm80_sm90_and_imports(built):
             assert got.startswith("ValueError") and fragment in got, (fn, key, got)
 
 
-@needs_nvcc
-def test_embeds_sass_for_both_archs(built):
+@pytest.fixture(scope="module")
+def cuobjdump():
     import glob
     import shutil
 
@@ -153,11 +154,46 @@ def test_embeds_sass_for_both_archs(built):
         candidates.append(str(cuda_build.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
     except ImportError:
         pass
-    cuobjdump = next((c for c in candidates if c and cuda_build.Path(c).is_file()), None)
-    if cuobjdump is None:
+    found = next((c for c in candidates if c and cuda_build.Path(c).is_file()), None)
+    if found is None:
         pytest.skip("cuobjdump not found")
+    return found
+
+
+@needs_nvcc
+def test_embeds_sass_for_both_archs(built, cuobjdump):
     listing = subprocess.run([cuobjdump, "--list-elf", str(built)], capture_output=True, text=True).stdout
     assert "sm_80" in listing and "sm_90" in listing
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of a function's main loop: from the target of its longest conditional
+    backward branch to that branch (cuobjdump -sass text of one function)."""
+    instructions = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    index = {int(address, 16): i for i, (address, _) in enumerate(instructions)}
+    best = (0, 0)
+    for i, (address, text) in enumerate(instructions):
+        branch = re.match(r"@!?P\d+\s+BRA\s+0x([0-9a-f]+)", text.strip())
+        if branch and int(branch.group(1), 16) <= int(address, 16):
+            start = index[int(branch.group(1), 16)]
+            best = max(best, (i - start, start), key=lambda span: span[0])
+    return [text.strip() for _, text in instructions[best[1]:best[1] + best[0] + 1]]
+
+
+@needs_nvcc
+def test_gear_split_loop_makes_no_calls(built, cuobjdump):
+    # The GEAR split kernel's step loop once divided 64-bit token positions by the group and block
+    # sizes: each division a subroutine CALL (plus ~30 instructions on its fast path), ~200
+    # instructions of every 16-token step. The loop now shifts and counts; a CALL there again
+    # would be such a division (or another slow path) in the hottest code of the family.
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", str(built)], capture_output=True, text=True).stdout
+    kernels = [part for part in re.split(r"\n\s*Function : ", sass)[1:] if "gear_split_kernel" in part.split("\n")[0]]
+    assert len(kernels) == 20, "one split kernel per (bits, head_dim, rank, factor storage)"
+    for kernel in kernels:
+        loop = main_loop(kernel)
+        assert len(loop) > 1000 and any(op.startswith("HMMA") for op in loop), kernel.split("\n")[0]
+        calls = [op for op in loop if re.search(r"\bCALL\b", op)]
+        assert not calls, (kernel.split("\n")[0], calls)
 
 
 def test_arch_parsing():
