@@ -5,48 +5,57 @@
 //
 // Work split (flash-decoding): grid (splits, ceil(M / 8), batch * kv_heads), 4 warps per CTA.
 // The sequence is cut into 16-token steps (compressed steps, then the tail's); a CTA owns a
-// contiguous run of steps and each warp a contiguous quarter of it. A warp keeps the running
-// max / sum / output of 8 q rows (of the M = q heads per kv head x q_len; the top half of the
-// mma's M = 16) in registers; the CTA merges its 4 warps through shared memory and writes one
-// fp32 partial per split, and a second kernel merges the splits (skipped when there is one).
+// contiguous run of steps and each warp a contiguous quarter of it, its compressed steps in one
+// loop and the tail's in a second. A warp keeps the running max / sum / output of 8 q rows (of
+// the M = q heads per kv head x q_len) in registers; the CTA merges its 4 warps through shared
+// memory and writes one fp32 partial per split, and a second kernel merges the splits (skipped
+// when there is one). At most 168 registers per thread and 75 KB of shared memory per CTA: three
+// CTAs per SM on sm_90 (rank-8 int8 factors: two).
+//
+// Transposed tiles: every m16n8k16 mma of the step loop has the 8 q rows as its N (= 8), and
+// tokens (scores) or channels (output) as its M (= 16), so no half of an mma is padding and the
+// accumulators are whole C fragments: S^T = K Q^T, O^T = V^T P^T. Lane (g, t) (g = lane / 4,
+// t = lane % 4) holds scores of tokens g and g + 8 for q rows 2t, 2t + 1, and output channels of
+// its run for the same two rows.
 //
 // Loads: every warp streams its steps through a private ring of kStages step slots in shared
 // memory (StepSlot): the step's key and value codes, value scales/zeros, outliers, low-rank A
 // rows, and the key group's scales/zeros where the step starts one, all by cp.async issued
-// kStages - 1 steps ahead (four slots, three for 4-bit codes at head_dim 128: a CTA stays within
-// 80 KB), so two or three steps' bytes per warp (~45 KB per SM for 2 bits) are in flight while it
-// computes: enough to cover HBM latency at full bandwidth, where the first version fetched one
-// step's key codes ahead and waited for its value codes every step (437 us at 8k, batch 16 on an
-// H100 against an issue floor estimated near 30 us: latency-bound). No barrier between warps: a warp's lanes sync
-// with __syncwarp around the ring. The B factors of a block are prefetched into L2 when its
-// first step is staged.
+// kStages - 1 steps ahead (four slots, three for 4-bit codes at head_dim 128), so two or three
+// steps' bytes per warp are in flight while it computes. No barrier between warps: a warp's lanes
+// sync with __syncwarp around the ring. The B factors of a block are prefetched into L2 when its
+// first step is staged. The loop divides nothing: key groups by a shift (G is a power of two),
+// blocks by counting steps; the copies are unrolled and predicated.
 //
-// Per 16-token step a warp issues, with m16n8k16 mma (fp32 accumulate):
-// * scores S = Q' C^T: the B operand (k = channels, n = 8 tokens) is built from the packed codes
-//   in registers (read from the step slot), never through ldmatrix. Lane (g, t) (g = lane / 4, t = lane % 4) reads
-//   words [t * D/128 * bits, ...) of token g -- D/4 contiguous channels -- and each 16-bit half
-//   of a word gives code pairs (channel c, channel c + E/2) of the same slot: one LOP3 puts
-//   both codes into the mantissas of two fp16 magic numbers 2^(10 - k) (k = the code's bit
-//   position, so no shift is needed for the low 8 bits of a half and one shift for the high 8)
-//   and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
-//   channels, and the A operand Q' is gathered in the same permutation: Q' = q * key scale of
+// Per 16-token step a warp issues:
+// * scores S^T = C Q'^T: the A operand (m = 16 tokens, k = channels) is built from the packed
+//   codes in registers (read from the step slot), never through ldmatrix. Lane (g, t) reads
+//   words [t * D/128 * bits, ...) of tokens g and g + 8 -- D/4 contiguous channels -- and each
+//   16-bit half of a word gives code pairs (channel c, channel c + E/2) of the same slot: one
+//   LOP3 puts both codes into the mantissas of two fp16 magic numbers 2^(10 - k) (k = the code's
+//   bit position, so no shift is needed for the low 8 bits of a half and one shift for the high
+//   8) and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
+//   channels, and the B operand Q'^T is gathered in the same permutation: Q' = q * key scale of
 //   the current key group (per channel), rounded to fp16 once per group, so the K tile is the
-//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d. The mask bits of step
-//   i + 1 are loaded while step i computes.
-//   Keys' outliers add q[idx] * val to their token's score (a gather of q in shared memory);
-//   the low-rank term is one more k-step: A = q B_kj (rank space, formed once per block).
-// * online softmax in base 2 on the score fragments (quad shuffles), rescaling O only when a
-//   row's max moved;
-// * O += P V: P is the score fragment re-packed as the A operand (no shared memory); the B
-//   operand (k = 16 tokens, n = 8 channels) pairs two tokens of one channel, so lane (g, t)
-//   byte-permutes the same half-word of tokens 2t and 2t + 1 (and 2t + 8, 2t + 9) into one
-//   word and decodes its slots as above. Lane g covers the channel run [g D/8, (g+1) D/8),
-//   one value group (group_size >= 16 divides it), so n-tile j is channel n D/8 + j and the
-//   dequantization is one HFMA2 with the two tokens' (scale, -zero * scale).
-//   Values' outliers form a sparse fp16 tile in shared memory (a token's channels are distinct:
-//   plain stores) that goes through the same P V mma via ldmatrix.trans, then is cleared. The low-rank
-//   term accumulates P A_v as a C fragment and adds (P A_v) B_vj^T once per block (one mma per
-//   n-tile: that C fragment is the A operand).
+//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d (an mma of the zeros as
+//   every A row). The mask bits of step i + 1 are loaded while step i computes.
+//   Keys' outliers add q[idx] * val to their token's scores (a gather of q in shared memory);
+//   the low-rank term is one more k-step: A = the step's A_k rows, B = (q B_kj)^T (rank space,
+//   formed once per block).
+// * online softmax in base 2 on the score fragments (shuffles across the 8 lanes of a row),
+//   rescaling O only when a row's max moved;
+// * O^T += V^T P^T: P^T, the B operand (k = 16 tokens, n = 8 rows), is the score fragment
+//   packed to fp16 pairs and transposed by one movmatrix per 8 tokens. The A operand (m = 16
+//   channels, k = 16 tokens) pairs two tokens of one channel, so lane (g, t) byte-permutes the
+//   same half-word of tokens 2t and 2t + 1 (and 2t + 8, 2t + 9) into one word and decodes its
+//   slots as above. Lane g covers the channel run [g D/8, (g+1) D/8), one value group
+//   (group_size >= 16 divides it); output tile m's rows g and g + 8 are run channels 2m, 2m + 1
+//   (Warp::channel), and the dequantization is one HFMA2 with the two tokens' (scale,
+//   -zero * scale). Values' outliers form a sparse fp16 tile in shared memory (a token's
+//   channels are distinct: plain stores) that goes through the same mma via ldmatrix.trans,
+//   then is cleared. The low-rank term accumulates P A_v as a C fragment (an mma over the top
+//   8 of 16 rows) and adds B_vj (P A_v)^T once per block (one mma per output tile: that C
+//   fragment is the B operand).
 // * factors are fp16, or int8 (template flag I8): Â enters the mma as exact fp16 integers and
 //   its per-(block, rank column) fp32 scales multiply the rank-space operands instead (q B_kj
 //   and P A_v, both formed in fp32); B = B̂ / 127 is made fp32 (q B_kj) or fp16 (values) on
@@ -81,8 +90,10 @@ using ptx::cp_async_wait;
 using ptx::fast_exp2;
 using ptx::ldmatrix_x4_trans;
 using ptx::lop3_and_or;
-using ptx::mma_bf16;
+using ptx::mma16_bf16;
+using ptx::mma16_f16;
 using ptx::mma_f16;
+using ptx::movmatrix_trans;
 using ptx::prefetch_l2;
 
 constexpr int kWarp = 32;
@@ -125,12 +136,11 @@ __device__ __forceinline__ uint16_t float_bits(float v, bool bf16) {
 __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, bool bf16) {
   return uint32_t(float_bits(lo, bf16)) | (uint32_t(float_bits(hi, bf16)) << 16);
 }
-__device__ __forceinline__ void mma_raw(bool bf16, float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0,
-                                        uint32_t b1) {
+__device__ __forceinline__ void mma16_raw(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if (bf16) {
-    mma_bf16(c, a_lo, a_hi, b0, b1);
+    mma16_bf16(c, a, b0, b1);
   } else {
-    mma_f16(c, a_lo, a_hi, b0, b1);
+    mma16_f16(c, a, b0, b1);
   }
 }
 
@@ -172,8 +182,9 @@ struct SharedState {
   float row_scale[kRows];  // 2^row_exp
   union {
     // per warp while the steps run: the values' outliers of the step as a sparse fp16 tile (16 tokens
-    // x D, zero elsewhere; column (c % (D/8)) * 8 + c / (D/8) holds channel c, so n-tile j is columns
-    // 8j..8j+7; rows padded by 8 halves: conflict-free ldmatrix)
+    // x D, zero elsewhere; column (c % (D/8)) * 8 + c / (D/8) holds channel c, so output tile m is
+    // columns 16m..16m+15, rows g and g + 8 of its A operand 8 apart; rows padded by 8 halves:
+    // conflict-free ldmatrix)
     __half vout[kWarps][kStep][D + 8];
     float oacc[kWarps][kRows][D];  // after the steps: the warps' outputs, for the merge
   };
@@ -233,12 +244,12 @@ struct alignas(16) StepSlot {
   Factor key_a[kRankEntries], value_a[kRankEntries];
   __half key_scale[D], key_zero[D];  // the key group's, staged where the step starts one (or the warp's run)
 
-  // the key-mask bits of the lane's four score columns (tokens 2t, 2t+1, 8+2t, 9+2t) of the step at tok0
-  static __device__ __forceinline__ uint32_t keep_bits(const uint8_t* mask, long tok0, int t) {
-    uint32_t keep = 0xfu;
+  // the key-mask bits of the lane's two score rows (bit h: token 8h + g) of the step at tok0
+  static __device__ __forceinline__ uint32_t keep_bits(const uint8_t* mask, long tok0, int g) {
+    uint32_t keep = 0x3u;
 #pragma unroll
-    for (int col = 0; col < 4; ++col)
-      if (mask && !mask[tok0 + 8 * (col / 2) + 2 * t + col % 2]) keep &= ~(1u << col);
+    for (int h = 0; h < 2; ++h)
+      if (mask && !mask[tok0 + 8 * h + g]) keep &= ~(1u << h);
     return keep;
   }
 };
@@ -269,14 +280,18 @@ struct ValueFrame {
 template <int BITS, int D, int RANK, bool I8>
 struct Warp {
   using L = Layout<BITS, D>;
+  static constexpr int kTiles = L::kNT / 2;  // 16-channel output tiles (the mma's M) of O^T
+  // channel of output tile m's row g + 8h: lane g's run [g D/8, (g+1) D/8), two channels per tile
+  static __device__ __forceinline__ constexpr int channel(int g, int m, int h) { return g * L::kNT + 2 * m + h; }
 
-  // ---- per key group: A operand Q' = q * key scale (fp16, permuted) and the zero bias
+  // ---- per key group: the B operand Q'^T, Q' = q * key scale (fp16, permuted; lane (g, t) holds q row
+  // g), and the zero bias of the lane's rows 2t, 2t+1
   static __device__ __forceinline__ void key_group(const SharedState<D>& sh, const __half* ks, const __half* kz,
-                                                   int t, uint32_t (&aq)[L::kKSteps][2], float& bias, int g) {
+                                                   int t, uint32_t (&aq)[L::kKSteps][2], float (&bias)[2], int g) {
     // the lane's contiguous channels [t D/4, (t+1) D/4), one word's E channels at a time (few live registers)
     constexpr int kCh = D / 4;
     const float* q = sh.qf[g] + t * kCh;
-    uint32_t zb[L::kKSteps][2];  // the zeros in aq's layout, as a B operand (the same in every column)
+    uint32_t zb[L::kKSteps][2];  // the zeros in aq's channel order, as A rows (the same in every row)
 #pragma unroll
     for (int w = 0; w < L::kKeyWords; ++w) {
       __half s[L::kE], z[L::kE];
@@ -294,11 +309,14 @@ struct Warp {
         zb[i / 2][i % 2] = pack_bits(z[slo], z[shi]);
       }
     }
-    // bias = sum_d Q'_d zero_d of row g: the mma sums over the quad's channels as it does for the codes
-    float zc[2] = {0.f, 0.f};
+    // bias[c] = sum_d Q'_d zero_d of row 2t + c: the zeros as every A row (a token of zeros), so the
+    // mma sums over the quad's channels as it does for the codes
+    float zc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) mma_f16(zc, aq[ks_][0], aq[ks_][1], zb[ks_][0], zb[ks_][1]);
-    bias = zc[0];
+    for (int ks_ = 0; ks_ < L::kKSteps; ++ks_)
+      mma16_f16(zc, {zb[ks_][0], zb[ks_][0], zb[ks_][1], zb[ks_][1]}, aq[ks_][0], aq[ks_][1]);
+    bias[0] = zc[0];
+    bias[1] = zc[1];
   }
 
   // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
@@ -321,7 +339,7 @@ struct Warp {
     }
   }
 
-  // ---- per block: the A operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
+  // ---- per block: the B operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
   // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; int8 factors:
   // times A's column scales / 127; rounded to fp16)
   static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const Ptrs& p, int blk, int t,
@@ -353,64 +371,62 @@ struct Warp {
     }
   }
 
-  // ---- per block end: O += (P A_v) B_vj^T as one mma per n-tile: A = P A_v (its C fragment
-  // {PA[g][2t], PA[g][2t+1]} is the A operand for k = rank), B = {B_vj[ch][2t], B_vj[ch][2t+1]}
-  // with ch = g D/8 + j, the output mapping of n-tile j
+  // ---- per block end: O^T += B_vj (P A_v)^T, one mma per output tile m: A = B_vj rows ch(m, 0),
+  // ch(m, 1) (k = rank 2t, 2t+1; zero past the rank), B = (P A_v)^T, whose k = rank, n = row g
+  // operand is P A_v's C fragment {PA[g][2t], PA[g][2t+1]}
   static __device__ __forceinline__ void flush_value_lowrank(const Ptrs& p, int blk, int t, int g, float (&pa)[2],
-                                                             float (&o)[L::kNT][2]) {
-    if constexpr (RANK > 0 && I8) {  // A's scales on P A_v's columns 2t, 2t+1 (pa is 0 past the rank); B = B̂ / 127
-      const float* sc = p.vas + long(blk) * RANK;
-      const uint32_t a0 = 2 * t < RANK ? pack_half2(pa[0] * sc[2 * t], pa[1] * sc[2 * t + 1]) : 0u;
-      const int8_t* vb = p.vb8 + long(blk) * D * RANK;
-#pragma unroll
-      for (int j = 0; j < L::kNT; ++j) {
-        const int8_t* b = vb + (g * L::kNT + j) * RANK + 2 * t;
-        const uint32_t b0 = 2 * t < RANK ? pack_half2(float(b[0]) * kInt8BasisScale, float(b[1]) * kInt8BasisScale) : 0u;
-        mma_f16(o[j], a0, 0u, b0, 0u);
+                                                             float (&o)[kTiles][4]) {
+    if constexpr (RANK > 0) {
+      const bool live = 2 * t < RANK;
+      uint32_t b0;
+      const auto basis = [&](int ch) -> uint32_t {  // {B_vj[ch][2t], B_vj[ch][2t + 1]}
+        if constexpr (I8) {  // B = B̂ / 127
+          const int8_t* b = p.vb8 + long(blk) * D * RANK + ch * RANK + 2 * t;
+          return live ? pack_half2(float(b[0]) * kInt8BasisScale, float(b[1]) * kInt8BasisScale) : 0u;
+        } else {
+          return live ? *reinterpret_cast<const uint32_t*>(p.vb + long(blk) * D * RANK + ch * RANK + 2 * t) : 0u;
+        }
+      };
+      if constexpr (I8) {  // A's scales on P A_v's columns 2t, 2t+1 (pa is 0 past the rank)
+        const float* sc = p.vas + long(blk) * RANK;
+        b0 = live ? pack_half2(pa[0] * sc[2 * t], pa[1] * sc[2 * t + 1]) : 0u;
+      } else {
+        b0 = pack_half2(pa[0], pa[1]);
       }
-      pa[0] = pa[1] = 0.f;
-    } else if constexpr (RANK > 0) {
-      const __half* vb = p.vb + long(blk) * D * RANK;
-      const uint32_t a0 = pack_half2(pa[0], pa[1]);
 #pragma unroll
-      for (int j = 0; j < L::kNT; ++j) {
-        const uint32_t b0 = 2 * t < RANK ? *reinterpret_cast<const uint32_t*>(vb + (g * L::kNT + j) * RANK + 2 * t) : 0u;
-        mma_f16(o[j], a0, 0u, b0, 0u);
-      }
+      for (int m = 0; m < kTiles; ++m) mma16_f16(o[m], {basis(channel(g, m, 0)), basis(channel(g, m, 1)), 0u, 0u}, b0, 0u);
       pa[0] = pa[1] = 0.f;
     }
   }
 
-  // ---- online softmax over the step's score fragments s[n-tile][c] (row g, tokens 8 n-tile + 2t + c):
-  // scores -> probabilities in place, running max m and the lane's partial sum l; alpha rescales
-  // what was accumulated before. Returns whether any row's max moved (then O needs the rescale).
-  static __device__ __forceinline__ bool softmax(float (&s)[2][2], float& m, float& l, float& alpha) {
-    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-    alpha = fast_exp2(m - m_safe);
-    const bool moved = m_new != m;
-    float sum = 0.f;
+  // ---- online softmax over the step's transposed scores s[2h + c] (token 8h + g, row 2t + c):
+  // scores -> probabilities in place, the running max m[c] of row 2t + c (over the 8 lanes of column
+  // t: shuffles across g) and the lane's partial sum l[c]; alpha[c] rescales what was accumulated
+  // before. Returns whether any row's max moved (then O needs the rescale).
+  static __device__ __forceinline__ bool softmax(float (&s)[4], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+    bool moved = false;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int c = 0; c < 2; ++c) {
+      float mx = fmaxf(s[c], s[2 + c]);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        s[nt][c] = fast_exp2(s[nt][c] - m_safe);
-        sum += s[nt][c];
-      }
-    l = l * alpha + sum;
-    m = m_new;
+      for (int off = 4; off < kWarp; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
+      const float m_new = fmaxf(m[c], mx);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      alpha[c] = fast_exp2(m[c] - m_safe);
+      moved |= m_new != m[c];
+      s[c] = fast_exp2(s[c] - m_safe);
+      s[2 + c] = fast_exp2(s[2 + c] - m_safe);
+      l[c] = l[c] * alpha[c] + s[c] + s[2 + c];
+      m[c] = m_new;
+    }
     return __any_sync(kFull, moved);
   }
 };
 
 // ----------------------------------------------------------------------------- split kernel
-// dynamic shared memory of the split kernel: the state, then each warp's ring of step slots
 // dynamic shared memory of the split kernel: the state, then each warp's ring of step slots: four
 // (steps i + 1 .. i + 3 load while step i computes) where a CTA stays within kSmemPerCta, else three
-constexpr size_t kSmemPerCta = 80 * 1024;  // two CTAs per SM on sm_80 (164 KB) and sm_90 (228 KB)
+constexpr size_t kSmemPerCta = 75 * 1024;  // three CTAs per SM on sm_90 (228 KB), two on sm_80 (164 KB)
 template <int D>
 constexpr size_t kRingOffset = (sizeof(SharedState<D>) + 15) / 16 * 16;
 template <int BITS, int D, int RANK, bool I8>
@@ -419,8 +435,13 @@ template <int BITS, int D, int RANK, bool I8>
 constexpr size_t kSplitSmemBytes =
     kRingOffset<D> + kStageCount<BITS, D, RANK, I8> * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>);
 
+// Registers for three CTAs per SM (<= 168 per thread; no instantiation spills there), except rank-8
+// int8 factors, which would spill a register at 168: two.
+template <int RANK, bool I8>
+constexpr int kMinCtasPerSm = RANK == 8 && I8 ? 2 : 3;
+
 template <int BITS, int D, int RANK, bool I8>
-__global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs a) {
+__global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_split_kernel(GearDecodeArgs a) {
   using L = Layout<BITS, D>;
   using W = Warp<BITS, D, RANK, I8>;
   using Slot = StepSlot<BITS, D, RANK, I8>;
@@ -533,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
     if (s_begin + i < c_end) stage_step(s_begin + i);
     cp_async_commit();
   }
-  uint32_t keep_next = s_begin < c_end ? Slot::keep_bits(p.mask, long(s_begin) * kStep, t) : 0xfu;
+  uint32_t keep_next = s_begin < c_end ? Slot::keep_bits(p.mask, long(s_begin) * kStep, g) : 0x3u;
 
   // q rows -> fp32, scaled by qk_scale and a power of two per row that brings its largest
   // entry to (1/2, 1] (fp16 operands for any bf16 q; q * key scale cannot overflow)
@@ -557,213 +578,227 @@ __global__ void __launch_bounds__(kThreads, 1) gear_split_kernel(GearDecodeArgs 
   for (int i = lane; i < kStep * (D + 8); i += kWarp) vout[i / (D + 8)][i % (D + 8)] = __float2half(0.f);
   __syncthreads();
 
-  float o[L::kNT][2];  // O[g][(2t + c) D/8 + j] in o[j][c]
+  constexpr int kTiles = W::kTiles;
+  float o[kTiles][4];  // O^T: o[m][2h + c] = O[row 2t + c][channel(g, m, h)]
 #pragma unroll
-  for (int j = 0; j < L::kNT; ++j) o[j][0] = o[j][1] = 0.f;
-  float m = -INFINITY, l = 0.f, bias = 0.f;
-  const float row_scale = sh.row_scale[g];
+  for (int m = 0; m < kTiles; ++m) o[m][0] = o[m][1] = o[m][2] = o[m][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};  // rows 2t, 2t + 1
+  const float row_scale[2] = {sh.row_scale[2 * t], sh.row_scale[2 * t + 1]};
   uint32_t aq[L::kKSteps][2];
-  uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: A operand of the scores' low-rank k-step
+  uint32_t a_qb = 0u;           // {qB[g][2t], qB[g][2t+1]}: B operand of the scores' low-rank k-step
   float pa[2] = {0.f, 0.f};     // C fragment of P A_v (rows g, rank 2t, 2t+1) since the block began
   int cur_group = -1, cur_block = -1, block_end = -1;  // block_end: first step past cur_block
   ValueFrame<BITS, D> vf;
 
-  for (int step = s_begin; step < s_end; ++step) {
-    float s[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    const bool compressed = step < csteps;
+  // masked tokens (and tail positions past the end) -> -inf, then the online softmax; O and P A_v
+  // rescaled where a row's max moved
+  const auto softmax_step = [&](float (&s)[4], uint32_t keep) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (!((keep >> (i / 2)) & 1u)) s[i] = -INFINITY;
+    float alpha[2];
+    if (W::softmax(s, m_run, l_run, alpha)) {
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[m][i] *= alpha[i % 2];
+      if constexpr (RANK > 0) {  // P A_v holds row g: its alpha from lane (0, g / 2)
+        const float a0 = __shfl_sync(kFull, alpha[0], g / 2), a1 = __shfl_sync(kFull, alpha[1], g / 2);
+        const float alpha_g = g % 2 ? a1 : a0;
+        pa[0] *= alpha_g;
+        pa[1] *= alpha_g;
+      }
+    }
+  };
+  // O^T += V^T P^T: P^T is the B operand (k = tokens 2t, 2t+1 / 8+2t, 9+2t, n = row g), the
+  // transpose of the scores' C fragment, one movmatrix per 8 tokens
+  const auto p_operand = [&](const float (&s)[4], int h, bool in_bf16) {
+    return movmatrix_trans(pack_pair(s[2 * h], s[2 * h + 1], in_bf16));
+  };
+
+  // the warp's compressed steps, then (in the last split) the tail's: two loops, so neither carries
+  // the other's branches and O stays in the registers its mma chains use
+  for (int step = s_begin; step < c_end; ++step) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: s[2h + c] = score of token 8h + g, row 2t + c
     const long tok0 = long(step) * kStep;  // sequence position of the step's first token
-    // the lane's four score / P columns: tokens 2t, 2t+1 (n-tile 0) and 8+2t, 9+2t (n-tile 1)
-    uint32_t keep = 0xfu;
-    uint32_t b_ka[2] = {0u, 0u}, b_va[2] = {0u, 0u};  // low-rank B operands (compressed steps, RANK > 0)
-    const Slot& slot = ring[step % kStages];          // read on compressed steps only
-    if (compressed) {
-      __syncwarp();  // every lane is done with step - 1's slot, which step + kStages - 1 takes
-      if (step + kStages - 1 < c_end) stage_step(step + kStages - 1);
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();  // this lane's copies for this step have landed ...
-      __syncwarp();                  // ... and so have every lane's
-      keep = keep_next;
-      if (step + 1 < c_end) keep_next = Slot::keep_bits(p.mask, tok0 + kStep, t);
-      vf.load(slot, g, t, G);
-      // low-rank rows: B operand of the scores' rank k-step {A_k[g][2t], A_k[g][2t+1]} per n-tile,
-      // and of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
-      if constexpr (RANK > 0) {
+    uint32_t a_ka[2] = {0u, 0u}, b_va[2] = {0u, 0u};  // low-rank operands (RANK > 0)
+    const Slot& slot = ring[step % kStages];
+    __syncwarp();  // every lane is done with step - 1's slot, which step + kStages - 1 takes
+    if (step + kStages - 1 < c_end) stage_step(step + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // this lane's copies for this step have landed ...
+    __syncwarp();                  // ... and so have every lane's
+    const uint32_t keep = keep_next;  // bit h: token 8h + g attends
+    if (step + 1 < c_end) keep_next = Slot::keep_bits(p.mask, tok0 + kStep, g);
+    vf.load(slot, g, t, G);
+    // low-rank rows: A rows of the scores' rank k-step {A_k[8h + g][2t], A_k[8h + g][2t+1]}, and
+    // the B operand of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
+    if constexpr (RANK > 0) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int tok_k = 8 * nt + g, tok_v = 8 * nt + 2 * t;  // rows of the step
-          if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
-            if (2 * t < RANK)
-              b_ka[nt] = pack_bits(__short2half_rn(slot.key_a[tok_k * RANK + 2 * t]),
-                                   __short2half_rn(slot.key_a[tok_k * RANK + 2 * t + 1]));
-            if (g < RANK)
-              b_va[nt] = pack_bits(__short2half_rn(slot.value_a[tok_v * RANK + g]),
-                                   __short2half_rn(slot.value_a[(tok_v + 1) * RANK + g]));
-          } else {
-            if (2 * t < RANK) b_ka[nt] = *reinterpret_cast<const uint32_t*>(slot.key_a + tok_k * RANK + 2 * t);
-            if (g < RANK) b_va[nt] = pack_bits(slot.value_a[tok_v * RANK + g], slot.value_a[(tok_v + 1) * RANK + g]);
-          }
+      for (int h = 0; h < 2; ++h) {
+        const int tok_k = 8 * h + g, tok_v = 8 * h + 2 * t;  // rows of the step
+        if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
+          if (2 * t < RANK)
+            a_ka[h] = pack_bits(__short2half_rn(slot.key_a[tok_k * RANK + 2 * t]),
+                                __short2half_rn(slot.key_a[tok_k * RANK + 2 * t + 1]));
+          if (g < RANK)
+            b_va[h] = pack_bits(__short2half_rn(slot.value_a[tok_v * RANK + g]),
+                                __short2half_rn(slot.value_a[(tok_v + 1) * RANK + g]));
+        } else {
+          if (2 * t < RANK) a_ka[h] = *reinterpret_cast<const uint32_t*>(slot.key_a + tok_k * RANK + 2 * t);
+          if (g < RANK) b_va[h] = pack_bits(slot.value_a[tok_v * RANK + g], slot.value_a[(tok_v + 1) * RANK + g]);
         }
-      }
-      if (step >= block_end) {  // the step enters a block
-        const int blk = step / steps_per_block;
-        if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
-        a_qb = W::key_lowrank(sh, p, blk, t, g);
-        cur_block = blk;
-        block_end = (blk + 1) * steps_per_block;
-      }
-      const int grp = step >> group_shift;
-      if (grp != cur_group) {
-        W::key_group(sh, slot.key_scale, slot.key_zero, t, aq, bias, g);
-        cur_group = grp;
-      }
-      // S = Q' codes^T over key rows tok0 + 8 nt + g (the lane's D/4 channels of each)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        uint32_t kw[L::kKeyWords];
-        load_words(slot.key + (8 * nt + g) * L::kWords + t * L::kKeyWords, kw);
-#pragma unroll
-        for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
-          const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;
-          const uint32_t b0 = L::pair(kw[i0 / L::kHalf], i0 % L::kHalf);
-          const uint32_t b1 = L::pair(kw[i1 / L::kHalf], i1 % L::kHalf);
-          mma_f16(s[nt], aq[ks_][0], aq[ks_][1], b0, b1);
-        }
-      }
-      if constexpr (RANK > 0) {  // + (q B_kj) A_kᵀ: one more k-step, k = rank (<= 8 of its 16)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma_f16(s[nt], a_qb, 0u, b_ka[nt], 0u);
-      }
-      // - zero bias + outliers (q[idx] * val, outlier j of all four columns per iteration: four
-      // independent chains), then back to qk_scale units
-      float add[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int j = 0; j < n_out; ++j) {
-#pragma unroll
-        for (int col = 0; col < 4; ++col) {
-          const int e = (8 * (col / 2) + 2 * t + col % 2) * n_out + j;
-          add[col] += sh.qf[g][slot.key_out_idx[e]] * __half2float(slot.key_out_val[e]);
-        }
-      }
-#pragma unroll
-      for (int col = 0; col < 4; ++col) s[col / 2][col % 2] = (s[col / 2][col % 2] - bias + add[col]) * row_scale;
-    } else {
-      // tail step: raw q (natural channel order) against the raw tail keys, in q's dtype
-      const int base = int(tok0 - Tc);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int tok = base + 8 * nt + g;
-        const bool ok = tok < a.tail_len;
-#pragma unroll
-        for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
-          const int c0 = 16 * ks_ + 2 * t;
-          const bool live = g < rows_here;
-          const uint32_t qa_lo = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0) : 0u;
-          const uint32_t qa_hi = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0 + 8) : 0u;
-          const uint32_t b0 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0) : 0u;
-          const uint32_t b1 = ok ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0 + 8) : 0u;
-          mma_raw(bf16, s[nt], qa_lo, qa_hi, b0, b1);
-        }
-        s[nt][0] *= a.qk_scale;
-        s[nt][1] *= a.qk_scale;
-      }
-#pragma unroll
-      for (int col = 0; col < 4; ++col) {
-        const long pos = tok0 + 8 * (col / 2) + 2 * t + col % 2;
-        if (pos >= seq_len || (p.mask && !p.mask[pos])) keep &= ~(1u << col);
       }
     }
-    // masked columns (and tail positions past the end) -> -inf
-#pragma unroll
-    for (int col = 0; col < 4; ++col)
-      if (!((keep >> col) & 1u)) s[col / 2][col % 2] = -INFINITY;
-    float alpha;
-    if (W::softmax(s, m, l, alpha)) {
-#pragma unroll
-      for (int j = 0; j < L::kNT; ++j) o[j][0] *= alpha, o[j][1] *= alpha;
-      pa[0] *= alpha;
-      pa[1] *= alpha;
+    if (step >= block_end) {  // the step enters a block
+      const int blk = step / steps_per_block;
+      if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
+      a_qb = W::key_lowrank(sh, p, blk, t, g);
+      cur_block = blk;
+      block_end = (blk + 1) * steps_per_block;
     }
-    // O += P V
-    if (compressed) {
-      // P as the A operand: tokens 2t, 2t+1 (k low) and 8+2t, 9+2t (k high) of row g
-      const uint32_t p_lo = pack_half2(s[0][0], s[0][1]), p_hi = pack_half2(s[1][0], s[1][1]);
-      // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
-      // one word, then each slot is one channel of the lane's run for both tokens
-      uint32_t comb[2][L::kRunHalves], v_scale[2], v_nzs[2];
+    const int grp = step >> group_shift;
+    if (grp != cur_group) {
+      W::key_group(sh, slot.key_scale, slot.key_zero, t, aq, bias, g);
+      cur_group = grp;
+    }
+    // S^T = codes Q'^T: A rows g and g + 8 are key tokens tok0 + g, tok0 + 8 + g (the lane's D/4
+    // channels of each), B = Q'^T
+    uint32_t kw[2][L::kKeyWords];
 #pragma unroll
-      for (int pr = 0; pr < 2; ++pr) {
+    for (int h = 0; h < 2; ++h) load_words(slot.key + (8 * h + g) * L::kWords + t * L::kKeyWords, kw[h]);
 #pragma unroll
-        for (int hh = 0; hh < L::kRunHalves; ++hh) {
-          const int pos = L::kRunHalves >= 2 ? hh % 2 : g % 2;
-          const int wi = L::kRunHalves >= 2 ? hh / 2 : 0;
-          comb[pr][hh] = __byte_perm(vf.vw[pr][0][wi], vf.vw[pr][1][wi], 0x5410 + pos * 0x2222);
-        }
-        v_scale[pr] = vf.v_scale[pr];
-        v_nzs[pr] = hmul2(vf.v_zero[pr], v_scale[pr]) ^ 0x80008000u;  // -zero * scale
+    for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+      const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;  // code pairs of k 2t, 2t+1 and 2t+8, 2t+9
+      mma16_f16(s,
+                {L::pair(kw[0][i0 / L::kHalf], i0 % L::kHalf), L::pair(kw[1][i0 / L::kHalf], i0 % L::kHalf),
+                 L::pair(kw[0][i1 / L::kHalf], i1 % L::kHalf), L::pair(kw[1][i1 / L::kHalf], i1 % L::kHalf)},
+                aq[ks_][0], aq[ks_][1]);
+    }
+    if constexpr (RANK > 0) mma16_f16(s, {a_ka[0], a_ka[1], 0u, 0u}, a_qb, 0u);  // + A_k (q B_kj)^T, k = rank
+    // - zero bias + outliers (q[idx] * val: the lane's two tokens' outliers against both its
+    // rows), then back to qk_scale units
+    float add[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < n_out; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int e = (8 * h + g) * n_out + j;
+        const int idx = slot.key_out_idx[e];
+        const float val = __half2float(slot.key_out_val[e]);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) add[2 * h + c] += sh.qf[2 * t + c][idx] * val;
       }
+    }
 #pragma unroll
-      for (int j = 0; j < L::kNT; ++j) {
-        const int hh = j / L::kHalf, slot = j % L::kHalf;
-        const uint32_t b0 = hfma2(L::pair(comb[0][hh], slot), v_scale[0], v_nzs[0]);
-        const uint32_t b1 = hfma2(L::pair(comb[1][hh], slot), v_scale[1], v_nzs[1]);
-        mma_f16(o[j], p_lo, p_hi, b0, b1);
-      }
-      if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
-      if (n_out > 0) {  // O += P Vout: the values' outliers as a sparse tile through the same mma
-        // lane: token lane % 16, outliers lane / 16, lane / 16 + 2, ... (a token's channels are distinct)
-        const int otok = lane % kStep;
-        const auto tile_entry = [&](int j) -> __half& {
-          const int c = slot.value_out_idx[otok * n_out + j];
-          return vout[otok][(c % L::kNT) * 8 + c / L::kNT];
-        };
-        for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = slot.value_out_val[otok * n_out + j];
-        __syncwarp();
-        const int mat = lane / 8;  // ldmatrix: lane gives row lane % 8 of matrix mat (tokens 0-7 / 8-15, n-tile j / j+1)
+    for (int i = 0; i < 4; ++i) s[i] = (s[i] - bias[i % 2] + add[i]) * row_scale[i % 2];
+    softmax_step(s, keep);
+    const uint32_t p_lo = p_operand(s, 0, false), p_hi = p_operand(s, 1, false);
+    // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
+    // one word, then each slot is one channel of the lane's run for both tokens
+    uint32_t comb[2][L::kRunHalves], v_scale[2], v_nzs[2];
 #pragma unroll
-        for (int j = 0; j < L::kNT; j += 2) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(&vout[lane % 8 + 8 * (mat % 2)][8 * (j + mat / 2)], b);
-          mma_f16(o[j], p_lo, p_hi, b[0], b[1]);
-          mma_f16(o[j + 1], p_lo, p_hi, b[2], b[3]);
-        }
-        __syncwarp();
-        for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = __half();
-      }
-    } else {
-      const int base = int(tok0 - Tc);
-      const uint32_t p_lo = pack_pair(s[0][0], s[0][1], bf16), p_hi = pack_pair(s[1][0], s[1][1], bf16);
+    for (int pr = 0; pr < 2; ++pr) {
 #pragma unroll
-      for (int j = 0; j < L::kNT; ++j) {
-        const int ch = g * L::kNT + j;
-        uint32_t b[2];
+      for (int hh = 0; hh < L::kRunHalves; ++hh) {
+        const int pos = L::kRunHalves >= 2 ? hh % 2 : g % 2;
+        const int wi = L::kRunHalves >= 2 ? hh / 2 : 0;
+        comb[pr][hh] = __byte_perm(vf.vw[pr][0][wi], vf.vw[pr][1][wi], 0x5410 + pos * 0x2222);
+      }
+      v_scale[pr] = vf.v_scale[pr];
+      v_nzs[pr] = hmul2(vf.v_zero[pr], v_scale[pr]) ^ 0x80008000u;  // -zero * scale
+    }
+    // run channel j of token pair pr, dequantized: {V[2t + 8pr][ch], V[2t + 8pr + 1][ch]}
+    const auto dequant = [&](int pr, int j) {
+      return hfma2(L::pair(comb[pr][j / L::kHalf], j % L::kHalf), v_scale[pr], v_nzs[pr]);
+    };
 #pragma unroll
-        for (int pr = 0; pr < 2; ++pr) {
-          const int ta = base + 8 * pr + 2 * t, tb = ta + 1;
-          const uint32_t lo = ta < a.tail_len ? tv[ta * D + ch] : 0u;
-          const uint32_t hi = tb < a.tail_len ? tv[tb * D + ch] : 0u;
-          b[pr] = lo | (hi << 16);
-        }
-        mma_raw(bf16, o[j], p_lo, p_hi, b[0], b[1]);
+    for (int m = 0; m < kTiles; ++m)  // A rows g, g + 8 = run channels 2m, 2m + 1
+      mma16_f16(o[m], {dequant(0, 2 * m), dequant(0, 2 * m + 1), dequant(1, 2 * m), dequant(1, 2 * m + 1)}, p_lo,
+                p_hi);
+    if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
+    if (n_out > 0) {  // O^T += Vout^T P^T: the values' outliers as a sparse tile through the same mma
+      // lane: token lane % 16, outliers lane / 16, lane / 16 + 2, ... (a token's channels are distinct)
+      const int otok = lane % kStep;
+      const auto tile_entry = [&](int j) -> __half& {
+        const int c = slot.value_out_idx[otok * n_out + j];
+        return vout[otok][(c % L::kNT) * 8 + c / L::kNT];
+      };
+      for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = slot.value_out_val[otok * n_out + j];
+      __syncwarp();
+      // ldmatrix .trans: lane gives row lane % 8 of matrix mat = lane / 8: tokens 8 (mat / 2) + row,
+      // tile m's columns of channels channel(., m, mat % 2), so r = the A operand of tile m
+      const int mat = lane / 8;
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(&vout[lane % 8 + 8 * (mat / 2)][16 * m + 8 * (mat % 2)], r);
+        mma16_f16(o[m], r, p_lo, p_hi);
       }
-      if (cur_block >= 0) {  // the compressed steps are over
-        W::flush_value_lowrank(p, cur_block, t, g, pa, o);
-        cur_block = -1;
-      }
+      __syncwarp();
+      for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = __half();
     }
   }
   if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
+  for (int step = max(s_begin, csteps); step < s_end; ++step) {  // tail steps: O^T += V^T P^T on the raw tail
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    const long tok0 = long(step) * kStep;
+    uint32_t keep = 0x3u;  // bit h: token 8h + g attends
+    // S^T: the raw tail keys (natural channel order) against raw q, in q's dtype
+    const int base = int(tok0 - Tc);
+    const bool live = g < rows_here;
+#pragma unroll
+    for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+      const int c0 = 16 * ks_ + 2 * t;
+      uint32_t a_k[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // rows g, g + 8 (i % 2) at k 2t.. and 2t+8.. (i / 2)
+        const int tok = base + 8 * (i % 2) + g;
+        a_k[i] = tok < a.tail_len ? *reinterpret_cast<const uint32_t*>(tk + tok * D + c0 + 8 * (i / 2)) : 0u;
+      }
+      const uint32_t b0 = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0) : 0u;
+      const uint32_t b1 = live ? *reinterpret_cast<const uint32_t*>(q + g * D + c0 + 8) : 0u;
+      mma16_raw(bf16, s, a_k, b0, b1);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[i] *= a.qk_scale;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const long pos = tok0 + 8 * h + g;
+      if (pos >= seq_len || (p.mask && !p.mask[pos])) keep &= ~(1u << h);
+    }
+    softmax_step(s, keep);
+    const uint32_t p_lo = p_operand(s, 0, bf16), p_hi = p_operand(s, 1, bf16);
+#pragma unroll
+    for (int m = 0; m < kTiles; ++m) {
+      uint32_t a_v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // rows g, g + 8 (channels h = i % 2) at tokens 2t.. and 2t+8.. (i / 2)
+        const int ch = W::channel(g, m, i % 2), ta = base + 8 * (i / 2) + 2 * t, tb = ta + 1;
+        const uint32_t lo = ta < a.tail_len ? tv[ta * D + ch] : 0u;
+        const uint32_t hi = tb < a.tail_len ? tv[tb * D + ch] : 0u;
+        a_v[i] = lo | (hi << 16);
+      }
+      mma16_raw(bf16, o[m], a_v, p_lo, p_hi);
+    }
+  }
 
-  // the warp's partial: l summed over the quad, O into shared memory (over the outlier tiles: all
-  // warps must be past their steps)
-  l += __shfl_xor_sync(kFull, l, 1);
-  l += __shfl_xor_sync(kFull, l, 2);
-  __syncthreads();
+  // the warp's partial: l summed over the 8 lanes of a column, O into shared memory (over the
+  // outlier tiles: all warps must be past their steps)
 #pragma unroll
   for (int c = 0; c < 2; ++c)
 #pragma unroll
-    for (int j = 0; j < L::kNT; ++j) sh.oacc[warp][g][(2 * t + c) * L::kNT + j] = o[j][c];
-  if (t == 0) {
-    sh.wm[warp][g] = m;
-    sh.wl[warp][g] = l;
+    for (int off = 4; off < kWarp; off <<= 1) l_run[c] += __shfl_xor_sync(kFull, l_run[c], off);
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sh.oacc[warp][2 * t + i % 2][W::channel(g, m, i / 2)] = o[m][i];
+  if (g == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      sh.wm[warp][2 * t + c] = m_run[c];
+      sh.wl[warp][2 * t + c] = l_run[c];
+    }
   }
   __syncthreads();
 

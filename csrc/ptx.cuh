@@ -112,26 +112,44 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// movmatrix .trans: an 8 x 8 b16 matrix held as lane (g, t) = {M[g][2t], M[g][2t + 1]} comes back
+// transposed in the same layout: {M[2t][g], M[2t + 1][g]}
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t m) {
 #ifdef LOWRANK_OPS_EMULATE
-// m16n8k16 row.col, fp32 accumulate, from every lane's fragments (layouts as in mma_top_rows)
+  const auto all = emu::warp_exchange(emu::Collective::kMovmatrix, &m, 1);
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const auto entry = [&](int row, int col) { return uint32_t(uint16_t(all[4 * row + col / 2][0] >> (16 * (col % 2)))); };
+  return entry(2 * t, g) | (entry(2 * t + 1, g) << 16);
+#else
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(m));
+  return d;
+#endif
+}
+
+#ifdef LOWRANK_OPS_EMULATE
+// m16n8k16 row.col, fp32 accumulate, from every lane's fragments: lane (g, t) holds A rows g (a[0]:
+// k 2t, 2t+1; a[2]: k 2t+8, 2t+9) and g + 8 (a[1], a[3]), B column g (b0: k 2t, 2t+1; b1: k 2t+8,
+// 2t+9) and C[g][2t, 2t+1] (c[0], c[1]), C[g + 8][2t, 2t+1] (c[2], c[3]); `rows` 8 or 16 of C kept
 inline float emulated_input(uint32_t pair, int hi, bool bf16) {
   const uint16_t bits = uint16_t(pair >> (16 * hi));
   return bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
 }
-inline void emulated_mma_top_rows(float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0, uint32_t b1, bool bf16) {
-  const uint32_t mine[4] = {a_lo, a_hi, b0, b1};
-  const auto all = emu::warp_exchange(emu::Collective::kMma, mine, 4);
+inline void emulated_mma(float* c, int rows, const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  const auto all = emu::warp_exchange(emu::Collective::kMma, mine, 6);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int col = 0; col < 2; ++col) {
-    const int n = 2 * t + col;  // output column; B column n lives in lanes 4n .. 4n + 3
-    double sum = 0.0;
-    for (int k = 0; k < 16; ++k) {
-      const uint32_t* a = all[4 * g + (k % 8) / 2];  // A[g][k]: lane (g, (k % 8) / 2), a_lo (k < 8) or a_hi
-      const uint32_t* b = all[4 * n + (k % 8) / 2];  // B[k][n]: lane (n, (k % 8) / 2), b0 (k < 8) or b1
-      sum += double(emulated_input(a[k / 8], k % 2, bf16)) * emulated_input(b[2 + k / 8], k % 2, bf16);
+  for (int half = 0; half < rows / 8; ++half)
+    for (int col = 0; col < 2; ++col) {
+      const int n = 2 * t + col;  // output column; B column n lives in lanes 4n .. 4n + 3
+      double sum = 0.0;
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t* ar = all[4 * g + (k % 8) / 2];  // A[g + 8 half][k]: lane (g, (k % 8) / 2)
+        const uint32_t* br = all[4 * n + (k % 8) / 2];  // B[k][n]: lane (n, (k % 8) / 2), b0 (k < 8) or b1
+        sum += double(emulated_input(ar[half + 2 * (k / 8)], k % 2, bf16)) * emulated_input(br[4 + k / 8], k % 2, bf16);
+      }
+      c[2 * half + col] = float(double(c[2 * half + col]) + sum);
     }
-    c[col] = float(double(c[col]) + sum);
-  }
 }
 #endif
 
@@ -147,18 +165,37 @@ inline void emulated_mma_top_rows(float (&c)[2], uint32_t a_lo, uint32_t a_hi, u
         : "+f"(c[0]), "+f"(c[1])                                                                               \
         : "r"(a_lo), "r"(a_hi), "r"(b0), "r"(b1));                                                             \
   }
+// The whole m16n8k16 mma (fp32 accumulate, in place): lane (g, t) passes A rows g and g + 8
+// (a[0], a[2]: row g, k 2t.. and 2t+8..; a[1], a[3]: row g + 8), B as above, and keeps
+// c[0], c[1] = C[g][2t, 2t+1], c[2], c[3] = C[g + 8][2t, 2t+1].
+#define LOWRANK_OPS_MMA16(NAME, TYPE)                                                                          \
+  __device__ __forceinline__ void NAME(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {       \
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                                 \
+        ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                          \
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                       \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                                      \
+  }
 #ifdef LOWRANK_OPS_EMULATE
 __device__ __forceinline__ void mma_f16(float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0, uint32_t b1) {
-  emulated_mma_top_rows(c, a_lo, a_hi, b0, b1, false);
+  emulated_mma(c, 8, {a_lo, 0u, a_hi, 0u}, b0, b1, false);
 }
 __device__ __forceinline__ void mma_bf16(float (&c)[2], uint32_t a_lo, uint32_t a_hi, uint32_t b0, uint32_t b1) {
-  emulated_mma_top_rows(c, a_lo, a_hi, b0, b1, true);
+  emulated_mma(c, 8, {a_lo, 0u, a_hi, 0u}, b0, b1, true);
+}
+__device__ __forceinline__ void mma16_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulated_mma(c, 16, a, b0, b1, false);
+}
+__device__ __forceinline__ void mma16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulated_mma(c, 16, a, b0, b1, true);
 }
 #else
 LOWRANK_OPS_MMA(mma_f16, "f16")
 LOWRANK_OPS_MMA(mma_bf16, "bf16")
+LOWRANK_OPS_MMA16(mma16_f16, "f16")
+LOWRANK_OPS_MMA16(mma16_bf16, "bf16")
 #endif
 #undef LOWRANK_OPS_MMA
+#undef LOWRANK_OPS_MMA16
 
 }  // namespace ptx
 }  // namespace lowrank_ops

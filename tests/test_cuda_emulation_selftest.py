@@ -1,6 +1,6 @@
 """Emulation lane, the emulator itself: the primitives every emulated CUDA kernel relies on, each
 through a unit kernel of csrc/emulate/selftest.cu, against the PTX semantics written out here in
-torch: the m16n8k16 mma and ldmatrix .x4 .trans fragment layouts, shuffles and votes, a block
+torch: the m16n8k16 mma (top 8 rows and all 16), movmatrix .trans and ldmatrix .x4 .trans fragment layouts, shuffles and votes, a block
 barrier, cp.async groups landing at the wait that retires them (or at issue), and a divergent warp
 failing the launch by name."""
 from __future__ import annotations
@@ -19,15 +19,27 @@ def selftest():
     return cuda_emulation.load("_selftest")
 
 
+@pytest.mark.parametrize("rows", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mma_fragments_multiply_as_ptx_lays_them_out(selftest, dtype):
+def test_mma_fragments_multiply_as_ptx_lays_them_out(selftest, dtype, rows):
     a = torch.randn(16, 16).to(dtype)
     b = torch.randn(16, 8).to(dtype)
-    c = torch.randn(8, 8)
+    c = torch.randn(rows, 8)
     out = c.clone()
-    selftest.mma(a.view(torch.int16).data_ptr(), b.view(torch.int16).data_ptr(), out.data_ptr(), dtype == torch.bfloat16)
-    expected = c.double() + a[:8].double() @ b.double()  # the kernel keeps the top 8 rows
+    selftest.mma(a.view(torch.int16).data_ptr(), b.view(torch.int16).data_ptr(), out.data_ptr(), dtype == torch.bfloat16,
+                 rows)
+    expected = c.double() + a[:rows].double() @ b.double()  # rows 8: the top-rows wrappers keep A's top half
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_movmatrix_trans_hands_each_lane_the_transposed_pair(selftest):
+    m = torch.randint(0, 1 << 15, (8, 8), dtype=torch.int16)
+    out = torch.zeros(32, dtype=torch.int32)
+    selftest.movmatrix(m.data_ptr(), out.data_ptr())
+    got = out.view(torch.int16).view(32, 2)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        assert got[lane, 0] == m[2 * t, g] and got[lane, 1] == m[2 * t + 1, g]
 
 
 def test_ldmatrix_x4_trans_hands_each_lane_its_transposed_pairs(selftest):

@@ -138,6 +138,7 @@ const char* kind_name(Collective k) {
     case Collective::kSyncWarp: return "__syncwarp";
     case Collective::kMma: return "mma";
     case Collective::kLdmatrix: return "ldmatrix";
+    case Collective::kMovmatrix: return "movmatrix";
   }
   return "?";
 }

@@ -45,7 +45,7 @@ namespace emu {
 constexpr int kWarpSize = 32;
 constexpr int kExchangeWords = 16;  // per lane and collective (an mma passes 10)
 
-enum class Collective : int { kShuffle, kVote, kSyncWarp, kMma, kLdmatrix };
+enum class Collective : int { kShuffle, kVote, kSyncWarp, kMma, kLdmatrix, kMovmatrix };
 
 uint3 thread_index();
 uint3 block_index();
@@ -90,16 +90,21 @@ inline float word_float(uint32_t u) {
   ::lowrank_ops::emu::launch(dim3(grid), dim3(block), smem_bytes, [&] { kernel(__VA_ARGS__); })
 
 // ------------------------------------------------------------------ CUDA intrinsics on the host
+// the value of lane `source` (a shuffle of the whole warp; widths below 32 are not emulated)
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+inline T __shfl_sync(unsigned, T v, int source) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   uint32_t w;
   std::memcpy(&w, &v, 4);
   const auto all = ::lowrank_ops::emu::warp_exchange(::lowrank_ops::emu::Collective::kShuffle, &w, 1);
-  const uint32_t got = all[(threadIdx.x % 32) ^ lane_mask][0];
+  const uint32_t got = all[source % 32][0];
   T out;
   std::memcpy(&out, &got, 4);
   return out;
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return __shfl_sync(mask, v, int(threadIdx.x % 32) ^ lane_mask);
 }
 inline int __any_sync(unsigned, int predicate) {
   const uint32_t w = predicate != 0;

@@ -19,22 +19,44 @@ constexpr unsigned kFull = 0xffffffffu;
 
 uint32_t pair(const uint16_t* p, int lo, int hi) { return uint32_t(p[lo]) | (uint32_t(p[hi]) << 16); }
 
-// C (8 x 8, row-major fp32) += A (rows 0-7 of 16 x 16, row-major) B (16 x 8, row-major), the
-// fragments gathered as the PTX m16n8k16 layout names them (lane (g, t): A[g][2t..], B[2t..][g])
-__global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* c, bool bf16) {
+// C (rows x 8, row-major fp32; rows 8 or 16) += A (the top `rows` of 16 x 16, row-major) B (16 x 8,
+// row-major), the fragments gathered as the PTX m16n8k16 layout names them (lane (g, t): A[g][2t..],
+// A[g + 8][2t..], B[2t..][g]): rows 8 through the top-rows wrappers, 16 through the whole mma
+__global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* c, bool bf16, int rows) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  const uint32_t a_lo = pair(a, g * 16 + 2 * t, g * 16 + 2 * t + 1);
-  const uint32_t a_hi = pair(a, g * 16 + 2 * t + 8, g * 16 + 2 * t + 9);
+  const uint32_t frag[4] = {pair(a, g * 16 + 2 * t, g * 16 + 2 * t + 1), pair(a, (g + 8) * 16 + 2 * t, (g + 8) * 16 + 2 * t + 1),
+                            pair(a, g * 16 + 2 * t + 8, g * 16 + 2 * t + 9), pair(a, (g + 8) * 16 + 2 * t + 8, (g + 8) * 16 + 2 * t + 9)};
   const uint32_t b0 = pair(b, 2 * t * 8 + g, (2 * t + 1) * 8 + g);
   const uint32_t b1 = pair(b, (2 * t + 8) * 8 + g, (2 * t + 9) * 8 + g);
-  float acc[2] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1]};
-  if (bf16) {
-    lowrank_ops::ptx::mma_bf16(acc, a_lo, a_hi, b0, b1);
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], 0.f, 0.f};
+  if (rows == 16) {
+    acc[2] = c[(g + 8) * 8 + 2 * t];
+    acc[3] = c[(g + 8) * 8 + 2 * t + 1];
+    if (bf16) {
+      lowrank_ops::ptx::mma16_bf16(acc, frag, b0, b1);
+    } else {
+      lowrank_ops::ptx::mma16_f16(acc, frag, b0, b1);
+    }
+    c[(g + 8) * 8 + 2 * t] = acc[2];
+    c[(g + 8) * 8 + 2 * t + 1] = acc[3];
   } else {
-    lowrank_ops::ptx::mma_f16(acc, a_lo, a_hi, b0, b1);
+    float top[2] = {acc[0], acc[1]};
+    if (bf16) {
+      lowrank_ops::ptx::mma_bf16(top, frag[0], frag[2], b0, b1);
+    } else {
+      lowrank_ops::ptx::mma_f16(top, frag[0], frag[2], b0, b1);
+    }
+    acc[0] = top[0];
+    acc[1] = top[1];
   }
   c[g * 8 + 2 * t] = acc[0];
   c[g * 8 + 2 * t + 1] = acc[1];
+}
+
+// an 8 x 8 b16 matrix (row-major) through movmatrix .trans: lane (g, t) passes {M[g][2t], M[g][2t+1]}
+__global__ void movmatrix_kernel(const uint16_t* m, uint32_t* out) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  out[lane] = lowrank_ops::ptx::movmatrix_trans(pair(m, g * 8 + 2 * t, g * 8 + 2 * t + 1));
 }
 
 // four 8 x 8 b16 matrices (32 rows of 8) through ldmatrix .x4 .trans; lane l names row l
@@ -111,8 +133,11 @@ T* as(std::uintptr_t p) {
 
 PYBIND11_MODULE(_selftest, m) {
   m.doc() = "unit kernels for the CPU emulation of csrc/ (host addresses as ints)";
-  m.def("mma", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, bool bf16) {
-    LOWRANK_OPS_LAUNCH(mma_kernel, 1, 32, 0, 0, as<const uint16_t>(a), as<const uint16_t>(b), as<float>(c), bf16);
+  m.def("mma", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, bool bf16, int rows) {
+    LOWRANK_OPS_LAUNCH(mma_kernel, 1, 32, 0, 0, as<const uint16_t>(a), as<const uint16_t>(b), as<float>(c), bf16, rows);
+  });
+  m.def("movmatrix", [](std::uintptr_t m, std::uintptr_t out) {
+    LOWRANK_OPS_LAUNCH(movmatrix_kernel, 1, 32, 0, 0, as<const uint16_t>(m), as<uint32_t>(out));
   });
   m.def("ldmatrix", [](std::uintptr_t mats, std::uintptr_t out) {
     LOWRANK_OPS_LAUNCH(ldmatrix_kernel, 1, 32, 0, 0, as<const uint16_t>(mats), as<uint32_t>(out));

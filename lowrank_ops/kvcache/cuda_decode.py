@@ -117,8 +117,10 @@ def preferred(kv: "GEARKV") -> bool:
 
 def split_plan(steps: int, columns: int, num_sms: int) -> tuple[int, int]:
     """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split
-    (batch · kv_heads · row blocks): about two CTAs per SM (the kernel's register use allows
-    two), at least one step per warp, no empty split."""
+    (batch · kv_heads · row blocks): about two CTAs per SM (at least one step per warp, no
+    empty split). The kernel's registers and shared memory let three run per SM on sm_90, two on
+    sm_80, so the plan runs in one wave on both; whether three per SM at batch 1 would be faster
+    is for a GPU to say."""
     want = max(1, min(MAX_SPLITS, -(-2 * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
     per_split = -(-max(steps, 1) // want)
     return -(-max(steps, 1) // per_split), per_split
