@@ -56,10 +56,10 @@
 //   then is cleared. The low-rank term accumulates P A_v as a C fragment (an mma over the top
 //   8 of 16 rows) and adds B_vj (P A_v)^T once per block (one mma per output tile: that C
 //   fragment is the B operand).
-// * factors are fp16, or int8 (template flag I8): Â enters the mma as exact fp16 integers and
-//   its per-(block, rank column) fp32 scales multiply the rank-space operands instead (q B_kj
-//   and P A_v, both formed in fp32); B = B̂ / 127 is made fp32 (q B_kj) or fp16 (values) on
-//   the fly. The fp16 path is the int8 one's `else` branches, unchanged.
+// * factors are fp16, or int8 (template flag I8): Â (and the values' B̂) enter the mma as exact
+//   fp16 integers (int8x2_half2: a magic number, no I2F); A's per-(block, rank column) fp32 scales
+//   and B's 1/127 multiply the rank-space operands instead (q B_kj, formed in fp32 from B̂, and
+//   P A_v). The fp16 path is the int8 one's `else` branches.
 // * tail steps: the same mma chain on the raw fp16/bf16 tail (natural channel order).
 // Rows whose keys are all masked give 0. Deterministic: no atomics.
 //
@@ -120,6 +120,11 @@ __device__ __forceinline__ float rank_entry(const uint32_t* words, int k) {  // 
 constexpr float kInt8BasisScale = 1.f / 127.f;  // int8 B = B̂ / 127 (format.py INT8_BASIS_SCALE)
 __device__ __forceinline__ float int8_entry(const uint32_t* words, int k) {  // int8 entry k of packed quads
   return float(int8_t(words[k / 4] >> (8 * (k % 4))));
+}
+// two int8 values (bytes 0 and 1 of x) as the exact fp16 pair {byte 0, byte 1}: each into the
+// mantissa of 1024 + 128 with its sign bit flipped, then minus 1152 (no I2F)
+__device__ __forceinline__ uint32_t int8x2_half2(uint32_t x) {
+  return hsub2(__byte_perm(x, 0x64u, 0x4140) ^ 0x00800080u, 0x64806480u);
 }
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -311,12 +316,12 @@ struct Warp {
     }
     // bias[c] = sum_d Q'_d zero_d of row 2t + c: the zeros as every A row (a token of zeros), so the
     // mma sums over the quad's channels as it does for the codes
-    float zc[4] = {0.f, 0.f, 0.f, 0.f};
+    float zc[2][4] = {};  // even and odd k-steps: two mma chains
 #pragma unroll
     for (int ks_ = 0; ks_ < L::kKSteps; ++ks_)
-      mma16_f16(zc, {zb[ks_][0], zb[ks_][0], zb[ks_][1], zb[ks_][1]}, aq[ks_][0], aq[ks_][1]);
-    bias[0] = zc[0];
-    bias[1] = zc[1];
+      mma16_f16(zc[ks_ % 2], {zb[ks_][0], zb[ks_][0], zb[ks_][1], zb[ks_][1]}, aq[ks_][0], aq[ks_][1]);
+    bias[0] = zc[0][0] + zc[1][0];
+    bias[1] = zc[0][1] + zc[1][1];
   }
 
   // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
@@ -380,16 +385,16 @@ struct Warp {
       const bool live = 2 * t < RANK;
       uint32_t b0;
       const auto basis = [&](int ch) -> uint32_t {  // {B_vj[ch][2t], B_vj[ch][2t + 1]}
-        if constexpr (I8) {  // B = B̂ / 127
-          const int8_t* b = p.vb8 + long(blk) * D * RANK + ch * RANK + 2 * t;
-          return live ? pack_half2(float(b[0]) * kInt8BasisScale, float(b[1]) * kInt8BasisScale) : 0u;
+        if constexpr (I8) {  // B̂ as exact fp16 integers (B = B̂ / 127: the 1/127 is on the B operand)
+          return live ? int8x2_half2(*reinterpret_cast<const uint16_t*>(p.vb8 + long(blk) * D * RANK + ch * RANK + 2 * t))
+                      : 0u;
         } else {
           return live ? *reinterpret_cast<const uint32_t*>(p.vb + long(blk) * D * RANK + ch * RANK + 2 * t) : 0u;
         }
       };
-      if constexpr (I8) {  // A's scales on P A_v's columns 2t, 2t+1 (pa is 0 past the rank)
+      if constexpr (I8) {  // A's scales and B's 1/127 on P A_v's columns 2t, 2t+1 (pa is 0 past the rank)
         const float* sc = p.vas + long(blk) * RANK;
-        b0 = live ? pack_half2(pa[0] * sc[2 * t], pa[1] * sc[2 * t + 1]) : 0u;
+        b0 = live ? pack_half2(pa[0] * sc[2 * t] * kInt8BasisScale, pa[1] * sc[2 * t + 1] * kInt8BasisScale) : 0u;
       } else {
         b0 = pack_half2(pa[0], pa[1]);
       }
@@ -638,12 +643,10 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
       for (int h = 0; h < 2; ++h) {
         const int tok_k = 8 * h + g, tok_v = 8 * h + 2 * t;  // rows of the step
         if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
-          if (2 * t < RANK)
-            a_ka[h] = pack_bits(__short2half_rn(slot.key_a[tok_k * RANK + 2 * t]),
-                                __short2half_rn(slot.key_a[tok_k * RANK + 2 * t + 1]));
+          if (2 * t < RANK) a_ka[h] = int8x2_half2(*reinterpret_cast<const uint16_t*>(slot.key_a + tok_k * RANK + 2 * t));
           if (g < RANK)
-            b_va[h] = pack_bits(__short2half_rn(slot.value_a[tok_v * RANK + g]),
-                                __short2half_rn(slot.value_a[(tok_v + 1) * RANK + g]));
+            b_va[h] = int8x2_half2(uint32_t(uint8_t(slot.value_a[tok_v * RANK + g])) |
+                                   uint32_t(uint8_t(slot.value_a[(tok_v + 1) * RANK + g])) << 8);
         } else {
           if (2 * t < RANK) a_ka[h] = *reinterpret_cast<const uint32_t*>(slot.key_a + tok_k * RANK + 2 * t);
           if (g < RANK) b_va[h] = pack_bits(slot.value_a[tok_v * RANK + g], slot.value_a[(tok_v + 1) * RANK + g]);
@@ -663,19 +666,21 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
       cur_group = grp;
     }
     // S^T = codes Q'^T: A rows g and g + 8 are key tokens tok0 + g, tok0 + 8 + g (the lane's D/4
-    // channels of each), B = Q'^T
+    // channels of each), B = Q'^T; even and odd k-steps in two accumulators (two mma chains of
+    // half the latency, summed below)
     uint32_t kw[2][L::kKeyWords];
 #pragma unroll
     for (int h = 0; h < 2; ++h) load_words(slot.key + (8 * h + g) * L::kWords + t * L::kKeyWords, kw[h]);
+    float s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
       const int i0 = 2 * ks_, i1 = 2 * ks_ + 1;  // code pairs of k 2t, 2t+1 and 2t+8, 2t+9
-      mma16_f16(s,
+      mma16_f16(ks_ % 2 ? s_odd : s,
                 {L::pair(kw[0][i0 / L::kHalf], i0 % L::kHalf), L::pair(kw[1][i0 / L::kHalf], i0 % L::kHalf),
                  L::pair(kw[0][i1 / L::kHalf], i1 % L::kHalf), L::pair(kw[1][i1 / L::kHalf], i1 % L::kHalf)},
                 aq[ks_][0], aq[ks_][1]);
     }
-    if constexpr (RANK > 0) mma16_f16(s, {a_ka[0], a_ka[1], 0u, 0u}, a_qb, 0u);  // + A_k (q B_kj)^T, k = rank
+    if constexpr (RANK > 0) mma16_f16(s_odd, {a_ka[0], a_ka[1], 0u, 0u}, a_qb, 0u);  // + A_k (q B_kj)^T, k = rank
     // - zero bias + outliers (q[idx] * val: the lane's two tokens' outliers against both its
     // rows), then back to qk_scale units
     float add[4] = {0.f, 0.f, 0.f, 0.f};
@@ -690,7 +695,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
       }
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s[i] = (s[i] - bias[i % 2] + add[i]) * row_scale[i % 2];
+    for (int i = 0; i < 4; ++i) s[i] = (s[i] + s_odd[i] - bias[i % 2] + add[i]) * row_scale[i % 2];
     softmax_step(s, keep);
     const uint32_t p_lo = p_operand(s, 0, false), p_hi = p_operand(s, 1, false);
     // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
