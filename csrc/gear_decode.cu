@@ -903,6 +903,10 @@ void launch(const GearDecodeArgs& a) {
     check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(split_kernel),
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    // all of L1 that can be shared memory: three CTAs' rings on sm_90
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(split_kernel),
+                                    cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+               "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
     if (device < 64) opted_in.fetch_or(uint64_t(1) << device);
   }
   LOWRANK_OPS_LAUNCH(split_kernel, grid, kThreads, smem, stream, a);
