@@ -76,6 +76,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -580,7 +581,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
     if (lane == 0) sh.row_scale[r] = exp2f(e);
   }
   __half(&vout)[kStep][D + 8] = sh.vout[warp];
-  for (int i = lane; i < kStep * (D + 8); i += kWarp) vout[i / (D + 8)][i % (D + 8)] = __float2half(0.f);
+  static_assert(offsetof(SharedState<D>, vout) % 16 == 0 && sizeof(vout) % 16 == 0, "zeroed 16 bytes at a time");
+  for (int i = lane; i < int(sizeof(vout) / 16); i += kWarp) reinterpret_cast<uint4*>(&vout[0][0])[i] = uint4{0u, 0u, 0u, 0u};
   __syncthreads();
 
   constexpr int kTiles = W::kTiles;
