@@ -387,8 +387,8 @@ struct Warp {
       uint32_t b0;
       const auto basis = [&](int ch) -> uint32_t {  // {B_vj[ch][2t], B_vj[ch][2t + 1]}
         if constexpr (I8) {  // B̂ as exact fp16 integers (B = B̂ / 127: the 1/127 is on the B operand)
-          return live ? int8x2_half2(*reinterpret_cast<const uint16_t*>(p.vb8 + long(blk) * D * RANK + ch * RANK + 2 * t))
-                      : 0u;
+          const int8_t* b = p.vb8 + long(blk) * D * RANK + ch * RANK + 2 * t;
+          return live ? int8x2_half2(*reinterpret_cast<const uint16_t*>(b)) : 0u;
         } else {
           return live ? *reinterpret_cast<const uint32_t*>(p.vb + long(blk) * D * RANK + ch * RANK + 2 * t) : 0u;
         }
@@ -400,7 +400,8 @@ struct Warp {
         b0 = pack_half2(pa[0], pa[1]);
       }
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m) mma16_f16(o[m], {basis(channel(g, m, 0)), basis(channel(g, m, 1)), 0u, 0u}, b0, 0u);
+      for (int m = 0; m < kTiles; ++m)
+        mma16_f16(o[m], {basis(channel(g, m, 0)), basis(channel(g, m, 1)), 0u, 0u}, b0, 0u);
       pa[0] = pa[1] = 0.f;
     }
   }
@@ -582,7 +583,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   }
   __half(&vout)[kStep][D + 8] = sh.vout[warp];
   static_assert(offsetof(SharedState<D>, vout) % 16 == 0 && sizeof(vout) % 16 == 0, "zeroed 16 bytes at a time");
-  for (int i = lane; i < int(sizeof(vout) / 16); i += kWarp) reinterpret_cast<uint4*>(&vout[0][0])[i] = uint4{0u, 0u, 0u, 0u};
+  uint4* const vout_words = reinterpret_cast<uint4*>(&vout[0][0]);
+  for (int i = lane; i < int(sizeof(vout) / 16); i += kWarp) vout_words[i] = uint4{0u, 0u, 0u, 0u};
   __syncthreads();
 
   constexpr int kTiles = W::kTiles;
@@ -645,7 +647,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
       for (int h = 0; h < 2; ++h) {
         const int tok_k = 8 * h + g, tok_v = 8 * h + 2 * t;  // rows of the step
         if constexpr (I8) {  // Â as exact fp16 integers (its scales are on the rank-space side)
-          if (2 * t < RANK) a_ka[h] = int8x2_half2(*reinterpret_cast<const uint16_t*>(slot.key_a + tok_k * RANK + 2 * t));
+          if (2 * t < RANK)
+            a_ka[h] = int8x2_half2(*reinterpret_cast<const uint16_t*>(slot.key_a + tok_k * RANK + 2 * t));
           if (g < RANK)
             b_va[h] = int8x2_half2(uint32_t(uint8_t(slot.value_a[tok_v * RANK + g])) |
                                    uint32_t(uint8_t(slot.value_a[(tok_v + 1) * RANK + g])) << 8);

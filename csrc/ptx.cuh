@@ -118,7 +118,9 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t m) {
 #ifdef LOWRANK_OPS_EMULATE
   const auto all = emu::warp_exchange(emu::Collective::kMovmatrix, &m, 1);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const auto entry = [&](int row, int col) { return uint32_t(uint16_t(all[4 * row + col / 2][0] >> (16 * (col % 2)))); };
+  const auto entry = [&](int row, int col) {  // M[row][col]: lane (row, col / 2), half col % 2
+    return uint32_t(uint16_t(all[4 * row + col / 2][0] >> (16 * (col % 2))));
+  };
   return entry(2 * t, g) | (entry(2 * t + 1, g) << 16);
 #else
   uint32_t d;

@@ -198,7 +198,8 @@ def test_gear_split_loop_makes_no_calls_and_keeps_its_size(built, cuobjdump):
     # subroutine CALL plus ~25 instructions on its fast path, every 16-token step. It now shifts
     # and counts; a CALL there again would be such a division (or another slow path).
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", str(built)], capture_output=True, text=True).stdout
-    kernels = [part for part in re.split(r"\n\s*Function : ", sass)[1:] if "gear_split_kernel" in part.split("\n")[0]]
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    kernels = [part for part in functions if "gear_split_kernel" in part.split("\n")[0]]
     sizes = {}
     for kernel in kernels:
         name = kernel.split("\n")[0]

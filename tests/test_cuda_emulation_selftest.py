@@ -1,8 +1,8 @@
 """Emulation lane, the emulator itself: the primitives every emulated CUDA kernel relies on, each
 through a unit kernel of csrc/emulate/selftest.cu, against the PTX semantics written out here in
-torch: the m16n8k16 mma (top 8 rows and all 16), movmatrix .trans and ldmatrix .x4 .trans fragment layouts, shuffles and votes, a block
-barrier, cp.async groups landing at the wait that retires them (or at issue), and a divergent warp
-failing the launch by name."""
+torch: the m16n8k16 mma (top 8 rows and all 16), movmatrix .trans and ldmatrix .x4 .trans fragment
+layouts, shuffles and votes, a block barrier, cp.async groups landing at the wait that retires them
+(or at issue), and a divergent warp failing the launch by name."""
 from __future__ import annotations
 
 import pytest
@@ -26,8 +26,8 @@ def test_mma_fragments_multiply_as_ptx_lays_them_out(selftest, dtype, rows):
     b = torch.randn(16, 8).to(dtype)
     c = torch.randn(rows, 8)
     out = c.clone()
-    selftest.mma(a.view(torch.int16).data_ptr(), b.view(torch.int16).data_ptr(), out.data_ptr(), dtype == torch.bfloat16,
-                 rows)
+    bf16 = dtype == torch.bfloat16
+    selftest.mma(a.view(torch.int16).data_ptr(), b.view(torch.int16).data_ptr(), out.data_ptr(), bf16, rows)
     expected = c.double() + a[:rows].double() @ b.double()  # rows 8: the top-rows wrappers keep A's top half
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
 

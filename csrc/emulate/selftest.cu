@@ -24,8 +24,8 @@ uint32_t pair(const uint16_t* p, int lo, int hi) { return uint32_t(p[lo]) | (uin
 // A[g + 8][2t..], B[2t..][g]): rows 8 through the top-rows wrappers, 16 through the whole mma
 __global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* c, bool bf16, int rows) {
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  const uint32_t frag[4] = {pair(a, g * 16 + 2 * t, g * 16 + 2 * t + 1), pair(a, (g + 8) * 16 + 2 * t, (g + 8) * 16 + 2 * t + 1),
-                            pair(a, g * 16 + 2 * t + 8, g * 16 + 2 * t + 9), pair(a, (g + 8) * 16 + 2 * t + 8, (g + 8) * 16 + 2 * t + 9)};
+  const auto a_pair = [&](int row, int k) { return pair(a, row * 16 + k, row * 16 + k + 1); };
+  const uint32_t frag[4] = {a_pair(g, 2 * t), a_pair(g + 8, 2 * t), a_pair(g, 2 * t + 8), a_pair(g + 8, 2 * t + 8)};
   const uint32_t b0 = pair(b, 2 * t * 8 + g, (2 * t + 1) * 8 + g);
   const uint32_t b1 = pair(b, (2 * t + 8) * 8 + g, (2 * t + 9) * 8 + g);
   float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], 0.f, 0.f};
