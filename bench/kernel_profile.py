@@ -5,8 +5,9 @@
 For each case, eager calls run under ``torch.profiler`` and every CUDA kernel's device time is
 summed per kernel name and divided by the call count: the split between our kernels (and any
 copy or helper kernel that should not be there) without the host-side gaps of eager launches.
-The GEAR cases also give the CUDA kernel's per-kernel times where it serves the cache, and time
-the Triton call as a CUDA-graph replay for several sequence-split
+The GEAR cases also give the CUDA kernel's per-kernel times where it serves the cache and its
+CUDA-graph replay time for split plans of one to four CTAs per SM (the launcher aims at two; the
+kernel fits three on sm_90), and time the Triton call as a CUDA-graph replay for several sequence-split
 counts (``num_splits``; "auto" is the launcher's choice), the knob that sets how many programs
 a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 32, 32-token
 tiles fold the key scale into q). After each case the configs the autotuner
@@ -82,9 +83,19 @@ def gear(device: torch.device) -> None:
         for config in GEAR_CONFIGS:
             kv = compress(keys, values, KB.gear_config(config))
             print_kernels(f"GEAR {config} T={context} b={batch}", kernel_times(lambda: KB._gear(q, kv)))
-            if cuda_decode.supports(q, kv).ok:  # the CUDA kernel's split and combine kernels (its cp.async ring)
+            if cuda_decode.supports(q, kv).ok:  # the CUDA kernel's split and combine kernels
+                scale = q.shape[-1] ** -0.5
                 print_kernels(f"GEAR {config} T={context} b={batch}, CUDA kernel",
-                              kernel_times(lambda: cuda_decode.gear_decode(q, kv, None, q.shape[-1] ** -0.5)))
+                              kernel_times(lambda: cuda_decode.gear_decode(q, kv, None, scale)))
+                steps, columns = cuda_decode.launch_geometry(q, kv)
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                cells = []
+                for per_sm in (1, 2, 3, 4):
+                    splits, _ = cuda_decode.split_plan(steps, columns, sms, ctas_per_sm=per_sm)
+                    timing = T.measure(lambda q_: cuda_decode.gear_decode(q_, kv, None, scale, num_splits=splits),
+                                       [(q,)], device, target_ms=20)
+                    cells.append(f"{per_sm}/SM ({splits} splits): {timing.median_us:.1f}")
+                print("  CUDA graph us by plan  " + " | ".join(cells))
             for knob, settings in (("num_splits", SPLITS), ("tile_tokens", TILE_TOKENS)):
                 cells = []
                 for value in settings:

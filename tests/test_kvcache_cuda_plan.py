@@ -49,15 +49,28 @@ def test_cpu_tensors_are_not_served_and_auto_picks_reference():
         cuda_decode.gear_decode(q, kv, None, 0.125)
 
 
+@pytest.mark.parametrize("per_sm", [None, 1, 3, 4])
 @pytest.mark.parametrize("steps,columns,sms", [(512, 8, 132), (512, 128, 132), (3, 8, 132), (1, 1, 132),
                                                 (2049, 1, 132), (10, 4096, 132), (100000, 1, 132)])
-def test_split_plan_covers_every_step_without_an_empty_split(steps, columns, sms):
-    splits, per_split = cuda_decode.split_plan(steps, columns, sms)
+def test_split_plan_covers_every_step_without_an_empty_split(steps, columns, sms, per_sm):
+    if per_sm is None:
+        splits, per_split = cuda_decode.split_plan(steps, columns, sms)
+        per_sm = cuda_decode.CTAS_PER_SM
+    else:
+        splits, per_split = cuda_decode.split_plan(steps, columns, sms, ctas_per_sm=per_sm)
     assert 1 <= splits <= cuda_decode.MAX_SPLITS and per_split >= 1
     assert (splits - 1) * per_split < steps <= splits * per_split  # every split has work, all steps covered
-    # about two CTAs per SM when there are enough steps (rounding to whole steps loses < half)
-    target = min(-(-2 * sms // columns), -(-steps // cuda_decode.WARPS_PER_SPLIT), cuda_decode.MAX_SPLITS)
-    assert 2 * splits >= target
+    # about per_sm CTAs per SM when there are enough steps (rounding to whole steps loses < half)
+    target = min(-(-per_sm * sms // columns), -(-steps // cuda_decode.WARPS_PER_SPLIT), cuda_decode.MAX_SPLITS)
+    assert 2 * splits >= target and splits <= target
+
+
+def test_launch_geometry_counts_steps_and_ctas_per_split():
+    kv = compress(torch.randn(3, 2, 200, 64, dtype=F16), torch.randn(3, 2, 200, 64, dtype=F16), GEARConfig(rank=4))
+    q = torch.randn(3, 2 * 9, 1, 64, dtype=F16)  # 9 q rows per kv head: two row blocks of 8
+    steps, columns = cuda_decode.launch_geometry(q, kv)
+    assert steps == kv.compressed_len // 16 + -(-kv.tail_len // 16) and kv.seq_len == 200
+    assert columns == 3 * 2 * 2
 
 
 def test_automatic_dispatch_prefers_the_cuda_kernel_only_for_small_eager_calls():

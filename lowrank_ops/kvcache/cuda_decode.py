@@ -34,9 +34,10 @@ CUDA_GEAR_HEAD_DIMS = (64, 128)
 CUDA_GEAR_RANKS = (0, 4, 8)
 CUDA_GEAR_MAX_OUTLIERS = 8  # per vector (round(outlier_ratio * head_dim)): the kernel stages a step's in shared memory
 STEP_TOKENS = 16  # tokens per warp step of the kernel
-ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the mma's M is 16, the kernel keeps the top 8
+ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the N of the kernel's transposed mma tiles
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
+CTAS_PER_SM = 2  # what split_plan aims at (the kernel fits three per SM on sm_90, two on sm_80)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 _LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 # When automatic dispatch takes this kernel (H100, bench/results/h100-2026-11-27-4ec857a, 32 q / 8
@@ -115,13 +116,20 @@ def preferred(kv: "GEARKV") -> bool:
     return kv.batch * kv.kv_heads * kv.seq_len <= EAGER_MAX_WORK
 
 
-def split_plan(steps: int, columns: int, num_sms: int) -> tuple[int, int]:
-    """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split
-    (batch · kv_heads · row blocks): about two CTAs per SM (at least one step per warp, no
-    empty split). The kernel's registers and shared memory let three run per SM on sm_90, two on
-    sm_80, so the plan runs in one wave on both; whether three per SM at batch 1 would be faster
-    is for a GPU to say."""
-    want = max(1, min(MAX_SPLITS, -(-2 * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
+def launch_geometry(q: Tensor, kv: "GEARKV") -> tuple[int, int]:
+    """(16-token steps of the cache, CTAs per sequence split: batch · kv_heads · row blocks)."""
+    m = (q.shape[1] // kv.kv_heads) * q.shape[2]
+    steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
+    return steps, q.shape[0] * kv.kv_heads * -(-m // ROWS_PER_BLOCK)
+
+
+def split_plan(steps: int, columns: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM) -> tuple[int, int]:
+    """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split:
+    about ``ctas_per_sm`` CTAs per SM (at least one step per warp, no empty split). The kernel's
+    registers and shared memory let three run per SM on sm_90, two on sm_80, so the default plan
+    runs in one wave on both; whether three per SM pay at batch 1 is for a GPU to say
+    (bench/kernel_profile.py times each)."""
+    want = max(1, min(MAX_SPLITS, -(-ctas_per_sm * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
     per_split = -(-max(steps, 1) // want)
     return -(-max(steps, 1) // per_split), per_split
 
@@ -156,9 +164,7 @@ def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optio
     q = q.contiguous()
     t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
     m = (q_heads // kv.kv_heads) * q_len
-    row_blocks = -(-m // ROWS_PER_BLOCK)
-    steps = kv.compressed_len // STEP_TOKENS + -(-kv.tail_len // STEP_TOKENS)
-    columns = batch * kv.kv_heads * row_blocks
+    steps, columns = launch_geometry(q, kv)
     if num_splits is None:
         splits, per_split = split_plan(steps, columns, target.num_sms)
     else:
