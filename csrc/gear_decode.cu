@@ -330,7 +330,7 @@ struct Warp {
   template <typename T>
   static __device__ __forceinline__ void accumulate_qb(const float* q, const T* b, int t, float (&qb)[RANK]) {
     constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4;
-#pragma unroll 4
+#pragma unroll 8
     for (int c = t * kCh; c < (t + 1) * kCh; ++c) {
       uint32_t row[kRowWords];
       load_words(reinterpret_cast<const uint32_t*>(b + c * RANK), row);
