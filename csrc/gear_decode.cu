@@ -260,6 +260,48 @@ struct alignas(16) StepSlot {
   }
 };
 
+// How a warp stages a step's small arrays (value scales/zeros, outliers, A rows): every 16-byte
+// chunk of them, for all steps at once, dealt to (round, lane) when the CTA starts, so staging a
+// step is kRounds predicated cp.async of one shared-memory entry each instead of a copy per array
+// with its own address arithmetic. Chunk (r, lane) copies 16 bytes from src + step * step_bytes
+// into the step's slot at offset dst; meta = dst | step_bytes << 16, 0 for no chunk.
+template <int BITS, int D, int RANK, bool I8>
+struct CopyPlan {
+  using Slot = StepSlot<BITS, D, RANK, I8>;
+  static constexpr int kArrays = 8;
+  static constexpr int kMaxChunks =
+      int(2 * sizeof(Slot::value_scale) + 2 * sizeof(Slot::key_out_idx) + 2 * sizeof(Slot::key_out_val) +
+          (RANK > 0 ? 2 * sizeof(Slot::key_a) : 0)) / 16;  // the arrays come in (key, value) or (scale, zero) pairs
+  static constexpr int kRounds = (kMaxChunks + kWarp - 1) / kWarp;
+  const char* src[kRounds][kWarp];
+  uint32_t meta[kRounds][kWarp];
+
+  // one array of a step: its data for step st at base + st * step_bytes, into the slot at dst
+  struct Piece {
+    const void* base;
+    int step_bytes, dst;
+  };
+  // entries i = thread, thread + threads, ... of the plan (every thread of the CTA, then a barrier)
+  __device__ __forceinline__ void build(const Piece (&pieces)[kArrays], int thread, int threads) {
+    for (int i = thread; i < kRounds * kWarp; i += threads) {
+      int chunk = i, a = 0;
+      while (a < kArrays && chunk >= pieces[a].step_bytes / 16) chunk -= pieces[a++].step_bytes / 16;
+      const bool live = a < kArrays;
+      src[i / kWarp][i % kWarp] = live ? static_cast<const char*>(pieces[a].base) + 16 * chunk : nullptr;
+      meta[i / kWarp][i % kWarp] =
+          live ? uint32_t(pieces[a].dst + 16 * chunk) | uint32_t(pieces[a].step_bytes) << 16 : 0u;
+    }
+  }
+  // the lane's chunks of step st into its slot
+  __device__ __forceinline__ void stage(Slot& slot, int st, int lane) const {
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const uint32_t m = meta[r][lane];
+      if (m != 0u) cp_async<16>(reinterpret_cast<char*>(&slot) + (m & 0xffffu), src[r][lane] + long(st) * (m >> 16));
+    }
+  }
+};
+
 // Value codes and (scale, zero) of one lane for a step, read from its slot: lane (g, t) takes
 // value rows 2t, 2t+1, 2t+8, 2t+9 (its channel run [g D/8, (g+1) D/8), one value group).
 template <int BITS, int D>
@@ -431,16 +473,21 @@ struct Warp {
 };
 
 // ----------------------------------------------------------------------------- split kernel
-// dynamic shared memory of the split kernel: the state, then each warp's ring of step slots: four
-// (steps i + 1 .. i + 3 load while step i computes) where a CTA stays within kSmemPerCta, else three
+// dynamic shared memory of the split kernel: the state, the copy plan, then each warp's ring of
+// step slots: four (steps i + 1 .. i + 3 load while step i computes) where a CTA stays within
+// kSmemPerCta, else three
 constexpr size_t kSmemPerCta = 75 * 1024;  // three CTAs per SM on sm_90 (228 KB), two on sm_80 (164 KB)
+constexpr size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 template <int D>
-constexpr size_t kRingOffset = (sizeof(SharedState<D>) + 15) / 16 * 16;
+constexpr size_t kPlanOffset = round16(sizeof(SharedState<D>));
 template <int BITS, int D, int RANK, bool I8>
-constexpr int kStageCount = kRingOffset<D> + 4 * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>) <= kSmemPerCta ? 4 : 3;
+constexpr size_t kRingOffset = kPlanOffset<D> + round16(sizeof(CopyPlan<BITS, D, RANK, I8>));
+template <int BITS, int D, int RANK, bool I8>
+constexpr int kStageCount =
+    kRingOffset<BITS, D, RANK, I8> + 4 * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>) <= kSmemPerCta ? 4 : 3;
 template <int BITS, int D, int RANK, bool I8>
 constexpr size_t kSplitSmemBytes =
-    kRingOffset<D> + kStageCount<BITS, D, RANK, I8> * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>);
+    kRingOffset<BITS, D, RANK, I8> + kStageCount<BITS, D, RANK, I8> * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>);
 
 // Registers for three CTAs per SM (<= 168 per thread; no instantiation spills there), except rank-8
 // int8 factors, which would spill a register at 168: two.
@@ -507,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   const int s_end = first + min(count, (warp + 1) * per_warp);
 
   // this warp's ring: step st runs from slot st % kStages, staged kStages - 1 steps before
-  Slot* const ring = reinterpret_cast<Slot*>(smem + kRingOffset<D>) + warp * kStages;
+  Slot* const ring = reinterpret_cast<Slot*>(smem + kRingOffset<BITS, D, RANK, I8>) + warp * kStages;
   const int c_end = min(s_end, csteps);  // the warp's compressed steps are [s_begin, c_end)
   // key groups and blocks of a step without a division per step: G is a power of two (>= 16), so
   // step >> group_shift is its key group; staging and the loop visit consecutive steps, so a block
@@ -515,36 +562,47 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   const int group_shift = __ffs(G / kStep) - 1;
   const int steps_per_block = B / kStep;
   int stage_block_end = -1;  // first step past the block of the last staged step
+  using Plan = CopyPlan<BITS, D, RANK, I8>;
+  Plan& plan = *reinterpret_cast<Plan*>(smem + kPlanOffset<D>);
+  {
+    const Factor *ka, *va;
+    if constexpr (I8) {
+      ka = p.ka8, va = p.va8;
+    } else {
+      ka = p.ka, va = p.va;
+    }
+    const int vgroups = D / G, a_bytes = RANK > 0 ? kStep * RANK * int(sizeof(Factor)) : 0;
+    const typename Plan::Piece pieces[Plan::kArrays] = {
+        {p.vs, 2 * kStep * vgroups, int(offsetof(Slot, value_scale))},
+        {p.vz, 2 * kStep * vgroups, int(offsetof(Slot, value_zero))},
+        {p.koi, kStep * n_out, int(offsetof(Slot, key_out_idx))},  // 16 n_out bytes: a multiple of 16
+        {p.voi, kStep * n_out, int(offsetof(Slot, value_out_idx))},
+        {p.kov, 2 * kStep * n_out, int(offsetof(Slot, key_out_val))},
+        {p.vov, 2 * kStep * n_out, int(offsetof(Slot, value_out_val))},
+        {ka, a_bytes, int(offsetof(Slot, key_a))},
+        {va, a_bytes, int(offsetof(Slot, value_a))}};
+    plan.build(pieces, threadIdx.x, kThreads);
+  }
+  __syncthreads();  // the plan is the CTA's
   const auto stage_step = [&](int st) {
     Slot& slot = ring[st % kStages];
     const long tok0 = long(st) * kStep;
     copy_to_shared(slot.key, p.kc + tok0 * L::kWords, sizeof(slot.key), lane);
     copy_to_shared(slot.value, p.vc + tok0 * L::kWords, sizeof(slot.value), lane);
-    const int vgroups = D / G;
-    copy_to_shared(slot.value_scale, p.vs + tok0 * vgroups, kStep * vgroups * 2, lane);
-    copy_to_shared(slot.value_zero, p.vz + tok0 * vgroups, kStep * vgroups * 2, lane);
-    if (n_out > 0) {  // 16 n_out entries per array: a multiple of 16 bytes
-      const long e0 = tok0 * n_out;
-      copy_to_shared(slot.key_out_idx, p.koi + e0, kStep * n_out, lane);
-      copy_to_shared(slot.value_out_idx, p.voi + e0, kStep * n_out, lane);
-      copy_to_shared(slot.key_out_val, p.kov + e0, 2 * kStep * n_out, lane);
-      copy_to_shared(slot.value_out_val, p.vov + e0, 2 * kStep * n_out, lane);
-    }
+    plan.stage(slot, st, lane);
     if (st == s_begin || (st & ((1 << group_shift) - 1)) == 0) {  // where the loop below enters a key group
       const long group_entries = long(st >> group_shift) * D;
       copy_to_shared(slot.key_scale, p.ks + group_entries, 2 * D, lane);
       copy_to_shared(slot.key_zero, p.kz + group_entries, 2 * D, lane);
     }
     if constexpr (RANK > 0) {
-      const Factor *ka, *va, *kb, *vb;
-      if constexpr (I8) {
-        ka = p.ka8, va = p.va8, kb = p.kb8, vb = p.vb8;
-      } else {
-        ka = p.ka, va = p.va, kb = p.kb, vb = p.vb;
-      }
-      copy_to_shared(slot.key_a, ka + tok0 * RANK, sizeof(slot.key_a), lane);
-      copy_to_shared(slot.value_a, va + tok0 * RANK, sizeof(slot.value_a), lane);
       if (st >= stage_block_end) {  // the block's B factors, read when the loop enters it: into L2
+        const Factor *kb, *vb;
+        if constexpr (I8) {
+          kb = p.kb8, vb = p.vb8;
+        } else {
+          kb = p.kb, vb = p.vb;
+        }
         const int blk = st / steps_per_block;
         stage_block_end = (blk + 1) * steps_per_block;
         const long blk_entries = long(blk) * D * RANK;
