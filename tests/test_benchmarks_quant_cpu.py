@@ -137,6 +137,7 @@ def test_main_rejects_bad_arguments(capsys):
     assert QB.main(["--cpu-smoke", "--configs", "4b,9b"]) == 2
     assert "--configs" in capsys.readouterr().err
     assert QB.main(["--cpu-smoke", "--shapes", "64x100"]) == 2
+    assert "K must be a multiple of 128 (group size), got 64x100" in capsys.readouterr().err
     assert QB.main(["--cpu-smoke", "--shapes", "64by100"]) == 2
 
 

@@ -114,6 +114,7 @@ def test_main_rejects_bad_arguments(capsys):
     assert SB.main(["--cpu-smoke", "--patterns", "2:4,3:9"]) == 2
     assert "--patterns" in capsys.readouterr().err
     assert SB.main(["--cpu-smoke", "--shapes", "64x100"]) == 2
+    assert "K must be a multiple of 16 (whole groups of every pattern), got 64x100" in capsys.readouterr().err
     assert SB.main(["--cpu-smoke", "--shapes", "64by100"]) == 2
 
 

@@ -463,13 +463,9 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
                     max_copies=2 if mode == "cpu-smoke" else T.MAX_COPIES)
 
     t_start = time.perf_counter()
-    copy_gbps = T.measure_copy_bandwidth(device)
-    matmul_tflops = T.measure_matmul_tflops(device, env.dtype if device.type == "cuda" else torch.float32)
-    meta = T.run_metadata(device, dtype=T.dtype_name(env.dtype), triton_usable=env.triton_ok, triton_note=env.triton_why)
-    print(f"kvcache benchmarks [{mode}] on {meta['device']} | {T.dtype_name(env.dtype)} | copy {copy_gbps:.0f} GB/s | "
-          f"L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases x {len(configs)} configs", flush=True)
-    if not env.triton_ok:
-        print(f"  note: triton backend unavailable: {env.triton_why}")
+    meta, copy_gbps, matmul_tflops = T.run_prologue(
+        "kvcache", mode, device, env.dtype, f"{len(cases)} cases x {len(configs)} configs",
+        {"triton": (env.triton_ok, env.triton_why)}, triton_usable=env.triton_ok, triton_note=env.triton_why)
 
     header = {
         "suite": "kvcache", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,

@@ -121,6 +121,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def planned_shapes(args: argparse.Namespace, spec: dict, k_multiple: int,
+                   why: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """(shapes, batch sizes) of a weight-matrix suite's plan: ``--shapes`` / ``--batches``, else the
+    mode's ``spec``; every K a multiple of ``k_multiple`` (``why`` says what needs it)."""
+    shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
+    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    bad_k = [f"{n}x{k}" for n, k in shapes if k % k_multiple]
+    if bad_k:
+        raise ValueError(f"--shapes: K must be a multiple of {k_multiple} ({why}), got {','.join(bad_k)}")
+    return shapes, batches
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -578,16 +590,10 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, cases: list[
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
-    copy_gbps = T.measure_copy_bandwidth(device)
-    matmul_tflops = T.measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    meta = T.run_metadata(device, dtype=T.dtype_name(dtype), triton_usable=env.triton_ok,
-                          triton_note=env.triton_why, cuda_ext_usable=env.cuda_ok, cuda_ext_note=env.cuda_why)
-    print(f"lowrank benchmarks [{mode}] on {meta['device']} | {T.dtype_name(dtype)} | "
-          f"copy {copy_gbps:.0f} GB/s | matmul {matmul_tflops:.1f} TFLOP/s | "
-          f"L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases", flush=True)
-    for label, ok, why in (("triton", env.triton_ok, env.triton_why), ("cuda", env.cuda_ok, env.cuda_why)):
-        if not ok:
-            print(f"  note: {label} backend unavailable: {why}")
+    meta, copy_gbps, matmul_tflops = T.run_prologue(
+        "lowrank", mode, device, dtype, f"{len(cases)} cases",
+        {"triton": (env.triton_ok, env.triton_why), "cuda": (env.cuda_ok, env.cuda_why)},
+        triton_usable=env.triton_ok, triton_note=env.triton_why, cuda_ext_usable=env.cuda_ok, cuda_ext_note=env.cuda_why)
 
     def error_row(case: Case, exc: BaseException) -> dict:
         return {"family": case.family, "shape": case.shape, "n": case.n, "k": case.k, "rank": case.rank,

@@ -48,7 +48,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from lowrank_ops.benchmarks import timing as T
-from lowrank_ops.benchmarks.lowrank import parse_ints, parse_shapes, pinned
+from lowrank_ops.benchmarks.lowrank import pinned, planned_shapes
 
 # --------------------------------------------------------------------------- what is measured
 # name -> quantize() options (rank: random compensation factors added to the weight, see above)
@@ -560,12 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
-    shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
-    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    shapes, batches = planned_shapes(args, spec, 128, "group size")
     configs = T.pick_names(args.configs, spec["configs"], list(CONFIGS), "--configs")
-    bad_k = [f"{n}x{k}" for n, k in shapes if k % 128]
-    if bad_k:
-        raise ValueError(f"--shapes: K must be a multiple of 128 (group size), got {','.join(bad_k)}")
     return quant_cases(shapes, batches), configs
 
 
@@ -579,14 +575,9 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
-    copy_gbps = T.measure_copy_bandwidth(device)
-    matmul_tflops = T.measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    meta = T.run_metadata(device, dtype=T.dtype_name(dtype), triton_usable=env.triton_ok, triton_note=env.triton_why)
-    print(f"quant benchmarks [{mode}] on {meta['device']} | {T.dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
-          f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases x "
-          f"{len(configs)} configs", flush=True)
-    if not env.triton_ok:
-        print(f"  note: triton backend unavailable: {env.triton_why}")
+    meta, copy_gbps, matmul_tflops = T.run_prologue(
+        "quant", mode, device, dtype, f"{len(cases)} cases x {len(configs)} configs",
+        {"triton": (env.triton_ok, env.triton_why)}, triton_usable=env.triton_ok, triton_note=env.triton_why)
 
     cache = FormatCache(device)
 

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lowrank_ops.benchmarks import timing as T
-from lowrank_ops.benchmarks.lowrank import parse_ints, parse_shapes, pinned
+from lowrank_ops.benchmarks.lowrank import pinned, planned_shapes
 from lowrank_ops.benchmarks.quant import Env, _fail, _first_line, _randn, _time_into
 
 PATTERNS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "1:4": (1, 4), "2:8": (2, 8), "2:4+q4": (2, 4),
@@ -411,12 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _plan(args: argparse.Namespace, mode: str) -> tuple[list[Case], list[str]]:
     spec = MODES[mode]
-    shapes = parse_shapes(args.shapes) if args.shapes else spec["shapes"]
-    batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    shapes, batches = planned_shapes(args, spec, 16, "whole groups of every pattern")
     patterns = T.pick_names(args.patterns, spec["patterns"], list(PATTERNS), "--patterns")
-    bad_k = [f"{n}x{k}" for n, k in shapes if k % 16]
-    if bad_k:
-        raise ValueError(f"--shapes: K must be a multiple of 16 (whole groups of every pattern), got {','.join(bad_k)}")
     return sparse_cases(shapes, batches), patterns
 
 
@@ -429,14 +425,9 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
 
     t_start = time.perf_counter()
     env = probe_env(device, dtype)
-    copy_gbps = T.measure_copy_bandwidth(device)
-    matmul_tflops = T.measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    meta = T.run_metadata(device, dtype=T.dtype_name(dtype), triton_usable=env.triton_ok, triton_note=env.triton_why)
-    print(f"sparse benchmarks [{mode}] on {meta['device']} | {T.dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
-          f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {len(cases)} cases x "
-          f"{len(patterns)} patterns", flush=True)
-    if not env.triton_ok:
-        print(f"  note: triton backend unavailable: {env.triton_why}")
+    meta, copy_gbps, matmul_tflops = T.run_prologue(
+        "sparse", mode, device, dtype, f"{len(cases)} cases x {len(patterns)} patterns",
+        {"triton": (env.triton_ok, env.triton_why)}, triton_usable=env.triton_ok, triton_note=env.triton_why)
 
     header = {
         "suite": "sparse", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,
