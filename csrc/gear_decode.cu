@@ -281,15 +281,24 @@ struct CopyPlan {
     const void* base;
     int step_bytes, dst;
   };
-  // entries i = thread, thread + threads, ... of the plan (every thread of the CTA, then a barrier)
+  // entries i = thread, thread + threads, ... of the plan (every thread of the CTA, then a barrier);
+  // the pieces are walked unrolled, so they stay in registers (no local memory)
   __device__ __forceinline__ void build(const Piece (&pieces)[kArrays], int thread, int threads) {
     for (int i = thread; i < kRounds * kWarp; i += threads) {
-      int chunk = i, a = 0;
-      while (a < kArrays && chunk >= pieces[a].step_bytes / 16) chunk -= pieces[a++].step_bytes / 16;
-      const bool live = a < kArrays;
-      src[i / kWarp][i % kWarp] = live ? static_cast<const char*>(pieces[a].base) + 16 * chunk : nullptr;
-      meta[i / kWarp][i % kWarp] =
-          live ? uint32_t(pieces[a].dst + 16 * chunk) | uint32_t(pieces[a].step_bytes) << 16 : 0u;
+      const char* chunk_src = nullptr;
+      uint32_t chunk_meta = 0u;
+      int chunk = i;  // the entry's chunk among those of pieces[a], pieces[a + 1], ...
+#pragma unroll
+      for (int a = 0; a < kArrays; ++a) {
+        const int count = pieces[a].step_bytes / 16;
+        if (chunk >= 0 && chunk < count) {
+          chunk_src = static_cast<const char*>(pieces[a].base) + 16 * chunk;
+          chunk_meta = uint32_t(pieces[a].dst + 16 * chunk) | uint32_t(pieces[a].step_bytes) << 16;
+        }
+        chunk -= count;
+      }
+      src[i / kWarp][i % kWarp] = chunk_src;
+      meta[i / kWarp][i % kWarp] = chunk_meta;
     }
   }
   // the lane's chunks of step st into its slot

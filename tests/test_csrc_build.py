@@ -1,5 +1,5 @@
-"""Compile lane: csrc/ builds with nvcc for sm_80 and sm_90 (no GPU needed), with no warning and
-no register spill, and the module imports.
+"""Compile lane: csrc/ builds with nvcc for sm_80 and sm_90 (no GPU needed), with no warning, no
+register spill and no local memory, and the module imports.
 
 The module is imported in a fresh interpreter so this test never loads a second ``_C`` into
 the test process. Skipped only when nvcc is absent.
@@ -100,9 +100,10 @@ def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("csrc_build")
     start = time.perf_counter()
     # warnings are errors here (not in users' builds, where a newer nvcc may add warnings): a
-    # misplaced pragma, an unused variable or a register spill in any kernel fails the compile lane
-    path = cuda_build.build(out, archs=["80", "90"],
-                            extra_flags=["--Werror", "all-warnings", "-Xptxas", "-warn-spills,-Werror"])
+    # misplaced pragma, an unused variable, a register spill or any local memory (a stack frame: an
+    # array indexed at run time) in any kernel fails the compile lane
+    path = cuda_build.build(out, archs=["80", "90"], extra_flags=[
+        "--Werror", "all-warnings", "-Xptxas", "-warn-spills,-warn-lmem-usage,-Werror"])
     print(f"csrc/ built for sm_80 + sm_90 in {time.perf_counter() - start:.1f} s")
     return path
 
