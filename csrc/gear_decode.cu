@@ -205,6 +205,17 @@ struct Ptrs {
   const int8_t *ka8, *kb8, *va8, *vb8;            // int8 factors ...
   const float *kas, *vas;                          // ... and A's column scales per block
   const uint8_t* mask;
+
+  // the A and B arrays in the factor storage of an instantiation (int8_t or __half)
+  template <typename Factor>
+  __device__ __forceinline__ void factors(const Factor*& a_k, const Factor*& a_v, const Factor*& b_k,
+                                          const Factor*& b_v) const {
+    if constexpr (std::is_same_v<Factor, int8_t>) {
+      a_k = ka8, a_v = va8, b_k = kb8, b_v = vb8;
+    } else {
+      a_k = ka, a_v = va, b_k = kb, b_v = vb;
+    }
+  }
 };
 
 __device__ __forceinline__ uint32_t pack_bits(__half lo, __half hi) {
@@ -573,13 +584,9 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   int stage_block_end = -1;  // first step past the block of the last staged step
   using Plan = CopyPlan<BITS, D, RANK, I8>;
   Plan& plan = *reinterpret_cast<Plan*>(smem + kPlanOffset<D>);
+  const Factor *ka, *va, *kb, *vb;
+  p.factors(ka, va, kb, vb);
   {
-    const Factor *ka, *va;
-    if constexpr (I8) {
-      ka = p.ka8, va = p.va8;
-    } else {
-      ka = p.ka, va = p.va;
-    }
     const int vgroups = D / G, a_bytes = RANK > 0 ? kStep * RANK * int(sizeof(Factor)) : 0;
     const typename Plan::Piece pieces[Plan::kArrays] = {
         {p.vs, 2 * kStep * vgroups, int(offsetof(Slot, value_scale))},
@@ -606,12 +613,6 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
     }
     if constexpr (RANK > 0) {
       if (st >= stage_block_end) {  // the block's B factors, read when the loop enters it: into L2
-        const Factor *kb, *vb;
-        if constexpr (I8) {
-          kb = p.kb8, vb = p.vb8;
-        } else {
-          kb = p.kb, vb = p.vb;
-        }
         const int blk = st / steps_per_block;
         stage_block_end = (blk + 1) * steps_per_block;
         const long blk_entries = long(blk) * D * RANK;

@@ -94,6 +94,11 @@ def _source_hash(cxx: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _filename(name: str) -> str:
+    """The file of emulated module ``name``: the extension's file name with ``name`` for its module's."""
+    return name + cuda_build.ext_filename()[len(cuda_build.MODULE_NAME):]
+
+
 def build(out_dir: Path, name: str = "_C", verbose: bool = False) -> Path:
     """Compile the emulated module ``name`` (:func:`_sources`) into ``out_dir`` and return its path
     (atomic: renamed into place)."""
@@ -111,9 +116,8 @@ def build(out_dir: Path, name: str = "_C", verbose: bool = False) -> Path:
             jobs.append(([cxx, *FLAGS, *incs, *head, "-c", str(src), "-o", obj], obj))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             list(pool.map(lambda job: cuda_build._run(job[0], verbose), jobs))
-        filename = name + cuda_build.ext_filename()[len(cuda_build.MODULE_NAME):]
-        target = out_dir / filename
-        partial = out_dir / (filename + f".tmp{os.getpid()}")
+        target = out_dir / _filename(name)
+        partial = out_dir / (target.name + f".tmp{os.getpid()}")
         cuda_build._run([cxx, "-shared", *[obj for _, obj in jobs], "-o", str(partial)], verbose)
         os.replace(partial, target)
     return target
@@ -132,7 +136,7 @@ def load(name: str = "_C") -> ModuleType:
     :func:`_sources`). Raises :class:`~lowrank_ops.core.cuda_build.CudaBuildError` when it cannot build."""
     cxx = find_cxx() or ""
     out = cuda_ext.default_cache_dir().parent / "emulation" / _source_hash(cxx)
-    target = out / (name + cuda_build.ext_filename()[len(cuda_build.MODULE_NAME):])
+    target = out / _filename(name)
     if not target.is_file():
         build(out, name)
     spec = importlib.util.spec_from_file_location(f"lowrank_ops_emulation.{name}", target)  # never lowrank_ops._C
