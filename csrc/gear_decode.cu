@@ -9,7 +9,9 @@
 // loop and the tail's in a second. A warp keeps the running max / sum / output of 8 q rows (of
 // the M = q heads per kv head x q_len) in registers; the CTA merges its 4 warps through shared
 // memory and writes one fp32 partial per split, and a second kernel merges the splits (skipped
-// when there is one). At most 168 registers per thread and 75 KB of shared memory per CTA: three
+// when there is one). On sm_90 both launch with programmatic stream serialization: a kernel's CTAs
+// are placed while the kernel before it finishes and wait for it (griddepcontrol) before they
+// touch global memory. At most 168 registers per thread and 75 KB of shared memory per CTA: three
 // CTAs per SM on sm_90 (rank-8 int8 factors: two).
 //
 // Transposed tiles: every m16n8k16 mma of the step loop has the 8 q rows as its N (= 8), and
@@ -221,8 +223,10 @@ struct Ptrs {
 __device__ __forceinline__ uint32_t pack_bits(__half lo, __half hi) {
   return uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
 }
-template <int N>
-__device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[N]) {
+// N consecutive 4-byte words (N = 1, 2 or 4; src aligned to 4 N bytes) in one load
+template <typename T, int N>
+__device__ __forceinline__ void load_words(const T* src, T (&w)[N]) {
+  static_assert(sizeof(T) == 4 && (N == 1 || N == 2 || N == 4), "one 4-, 8- or 16-byte load of 4-byte words");
   if constexpr (N == 4) {
     *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(src);
   } else if constexpr (N == 2) {
@@ -492,6 +496,31 @@ struct Warp {
   }
 };
 
+// ----------------------------------------------------------------------------- merging partials
+// A softmax partial of one output entry: its running max (base 2), sum of weights and weighted sum.
+struct Partial {
+  float max, sum, acc;
+  __device__ __forceinline__ float value() const { return sum > 0.f ? acc / sum : 0.f; }  // 0: no keys
+};
+// N partials of one output entry (max m[i * ml_stride], sum l[i * ml_stride], weighted sum
+// acc[i * acc_stride], in shared memory) as one: each weighted 2^(m_i - max) (0 for a partial
+// with no keys, max -inf)
+template <int N>
+__device__ __forceinline__ Partial merge_partials(const float* m, const float* l, const float* acc, int ml_stride,
+                                                  int acc_stride) {
+  Partial out{-INFINITY, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < N; ++i) out.max = fmaxf(out.max, m[i * ml_stride]);
+  const float m_safe = out.max == -INFINITY ? 0.f : out.max;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float wt = fast_exp2(m[i * ml_stride] - m_safe);
+    out.acc += wt * acc[i * acc_stride];
+    out.sum += wt * l[i * ml_stride];
+  }
+  return out;
+}
+
 // ----------------------------------------------------------------------------- split kernel
 // dynamic shared memory of the split kernel: the state, the copy plan, then each warp's ring of
 // step slots: four (steps i + 1 .. i + 3 load while step i computes) where a CTA stays within
@@ -523,6 +552,10 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   constexpr int kStages = kStageCount<BITS, D, RANK, I8>;
   LOWRANK_OPS_DYNAMIC_SMEM(smem);
   SharedState<D>& sh = *reinterpret_cast<SharedState<D>*>(smem);
+  // a programmatic launch may start while the stream's previous kernel finishes: nothing in global
+  // memory is touched before it has; the combine kernel's CTAs may then be placed as SMs free up
+  ptx::wait_for_prior_grids();
+  ptx::allow_dependent_grids();
 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = lane / 4, t = lane % 4;
@@ -885,25 +918,15 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   const long part_row0 = (bh * gridDim.x + split) * M + row0;
   for (int i = threadIdx.x; i < rows_here * D; i += kThreads) {
     const int r = i / D, c = i % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sh.wm[w][r]);
-    const float m_safe = mx == -INFINITY ? 0.f : mx;
-    float acc = 0.f, sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = fast_exp2(sh.wm[w][r] - m_safe);
-      acc += wt * sh.oacc[w][r][c];
-      sum += wt * sh.wl[w][r];
-    }
+    const Partial merged = merge_partials<kWarps>(&sh.wm[0][r], &sh.wl[0][r], &sh.oacc[0][r][c], kRows, kRows * D);
     if (final_out) {
       uint16_t* out = reinterpret_cast<uint16_t*>(a.out) + (bh * M + row0 + r) * D;
-      out[c] = float_bits(sum > 0.f ? acc / sum : 0.f, bf16);
+      out[c] = float_bits(merged.value(), bf16);
     } else {
-      reinterpret_cast<float*>(a.part_acc)[(part_row0 + r) * D + c] = acc;
+      reinterpret_cast<float*>(a.part_acc)[(part_row0 + r) * D + c] = merged.acc;
       if (c == 0) {
-        reinterpret_cast<float*>(a.part_m)[part_row0 + r] = mx;
-        reinterpret_cast<float*>(a.part_l)[part_row0 + r] = sum;
+        reinterpret_cast<float*>(a.part_m)[part_row0 + r] = merged.max;
+        reinterpret_cast<float*>(a.part_l)[part_row0 + r] = merged.sum;
       }
     }
   }
@@ -911,51 +934,66 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
 
 // ----------------------------------------------------------------------------- combine kernel
 constexpr int kMaxSplits = 1024;  // lowrank_ops/kvcache/cuda_decode.py MAX_SPLITS
+constexpr int kCombineWarps = 8;
+constexpr int kCombineBatch = 4;  // splits whose loads a combine warp issues together
 
-// x reduced over the CTA's threads (a multiple of 32, at most 32 warps) by `op`; every thread gets it.
-template <typename Op>
-__device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = op(x, __shfl_xor_sync(kFull, x, off));
-  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  __syncthreads();  // scratch is free (an earlier reduction's readers are done)
-  if (threadIdx.x % kWarp == 0) scratch[warp] = x;
-  __syncthreads();
-  x = scratch[0];
-  for (int w = 1; w < warps; ++w) x = op(x, scratch[w]);
-  return x;
-}
-
-// Grid (M, batch * kv_heads), D threads: one q row's split partials (fp32, L2-resident) merged.
-// The splits' maxima come in D at a time (thread s loads split s: independent loads, not one
-// split after another), then the row max, every split's weight 2^(m_s - max) into shared memory
-// and the weighted sum of the sums; thread c then sums channel c over the splits, its loads
-// unrolled. 0 for a row with no keys.
-__global__ void gear_combine_kernel(const float* part_m, const float* part_l, const float* part_acc, uint16_t* out,
-                                    int M, int splits, int D, bool bf16) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float scratch[kWarp];
-  const int row = blockIdx.x, c = threadIdx.x;
+// Grid (M, batch * kv_heads), 8 warps: one q row's split partials (fp32, L2-resident, written by
+// the split kernel just before) merged. Warp w merges splits w, w + 8, w + 16, ... by an online
+// rescale, lane l holding channels [l D/32, (l+1) D/32) (one 16- or 8-byte load per split; the
+// split's max and sum are the same address for every lane: one broadcast load each). A warp
+// loads four of its splits at a time, then folds them in (ptxas issues two splits' loads before
+// the first fold: about two L2 round trips per four splits a warp takes, two in all for up to 32
+// splits, where a split at a time took one each); then the 8 warps' partials merge through shared
+// memory. 0 for a row with no keys.
+template <int D>
+__global__ void __launch_bounds__(kCombineWarps * kWarp)
+    gear_combine_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                        const float* __restrict__ part_acc, uint16_t* __restrict__ out, int M, int splits, bool bf16) {
+  constexpr int kPerLane = D / kWarp;
+  __shared__ float wm[kCombineWarps], wl[kCombineWarps];
+  __shared__ __align__(16) float wacc[kCombineWarps][D];
+  ptx::wait_for_prior_grids();  // the split kernel's partials (a programmatic launch may start early)
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int row = blockIdx.x;
   const long bh = blockIdx.y;
   const long base = bh * splits * M + row;  // partial of split s: base + s * M
-  float mx = -INFINITY;
-  for (int s = c; s < splits; s += blockDim.x) {
-    weight[s] = part_m[base + long(s) * M];
-    mx = fmaxf(mx, weight[s]);
+  float mx = -INFINITY, sum = 0.f, acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
+  for (int s0 = warp; s0 < splits; s0 += kCombineBatch * kCombineWarps) {
+    // a batch's loads, unconditional (past the last split: the last split again, weighted 0), all issued first
+    float ms[kCombineBatch], ls[kCombineBatch], x[kCombineBatch][kPerLane];
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      const long r = base + long(min(s0 + b * kCombineWarps, splits - 1)) * M;
+      ms[b] = part_m[r];
+      ls[b] = part_l[r];
+      load_words(part_acc + r * D + lane * kPerLane, x[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (s0 + b * kCombineWarps >= splits) ms[b] = -INFINITY;
+      const float m_new = fmaxf(mx, ms[b]);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      const float keep = fast_exp2(mx - m_safe), wt = fast_exp2(ms[b] - m_safe);
+      sum = sum * keep + wt * ls[b];
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * keep + wt * x[b][i];
+      mx = m_new;
+    }
   }
-  mx = block_reduce(mx, scratch, [](float x, float y) { return fmaxf(x, y); });
-  const float m_safe = mx == -INFINITY ? 0.f : mx;
-  float sum = 0.f;
-  for (int s = c; s < splits; s += blockDim.x) {
-    const float wt = fast_exp2(weight[s] - m_safe);
-    weight[s] = wt;
-    sum += wt * part_l[base + long(s) * M];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) wacc[warp][lane * kPerLane + i] = acc[i];
+  if (lane == 0) {
+    wm[warp] = mx;
+    wl[warp] = sum;
   }
-  sum = block_reduce(sum, scratch, [](float x, float y) { return x + y; });  // its barriers publish weight[]
-  float acc = 0.f;
-#pragma unroll 8
-  for (int s = 0; s < splits; ++s) acc += weight[s] * part_acc[(base + long(s) * M) * D + c];
-  out[(bh * M + row) * D + c] = float_bits(sum > 0.f ? acc / sum : 0.f, bf16);
+  __syncthreads();
+  const int c = threadIdx.x;
+  if (c < D) {
+    const Partial merged = merge_partials<kCombineWarps>(wm, wl, &wacc[0][c], 1, D);
+    out[(bh * M + row) * D + c] = float_bits(merged.value(), bf16);
+  }
 }
 
 // ----------------------------------------------------------------------------- host side
@@ -982,14 +1020,16 @@ void launch(const GearDecodeArgs& a) {
                "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
     if (device < 64) opted_in.fetch_or(uint64_t(1) << device);
   }
-  LOWRANK_OPS_LAUNCH(split_kernel, grid, kThreads, smem, stream, a);
-  check_cuda(cudaGetLastError(), "split kernel launch");
+  const bool overlap = a.dependent_launch != 0;
+  check_cuda(LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, split_kernel, grid, kThreads, smem, stream, a), "split kernel launch");
   if (a.splits > 1) {
-    LOWRANK_OPS_LAUNCH(gear_combine_kernel, dim3(a.M, a.batch_kv_heads), D, 0, stream,
-        reinterpret_cast<const float*>(a.part_m), reinterpret_cast<const float*>(a.part_l),
-        reinterpret_cast<const float*>(a.part_acc), reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, D,
-        a.dtype == kBFloat16);
-    check_cuda(cudaGetLastError(), "combine kernel launch");
+    const auto combine_kernel = gear_combine_kernel<D>;
+    check_cuda(LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, combine_kernel, dim3(a.M, a.batch_kv_heads),
+                                            kCombineWarps * kWarp, 0, stream, reinterpret_cast<const float*>(a.part_m),
+                                            reinterpret_cast<const float*>(a.part_l),
+                                            reinterpret_cast<const float*>(a.part_acc),
+                                            reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, a.dtype == kBFloat16),
+               "combine kernel launch");
   }
 }
 

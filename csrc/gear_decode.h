@@ -38,6 +38,7 @@ struct GearDecodeArgs {
   float qk_scale;      // score scale * log2(e)
   int dtype;           // DTypeCode (lowrank_decode.h) of q, out and the tail
   std::uintptr_t stream;
+  int dependent_launch;  // 1: both kernels launched with programmatic stream serialization (sm_90+)
 };
 
 // True when the kernel serves this (bits, head_dim, rank, group_size, buffer_tokens, M).

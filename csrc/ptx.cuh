@@ -21,9 +21,56 @@
   kernel<<<grid, block, smem_bytes, stream>>>(__VA_ARGS__)
 #define LOWRANK_OPS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
+// The same launch as a cudaError_t expression, with programmatic stream serialization where
+// `overlap` is true (sm_90 and later): the kernel's CTAs may start while the stream's previous
+// kernel finishes, so the kernel calls ptx::wait_for_prior_grids() before it touches global memory.
+// The emulation runs launches one after another and ignores `overlap`.
+#ifdef LOWRANK_OPS_EMULATE
+#define LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, kernel, grid, block, smem_bytes, stream, ...) \
+  ((void)(overlap), LOWRANK_OPS_EMULATED_LAUNCH(kernel, grid, block, smem_bytes, __VA_ARGS__), cudaSuccess)
+#else
+#define LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, kernel, grid, block, smem_bytes, stream, ...) \
+  ::lowrank_ops::ptx::launch_dependent(overlap, kernel, grid, block, smem_bytes, stream, __VA_ARGS__)
+#endif
 
 namespace lowrank_ops {
 namespace ptx {
+
+#ifndef LOWRANK_OPS_EMULATE
+// LOWRANK_OPS_LAUNCH_DEPENDENT outside the emulation: cudaLaunchKernelEx, with the programmatic
+// stream serialization attribute where `overlap` is true
+template <typename... Params, typename... Args>
+inline cudaError_t launch_dependent(bool overlap, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                    size_t smem_bytes, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = overlap ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+#endif
+
+// Programmatic dependent launch (griddepcontrol, sm_90 and later; no-ops before, and in the
+// emulation, whose launches run one after another). wait_for_prior_grids returns once the grids
+// this one depends on have completed and their memory is visible (at once for a plain launch);
+// allow_dependent_grids lets a grid launched after this one with programmatic serialization start
+// its CTAs once every CTA of this grid has called it (they wait in their own wait_for_prior_grids).
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if !defined(LOWRANK_OPS_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_grids() {
+#if !defined(LOWRANK_OPS_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // (a & b) | c in one instruction
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {

@@ -72,14 +72,14 @@ PROBE = textwrap.dedent(
     sp("q4 null", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 0, 16, 32)
     sp("dense+scales", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 0)
     # (24 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, bits, group_size, head_dim,
-    #  n_out, rank, factor_bits, splits, steps_per_split, qk_scale, dtype, stream)
+    #  n_out, rank, factor_bits, splits, steps_per_split, qk_scale, dtype, stream, dependent_launch)
     def gear(key, ptrs=None, **sizes):
         args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, bits=2, G=32, D=128, n_out=3, rank=4, factor_bits=16,
                     splits=2, per=9)
         dtype = sizes.pop("dtype", 0)
         args.update(sizes)
         p = [16] * 24 if ptrs is None else ptrs
-        attempt("gear_decode", key, *p, *args.values(), 0.1, dtype, 0)
+        attempt("gear_decode", key, *p, *args.values(), 0.1, dtype, 0, False)
     gear("bits=3", bits=3)
     gear("D=96", D=96)
     gear("rank=2", rank=2)
@@ -167,6 +167,13 @@ def test_embeds_sass_for_both_archs(built, cuobjdump):
     assert "sm_80" in listing and "sm_90" in listing
 
 
+def sass_functions(built, cuobjdump, arch: str, name_part: str) -> dict[str, str]:
+    """{mangled name: cuobjdump -sass text} of the functions of ``arch`` whose name holds ``name_part``."""
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(built)], capture_output=True, text=True).stdout
+    functions = (part.split("\n", 1) for part in re.split(r"\n\s*Function : ", sass)[1:])
+    return {head.strip(): body for head, body in functions if name_part in head}
+
+
 def main_loop(sass: str) -> list[str]:
     """The instructions of a function's main loop: from the target of its longest conditional
     backward branch to that branch (cuobjdump -sass text of one function)."""
@@ -198,12 +205,8 @@ def test_gear_split_loop_makes_no_calls_and_keeps_its_size(built, cuobjdump):
     # The loop once divided 64-bit token positions by the group and block sizes: each division a
     # subroutine CALL plus ~25 instructions on its fast path, every 16-token step. It now shifts
     # and counts; a CALL there again would be such a division (or another slow path).
-    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", str(built)], capture_output=True, text=True).stdout
-    functions = re.split(r"\n\s*Function : ", sass)[1:]
-    kernels = [part for part in functions if "gear_split_kernel" in part.split("\n")[0]]
     sizes = {}
-    for kernel in kernels:
-        name = kernel.split("\n")[0]
+    for name, kernel in sass_functions(built, cuobjdump, "sm_90", "gear_split_kernel").items():
         key = tuple(int(x) for x in re.search(r"ILi(\d)ELi(\d+)ELi(\d)ELb(\d)E", name).groups())
         loop = main_loop(kernel)
         assert any(op.startswith("HMMA") for op in loop), name
@@ -213,6 +216,28 @@ def test_gear_split_loop_makes_no_calls_and_keeps_its_size(built, cuobjdump):
     assert set(sizes) == set(GEAR_LOOP_SIZE), "one split kernel per (bits, head_dim, rank, factor storage)"
     grown = {key: (size, GEAR_LOOP_SIZE[key]) for key, size in sizes.items() if size > 1.1 * GEAR_LOOP_SIZE[key]}
     assert not grown, grown
+
+
+# sm_90 SASS of griddepcontrol.wait / .launch_dependents (ptx::wait_for_prior_grids / allow_dependent_grids)
+GRID_WAIT, GRID_RELEASE = "ACQBULK", "PREEXIT"
+GLOBAL_MEMORY_OP = re.compile(r"^(@!?P\d+\s+)?(LDG|STG|LDGSTS|LD|ST|RED|ATOM|CCTL)\b")
+
+
+@needs_nvcc
+def test_gear_kernels_wait_for_the_grid_before_them_on_sm90_only(built, cuobjdump):
+    # Launched with programmatic stream serialization on sm_90, a GEAR kernel's CTAs may start while
+    # the kernel before it still writes q (or reads what becomes the output): no global load, store or
+    # copy may come before the wait. The split kernel also lets the combine kernel's CTAs be placed early.
+    kernels = sass_functions(built, cuobjdump, "sm_90", "gear_")
+    assert sum("gear_split_kernel" in name for name in kernels) == len(GEAR_LOOP_SIZE)
+    assert sum("gear_combine_kernel" in name for name in kernels) == 2  # head_dim 64 and 128
+    for name, sass in kernels.items():
+        ops = [op.strip() for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)]
+        first_memory = next(i for i, op in enumerate(ops) if GLOBAL_MEMORY_OP.match(op))
+        assert GRID_WAIT in ops[:first_memory], f"{name}: a global memory access before {GRID_WAIT}"
+        assert ("gear_split_kernel" not in name) or GRID_RELEASE in ops, name
+    for name, sass in sass_functions(built, cuobjdump, "sm_80", "gear_").items():
+        assert GRID_WAIT not in sass and GRID_RELEASE not in sass, f"{name}: sm_80 has no griddepcontrol"
 
 
 def test_arch_parsing():

@@ -89,12 +89,27 @@ def test_split_counts_agree_and_repeat_exactly(module, num_splits):
     assert torch.equal(out, run(module, q, kv, num_splits=num_splits)), "the kernel is not deterministic"
 
 
-def test_more_splits_than_combine_threads(module):
-    """head_dim 64: the combine kernel's 64 threads stride over 69 splits (one step each)."""
+def test_combine_batches_and_clamped_splits(module):
+    """head_dim 64, 69 splits (one step each): the combine kernel's warp 0 takes splits 0, 8, .., 64
+    in three batches of four, the last holding one real split and three clamped repeats of split
+    68 that must weigh nothing."""
     head_dim, cfg = fmt("2b+2%+r4-d64")
     kv = make_cache(1, 1, 64 * 17 + 5, head_dim, F16, seed=13, device="cpu", **cfg)
     q = torch.randn(1, 4, 1, head_dim, dtype=F16)
     assert_matches_reference(run(module, q, kv, num_splits=1000), q, kv, None, "69 splits")
+
+
+def test_fully_masked_splits_weigh_nothing_in_the_combine(module):
+    """Left padding over whole splits: their partials have max -inf and sum 0, and the combine's
+    online rescale starts from such splits in some warps and meets them midway in others."""
+    head_dim, cfg = fmt("2b+2%+r4")
+    seq = 64 * 9 + 7
+    kv = make_cache(2, 2, seq, head_dim, F16, seed=17, device="cpu", **cfg)
+    q = torch.randn(2, 8, 1, head_dim, dtype=F16)
+    mask = torch.ones(2, seq, dtype=torch.bool)
+    mask[0, : 16 * 13] = False  # splits 0-12 of 37 masked whole
+    mask[1, 16 * 20 : 16 * 30] = False  # splits 20-29
+    assert_matches_reference(run(module, q, kv, mask, num_splits=1000), q, kv, mask, "masked splits")
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

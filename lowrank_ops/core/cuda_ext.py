@@ -157,12 +157,15 @@ def build_and_load(
 class LaunchTarget:
     """Where a csrc/ kernel call runs: the module holding the kernel (``lowrank_ops._C``, or the
     CPU emulation's, :mod:`lowrank_ops.core.cuda_emulation`), the stream handle it launches on,
-    the SM count its launch plan sizes grids for, and the device type its tensors live on."""
+    the SM count its launch plan sizes grids for, the device type its tensors live on, and whether
+    its kernels may launch with programmatic stream serialization (sm_90 and later: a kernel's CTAs
+    start while the stream's previous kernel finishes, and wait for it on the device)."""
 
     module: Any
     stream: int
     num_sms: int
     device_type: str = "cuda"
+    dependent_launch: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,6 +174,17 @@ def sm_count(device_index: int) -> int:
     import torch
 
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+DEPENDENT_LAUNCH_MAJOR = 9  # programmatic dependent launch (griddepcontrol) needs sm_90
+
+
+@functools.lru_cache(maxsize=None)
+def dependent_launch(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` runs programmatic dependent launches (sm_90 and later)."""
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)[0] >= DEPENDENT_LAUNCH_MAJOR
 
 
 @contextlib.contextmanager
@@ -188,4 +202,5 @@ def on_device(device: Any, what: str, target: Optional[LaunchTarget] = None) -> 
         raise RuntimeError(f"{what}: {unavailable_reason()}")
     index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):
-        yield LaunchTarget(module, torch.cuda.current_stream(index).cuda_stream, sm_count(index))
+        yield LaunchTarget(module, torch.cuda.current_stream(index).cuda_stream, sm_count(index),
+                           dependent_launch=dependent_launch(index))

@@ -3,7 +3,8 @@
 ``softmax(scale · q K̂ᵀ + mask) V̂`` straight from the compressed cache (codes into the tensor
 cores' fragment layout, key scale folded into q, outliers and low rank as corrections, fp16/bf16
 tail), split over the sequence: one launch when one split suffices, else two (partials, then
-their merge). The compiled module takes raw device pointers, sizes, a dtype code and the stream
+their merge; on sm_90 the second is a programmatic dependent launch, so its CTAs are placed while
+the first finishes). The compiled module takes raw device pointers, sizes, a dtype code and the stream
 as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
 
@@ -149,16 +150,21 @@ def gear_decode(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: floa
 
 
 def launch(q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
-           num_splits: Optional[int] = None, target: Optional[cuda_ext.LaunchTarget] = None) -> Tensor:
+           num_splits: Optional[int] = None, target: Optional[cuda_ext.LaunchTarget] = None,
+           dependent_launch: Optional[bool] = None) -> Tensor:
     """:func:`gear_decode` without its :func:`supports` check, for a caller that has just made it
     (automatic dispatch: the check scans every tensor's alignment, and eager decode is host-bound),
-    or with another ``target`` (the CPU emulation lane's module, on CPU tensors)."""
+    or with another ``target`` (the CPU emulation lane's module, on CPU tensors).
+    ``dependent_launch`` overrides the target's choice of programmatic dependent launches (sm_90:
+    the split kernel's and the combine kernel's CTAs start while the kernel before them finishes;
+    ``bench/kernel_profile.py`` times both)."""
     with cuda_ext.on_device(q.device, "gear_decode", target) as chosen:
-        return _run(chosen, q, kv, key_mask, scale, num_splits)
+        overlap = chosen.dependent_launch if dependent_launch is None else dependent_launch
+        return _run(chosen, q, kv, key_mask, scale, num_splits, overlap)
 
 
 def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: float,
-         num_splits: Optional[int]) -> Tensor:
+         num_splits: Optional[int], dependent_launch: bool) -> Tensor:
     cfg = kv.config
     batch, q_heads, q_len, head_dim = q.shape
     q = q.contiguous()
@@ -191,6 +197,6 @@ def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optio
         part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
         out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
         cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
-        float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], target.stream,
+        float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], target.stream, dependent_launch,
     )
     return out
