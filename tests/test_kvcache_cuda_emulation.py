@@ -89,6 +89,17 @@ def test_split_counts_agree_and_repeat_exactly(module, num_splits):
     assert torch.equal(out, run(module, q, kv, num_splits=num_splits)), "the kernel is not deterministic"
 
 
+def test_dependent_launch_flag_reaches_the_kernels(module):
+    """The binding takes the flag (sm_90's programmatic launches); the emulation runs launches in
+    order, so the result is the plain launches' bit for bit."""
+    head_dim, cfg = fmt("2b+2%+r4")
+    kv = make_cache(1, 2, 640 + 9, head_dim, F16, seed=5, device="cpu", **cfg)
+    q = torch.randn(1, 8, 1, head_dim, dtype=F16)
+    runs = [cuda_decode.launch(q, kv, None, head_dim ** -0.5, 5, target=module, dependent_launch=flag)
+            for flag in (True, False)]
+    assert torch.equal(*runs)
+
+
 def test_combine_batches_and_clamped_splits(module):
     """head_dim 64, 69 splits (one step each): the combine kernel's warp 0 takes splits 0, 8, .., 64
     in three batches of four, the last holding one real split and three clamped repeats of split
