@@ -124,7 +124,7 @@ def main_loop(case: CompileCase, overrides: dict[str, Any], divisible_ints: tupl
     specializes it (every pointer 16-byte aligned, ``divisible_ints`` multiples of 16),
     disassembled by the nvdisasm Triton ships (registers: its cuobjdump). The main loop is the
     longest span from a label to a branch back to it that holds tensor-core instructions (HMMA,
-    or HGMMA for wgmma). These static counts are the instruction budgets the README quotes and
+    or HGMMA for wgmma). These static counts are the instruction budgets the README and docs/gear-speed.md quote and
     ``tests/test_kernels_sass_budget.py`` holds."""
     import subprocess
     import tempfile

@@ -84,7 +84,7 @@ _MAX_BLOCK_M = 64  # q rows (heads of a kv group × q_len) per program; more row
 # takes the first.
 # The full configuration's loop needs ~220 registers per thread, which leaves two 4-warp
 # programs per SM (eight warps to hide every load and dot latency); the capped rows trade a few
-# spilled loop invariants (L1-resident reloads) for more warps per SM (README: GEAR speed). Eight
+# spilled loop invariants (L1-resident reloads) for more warps per SM (docs/gear-speed.md). Eight
 # warps split a tile's work less evenly (~40 % more instructions per token) but hide latency
 # better, which a batch-1 step (a few tiles per program) may prefer. Each row also sets how many
 # programs per SM its grid targets (the sequence split count, one wave at the occupancy its

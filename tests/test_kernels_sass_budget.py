@@ -1,7 +1,7 @@
 """Compile lane: instruction budgets of the hottest loops, counted in sm_90 SASS.
 
 No GPU times these kernels here, so the static instruction count of each one's main loop is
-the measure of the work this project did on them (README: GEAR speed; quantization). Each case
+the measure of the work this project did on them (docs/gear-speed.md; README: quantization). Each case
 is compiled as a real launch specializes it (pointers 16-byte aligned, the named int arguments
 multiples of 16) by ``python -m lowrank_ops.kernels._compile_check --main-loop``; its longest
 loop must stay within the budget (the count when the budget was set, plus ~4 %) and hold
