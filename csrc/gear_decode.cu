@@ -392,20 +392,31 @@ struct Warp {
   }
 
   // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
-  // (fp16, or int8 read as B̂: its 1/127 is the caller's)
+  // (fp16, or int8 read as B̂: its 1/127 is the caller's). The lane's rows are contiguous: they come
+  // in 16-byte loads, all of a chunk of up to 64 words issued before its first use (one L2 round
+  // trip per chunk: one for rank 4, two for rank-8 fp16 factors at head_dim 128)
   template <typename T>
   static __device__ __forceinline__ void accumulate_qb(const float* q, const T* b, int t, float (&qb)[RANK]) {
     constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4;
-#pragma unroll 8
-    for (int c = t * kCh; c < (t + 1) * kCh; ++c) {
-      uint32_t row[kRowWords];
-      load_words(reinterpret_cast<const uint32_t*>(b + c * RANK), row);
+    constexpr int kChunkWords = kCh * kRowWords < 64 ? kCh * kRowWords : 64, kChunkRows = kChunkWords / kRowWords;
+    static_assert(kChunkWords % 4 == 0 && kCh % kChunkRows == 0, "whole 16-byte loads, whole chunks");
+    const uint32_t* rows = reinterpret_cast<const uint32_t*>(b + t * kCh * RANK);
 #pragma unroll
-      for (int k = 0; k < RANK; ++k) {
-        if constexpr (std::is_same_v<T, int8_t>) {
-          qb[k] += q[c] * int8_entry(row, k);
-        } else {
-          qb[k] += q[c] * rank_entry(row, k);
+    for (int c0 = 0; c0 < kCh; c0 += kChunkRows) {
+      uint32_t chunk[kChunkWords / 4][4];
+#pragma unroll
+      for (int i = 0; i < kChunkWords / 4; ++i) load_words(rows + c0 * kRowWords + 4 * i, chunk[i]);
+#pragma unroll
+      for (int c = 0; c < kChunkRows; ++c) {
+        const uint32_t* row = &chunk[0][0] + c * kRowWords;
+        const float qc = q[t * kCh + c0 + c];
+#pragma unroll
+        for (int k = 0; k < RANK; ++k) {
+          if constexpr (std::is_same_v<T, int8_t>) {
+            qb[k] += qc * int8_entry(row, k);
+          } else {
+            qb[k] += qc * rank_entry(row, k);
+          }
         }
       }
     }
