@@ -393,12 +393,13 @@ struct Warp {
 
   // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
   // (fp16, or int8 read as B̂: its 1/127 is the caller's). The lane's rows are contiguous: they come
-  // in 16-byte loads, all of a chunk of up to 64 words issued before its first use (one L2 round
-  // trip per chunk: one for rank 4, two for rank-8 fp16 factors at head_dim 128)
+  // in 16-byte loads, all of a chunk issued before its first use, one L2 round trip per chunk: the
+  // lane's rows at once up to 64 words (every rank-4 layout, int8 rank 8), else 32-word chunks
+  // (fp16 rank 8 at head_dim 128: four, where 64-word chunks spill on sm_80)
   template <typename T>
   static __device__ __forceinline__ void accumulate_qb(const float* q, const T* b, int t, float (&qb)[RANK]) {
-    constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4;
-    constexpr int kChunkWords = kCh * kRowWords < 64 ? kCh * kRowWords : 64, kChunkRows = kChunkWords / kRowWords;
+    constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4, kLaneWords = kCh * kRowWords;
+    constexpr int kChunkWords = kLaneWords <= 64 ? kLaneWords : 32, kChunkRows = kChunkWords / kRowWords;
     static_assert(kChunkWords % 4 == 0 && kCh % kChunkRows == 0, "whole 16-byte loads, whole chunks");
     const uint32_t* rows = reinterpret_cast<const uint32_t*>(b + t * kCh * RANK);
 #pragma unroll
