@@ -11,8 +11,8 @@
 // memory and writes one fp32 partial per split, and a second kernel merges the splits (skipped
 // when there is one). On sm_90 both launch with programmatic stream serialization: a kernel's CTAs
 // are placed while the kernel before it finishes and wait for it (griddepcontrol) before they
-// touch global memory. At most 168 registers per thread and 75 KB of shared memory per CTA: three
-// CTAs per SM on sm_90 (rank-8 int8 factors: two).
+// touch global memory. At most 75 KB of shared memory per CTA and 168 registers per thread on
+// sm_90: three CTAs per SM (rank-8 int8 factors: two); on sm_80 as many as shared memory holds.
 //
 // Transposed tiles: every m16n8k16 mma of the step loop has the 8 q rows as its N (= 8), and
 // tokens (scores) or channels (output) as its M (= 16), so no half of an mma is padding and the
@@ -335,9 +335,9 @@ struct ValueFrame {
   uint32_t v_scale[2], v_zero[2];    // fp16 {token a, token b} per pair
 
   template <typename Slot>
-  __device__ __forceinline__ void load(const Slot& slot, int g, int t, int group_size) {
+  __device__ __forceinline__ void load(const Slot& slot, int g, int t, int group_log2) {  // group size 2^group_log2
     const int word0 = L::kRunHalves >= 2 ? g * L::kRunHalves / 2 : g / 2;
-    const int groups = D / group_size, vgrp = g * L::kNT / group_size;
+    const int groups = D >> group_log2, vgrp = (g * L::kNT) >> group_log2;  // shifts: no division per step
 #pragma unroll
     for (int pr = 0; pr < 2; ++pr) {
       const int tok = 8 * pr + 2 * t;
@@ -550,13 +550,25 @@ template <int BITS, int D, int RANK, bool I8>
 constexpr size_t kSplitSmemBytes =
     kRingOffset<BITS, D, RANK, I8> + kStageCount<BITS, D, RANK, I8> * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>);
 
-// Registers for three CTAs per SM (<= 168 per thread; no instantiation spills there), except rank-8
-// int8 factors, which would spill a register at 168: two.
-template <int RANK, bool I8>
-constexpr int kMinCtasPerSm = RANK == 8 && I8 ? 2 : 3;
+// Registers for as many CTAs per SM as shared memory holds (a CTA's dynamic shared memory plus the
+// 1 KB the driver reserves per CTA, of 228 KB per SM on sm_90, 164 KB on sm_80), at most three
+// (<= 168 registers per thread; no instantiation spills there) and two for rank-8 int8 factors
+// (which would spill a register at 168). So on sm_80, where most instantiations fit two CTAs by
+// shared memory, they may take up to 255 registers.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr size_t kSmemPerSm = 164 * 1024;
+#else
+constexpr size_t kSmemPerSm = 228 * 1024;
+#endif
+template <int BITS, int D, int RANK, bool I8>
+constexpr int kMinCtasPerSm = [] {
+  const int by_smem = int(kSmemPerSm / (kSplitSmemBytes<BITS, D, RANK, I8> + 1024));
+  const int by_registers = RANK == 8 && I8 ? 2 : 3;
+  return by_smem < by_registers ? by_smem : by_registers;
+}();
 
 template <int BITS, int D, int RANK, bool I8>
-__global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_split_kernel(GearDecodeArgs a) {
+__global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) gear_split_kernel(GearDecodeArgs a) {
   using L = Layout<BITS, D>;
   using W = Warp<BITS, D, RANK, I8>;
   using Slot = StepSlot<BITS, D, RANK, I8>;
@@ -624,7 +636,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
   // key groups and blocks of a step without a division per step: G is a power of two (>= 16), so
   // step >> group_shift is its key group; staging and the loop visit consecutive steps, so a block
   // is entered where a step reaches the previous block's end
-  const int group_shift = __ffs(G / kStep) - 1;
+  const int group_shift = __ffs(G / kStep) - 1, group_log2 = __ffs(G) - 1;
   const int steps_per_block = B / kStep;
   int stage_block_end = -1;  // first step past the block of the last staged step
   using Plan = CopyPlan<BITS, D, RANK, I8>;
@@ -752,7 +764,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<RANK, I8>)) gear_spli
     __syncwarp();                  // ... and so have every lane's
     const uint32_t keep = keep_next;  // bit h: token 8h + g attends
     if (step + 1 < c_end) keep_next = Slot::keep_bits(p.mask, tok0 + kStep, g);
-    vf.load(slot, g, t, G);
+    vf.load(slot, g, t, group_log2);
     // low-rank rows: A rows of the scores' rank k-step {A_k[8h + g][2t], A_k[8h + g][2t+1]}, and
     // the B operand of P A_v: {A_v[2t][g], A_v[2t+1][g]} and tokens 2t+8, 2t+9 (rank index g < RANK)
     if constexpr (RANK > 0) {
