@@ -635,10 +635,12 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
   const int c_end = min(s_end, csteps);  // the warp's compressed steps are [s_begin, c_end)
   // key groups and blocks of a step without a division per step: G is a power of two (>= 16), so
   // step >> group_shift is its key group; staging and the loop visit consecutive steps, so a block
-  // is entered where a step reaches the previous block's end
+  // is entered where a step reaches the previous block's end, and it is the next block (one
+  // division for the first block a warp enters)
   const int group_shift = __ffs(G / kStep) - 1, group_log2 = __ffs(G) - 1;
   const int steps_per_block = B / kStep;
-  int stage_block_end = -1;  // first step past the block of the last staged step
+  const auto entered_block = [&](int step, int previous) { return previous < 0 ? step / steps_per_block : previous + 1; };
+  int stage_block = -1, stage_block_end = -1;  // the block of the last staged step, the first step past it
   using Plan = CopyPlan<BITS, D, RANK, I8>;
   Plan& plan = *reinterpret_cast<Plan*>(smem + kPlanOffset<D>);
   const Factor *ka, *va, *kb, *vb;
@@ -670,9 +672,9 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
     }
     if constexpr (RANK > 0) {
       if (st >= stage_block_end) {  // the block's B factors, read when the loop enters it: into L2
-        const int blk = st / steps_per_block;
-        stage_block_end = (blk + 1) * steps_per_block;
-        const long blk_entries = long(blk) * D * RANK;
+        stage_block = entered_block(st, stage_block);
+        stage_block_end = (stage_block + 1) * steps_per_block;
+        const long blk_entries = long(stage_block) * D * RANK;
         for (int i = 128 * lane; i < D * RANK * int(sizeof(Factor)); i += 128 * kWarp) {
           prefetch_l2(reinterpret_cast<const char*>(kb + blk_entries) + i);
           prefetch_l2(reinterpret_cast<const char*>(vb + blk_entries) + i);
@@ -784,7 +786,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
       }
     }
     if (step >= block_end) {  // the step enters a block
-      const int blk = step / steps_per_block;
+      const int blk = entered_block(step, cur_block);
       if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);
       a_qb = W::key_lowrank(sh, p, blk, t, g);
       cur_block = blk;
