@@ -816,6 +816,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
     // - zero bias + outliers (q[idx] * val: the lane's two tokens' outliers against both its
     // rows), then back to qk_scale units
     float add[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 3  // round(2 % of 128) = 3 outliers per vector (the default) in one pass of independent loads
     for (int j = 0; j < n_out; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
