@@ -12,7 +12,7 @@
 // when there is one). On sm_90 both launch with programmatic stream serialization: a kernel's CTAs
 // are placed while the kernel before it finishes and wait for it (griddepcontrol) before they
 // touch global memory. At most 75 KB of shared memory per CTA and 168 registers per thread on
-// sm_90: three CTAs per SM (rank-8 int8 factors: two); on sm_80 as many as shared memory holds.
+// sm_90: three CTAs per SM; on sm_80 as many as shared memory holds.
 //
 // Transposed tiles: every m16n8k16 mma of the step loop has the 8 q rows as its N (= 8), and
 // tokens (scores) or channels (output) as its M (= 16), so no half of an mma is padding and the
@@ -117,13 +117,7 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) { return as_wo
 __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
   return as_word(__hfma2(as_half2(a), as_half2(b), as_half2(c)));
 }
-__device__ __forceinline__ float rank_entry(const uint32_t* words, int k) {  // fp16 entry k of packed pairs
-  return __half2float(__ushort_as_half(uint16_t(words[k / 2] >> (16 * (k % 2)))));
-}
 constexpr float kInt8BasisScale = 1.f / 127.f;  // int8 B = B̂ / 127 (format.py INT8_BASIS_SCALE)
-__device__ __forceinline__ float int8_entry(const uint32_t* words, int k) {  // int8 entry k of packed quads
-  return float(int8_t(words[k / 4] >> (8 * (k % 4))));
-}
 // two int8 values (bytes 0 and 1 of x) as the exact fp16 pair {byte 0, byte 1}: each into the
 // mantissa of 1024 + 128 with its sign bit flipped, then minus 1152 (no I2F)
 __device__ __forceinline__ uint32_t int8x2_half2(uint32_t x) {
@@ -391,65 +385,50 @@ struct Warp {
     bias[1] = zc[0][1] + zc[1][1];
   }
 
-  // ---- qb[k] += q[c] B[c][k] over the lane's D/4 channels c, B's rows of RANK entries stored as T
-  // (fp16, or int8 read as B̂: its 1/127 is the caller's). The lane's rows are contiguous: they come
-  // in 16-byte loads, all of a chunk issued before its first use, one L2 round trip per chunk: the
-  // lane's rows at once up to 64 words (every rank-4 layout, int8 rank 8), else 32-word chunks
-  // (fp16 rank 8 at head_dim 128: four, where 64-word chunks spill on sm_80)
-  template <typename T>
-  static __device__ __forceinline__ void accumulate_qb(const float* q, const T* b, int t, float (&qb)[RANK]) {
-    constexpr int kCh = D / 4, kRowWords = RANK * int(sizeof(T)) / 4, kLaneWords = kCh * kRowWords;
-    constexpr int kChunkWords = kLaneWords <= 64 ? kLaneWords : 32, kChunkRows = kChunkWords / kRowWords;
-    static_assert(kChunkWords % 4 == 0 && kCh % kChunkRows == 0, "whole 16-byte loads, whole chunks");
-    const uint32_t* rows = reinterpret_cast<const uint32_t*>(b + t * kCh * RANK);
-#pragma unroll
-    for (int c0 = 0; c0 < kCh; c0 += kChunkRows) {
-      uint32_t chunk[kChunkWords / 4][4];
-#pragma unroll
-      for (int i = 0; i < kChunkWords / 4; ++i) load_words(rows + c0 * kRowWords + 4 * i, chunk[i]);
-#pragma unroll
-      for (int c = 0; c < kChunkRows; ++c) {
-        const uint32_t* row = &chunk[0][0] + c * kRowWords;
-        const float qc = q[t * kCh + c0 + c];
-#pragma unroll
-        for (int k = 0; k < RANK; ++k) {
-          if constexpr (std::is_same_v<T, int8_t>) {
-            qb[k] += qc * int8_entry(row, k);
-          } else {
-            qb[k] += qc * rank_entry(row, k);
-          }
-        }
-      }
-    }
-  }
-
   // ---- per block: the B operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
-  // with qB = q' B_kj (fp32 sums over the lane's D/4 channels, then over the quad; int8 factors:
-  // times A's column scales / 127; rounded to fp16)
+  // with qB = q' B_kj, by one m16n8k16 chain over the channels: A = q' (row g, fp16), B = B_kj
+  // (column n = rank n, zero past the rank; int8 B̂ as exact fp16 integers, times A's column scales
+  // / 127 after), whose top-rows C fragment is that operand. A lane reads its 4 D/16 entries of B
+  // as independent L2 loads (one round trip; the block's B was prefetched when its first step was
+  // staged) and q' from shared memory; rounded to fp16 like Q'.
   static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const Ptrs& p, int blk, int t,
                                                          int g) {
     if constexpr (RANK > 0) {
-      float qb[RANK];
-#pragma unroll
-      for (int k = 0; k < RANK; ++k) qb[k] = 0.f;
-      if constexpr (I8) {
-        accumulate_qb(sh.qf[g], p.kb8 + long(blk) * D * RANK, t, qb);
-#pragma unroll
-        for (int k = 0; k < RANK; ++k) qb[k] *= p.kas[long(blk) * RANK + k] * kInt8BasisScale;
-      } else {
-        accumulate_qb(sh.qf[g], p.kb + long(blk) * D * RANK, t, qb);
-      }
-      uint32_t mine = 0u;
-#pragma unroll
-      for (int k = 0; k < RANK; k += 2) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          qb[k + e] += __shfl_xor_sync(kFull, qb[k + e], 1);
-          qb[k + e] += __shfl_xor_sync(kFull, qb[k + e], 2);
+      using Factor = std::conditional_t<I8, int8_t, __half>;
+      const Factor *a_k, *a_v, *b_k, *b_v;
+      p.factors(a_k, a_v, b_k, b_v);
+      const Factor* b = b_k + long(blk) * D * RANK + g;  // column g: B[c][g] at b[c * RANK]
+      const bool live = g < RANK;
+      // entries c, c + 1 of column g as one fp16 pair (zero past the rank)
+      const auto pair = [&](int c) -> uint32_t {
+        if (!live) return 0u;
+        if constexpr (I8) {
+          return int8x2_half2(uint32_t(uint8_t(b[c * RANK])) | uint32_t(uint8_t(b[(c + 1) * RANK])) << 8);
+        } else {
+          return pack_bits(b[c * RANK], b[(c + 1) * RANK]);
         }
-        if (2 * t == k) mine = pack_half2(qb[k], qb[k + 1]);
+      };
+      uint32_t bw[L::kKSteps][2];
+#pragma unroll
+      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+        bw[ks_][0] = pair(16 * ks_ + 2 * t);
+        bw[ks_][1] = pair(16 * ks_ + 2 * t + 8);
       }
-      return mine;
+      const float* q = sh.qf[g];
+      float c[2] = {0.f, 0.f};
+#pragma unroll
+      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
+        const int k0 = 16 * ks_ + 2 * t;
+        mma_f16(c, pack_half2(q[k0], q[k0 + 1]), pack_half2(q[k0 + 8], q[k0 + 9]), bw[ks_][0], bw[ks_][1]);
+      }
+      if constexpr (I8) {  // A's scales of rank columns 2t, 2t + 1 and B's 1/127
+        const float* sc = p.kas + long(blk) * RANK;
+        if (2 * t < RANK) {
+          c[0] *= sc[2 * t] * kInt8BasisScale;
+          c[1] *= sc[2 * t + 1] * kInt8BasisScale;
+        }
+      }
+      return pack_half2(c[0], c[1]);
     } else {
       return 0u;
     }
@@ -552,20 +531,19 @@ constexpr size_t kSplitSmemBytes =
 
 // Registers for as many CTAs per SM as shared memory holds (a CTA's dynamic shared memory plus the
 // 1 KB the driver reserves per CTA, of 228 KB per SM on sm_90, 164 KB on sm_80), at most three
-// (<= 168 registers per thread; no instantiation spills there) and two for rank-8 int8 factors
-// (which would spill a register at 168). So on sm_80, where most instantiations fit two CTAs by
-// shared memory, they may take up to 255 registers.
+// (<= 168 registers per thread; no instantiation spills there). So on sm_80, where the head_dim-128
+// instantiations fit two CTAs by shared memory, they may take up to 255 registers.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr size_t kSmemPerSm = 164 * 1024;
 #else
 constexpr size_t kSmemPerSm = 228 * 1024;
 #endif
+constexpr int kMaxCtasPerSm = 3;
 template <int BITS, int D, int RANK, bool I8>
-constexpr int kMinCtasPerSm = [] {
-  const int by_smem = int(kSmemPerSm / (kSplitSmemBytes<BITS, D, RANK, I8> + 1024));
-  const int by_registers = RANK == 8 && I8 ? 2 : 3;
-  return by_smem < by_registers ? by_smem : by_registers;
-}();
+constexpr int kCtasBySmem = int(kSmemPerSm / (kSplitSmemBytes<BITS, D, RANK, I8> + 1024));
+template <int BITS, int D, int RANK, bool I8>
+constexpr int kMinCtasPerSm =
+    kCtasBySmem<BITS, D, RANK, I8> < kMaxCtasPerSm ? kCtasBySmem<BITS, D, RANK, I8> : kMaxCtasPerSm;
 
 template <int BITS, int D, int RANK, bool I8>
 __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) gear_split_kernel(GearDecodeArgs a) {

@@ -190,18 +190,16 @@ def main_loop(sass: str) -> list[str]:
 
 # Static size of each GEAR split kernel's compressed-step loop (sm_90 SASS instructions, nvcc 13.0)
 # per (bits, head_dim, rank, int8 factors): 3,087-4,294 before the transposed-tile loop (64-bit
-# divisions, copy loops, half-empty mma), 799-1,535 with it. Since the block entry's q B_k loads
-# come all at once (one L2 round trip instead of four), its 32 channels x rank FMAs are unrolled
-# whole: +30 to +600 static instructions that run once per block (every fourth 16-token step at
-# B = 64), the per-step code unchanged; then the value group of a lane's channel run by shifts, not
-# the integer division by the group size every step had paid (-20 to -30). A loop grown past 110 %
-# of its entry has taken on work that every step may pay: find out why, and update the entry only
-# with a reason.
+# divisions, copy loops, half-empty mma), 799-1,535 with it, 742-1,361 since the block entry forms
+# q B_k by one mma chain instead of 32 channels x rank FMAs per lane, the value group and the block
+# index came without divisions and the default three key outliers in one pass. A loop grown past
+# 110 % of its entry has taken on work that every step may pay: find out why, and update the entry
+# only with a reason.
 GEAR_LOOP_SIZE = {
-    (2, 64, 0, 0): 748, (2, 64, 4, 0): 1070, (2, 64, 4, 1): 1205, (2, 64, 8, 0): 1232, (2, 64, 8, 1): 1437,
-    (2, 128, 0, 0): 934, (2, 128, 4, 0): 1481, (2, 128, 4, 1): 1645, (2, 128, 8, 0): 1728, (2, 128, 8, 1): 2066,
-    (4, 64, 0, 0): 742, (4, 64, 4, 0): 1064, (4, 64, 4, 1): 1195, (4, 64, 8, 0): 1233, (4, 64, 8, 1): 1445,
-    (4, 128, 0, 0): 945, (4, 128, 4, 0): 1488, (4, 128, 4, 1): 1654, (4, 128, 8, 0): 1740, (4, 128, 8, 1): 2080,
+    (2, 64, 0, 0): 748, (2, 64, 4, 0): 948, (2, 64, 4, 1): 1027, (2, 64, 8, 0): 973, (2, 64, 8, 1): 1045,
+    (2, 128, 0, 0): 934, (2, 128, 4, 0): 1219, (2, 128, 4, 1): 1348, (2, 128, 8, 0): 1221, (2, 128, 8, 1): 1339,
+    (4, 64, 0, 0): 742, (4, 64, 4, 0): 947, (4, 64, 4, 1): 1027, (4, 64, 8, 0): 962, (4, 64, 8, 1): 1042,
+    (4, 128, 0, 0): 945, (4, 128, 4, 0): 1232, (4, 128, 4, 1): 1366, (4, 128, 8, 0): 1236, (4, 128, 8, 1): 1361,
 }
 
 
