@@ -211,3 +211,19 @@ def test_disable_env(fresh_ext, monkeypatch):
 def test_unavailable_without_cuda(fresh_ext):
     assert not fresh_ext.available()
     assert fresh_ext.unavailable_reason()
+
+
+def test_dependent_launch_switch(monkeypatch):
+    """$LOWRANK_OPS_DEPENDENT_LAUNCH=0 turns programmatic dependent launches off before the device
+    is asked (so on a CPU machine too); a value other than 0 or 1 is refused by name."""
+    monkeypatch.setattr(cuda_ext, "_capability_major", lambda index: 9)  # an sm_90 device
+    monkeypatch.delenv(cuda_ext.DEPENDENT_LAUNCH_ENV, raising=False)
+    assert cuda_ext.dependent_launch(0)
+    monkeypatch.setenv(cuda_ext.DEPENDENT_LAUNCH_ENV, "0")
+    assert not cuda_ext.dependent_launch(0)
+    monkeypatch.setenv(cuda_ext.DEPENDENT_LAUNCH_ENV, "1")
+    monkeypatch.setattr(cuda_ext, "_capability_major", lambda index: 8)  # sm_80: never
+    assert not cuda_ext.dependent_launch(0)
+    monkeypatch.setenv(cuda_ext.DEPENDENT_LAUNCH_ENV, "yes")
+    with pytest.raises(ValueError, match="LOWRANK_OPS_DEPENDENT_LAUNCH: expected 0 or 1, got 'yes'"):
+        cuda_ext.dependent_launch(0)

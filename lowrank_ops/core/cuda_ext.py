@@ -177,14 +177,24 @@ def sm_count(device_index: int) -> int:
 
 
 DEPENDENT_LAUNCH_MAJOR = 9  # programmatic dependent launch (griddepcontrol) needs sm_90
+DEPENDENT_LAUNCH_ENV = "LOWRANK_OPS_DEPENDENT_LAUNCH"  # "0": plain launches on every device
+
+
+def dependent_launch(device_index: int) -> bool:
+    """Whether kernels on CUDA device ``device_index`` launch as programmatic dependent launches:
+    on sm_90 and later unless ``$LOWRANK_OPS_DEPENDENT_LAUNCH`` is ``0`` (a switch for drivers or
+    tools that mishandle them; ``1`` or unset: by the device). Raises ValueError for another value."""
+    setting = os.environ.get(DEPENDENT_LAUNCH_ENV, "1").strip()
+    if setting not in ("0", "1"):
+        raise ValueError(f"${DEPENDENT_LAUNCH_ENV}: expected 0 or 1, got {setting!r}")
+    return setting == "1" and _capability_major(device_index) >= DEPENDENT_LAUNCH_MAJOR
 
 
 @functools.lru_cache(maxsize=None)
-def dependent_launch(device_index: int) -> bool:
-    """Whether CUDA device ``device_index`` runs programmatic dependent launches (sm_90 and later)."""
+def _capability_major(device_index: int) -> int:
     import torch
 
-    return torch.cuda.get_device_capability(device_index)[0] >= DEPENDENT_LAUNCH_MAJOR
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 @contextlib.contextmanager
