@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from lowrank_ops.benchmarks import kvcache as KB
 from lowrank_ops.benchmarks import quant as QB
 from lowrank_ops.benchmarks import timing as T
+from lowrank_ops.core import cuda_ext
 
 CALLS = 10
 GEAR_CASES = [(8192, 1), (8192, 16)]
@@ -89,7 +90,7 @@ def gear(device: torch.device) -> None:
                 print_kernels(f"GEAR {config} T={context} b={batch}, CUDA kernel",
                               kernel_times(lambda: cuda_decode.gear_decode(q, kv, None, scale)))
                 steps, columns = cuda_decode.launch_geometry(q, kv)
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                sms = cuda_ext.sm_count(device.index if device.index is not None else torch.cuda.current_device())
                 cells = []
                 for per_sm in (1, 2, 3, 4):
                     splits, _ = cuda_decode.split_plan(steps, columns, sms, ctas_per_sm=per_sm)

@@ -394,7 +394,7 @@ struct Warp {
   static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const Ptrs& p, int blk, int t,
                                                          int g) {
     if constexpr (RANK > 0) {
-      using Factor = std::conditional_t<I8, int8_t, __half>;
+      using Factor = typename StepSlot<BITS, D, RANK, I8>::Factor;
       const Factor *a_k, *a_v, *b_k, *b_v;
       p.factors(a_k, a_v, b_k, b_v);
       const Factor* b = b_k + long(blk) * D * RANK + g;  // column g: B[c][g] at b[c * RANK]

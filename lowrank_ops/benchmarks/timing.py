@@ -471,23 +471,6 @@ def run_metadata(device: torch.device, **extra: Any) -> dict:
 
 
 # --------------------------------------------------------------------------- output
-
-def run_prologue(suite: str, mode: str, device: torch.device, dtype: torch.dtype, plan: str,
-                 backends: dict[str, tuple[bool, str]], **extra: Any) -> tuple[dict, float, float]:
-    """The start every suite's run shares: copy bandwidth and matmul throughput measured, the run's
-    metadata (:func:`run_metadata` with ``extra``), the banner line ending in ``plan``, and a note
-    for each of ``backends`` (name -> (usable, why not)) the run cannot use. Returns (metadata,
-    copy GB/s, matmul TFLOP/s)."""
-    copy_gbps = measure_copy_bandwidth(device)
-    matmul_tflops = measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    meta = run_metadata(device, dtype=dtype_name(dtype), **extra)
-    print(f"{suite} benchmarks [{mode}] on {meta['device']} | {dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
-          f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {plan}", flush=True)
-    for name, (usable, why) in backends.items():
-        if not usable:
-            print(f"  note: {name} backend unavailable: {why}")
-    return meta, copy_gbps, matmul_tflops
-
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN/inf become None, tuples lists, dtypes and devices strings."""
     if isinstance(value, float):
@@ -616,6 +599,23 @@ def elapsed() -> Any:
 
 
 # --------------------------------------------------------------------------- suite plumbing
+def run_prologue(suite: str, mode: str, device: torch.device, dtype: torch.dtype, plan: str,
+                 backends: dict[str, tuple[bool, str]], **extra: Any) -> tuple[dict, float, float]:
+    """The start every suite's run shares: copy bandwidth and matmul throughput measured, the run's
+    metadata (:func:`run_metadata` with ``extra``), the banner line ending in ``plan``, and a note
+    for each of ``backends`` (name -> (usable, why not)) the run cannot use. Returns (metadata,
+    copy GB/s, matmul TFLOP/s)."""
+    copy_gbps = measure_copy_bandwidth(device)
+    matmul_tflops = measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
+    meta = run_metadata(device, dtype=dtype_name(dtype), **extra)
+    print(f"{suite} benchmarks [{mode}] on {meta['device']} | {dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
+          f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {plan}", flush=True)
+    for name, (usable, why) in backends.items():
+        if not usable:
+            print(f"  note: {name} backend unavailable: {why}")
+    return meta, copy_gbps, matmul_tflops
+
+
 def method_cell(row: Mapping[str, Any]) -> str:
     """A row's method for tables: ``triton(path)``, ``*`` when it is what automatic dispatch picks."""
     name = row["method"]

@@ -38,7 +38,7 @@ STEP_TOKENS = 16  # tokens per warp step of the kernel
 ROWS_PER_BLOCK = 8  # q rows (of one kv head) per CTA: the N of the kernel's transposed mma tiles
 WARPS_PER_SPLIT = 4
 MAX_SPLITS = 1024
-CTAS_PER_SM = 2  # what split_plan aims at (the kernel fits three per SM on sm_90, two on sm_80)
+CTAS_PER_SM = 2  # what split_plan aims at (the kernel fits three per SM on sm_90; on sm_80 two at head_dim 128)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT16 / _C.DTYPE_BFLOAT16
 _LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 # When automatic dispatch takes this kernel (H100, bench/results/h100-2026-11-27-4ec857a, 32 q / 8
@@ -127,11 +127,16 @@ def launch_geometry(q: Tensor, kv: "GEARKV") -> tuple[int, int]:
 def split_plan(steps: int, columns: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM) -> tuple[int, int]:
     """(splits, steps per split) for ``steps`` 16-token steps and ``columns`` CTAs per split:
     about ``ctas_per_sm`` CTAs per SM (at least one step per warp, no empty split). The kernel's
-    registers and shared memory let three run per SM on sm_90, two on sm_80, so the default plan
+    registers and shared memory let three run per SM on sm_90, two on sm_80 at head_dim 128, so the default plan
     runs in one wave on both; whether three per SM pay at batch 1 is for a GPU to say
     (bench/kernel_profile.py times each)."""
-    want = max(1, min(MAX_SPLITS, -(-ctas_per_sm * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
-    per_split = -(-max(steps, 1) // want)
+    return _even_splits(steps, min(MAX_SPLITS, -(-ctas_per_sm * num_sms // columns), -(-steps // WARPS_PER_SPLIT)))
+
+
+def _even_splits(steps: int, want: int) -> tuple[int, int]:
+    """(splits, steps per split): ``steps`` (at least one) cut into at most ``want`` (at least one)
+    equal runs of whole steps, no split empty."""
+    per_split = -(-max(steps, 1) // max(1, want))
     return -(-max(steps, 1) // per_split), per_split
 
 
@@ -174,8 +179,7 @@ def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optio
     if num_splits is None:
         splits, per_split = split_plan(steps, columns, target.num_sms)
     else:
-        per_split = -(-max(steps, 1) // max(1, min(num_splits, steps)))
-        splits = -(-max(steps, 1) // per_split)
+        splits, per_split = _even_splits(steps, min(num_splits, steps))
     out = torch.empty_like(q)
     rows = batch * kv.kv_heads * splits * m if splits > 1 else 0
     part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
