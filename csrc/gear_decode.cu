@@ -37,13 +37,15 @@
 //   LOP3 puts both codes into the mantissas of two fp16 magic numbers 2^(10 - k) (k = the code's
 //   bit position, so no shift is needed for the low 8 bits of a half and one shift for the high
 //   8) and one HSUB2 leaves the exact codes. The mma's k order is therefore a permutation of the
-//   channels, and the B operand Q'^T is gathered in the same permutation: Q' = q * key scale of
-//   the current key group (per channel), rounded to fp16 once per group, so the K tile is the
-//   bare codes; the zero enters as one bias per row, sum_d Q'_d zero_d (an mma of the zeros as
-//   every A row). The mask bits of step i + 1 are loaded while step i computes.
-//   Keys' outliers add q[idx] * val to their token's scores (a gather of q in shared memory);
+//   channels, and the B operand Q'^T is formed in the same permutation: q is kept in shared
+//   memory in fp16 in that order (SharedState::q_pairs), and once per key group one HMUL2 per
+//   pair makes Q' = q * key scale (per channel), so the K tile is the bare codes; the zero enters
+//   as one bias per row, sum_d Q'_d zero_d (an mma of the zeros as every A row). The mask bits of
+//   step i + 1 are loaded while step i computes.
+//   Keys' outliers add q[idx] * val to their token's scores: one HFMA2 per outlier on the lane's
+//   row pair (q in fp16 row pairs per channel, SharedState::q_rows), summed per token in fp16;
 //   the low-rank term is one more k-step: A = the step's A_k rows, B = (q B_kj)^T (rank space,
-//   formed once per block).
+//   formed once per block by a transposed mma chain, see Warp::key_lowrank).
 // * online softmax in base 2 on the score fragments (shuffles across the 8 lanes of a row),
 //   rescaling O only when a row's max moved;
 // * O^T += V^T P^T: P^T, the B operand (k = 16 tokens, n = 8 rows), is the score fragment
@@ -55,11 +57,11 @@
 //   (Warp::channel), and the dequantization is one HFMA2 with the two tokens' (scale,
 //   -zero * scale). Values' outliers form a sparse fp16 tile in shared memory (a token's
 //   channels are distinct: plain stores) that goes through the same mma via ldmatrix.trans,
-//   then is cleared. The low-rank term accumulates P A_v as a C fragment (an mma over the top
-//   8 of 16 rows) and adds B_vj (P A_v)^T once per block (one mma per output tile: that C
-//   fragment is the B operand).
+//   then is cleared (each lane keeps the tile offsets of the entries it placed). The low-rank
+//   term accumulates P A_v as a C fragment (an mma over the top 8 of 16 rows) and adds
+//   B_vj (P A_v)^T once per block (one mma per output tile: that C fragment is the B operand).
 // * factors are fp16, or int8 (template flag I8): Â (and the values' B̂) enter the mma as exact
-//   fp16 integers (int8x2_half2: a magic number, no I2F); A's per-(block, rank column) fp32 scales
+//   fp16 integers (int8_spread_half2: a magic number, no I2F); A's per-(block, rank column) fp32 scales
 //   and B's 1/127 multiply the rank-space operands instead (q B_kj, formed in fp32 from B̂, and
 //   P A_v). The fp16 path is the int8 one's `else` branches.
 // * tail steps: the same mma chain on the raw fp16/bf16 tail (natural channel order).
@@ -106,6 +108,7 @@ constexpr int kStep = 16;  // tokens per warp step: two n8 score tiles = one k16
 constexpr int kRows = 8;   // q rows per CTA (lane (g, t) holds row g); more rows -> more row blocks
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxOutliers = 8;  // outliers per vector the kernel stages (round(s * head_dim))
+constexpr int kOutliersPerLane = kMaxOutliers * kStep / kWarp;  // a step's value outliers a lane places (even)
 constexpr int kMinGroup = 16;  // smallest group size served (value scales per token <= D / 16)
 
 // ----------------------------------------------------------------------------- small helpers
@@ -118,10 +121,14 @@ __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
   return as_word(__hfma2(as_half2(a), as_half2(b), as_half2(c)));
 }
 constexpr float kInt8BasisScale = 1.f / 127.f;  // int8 B = B̂ / 127 (format.py INT8_BASIS_SCALE)
-// two int8 values (bytes 0 and 1 of x) as the exact fp16 pair {byte 0, byte 1}: each into the
-// mantissa of 1024 + 128 with its sign bit flipped, then minus 1152 (no I2F)
-__device__ __forceinline__ uint32_t int8x2_half2(uint32_t x) {
-  return hsub2(__byte_perm(x, 0x64u, 0x4140) ^ 0x00800080u, 0x64806480u);
+// int8 values as exact fp16 pairs, no I2F: the word [b0, 0, b1, 0] (bytes) becomes {b0, b1}, each byte
+// in the mantissa of 1024 + 128 with its sign bit flipped (one xor with 0x64806480), minus 1152
+__device__ __forceinline__ uint32_t int8_spread_half2(uint32_t x) { return hsub2(x ^ 0x64806480u, 0x64806480u); }
+// {byte 0, byte 1} of x
+__device__ __forceinline__ uint32_t int8x2_half2(uint32_t x) { return int8_spread_half2(__byte_perm(x, 0u, 0x4140)); }
+// {lo, hi}, two zero-extended bytes (byte loads): one byte permute puts them in bytes 0 and 2
+__device__ __forceinline__ uint32_t int8_pair_half2(uint32_t lo, uint32_t hi) {
+  return int8_spread_half2(__byte_perm(lo, hi, 0x5410));
 }
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -178,10 +185,24 @@ struct Layout {
 };
 
 // ----------------------------------------------------------------------------- kernel state
-template <int D>
+// q * qk_scale * 2^-row_exp (rows >= M zero) in fp16 twice: each row in the key pairs' order, the
+// B operand of the scores (times the key scales) and the A operand of q B_k; and row pairs per
+// channel, for the key outliers' gather
+template <int BITS, int D>
 struct SharedState {
-  float qf[kRows][D];      // q * qk_scale * 2^-row_exp (fp32), rows >= M zero
-  float row_scale[kRows];  // 2^row_exp
+  using L = Layout<BITS, D>;
+  uint32_t q_pairs[kRows][D / 2];  // [row][t D/8 + i]: {q[row][t D/4 + key_offset(i, 0)], ...(i, 1)]}
+  uint32_t q_rows[kRows / 2][D];   // [t][c]: {q[2t][c], q[2t + 1][c]}
+  float row_scale[kRows];          // 2^row_exp
+
+  // q row r's channel c (fp16 bits) into both arrays
+  __device__ __forceinline__ void store_q(int r, int c, __half v) {
+    constexpr int kCh = D / 4;  // lane t's key channels [t kCh, (t+1) kCh)
+    const int o = c % kCh, word = o / L::kE, slot = o % L::kE;
+    const int pair = (c / kCh) * (D / 8) + word * L::kHalf + slot % L::kHalf;  // inverse of key_offset
+    reinterpret_cast<__half*>(q_pairs[r])[2 * pair + slot / L::kHalf] = v;
+    reinterpret_cast<__half*>(q_rows[r / 2])[2 * c + r % 2] = v;
+  }
   union {
     // per warp while the steps run: the values' outliers of the step as a sparse fp16 tile (16 tokens
     // x D, zero elsewhere; column (c % (D/8)) * 8 + c / (D/8) holds channel c, so output tile m is
@@ -352,11 +373,11 @@ struct Warp {
 
   // ---- per key group: the B operand Q'^T, Q' = q * key scale (fp16, permuted; lane (g, t) holds q row
   // g), and the zero bias of the lane's rows 2t, 2t+1
-  static __device__ __forceinline__ void key_group(const SharedState<D>& sh, const __half* ks, const __half* kz,
+  static __device__ __forceinline__ void key_group(const SharedState<BITS, D>& sh, const __half* ks, const __half* kz,
                                                    int t, uint32_t (&aq)[L::kKSteps][2], float (&bias)[2], int g) {
     // the lane's contiguous channels [t D/4, (t+1) D/4), one word's E channels at a time (few live registers)
     constexpr int kCh = D / 4;
-    const float* q = sh.qf[g] + t * kCh;
+    const uint32_t* q = sh.q_pairs[g] + t * (D / 8);  // q row g in pair order
     uint32_t zb[L::kKSteps][2];  // the zeros in aq's channel order, as A rows (the same in every row)
 #pragma unroll
     for (int w = 0; w < L::kKeyWords; ++w) {
@@ -371,7 +392,7 @@ struct Warp {
         const int lo = L::key_offset(i, 0), hi = L::key_offset(i, 1);  // channel offsets in the lane's range
         const int slo = lo - w * L::kE, shi = hi - w * L::kE;           // ... in this word's E channels
         // [0]: k 2t, 2t+1 of the k-step; [1]: k 2t+8, 2t+9
-        aq[i / 2][i % 2] = pack_half2(q[lo] * __half2float(s[slo]), q[hi] * __half2float(s[shi]));
+        aq[i / 2][i % 2] = hmul2(q[i], pack_bits(s[slo], s[shi]));
         zb[i / 2][i % 2] = pack_bits(z[slo], z[shi]);
       }
     }
@@ -386,49 +407,47 @@ struct Warp {
   }
 
   // ---- per block: the B operand (k = rank) of the scores' low-rank k-step, {qB[g][2t], qB[g][2t+1]}
-  // with qB = q' B_kj, by one m16n8k16 chain over the channels: A = q' (row g, fp16), B = B_kj
-  // (column n = rank n, zero past the rank; int8 B̂ as exact fp16 integers, times A's column scales
-  // / 127 after), whose top-rows C fragment is that operand. A lane reads its 4 D/16 entries of B
-  // as independent L2 loads (one round trip; the block's B was prefetched when its first step was
-  // staged) and q' from shared memory; rounded to fp16 like Q'.
-  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<D>& sh, const Ptrs& p, int blk, int t,
-                                                         int g) {
+  // with qB = q' B_kj, by one m16n8k16 chain over the channels in the key pairs' order, transposed:
+  // A = B_kj^T (top rows: row g = rank g, zero past the rank; int8 B̂ as exact fp16 integers, times
+  // A's column scales / 127 after), B = q'^T (the lane's q_pairs words as they are), so the C
+  // fragment holds (qB)^T[g][2t, 2t+1], and one movmatrix turns it into the operand. A lane reads
+  // its 4 D/16 entries of B_kj as independent L2 loads (one round trip; the block's B was
+  // prefetched when its first step was staged).
+  static __device__ __forceinline__ uint32_t key_lowrank(const SharedState<BITS, D>& sh, const Ptrs& p, int blk,
+                                                         int t, int g) {
     if constexpr (RANK > 0) {
       using Factor = typename StepSlot<BITS, D, RANK, I8>::Factor;
       const Factor *a_k, *a_v, *b_k, *b_v;
       p.factors(a_k, a_v, b_k, b_v);
       const Factor* b = b_k + long(blk) * D * RANK + g;  // column g: B[c][g] at b[c * RANK]
       const bool live = g < RANK;
-      // entries c, c + 1 of column g as one fp16 pair (zero past the rank)
-      const auto pair = [&](int c) -> uint32_t {
+      const auto pair = [&](int i) -> uint32_t {  // rank g at the channels of key pair i of lane t
         if (!live) return 0u;
+        const int c0 = t * (D / 4) + L::key_offset(i, 0), c1 = t * (D / 4) + L::key_offset(i, 1);
         if constexpr (I8) {
-          return int8x2_half2(uint32_t(uint8_t(b[c * RANK])) | uint32_t(uint8_t(b[(c + 1) * RANK])) << 8);
+          return int8_pair_half2(uint8_t(b[c0 * RANK]), uint8_t(b[c1 * RANK]));
         } else {
-          return pack_bits(b[c * RANK], b[(c + 1) * RANK]);
+          return pack_bits(b[c0 * RANK], b[c1 * RANK]);
         }
       };
-      uint32_t bw[L::kKSteps][2];
+      uint32_t bt[L::kKSteps][2];
 #pragma unroll
       for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
-        bw[ks_][0] = pair(16 * ks_ + 2 * t);
-        bw[ks_][1] = pair(16 * ks_ + 2 * t + 8);
+        bt[ks_][0] = pair(2 * ks_);
+        bt[ks_][1] = pair(2 * ks_ + 1);
       }
-      const float* q = sh.qf[g];
-      float c[2] = {0.f, 0.f};
+      const uint32_t* q = sh.q_pairs[g] + t * (D / 8);
+      float c[2] = {0.f, 0.f};  // (qB)^T[g][2t], (qB)^T[g][2t + 1]
 #pragma unroll
-      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) {
-        const int k0 = 16 * ks_ + 2 * t;
-        mma_f16(c, pack_half2(q[k0], q[k0 + 1]), pack_half2(q[k0 + 8], q[k0 + 9]), bw[ks_][0], bw[ks_][1]);
-      }
-      if constexpr (I8) {  // A's scales of rank columns 2t, 2t + 1 and B's 1/127
-        const float* sc = p.kas + long(blk) * RANK;
-        if (2 * t < RANK) {
-          c[0] *= sc[2 * t] * kInt8BasisScale;
-          c[1] *= sc[2 * t + 1] * kInt8BasisScale;
+      for (int ks_ = 0; ks_ < L::kKSteps; ++ks_) mma_f16(c, bt[ks_][0], bt[ks_][1], q[2 * ks_], q[2 * ks_ + 1]);
+      if constexpr (I8) {  // A's scale of rank column g and B's 1/127
+        if (live) {
+          const float sc = p.kas[long(blk) * RANK + g] * kInt8BasisScale;
+          c[0] *= sc;
+          c[1] *= sc;
         }
       }
-      return pack_half2(c[0], c[1]);
+      return movmatrix_trans(pack_half2(c[0], c[1]));
     } else {
       return 0u;
     }
@@ -518,10 +537,10 @@ __device__ __forceinline__ Partial merge_partials(const float* m, const float* l
 // kSmemPerCta, else three
 constexpr size_t kSmemPerCta = 75 * 1024;  // three CTAs per SM on sm_90 (228 KB), two on sm_80 (164 KB)
 constexpr size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
-template <int D>
-constexpr size_t kPlanOffset = round16(sizeof(SharedState<D>));
+template <int BITS, int D>
+constexpr size_t kPlanOffset = round16(sizeof(SharedState<BITS, D>));
 template <int BITS, int D, int RANK, bool I8>
-constexpr size_t kRingOffset = kPlanOffset<D> + round16(sizeof(CopyPlan<BITS, D, RANK, I8>));
+constexpr size_t kRingOffset = kPlanOffset<BITS, D> + round16(sizeof(CopyPlan<BITS, D, RANK, I8>));
 template <int BITS, int D, int RANK, bool I8>
 constexpr int kStageCount =
     kRingOffset<BITS, D, RANK, I8> + 4 * kWarps * sizeof(StepSlot<BITS, D, RANK, I8>) <= kSmemPerCta ? 4 : 3;
@@ -553,7 +572,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
   using Factor = typename Slot::Factor;
   constexpr int kStages = kStageCount<BITS, D, RANK, I8>;
   LOWRANK_OPS_DYNAMIC_SMEM(smem);
-  SharedState<D>& sh = *reinterpret_cast<SharedState<D>*>(smem);
+  using State = SharedState<BITS, D>;
+  State& sh = *reinterpret_cast<State*>(smem);
   // a programmatic launch may start while the stream's previous kernel finishes: nothing in global
   // memory is touched before it has; the combine kernel's CTAs may then be placed as SMs free up
   ptx::wait_for_prior_grids();
@@ -620,7 +640,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
   const auto entered_block = [&](int step, int previous) { return previous < 0 ? step / steps_per_block : previous + 1; };
   int stage_block = -1, stage_block_end = -1;  // the block of the last staged step, the first step past it
   using Plan = CopyPlan<BITS, D, RANK, I8>;
-  Plan& plan = *reinterpret_cast<Plan*>(smem + kPlanOffset<D>);
+  Plan& plan = *reinterpret_cast<Plan*>(smem + kPlanOffset<BITS, D>);
   const Factor *ka, *va, *kb, *vb;
   p.factors(ka, va, kb, vb);
   {
@@ -683,11 +703,11 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
     const float e = ceilf(log2f(fmaxf(amax, 1e-30f)));
     const float down = exp2f(-e);
 #pragma unroll
-    for (int i = 0; i < D / kWarp; ++i) sh.qf[r][lane + kWarp * i] = v[i] * down;
+    for (int i = 0; i < D / kWarp; ++i) sh.store_q(r, lane + kWarp * i, __float2half_rn(v[i] * down));
     if (lane == 0) sh.row_scale[r] = exp2f(e);
   }
   __half(&vout)[kStep][D + 8] = sh.vout[warp];
-  static_assert(offsetof(SharedState<D>, vout) % 16 == 0 && sizeof(vout) % 16 == 0, "zeroed 16 bytes at a time");
+  static_assert(offsetof(State, vout) % 16 == 0 && sizeof(vout) % 16 == 0, "zeroed 16 bytes at a time");
   uint4* const vout_words = reinterpret_cast<uint4*>(&vout[0][0]);
   for (int i = lane; i < int(sizeof(vout) / 16); i += kWarp) vout_words[i] = uint4{0u, 0u, 0u, 0u};
   __syncthreads();
@@ -755,8 +775,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
           if (2 * t < RANK)
             a_ka[h] = int8x2_half2(*reinterpret_cast<const uint16_t*>(slot.key_a + tok_k * RANK + 2 * t));
           if (g < RANK)
-            b_va[h] = int8x2_half2(uint32_t(uint8_t(slot.value_a[tok_v * RANK + g])) |
-                                   uint32_t(uint8_t(slot.value_a[(tok_v + 1) * RANK + g])) << 8);
+            b_va[h] = int8_pair_half2(uint8_t(slot.value_a[tok_v * RANK + g]),
+                                      uint8_t(slot.value_a[(tok_v + 1) * RANK + g]));
         } else {
           if (2 * t < RANK) a_ka[h] = *reinterpret_cast<const uint32_t*>(slot.key_a + tok_k * RANK + 2 * t);
           if (g < RANK) b_va[h] = pack_bits(slot.value_a[tok_v * RANK + g], slot.value_a[(tok_v + 1) * RANK + g]);
@@ -791,22 +811,25 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
                 aq[ks_][0], aq[ks_][1]);
     }
     if constexpr (RANK > 0) mma16_f16(s_odd, {a_ka[0], a_ka[1], 0u, 0u}, a_qb, 0u);  // + A_k (q B_kj)^T, k = rank
-    // - zero bias + outliers (q[idx] * val: the lane's two tokens' outliers against both its
-    // rows), then back to qk_scale units
-    float add[4] = {0.f, 0.f, 0.f, 0.f};
+    // - zero bias + outliers: q[idx] * val of the lane's two tokens' outliers against both its rows,
+    // one HFMA2 per outlier on the row pair {2t, 2t + 1}, summed per token in fp16 (|q| <= 1 after the
+    // row prescale: no product exceeds its fp16 value), then back to qk_scale units
+    uint32_t add[2] = {0u, 0u};  // fp16 {row 2t, row 2t + 1} of token 8h + g
 #pragma unroll 3  // round(2 % of 128) = 3 outliers per vector (the default) in one pass of independent loads
     for (int j = 0; j < n_out; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int e = (8 * h + g) * n_out + j;
-        const int idx = slot.key_out_idx[e];
-        const float val = __half2float(slot.key_out_val[e]);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) add[2 * h + c] += sh.qf[2 * t + c][idx] * val;
+        const __half val = slot.key_out_val[e];
+        add[h] = hfma2(sh.q_rows[t][slot.key_out_idx[e]], pack_bits(val, val), add[h]);
       }
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s[i] = (s[i] + s_odd[i] - bias[i % 2] + add[i]) * row_scale[i % 2];
+    for (int i = 0; i < 4; ++i) {
+      const __half2 a = as_half2(add[i / 2]);
+      const float outliers = i % 2 ? __high2float(a) : __low2float(a);
+      s[i] = (s[i] + s_odd[i] - bias[i % 2] + outliers) * row_scale[i % 2];
+    }
     softmax_step(s, keep);
     const uint32_t p_lo = p_operand(s, 0, false), p_hi = p_operand(s, 1, false);
     // value rows (2t, 2t+1) and (2t+8, 2t+9): the same half-word of both tokens of a pair in
@@ -833,13 +856,20 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
                 p_hi);
     if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
     if (n_out > 0) {  // O^T += Vout^T P^T: the values' outliers as a sparse tile through the same mma
-      // lane: token lane % 16, outliers lane / 16, lane / 16 + 2, ... (a token's channels are distinct)
-      const int otok = lane % kStep;
-      const auto tile_entry = [&](int j) -> __half& {
-        const int c = slot.value_out_idx[otok * n_out + j];
-        return vout[otok][(c % L::kNT) * 8 + c / L::kNT];
-      };
-      for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = slot.value_out_val[otok * n_out + j];
+      // lane: token lane % 16, outliers j = lane / 16 + 2i, i < ceil(n_out / 2) (a token's channels are
+      // distinct); each entry's tile offset (< 2^16) stays in a half register until the entry is cleared
+      const int otok = lane % kStep, rounds = (n_out + 1) / 2;
+      uint32_t entries[kOutliersPerLane / 2] = {};
+#pragma unroll
+      for (int i = 0; i < kOutliersPerLane; ++i) {
+        const int j = lane / kStep + 2 * i;
+        if (i < rounds && j < n_out) {
+          const int c = slot.value_out_idx[otok * n_out + j];
+          const uint32_t entry = otok * (D + 8) + (c % L::kNT) * 8 + c / L::kNT;
+          (&vout[0][0])[entry] = slot.value_out_val[otok * n_out + j];
+          entries[i / 2] |= entry << (16 * (i % 2));
+        }
+      }
       __syncwarp();
       // ldmatrix .trans: lane gives row lane % 8 of matrix mat = lane / 8: tokens 8 (mat / 2) + row,
       // tile m's columns of channels channel(., m, mat % 2), so r = the A operand of tile m
@@ -851,7 +881,10 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
         mma16_f16(o[m], r, p_lo, p_hi);
       }
       __syncwarp();
-      for (int j = lane / kStep; j < n_out; j += kWarp / kStep) tile_entry(j) = __half();
+#pragma unroll
+      for (int i = 0; i < kOutliersPerLane; ++i)
+        if (i < rounds && lane / kStep + 2 * i < n_out)
+          (&vout[0][0])[(entries[i / 2] >> (16 * (i % 2))) & 0xffffu] = __half();
     }
   }
   if (cur_block >= 0) W::flush_value_lowrank(p, cur_block, t, g, pa, o);

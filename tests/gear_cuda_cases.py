@@ -23,6 +23,9 @@ FORMATS = {
     "2b+2%+r4-i8": (2, 4, 0.02, 32, 64, 128, 8),
     "4b+r8-i8": (4, 8, 0.0, 64, 128, 128, 8),
     "2b+2%+r8-d64-i8": (2, 8, 0.02, 32, 64, 64, 8),
+    # the most outliers per vector the CUDA kernel stages (8 = round(6.25 % of 128)): every round
+    # of its value-outlier placement and a partial pass of its unrolled key-outlier loop
+    "2b+6.25%+r4-i8": (2, 4, 0.0625, 32, 64, 128, 8),
 }
 
 
