@@ -856,14 +856,14 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
                 p_hi);
     if constexpr (RANK > 0) mma_f16(pa, p_lo, p_hi, b_va[0], b_va[1]);  // P A_v
     if (n_out > 0) {  // O^T += Vout^T P^T: the values' outliers as a sparse tile through the same mma
-      // lane: token lane % 16, outliers j = lane / 16 + 2i, i < ceil(n_out / 2) (a token's channels are
-      // distinct); each entry's tile offset (< 2^16) stays in a half register until the entry is cleared
-      const int otok = lane % kStep, rounds = (n_out + 1) / 2;
+      // lane: token lane % 16, outliers j = lane / 16 + 2i (a token's channels are distinct); each
+      // entry's tile offset (< 2^16) stays in a half register until the entry is cleared
+      const int otok = lane % kStep;
       uint32_t entries[kOutliersPerLane / 2] = {};
 #pragma unroll
       for (int i = 0; i < kOutliersPerLane; ++i) {
         const int j = lane / kStep + 2 * i;
-        if (i < rounds && j < n_out) {
+        if (j < n_out) {
           const int c = slot.value_out_idx[otok * n_out + j];
           const uint32_t entry = otok * (D + 8) + (c % L::kNT) * 8 + c / L::kNT;
           (&vout[0][0])[entry] = slot.value_out_val[otok * n_out + j];
@@ -883,7 +883,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
       __syncwarp();
 #pragma unroll
       for (int i = 0; i < kOutliersPerLane; ++i)
-        if (i < rounds && lane / kStep + 2 * i < n_out)
+        if (lane / kStep + 2 * i < n_out)
           (&vout[0][0])[(entries[i / 2] >> (16 * (i % 2))) & 0xffffu] = __half();
     }
   }
