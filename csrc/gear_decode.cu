@@ -282,11 +282,8 @@ struct alignas(16) StepSlot {
 
   // the key-mask bits of the lane's two score rows (bit h: token 8h + g) of the step at tok0
   static __device__ __forceinline__ uint32_t keep_bits(const uint8_t* mask, long tok0, int g) {
-    uint32_t keep = 0x3u;
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (mask && !mask[tok0 + 8 * h + g]) keep &= ~(1u << h);
-    return keep;
+    if (!mask) return 0x3u;
+    return (mask[tok0 + g] ? 0x1u : 0u) | (mask[tok0 + 8 + g] ? 0x2u : 0u);
   }
 };
 
