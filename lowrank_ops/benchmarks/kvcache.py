@@ -465,7 +465,7 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
     t_start = time.perf_counter()
     meta, copy_gbps, matmul_tflops = T.run_prologue(
         "kvcache", mode, device, env.dtype, f"{len(cases)} cases x {len(configs)} configs",
-        {"triton": (env.triton_ok, env.triton_why)}, triton_usable=env.triton_ok, triton_note=env.triton_why)
+        {"triton": (env.triton_ok, env.triton_why)})
 
     header = {
         "suite": "kvcache", "mode": mode, "meta": meta, "copy_bandwidth_gbps": copy_gbps,

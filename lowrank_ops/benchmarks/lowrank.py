@@ -592,8 +592,7 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, cases: list[
     env = probe_env(device, dtype)
     meta, copy_gbps, matmul_tflops = T.run_prologue(
         "lowrank", mode, device, dtype, f"{len(cases)} cases",
-        {"triton": (env.triton_ok, env.triton_why), "cuda": (env.cuda_ok, env.cuda_why)},
-        triton_usable=env.triton_ok, triton_note=env.triton_why, cuda_ext_usable=env.cuda_ok, cuda_ext_note=env.cuda_why)
+        {"triton": (env.triton_ok, env.triton_why), "cuda": (env.cuda_ok, env.cuda_why)})
 
     def error_row(case: Case, exc: BaseException) -> dict:
         return {"family": case.family, "shape": case.shape, "n": case.n, "k": case.k, "rank": case.rank,

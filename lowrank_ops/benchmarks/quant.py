@@ -577,7 +577,7 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
     env = probe_env(device, dtype)
     meta, copy_gbps, matmul_tflops = T.run_prologue(
         "quant", mode, device, dtype, f"{len(cases)} cases x {len(configs)} configs",
-        {"triton": (env.triton_ok, env.triton_why)}, triton_usable=env.triton_ok, triton_note=env.triton_why)
+        {"triton": (env.triton_ok, env.triton_why)})
 
     cache = FormatCache(device)
 

@@ -599,15 +599,22 @@ def elapsed() -> Any:
 
 
 # --------------------------------------------------------------------------- suite plumbing
+# the metadata keys of a backend's availability: ``<key>_usable`` and ``<key>_note``
+_BACKEND_META_KEYS = {"triton": "triton", "cuda": "cuda_ext"}
+
+
 def run_prologue(suite: str, mode: str, device: torch.device, dtype: torch.dtype, plan: str,
-                 backends: dict[str, tuple[bool, str]], **extra: Any) -> tuple[dict, float, float]:
+                 backends: dict[str, tuple[bool, str]]) -> tuple[dict, float, float]:
     """The start every suite's run shares: copy bandwidth and matmul throughput measured, the run's
-    metadata (:func:`run_metadata` with ``extra``), the banner line ending in ``plan``, and a note
-    for each of ``backends`` (name -> (usable, why not)) the run cannot use. Returns (metadata,
-    copy GB/s, matmul TFLOP/s)."""
+    metadata (:func:`run_metadata`, with each of ``backends``' availability: name ("triton" or
+    "cuda") -> (usable, why not)), the banner line ending in ``plan``, and a note for each backend
+    the run cannot use. Returns (metadata, copy GB/s, matmul TFLOP/s)."""
     copy_gbps = measure_copy_bandwidth(device)
     matmul_tflops = measure_matmul_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    meta = run_metadata(device, dtype=dtype_name(dtype), **extra)
+    availability = {}
+    for name, (usable, why) in backends.items():
+        availability.update({f"{_BACKEND_META_KEYS[name]}_usable": usable, f"{_BACKEND_META_KEYS[name]}_note": why})
+    meta = run_metadata(device, dtype=dtype_name(dtype), **availability)
     print(f"{suite} benchmarks [{mode}] on {meta['device']} | {dtype_name(dtype)} | copy {copy_gbps:.0f} GB/s | "
           f"matmul {matmul_tflops:.1f} TFLOP/s | L2 {meta['l2_bytes'] / 1e6:.0f} MB | {plan}", flush=True)
     for name, (usable, why) in backends.items():
