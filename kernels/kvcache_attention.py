@@ -35,6 +35,9 @@ Two launches, no atomics, deterministic:
 2. ``_gear_combine_kernel``, grid (batch · kv_heads, M): merges one q row's split partials,
    all splits' weights at once (no serial rescaling chain), and stores in q's dtype.
 
+``CAUSAL`` (several new tokens, the cache's newest: assisted decoding, chunked prefill): row r's
+query is token seq_len − q_len + r % q_len and sees no later position (``_causal_scores``, one
+compare per score, compiled out of the one-token decode).
 Rows that attend to nothing (a fully masked sequence) give 0, never NaN. Every product
 accumulates in fp32; the compressed tiles are fp16 for fp16 and bf16 q (all they are built
 from is fp16) and fp32 for fp32 q (exact "ieee" dots); the fp16 tail is read in q's dtype.
@@ -349,6 +352,14 @@ def _masked_scores(s, valid, mask_bytes, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _causal_scores(s, pos, q_rows, SEQ_LEN, Q_LEN):
+    """Scores; -inf where key position ``pos`` lies after the query of row ``q_rows``: the q_len
+    queries are the cache's newest tokens, row r's is token SEQ_LEN − Q_LEN + r % Q_LEN."""
+    newest = SEQ_LEN - Q_LEN + q_rows % Q_LEN
+    return tl.where(pos[None, :] <= newest[:, None], s, float("-inf"))
+
+
+@triton.jit
 def _online_softmax(s, m_i, l_i, acc):
     """One flash-attention step in base 2: new running max, rescaled sum and accumulator, and the
     tile's probabilities p. A row that has seen only -inf keeps max -inf and gets p = 0 (the max
@@ -384,11 +395,11 @@ def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale, Q_LEN,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, M_REAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, M_REAL: tl.constexpr, CAUSAL: tl.constexpr,
     # the autotune row's: programs per SM (sets the grid's split count; unused here; a constexpr:
     # the interpreter hands a grid function its runtime integers converted to tensors), and
     # whether each tile's inputs are loaded one iteration ahead (_key_inputs, _value_inputs)
@@ -495,6 +506,8 @@ def _gear_split_kernel(
             a = _spread_columns(_factor_tile(key_a, cdtype, INT8_FACTORS), R_PAD)
             s = _dot(qb.to(cdtype), tl.trans(a), s, DOT_PRECISION)
         s = _masked_scores(s * row_scale, tl.full([BLOCK_N], True, tl.int1), keep, HAS_MASK)
+        if CAUSAL:
+            s = _causal_scores(s, tile * BLOCK_N + tl.arange(0, BLOCK_N), offs_m, SEQ_LEN, Q_LEN)
         p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         p = p.to(cdtype)
         if not LOAD_AHEAD:
@@ -528,6 +541,8 @@ def _gear_split_kernel(
             if HAS_MASK:
                 keep = tl.load(mask_ptr + T + offs_n, mask=valid, other=0)
             s = _masked_scores(s * qk_scale, valid, keep, HAS_MASK)
+            if CAUSAL:
+                s = _causal_scores(s, T + offs_n, offs_m, SEQ_LEN, Q_LEN)
             p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
             v = tl.load(tv_ptr + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
                         other=0.0)
@@ -623,15 +638,16 @@ def last_split_config() -> Optional[str]:
 
 
 def gear_decode_attention(
-    q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, num_splits: Optional[int] = None,
-    tile_tokens: Optional[int] = None,
+    q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, causal: bool = False,
+    num_splits: Optional[int] = None, tile_tokens: Optional[int] = None,
 ) -> Tensor:
     """Decode attention of ``q`` (batch, q_heads, q_len, head_dim) over every cached token of the
     GEAR cache ``kv`` (a ``lowrank_ops.kvcache.GEARKV``), read in its compressed form.
 
     ``key_mask``: optional bool (batch, seq_len), True = attend; ``scale``: score scale, None for
-    head_dim ** -0.5. q_heads must be a multiple of kv_heads (GQA); there is no causal mask
-    among the cached tokens. Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
+    head_dim ** -0.5. q_heads must be a multiple of kv_heads (GQA). ``causal``: the q_len queries
+    are the cache's newest tokens, query i sees positions ≤ seq_len − q_len + i (else every
+    query sees every cached token). Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
     every key masked out is 0. ``num_splits`` overrides the sequence split count (tests), and
     ``tile_tokens`` the tokens per tile (a power of two dividing B, at most 64; tests and
     ``bench/kernel_profile.py``: 32-token tiles at G = 32 fold the key scale into q).
@@ -651,6 +667,9 @@ def gear_decode_attention(
         check_dim("key_mask", key_mask, 0, batch, "batch")
         check_dim("key_mask", key_mask, 1, seq_len, "cached tokens")
         check_device("key_mask", key_mask, q.device, "q")
+    if causal and q_len > seq_len:
+        raise ValueError(f"q: causal queries are the cache's newest tokens, expected q_len <= seq_len={seq_len}, "
+                         f"got shape {tuple(q.shape)}")
     if cfg.rank > KV_MAX_RANK:
         raise ValueError(f"kv: the Triton decode kernel supports rank <= {KV_MAX_RANK}, got {cfg.rank}")
     if scale is None:
@@ -697,12 +716,13 @@ def gear_decode_attention(
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
         kv_heads, m, seq_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
-        N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
+        q_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)),
         HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_N=block_n,
         M_REAL=min(block_m, next_pow2(m)),  # the q rows a program can hold (4 of 16 for a GQA-4 decode step)
+        CAUSAL=causal and q_len > 1,
     )
     splits = splits_of(_gear_split_kernel.best_config.kwargs["PROGRAMS_PER_SM"])  # the row it ran with
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
@@ -716,13 +736,13 @@ def gear_decode_attention(
 
 # --------------------------------------------------------------------------- compile lane
 # 2 and 4 bits, head_dim 64 and 128, outliers and low rank (fp16 and int8 factors) each on and
-# off, fp16 and bf16 q, 64-token tiles across two key groups and 32-token tiles in one, each
+# off, fp16 and bf16 q, one causal chunk, 64-token tiles across two key groups and 32-token tiles in one, each
 # value in at least one case (every case compiles in seconds); one fp32 case (exact dots) for
 # the all-configs fp32 run; the combine kernel per output dtype.
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                WIDE_GRID="i32", qk_scale="fp32")
+                WIDE_GRID="i32", qk_scale="fp32", Q_LEN="i32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),
@@ -738,6 +758,7 @@ def _compile_cases() -> list[CompileCase]:
                      HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, R=4 if lr else 0, R_LOAD=4, R_PAD=16,
                      HAS_LR=lr is not None, INT8_FACTORS=lr == "i8", BLOCK_N=block_n, HAS_MASK=True,
                      M_REAL=16 if dtype == "fp32" or head_dim == 64 else 4,
+                     CAUSAL=dtype == "bf16" and lr == "i8",
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{f',lr-{lr}' if lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))

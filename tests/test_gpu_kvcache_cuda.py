@@ -142,6 +142,21 @@ def test_int8_factors_are_served_pinned_and_left_to_triton_automatically():
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[F16]
 
 
+def test_a_causal_chunk_goes_to_triton_automatically():
+    """Assisted decoding's draft check (7 causal query tokens): the CUDA kernel refuses it, automatic
+    dispatch takes Triton, and the result is the causal reference."""
+    head_dim, cfg = _fmt("2b+2%+r4")
+    kv = make_cache(1, 8, 1024 + 3, head_dim, F16, seed=9, **cfg)
+    q = torch.randn(1, 32, 7, head_dim, device=DEV, dtype=F16)
+    from lowrank_ops.kvcache.ops import _attention_backend
+
+    assert cuda_decode.supports(q, kv).ok and not cuda_decode.supports(q, kv, causal=True).ok
+    assert _attention_backend(q, kv, causal=True) == "triton"
+    out = attention(q, kv, causal=True)
+    ref = attention_reference(q.double(), kv, None, None, compute_dtype=torch.float64, causal=True)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[F16]
+
+
 def test_unserved_configuration_is_refused_by_name():
     head_dim, cfg = _fmt("2b+2%+r4")
     cfg["rank"] = 2

@@ -244,18 +244,39 @@ def test_after_append_matches_reference():
     assert_close(out, reference(q, kv, mask, None), torch.float16, "append", TOL)
 
 
+# q_len 3 in the tail; 9 (a block compressed from the chunk's own tokens); 17 tokens × GQA 4 = 68
+# rows: two row blocks, the second's rows starting mid-chunk
+@pytest.mark.parametrize("new_tokens, groups, splits", [(3, 4, 2), (9, 2, None), (17, 4, 3)])
+def test_causal_chunk(new_tokens, groups, splits):
+    kv = make_cache(bits=2, rank=4, ratio=0.05, nblocks=2, tail=27, head_dim=64, dtype=torch.float16)
+    new = torch.randn(2, BATCH, KV_HEADS, new_tokens, 64).to(dtype=torch.float16, device=DEVICE)
+    kv.append(new[0], new[1])
+    q = torch.randn(BATCH, groups * KV_HEADS, new_tokens, 64).to(dtype=torch.float16, device=DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    mask[0, -5:] = True  # right padding would mask the chunk's own tokens
+    out = kernels.gear_decode_attention(q, kv, mask, None, causal=True, num_splits=splits)
+    want = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
+    assert_close(out, want, torch.float16, f"causal chunk of {new_tokens}", TOL)
+    assert (reference(q, kv, mask, None)[:, :, 0] - want[:, :, 0]).abs().max() > 0.05  # the mask matters here
+
+
 # --------------------------------------------------------------------------- public op, triton pinned
 def test_attention_op_uses_kernel(monkeypatch):
     calls = []
     real = kernels.gear_decode_attention
-    monkeypatch.setattr(kernels, "gear_decode_attention", lambda *a: calls.append(len(a)) or real(*a))
+    monkeypatch.setattr(kernels, "gear_decode_attention", lambda *a, **k: calls.append((len(a), k)) or real(*a, **k))
     kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=2, tail=6, head_dim=64, dtype=torch.float16)
     q = torch.randn(BATCH, 4 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    chunk_q = torch.randn(BATCH, 2 * KV_HEADS, 2, 64).to(dtype=torch.float16, device=DEVICE)
     mask = ragged_mask(kv.seq_len)
     with use_backend("triton"):
         out = attention(q, kv, key_mask=mask)
-    assert calls == [4], "the triton backend did not call gear_decode_attention(q, kv, key_mask, scale)"
+        chunk = attention(chunk_q, kv, key_mask=mask, causal=True)
+    assert calls == [(4, {"causal": False}), (4, {"causal": True})], \
+        "the triton backend did not call gear_decode_attention(q, kv, key_mask, scale, causal=)"
     assert_close(out, reference(q, kv, mask, None), torch.float16, "attention(triton)", TOL)
+    want = attention_reference(chunk_q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
+    assert_close(chunk, want, torch.float16, "attention(triton, causal)", TOL)
 
 
 # --------------------------------------------------------------------------- bad input

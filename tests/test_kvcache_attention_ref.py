@@ -67,6 +67,28 @@ def test_ragged_key_mask_and_fully_masked_rows():
     assert rel(out[:1], alone) < 2e-3
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3, 9])  # 9: the chunk's append compresses a block of its own tokens
+def test_causal_chunk_is_each_query_over_its_prefix(new_tokens):
+    """causal=True: query i of a chunk appended last sees the cache up to its own token, exactly
+    as a one-token step over the prefix would (ragged left padding on batch row 1)."""
+    kv, _, _ = make_cache(t=120)  # one block + 56 tail tokens (B = 64)
+    kv.append(torch.randn(2, 2, new_tokens, 64).half(), torch.randn(2, 2, new_tokens, 64).half())
+    assert kv.nblocks == (2 if new_tokens == 9 else 1)
+    mask = torch.ones(2, kv.seq_len, dtype=torch.bool)
+    mask[1, :11] = False
+    q = torch.randn(2, 8, new_tokens, 64).half()
+    out = attention(q, kv, key_mask=mask, causal=True)
+    k_hat, v_hat = kv.decompress(torch.float64)
+    for i in range(new_tokens):
+        end = kv.seq_len - new_tokens + i + 1
+        one = float64_attention(q[:, :, i:i + 1], k_hat[:, :, :end], v_hat[:, :, :end], mask[:, :end])
+        assert rel(out[:, :, i:i + 1], one) < 2e-3, f"query {i}"
+    if new_tokens > 1:  # without the causal mask the early queries would read later tokens
+        assert rel(attention(q, kv, key_mask=mask)[:, :, :1], out[:, :, :1]) > 1e-2
+    else:  # one query token: causal changes nothing
+        assert torch.equal(attention(q, kv, key_mask=mask), out)
+
+
 def test_tail_only_cache_is_exact_attention():
     cfg = GEARConfig(buffer_tokens=128)
     kv, keys, values = make_cache(t=100, dtype=torch.float32, cfg=cfg)
@@ -113,12 +135,18 @@ def test_custom_op_fake_and_opcheck():
     q = torch.randn(2, 4, 1, 64).half()
     mask = torch.rand(2, 70) > 0.2
     cfg = kv.config
-    args = (q, list(kv.tensors().values()), mask, 0.125, cfg.bits, cfg.group_size, cfg.rank,
+    args = (q, list(kv.tensors().values()), mask, 0.125, False, cfg.bits, cfg.group_size, cfg.rank,
             float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
     with use_backend("reference"):
         torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, args)
-        compiled = torch.compile(lambda q: attention(q, kv, key_mask=mask, scale=0.125), fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(q), attention(q, kv, key_mask=mask, scale=0.125))
+        chunk = torch.randn(2, 4, 3, 64).half()
+        torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, (chunk, *args[1:4], True, *args[5:]))
+        for causal, query in ((False, q), (True, chunk)):
+            def run(x, causal=causal):
+                return attention(x, kv, key_mask=mask, scale=0.125, causal=causal)
+
+            compiled = torch.compile(run, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(query), run(query))
 
 
 def test_bad_inputs():
@@ -142,3 +170,7 @@ def test_bad_inputs():
         attention(q, kv, key_mask=torch.ones(2, 70))
     with pytest.raises(ValueError, match="scale"):
         attention(q, kv, scale=-1.0)
+    with pytest.raises(TypeError, match="causal"):
+        attention(q, kv, causal=1)
+    with pytest.raises(ValueError, match="q_len <= seq_len=70"):
+        attention(torch.randn(2, 4, 71, 64).half(), kv, causal=True)

@@ -107,6 +107,23 @@ def test_blocks_are_never_requantized():
     assert kv.seq_len == 138
 
 
+def test_keep_blocks_then_append_is_the_shorter_cache():
+    """A rollback: keep the first block of three, append tokens again: the cache of those tokens."""
+    cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.05)
+    keys, values = kv_pair(2, 2, 3 * 64 + 5, 64)
+    kv = compress(keys, values, cfg)
+    assert kv.keep_blocks(1) is kv and (kv.nblocks, kv.tail_len) == (1, 0)
+    assert all(t.is_contiguous() for t in kv.tensors().values())
+    kv.append(keys[:, :, 64:140], values[:, :, 64:140])
+    once = compress(keys[:, :, :140], values[:, :, :140], cfg)
+    for got, want in zip(kv.decompress(torch.float32), once.decompress(torch.float32)):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="nblocks"):
+        kv.keep_blocks(3)
+    with pytest.raises(TypeError, match="nblocks"):
+        kv.keep_blocks(1.0)
+
+
 def test_batch_elements_and_heads_are_independent():
     """Ragged batches (left padding) are stored per sequence: no statistic crosses sequences or heads."""
     cfg = GEARConfig(bits=2, rank=4)

@@ -49,6 +49,16 @@ def test_cpu_tensors_are_not_served_and_auto_picks_reference():
         cuda_decode.gear_decode(q, kv, None, 0.125)
 
 
+def test_a_causal_chunk_is_not_served_and_says_why():
+    """Several causal query tokens go to Triton (refused before the device check, so this holds
+    on any machine); one query token under causal is a plain decode step."""
+    kv = compress(torch.randn(1, 2, 70, 64, dtype=F16), torch.randn(1, 2, 70, 64, dtype=F16), GEARConfig(rank=4))
+    verdict = cuda_decode.supports(torch.randn(1, 4, 3, 64, dtype=F16), kv, causal=True)
+    assert not verdict.ok and "causal attention of 3 query tokens" in verdict.why
+    one = cuda_decode.supports(torch.randn(1, 4, 1, 64, dtype=F16), kv, causal=True)
+    assert "causal" not in one.why
+
+
 @pytest.mark.parametrize("per_sm", [None, 1, 3, 4])
 @pytest.mark.parametrize("steps,columns,sms", [(512, 8, 132), (512, 128, 132), (3, 8, 132), (1, 1, 132),
                                                 (2049, 1, 132), (10, 4096, 132), (100000, 1, 132)])

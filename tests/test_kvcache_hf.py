@@ -31,7 +31,16 @@ from transformers import (  # noqa: E402
 
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kvcache import GEARConfig, ops  # noqa: E402
-from lowrank_ops.kvcache.hf import GEAR_ATTENTION, GEARCache, GEARLayer, decode_key_mask  # noqa: E402
+from lowrank_ops.kvcache.format import GEARKV  # noqa: E402
+from lowrank_ops.kvcache.hf import (  # noqa: E402
+    CHUNK_MAX_ROWS,
+    GEAR_ATTENTION,
+    ROLLBACK_TOKENS,
+    GEARCache,
+    GEARLayer,
+    decode_key_mask,
+    is_causal_over,
+)
 
 SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=512)
@@ -68,7 +77,7 @@ def _one_thread_reference():
 def make_model(family: str, **overrides):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    return model_cls(config_cls(**SIZES, **{**extra, **overrides})).eval()
+    return model_cls(config_cls(**{**SIZES, **extra, **overrides})).eval()
 
 
 def prompt(batch: int = 2, length: int = PROMPT, pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,15 +265,18 @@ def test_cache_holds_compressed_blocks_below_dense_bytes():
     assert blocks_bits == pytest.approx(2 + 1 + 0.375 + 0.5 + 1 + 0.0625)
 
 
-def test_several_new_tokens_after_prefill_decompress_once(monkeypatch):
-    """A chunk of 3 tokens after the prefill (chunked prefill / assisted decoding) is causal among
-    itself: it goes through the decompress + SDPA path and matches DynamicCache."""
+# 3 tokens: 2 heads per kv head × 3 = 6 rows, through the causal attention; 40 tokens: 80 rows
+# > CHUNK_MAX_ROWS, decompressed once
+@pytest.mark.parametrize("n, through_attention", [(3, True), (40, False)])
+def test_several_new_tokens_after_prefill(n, through_attention, monkeypatch):
+    """A chunk of n tokens after the prefill (assisted decoding, chunked prefill) is causal among
+    itself, on left-padded rows; it matches DynamicCache."""
     model = make_model("llama")
     ids, mask = prompt()
-    new = _new_ids(3)
+    new = _new_ids(n)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     chunk_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-    chunk_pos = pos[:, -1:] + torch.arange(1, 4)
+    chunk_pos = pos[:, -1:] + torch.arange(1, n + 1)
 
     def run(cache):
         model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache)
@@ -272,9 +284,29 @@ def test_several_new_tokens_after_prefill_decompress_once(monkeypatch):
 
     model.set_attn_implementation("sdpa")
     ref = run(DynamicCache(config=model.config))
-    monkeypatch.setattr(ops, "attention", lambda *a, **k: pytest.fail("q_len > 1 must not use the decode attention"))
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(k["causal"]) or real(*a, **k))
     got = run(gear_cache(model, LOSSLESS_4BIT))
+    assert calls == ([True] * SIZES["num_hidden_layers"] if through_attention else [])
     assert rel_err(got, ref).max() < 1e-4
+
+
+def test_chunk_rows_are_one_triton_program():
+    kernels = pytest.importorskip("lowrank_ops.kernels.kvcache_attention")
+    assert CHUNK_MAX_ROWS == kernels._MAX_BLOCK_M
+
+
+def test_only_a_key_mask_and_causal_chunk_mask_takes_the_causal_attention():
+    key_mask = torch.tensor([[True] * 6, [False, False] + [True] * 4])
+    causal = key_mask[:, None, None, :] & ops.causal_allowed(3, 6, key_mask.device)
+    assert is_causal_over(causal, key_mask, 3, 6)
+    additive = torch.zeros(2, 1, 3, 6).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert is_causal_over(additive, key_mask, 3, 6) and is_causal_over(None, None, 3, 6)
+    tree = causal.clone()
+    tree[:, :, 2, 4] = False  # draft token 2 branches off token 0, not token 1
+    assert not is_causal_over(tree, key_mask, 3, 6)
+    assert not is_causal_over(causal | True, key_mask, 3, 6)  # no causal order among the new tokens
 
 
 def test_beam_search_reorders_the_compressed_cache_exactly():
@@ -304,12 +336,86 @@ def test_layer_batch_operations_and_crop():
     assert torch.equal(layer.kv.decompress()[1], ref_v[[2, 1]])
     layer.crop(-5)  # within the 8-token tail
     assert layer.get_seq_length() == 35 and torch.equal(layer.kv.decompress()[0], ref_k[[2, 1], :, :35])
-    with pytest.raises(ValueError, match="uncompressed tail"):
-        layer.crop(-4)
+    layer.crop(-4)  # into the block the prefill compressed: rebuilt from the prefill's raw tokens
+    assert layer.get_seq_length() == 31 and layer.kv.nblocks == 0
+    assert torch.equal(layer.kv.decompress()[0], k[[2, 1], :, :31])
     with pytest.raises(ValueError, match="tokens_to_remove"):
         layer.crop(3)
     layer.reset()
     assert layer.kv is None and layer.get_seq_length() == 0 and not layer.is_initialized
+
+
+def _update(layer, k, v):
+    layer.update(k, v, kwargs={})
+    layer.awaiting_attention = False  # as the "gear" attention does
+
+
+@pytest.mark.parametrize("config", [GEAR_2BIT, LOSSLESS_4BIT], ids=["2bit-r4", "lossless-4bit"])
+def test_crop_takes_back_compressed_tokens_of_the_last_update(config):
+    """Blocks compressed from an update's tokens are rebuilt from the tokens that stay: the same
+    cache as appending only those (B = 32 or 16; a prefill of 45 tokens, a 19-token step that fills
+    a block, a 1-token step, then a 35-token chunk that fills one or two blocks)."""
+    gen = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(1, 2, 100, 64, generator=gen) for _ in range(2))
+    layer = GEARLayer(config)
+    layer.update(k[:, :, :45], v[:, :, :45])
+    for start, end in [(45, 64), (64, 65), (65, 100)]:
+        _update(layer, k[:, :, start:end], v[:, :, start:end])
+    assert layer.kv.nblocks == 100 // config.buffer_tokens
+    layer.crop(-33)  # keeps 2 of the chunk: back before its first block boundary
+    layer.crop(-1)  # and one more token of it
+    assert layer.get_seq_length() == 66
+    ref = GEARLayer(config)
+    ref.update(k[:, :, :45], v[:, :, :45])
+    for start, end in [(45, 64), (64, 65), (65, 66)]:
+        _update(ref, k[:, :, start:end], v[:, :, start:end])
+    assert layer.kv.nblocks == ref.kv.nblocks == 66 // config.buffer_tokens
+    for got, want in zip(layer.kv.decompress(), ref.kv.decompress()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="up to 1 newest tokens of the last update"):
+        layer.crop(-3)  # the tail's 2, or one more of the chunk's 35 (34 are gone)
+    _update(layer, k[:, :, 66:67], v[:, :, 66:67])  # a step within the tail: crop is the tail's alone
+    assert layer.rollback is None
+    with pytest.raises(ValueError, match="up to 0 newest"):
+        layer.crop(-(layer.kv.tail_len + 1))
+
+
+def test_rollback_keeps_only_the_newest_raw_tokens():
+    """The record of a long prefill holds raw tokens from the block of its newest ROLLBACK_TOKENS
+    on, not the prompt."""
+    config = GEARConfig(bits=2, buffer_tokens=32, group_size=32)
+    k = torch.randn(1, 2, 300, 64)
+    layer = GEARLayer(config)
+    layer.update(k, k)
+    undo = layer.rollback
+    first = (300 - ROLLBACK_TOKENS) // 32
+    assert (undo.blocks, undo.keys.shape[2], undo.undoable) == (first, 300 - first * 32, ROLLBACK_TOKENS)
+    assert undo.keys.untyped_storage().nbytes() == undo.keys.nbytes  # a copy, not a view of the prompt
+    layer.crop(-ROLLBACK_TOKENS)
+    assert layer.get_seq_length() == 300 - ROLLBACK_TOKENS
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        layer.crop(-(layer.kv.tail_len + 1))
+
+
+def test_assisted_decoding_with_a_draft_model_matches_greedy():
+    """transformers' assisted generation: a draft model proposes tokens, the GEAR-cached target
+    checks them in one causal chunk and crops the rejected ones (into compressed blocks too);
+    lossless settings give greedy decoding's tokens."""
+    model, draft = make_model("llama"), make_model("llama", num_hidden_layers=1)
+    draft.generation_config.num_assistant_tokens = 6  # chunks of 7: the draft's 6 and the last accepted token
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0  # a random draft is never confident
+    ids, mask = prompt(batch=1)
+    expected = dynamic_tokens(model, ids, mask, new=24)
+    calls, rebuilt = [], []
+    real, keep = ops.attention, GEARKV.keep_blocks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "attention", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+        mp.setattr(GEARKV, "keep_blocks", lambda self, n: rebuilt.append(n) or keep(self, n))
+        cache = gear_cache(model, LOSSLESS_4BIT)
+        got = generate(model, cache, ids, mask, new=24, assistant_model=draft)
+    assert torch.equal(got, expected)
+    assert max(calls) == 7 and rebuilt, "no draft chunk was checked, or no crop reached a compressed block"
 
 
 def test_decode_key_mask_from_transformers_masks():

@@ -80,10 +80,13 @@ def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head
     return Support(True)
 
 
-def supports(q: object, kv: "GEARKV") -> Support:
-    """Whether the CUDA GEAR kernel can serve ``attention(q, kv)``. Cheap; never raises."""
+def supports(q: object, kv: "GEARKV", causal: bool = False) -> Support:
+    """Whether the CUDA GEAR kernel can serve ``attention(q, kv, causal=causal)``. Cheap; never raises."""
     if not isinstance(q, Tensor):
         return Support(False, f"q must be a tensor, got {type(q).__name__}")
+    if causal and q.dim() == 4 and q.shape[2] > 1:
+        return Support(False, f"causal attention of {q.shape[2]} query tokens: the CUDA GEAR kernel has no causal "
+                              "mask among new tokens (one query token per sequence); Triton has")
     if q.device.type != "cuda":
         return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
     cfg = kv.config

@@ -259,6 +259,18 @@ class GEARKV:
         return self._reconstruct("key", dtype), self._reconstruct("value", dtype)
 
     # --------------------------------------------------------------- growth
+    def keep_blocks(self, nblocks: int) -> "GEARKV":
+        """Keep the first ``nblocks`` compressed blocks and an empty tail, in place (a rollback: the
+        caller appends again the raw tokens it keeps after them). Returns self."""
+        check_int("nblocks", nblocks, low=0, high=self.nblocks)
+        have = self.nblocks
+        if nblocks < have:  # every block tensor's dim 2 is proportional to the block count
+            for name in TENSOR_FIELDS[:-2]:
+                t = getattr(self, name)
+                setattr(self, name, t[:, :, : t.shape[2] // have * nblocks].clone())
+        self.tail_len = 0
+        return self
+
     def append(self, keys: Tensor, values: Tensor) -> "GEARKV":
         """Append (batch, kv_heads, n, head_dim) new tokens in place (n ≥ 0): they join the tail,
         and each time the tail reaches B tokens it is compressed into a new block. Returns self."""

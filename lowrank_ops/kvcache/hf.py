@@ -34,9 +34,18 @@ How a decode step reads the compressed cache
   step was not consumed by the "gear" attention raises on its next update.
 * Masks: "gear" is registered with transformers' mask interface as ``sdpa_mask``; on decode
   (one query token) the mask's last row is the key mask of left-padded batches.
-* Several query tokens after the prefill (chunked prefill, assisted decoding) need a causal
-  mask among the new tokens, which the decode attention does not have: that step decompresses
-  the layer and runs SDPA (the one dequantizing path).
+* Several query tokens after the prefill (assisted decoding's draft check, prompt lookup,
+  chunked prefill) read the compressed cache too, with ``causal=True`` (query i sees the cache up
+  to its own token), when the step's mask is a key mask ∧ causal (what transformers builds for
+  left padding) and its query rows (q_heads / kv_heads × new tokens) fit one program of the
+  Triton kernel (:data:`CHUNK_MAX_ROWS`), so the cache is read once, as in a one-token step.
+  Longer chunks (a second prompt) and other masks decompress the layer and run SDPA.
+* Rollback (``crop``, which assisted decoding calls to drop rejected draft tokens): tokens still
+  in the tail are just forgotten; for tokens already compressed into a block, the layer keeps
+  the raw keys/values of its last update from the start of the block that holds its newest
+  :data:`ROLLBACK_TOKENS`, drops the blocks from there and appends the tokens that stay again
+  (a block is only ever compressed from the tokens it holds, so the result is the cache that
+  appending only those tokens would have built).
 """
 from __future__ import annotations
 
@@ -59,6 +68,13 @@ from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
 
 GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
 LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
+# Query rows (q_heads / kv_heads × new tokens) of a multi-token step read through the compressed
+# cache: one Triton program's rows (kernels/kvcache_attention.py, _MAX_BLOCK_M), so the cache is
+# read once; longer chunks decompress once and run SDPA.
+CHUNK_MAX_ROWS = 64
+# The newest tokens of a layer's last update that crop() can take back even once compressed
+# (assisted decoding drops at most its draft, prompt lookup 10 tokens by default).
+ROLLBACK_TOKENS = 128
 
 
 def register() -> None:
@@ -74,7 +90,7 @@ class GEARLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False  # only the uncompressed tail can be cropped, see crop()
+    is_croppable = True  # the newest ROLLBACK_TOKENS of the last update, see crop()
 
     def __init__(self, config: GEARConfig, model_config: Optional[PreTrainedConfig] = None):
         super().__init__()
@@ -82,6 +98,7 @@ class GEARLayer(CacheLayerMixin):
         self.model_config = model_config
         self.kv: Optional[GEARKV] = None
         self.awaiting_attention = False  # a decode update whose attention has not run yet
+        self.rollback: Optional[Rollback] = None  # the last update's, when it compressed a block
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -95,6 +112,7 @@ class GEARLayer(CacheLayerMixin):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             self.kv = compress(key_states, value_states, self.config)
+            self.rollback = Rollback.of_update(self.kv, key_states.shape[2], key_states, value_states)
             return key_states, value_states
         attn_kwargs = kwargs.get("kwargs")
         if not isinstance(attn_kwargs, dict):
@@ -106,7 +124,13 @@ class GEARLayer(CacheLayerMixin):
             raise ValueError(
                 "GEARCache: the previous decode step of this layer was not attended by the 'gear' attention "
                 "implementation; call model.set_attn_implementation('gear') (lowrank_ops.kvcache.hf registers it)")
-        self.kv.append(key_states, value_states)
+        kv = self.kv
+        raw = None  # a block is compressed: the raw tokens from the tail's start, for crop()
+        if kv.tail_len + key_states.shape[2] >= self.config.buffer_tokens:
+            raw = (torch.cat([kv.tail_keys[:, :, : kv.tail_len], key_states], dim=2),
+                   torch.cat([kv.tail_values[:, :, : kv.tail_len], value_states], dim=2))
+        kv.append(key_states, value_states)
+        self.rollback = None if raw is None else Rollback.of_update(kv, key_states.shape[2], *raw)
         attn_kwargs[LAYER_KWARG] = self
         self.awaiting_attention = True
         return key_states, value_states
@@ -131,26 +155,35 @@ class GEARLayer(CacheLayerMixin):
         self.kv = None
         self.is_initialized = False
         self.awaiting_attention = False
+        self.rollback = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the newest ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``); only
-        tokens still in the uncompressed tail can go (a compressed block is never re-quantized)."""
+        """Drop the newest ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``): any
+        of the tail, or up to :data:`ROLLBACK_TOKENS` of the last update (see the module docstring)."""
         if tokens_to_remove > 0:
             raise ValueError(f"tokens_to_remove: expected a count <= 0 of tokens to drop, got {tokens_to_remove}")
         n = -tokens_to_remove
         if n == 0 or self.kv is None:
             return
-        if n > self.kv.tail_len:
+        undo = self.rollback
+        if n > self.kv.tail_len and (undo is None or n > undo.undoable):
             raise ValueError(
-                f"tokens_to_remove: GEARCache can only crop tokens of the uncompressed tail "
-                f"({self.kv.tail_len} now), got {n}")
-        self.kv.tail_len -= n
+                f"tokens_to_remove: GEARCache can drop the tail's {self.kv.tail_len} tokens or up to "
+                f"{0 if undo is None else undo.undoable} newest tokens of the last update, got {n}")
+        self.rollback = None if undo is None else undo.trimmed(n)
+        if n <= self.kv.tail_len:
+            self.kv.tail_len -= n
+        else:
+            self.kv.keep_blocks(undo.blocks).append(self.rollback.keys, self.rollback.values)
 
     def _index_batch(self, index: Tensor) -> None:
         if self.kv is not None:
             index = index.to(self.kv.device)
             self.kv = dataclasses.replace(
                 self.kv, **{name: t.index_select(0, index) for name, t in self.kv.tensors().items()})
+            self.rollback = None if self.rollback is None else dataclasses.replace(
+                self.rollback, keys=self.rollback.keys.index_select(0, index),
+                values=self.rollback.values.index_select(0, index))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: every stored tensor is batch-major, so this is an exact index_select."""
@@ -163,6 +196,37 @@ class GEARLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv is not None:
             self._index_batch(torch.arange(self.kv.batch, device=self.kv.device).repeat_interleave(repeats))
+
+
+@dataclasses.dataclass
+class Rollback:
+    """What crop() needs to take back the newest tokens of a layer's last update once they are
+    compressed: the blocks before ``blocks`` stay; ``keys``/``values`` are the raw tokens from there
+    to the end (batch, kv_heads, n, head_dim); ``undoable`` of the newest may go."""
+
+    blocks: int
+    keys: Tensor
+    values: Tensor
+    undoable: int
+
+    @staticmethod
+    def of_update(kv: GEARKV, added: int, raw_keys: Tensor, raw_values: Tensor) -> Optional["Rollback"]:
+        """After ``kv`` took ``added`` tokens: None when they all went to the tail (crop trims it);
+        else the raw tokens from the block holding the newest ROLLBACK_TOKENS, out of
+        ``raw_keys``/``raw_values``: the cache's newest raw tokens, at least from that block on."""
+        if added <= kv.tail_len:
+            return None
+        undoable = min(added, ROLLBACK_TOKENS)
+        first = (kv.seq_len - undoable) // kv.config.buffer_tokens  # the first block that may change
+        skip = raw_keys.shape[2] - (kv.seq_len - first * kv.config.buffer_tokens)
+        return Rollback(first, raw_keys[:, :, skip:].clone(), raw_values[:, :, skip:].clone(), undoable)
+
+    def trimmed(self, n: int) -> Optional["Rollback"]:
+        """This record once the newest ``n`` tokens are gone (None when it held fewer undoable)."""
+        if n > self.undoable:
+            return None
+        end = self.keys.shape[2] - n
+        return Rollback(self.blocks, self.keys[:, :, :end], self.values[:, :, :end], self.undoable - n)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -227,18 +291,32 @@ class GEARCache(Cache):
 
 
 # ----------------------------------------------------------------------------- attention
+def _allowed(attention_mask: Tensor) -> Tensor:
+    """A transformers 4-D mask (boolean, or additive with large negatives) as bool, True = attend."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
 def decode_key_mask(attention_mask: Optional[Tensor], seq_len: int) -> Optional[Tensor]:
-    """The (batch, seq_len) bool key mask (True = attend) of a one-query-token step, from the
-    4-D mask transformers built for it (boolean, or additive with large negatives), or None."""
+    """The (batch, seq_len) bool key mask (True = attend) of the step's newest query token, from
+    the 4-D mask transformers built for it, or None."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 4 or attention_mask.shape[-1] != seq_len:
         raise ValueError(
             f"attention_mask: expected a 4-D mask over the {seq_len} cached tokens, got shape {tuple(attention_mask.shape)}")
-    row = attention_mask[:, 0, -1, :]
-    if row.dtype == torch.bool:
-        return row
-    return row > torch.finfo(row.dtype).min / 2
+    return _allowed(attention_mask[:, 0, -1, :])
+
+
+def is_causal_over(attention_mask: Optional[Tensor], key_mask: Optional[Tensor], q_len: int, seq_len: int) -> bool:
+    """Whether a step's 4-D mask is ``key_mask`` ∧ causal for its q_len newest tokens (what
+    ``attention(..., causal=True)`` computes); False for any other mask (a draft tree, say)."""
+    if attention_mask is None:
+        return True
+    expected = key_mask[:, None, None, :] & kv_ops.causal_allowed(q_len, seq_len, key_mask.device)
+    allowed = _allowed(attention_mask)
+    return allowed.shape[2] == q_len and bool((allowed == expected).all())
 
 
 def gear_attention_forward(
@@ -265,10 +343,13 @@ def gear_attention_forward(
         raise ValueError(f"GEARCache: sliding-window attention (window {window}) is not supported, cache holds {kv.seq_len} tokens")
     if dropout:
         raise ValueError(f"dropout: the GEAR decode attention is inference-only, got dropout={dropout}")
-    if query.shape[2] > 1:  # causal among several new tokens: decompress this once
-        k, v = kv.decompress(query.dtype)
+    q_len = query.shape[2]
+    key_mask = decode_key_mask(attention_mask, kv.seq_len)
+    rows = query.shape[1] // kv.kv_heads * q_len
+    if q_len > 1 and (rows > CHUNK_MAX_ROWS or not is_causal_over(attention_mask, key_mask, q_len, kv.seq_len)):
+        k, v = kv.decompress(query.dtype)  # a long chunk, or a mask the causal kernel does not express
         return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scaling, **kwargs)
-    out = kv_ops.attention(query, kv, key_mask=decode_key_mask(attention_mask, kv.seq_len), scale=scaling)
+    out = kv_ops.attention(query, kv, key_mask=key_mask, scale=scaling, causal=True)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -17,9 +17,12 @@ plus the static settings. Backends per call (:func:`lowrank_ops.core.backend.sel
 
 Semantics: q (batch, q_heads, q_len, head_dim), q_heads a multiple of kv_heads (query head i
 reads kv head i // (q_heads / kv_heads), as ``repeat_kv``), every query attends to all
-``seq_len`` cached tokens (no causal mask among them: append the new tokens first), optional
-``key_mask`` bool (batch, seq_len), True = attend. A query row whose keys are all masked
-returns zeros. The output is (batch, q_heads, q_len, head_dim) in q's dtype.
+``seq_len`` cached tokens, optional ``key_mask`` bool (batch, seq_len), True = attend. With
+``causal=True`` the q_len queries are the cache's newest q_len tokens (append them first) and
+query i attends to positions ≤ seq_len − q_len + i only (a chunk of several new tokens:
+assisted decoding, chunked prefill). A query row whose keys are all masked returns zeros. The
+output is (batch, q_heads, q_len, head_dim) in q's dtype. The CUDA kernel serves one query
+token per sequence under ``causal`` (where causality is moot); Triton serves any chunk.
 """
 from __future__ import annotations
 
@@ -42,8 +45,14 @@ KERNEL_FUNCTION = "gear_decode_attention"
 
 
 # --------------------------------------------------------------------------- reference
+def causal_allowed(q_len: int, seq_len: int, device: torch.device) -> Tensor:
+    """(q_len, seq_len) bool: query i, the cache's token seq_len − q_len + i, sees positions up to its own."""
+    newest = torch.arange(seq_len - q_len, seq_len, device=device)
+    return torch.arange(seq_len, device=device)[None, :] <= newest[:, None]
+
+
 def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-                        compute_dtype: torch.dtype = torch.float32) -> Tensor:
+                        compute_dtype: torch.dtype = torch.float32, causal: bool = False) -> Tensor:
     """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype."""
     k, v = kv.decompress(compute_dtype)
     groups = q.shape[1] // kv.kv_heads
@@ -51,8 +60,11 @@ def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(kv.head_dim) if scale is None else scale
     scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        allowed = key_mask[:, None, None, :]
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    if causal:
+        order = causal_allowed(q.shape[2], kv.seq_len, q.device)[None, None]
+        allowed = order if allowed is None else allowed & order
+    if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
         probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0)
     else:
@@ -75,9 +87,9 @@ def _triton_support(q: Tensor, rank: int) -> Support:
     return Support(True)
 
 
-def _attention_backend(q: Tensor, kv: GEARKV) -> str:
+def _attention_backend(q: Tensor, kv: GEARKV, causal: bool = False) -> str:
     support = {
-        "cuda": cuda_decode.supports(q, kv),
+        "cuda": cuda_decode.supports(q, kv, causal),
         "triton": _triton_support(q, kv.config.rank),
         "reference": Support(True),
     }
@@ -95,29 +107,31 @@ def _rebuild(tensors: list[Tensor], bits: int, group_size: int, rank: int, outli
 
 @torch.library.custom_op("lowrank_ops::gear_decode_attention", mutates_args=())
 def _gear_attention_op(
-    q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float,
+    q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float, causal: bool,
     bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, factor_bits: int, tail_len: int,
 ) -> Tensor:
     kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len)
-    return _attention_impl(q, kv, key_mask, scale)
+    return _attention_impl(q, kv, key_mask, scale, causal)
 
 
-def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float) -> Tensor:
-    chosen = _attention_backend(q, kv)
+def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    causal = causal and q.shape[2] > 1  # one query token: the newest, which sees every cached token
+    chosen = _attention_backend(q, kv, causal)
     if chosen == "cuda":
         return cuda_decode.launch(q, kv, key_mask, scale)  # dispatch has just checked supports()
     if chosen == "triton":
-        return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale)
-    return attention_reference(q, kv, key_mask, scale)
+        return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale, causal=causal)
+    return attention_reference(q, kv, key_mask, scale, causal=causal)
 
 
 @_gear_attention_op.register_fake
-def _(q, tensors, key_mask, scale, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len):
+def _(q, tensors, key_mask, scale, causal, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len):
     return torch.empty_like(q)
 
 
 # --------------------------------------------------------------------------- public entry point
-def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+              causal: bool = False) -> Tensor:
     """Decode attention of ``q`` over the compressed cache ``kv`` (see the module docstring)."""
     if not isinstance(kv, GEARKV):
         raise TypeError(f"kv: expected a GEARKV, got {type(kv).__name__}")
@@ -139,12 +153,17 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if causal and q_len > kv.seq_len:
+        raise ValueError(f"q: causal queries are the cache's newest tokens, expected q_len <= seq_len={kv.seq_len}, "
+                         f"got q_len {q_len}")
     if not torch.compiler.is_compiling():
         # eager: straight to the implementation. The custom op's dispatch and its rebuild (and
         # re-validation) of the GEARKV cost more host time than the kernels take on a GPU at
         # short context, and a decode step calls this once per layer.
-        return _attention_impl(q.contiguous(), kv, key_mask, float(scale))
+        return _attention_impl(q.contiguous(), kv, key_mask, float(scale), causal)
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
-    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), cfg.bits, cfg.group_size, cfg.rank,
+    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, cfg.bits, cfg.group_size, cfg.rank,
                               float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
