@@ -21,10 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_case_lists_and_geometry():
-    full = KB.kv_cases(KB.FULL["contexts"], KB.FULL["batches"])
-    assert len(full) == 4 * 3 and {c.context for c in full} == {1024, 4096, 16384, 32768}
-    quick = KB.kv_cases(KB.QUICK["contexts"], KB.QUICK["batches"], KB.QUICK["skip"])
-    assert [(c.context, c.batch) for c in quick] == [(8192, 1), (8192, 16), (32768, 1), (32768, 16)]
+    full = KB.kv_cases(KB.FULL["contexts"], KB.FULL["batches"], q_lens=KB.FULL["q_lens"])
+    assert len(full) == 4 * 3 * 2 and {c.context for c in full} == {1024, 4096, 16384, 32768}
+    quick = KB.kv_cases(KB.QUICK["contexts"], KB.QUICK["batches"], KB.QUICK["skip"], KB.QUICK["q_lens"])
+    # the decode steps first (a run cut by its time cap loses the draft checks)
+    assert [(c.context, c.batch, c.q_len) for c in quick] == [
+        (8192, 1, 1), (8192, 16, 1), (32768, 1, 1), (32768, 16, 1), (8192, 1, 7), (8192, 16, 7)]
+    assert quick[-1].label == "T=8192 b=16 q=7" and quick[0].label == "T=8192 b=1"
     assert KB.QUICK["configs"] == ["2b-r4-s2", "2b-r4-s2-i8", "2b", "4b"] and set(KB.FULL["configs"]) == set(KB.CONFIGS)
     # the issue's goals (2 bits, r = 4, s = 2 %): >= 2x SDPA and <= 30 % of fp16 memory at T >= 8k
     goals = {(t.config, t.kind, t.goal, t.min_context) for t in KB.TARGETS}
@@ -74,14 +77,31 @@ def test_sdpa_baselines_agree():
     assert torch.allclose(KB._sdpa_packed(q, keys, values), ref, atol=1e-5)
 
 
+def test_sdpa_baselines_agree_on_a_causal_chunk():
+    """Query i of a 3-token chunk sees the first 48 + i tokens, in both SDPA layouts."""
+    case = KB.Case(context=50, batch=2, q_len=3)
+    keys, values = (t.float() for t in KB.random_kv(case, _env(), seed=1))
+    q = KB.random_q(case, _env(), 1, seed=2)[0].float()
+    mask = KB.chunk_mask(case, CPU)
+    assert mask.shape == (3, 50) and mask.sum(1).tolist() == [48, 49, 50]
+    k, v = keys.repeat_interleave(4, 1), values.repeat_interleave(4, 1)
+    ref = torch.cat([torch.softmax(q[:, :, i:i + 1] @ k[:, :, :48 + i].transpose(-1, -2) / 8.0, -1) @ v[:, :, :48 + i]
+                     for i in range(3)], dim=2)
+    assert torch.allclose(KB._sdpa(q, keys, values, mask), ref, atol=1e-5)
+    assert torch.allclose(KB._sdpa_packed(q, keys, values, mask), ref, atol=1e-5)
+    assert KB.chunk_mask(KB.Case(50, 2), CPU) is None
+
+
 def test_attention_cost_counts_cache_bytes_q_and_out():
     cost = KB.attention_cost(KB.Case(1024, 2), KB.GPU_GEOMETRY, cache_bytes=1000, elem=2)
     assert cost.bytes == 1000 + 2 * 2 * 2 * 32 * 128
     assert cost.flops == 4 * 2 * 32 * 1024 * 128
+    chunk = KB.attention_cost(KB.Case(1024, 2, 7), KB.GPU_GEOMETRY, cache_bytes=1000, elem=2)
+    assert chunk.bytes == 1000 + 2 * 2 * 2 * 32 * 7 * 128 and chunk.flops == 7 * cost.flops
 
 
-def _row(context, batch, method, median, config=None, kind="ours", **kw):
-    return {"context": context, "batch": batch, "config": config, "method": method, "kind": kind,
+def _row(context, batch, method, median, config=None, kind="ours", q_len=1, **kw):
+    return {"context": context, "batch": batch, "q_len": q_len, "config": config, "method": method, "kind": kind,
             "median_us": median, "status": "ok", "auto": False, **kw}
 
 
@@ -90,11 +110,15 @@ def test_speedups_summary_and_targets():
             _row(8192, 1, "triton", 10.0, "2b-r4-s2", mem_vs_fp16=0.28, bytes_per_token_per_layer=1150.0),
             _row(8192, 1, "dequant+sdpa", 60.0, "2b-r4-s2", kind="baseline", mem_vs_fp16=0.28),
             _row(8192, 1, "triton", 20.0, "2b-r4-s2-i8", mem_vs_fp16=0.31),
-            _row(1024, 1, "sdpa", 8.0, kind="baseline"), _row(1024, 1, "triton", None, "2b-r4-s2", status="error")]
+            _row(1024, 1, "sdpa", 8.0, kind="baseline"), _row(1024, 1, "triton", None, "2b-r4-s2", status="error"),
+            # a draft check at 8k: its own SDPA time, and no target line
+            _row(8192, 1, "sdpa", 90.0, kind="baseline", q_len=7), _row(8192, 1, "triton", 45.0, "2b-r4-s2", q_len=7)]
     KB.add_speedups(rows)
     assert rows[0]["vs_sdpa"] == 0.75 and rows[2]["vs_sdpa"] == 3.0 and rows[3]["vs_sdpa"] == 0.5
-    assert rows[-1]["vs_sdpa"] is None
-    summary = {(s["context"], s["config"]): s for s in KB.summarize_rows(rows)}
+    assert rows[6]["vs_sdpa"] is None and rows[-1]["vs_sdpa"] == 2.0
+    summary = {(s["context"], s["config"]): s for s in KB.summarize_rows(rows) if s["q_len"] == 1}
+    chunk = [s for s in KB.summarize_rows(rows) if s["q_len"] == 7]
+    assert [(c["sdpa_us"], c["best_us"]) for c in chunk] == [(90.0, 45.0)]
     assert summary[(8192, "2b-r4-s2")]["best_us"] == 10.0 and summary[(8192, "2b-r4-s2")]["sdpa_us"] == 30.0
     assert summary[(8192, "2b-r4-s2")]["bytes_per_token_per_layer"] == 1150.0
     assert summary[(1024, "2b-r4-s2")]["best"] == "- (1 err)"
@@ -104,6 +128,7 @@ def test_speedups_summary_and_targets():
     assert targets[("2b-r4-s2 memory <= 0.30x fp16, T >= 8k", 8192)] == "yes"
     assert targets[("2b-r4-s2-i8 memory <= 0.30x fp16, T >= 8k", 8192)] == "NO"
     assert not any(context == 1024 for _, context in targets)  # below every target's min context
+    assert len(KB.evaluate_targets(rows)) == 4  # the draft check's row is nobody's target
     text = KB.format_summary({"mode": "quick", "meta": {"device": "X"}, "geometry": {}, "rows": rows})
     assert "targets (printed, not asserted)" in text and "triton" in text
 
@@ -113,6 +138,8 @@ def test_main_rejects_bad_arguments(capsys):
     assert "--configs" in capsys.readouterr().err
     assert KB.main(["--cpu-smoke", "--contexts", "0"]) == 2
     assert KB.main(["--cpu-smoke", "--batches", "x"]) == 2
+    assert KB.main(["--cpu-smoke", "--q-lens", "81"]) == 2  # longer than the shortest context, 80
+    assert "--q-lens" in capsys.readouterr().err
 
 
 def test_main_without_cuda_exits_zero(capsys, monkeypatch):
@@ -135,7 +162,7 @@ def test_cpu_smoke_run_writes_json_after_every_case_and_prints_table_last(tmp_pa
 
     def spy(case, *args, **kw):  # the JSON on disk holds every case finished before this one
         path = tmp_path / "kvcache-cpu-smoke.json"
-        seen.append(len({(r["context"], r["batch"]) for r in json.loads(path.read_text())["rows"]})
+        seen.append(len({(r["context"], r["batch"], r["q_len"]) for r in json.loads(path.read_text())["rows"]})
                     if path.exists() else 0)
         return original(case, *args, **kw)
 
@@ -143,9 +170,9 @@ def test_cpu_smoke_run_writes_json_after_every_case_and_prints_table_last(tmp_pa
     threads = torch.get_num_threads()
     assert KB.main(["--cpu-smoke", "--out", str(tmp_path), "--methods", "reference", "--target-ms", "0.2"]) == 0
     assert torch.get_num_threads() == threads
-    assert seen == [0, 1, 2, 3]
+    assert seen == list(range(8))  # 2 contexts x 2 batches x (1 and 3 query tokens)
     out = capsys.readouterr().out.rstrip().splitlines()
-    assert out[-1].startswith("   200   3 ")  # the full table is the last thing printed
+    assert out[-1].startswith("   200   3  3 ")  # the full table is the last thing printed
     payload = json.loads((tmp_path / "kvcache-cpu-smoke.json").read_text())
     assert payload["suite"] == "kvcache" and payload["mode"] == "cpu-smoke" and set(payload["configs"]) == set(KB.CONFIGS)
     assert payload["geometry"] == {"q_heads": 8, "kv_heads": 2, "head_dim": 64}
@@ -155,12 +182,13 @@ def test_cpu_smoke_run_writes_json_after_every_case_and_prints_table_last(tmp_pa
     assert all(REQUIRED_ROW_KEYS <= set(r) for r in ok)
     assert all(r["median_us"] > 0 and r["gbps"] > 0 for r in ok)
     ours = [r for r in ok if r["kind"] == "ours"]
-    assert {(r["config"], r["context"], r["batch"]) for r in ours} == {
-        (c, t, b) for c in KB.CONFIGS for t in KB.CPU_SMOKE["contexts"] for b in KB.CPU_SMOKE["batches"]}
+    assert {(r["config"], r["context"], r["batch"], r["q_len"]) for r in ours} == {
+        (c, t, b, q) for c in KB.CONFIGS for t in KB.CPU_SMOKE["contexts"] for b in KB.CPU_SMOKE["batches"]
+        for q in (1, 3)}
     assert all(r["method"] == "reference" and r["auto"] and r["err_vs_ref"] == 0.0 for r in ours)
     for r in ok:
         fp16 = dense_nbytes(r["batch"], 2, r["context"], 64)
-        assert r["bytes"] == r["cache_bytes"] + 2 * 2 * r["batch"] * 8 * 64  # true count: cache + q + out
+        assert r["bytes"] == r["cache_bytes"] + 2 * 2 * r["batch"] * 8 * r["q_len"] * 64  # true count: cache + q + out
         assert r["mem_vs_fp16"] == pytest.approx(r["cache_bytes"] / fp16)
         if r["method"].startswith("sdpa"):
             assert r["cache_bytes"] == fp16 and r["err_vs_fp16"] < 1e-3
@@ -192,9 +220,11 @@ def test_cpu_smoke_triton_row_really_runs(tmp_path, monkeypatch):
         return original(*args, **kw)
 
     monkeypatch.setattr(kernels, "gear_decode_attention", spy)
-    assert KB.main(["--cpu-smoke", "--out", str(tmp_path), "--contexts", "80", "--batches", "1",
+    assert KB.main(["--cpu-smoke", "--out", str(tmp_path), "--contexts", "80", "--batches", "1", "--q-lens", "1,3",
                     "--configs", "2b-r4-s2", "--methods", "triton", "--target-ms", "0.1"]) == 0
     rows = json.loads((tmp_path / "kvcache-cpu-smoke.json").read_text())["rows"]
-    (row,) = [r for r in rows if r["kind"] == "ours"]
-    assert row["method"] == "triton" and row["status"] == "ok", row["note"]
-    assert row["err_vs_ref"] < 2e-3 and calls
+    ours = [r for r in rows if r["kind"] == "ours"]
+    assert [r["q_len"] for r in ours] == [1, 3]  # a decode step and a causal chunk
+    for row in ours:
+        assert row["method"] == "triton" and row["status"] == "ok", row["note"]
+        assert row["err_vs_ref"] < 2e-3 and calls

@@ -1,8 +1,11 @@
 """KV-cache suite: GEAR decode attention against SDPA on an fp16 cache, and memory per token.
 
-Every case is one context length T and batch b of a decode step: q (b, 32, 1, 128) fp16 over a
-cache of 8 KV heads × T tokens × head dim 128 (Llama-3-8B / Mistral-7B attention geometry),
-timed in one run on rotating operands (see :mod:`lowrank_ops.benchmarks.timing`):
+Every case is one context length T, batch b and query length q of a decode step: q (b, 32, q,
+128) fp16 over a cache of 8 KV heads × T tokens × head dim 128 (Llama-3-8B / Mistral-7B attention
+geometry), timed in one run on rotating operands (see :mod:`lowrank_ops.benchmarks.timing`).
+q = 1 is a decode step; q > 1 a causal chunk of the cache's newest q tokens (assisted decoding's
+draft check: every row under the bottom-right causal mask, ours with ``causal=True``; the CUDA
+kernel does not serve it). The targets are the decode steps'.
 
 baselines (on the exact fp16 K, V)
     ``sdpa``          ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)``
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 import traceback
@@ -73,13 +77,16 @@ class Geometry:
 GPU_GEOMETRY = Geometry(32, 8, 128)
 CPU_GEOMETRY = Geometry(8, 2, 64)
 
-FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16], "configs": list(CONFIGS),
-        "dequant_baseline": True, "geometry": GPU_GEOMETRY}
-# bench/device_check.sh gives this ~75 s with autotune: the contexts of the targets, 4 cases x
-# (2 SDPA rows + 4 configs); plain 2-bit shows what the outliers and the rank cost.
-QUICK = {"contexts": [8192, 32768], "batches": [1, 16], "configs": ["2b-r4-s2", "2b-r4-s2-i8", "2b", "4b"],
-         "dequant_baseline": False, "geometry": GPU_GEOMETRY, "skip": []}
-CPU_SMOKE = {"contexts": [80, 200], "batches": [1, 3], "configs": list(CONFIGS),
+DRAFT_CHECK = 7  # query tokens of a draft check: a 6-token draft and the last accepted token
+FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16], "q_lens": [1, DRAFT_CHECK],
+        "configs": list(CONFIGS), "dequant_baseline": True, "geometry": GPU_GEOMETRY}
+# bench/device_check.sh gives this ~75 s with autotune: the contexts of the targets, 4 decode cases
+# x (2 SDPA rows + 4 configs), then two draft checks at 8k (cut first by the time cap); plain
+# 2-bit shows what the outliers and the rank cost.
+QUICK = {"contexts": [8192, 32768], "batches": [1, 16], "q_lens": [1, DRAFT_CHECK],
+         "configs": ["2b-r4-s2", "2b-r4-s2-i8", "2b", "4b"], "dequant_baseline": False, "geometry": GPU_GEOMETRY,
+         "skip": [(32768, 1, DRAFT_CHECK), (32768, 16, DRAFT_CHECK)]}
+CPU_SMOKE = {"contexts": [80, 200], "batches": [1, 3], "q_lens": [1, 3], "configs": list(CONFIGS),
              "dequant_baseline": True, "geometry": CPU_GEOMETRY}
 MODES = {"full": FULL, "quick": QUICK, "cpu-smoke": CPU_SMOKE}
 BASELINES = ("sdpa", "sdpa:packed", "dequant+sdpa")
@@ -87,18 +94,21 @@ BASELINES = ("sdpa", "sdpa:packed", "dequant+sdpa")
 
 @dataclass(frozen=True)
 class Case:
-    """One decode step: context length (cached tokens) and batch."""
+    """One decode step: context length (cached tokens, the q newest included), batch, query tokens."""
 
     context: int
     batch: int
+    q_len: int = 1
 
     @property
     def label(self) -> str:
-        return f"T={self.context} b={self.batch}"
+        return f"T={self.context} b={self.batch}" + (f" q={self.q_len}" if self.q_len > 1 else "")
 
 
-def kv_cases(contexts: Sequence[int], batches: Sequence[int], skip: Sequence[tuple] = ()) -> list[Case]:
-    return [Case(t, b) for t in contexts for b in batches if (t, b) not in set(skip)]
+def kv_cases(contexts: Sequence[int], batches: Sequence[int], skip: Sequence[tuple] = (),
+             q_lens: Sequence[int] = (1,)) -> list[Case]:
+    """Every (T, b, q) but ``skip``'s, one-token decode steps first."""
+    return [Case(t, b, q) for q in q_lens for t in contexts for b in batches if (t, b, q) not in set(skip)]
 
 
 # --------------------------------------------------------------------------- targets (printed, not asserted)
@@ -173,8 +183,8 @@ def random_q(case: Case, env: Env, count: int, seed: int) -> list[torch.Tensor]:
     g = env.geometry
     gen = torch.Generator(device=env.device)
     gen.manual_seed(seed)
-    return [torch.randn(case.batch, g.q_heads, 1, g.head_dim, generator=gen, device=env.device, dtype=env.dtype)
-            for _ in range(count)]
+    return [torch.randn(case.batch, g.q_heads, case.q_len, g.head_dim, generator=gen, device=env.device,
+                        dtype=env.dtype) for _ in range(count)]
 
 
 def clone_kv(kv):
@@ -187,31 +197,42 @@ def first_sequence(kv):
     return dataclasses.replace(kv, **{name: t[:1] for name, t in kv.tensors().items()})
 
 
-def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+def chunk_mask(case: Case, device: torch.device) -> Optional[torch.Tensor]:
+    """The (q, T) bool bottom-right causal mask of a chunk (None for one query token)."""
+    from lowrank_ops.kvcache.ops import causal_allowed
+
+    return causal_allowed(case.q_len, case.context, device) if case.q_len > 1 else None
 
 
-def _sdpa_packed(q, k, v):
-    b, hq, _, d = q.shape
-    out = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k, v)
-    return out.view(b, hq, 1, d)
+def _sdpa(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def _dequant_sdpa(q, kv):
+def _sdpa_packed(q, k, v, mask=None):
+    """The GQA group folded into the query rows (head-major, as q's layout), the mask repeated per head."""
+    b, hq, q_len, d = q.shape
+    group = hq // k.shape[1]
+    mask = None if mask is None else mask.repeat(group, 1)
+    out = F.scaled_dot_product_attention(q.view(b, k.shape[1], group * q_len, d), k, v, attn_mask=mask)
+    return out.view(b, hq, q_len, d)
+
+
+def _dequant_sdpa(q, kv, mask=None):
     k, v = kv.decompress(q.dtype)
-    return _sdpa_packed(q, k, v)
+    return _sdpa_packed(q, k, v, mask)
 
 
 def _gear(q, kv):
     from lowrank_ops.kvcache import ops
 
-    return ops.attention(q, kv)
+    return ops.attention(q, kv, causal=True)  # one query token: a plain decode step
 
 
 def attention_cost(case: Case, geometry: Geometry, cache_bytes: int, elem: int) -> T.OpCost:
-    """Bytes: the cache once + q + out; flops: q·Kᵀ and p·V (2 · 2 · b · q_heads · T · head_dim)."""
-    qo = 2 * elem * case.batch * geometry.q_heads * geometry.head_dim
-    return T.OpCost(cache_bytes + qo, 4 * case.batch * geometry.q_heads * case.context * geometry.head_dim)
+    """Bytes: the cache once + q + out; flops: q·Kᵀ and p·V (2 · 2 · b · q_heads · q · T · head_dim,
+    the masked half of a chunk's scores included)."""
+    rows = case.batch * geometry.q_heads * case.q_len
+    return T.OpCost(cache_bytes + 2 * elem * rows * geometry.head_dim, 4 * rows * case.context * geometry.head_dim)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -223,7 +244,7 @@ def _base_row(case: Case, name: str, kind: str, env: Env, config: Optional[str] 
     g = env.geometry
     spec = CONFIGS.get(config or "", {})
     return {
-        "suite": "kvcache", "family": "kvcache", "context": case.context, "batch": case.batch,
+        "suite": "kvcache", "family": "kvcache", "context": case.context, "batch": case.batch, "q_len": case.q_len,
         "q_heads": g.q_heads, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "config": config,
         "bits": spec.get("bits"), "rank": spec.get("rank"), "outlier_ratio": spec.get("outlier_ratio"),
         "dtype": T.dtype_name(env.dtype), "method": name, "kind": kind, "backend": None, "auto": False,
@@ -243,7 +264,8 @@ def _memory(cache_bytes: int, case: Case, env: Env) -> dict:
 
 def _fail(row: dict, exc: BaseException, env: Env, log: Callable[[str], None]) -> None:
     row.update(status="error", note=_first_line(exc)[:200])
-    log(f"  ! T={row['context']} b={row['batch']} {row.get('config') or ''} {row['method']}: {_first_line(exc)}")
+    log(f"  ! T={row['context']} b={row['batch']} q={row['q_len']} {row.get('config') or ''} {row['method']}: "
+        f"{_first_line(exc)}")
     log("".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)).rstrip())
     if env.device.type == "cuda":
         with contextlib.suppress(Exception):
@@ -267,7 +289,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
     l2 = T.cache_bytes(env.device)
     g = env.geometry
     dense_bytes = 2 * elem * case.batch * g.kv_heads * case.context * g.head_dim
-    q_bytes = elem * case.batch * g.q_heads * g.head_dim
+    q_bytes = elem * case.batch * g.q_heads * case.q_len * g.head_dim
 
     def n_copies(nbytes: int) -> int:
         return T.rotation_copies(nbytes + q_bytes, l2, max_copies=cfg.max_copies, min_copies=min(2, cfg.max_copies))
@@ -275,8 +297,9 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
     rows: list[dict] = []
     keys, values = random_kv(case, env, seed=1)
     q_probe = random_q(case, env, 1, seed=2)[0]
-    exact = _sdpa_packed(q_probe, keys, values)
-    baselines = [("sdpa", _sdpa), ("sdpa:packed", _sdpa_packed)]
+    mask = chunk_mask(case, env.device)
+    exact = _sdpa_packed(q_probe, keys, values, mask)
+    baselines = [("sdpa", functools.partial(_sdpa, mask=mask)), ("sdpa:packed", functools.partial(_sdpa_packed, mask=mask))]
     count = n_copies(dense_bytes)
     sets = [(q, keys, values) if i == 0 else (q, keys.clone(), values.clone())
             for i, q in enumerate(random_q(case, env, count, seed=3))]
@@ -304,7 +327,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
         cost = attention_cost(case, g, kv.nbytes, elem)
         memory = _memory(kv.nbytes, case, env)
         # the fp32 reference of sequence 0 only (decompressing a 32k x 16 cache in fp32 would take ~30 GB)
-        ref = attention_reference(q_probe[:1], first_sequence(kv))
+        ref = attention_reference(q_probe[:1], first_sequence(kv), causal=case.q_len > 1)
         count = n_copies(kv.nbytes)
         sets = [(q, kv if i == 0 else clone_kv(kv)) for i, q in enumerate(random_q(case, env, count, seed=4))]
         methods = [(name, backend, skip) for name, backend, skip in our_methods(env)
@@ -313,7 +336,9 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
             methods.insert(0, ("dequant+sdpa", None, ""))
         for name, backend_name, skip in methods:
             kind = "baseline" if name == "dequant+sdpa" else "ours"
-            fn = _dequant_sdpa if kind == "baseline" else _gear
+            fn = functools.partial(_dequant_sdpa, mask=mask) if kind == "baseline" else _gear
+            if name == "cuda" and case.q_len > 1:
+                skip = skip or "a causal chunk: the CUDA kernel serves one query token (dispatch takes Triton)"
             row = _base_row(case, name, kind, env, config)
             # "auto" = what automatic dispatch takes under CUDA-graph capture, where the rows are timed
             # (eager calls of small caches take the CUDA kernel: lowrank_ops/kvcache/cuda_decode.py)
@@ -342,7 +367,7 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
 
 def add_speedups(rows: list[dict]) -> None:
     """``vs_sdpa``: the faster SDPA baseline's time / this time, per case."""
-    for group in T.group_rows(rows, ("context", "batch")).values():
+    for group in T.group_rows(rows, ("context", "batch", "q_len")).values():
         sdpa = [r["median_us"] for r in group if r["method"] in ("sdpa", "sdpa:packed") and r.get("median_us")]
         best = min(sdpa) if sdpa else None
         for row in group:
@@ -353,10 +378,10 @@ def add_speedups(rows: list[dict]) -> None:
 def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
     """One line per (target, context, batch) that has a measurement: value, goal, met."""
     out = []
-    best = T.best_rows(rows, ("context", "batch", "config"))
+    best = T.best_rows(rows, ("context", "batch", "q_len", "config"))
     for tgt in TARGETS:
-        for (context, batch, config), row in sorted(best.items(), key=lambda kv: kv[0][:2]):
-            if config != tgt.config or context < tgt.min_context:
+        for (context, batch, q_len, config), row in sorted(best.items(), key=lambda kv: kv[0][:2]):
+            if config != tgt.config or context < tgt.min_context or q_len != 1:
                 continue
             out.append(T.target_line(tgt.text, {"context": context, "batch": batch}, T.method_cell(row),
                                      row.get(tgt.kind), tgt.goal, at_most=tgt.kind != "vs_sdpa"))
@@ -366,6 +391,7 @@ def evaluate_targets(rows: Sequence[dict]) -> list[dict]:
 TABLE_COLUMNS = [
     T.Column("context", "T", 6),
     T.Column("batch", "b", 3),
+    T.Column("q_len", "q", 2),
     T.Column(lambda r: r.get("config") or "-", "config", 9, align="<"),
     T.Column(T.method_cell, "method", 13, align="<"),
     T.Column("median_us", "med_us", 9, ".1f"),
@@ -380,6 +406,7 @@ TABLE_COLUMNS = [
 SUMMARY_COLUMNS = [
     T.Column("context", "T", 6),
     T.Column("batch", "b", 3),
+    T.Column("q_len", "q", 2),
     T.Column("config", "config", 12, align="<"),
     T.Column("sdpa_us", "sdpa_us", 9, ".1f"),
     T.Column("best", "best ours", 13, align="<"),
@@ -397,19 +424,20 @@ def format_rows(rows: Sequence[dict], title: str = "") -> str:
 
 
 def summarize_rows(rows: Sequence[dict]) -> list[dict]:
-    """One line per (context, batch, config): the best SDPA time, our fastest method, memory."""
+    """One line per (context, batch, q_len, config): the best SDPA time, our fastest method, memory."""
     sdpa: dict[tuple, float] = {}
     configs: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["context"], row["batch"])
+        key = (row["context"], row["batch"], row["q_len"])
         if row["method"] in ("sdpa", "sdpa:packed") and row.get("median_us"):
             sdpa[key] = min(sdpa.get(key, float("inf")), row["median_us"])
         elif row.get("config"):
             configs.setdefault((*key, row["config"]), []).append(row)
     out = []
-    for (context, batch, config), group in configs.items():
+    for (context, batch, q_len, config), group in configs.items():
         ours = [r for r in group if r.get("kind") == "ours" and r.get("median_us")]
-        out.append({"context": context, "batch": batch, "config": config, "sdpa_us": sdpa.get((context, batch)),
+        out.append({"context": context, "batch": batch, "q_len": q_len, "config": config,
+                    "sdpa_us": sdpa.get((context, batch, q_len)),
                     "bytes_per_token_per_layer": group[0].get("bytes_per_token_per_layer"),
                     "mem_vs_fp16": group[0].get("mem_vs_fp16"), **T.best_of(group, ours, ("vs_sdpa",))})
     return out
@@ -428,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "T {1k, 8k, 32k} x b {1, 16}, 2 configs")
     p.add_argument("--contexts", help="override context lengths, e.g. 1024,32768")
     p.add_argument("--batches", help="override batch sizes, e.g. 1,16")
+    p.add_argument("--q-lens", help=f"override query tokens per step, e.g. 1,{DRAFT_CHECK} (> 1: causal chunks)")
     p.add_argument("--configs", help=f"only these configurations, from {','.join(CONFIGS)}")
     return p
 
@@ -437,16 +466,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return T.suite_main(argv, "kvcache", build_parser(), format_summary, _plan, _run)
 
 
-def _plan(args: argparse.Namespace, mode: str) -> tuple[list[int], list[int], list[str]]:
+def _plan(args: argparse.Namespace, mode: str) -> tuple[list[int], list[int], list[int], list[str]]:
     spec = MODES[mode]
     contexts = parse_ints(args.contexts, "--contexts") if args.contexts else spec["contexts"]
     batches = parse_ints(args.batches, "--batches") if args.batches else spec["batches"]
+    q_lens = parse_ints(args.q_lens, "--q-lens") if args.q_lens else spec["q_lens"]
     configs = T.pick_names(args.configs, spec["configs"], list(CONFIGS), "--configs")
-    return contexts, batches, configs
+    if max(q_lens) > min(contexts):
+        raise ValueError(f"--q-lens: a chunk is the cache's newest tokens, expected at most the shortest context "
+                         f"{min(contexts)}, got {max(q_lens)}")
+    return contexts, batches, q_lens, configs
 
 
-def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[list[int], list[int], list[str]]) -> int:
-    contexts, batches, configs = plan
+def _run(args: argparse.Namespace, mode: str, device: torch.device,
+         plan: tuple[list[int], list[int], list[int], list[str]]) -> int:
+    contexts, batches, q_lens, configs = plan
     spec = MODES[mode]
     # fp16 on CPU too: the cache format's scales are fp16 whatever the input, the reference upcasts
     env = Env(device, torch.float16, spec["geometry"])
@@ -455,8 +489,8 @@ def _run(args: argparse.Namespace, mode: str, device: torch.device, plan: tuple[
         from lowrank_ops.core import cuda_ext
 
         env.cuda_why = "" if cuda_ext.available() else f"CUDA extension unavailable: {cuda_ext.unavailable_reason()}"
-    skip = spec.get("skip", ()) if not (args.contexts or args.batches) else ()
-    cases = kv_cases(contexts, batches, skip)
+    skip = spec.get("skip", ()) if not (args.contexts or args.batches or args.q_lens) else ()
+    cases = kv_cases(contexts, batches, skip, q_lens)
     cfg = RunConfig(mode, configs=configs, dequant_baseline=spec["dequant_baseline"], use_graph=not args.no_graph,
                     target_ms=args.target_ms, time_budget_s=args.time_budget,
                     methods=T.methods_filter(args),
