@@ -255,6 +255,7 @@ def test_cache_holds_compressed_blocks_below_dense_bytes():
     assert len(kvs) == 2 and all(kv.nblocks == 6 and kv.tail_len == 2 for kv in kvs)
     report = cache.memory_report()
     assert report["nbytes"] == cache.nbytes == sum(kv.nbytes for kv in kvs)
+    assert report["rollback_nbytes"] == 0  # the last update (one token) went to the tail: nothing kept
     assert report["dense_nbytes"] == 2 * report["fp16_nbytes"]  # fp32 model
     assert report["nbytes"] < report["fp16_nbytes"] < report["dense_nbytes"]
     tail = sum(kv.tail_keys.nbytes + kv.tail_values.nbytes for kv in kvs)
@@ -385,12 +386,14 @@ def test_rollback_keeps_only_the_newest_raw_tokens():
     on, not the prompt."""
     config = GEARConfig(bits=2, buffer_tokens=32, group_size=32)
     k = torch.randn(1, 2, 300, 64)
-    layer = GEARLayer(config)
-    layer.update(k, k)
+    cache = GEARCache(config)
+    cache.update(k, k, 0)
+    layer = cache.layers[0]
     undo = layer.rollback
     first = (300 - ROLLBACK_TOKENS) // 32
     assert (undo.blocks, undo.keys.shape[2], undo.undoable) == (first, 300 - first * 32, ROLLBACK_TOKENS)
     assert undo.keys.untyped_storage().nbytes() == undo.keys.nbytes  # a copy, not a view of the prompt
+    assert cache.memory_report()["rollback_nbytes"] == 2 * undo.keys.nbytes  # counted on top of nbytes
     layer.crop(-ROLLBACK_TOKENS)
     assert layer.get_seq_length() == 300 - ROLLBACK_TOKENS
     with pytest.raises(ValueError, match="tokens_to_remove"):

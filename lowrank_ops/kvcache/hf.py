@@ -266,11 +266,19 @@ class GEARCache(Cache):
         """Bytes stored by all layers (codes, scales, zeros, outliers, factors, tail buffers)."""
         return sum(kv.nbytes for kv in self.layer_caches())
 
+    @property
+    def rollback_nbytes(self) -> int:
+        """Bytes of the raw tokens the layers keep for crop() (:class:`Rollback`; held from an update
+        that compressed a block until the next update)."""
+        records = [layer.rollback for layer in self.layers if getattr(layer, "rollback", None) is not None]
+        return sum(r.keys.nbytes + r.values.nbytes for r in records)
+
     def memory_report(self) -> dict[str, Any]:
-        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, fp16_nbytes,
-        dense_nbytes, ratio_vs_fp16, bits_per_entry, bytes_per_token}``. ``fp16_nbytes``: the same
-        K/V in fp16; ``dense_nbytes``: in the model's dtype (what ``DynamicCache`` holds);
-        ``bytes_per_token``: all layers, one sequence."""
+        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, rollback_nbytes,
+        fp16_nbytes, dense_nbytes, ratio_vs_fp16, bits_per_entry, bytes_per_token}``. ``nbytes``:
+        the compressed format's; ``rollback_nbytes``: the raw tokens kept for crop() on top of it
+        (:attr:`rollback_nbytes`); ``fp16_nbytes``: the same K/V in fp16; ``dense_nbytes``: in the
+        model's dtype (what ``DynamicCache`` holds); ``bytes_per_token``: all layers, one sequence."""
         kvs = self.layer_caches()
         fp16 = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim) for kv in kvs)
         dense = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim, kv.dtype) for kv in kvs)
@@ -282,6 +290,7 @@ class GEARCache(Cache):
             "batch": kvs[0].batch if kvs else 0,
             "seq_len": kvs[0].seq_len if kvs else 0,
             "nbytes": nbytes,
+            "rollback_nbytes": self.rollback_nbytes,
             "fp16_nbytes": fp16,
             "dense_nbytes": dense,
             "ratio_vs_fp16": nbytes / fp16 if fp16 else None,
