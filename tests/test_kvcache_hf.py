@@ -400,15 +400,23 @@ def test_rollback_keeps_only_the_newest_raw_tokens():
         layer.crop(-(layer.kv.tail_len + 1))
 
 
-def test_assisted_decoding_with_a_draft_model_matches_greedy():
-    """transformers' assisted generation: a draft model proposes tokens, the GEAR-cached target
-    checks them in one causal chunk and crops the rejected ones (into compressed blocks too);
-    lossless settings give greedy decoding's tokens."""
-    model, draft = make_model("llama"), make_model("llama", num_hidden_layers=1)
-    draft.generation_config.num_assistant_tokens = 6  # chunks of 7: the draft's 6 and the last accepted token
-    draft.generation_config.num_assistant_tokens_schedule = "constant"
-    draft.generation_config.assistant_confidence_threshold = 0.0  # a random draft is never confident
-    ids, mask = prompt(batch=1)
+@pytest.mark.parametrize("assistant", ["draft_model", "prompt_lookup"])
+def test_assisted_decoding_matches_greedy(assistant):
+    """transformers' assisted generation: a draft model (or n-gram lookup in a periodic prompt)
+    proposes tokens, the GEAR-cached target checks them in one causal chunk and crops the rejected
+    ones (out of compressed blocks too); lossless settings give greedy decoding's tokens."""
+    model = make_model("llama")
+    if assistant == "draft_model":
+        draft = make_model("llama", num_hidden_layers=1)
+        draft.generation_config.num_assistant_tokens = 6  # chunks of 7: the draft's 6 and the last accepted token
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0  # a random draft is never confident
+        ids, mask = prompt(batch=1)
+        how = {"assistant_model": draft}
+    else:
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11] * 10])
+        mask = torch.ones_like(ids)
+        how = {"prompt_lookup_num_tokens": 6}
     expected = dynamic_tokens(model, ids, mask, new=24)
     calls, rebuilt = [], []
     real, keep = ops.attention, GEARKV.keep_blocks
@@ -416,9 +424,9 @@ def test_assisted_decoding_with_a_draft_model_matches_greedy():
         mp.setattr(ops, "attention", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
         mp.setattr(GEARKV, "keep_blocks", lambda self, n: rebuilt.append(n) or keep(self, n))
         cache = gear_cache(model, LOSSLESS_4BIT)
-        got = generate(model, cache, ids, mask, new=24, assistant_model=draft)
+        got = generate(model, cache, ids, mask, new=24, **how)
     assert torch.equal(got, expected)
-    assert max(calls) == 7 and rebuilt, "no draft chunk was checked, or no crop reached a compressed block"
+    assert max(calls) == 7 and rebuilt, "no 7-token chunk was checked, or no crop reached a compressed block"
 
 
 def test_decode_key_mask_from_transformers_masks():
