@@ -736,9 +736,9 @@ def gear_decode_attention(
 
 # --------------------------------------------------------------------------- compile lane
 # 2 and 4 bits, head_dim 64 and 128, outliers and low rank (fp16 and int8 factors) each on and
-# off, fp16 and bf16 q, one causal chunk, 64-token tiles across two key groups and 32-token tiles in one, each
-# value in at least one case (every case compiles in seconds); one fp32 case (exact dots) for
-# the all-configs fp32 run; the combine kernel per output dtype.
+# off, fp16 and bf16 q, one causal chunk, 64-token tiles across two key groups and 32-token
+# tiles in one, each value in at least one case (every case compiles in seconds); one fp32 case
+# (exact dots) for the all-configs fp32 run; the combine kernel per output dtype.
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",

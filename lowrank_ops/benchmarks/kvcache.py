@@ -299,7 +299,8 @@ def run_case(case: Case, env: Env, cfg: RunConfig, copy_gbps: Optional[float], m
     q_probe = random_q(case, env, 1, seed=2)[0]
     mask = chunk_mask(case, env.device)
     exact = _sdpa_packed(q_probe, keys, values, mask)
-    baselines = [("sdpa", functools.partial(_sdpa, mask=mask)), ("sdpa:packed", functools.partial(_sdpa_packed, mask=mask))]
+    baselines = [("sdpa", functools.partial(_sdpa, mask=mask)),
+                 ("sdpa:packed", functools.partial(_sdpa_packed, mask=mask))]
     count = n_copies(dense_bytes)
     sets = [(q, keys, values) if i == 0 else (q, keys.clone(), values.clone())
             for i, q in enumerate(random_q(case, env, count, seed=3))]

@@ -21,8 +21,8 @@ reads kv head i // (q_heads / kv_heads), as ``repeat_kv``), every query attends 
 ``causal=True`` the q_len queries are the cache's newest q_len tokens (append them first) and
 query i attends to positions ≤ seq_len − q_len + i only (a chunk of several new tokens:
 assisted decoding, chunked prefill). A query row whose keys are all masked returns zeros. The
-output is (batch, q_heads, q_len, head_dim) in q's dtype. The CUDA kernel serves one query
-token per sequence under ``causal`` (where causality is moot); Triton serves any chunk.
+output is (batch, q_heads, q_len, head_dim) in q's dtype. Under ``causal`` the CUDA kernel
+serves one query token per sequence (where causality is moot); Triton serves any chunk.
 """
 from __future__ import annotations
 
@@ -165,5 +165,5 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
         return _attention_impl(q.contiguous(), kv, key_mask, float(scale), causal)
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
-    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, cfg.bits, cfg.group_size, cfg.rank,
-                              float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
+    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, cfg.bits, cfg.group_size,
+                              cfg.rank, float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
