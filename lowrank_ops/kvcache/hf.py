@@ -11,6 +11,8 @@ Usage (Llama / Mistral / Qwen2-style decoder models, full attention)::
     out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=64)
     # (``past_key_values=cache`` works as well; transformers 5.x renames it ``cache``)
     cache.memory_report()   # bytes held vs an fp16 cache
+    # assisted decoding (assistant_model=..., prompt_lookup_num_tokens=...) works too: the draft
+    # check reads the compressed cache causally and crop() takes rejected tokens back
 
 How a decode step reads the compressed cache
 --------------------------------------------
