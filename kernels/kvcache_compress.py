@@ -13,8 +13,9 @@ size G, into the layout of ``lowrank_ops/kvcache/format.py``:
 * outliers store their channel (uint8) and ``x − deq`` (fp16);
 * the residual ``x − deq − outliers`` is written in fp32 for the low-rank step.
 
-The low-rank approximation of the residual (subspace iteration, a few batched matmuls and QRs
-per block) stays in torch: :func:`lowrank_ops.kvcache.compress.lowrank_factors`.
+The low-rank approximation of the residual is :func:`lowrank_ops.kvcache.compress.lowrank_factors`:
+its subspace iteration runs in :mod:`kernels.kvcache_lowrank` (one program per block), the
+factors' products and rounding in torch.
 """
 from __future__ import annotations
 

@@ -88,7 +88,10 @@ def test_pinned_triton_compress_equals_reference_compress():
         a, b = getattr(kv, name), getattr(ref, name)
         if name.startswith("tail"):
             a, b = a[:, :, : kv.tail_len], b[:, :, : ref.tail_len]
-        if not ON_CUDA:  # on a GPU, fp32 roundings may differ: see the decompressed caches below
+        if "lr" in name:  # the fit's Triton program (kvcache_lowrank) rounds unlike torch's matmuls
+            torch.testing.assert_close(a.float(), b.float(), atol=1.0 if a.dtype == torch.int8 else 2e-3, rtol=1e-3,
+                                       msg=name)
+        elif not ON_CUDA:  # on a GPU, fp32 roundings may differ: see the decompressed caches below
             assert torch.equal(a, b), name
     for a, b in zip(kv.decompress(torch.float32), ref.decompress(torch.float32)):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from lowrank_ops.kvcache import GEARConfig, GEARKV, compress, dense_nbytes
-from lowrank_ops.kvcache.compress import lowrank_basis, lowrank_factors, outlier_slots, quantize_reference
+from lowrank_ops.kvcache.compress import (
+    lowrank_basis,
+    lowrank_factors,
+    orthonormalize,
+    outlier_slots,
+    quantize_reference,
+)
 from lowrank_ops.kvcache.format import TENSOR_FIELDS, lowrank_product, pack_last, unpack_last
 
 
@@ -188,6 +194,22 @@ def test_full_rank_is_lossless():
     keys, values = kv_pair(1, 2, 128, 64, torch.float32)
     k_hat, v_hat = compress(keys, values, cfg).decompress(torch.float32)
     assert rel(k_hat, keys) < 2e-3 and rel(v_hat, values) < 2e-3
+
+
+def test_orthonormalize_is_qr_with_a_positive_diagonal():
+    """Gram-Schmidt twice: Householder QR's Q up to column signs (R's diagonal made positive);
+    dependent and zero columns become zero instead of an arbitrary completion."""
+    y = torch.randn(3, 2, 64, 6, generator=torch.Generator().manual_seed(4))
+    q = orthonormalize(y)
+    ref_q, ref_r = torch.linalg.qr(y)
+    signs = torch.sign(torch.diagonal(ref_r, dim1=-2, dim2=-1))
+    torch.testing.assert_close(q, ref_q * signs[..., None, :], atol=2e-6, rtol=0)
+    assert (torch.diagonal(q.transpose(-1, -2) @ y, dim1=-2, dim2=-1) > 0).all()
+    y[0, 0, :, 2] = 2 * y[0, 0, :, 0] - y[0, 0, :, 1]  # dependent on the columns before it
+    y[0, 1] = 0
+    q = orthonormalize(y)
+    assert q[0, 0, :, 2].abs().max() == 0 and q[0, 1].abs().max() == 0
+    assert (q[0, 0].T @ q[0, 0] - torch.diag(torch.tensor([1.0, 1, 0, 1, 1, 1]))).abs().max() < 2e-6
 
 
 def test_lowrank_reduces_error_and_more_iters_do_not_hurt():

@@ -12,7 +12,8 @@ term ``L`` (per sequence, head and block), with ``X ≈ deq + outliers + L``:
    asymmetric parameters of the remaining entries; the outliers keep ``x − deq`` in fp16;
 3. ``L`` = the rank-r approximation of what quantization and outliers leave, ``X − deq −
    outliers``, stored as factors (:func:`lowrank_factors`; :func:`lowrank_basis` runs
-   ``power_iters`` subspace iterations, batched torch matmuls + QR, on every backend; ``L₀`` is
+   ``power_iters`` subspace iterations with Gram-Schmidt orthonormalization (:func:`orthonormalize`,
+   batched torch ops; one Triton kernel per fit on a GPU); ``L₀`` is
    ``X V₀ V₀ᵀ`` in float32, never stored). The joint refit starts from V₀ and runs one
    iteration less (at least one): on MiniLM as good as ``power_iters`` from the fixed start.
 
@@ -42,6 +43,7 @@ from lowrank_ops.kvcache.format import FACTOR_DTYPES, GEARKV, INT8_BASIS_SCALE, 
 REL_SCALE_FLOOR = 2.0**-10  # scale ≥ max(|mn|, |mx|) · this: |zero| ≤ 1024, exact enough in fp16
 ABS_SCALE_FLOOR = 2.0**-14  # smallest normal fp16
 _BASIS_SEED = 0x6EA2
+DEPENDENT = 1e-5  # a Gram-Schmidt column keeping less of its norm than this is dependent: zero
 
 
 # ----------------------------------------------------------------------------- quantization (reference)
@@ -125,16 +127,57 @@ def _start_basis(head_dim: int, rank: int, device: torch.device) -> Tensor:
     return torch.randn(head_dim, rank, generator=gen).to(device)
 
 
+def orthonormalize(y: Tensor) -> Tensor:
+    """Orthonormal columns spanning those of ``y`` (..., n, r), in order: classical Gram-Schmidt
+    applied twice per column ("twice is enough": orthogonal to rounding for any numerically
+    independent columns). A column left with less than :data:`DEPENDENT` of its norm (dependent
+    on the ones before it, to rounding, or zero) becomes zero, so no direction is made of rounding
+    noise and every implementation agrees on rank-deficient blocks. R's diagonal is positive, as
+    in the Triton kernel (:mod:`kernels.kvcache_lowrank`). Batched torch ops, r steps whatever the
+    batch: ``torch.linalg.qr``, used before, runs its Householder product one matrix at a time on
+    CUDA (a cuSOLVER call per matrix: milliseconds for the batch · kv heads matrices of a block)."""
+    q = torch.zeros_like(y)
+    for j in range(y.shape[-1]):
+        col = y[..., j]
+        before = col.norm(dim=-1, keepdim=True)
+        for _ in range(2):
+            col = col - (q @ (q.transpose(-1, -2) @ col[..., None]))[..., 0]
+        after = col.norm(dim=-1, keepdim=True)
+        q[..., j] = torch.where(after > DEPENDENT * before, col / after.clamp_min(torch.finfo(y.dtype).tiny), 0.0)
+    return q
+
+
+def _fit_backend(x: Tensor, rank: int) -> str:
+    """Triton (one program per block) or torch (the reference) for :func:`lowrank_basis`."""
+    support = {
+        "cuda": Support(False, "there is no CUDA (csrc) kernel for the GEAR low-rank fit; use triton"),
+        "triton": backend.triton_support(x.device),
+        "reference": Support(True),
+    }
+    if support["triton"].ok:
+        from lowrank_ops.kernels.kvcache_lowrank import MAX_RANK, MAX_TILE, fits
+
+        if not fits(x.shape[-2], x.shape[-1], rank):
+            support["triton"] = Support(False, f"a ({x.shape[-2]} x {x.shape[-1]}) block at rank {rank} exceeds one "
+                                               f"program of the Triton fit (B_PAD * D_PAD <= {MAX_TILE}, rank <= {MAX_RANK})")
+    return backend.select_backend("gear_lowrank_fit", support, x.device)
+
+
 def lowrank_basis(x: Tensor, rank: int, power_iters: int, start: Tensor | None = None) -> Tensor:
     """Orthonormal float32 (b, h, nblocks, D, r) basis of the rank-r approximation of each block
     of ``x`` (b, h, nblocks, B, D): subspace iteration from ``start`` (default: a fixed Gaussian
-    Ω), Y = X Ω, then ``power_iters`` times (Q = orth(Y), V = orth(Xᵀ Q), Y = X V). The
-    approximation is X V Vᵀ."""
+    Ω), Y = X Ω, then ``power_iters`` times (Q = orth(Y), V = orth(Xᵀ Q), Y = X V), orth being
+    :func:`orthonormalize`, on the backend :func:`select_backend` picks (Triton on a GPU when a
+    block fits one program). The approximation is X V Vᵀ."""
     v = _start_basis(x.shape[-1], rank, x.device) if start is None else start
+    if _fit_backend(x, rank) == "triton":
+        from lowrank_ops.kernels.kvcache_lowrank import subspace_basis
+
+        return subspace_basis(x, rank, power_iters, v)
     y = x @ v
     for _ in range(power_iters):
-        q = torch.linalg.qr(y).Q
-        v = torch.linalg.qr(x.transpose(-1, -2) @ q).Q
+        q = orthonormalize(y)
+        v = orthonormalize(x.transpose(-1, -2) @ q)
         y = x @ v
     return v
 
