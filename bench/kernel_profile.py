@@ -14,6 +14,10 @@ a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 
 tiles fold the key scale into q). After each case the configs the autotuner
 chose are printed, with every row's time in the latest autotuning (warps, pipeline depth and
 the register caps that buy a third or fourth program per SM are not in the SASS counts).
+First, what a decode step pays every B tokens per layer: one block's compression (wall time,
+batch 1 and 16, 8 kv heads, head_dim 128, the default config), its low-rank fit on the Triton
+kernel and on the torch path, and ``torch.linalg.qr`` (which the fit used to call twelve times
+per block) on the same matrices.
 Prints tables only (the device tool returns at most 8 files; the step's output lands in
 log.txt). Nothing here is asserted: the suites and the gpu lane do that.
 """
@@ -36,6 +40,7 @@ GEAR_CASES = [(8192, 1), (8192, 16)]
 GEAR_CONFIGS = ["2b", "2b-r4-s2", "2b-r4-s2-i8"]  # the last: the default int8 factors (not yet profiled)
 SPLITS = [None, 16, 32, 64, 128]
 TILE_TOKENS = [32, 64]
+APPEND_BATCHES = [1, 16]
 QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
                (4096, 4096, 256, "4b", "tile"), (4096, 4096, 256, "4b", "dequant")]
 
@@ -71,6 +76,38 @@ def print_kernels(title: str, rows: list[tuple[str, float, int]]) -> None:
     print(f"\n{title}: device time per call {sum(r[1] for r in rows):.1f} us")
     for name, us, n in rows:
         print(f"  {us:9.1f} us  x{n}  {name}")
+
+
+def wall_us(fn, calls: int = CALLS) -> float:
+    """Eager wall time per call of ``fn()`` (host included, synchronized), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def gear_append(device: torch.device) -> None:
+    from lowrank_ops.core.backend import use_backend
+    from lowrank_ops.kvcache import GEARConfig
+    from lowrank_ops.kvcache.compress import compress_blocks, lowrank_basis
+
+    cfg = GEARConfig()
+    g = KB.GPU_GEOMETRY
+    for batch in APPEND_BATCHES:
+        keys, values = (torch.randn(batch, g.kv_heads, cfg.buffer_tokens, g.head_dim, device=device,
+                                    dtype=torch.float16) for _ in range(2))
+        blocks = keys.float().reshape(batch, g.kv_heads, 1, cfg.buffer_tokens, g.head_dim)
+        cells = [f"compress one block {wall_us(lambda: compress_blocks(keys, values, cfg)):.0f}"]
+        for name, pin in (("fit on triton", "triton"), ("fit on torch", "reference")):
+            with use_backend(pin):
+                cells.append(f"{name} {wall_us(lambda: lowrank_basis(blocks, cfg.rank, cfg.power_iters)):.0f}")
+        y = blocks[..., : cfg.rank].contiguous()
+        cells.append(f"torch.linalg.qr x1 {wall_us(lambda: torch.linalg.qr(y)):.0f}")
+        print(f"\nGEAR append b={batch} (us, wall): " + " | ".join(cells))
+        print_kernels(f"GEAR compress one block b={batch}", kernel_times(lambda: compress_blocks(keys, values, cfg)))
 
 
 def gear(device: torch.device) -> None:
@@ -131,7 +168,7 @@ def main() -> int:
         return 0
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    for part in (gear, quant):
+    for part in (gear_append, gear, quant):
         try:
             part(device)
         except Exception as exc:  # one part failing must not hide the other's numbers
