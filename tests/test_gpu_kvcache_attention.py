@@ -1,7 +1,8 @@
 """GPU lane for the GEAR decode-attention kernel (pytest -m gpu; collected and skipped without CUDA).
 
 Real decode shapes: 4k context (+ a partial tail), 32 query heads over 8 kv heads (GQA 4:1),
-head_dim 128, batch 2 with a left-padded sequence, q_len 1 and 4; 2 and 4 bits with outliers
+head_dim 128, batch 2 with a left-padded sequence, q_len 1 and 4, and a causal 7-token draft check;
+2 and 4 bits with outliers
 and low rank (and plain 2-bit), fp16 and bf16 (GEAR's default in both). Checked against the float64 reference attention of
 the same compressed cache, through the kernel and through ``attention()`` with the triton backend
 pinned, and under CUDA-graph capture and replay (new q values copied into the captured input).
@@ -102,6 +103,19 @@ def test_attention_op_triton():
     with use_backend("triton"):
         out = attention(q, kv, key_mask=mask)
     assert_close(out, reference(q, kv, mask), F16, "attention(triton)")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_causal_draft_check(dtype):
+    """A 7-token draft check (the cache's newest tokens as queries, causal among them) through
+    attention() with automatic dispatch: the causal reference, left padding included."""
+    kv = cache_of("2b+2%+r4", dtype)
+    q = torch.randn(BATCH, Q_HEADS, 7, HEAD_DIM, device=DEV, dtype=dtype)
+    mask = key_mask()
+    out = attention(q, kv, key_mask=mask, causal=True)
+    ref = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
+    assert_close(out, ref, dtype, f"causal draft check {dtype}")
+    assert (reference(q, kv, mask)[:, :, 0] - ref[:, :, 0]).abs().max() > 1e-3  # the causal mask mattered
 
 
 def test_cuda_graph_capture_and_replay():

@@ -116,3 +116,19 @@ def test_constants_agree_and_compile_cases_are_listed():
     assert kernels.DEPENDENT.value == DEPENDENT
     names = [case.name for case in kernels.COMPILE_CASES]
     assert len(names) == len(set(names)) == 4
+
+
+# --------------------------------------------------------------------------- gpu lane
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_fit_at_decode_shapes(batch):
+    """Compiled (tf32x3 dots) at one block of 8 kv heads, head_dim 128: the torch path's basis to
+    about 1e-5, orthonormal; then compress() on CUDA, whose fit runs here automatically."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = torch.randn(batch * 8, 64, 128, device="cuda") * (0.2 + 3 * torch.rand(128, device="cuda"))
+    start = _start_basis(128, 4, x.device)
+    got = kernels.subspace_basis(x, 4, 2, start)
+    assert (got - torch_basis(x, 4, 2, start)).abs().max().item() < 1e-4
+    assert (got.transpose(-1, -2) @ got - torch.eye(4, device="cuda")).abs().max().item() < 1e-5
+    assert _fit_backend(x, 4) == "triton"
