@@ -70,18 +70,21 @@ def _subspace_kernel(x_ptr, start_ptr, out_ptr, START_STRIDE, B: tl.constexpr, D
     tl.store(out_ptr + n * D * R + chans[:, None] * R + cols[None, :], v, mask=basis_mask)
 
 
-def fits(block_tokens: int, head_dim: int, rank: int) -> bool:
-    """Whether one program holds a block of this size (else the torch path)."""
-    return max(MIN_DOT, next_pow2(block_tokens)) * max(MIN_DOT, next_pow2(head_dim)) <= MAX_TILE and rank <= MAX_RANK
+def misfit(block_tokens: int, head_dim: int, rank: int) -> str:
+    """Why one program cannot hold a (block_tokens × head_dim) block at ``rank`` ("" when it can)."""
+    if max(MIN_DOT, next_pow2(block_tokens)) * max(MIN_DOT, next_pow2(head_dim)) <= MAX_TILE and rank <= MAX_RANK:
+        return ""
+    return (f"a ({block_tokens} x {head_dim}) block at rank {rank} exceeds one program of the Triton fit "
+            f"(B_PAD * D_PAD <= {MAX_TILE}, rank <= {MAX_RANK})")
 
 
 def subspace_basis(x: Tensor, rank: int, power_iters: int, start: Tensor) -> Tensor:
     """:func:`lowrank_ops.kvcache.compress.lowrank_basis` of the float32 blocks ``x`` (..., B, D)
     from ``start`` (D, r) or (..., D, r): the orthonormal (..., D, r) basis, one program per block."""
     *lead, block, head_dim = x.shape
-    if not fits(block, head_dim, rank):
-        raise ValueError(f"x: a ({block} x {head_dim}) block at rank {rank} exceeds one program "
-                         f"(B_PAD * D_PAD <= {MAX_TILE}, rank <= {MAX_RANK})")
+    why = misfit(block, head_dim, rank)
+    if why:
+        raise ValueError(f"x: {why}")
     count = x[..., 0, 0].numel()
     x = x.float().contiguous()
     start = start.float().contiguous()

@@ -102,8 +102,8 @@ def test_compress_takes_the_kernel_when_triton_is_pinned(monkeypatch):
 
 
 def test_blocks_beyond_one_program_stay_in_torch():
-    assert kernels.fits(64, 128, 4) and kernels.fits(128, 64, 16) and not kernels.fits(64, 128, 17)
-    assert not kernels.fits(128, 128, 4)
+    assert kernels.misfit(64, 128, 4) == kernels.misfit(128, 64, 16) == ""
+    assert "rank 17" in kernels.misfit(64, 128, 17) and "(128 x 128)" in kernels.misfit(128, 128, 4)
     x = torch.zeros(1, 128, 128, device=DEVICE)
     with pytest.raises(ValueError, match="exceeds one program"):
         kernels.subspace_basis(x, 4, 1, _start_basis(128, 4, x.device))

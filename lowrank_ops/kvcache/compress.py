@@ -155,11 +155,10 @@ def _fit_backend(x: Tensor, rank: int) -> str:
         "reference": Support(True),
     }
     if support["triton"].ok:
-        from lowrank_ops.kernels.kvcache_lowrank import MAX_RANK, MAX_TILE, fits
+        from lowrank_ops.kernels.kvcache_lowrank import misfit
 
-        if not fits(x.shape[-2], x.shape[-1], rank):
-            support["triton"] = Support(False, f"a ({x.shape[-2]} x {x.shape[-1]}) block at rank {rank} exceeds one "
-                                               f"program of the Triton fit (B_PAD * D_PAD <= {MAX_TILE}, rank <= {MAX_RANK})")
+        why = misfit(x.shape[-2], x.shape[-1], rank)
+        support["triton"] = Support(not why, why)
     return backend.select_backend("gear_lowrank_fit", support, x.device)
 
 
