@@ -83,7 +83,8 @@ def test_dependent_and_zero_blocks_give_zero_columns():
     assert (got - torch_basis(x, 4, 2, start)).abs().max().item() < TOL
     norms = got.norm(dim=-2)
     assert norms[0].abs().max() == 0 and norms[1, 2:].abs().max() == 0
-    assert torch.allclose(norms[1, :2], torch.ones(2, device=DEVICE)) and torch.allclose(norms[2], torch.ones(4, device=DEVICE))
+    assert torch.allclose(norms[1, :2], torch.ones(2, device=DEVICE))
+    assert torch.allclose(norms[2], torch.ones(4, device=DEVICE))
 
 
 def test_compress_takes_the_kernel_when_triton_is_pinned(monkeypatch):
