@@ -37,7 +37,8 @@ def test_pack_roundtrip_and_bit_layout(bits):
     codes = torch.randint(0, 1 << bits, (3, 5, 64))
     words = pack_last(codes, bits)
     assert words.dtype == torch.int32 and words.shape == (3, 5, 64 * bits // 32)
-    assert torch.equal(unpack_last(words, bits), codes)
+    unpacked = unpack_last(words, bits)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked.long(), codes)
     per_word = 32 // bits
     d = 37  # code d lives in word d // E at bit (d % E)·bits
     got = (words[..., d // per_word].to(torch.int64) & 0xFFFFFFFF) >> ((d % per_word) * bits) & ((1 << bits) - 1)

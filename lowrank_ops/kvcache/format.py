@@ -68,10 +68,12 @@ def pack_last(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_last(words: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_last`: int32 (..., W) → int64 codes (..., W·32/bits)."""
+    """Inverse of :func:`pack_last`: int32 (..., W) → uint8 codes (..., W·32/bits). In int32 (an
+    arithmetic shift sign-extends bit 31, which the mask drops) and stored in one byte: a whole
+    cache's codes cost one byte per entry here, not eight (``decompress`` of a long context)."""
     per_word = 32 // bits
-    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
-    codes = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * bits
+    codes = ((words[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
     return codes.reshape(*words.shape[:-1], words.shape[-1] * per_word)
 
 
