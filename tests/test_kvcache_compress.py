@@ -1,4 +1,5 @@
 """Reference lane: GEAR compression (format shapes, append-only semantics, error bounds, bytes, errors)."""
+import importlib
 import itertools
 
 import pytest
@@ -100,6 +101,27 @@ def test_append_equals_compress_at_once(chunks):
         else:
             assert torch.equal(a, b), name
     torch.testing.assert_close(grown.decompress(torch.float32), once.decompress(torch.float32), atol=2e-3, rtol=1e-3)
+
+
+def test_passes_of_whole_blocks_equal_one_pass(monkeypatch):
+    """A long prompt is compressed a few blocks at a time (bounded float32 working copies): the
+    same cache as in one pass (the batched fit's float rounding aside)."""
+    compress_module = importlib.import_module("lowrank_ops.kvcache.compress")  # the package's compress is the function
+    cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.05)
+    keys, values = kv_pair(2, 2, 5 * 64 + 9, 64)
+    once = compress(keys, values, cfg)
+    passes = []
+    real = compress_module._compress_pass
+    monkeypatch.setattr(compress_module, "PASS_ENTRIES", 2 * 2 * 2 * 64 * 64)  # two blocks per pass
+    monkeypatch.setattr(compress_module, "_compress_pass", lambda k, v, c: passes.append(k.shape[2]) or real(k, v, c))
+    split = compress(keys, values, cfg)
+    assert passes == [128, 128, 64] and split.nblocks == once.nblocks == 5
+    for name in TENSOR_FIELDS:
+        a, b = getattr(split, name), getattr(once, name)
+        if "lr" in name:
+            torch.testing.assert_close(a.float(), b.float(), atol=1.0 if a.dtype == torch.int8 else 2e-3, rtol=1e-2)
+        else:
+            assert torch.equal(a, b), name
 
 
 def test_blocks_are_never_requantized():
