@@ -17,7 +17,7 @@ the default size). Gram-Schmidt runs on the tile's columns: a column is taken ou
 row sum, projected out of the columns before it twice, normalized (or zeroed when dependent)
 and put back by a select; padded rows, channels and rank columns stay zero throughout. Grid:
 one program of 4 warps per block, up to MAX_TILE (64 × 128) elements; sm_90 SASS at the default
-block: 128-207 registers, no spill, 144 KB of shared memory for two iterations (one program per
+block: 158-207 registers (sm_80: 128-157), no spill, 144 KB of shared memory for two iterations (one program per
 SM: a decode step's batch · kv heads blocks take one wave).
 """
 from __future__ import annotations
