@@ -16,9 +16,9 @@ products, fp32 accuracy to about 1e-6; exact "ieee" FMA dots needed 255 register
 the default size). Gram-Schmidt runs on the tile's columns: a column is taken out by a masked
 row sum, projected out of the columns before it twice, normalized (or zeroed when dependent)
 and put back by a select; padded rows, channels and rank columns stay zero throughout. Grid:
-one program of 4 warps per block, up to MAX_TILE (64 × 128) elements; sm_90 SASS at the default
-block: 158-207 registers (sm_80: 128-157), no spill, 144 KB of shared memory for two iterations (one program per
-SM: a decode step's batch · kv heads blocks take one wave).
+one program of 4 warps per block, up to MAX_TILE (64 × 128) elements; SASS at the default block:
+158-207 registers on sm_90 (128-157 on sm_80), no spill, 144 KB of shared memory for two
+iterations (one program per SM: a decode step's batch · kv heads blocks take one wave).
 """
 from __future__ import annotations
 
