@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_case_lists_and_geometry():
     full = KB.kv_cases(KB.FULL["contexts"], KB.FULL["batches"], q_lens=KB.FULL["q_lens"])
-    assert len(full) == 4 * 3 * 2 and {c.context for c in full} == {1024, 4096, 16384, 32768}
+    assert len(full) == 4 * 3 * 3 and {c.context for c in full} == {1024, 4096, 16384, 32768}
     quick = KB.kv_cases(KB.QUICK["contexts"], KB.QUICK["batches"], KB.QUICK["skip"], KB.QUICK["q_lens"])
     # the decode steps first (a run cut by its time cap loses the draft checks)
     assert [(c.context, c.batch, c.q_len) for c in quick] == [

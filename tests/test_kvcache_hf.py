@@ -266,9 +266,9 @@ def test_cache_holds_compressed_blocks_below_dense_bytes():
     assert blocks_bits == pytest.approx(2 + 1 + 0.375 + 0.5 + 1 + 0.0625)
 
 
-# 3 tokens: 2 heads per kv head × 3 = 6 rows, through the causal attention; 40 tokens: 80 rows
-# > CHUNK_MAX_ROWS, decompressed once
-@pytest.mark.parametrize("n, through_attention", [(3, True), (40, False)])
+# 2 heads per kv head: 3 tokens are 6 rows, 40 tokens 80 rows (two programs), both through the
+# causal attention; 130 tokens are 260 rows > CHUNK_MAX_ROWS, decompressed once
+@pytest.mark.parametrize("n, through_attention", [(3, True), (40, True), (130, False)])
 def test_several_new_tokens_after_prefill(n, through_attention, monkeypatch):
     """A chunk of n tokens after the prefill (assisted decoding, chunked prefill) is causal among
     itself, on left-padded rows; it matches DynamicCache."""
@@ -293,9 +293,9 @@ def test_several_new_tokens_after_prefill(n, through_attention, monkeypatch):
     assert rel_err(got, ref).max() < 1e-4
 
 
-def test_chunk_rows_are_one_triton_program():
+def test_chunk_rows_are_four_triton_programs():
     kernels = pytest.importorskip("lowrank_ops.kernels.kvcache_attention")
-    assert CHUNK_MAX_ROWS == kernels._MAX_BLOCK_M
+    assert CHUNK_MAX_ROWS == 4 * kernels._MAX_BLOCK_M
 
 
 def test_only_a_key_mask_and_causal_chunk_mask_takes_the_causal_attention():

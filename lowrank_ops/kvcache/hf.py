@@ -39,8 +39,9 @@ How a decode step reads the compressed cache
 * Several query tokens after the prefill (assisted decoding's draft check, prompt lookup,
   chunked prefill) read the compressed cache too, with ``causal=True`` (query i sees the cache up
   to its own token), when the step's mask is a key mask ∧ causal (what transformers builds for
-  left padding) and its query rows (q_heads / kv_heads × new tokens) fit one program of the
-  Triton kernel (:data:`CHUNK_MAX_ROWS`), so the cache is read once, as in a one-token step.
+  left padding) and its query rows (q_heads / kv_heads × new tokens) fit four programs of the
+  Triton kernel (:data:`CHUNK_MAX_ROWS`: transformers' default draft of 20 tokens is 84 rows at
+  GQA 4), each reading the compressed cache once.
   Longer chunks (a second prompt) and other masks decompress the layer and run SDPA.
 * Rollback (``crop``, which assisted decoding calls to drop rejected draft tokens): tokens still
   in the tail are just forgotten; for tokens already compressed into a block, the layer keeps
@@ -71,9 +72,11 @@ from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
 GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
 LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
 # Query rows (q_heads / kv_heads × new tokens) of a multi-token step read through the compressed
-# cache: one Triton program's rows (kernels/kvcache_attention.py, _MAX_BLOCK_M), so the cache is
-# read once; longer chunks decompress once and run SDPA.
-CHUNK_MAX_ROWS = 64
+# cache: four Triton programs' rows (kernels/kvcache_attention.py, _MAX_BLOCK_M = 64 each), so the
+# compressed cache (~28 % of fp16 bytes) is read at most four times, about the fp16 cache's bytes
+# once; decompressing writes an fp16 copy and SDPA reads it (twice those bytes and more). Longer
+# chunks decompress once and run SDPA. Not yet timed on a GPU.
+CHUNK_MAX_ROWS = 256
 # The newest tokens of a layer's last update that crop() can take back even once compressed
 # (assisted decoding drops at most its draft, prompt lookup 10 tokens by default).
 ROLLBACK_TOKENS = 128
