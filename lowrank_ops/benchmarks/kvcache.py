@@ -79,7 +79,8 @@ CPU_GEOMETRY = Geometry(8, 2, 64)
 
 DRAFT_CHECK = 7  # query tokens of a draft check: a 6-token draft and the last accepted token
 DEFAULT_DRAFT_CHECK = 21  # transformers' assisted generation starts with 20 draft tokens
-FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16], "q_lens": [1, DRAFT_CHECK, DEFAULT_DRAFT_CHECK],
+FULL = {"contexts": [1024, 4096, 16384, 32768], "batches": [1, 4, 16],
+        "q_lens": [1, DRAFT_CHECK, DEFAULT_DRAFT_CHECK],
         "configs": list(CONFIGS), "dequant_baseline": True, "geometry": GPU_GEOMETRY}
 # bench/device_check.sh gives this ~75 s with autotune: the contexts of the targets, 4 decode cases
 # x (2 SDPA rows + 4 configs), then two draft checks at 8k (cut first by the time cap); plain
