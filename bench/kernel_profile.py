@@ -14,7 +14,11 @@ a batch-1 step has, and for 32- against 64-token tiles (``tile_tokens``: at G = 
 tiles fold the key scale into q). After each case the configs the autotuner
 chose are printed, with every row's time in the latest autotuning (warps, pipeline depth and
 the register caps that buy a third or fourth program per SM are not in the SASS counts).
-First, what a decode step pays every B tokens per layer: one block's compression (wall time,
+After the GEAR kernel tables below, end to end: a random-init Llama-shaped model (32 q / 8 kv heads of 128, 4 layers, a
+small MLP and vocabulary) decodes 64 greedy steps after an 8k prompt with DynamicCache + SDPA
+and with GEARCache + the "gear" attention: milliseconds per step (one block compression per
+layer among them; eager, as ``generate`` runs) and the cache's bytes; then what a decode step
+pays every B tokens per layer: one block's compression (wall time,
 batch 1 and 16, 8 kv heads, head_dim 128, the default config), its low-rank fit on the Triton
 kernel and on the torch path, and ``torch.linalg.qr`` (which the fit used to call twelve times
 per block) on the same matrices.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import collections
 import sys
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -41,6 +46,7 @@ GEAR_CONFIGS = ["2b", "2b-r4-s2", "2b-r4-s2-i8"]  # the last: the default int8 f
 SPLITS = [None, 16, 32, 64, 128]
 TILE_TOKENS = [32, 64]
 APPEND_BATCHES = [1, 16]
+GENERATE = {"context": 8192, "batches": [1, 16], "steps": 64, "layers": 4}
 QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
                (4096, 4096, 256, "4b", "tile"), (4096, 4096, 256, "4b", "dequant")]
 
@@ -87,6 +93,45 @@ def wall_us(fn, calls: int = CALLS) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def gear_generate(device: torch.device) -> None:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from lowrank_ops.kvcache import GEARConfig
+    from lowrank_ops.kvcache.hf import GEAR_ATTENTION, GEARCache
+
+    g, run = KB.GPU_GEOMETRY, GENERATE
+    config = LlamaConfig(hidden_size=g.q_heads * g.head_dim, intermediate_size=1024, num_hidden_layers=run["layers"],
+                         num_attention_heads=g.q_heads, num_key_value_heads=g.kv_heads, head_dim=g.head_dim,
+                         vocab_size=1024, max_position_embeddings=2 * run["context"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.float16).eval()
+    caches = {"DynamicCache+sdpa": ("sdpa", lambda: DynamicCache(config=config)),
+              "GEARCache()+gear": (GEAR_ATTENTION, lambda: GEARCache(GEARConfig(), model_config=config))}
+    for batch in run["batches"]:
+        ids = torch.randint(1, config.vocab_size, (batch, run["context"]), device=device)
+        cells = []
+        for name, (attention, make_cache) in caches.items():
+            model.set_attn_implementation(attention)
+            cache = make_cache()
+            # past_key_values: the device image's transformers may predate its 5.x name, cache
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                token = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(run["steps"]):
+                    token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) / run["steps"] * 1e3
+            nbytes = cache.nbytes if isinstance(cache, GEARCache) else sum(
+                layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            cells.append(f"{name} {ms:.2f} ms/step, cache {nbytes / 2**20:.1f} MiB")
+            del cache
+            torch.cuda.empty_cache()
+        print(f"\ngenerate T={run['context']} b={batch}, {run['layers']} layers: " + " | ".join(cells))
 
 
 def gear_append(device: torch.device) -> None:
@@ -168,7 +213,7 @@ def main() -> int:
         return 0
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    for part in (gear_append, gear, quant):
+    for part in (gear, gear_generate, gear_append, quant):  # the dispatch decision's numbers first
         try:
             part(device)
         except Exception as exc:  # one part failing must not hide the other's numbers
