@@ -79,23 +79,21 @@ def unpack_last(words: Tensor, bits: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- reconstruction pieces
 def dequant_keys(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
-    """Per-channel key groups: codes (b, h, T, D), scale/zero (b, h, T/G, D) → (b, h, T, D)."""
-    s = scale.to(dtype).repeat_interleave(group_size, dim=2)
-    z = zero.to(dtype).repeat_interleave(group_size, dim=2)
-    return (codes.to(dtype) - z) * s
+    """Per-channel key groups: codes (b, h, T, D), scale/zero (b, h, T/G, D) → (b, h, T, D)
+    (the statistics broadcast over each group's tokens, never expanded)."""
+    grouped = codes.to(dtype).unflatten(2, (-1, group_size))
+    return ((grouped - zero.to(dtype)[:, :, :, None]) * scale.to(dtype)[:, :, :, None]).flatten(2, 3)
 
 
 def dequant_values(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
     """Per-token value groups: codes (b, h, T, D), scale/zero (b, h, T, D/G) → (b, h, T, D)."""
-    s = scale.to(dtype).repeat_interleave(group_size, dim=3)
-    z = zero.to(dtype).repeat_interleave(group_size, dim=3)
-    return (codes.to(dtype) - z) * s
+    grouped = codes.to(dtype).unflatten(3, (-1, group_size))
+    return ((grouped - zero.to(dtype)[..., None]) * scale.to(dtype)[..., None]).flatten(3, 4)
 
 
-def scatter_outliers(idx: Tensor, val: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
-    """Dense (..., D) tensor holding ``val`` at channels ``idx`` (zeros elsewhere)."""
-    dense = torch.zeros(*idx.shape[:-1], head_dim, dtype=dtype, device=idx.device)
-    return dense.scatter_add_(-1, idx.to(torch.int64), val.to(dtype))
+def add_outliers_(x: Tensor, idx: Tensor, val: Tensor) -> Tensor:
+    """``x`` (..., D) with ``val`` added at channels ``idx`` (distinct per vector), in place."""
+    return x.scatter_add_(-1, idx.to(torch.int64), val.to(x.dtype))
 
 
 def lowrank_product(a: Tensor, b: Tensor, scale: Tensor, buffer_tokens: int, dtype: torch.dtype) -> Tensor:
@@ -248,9 +246,9 @@ class GEARKV:
         codes = unpack_last(getattr(self, f"{kind}_codes"), cfg.bits)
         deq = dequant_keys if kind == "key" else dequant_values
         x = deq(codes, getattr(self, f"{kind}_scale"), getattr(self, f"{kind}_zero"), cfg.group_size, dtype)
-        x = x + scatter_outliers(getattr(self, f"{kind}_out_idx"), getattr(self, f"{kind}_out_val"), self.head_dim, dtype)
-        x = x + lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"),
-                                getattr(self, f"{kind}_lr_scale"), cfg.buffer_tokens, dtype)
+        add_outliers_(x, getattr(self, f"{kind}_out_idx"), getattr(self, f"{kind}_out_val"))
+        x += lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"),
+                             getattr(self, f"{kind}_lr_scale"), cfg.buffer_tokens, dtype)
         tail = (self.tail_keys if kind == "key" else self.tail_values)[:, :, : self.tail_len]
         return torch.cat([x, tail.to(dtype)], dim=2)
 
