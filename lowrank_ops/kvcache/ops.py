@@ -53,23 +53,24 @@ def causal_allowed(q_len: int, seq_len: int, device: torch.device) -> Tensor:
 
 def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
                         compute_dtype: torch.dtype = torch.float32, causal: bool = False) -> Tensor:
-    """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype."""
+    """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype.
+    The query heads of a kv head are rows of one product (never a repeated K̂, V̂)."""
     k, v = kv.decompress(compute_dtype)
-    groups = q.shape[1] // kv.kv_heads
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
+    batch, q_heads, q_len, head_dim = q.shape
+    groups = q_heads // kv.kv_heads
+    rows = q.to(compute_dtype).reshape(batch, kv.kv_heads, groups * q_len, head_dim)  # (head, token) rows
     scale = 1.0 / math.sqrt(kv.head_dim) if scale is None else scale
-    scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
+    scores = (rows @ k.transpose(-1, -2)) * scale
     allowed = None if key_mask is None else key_mask[:, None, None, :]
     if causal:
-        order = causal_allowed(q.shape[2], kv.seq_len, q.device)[None, None]
+        order = causal_allowed(q_len, kv.seq_len, q.device).repeat(groups, 1)[None, None]
         allowed = order if allowed is None else allowed & order
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
         probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0)
     else:
         probs = scores.softmax(-1)
-    return (probs @ v).to(q.dtype)
+    return (probs @ v).reshape(q.shape).to(q.dtype)
 
 
 # --------------------------------------------------------------------------- backend support
