@@ -234,7 +234,7 @@ def compress_blocks(keys: Tensor, values: Tensor, config: GEARConfig) -> dict[st
     b, h, t, d = keys.shape
     per_pass = max(1, PASS_ENTRIES // (b * h * config.buffer_tokens * d)) * config.buffer_tokens
     parts = [_compress_pass(keys[:, :, s: s + per_pass], values[:, :, s: s + per_pass], config)
-             for s in range(0, max(t, 1), per_pass)]
+             for s in range(0, max(t, 1), per_pass)]  # no block: one pass still gives the empty tensors
     if len(parts) == 1:
         return parts[0]
     return {name: torch.cat([part[name] for part in parts], dim=2) for name in parts[0]}
@@ -299,8 +299,10 @@ def compress(keys: Tensor, values: Tensor, config: GEARConfig) -> GEARKV:
     return GEARKV(config=config, **blocks, tail_keys=tail_k, tail_values=tail_v, tail_len=t - t_c)
 
 
-def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> None:
-    """Implementation of :meth:`GEARKV.append`: tail first; every B tail tokens become a block."""
+def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Implementation of :meth:`GEARKV.append`: tail first; every B tail tokens become a block.
+    Returns None when the tokens all stayed in the tail, else the raw keys and values from the old
+    tail's start to the end (what the new blocks were compressed from, and the new tail)."""
     keys, values, _ = _check_kv(keys, values, kv.config)
     expected = (kv.batch, kv.kv_heads, keys.shape[2], kv.head_dim)
     if tuple(keys.shape) != expected:
@@ -313,7 +315,7 @@ def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> None:
         kv.tail_keys[:, :, kv.tail_len: kv.tail_len + n] = keys
         kv.tail_values[:, :, kv.tail_len: kv.tail_len + n] = values
         kv.tail_len += n
-        return
+        return None
     all_k = torch.cat([kv.tail_keys[:, :, : kv.tail_len], keys], dim=2)
     all_v = torch.cat([kv.tail_values[:, :, : kv.tail_len], values], dim=2)
     t_c = all_k.shape[2] // buf * buf
@@ -324,3 +326,4 @@ def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> None:
     kv.tail_keys[:, :, :rest] = all_k[:, :, t_c:]
     kv.tail_values[:, :, :rest] = all_v[:, :, t_c:]
     kv.tail_len = rest
+    return all_k, all_v

@@ -65,7 +65,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lowrank_ops.kvcache import ops as kv_ops
-from lowrank_ops.kvcache.compress import compress
+from lowrank_ops.kvcache.compress import append_tokens, compress
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
 
@@ -129,13 +129,8 @@ class GEARLayer(CacheLayerMixin):
             raise ValueError(
                 "GEARCache: the previous decode step of this layer was not attended by the 'gear' attention "
                 "implementation; call model.set_attn_implementation('gear') (lowrank_ops.kvcache.hf registers it)")
-        kv = self.kv
-        raw = None  # a block is compressed: the raw tokens from the tail's start, for crop()
-        if kv.tail_len + key_states.shape[2] >= self.config.buffer_tokens:
-            raw = (torch.cat([kv.tail_keys[:, :, : kv.tail_len], key_states], dim=2),
-                   torch.cat([kv.tail_values[:, :, : kv.tail_len], value_states], dim=2))
-        kv.append(key_states, value_states)
-        self.rollback = None if raw is None else Rollback.of_update(kv, key_states.shape[2], *raw)
+        raw = append_tokens(self.kv, key_states, value_states)  # when blocks were compressed: for crop()
+        self.rollback = None if raw is None else Rollback.of_update(self.kv, key_states.shape[2], *raw)
         attn_kwargs[LAYER_KWARG] = self
         self.awaiting_attention = True
         return key_states, value_states
