@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every Triton kernel module of the package (relative to lowrank_ops.kernels); add new families here.
-KERNEL_MODULES = ("lowrank", "quant", "sparse", "kvcache_compress", "kvcache_lowrank", "kvcache_attention")
+KERNEL_MODULES = ("lowrank", "quant", "sparse", "kvcache_compress", "kvcache_lowrank", "kvcache_decompress",
+                  "kvcache_attention")
 ARCHS = (80, 90)
 
 

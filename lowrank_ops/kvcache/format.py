@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_ops.core import backend
+from lowrank_ops.core.backend import Support
 from lowrank_ops.core.checks import check_device, check_dim, check_int, check_tensor
 from lowrank_ops.kvcache.config import GEARConfig
 
@@ -253,8 +255,20 @@ class GEARKV:
         return torch.cat([x, tail.to(dtype)], dim=2)
 
     def decompress(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """(K̂, V̂), each (batch, kv_heads, seq_len, head_dim), computed and returned in ``dtype``
-        (default: the input dtype). The plain-torch reference of the format."""
+        """(K̂, V̂), each (batch, kv_heads, seq_len, head_dim) in ``dtype`` (default: the input
+        dtype), on the backend :func:`~lowrank_ops.core.backend.select_backend` picks: the Triton
+        kernel (``kernels/kvcache_decompress.py``: one pass, fp32 arithmetic rounded once) on a GPU
+        for fp16/bf16/fp32, else :meth:`decompress_reference`."""
+        dtype = self.dtype if dtype is None else dtype
+        if _decompress_backend(self, dtype) == "triton":
+            from lowrank_ops.kernels.kvcache_decompress import gear_decompress
+
+            return gear_decompress(self, dtype)
+        return self.decompress_reference(dtype)
+
+    def decompress_reference(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(K̂, V̂) in plain torch, computed in ``dtype`` (default: the input dtype): the reference
+        of the format, which the attention reference and the kernels' tests build on."""
         dtype = self.dtype if dtype is None else dtype
         return self._reconstruct("key", dtype), self._reconstruct("value", dtype)
 
@@ -278,6 +292,22 @@ class GEARKV:
 
         append_tokens(self, keys, values)
         return self
+
+
+def _decompress_backend(kv: GEARKV, dtype: torch.dtype) -> str:
+    """Triton (one pass per kind) or torch (the reference) for :meth:`GEARKV.decompress`."""
+    triton = backend.triton_support(kv.device)
+    if triton.ok:
+        from lowrank_ops.kernels.kvcache_decompress import unsupported
+
+        why = unsupported(dtype)
+        triton = Support(False, why) if why else triton
+    support = {
+        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR decompression; use triton"),
+        "triton": triton,
+        "reference": Support(True),
+    }
+    return backend.select_backend("gear_decompress", support, kv.device)
 
 
 def dense_nbytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:

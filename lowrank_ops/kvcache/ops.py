@@ -55,7 +55,7 @@ def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None
                         compute_dtype: torch.dtype = torch.float32, causal: bool = False) -> Tensor:
     """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype.
     The query heads of a kv head are rows of one product (never a repeated K̂, V̂)."""
-    k, v = kv.decompress(compute_dtype)
+    k, v = kv.decompress_reference(compute_dtype)
     batch, q_heads, q_len, head_dim = q.shape
     groups = q_heads // kv.kv_heads
     rows = q.to(compute_dtype).reshape(batch, kv.kv_heads, groups * q_len, head_dim)  # (head, token) rows
