@@ -21,7 +21,10 @@ layer among them; eager, as ``generate`` runs) and the cache's bytes; then what 
 pays every B tokens per layer: one block's compression (wall time,
 batch 1 and 16, 8 kv heads, head_dim 128, the default config), its low-rank fit on the Triton
 kernel and on the torch path, and ``torch.linalg.qr`` (which the fit used to call twelve times
-per block) on the same matrices.
+per block) on the same matrices; then a whole layer's decompression (8k, batch 1 and 16, the
+default config) on the Triton kernel and in torch, wall time and peak memory, and a causal chunk
+of 16, 64 and 128 new tokens read by the decode kernel against decompress + SDPA (the choice
+``hf.CHUNK_MAX_ROWS`` makes).
 Prints tables only (the device tool returns at most 8 files; the step's output lands in
 log.txt). Nothing here is asserted: the suites and the gpu lane do that.
 """
@@ -46,6 +49,8 @@ GEAR_CONFIGS = ["2b", "2b-r4-s2", "2b-r4-s2-i8"]  # the last: the default int8 f
 SPLITS = [None, 16, 32, 64, 128]
 TILE_TOKENS = [32, 64]
 APPEND_BATCHES = [1, 16]
+DECOMPRESS_CASES = [(8192, 1), (8192, 16)]
+CHUNK_Q_LENS = [16, 64, 128]  # 64, 256 and 512 query rows at GQA 4: hf.CHUNK_MAX_ROWS = 256 in the middle
 GENERATE = {"context": 8192, "batches": [1, 16], "steps": 64, "layers": 4}
 QUANT_CASES = [(4096, 4096, 16, "4b+1%", "decode"), (4096, 4096, 256, "4b+1%", "tile"),
                (4096, 4096, 256, "4b", "tile"), (4096, 4096, 256, "4b", "dequant")]
@@ -155,6 +160,40 @@ def gear_append(device: torch.device) -> None:
         print_kernels(f"GEAR compress one block b={batch}", kernel_times(lambda: compress_blocks(keys, values, cfg)))
 
 
+def gear_decompress(device: torch.device) -> None:
+    from lowrank_ops.core.backend import use_backend
+    from lowrank_ops.kvcache import attention, compress, dense_nbytes
+
+    env = KB.Env(device, torch.float16, KB.GPU_GEOMETRY, triton_ok=True)
+    for context, batch in DECOMPRESS_CASES:
+        keys, values = KB.random_kv(KB.Case(context, batch), env, seed=1)
+        kv = compress(keys, values, KB.gear_config("2b-r4-s2-i8"))
+        del keys, values
+        cells = []
+        for name, pin in (("triton", "triton"), ("torch", "reference")):
+            with use_backend(pin):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                kv.decompress()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                cells.append(f"{name} {wall_us(kv.decompress):.0f} us, peak {peak:.0f} MiB")
+        fp16 = dense_nbytes(batch, kv.kv_heads, context, kv.head_dim) / 2**20
+        print(f"\nGEAR decompress T={context} b={batch} (fp16 K + V: {fp16:.0f} MiB): " + " | ".join(cells))
+        cells = []
+        for q_len in CHUNK_Q_LENS:
+            case = KB.Case(context, batch, q_len)
+            q = KB.random_q(case, env, 1, seed=2)[0]
+            mask = KB.chunk_mask(case, device)
+            with use_backend("triton"):
+                kernel = wall_us(lambda: attention(q, kv, causal=True))
+                fallback = wall_us(lambda: KB._dequant_sdpa(q, kv, mask))
+            cells.append(f"q={q_len}: kernel {kernel:.0f} / decompress + SDPA {fallback:.0f}")
+        print("  causal chunk (us, wall): " + " | ".join(cells))
+        del kv
+        torch.cuda.empty_cache()
+
+
 def gear(device: torch.device) -> None:
     from lowrank_ops.kernels.kvcache_attention import _gear_split_kernel, gear_decode_attention
     from lowrank_ops.kvcache import compress, cuda_decode
@@ -213,7 +252,7 @@ def main() -> int:
         return 0
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    for part in (gear, gear_generate, gear_append, quant):  # the dispatch decision's numbers first
+    for part in (gear, gear_generate, gear_append, gear_decompress, quant):  # the dispatch decision's numbers first
         try:
             part(device)
         except Exception as exc:  # one part failing must not hide the other's numbers

@@ -17,7 +17,10 @@ block's column scale, B̂ times 1/127, as the reference). All arithmetic is fp32
 rounded once into the output dtype. Tiles of the tail copy (and convert) the fp16/bf16/fp32 tail
 rows. BLOCK_T is the largest power of two dividing B (at most 64, and BLOCK_T · D_PAD ≤ 4096), so
 no tile straddles a block or the compressed/tail boundary. Grid: one axis of
-(batch · kv_heads) × tiles, tiles fastest (consecutive programs write consecutive rows); 4 warps.
+(batch · kv_heads) × tiles, tiles fastest (consecutive programs write consecutive rows); 4 warps;
+int64 offsets per tile, int32 within it. SASS of the compile cases: 96–159 registers, no spill,
+except head_dim-80 values without outliers (ptxas stops at 80 registers and spills 40–48 bytes:
+a padded-channel case, not the decode geometry). Not yet timed on a GPU.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ baselines (on the exact fp16 K, V)
     ``sdpa:packed``   the GQA group folded into the query length, ``q`` viewed as
                       (b, 8, 4, 128) against K, V (b, 8, T, 128): what transformers does for one
                       query token; ``vs_sdpa`` divides the faster of the two by our time
-    ``dequant+sdpa``  (full mode) ``GEARKV.decompress()`` then ``sdpa:packed``: the
-                      dequantize-every-step route of transformers' ``QuantizedCache``
+    ``dequant+sdpa``  (full mode) ``GEARKV.decompress()`` (one Triton pass on a GPU) then
+                      ``sdpa:packed``: the dequantize-every-step route of transformers'
+                      ``QuantizedCache``, with our decompression
 ours, per configuration (:data:`CONFIGS`), on a :func:`~lowrank_ops.kvcache.compress`-ed cache
     ``triton``        :func:`lowrank_ops.kvcache.attention` pinned to Triton (the split-sequence
                       kernel reading the compressed blocks); on CPU (``--cpu-smoke``) a

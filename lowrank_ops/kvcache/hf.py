@@ -42,7 +42,8 @@ How a decode step reads the compressed cache
   left padding) and its query rows (q_heads / kv_heads × new tokens) fit four programs of the
   Triton kernel (:data:`CHUNK_MAX_ROWS`: transformers' default draft of 20 tokens is 84 rows at
   GQA 4), each reading the compressed cache once.
-  Longer chunks (a second prompt) and other masks decompress the layer and run SDPA.
+  Longer chunks (a second prompt) and other masks decompress the layer (``GEARKV.decompress``:
+  one Triton pass per kind on a GPU) and run SDPA.
 * Rollback (``crop``, which assisted decoding calls to drop rejected draft tokens): tokens still
   in the tail are just forgotten; for tokens already compressed into a block, the layer keeps
   the raw keys/values of its last update from the start of the block that holds its newest
@@ -75,7 +76,8 @@ LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands 
 # cache: four Triton programs' rows (kernels/kvcache_attention.py, _MAX_BLOCK_M = 64 each), so the
 # compressed cache (~28 % of fp16 bytes) is read at most four times, about the fp16 cache's bytes
 # once; decompressing writes an fp16 copy and SDPA reads it (twice those bytes and more). Longer
-# chunks decompress once and run SDPA. Not yet timed on a GPU.
+# chunks decompress once and run SDPA. Not yet timed on a GPU (bench/kernel_profile.py times
+# 64, 256 and 512 rows both ways).
 CHUNK_MAX_ROWS = 256
 # The newest tokens of a layer's last update that crop() can take back even once compressed
 # (assisted decoding drops at most its draft, prompt lookup 10 tokens by default).
