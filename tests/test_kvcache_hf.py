@@ -1,6 +1,7 @@
 """GEARCache in transformers (lowrank_ops/kvcache/hf.py): tiny randomly initialized Llama /
 Mistral / Qwen2 models (hidden 128, 2 layers, 4 query / 2 KV heads, head_dim 64, vocab 256,
-float32, CPU, reference backend) generate with GEARCache and the "gear" attention.
+float32, CPU, reference backend) generate with GEARCache and the "gear" attention; so do two
+hybrids (Qwen2 with a sliding-window layer, Gemma 3), whose window layers stay uncompressed.
 
 Oracle: the same model with ``DynamicCache`` and SDPA. Lossless settings (nothing compressed,
 or 4-bit with rank = block size, where the low-rank part reconstructs the residual exactly)
@@ -21,6 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
     DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,6 +31,8 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
 
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kvcache import GEARConfig, ops  # noqa: E402
@@ -39,6 +44,7 @@ from lowrank_ops.kvcache.hf import (  # noqa: E402
     GEARCache,
     GEARLayer,
     decode_key_mask,
+    gear_attention_forward,
     is_causal_over,
 )
 
@@ -48,6 +54,14 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+}
+# hybrid models: full-attention layers compressed, sliding-window layers (window 24 < the prompt)
+# kept by transformers' DynamicSlidingWindowLayer
+HYBRIDS = {
+    "qwen2-hybrid": (Qwen2Config, Qwen2ForCausalLM,
+                     {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
+               {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 24}),
 }
 PROMPT, PAD, NEW = 70, 9, 12  # prompt tokens, left padding of row 1, generated tokens
 
@@ -75,7 +89,7 @@ def _one_thread_reference():
 
 
 def make_model(family: str, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
+    config_cls, model_cls, extra = {**FAMILIES, **HYBRIDS}[family]
     torch.manual_seed(0)
     return model_cls(config_cls(**{**SIZES, **extra, **overrides})).eval()
 
@@ -140,6 +154,35 @@ def test_lossless_generate_matches_dynamic_cache(family):
     assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is never fed back
     kv = cache.layers[0].kv
     assert kv.nblocks == (PROMPT + NEW - 1) // 16 and kv.tail_len == (PROMPT + NEW - 1) % 16
+
+
+@pytest.mark.parametrize("family", list(HYBRIDS))
+def test_hybrid_models_compress_their_full_attention_layers_only(family):
+    """Sliding-window layers stay transformers' own (uncompressed, at most the window); the
+    full-attention layers are GEAR layers read by the gear attention; lossless settings give
+    DynamicCache's tokens; the memory report counts both kinds."""
+    model = make_model(family)
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask)
+    cache = gear_cache(model, LOSSLESS_4BIT)
+    kinds = {kind: type(layer) for kind, layer in zip(model.config.layer_types, cache.layers)}
+    assert kinds == {"full_attention": GEARLayer, "sliding_attention": DynamicSlidingWindowLayer}
+    assert torch.equal(generate(model, cache, ids, mask), expected)
+    window = next(layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer))
+    assert window.keys.shape[2] < PROMPT  # the window layer really drops old tokens
+    report = cache.memory_report()
+    assert report["window_nbytes"] == window.keys.nbytes + window.values.nbytes > 0
+    assert report["nbytes"] == sum(kv.nbytes for kv in cache.layer_caches()) + report["window_nbytes"]
+    assert report["layers"] == 1 and report["seq_len"] == PROMPT + NEW - 1
+
+
+def test_attention_math_the_gear_attention_lacks_is_refused():
+    model = make_model("llama")
+    q = torch.randn(1, 4, 1, 64)
+    k = torch.randn(1, 2, 3, 64)
+    for name, value in (("s_aux", torch.zeros(4)), ("softcap", 50.0)):
+        with pytest.raises(ValueError, match=f"{name}: the 'gear' attention .* has no"):
+            gear_attention_forward(model.model.layers[0].self_attn, q, k, k, None, **{name: value})
 
 
 def test_uncompressed_generate_matches_dynamic_cache():
@@ -471,8 +514,12 @@ def test_bad_construction_is_refused():
     with pytest.raises(TypeError, match="model_config"):
         GEARCache(GEAR_2BIT, model_config={"num_hidden_layers": 2})
     sliding = make_model("mistral", sliding_window=32).config
-    with pytest.raises(ValueError, match="sliding_attention"):
+    with pytest.raises(ValueError, match=r"no full-attention layer to compress, only \['sliding_attention'\]"):
         GEARCache(GEAR_2BIT, model_config=sliding)
+    linear = make_model("llama").config
+    linear.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match=r"found layer types \['linear_attention'\]"):
+        GEARCache(GEAR_2BIT, model_config=linear)
 
 
 def test_default_config_and_lazy_layers():

@@ -1,7 +1,8 @@
 """GEAR KV cache for Hugging Face transformers (an optional extra: ``import lowrank_ops`` never
 imports this module; ``lowrank_ops.GEARCache`` loads it on first access).
 
-Usage (Llama / Mistral / Qwen2-style decoder models, full attention)::
+Usage (Llama / Mistral / Qwen2-style decoder models; hybrids such as Gemma 3 keep their
+sliding-window layers uncompressed)::
 
     from lowrank_ops.kvcache import GEARConfig
     from lowrank_ops.kvcache.hf import GEARCache       # registers the "gear" attention
@@ -16,7 +17,12 @@ Usage (Llama / Mistral / Qwen2-style decoder models, full attention)::
 
 How a decode step reads the compressed cache
 --------------------------------------------
-* Every decoder layer has a :class:`GEARLayer` holding one :class:`~lowrank_ops.kvcache.GEARKV`.
+* Every full-attention decoder layer has a :class:`GEARLayer` holding one
+  :class:`~lowrank_ops.kvcache.GEARKV`. Sliding-window and chunked layers of a hybrid model
+  (given ``model_config``) keep transformers' ``DynamicSlidingWindowLayer``: at most their window,
+  uncompressed, attended by SDPA; ``memory_report()`` counts them (``window_nbytes``).
+* Attention math that neither the GEAR kernels nor SDPA compute (Gemma 2's logit soft-capping,
+  gpt-oss's attention sinks) is refused by name (:data:`UNSUPPORTED_ATTENTION_KWARGS`), not ignored.
 * **Prefill** (a layer's first ``update``): the keys/values are compressed (full blocks of B
   tokens quantized + outliers + low-rank; the rest in the uncompressed tail) and ``update``
   returns the exact K/V it was given, so the prompt's attention is plain SDPA.
@@ -60,7 +66,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -82,6 +88,13 @@ CHUNK_MAX_ROWS = 256
 # The newest tokens of a layer's last update that crop() can take back even once compressed
 # (assisted decoding drops at most its draft, prompt lookup 10 tokens by default).
 ROLLBACK_TOKENS = 128
+# Attention kwargs that change the attention's math, which neither the GEAR kernels nor SDPA
+# compute: refused by name instead of ignored
+UNSUPPORTED_ATTENTION_KWARGS = {"softcap": "attention-logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)"}
+# Layer types a GEARCache keeps uncompressed in transformers' own DynamicSlidingWindowLayer (as
+# DynamicCache does): they hold at most their window, so compressing them would save little, and
+# a compressed block, never re-quantized, would outlive the window.
+WINDOW_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
 def register() -> None:
@@ -236,10 +249,13 @@ class GEARCache(Cache):
     """A transformers ``Cache`` of GEAR-compressed layers; decode attention reads the compressed
     blocks (see the module docstring). Needs ``model.set_attn_implementation("gear")``.
 
-    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, groups of 64, rank 4,
+    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, groups of 32, rank 4,
     2 % outliers, 64-token blocks). ``model_config``: the model's config (recommended): one layer per decoder
-    layer, a check that all are full attention (sliding windows are not supported) and that the
-    attention implementation is "gear" at every update. Without it, layers are made lazily.
+    layer, a :class:`GEARLayer` for each full-attention layer and transformers'
+    ``DynamicSlidingWindowLayer`` (uncompressed, at most its window) for each sliding-window or
+    chunked layer of a hybrid model (:data:`WINDOW_LAYER_TYPES`), and a check that the attention
+    implementation is "gear" at every update. Without it, every layer is a GEARLayer, made lazily
+    (a sliding-window layer is then refused once its cache outgrows the window).
     """
 
     def __init__(self, config: Optional[GEARConfig] = None, model_config: Optional[PreTrainedConfig] = None):
@@ -253,20 +269,32 @@ class GEARCache(Cache):
         if not isinstance(model_config, PreTrainedConfig):
             raise TypeError(f"model_config: expected a transformers PreTrainedConfig, got {type(model_config).__name__}")
         text_config = model_config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(text_config)
-        other = sorted(set(layer_types) - {"full_attention"})
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        other = sorted(set(layer_types) - {"full_attention", *WINDOW_LAYER_TYPES})
         if other:
-            raise ValueError(f"model_config: GEARCache supports full-attention layers only, found layer types {other}")
-        super().__init__(layers=[GEARLayer(config, text_config) for _ in layer_types])
+            raise ValueError(f"model_config: GEARCache supports full-attention layers (compressed) and "
+                             f"{', '.join(WINDOW_LAYER_TYPES)} layers (kept uncompressed), found layer types {other}")
+        if "full_attention" not in layer_types:
+            raise ValueError(f"model_config: no full-attention layer to compress, only {sorted(set(layer_types))} "
+                             "(each holds at most its window): use transformers' DynamicCache")
+        super().__init__(layers=[
+            GEARLayer(config, text_config) if kind == "full_attention" else DynamicSlidingWindowLayer(**kwargs)
+            for kind, kwargs in zip(layer_types, layer_kwargs)])
 
     def layer_caches(self) -> list[GEARKV]:
-        """The GEARKV of every layer filled so far."""
+        """The GEARKV of every GEAR layer filled so far."""
         return [layer.kv for layer in self.layers if getattr(layer, "kv", None) is not None]
+
+    def window_states(self) -> list[Tensor]:
+        """The uncompressed keys and values of every filled window layer (:data:`WINDOW_LAYER_TYPES`)."""
+        return [t for layer in self.layers if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized
+                for t in (layer.keys, layer.values)]
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored by all layers (codes, scales, zeros, outliers, factors, tail buffers)."""
-        return sum(kv.nbytes for kv in self.layer_caches())
+        """Bytes of every key and value the cache holds: the GEAR layers' (codes, scales, zeros,
+        outliers, factors, tail buffers) and the window layers' uncompressed tensors."""
+        return sum(kv.nbytes for kv in self.layer_caches()) + sum(t.nbytes for t in self.window_states())
 
     @property
     def rollback_nbytes(self) -> int:
@@ -276,22 +304,28 @@ class GEARCache(Cache):
         return sum(r.keys.nbytes + r.values.nbytes for r in records)
 
     def memory_report(self) -> dict[str, Any]:
-        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, rollback_nbytes,
-        fp16_nbytes, dense_nbytes, ratio_vs_fp16, bits_per_entry, bytes_per_token}``. ``nbytes``:
-        the compressed format's; ``rollback_nbytes``: the raw tokens kept for crop() on top of it
-        (:attr:`rollback_nbytes`); ``fp16_nbytes``: the same K/V in fp16; ``dense_nbytes``: in the
-        model's dtype (what ``DynamicCache`` holds); ``bytes_per_token``: all layers, one sequence."""
+        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, window_nbytes,
+        rollback_nbytes, fp16_nbytes, dense_nbytes, ratio_vs_fp16, bits_per_entry,
+        bytes_per_token}``. ``layers``: the filled GEAR layers; ``nbytes``: every layer's (the
+        compressed format's, and the window layers' uncompressed ``window_nbytes``);
+        ``rollback_nbytes``: the raw tokens kept for crop() on top of it (:attr:`rollback_nbytes`);
+        ``fp16_nbytes``: the same K/V in fp16 (window layers: their window); ``dense_nbytes``: in
+        the model's dtype (what ``DynamicCache`` holds); ``bytes_per_token``: all layers, one sequence."""
         kvs = self.layer_caches()
-        fp16 = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim) for kv in kvs)
-        dense = sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim, kv.dtype) for kv in kvs)
+        windows = self.window_states()
+        fp16 = (sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim) for kv in kvs)
+                + sum(2 * t.numel() for t in windows))
+        dense = (sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim, kv.dtype) for kv in kvs)
+                 + sum(t.nbytes for t in windows))
         nbytes = self.nbytes
-        entries = sum(2 * kv.batch * kv.kv_heads * kv.seq_len * kv.head_dim for kv in kvs)
+        entries = sum(2 * kv.batch * kv.kv_heads * kv.seq_len * kv.head_dim for kv in kvs) + sum(t.numel() for t in windows)
         tokens = kvs[0].batch * kvs[0].seq_len if kvs else 0
         return {
             "layers": len(kvs),
             "batch": kvs[0].batch if kvs else 0,
             "seq_len": kvs[0].seq_len if kvs else 0,
             "nbytes": nbytes,
+            "window_nbytes": sum(t.nbytes for t in windows),
             "rollback_nbytes": self.rollback_nbytes,
             "fp16_nbytes": fp16,
             "dense_nbytes": dense,
@@ -344,6 +378,10 @@ def gear_attention_forward(
     :func:`lowrank_ops.kvcache.attention` on the compressed layer (``key``/``value`` are then only
     the new tokens, already appended); otherwise it is transformers' SDPA. Returns
     (batch, q_len, q_heads, head_dim) as every transformers attention function."""
+    for name, what in UNSUPPORTED_ATTENTION_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: the 'gear' attention (GEAR decode kernels, SDPA prefill) has no {what}, "
+                             f"got {name}={kwargs[name]!r} from {type(module).__name__}; use DynamicCache with this model")
     layer: Optional[GEARLayer] = kwargs.pop(LAYER_KWARG, None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
