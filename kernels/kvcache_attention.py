@@ -33,7 +33,9 @@ Two launches, no atomics, deterministic:
    contiguous in q) and keeps the running max / sum-exp / accumulator in fp32, then writes its
    partial (max, sum, acc) to a workspace;
 2. ``_gear_combine_kernel``, grid (batch · kv_heads, M): merges one q row's split partials,
-   all splits' weights at once (no serial rescaling chain), and stores in q's dtype.
+   all splits' weights at once (no serial rescaling chain), adds the row's attention sink to the
+   softmax sum where there are sinks (gpt-oss: a logit per q head without a value), and stores in
+   q's dtype.
 
 ``CAUSAL`` (several new tokens, the cache's newest: assisted decoding, chunked prefill): row r's
 query is token seq_len − q_len + r % q_len and sees no later position (``_causal_scores``, one
@@ -559,12 +561,13 @@ def _gear_split_kernel(
 # L2-resident, written just before). The splits' maxima come in as one (S_PAD) vector, so the
 # global max and every split's weight 2^(m_s − max) are known at once; the (S_CHUNK × D_PAD)
 # partial-accumulator tiles are then summed with those weights, S_CHUNK splits per step, with no
-# step depending on the one before (no serial rescaling chain). A row whose every key was masked
-# has sum 0 and is written as 0; the output is stored in its dtype.
+# step depending on the one before (no serial rescaling chain). With HAS_SINK the row's sink
+# (a base-2 logit, (batch · kv_heads, M) fp32) adds its weight to the sum only. A row whose every key was masked has sum 0 (or the sink's weight alone) and is written as
+# 0; the output is stored in its dtype.
 @triton.jit
 def _gear_combine_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, M, N_SPLIT,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sink_ptr, out_ptr, M, N_SPLIT,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr, HAS_SINK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1)
@@ -575,6 +578,8 @@ def _gear_combine_kernel(
     m_g = tl.max(m_all, axis=0)
     m_safe = tl.where(m_g == float("-inf"), 0.0, m_g)
     l_g = 0.0
+    if HAS_SINK:  # a sink far above every score gives l_g = inf: the row's true output, 0
+        l_g = tl.exp2(tl.load(sink_ptr + bh * M + row) - m_safe)
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     for s0 in tl.static_range(0, S_PAD, S_CHUNK):
         offs_c = s0 + tl.arange(0, S_CHUNK)
@@ -639,7 +644,7 @@ def last_split_config() -> Optional[str]:
 
 def gear_decode_attention(
     q: Tensor, kv: "GEARKV", key_mask: Optional[Tensor], scale: Optional[float], *, causal: bool = False,
-    num_splits: Optional[int] = None, tile_tokens: Optional[int] = None,
+    sinks: Optional[Tensor] = None, num_splits: Optional[int] = None, tile_tokens: Optional[int] = None,
 ) -> Tensor:
     """Decode attention of ``q`` (batch, q_heads, q_len, head_dim) over every cached token of the
     GEAR cache ``kv`` (a ``lowrank_ops.kvcache.GEARKV``), read in its compressed form.
@@ -647,8 +652,9 @@ def gear_decode_attention(
     ``key_mask``: optional bool (batch, seq_len), True = attend; ``scale``: score scale, None for
     head_dim ** -0.5. q_heads must be a multiple of kv_heads (GQA). ``causal``: the q_len queries
     are the cache's newest tokens, query i sees positions ≤ seq_len − q_len + i (else every
-    query sees every cached token). Returns (batch, q_heads, q_len, head_dim) in q's dtype; a row with
-    every key masked out is 0. ``num_splits`` overrides the sequence split count (tests), and
+    query sees every cached token). ``sinks``: optional (q_heads,) attention-sink logits (one more
+    softmax term per row, without a value). Returns (batch, q_heads, q_len, head_dim) in q's dtype;
+    a row with every key masked out is 0. ``num_splits`` overrides the sequence split count (tests), and
     ``tile_tokens`` the tokens per tile (a power of two dividing B, at most 64; tests and
     ``bench/kernel_profile.py``: 32-token tiles at G = 32 fold the key scale into q).
     """
@@ -672,6 +678,10 @@ def gear_decode_attention(
                          f"got shape {tuple(q.shape)}")
     if cfg.rank > KV_MAX_RANK:
         raise ValueError(f"kv: the Triton decode kernel supports rank <= {KV_MAX_RANK}, got {cfg.rank}")
+    if sinks is not None:
+        check_tensor("sinks", sinks, ndim=1)
+        check_dim("sinks", sinks, 0, q_heads, "q_heads")
+        check_device("sinks", sinks, q.device, "q")
     if scale is None:
         scale = head_dim**-0.5
     block_n = _tile_tokens(cfg.buffer_tokens)
@@ -728,10 +738,18 @@ def gear_decode_attention(
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = next_pow2(splits)
     _gear_combine_kernel[(batch * kv_heads, m)](
-        part_m, part_l, part_acc, out, m, splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad,
-        S_CHUNK=min(s_pad, _COMBINE_CHUNK),
+        part_m, part_l, part_acc, part_m if sinks is None else _sink_rows(sinks, batch, kv_heads, q_len), out, m,
+        splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad, S_CHUNK=min(s_pad, _COMBINE_CHUNK),
+        HAS_SINK=sinks is not None,
     )
     return out
+
+
+def _sink_rows(sinks: Tensor, batch: int, kv_heads: int, q_len: int) -> Tensor:
+    """Per-head sink logits (q_heads,) as the combine kernel's base-2 (batch · kv_heads, M) rows:
+    row g · q_len + i of kv head h is query head h · G + g."""
+    per_row = (sinks.float() * _LOG2E).reshape(kv_heads, -1, 1).expand(-1, -1, q_len).reshape(kv_heads, -1)
+    return per_row.repeat(batch, 1).contiguous()
 
 
 # --------------------------------------------------------------------------- compile lane
@@ -765,9 +783,10 @@ def _compile_cases() -> list[CompileCase]:
     for dtype in ("fp16", "bf16", "fp32"):
         cases.append(CompileCase(
             f"gear_combine[{dtype}]", _gear_combine_kernel,
-            dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr=f"*{dtype}", M="i32",
-                 N_SPLIT="i32"),
-            dict(HEAD_DIM=128, D_PAD=128, S_PAD=128, S_CHUNK=_COMBINE_CHUNK), dict(num_warps=4),
+            dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", sink_ptr="*fp32", out_ptr=f"*{dtype}",
+                 M="i32", N_SPLIT="i32"),
+            dict(HEAD_DIM=128, D_PAD=128, S_PAD=128, S_CHUNK=_COMBINE_CHUNK, HAS_SINK=dtype == "bf16"),
+            dict(num_warps=4),
         ))
     return cases
 

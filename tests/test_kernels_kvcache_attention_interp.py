@@ -260,6 +260,24 @@ def test_causal_chunk(new_tokens, groups, splits):
     assert (reference(q, kv, mask, None)[:, :, 0] - want[:, :, 0]).abs().max() > 0.05  # the mask matters here
 
 
+# one decode step over 3 splits with GQA 4 (sinks of four heads per kv head); a causal chunk of 5
+# tokens over one split at GQA 2 (rows g · 5 + i take head g's sink); bf16
+@pytest.mark.parametrize("q_len, groups, splits, dtype", [(1, 4, 3, torch.float16), (5, 2, 1, torch.bfloat16)])
+def test_attention_sinks(q_len, groups, splits, dtype):
+    """gpt-oss's sinks join each row's softmax sum in the combine kernel: the reference's result,
+    a fully masked row 0, and far from the sinkless output."""
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=3, tail=6, head_dim=64, dtype=dtype)
+    q = torch.randn(BATCH, groups * KV_HEADS, q_len, 64).to(dtype=dtype, device=DEVICE)
+    sinks = (torch.randn(groups * KV_HEADS) * 2).to(DEVICE)
+    mask = ragged_mask(kv.seq_len)
+    mask[0] = False
+    out = kernels.gear_decode_attention(q, kv, mask, None, causal=q_len > 1, sinks=sinks, num_splits=splits)
+    want = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=q_len > 1, sinks=sinks)
+    assert_close(out[1], want[1], dtype, "sinks", TOL)
+    assert (out[0] == 0).all()
+    assert (want[1] - reference(q, kv, mask, None)[1]).abs().max() > 0.05  # the sinks matter here
+
+
 # --------------------------------------------------------------------------- public op, triton pinned
 def test_attention_op_uses_kernel(monkeypatch):
     calls = []
@@ -269,14 +287,15 @@ def test_attention_op_uses_kernel(monkeypatch):
     q = torch.randn(BATCH, 4 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
     chunk_q = torch.randn(BATCH, 2 * KV_HEADS, 2, 64).to(dtype=torch.float16, device=DEVICE)
     mask = ragged_mask(kv.seq_len)
+    sinks = torch.randn(2 * KV_HEADS, device=DEVICE)
     with use_backend("triton"):
         out = attention(q, kv, key_mask=mask)
-        chunk = attention(chunk_q, kv, key_mask=mask, causal=True)
-    assert calls == [(4, {"causal": False}), (4, {"causal": True})], \
-        "the triton backend did not call gear_decode_attention(q, kv, key_mask, scale, causal=)"
+        chunk = attention(chunk_q, kv, key_mask=mask, causal=True, sinks=sinks)
+    assert [(n, k["causal"], k["sinks"] is not None) for n, k in calls] == [(4, False, False), (4, True, True)], \
+        "the triton backend did not call gear_decode_attention(q, kv, key_mask, scale, causal=, sinks=)"
     assert_close(out, reference(q, kv, mask, None), torch.float16, "attention(triton)", TOL)
-    want = attention_reference(chunk_q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
-    assert_close(chunk, want, torch.float16, "attention(triton, causal)", TOL)
+    want = attention_reference(chunk_q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True, sinks=sinks)
+    assert_close(chunk, want, torch.float16, "attention(triton, causal, sinks)", TOL)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -298,6 +317,8 @@ def test_bad_input():
         kernels.gear_decode_attention(q, kv, mask.int(), None)
     with pytest.raises(ValueError, match="key_mask: .*cached tokens"):
         kernels.gear_decode_attention(q, kv, mask[:, 1:], None)
+    with pytest.raises(ValueError, match="sinks: .*q_heads"):
+        kernels.gear_decode_attention(q, kv, None, None, sinks=torch.zeros(3, device=DEVICE))
 
 
 def test_int8_basis_scale_matches_the_format():

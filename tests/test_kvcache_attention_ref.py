@@ -89,6 +89,30 @@ def test_causal_chunk_is_each_query_over_its_prefix(new_tokens):
         assert torch.equal(attention(q, kv, key_mask=mask), out)
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_sinks_are_one_more_softmax_logit_per_query_head(q_len):
+    """sinks (gpt-oss): row (query head j, token i) takes softmax over its allowed scores and
+    sinks[j], and the sink carries no value; a row with every key masked is 0 (the sink takes it all)."""
+    kv, _, _ = make_cache(t=130)
+    mask = torch.ones(2, 130, dtype=torch.bool)
+    mask[0, :45] = False
+    mask[1] = False
+    q = torch.randn(2, 4, q_len, 64).half()
+    sinks = torch.randn(4) * 2
+    out = attention(q, kv, key_mask=mask, causal=True, sinks=sinks)
+    k_hat, v_hat = kv.decompress(torch.float64)
+    want = torch.zeros(q.shape, dtype=torch.float64)
+    for j in range(4):
+        scores = q[0, j].double() @ k_hat[0, j // 2].T / 8.0  # (q_len, T), kv head j // 2 (GQA 2:1)
+        for i in range(q_len):
+            keep = mask[0] & (torch.arange(130) <= 130 - q_len + i)
+            logits = torch.cat([scores[i][keep], sinks[j].double()[None]])
+            want[0, j, i] = logits.softmax(-1)[:-1] @ v_hat[0, j // 2][keep]
+    assert rel(out, want) < 2e-3
+    assert out[1].abs().max() == 0
+    assert rel(attention(q, kv, key_mask=mask, causal=True), want) > 1e-2  # the sinks matter
+
+
 def test_tail_only_cache_is_exact_attention():
     cfg = GEARConfig(buffer_tokens=128)
     kv, keys, values = make_cache(t=100, dtype=torch.float32, cfg=cfg)
@@ -135,15 +159,17 @@ def test_custom_op_fake_and_opcheck():
     q = torch.randn(2, 4, 1, 64).half()
     mask = torch.rand(2, 70) > 0.2
     cfg = kv.config
-    args = (q, list(kv.tensors().values()), mask, 0.125, False, cfg.bits, cfg.group_size, cfg.rank,
+    sinks = torch.randn(4)
+    args = (q, list(kv.tensors().values()), mask, 0.125, False, None, cfg.bits, cfg.group_size, cfg.rank,
             float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
     with use_backend("reference"):
         torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, args)
         chunk = torch.randn(2, 4, 3, 64).half()
-        torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, (chunk, *args[1:4], True, *args[5:]))
-        for causal, query in ((False, q), (True, chunk)):
-            def run(x, causal=causal):
-                return attention(x, kv, key_mask=mask, scale=0.125, causal=causal)
+        torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default,
+                              (chunk, *args[1:4], True, sinks, *args[6:]))
+        for causal, query, with_sinks in ((False, q, None), (True, chunk, sinks)):
+            def run(x, causal=causal, with_sinks=with_sinks):
+                return attention(x, kv, key_mask=mask, scale=0.125, causal=causal, sinks=with_sinks)
 
             compiled = torch.compile(run, fullgraph=True, backend="eager")
             torch.testing.assert_close(compiled(query), run(query))
@@ -174,3 +200,9 @@ def test_bad_inputs():
         attention(q, kv, causal=1)
     with pytest.raises(ValueError, match="q_len <= seq_len=70"):
         attention(torch.randn(2, 4, 71, 64).half(), kv, causal=True)
+    with pytest.raises(ValueError, match=r"sinks: expected one logit per query head, shape \(4,\)"):
+        attention(q, kv, sinks=torch.zeros(2))
+    with pytest.raises(TypeError, match="sinks"):
+        attention(q, kv, sinks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="sinks"):
+        attention(q, kv, sinks=torch.zeros(1, 4))

@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     DynamicCache,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -176,13 +178,49 @@ def test_hybrid_models_compress_their_full_attention_layers_only(family):
     assert report["layers"] == 1 and report["seq_len"] == PROMPT + NEW - 1
 
 
+def gpt_oss_model(sink_scale: float = 2.0):
+    """A tiny gpt-oss (4 experts, a sliding-window layer of 24 then a full-attention layer) with
+    random attention sinks of spread ``sink_scale``."""
+    torch.manual_seed(0)
+    config = GptOssConfig(**{**SIZES, "max_position_embeddings": 131072}, num_local_experts=4, num_experts_per_tok=2,
+                          sliding_window=24, layer_types=["sliding_attention", "full_attention"])
+    model = GptOssForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.self_attn.sinks.normal_(0.0, sink_scale)
+    return model
+
+
+def test_gpt_oss_attention_sinks_reach_the_compressed_attention(monkeypatch):
+    """gpt-oss's sinks go into the GEAR decode attention and the prefill's dense attention: lossless
+    settings give the eager DynamicCache logits, and every decode step of the full-attention layer
+    passed its sinks; the sinks change those logits (so the check can fail)."""
+    model = gpt_oss_model()
+    ids, mask = prompt()
+    new_ids = _new_ids(6)
+    model.set_attn_implementation("eager")
+    expected = forced_logits(model, DynamicCache(config=model.config), ids, mask, new_ids)
+    seen = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: seen.append(k["sinks"] is not None) or real(*a, **k))
+    cache = gear_cache(model, LOSSLESS_4BIT)
+    got = forced_logits(model, cache, ids, mask, new_ids)
+    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, GEARLayer]
+    assert seen == [True] * 6  # one decode step of the one GEAR layer per new token
+    assert rel_err(got, expected).max() < 1e-4
+    no_sinks = gpt_oss_model(sink_scale=0.0)
+    for layer in no_sinks.model.layers:
+        layer.self_attn.sinks.fill_(-1e4)  # no sink: plain softmax
+    no_sinks.set_attn_implementation("eager")
+    plain = forced_logits(no_sinks, DynamicCache(config=no_sinks.config), ids, mask, new_ids)
+    assert rel_err(plain, expected).max() > 1e-2
+
+
 def test_attention_math_the_gear_attention_lacks_is_refused():
     model = make_model("llama")
     q = torch.randn(1, 4, 1, 64)
     k = torch.randn(1, 2, 3, 64)
-    for name, value in (("s_aux", torch.zeros(4)), ("softcap", 50.0)):
-        with pytest.raises(ValueError, match=f"{name}: the 'gear' attention .* has no"):
-            gear_attention_forward(model.model.layers[0].self_attn, q, k, k, None, **{name: value})
+    with pytest.raises(ValueError, match="softcap: the 'gear' attention .* has no"):
+        gear_attention_forward(model.model.layers[0].self_attn, q, k, k, None, softcap=50.0)
 
 
 def test_uncompressed_generate_matches_dynamic_cache():

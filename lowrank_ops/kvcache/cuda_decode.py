@@ -80,10 +80,13 @@ def config_support(dtype: torch.dtype, cache_dtype: torch.dtype, bits: int, head
     return Support(True)
 
 
-def supports(q: object, kv: "GEARKV", causal: bool = False) -> Support:
-    """Whether the CUDA GEAR kernel can serve ``attention(q, kv, causal=causal)``. Cheap; never raises."""
+def supports(q: object, kv: "GEARKV", causal: bool = False, sinks: bool = False) -> Support:
+    """Whether the CUDA GEAR kernel can serve ``attention(q, kv, causal=causal)`` (with attention
+    sinks when ``sinks``). Cheap; never raises."""
     if not isinstance(q, Tensor):
         return Support(False, f"q must be a tensor, got {type(q).__name__}")
+    if sinks:
+        return Support(False, "attention sinks: the CUDA GEAR kernel has none; Triton has")
     if causal and q.dim() == 4 and q.shape[2] > 1:
         return Support(False, f"causal attention of {q.shape[2]} query tokens: the CUDA GEAR kernel has no causal "
                               "mask among new tokens (one query token per sequence); Triton has")

@@ -21,8 +21,11 @@ How a decode step reads the compressed cache
   :class:`~lowrank_ops.kvcache.GEARKV`. Sliding-window and chunked layers of a hybrid model
   (given ``model_config``) keep transformers' ``DynamicSlidingWindowLayer``: at most their window,
   uncompressed, attended by SDPA; ``memory_report()`` counts them (``window_nbytes``).
-* Attention math that neither the GEAR kernels nor SDPA compute (Gemma 2's logit soft-capping,
-  gpt-oss's attention sinks) is refused by name (:data:`UNSUPPORTED_ATTENTION_KWARGS`), not ignored.
+* Attention sinks (gpt-oss's ``s_aux``: one more softmax logit per query head, without a value)
+  go into the compressed-cache attention (``sinks=``) on decode steps and into an fp32 softmax
+  attention on uncompressed K/V otherwise (SDPA has none). Attention math that neither computes
+  (Gemma 2's logit soft-capping) is refused by name (:data:`UNSUPPORTED_ATTENTION_KWARGS`), not
+  ignored.
 * **Prefill** (a layer's first ``update``): the keys/values are compressed (full blocks of B
   tokens quantized + outliers + low-rank; the rest in the uncompressed tail) and ``update``
   returns the exact K/V it was given, so the prompt's attention is plain SDPA.
@@ -90,7 +93,7 @@ CHUNK_MAX_ROWS = 256
 ROLLBACK_TOKENS = 128
 # Attention kwargs that change the attention's math, which neither the GEAR kernels nor SDPA
 # compute: refused by name instead of ignored
-UNSUPPORTED_ATTENTION_KWARGS = {"softcap": "attention-logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)"}
+UNSUPPORTED_ATTENTION_KWARGS = {"softcap": "attention-logit soft-capping (Gemma 2)"}
 # Layer types a GEARCache keeps uncompressed in transformers' own DynamicSlidingWindowLayer (as
 # DynamicCache does): they hold at most their window, so compressing them would save little, and
 # a compressed block, never re-quantized, would outlive the window.
@@ -383,8 +386,9 @@ def gear_attention_forward(
             raise ValueError(f"{name}: the 'gear' attention (GEAR decode kernels, SDPA prefill) has no {what}, "
                              f"got {name}={kwargs[name]!r} from {type(module).__name__}; use DynamicCache with this model")
     layer: Optional[GEARLayer] = kwargs.pop(LAYER_KWARG, None)
+    sinks: Optional[Tensor] = kwargs.pop("s_aux", None)
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, sinks, **kwargs)
     layer.awaiting_attention = False
     kv = layer.kv
     window = kwargs.get("sliding_window")
@@ -397,9 +401,35 @@ def gear_attention_forward(
     rows = query.shape[1] // kv.kv_heads * q_len
     if q_len > 1 and (rows > CHUNK_MAX_ROWS or not is_causal_over(attention_mask, key_mask, q_len, kv.seq_len)):
         k, v = kv.decompress(query.dtype)  # a long chunk, or a mask the causal kernel does not express
-        return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scaling, **kwargs)
-    out = kv_ops.attention(query, kv, key_mask=key_mask, scale=scaling, causal=True)
+        return _dense_attention(module, query, k, v, attention_mask, dropout, scaling, sinks, **kwargs)
+    out = kv_ops.attention(query, kv, key_mask=key_mask, scale=scaling, causal=True, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                     dropout: float, scaling: Optional[float], sinks: Optional[Tensor], **kwargs: Any) -> tuple[Tensor, None]:
+    """Attention over uncompressed K/V (prefill, window layers, long chunks): transformers' SDPA, or
+    with attention sinks (which SDPA lacks) fp32 softmax over the scores and each head's sink logit,
+    the mask or else the bottom-right causal one applied (what SDPA's ``is_causal`` would do)."""
+    if sinks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, q_heads, q_len, head_dim = query.shape
+    groups = q_heads // key.shape[1]
+    rows = query.float().reshape(batch, key.shape[1], groups * q_len, head_dim)  # (head, token) rows of a kv head
+    scale = head_dim**-0.5 if scaling is None else scaling
+    scores = (rows @ key.float().transpose(-1, -2) * scale).reshape(batch, q_heads, q_len, -1)
+    if attention_mask is None:
+        allowed = kv_ops.causal_allowed(q_len, key.shape[2], query.device)
+        scores = scores.masked_fill(~allowed, -torch.inf)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, -torch.inf)
+    else:
+        scores = scores + attention_mask
+    sink = sinks.float().reshape(1, q_heads, 1, 1).expand(batch, -1, q_len, -1)
+    probs = nn.functional.dropout(torch.cat([scores, sink], -1).softmax(-1)[..., :-1], p=dropout, training=module.training)
+    out = probs.reshape(batch, key.shape[1], groups * q_len, -1) @ value.float()
+    return out.reshape(query.shape).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 register()

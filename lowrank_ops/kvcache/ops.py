@@ -20,7 +20,9 @@ reads kv head i // (q_heads / kv_heads), as ``repeat_kv``), every query attends 
 ``seq_len`` cached tokens, optional ``key_mask`` bool (batch, seq_len), True = attend. With
 ``causal=True`` the q_len queries are the cache's newest q_len tokens (append them first) and
 query i attends to positions ≤ seq_len − q_len + i only (a chunk of several new tokens:
-assisted decoding, chunked prefill). A query row whose keys are all masked returns zeros. The
+assisted decoding, chunked prefill). ``sinks`` (q_heads,), optional: attention sinks (gpt-oss),
+one more logit per query head in each row's softmax that carries no value. A query row whose
+keys are all masked returns zeros. The
 output is (batch, q_heads, q_len, head_dim) in q's dtype. Under ``causal`` the CUDA kernel
 serves one query token per sequence (where causality is moot); Triton serves any chunk.
 """
@@ -52,9 +54,11 @@ def causal_allowed(q_len: int, seq_len: int, device: torch.device) -> Tensor:
 
 
 def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-                        compute_dtype: torch.dtype = torch.float32, causal: bool = False) -> Tensor:
+                        compute_dtype: torch.dtype = torch.float32, causal: bool = False,
+                        sinks: Optional[Tensor] = None) -> Tensor:
     """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype.
-    The query heads of a kv head are rows of one product (never a repeated K̂, V̂)."""
+    The query heads of a kv head are rows of one product (never a repeated K̂, V̂). ``sinks``
+    (q_heads,): one more logit per query head in every row's softmax, with no value."""
     k, v = kv.decompress_reference(compute_dtype)
     batch, q_heads, q_len, head_dim = q.shape
     groups = q_heads // kv.kv_heads
@@ -67,6 +71,10 @@ def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None
         allowed = order if allowed is None else allowed & order
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
+    if sinks is not None:  # the sink column of row (head g, token i) is sinks[kv head · groups + g]
+        sink = sinks.to(compute_dtype).reshape(1, kv.kv_heads, groups, 1, 1).expand(batch, -1, -1, q_len, -1)
+        probs = torch.cat([scores, sink.reshape(batch, kv.kv_heads, groups * q_len, 1)], -1).softmax(-1)[..., :-1]
+    elif allowed is not None:
         probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0)
     else:
         probs = scores.softmax(-1)
@@ -88,9 +96,9 @@ def _triton_support(q: Tensor, rank: int) -> Support:
     return Support(True)
 
 
-def _attention_backend(q: Tensor, kv: GEARKV, causal: bool = False) -> str:
+def _attention_backend(q: Tensor, kv: GEARKV, causal: bool = False, sinks: bool = False) -> str:
     support = {
-        "cuda": cuda_decode.supports(q, kv, causal),
+        "cuda": cuda_decode.supports(q, kv, causal, sinks),
         "triton": _triton_support(q, kv.config.rank),
         "reference": Support(True),
     }
@@ -108,31 +116,34 @@ def _rebuild(tensors: list[Tensor], bits: int, group_size: int, rank: int, outli
 
 @torch.library.custom_op("lowrank_ops::gear_decode_attention", mutates_args=())
 def _gear_attention_op(
-    q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float, causal: bool,
+    q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float, causal: bool, sinks: Optional[Tensor],
     bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, factor_bits: int, tail_len: int,
 ) -> Tensor:
     kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len)
-    return _attention_impl(q, kv, key_mask, scale, causal)
+    return _attention_impl(q, kv, key_mask, scale, causal, sinks)
 
 
-def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: float, causal: bool,
+                    sinks: Optional[Tensor]) -> Tensor:
     causal = causal and q.shape[2] > 1  # one query token: the newest, which sees every cached token
-    chosen = _attention_backend(q, kv, causal)
+    chosen = _attention_backend(q, kv, causal, sinks is not None)
     if chosen == "cuda":
         return cuda_decode.launch(q, kv, key_mask, scale)  # dispatch has just checked supports()
     if chosen == "triton":
-        return getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)(q, kv, key_mask, scale, causal=causal)
-    return attention_reference(q, kv, key_mask, scale, causal=causal)
+        kernel = getattr(importlib.import_module(KERNEL_MODULE), KERNEL_FUNCTION)
+        return kernel(q, kv, key_mask, scale, causal=causal, sinks=sinks)
+    return attention_reference(q, kv, key_mask, scale, causal=causal, sinks=sinks)
 
 
 @_gear_attention_op.register_fake
-def _(q, tensors, key_mask, scale, causal, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len):
+def _(q, tensors, key_mask, scale, causal, sinks, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits,
+      tail_len):
     return torch.empty_like(q)
 
 
 # --------------------------------------------------------------------------- public entry point
 def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-              causal: bool = False) -> Tensor:
+              causal: bool = False, sinks: Optional[Tensor] = None) -> Tensor:
     """Decode attention of ``q`` over the compressed cache ``kv`` (see the module docstring)."""
     if not isinstance(kv, GEARKV):
         raise TypeError(f"kv: expected a GEARKV, got {type(kv).__name__}")
@@ -159,12 +170,18 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
     if causal and q_len > kv.seq_len:
         raise ValueError(f"q: causal queries are the cache's newest tokens, expected q_len <= seq_len={kv.seq_len}, "
                          f"got q_len {q_len}")
+    if sinks is not None:
+        check_tensor("sinks", sinks, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        if sinks.shape[0] != qh:
+            raise ValueError(f"sinks: expected one logit per query head, shape ({qh},), got {tuple(sinks.shape)}")
+        check_device("sinks", sinks, q.device, "q")
+        sinks = sinks.detach().float().contiguous()
     if not torch.compiler.is_compiling():
         # eager: straight to the implementation. The custom op's dispatch and its rebuild (and
         # re-validation) of the GEARKV cost more host time than the kernels take on a GPU at
         # short context, and a decode step calls this once per layer.
-        return _attention_impl(q.contiguous(), kv, key_mask, float(scale), causal)
+        return _attention_impl(q.contiguous(), kv, key_mask, float(scale), causal, sinks)
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
-    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, cfg.bits, cfg.group_size,
+    return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, sinks, cfg.bits, cfg.group_size,
                               cfg.rank, float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
