@@ -221,6 +221,8 @@ def test_attention_math_the_gear_attention_lacks_is_refused():
     k = torch.randn(1, 2, 3, 64)
     with pytest.raises(ValueError, match="softcap: the 'gear' attention .* has no"):
         gear_attention_forward(model.model.layers[0].self_attn, q, k, k, None, softcap=50.0)
+    with pytest.raises(ValueError, match="dropout: .* inference-only"):
+        gear_attention_forward(model.model.layers[0].self_attn, q, k, k, None, dropout=0.1, s_aux=torch.zeros(4))
 
 
 def test_uncompressed_generate_matches_dynamic_cache():

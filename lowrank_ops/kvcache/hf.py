@@ -387,6 +387,9 @@ def gear_attention_forward(
                              f"got {name}={kwargs[name]!r} from {type(module).__name__}; use DynamicCache with this model")
     layer: Optional[GEARLayer] = kwargs.pop(LAYER_KWARG, None)
     sinks: Optional[Tensor] = kwargs.pop("s_aux", None)
+    if dropout and (layer is not None or sinks is not None):
+        raise ValueError(f"dropout: the 'gear' attention over a compressed cache or with attention sinks is "
+                         f"inference-only, got dropout={dropout}")
     if layer is None:
         return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, sinks, **kwargs)
     layer.awaiting_attention = False
@@ -394,8 +397,6 @@ def gear_attention_forward(
     window = kwargs.get("sliding_window")
     if window is not None and kv.seq_len > window:
         raise ValueError(f"GEARCache: sliding-window attention (window {window}) is not supported, cache holds {kv.seq_len} tokens")
-    if dropout:
-        raise ValueError(f"dropout: the GEAR decode attention is inference-only, got dropout={dropout}")
     q_len = query.shape[2]
     key_mask = decode_key_mask(attention_mask, kv.seq_len)
     rows = query.shape[1] // kv.kv_heads * q_len
@@ -409,27 +410,17 @@ def gear_attention_forward(
 def _dense_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                      dropout: float, scaling: Optional[float], sinks: Optional[Tensor], **kwargs: Any) -> tuple[Tensor, None]:
     """Attention over uncompressed K/V (prefill, window layers, long chunks): transformers' SDPA, or
-    with attention sinks (which SDPA lacks) fp32 softmax over the scores and each head's sink logit,
-    the mask or else the bottom-right causal one applied (what SDPA's ``is_causal`` would do)."""
+    with attention sinks (which SDPA lacks) :func:`lowrank_ops.kvcache.ops.softmax_attention` in
+    fp32 under the mask, or else the bottom-right causal one (what SDPA's ``is_causal`` does;
+    inference only: the caller refuses dropout)."""
     if sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, q_heads, q_len, head_dim = query.shape
-    groups = q_heads // key.shape[1]
-    rows = query.float().reshape(batch, key.shape[1], groups * q_len, head_dim)  # (head, token) rows of a kv head
-    scale = head_dim**-0.5 if scaling is None else scaling
-    scores = (rows @ key.float().transpose(-1, -2) * scale).reshape(batch, q_heads, q_len, -1)
     if attention_mask is None:
-        allowed = kv_ops.causal_allowed(q_len, key.shape[2], query.device)
-        scores = scores.masked_fill(~allowed, -torch.inf)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, -torch.inf)
-    else:
-        scores = scores + attention_mask
-    sink = sinks.float().reshape(1, q_heads, 1, 1).expand(batch, -1, q_len, -1)
-    probs = nn.functional.dropout(torch.cat([scores, sink], -1).softmax(-1)[..., :-1], p=dropout, training=module.training)
-    out = probs.reshape(batch, key.shape[1], groups * q_len, -1) @ value.float()
-    return out.reshape(query.shape).to(query.dtype).transpose(1, 2).contiguous(), None
+        attention_mask = kv_ops.causal_allowed(query.shape[2], key.shape[2], query.device)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = kv_ops.softmax_attention(query, key, value, scale, attention_mask, sinks)
+    return out.transpose(1, 2).contiguous(), None
 
 
 register()

@@ -53,32 +53,45 @@ def causal_allowed(q_len: int, seq_len: int, device: torch.device) -> Tensor:
     return torch.arange(seq_len, device=device)[None, :] <= newest[:, None]
 
 
-def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-                        compute_dtype: torch.dtype = torch.float32, causal: bool = False,
-                        sinks: Optional[Tensor] = None) -> Tensor:
-    """Decompress K̂, V̂ in ``compute_dtype`` and run plain softmax attention; output in q's dtype.
-    The query heads of a kv head are rows of one product (never a repeated K̂, V̂). ``sinks``
-    (q_heads,): one more logit per query head in every row's softmax, with no value."""
-    k, v = kv.decompress_reference(compute_dtype)
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor] = None,
+                      sinks: Optional[Tensor] = None, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Plain softmax attention in ``compute_dtype``, output in q's dtype: q (b, q_heads, q_len, D)
+    over k, v (b, kv_heads, T, D), the query heads of a kv head as rows of one product (never a
+    repeated k, v). ``mask`` broadcasts to (b, q_heads, q_len, T): bool (True = attend; a row with
+    nothing allowed is 0) or additive. ``sinks`` (q_heads,): one more logit per query head in each
+    row's softmax, with no value (gpt-oss)."""
     batch, q_heads, q_len, head_dim = q.shape
-    groups = q_heads // kv.kv_heads
-    rows = q.to(compute_dtype).reshape(batch, kv.kv_heads, groups * q_len, head_dim)  # (head, token) rows
-    scale = 1.0 / math.sqrt(kv.head_dim) if scale is None else scale
-    scores = (rows @ k.transpose(-1, -2)) * scale
-    allowed = None if key_mask is None else key_mask[:, None, None, :]
-    if causal:
-        order = causal_allowed(q_len, kv.seq_len, q.device).repeat(groups, 1)[None, None]
-        allowed = order if allowed is None else allowed & order
+    kv_heads = k.shape[1]
+    rows = q.to(compute_dtype).reshape(batch, kv_heads, -1, head_dim)  # (head, token) rows of a kv head
+    scores = ((rows @ k.to(compute_dtype).transpose(-1, -2)) * scale).reshape(batch, q_heads, q_len, -1)
+    allowed = mask if mask is not None and mask.dtype == torch.bool else None
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
-    if sinks is not None:  # the sink column of row (head g, token i) is sinks[kv head · groups + g]
-        sink = sinks.to(compute_dtype).reshape(1, kv.kv_heads, groups, 1, 1).expand(batch, -1, -1, q_len, -1)
-        probs = torch.cat([scores, sink.reshape(batch, kv.kv_heads, groups * q_len, 1)], -1).softmax(-1)[..., :-1]
+    elif mask is not None:
+        scores = scores + mask.to(compute_dtype)
+    if sinks is not None:
+        sink = sinks.to(compute_dtype).reshape(1, q_heads, 1, 1).expand(batch, -1, q_len, -1)
+        probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
     elif allowed is not None:
         probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0)
     else:
         probs = scores.softmax(-1)
-    return (probs @ v).reshape(q.shape).to(q.dtype)
+    out = probs.reshape(batch, kv_heads, -1, k.shape[2]) @ v.to(compute_dtype)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+def attention_reference(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                        compute_dtype: torch.dtype = torch.float32, causal: bool = False,
+                        sinks: Optional[Tensor] = None) -> Tensor:
+    """Decompress K̂, V̂ in ``compute_dtype`` (the torch reconstruction) and run
+    :func:`softmax_attention` under the key mask and, with ``causal``, :func:`causal_allowed`."""
+    k, v = kv.decompress_reference(compute_dtype)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if causal:
+        order = causal_allowed(q.shape[2], kv.seq_len, q.device)
+        mask = order if mask is None else mask & order
+    scale = 1.0 / math.sqrt(kv.head_dim) if scale is None else scale
+    return softmax_attention(q, k, v, scale, mask, sinks, compute_dtype)
 
 
 # --------------------------------------------------------------------------- backend support
