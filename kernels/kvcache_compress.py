@@ -8,7 +8,10 @@ size G, into the layout of ``lowrank_ops/kvcache/format.py``:
 * keys: per channel over each group of G tokens; values: per token over groups of G channels;
   ``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))``, ``zero = fp16(−mn/scale)``,
   ``code = clamp(floor(x/scale + zero + ½), 0, maxq)`` (IEEE divisions, ``div_rn``) — the formulas of
-  :func:`lowrank_ops.kvcache.compress.quantize_reference`, the oracle of this kernel;
+  :func:`lowrank_ops.kvcache.compress.quantize_reference`, the oracle of this kernel; with
+  ``CLIP`` (``GEARConfig.clip_search``) mn and mx first become the centred shrink of the span
+  among CLIP_RATIOS with the least squared error of the kept entries (``_clipped_range``: the
+  tile quantized once per ratio in registers, the errors summed per group in float64);
 * codes packed along D into int32 words (code d at bit (d % E)·bits of word d // E);
 * outliers store their channel (uint8) and ``x − deq`` (fp16);
 * the residual ``x − deq − outliers`` is written in fp32 for the low-rank step.
@@ -31,6 +34,8 @@ from .lowrank import _empty, next_pow2
 # checks they agree), as constexprs so that kernels may read them.
 REL_SCALE_FLOOR = tl.constexpr(2.0**-10)
 ABS_SCALE_FLOOR = tl.constexpr(2.0**-14)
+CLIP_RATIOS = tl.constexpr((1.0, 0.9, 0.8, 0.7))  # lowrank_ops.kvcache.compress.CLIP_RATIOS (a test checks)
+N_CLIP_RATIOS = tl.constexpr(len(CLIP_RATIOS.value))
 
 
 @triton.jit
@@ -47,6 +52,63 @@ def _quant_params(mn, mx, MAXQ: tl.constexpr):
 
 
 @triton.jit
+def _spread(stat, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr):
+    """Group statistics over the tile: keys' (D_PAD) per channel as a row, values' (GROUP, NG)
+    per token and channel group repeated over each group's GROUP channels."""
+    if IS_KEY:
+        return stat[None, :]
+    else:
+        NG: tl.constexpr = D_PAD // GROUP
+        return tl.reshape(tl.broadcast_to(stat[:, :, None], (GROUP, NG, GROUP)), (GROUP, D_PAD))
+
+
+@triton.jit
+def _group_sum(t, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr):
+    """The inverse of :func:`_spread`: a (GROUP × D_PAD) tile summed over each quantization group."""
+    if IS_KEY:
+        return tl.sum(t, axis=0)
+    else:
+        return tl.sum(tl.reshape(t, (GROUP, D_PAD // GROUP, GROUP)), axis=2)
+
+
+@triton.jit
+def _clipped_range(x, keep, mn, mx, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
+                   MAXQ: tl.constexpr):
+    """``compress.clipped_range``: per group, among [mn, mx] and its centred shrinks by
+    CLIP_RATIOS, the range whose codes give the kept entries the least squared error (fp32 errors,
+    float64 sums; ties keep the wider range; empty groups keep mn > mx)."""
+    empty = mx < mn
+    lo0 = tl.where(empty, 0.0, mn)
+    hi0 = tl.where(empty, 0.0, mx)
+    mid = (lo0 + hi0) * 0.5
+    half = (hi0 - lo0) * 0.5
+    best_lo = mn
+    best_hi = mx
+    best = tl.zeros(mn.shape, tl.float64)
+    for i in tl.static_range(N_CLIP_RATIOS):
+        if i == 0:
+            lo = mn
+            hi = mx
+        else:
+            lo = tl.where(empty, mn, mid - CLIP_RATIOS[i] * half)
+            hi = tl.where(empty, mx, mid + CLIP_RATIOS[i] * half)
+        scale, zero = _quant_params(lo, hi, MAXQ)
+        s = _spread(scale, IS_KEY, GROUP, D_PAD)
+        z = _spread(zero, IS_KEY, GROUP, D_PAD)
+        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
+        err = tl.where(keep, x - (q - z) * s, 0.0).to(tl.float64)
+        sse = _group_sum(err * err, IS_KEY, GROUP, D_PAD)
+        if i == 0:
+            best = sse
+        else:
+            better = sse < best
+            best_lo = tl.where(better, lo, best_lo)
+            best_hi = tl.where(better, hi, best_hi)
+            best = tl.minimum(sse, best)
+    return best_lo, best_hi
+
+
+@triton.jit
 def _first_extreme(work, cols, D_PAD: tl.constexpr, LARGEST: tl.constexpr):
     """Per row, the first column holding the row's max (``LARGEST``) or min: two plain reductions,
     which compile to far less code than ``tl.argmax``'s (value, index) tuple reduction."""
@@ -59,7 +121,7 @@ def _quantize_tile(
     x, rows, offs_d, D,
     codes_ptr, scale_ptr, zero_ptr, idx_ptr, val_ptr, res_ptr, scale_row,
     IS_KEY: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
-    N_HI: tl.constexpr, N_LO: tl.constexpr,
+    N_HI: tl.constexpr, N_LO: tl.constexpr, CLIP: tl.constexpr,
 ):
     """Quantize one (GROUP tokens × D_PAD channels) fp32 tile ``x`` (columns ≥ D are padding) and
     store every output of its rows ``rows`` (global token rows of the (b·h·T) flattening).
@@ -94,25 +156,24 @@ def _quantize_tile(
     if IS_KEY:
         mn = tl.min(tl.where(keep, x, float("inf")), axis=0)
         mx = tl.max(tl.where(keep, x, -float("inf")), axis=0)
-        scale, zero = _quant_params(mn, mx, MAXQ)
-        tl.store(scale_ptr + scale_row * D + offs_d, scale.to(tl.float16), mask=d_mask)
-        tl.store(zero_ptr + scale_row * D + offs_d, zero.to(tl.float16), mask=d_mask)
-        s = scale[None, :]
-        z = zero[None, :]
     else:
         NG: tl.constexpr = D_PAD // GROUP
-        xg = tl.reshape(tl.where(keep, x, float("inf")), (GROUP, NG, GROUP))
-        mn = tl.min(xg, axis=2)
-        xg = tl.reshape(tl.where(keep, x, -float("inf")), (GROUP, NG, GROUP))
-        mx = tl.max(xg, axis=2)
-        scale, zero = _quant_params(mn, mx, MAXQ)  # (GROUP, NG)
-        offs_g = tl.arange(0, NG)
+        mn = tl.min(tl.reshape(tl.where(keep, x, float("inf")), (GROUP, NG, GROUP)), axis=2)
+        mx = tl.max(tl.reshape(tl.where(keep, x, -float("inf")), (GROUP, NG, GROUP)), axis=2)
+    if CLIP:
+        mn, mx = _clipped_range(x, keep, mn, mx, IS_KEY, GROUP, D_PAD, MAXQ)
+    scale, zero = _quant_params(mn, mx, MAXQ)  # keys: (D_PAD); values: (GROUP, NG)
+    if IS_KEY:
+        tl.store(scale_ptr + scale_row * D + offs_d, scale.to(tl.float16), mask=d_mask)
+        tl.store(zero_ptr + scale_row * D + offs_d, zero.to(tl.float16), mask=d_mask)
+    else:
+        offs_g = tl.arange(0, D_PAD // GROUP)
         g_mask = offs_g[None, :] < D // GROUP
         sidx = rows[:, None] * (D // GROUP) + offs_g[None, :]
         tl.store(scale_ptr + sidx, scale.to(tl.float16), mask=g_mask)
         tl.store(zero_ptr + sidx, zero.to(tl.float16), mask=g_mask)
-        s = tl.reshape(tl.broadcast_to(scale[:, :, None], (GROUP, NG, GROUP)), (GROUP, D_PAD))
-        z = tl.reshape(tl.broadcast_to(zero[:, :, None], (GROUP, NG, GROUP)), (GROUP, D_PAD))
+    s = _spread(scale, IS_KEY, GROUP, D_PAD)
+    z = _spread(zero, IS_KEY, GROUP, D_PAD)
 
     q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
     err = x - (q - z) * s
@@ -143,6 +204,7 @@ def _gear_quantize_kernel(
     vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr,
     T, D,
     BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr, N_HI: tl.constexpr, N_LO: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     gi = tl.program_id(1)
@@ -153,15 +215,18 @@ def _gear_quantize_kernel(
     scale_row = bh * (T // GROUP) + gi
     x = tl.load(k_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     _quantize_tile(x, rows, offs_d, D, kcodes_ptr, kscale_ptr, kzero_ptr, kidx_ptr, kval_ptr, kres_ptr, scale_row,
-                   True, BITS, GROUP, D_PAD, N_HI, N_LO)
+                   True, BITS, GROUP, D_PAD, N_HI, N_LO, CLIP)
     x = tl.load(v_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     _quantize_tile(x, rows, offs_d, D, vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr, scale_row,
-                   False, BITS, GROUP, D_PAD, N_HI, N_LO)
+                   False, BITS, GROUP, D_PAD, N_HI, N_LO, CLIP)
 
 
-def _num_warps(d_pad: int, group: int) -> int:
-    """4 warps for tiles up to 4096 elements (e.g. 32 × 128), 8 above."""
-    return 4 if d_pad * group <= 4096 else 8
+def _num_warps(d_pad: int, group: int, clip: bool) -> int:
+    """4 warps for tiles up to 4096 elements (e.g. 32 × 128), 8 above; twice that with the clip
+    search, whose candidate tiles (float64 errors among them) spilled 1.3–2 KB per thread at 4
+    warps (sm_80/sm_90 SASS of the compile cases); at 8 it spills 0.2–0.55 KB, the min-max
+    kernel's 0.23 KB at 4 (a block is compressed once: its outlier passes are unrolled)."""
+    return (4 if d_pad * group <= 4096 else 8) * (2 if clip else 1)
 
 
 def _outputs(b: int, h: int, t: int, d: int, bits: int, group: int, n_out: int, per_token_groups: bool,
@@ -177,9 +242,11 @@ def _outputs(b: int, h: int, t: int, d: int, bits: int, group: int, n_out: int, 
     )
 
 
-def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_out: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_out: int,
+                  clip_search: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Quantize contiguous (b, h, T, D) keys and values (T a multiple of ``group_size``; D a
-    multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector.
+    multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector, each
+    group's range narrowed by the least-squares search over CLIP_RATIOS when ``clip_search``.
 
     Returns one dict per kind with ``codes``, ``scale``, ``zero``, ``out_idx``, ``out_val`` and
     ``residual``, as :func:`lowrank_ops.kvcache.compress.quantize_reference` does.
@@ -191,8 +258,8 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
         return out_k, out_v
     _gear_quantize_kernel[(b * h, t // group_size)](
         keys, values, *out_k.values(), *out_v.values(), t, d,
-        BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), N_HI=(n_out + 1) // 2, N_LO=n_out // 2,
-        num_warps=_num_warps(next_pow2(d), group_size),
+        BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), N_HI=(n_out + 1) // 2, N_LO=n_out // 2, CLIP=clip_search,
+        num_warps=_num_warps(next_pow2(d), group_size, clip_search),
     )
     return out_k, out_v
 
@@ -204,18 +271,18 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
 # tl.argmax and one reduction per outlier value it was 1.4 MB and 25-45 s: the row passes are
 # unrolled cross-lane reductions); head_dim 256 is left out of the lane.
 def _compile_cases() -> list[CompileCase]:
-    def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int) -> CompileCase:
+    def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int, clip: bool) -> CompileCase:
         p = f"*{dtype}"
         sig = dict(k_ptr=p, v_ptr=p)
         for kind in ("k", "v"):
             sig.update({f"{kind}codes_ptr": "*i32", f"{kind}scale_ptr": "*fp16", f"{kind}zero_ptr": "*fp16",
                         f"{kind}idx_ptr": "*u8", f"{kind}val_ptr": "*fp16", f"{kind}res_ptr": "*fp32"})
         sig.update(T="i32", D="i32")
-        flags = dict(BITS=bits, GROUP=group, D_PAD=d_pad, N_HI=(n_out + 1) // 2, N_LO=n_out // 2)
-        return CompileCase(f"gear_quantize[{dtype},{bits}b,g{group},d{d_pad},o{n_out}]", _gear_quantize_kernel,
-                           sig, flags, dict(num_warps=_num_warps(d_pad, group)))
+        flags = dict(BITS=bits, GROUP=group, D_PAD=d_pad, N_HI=(n_out + 1) // 2, N_LO=n_out // 2, CLIP=clip)
+        return CompileCase(f"gear_quantize[{dtype},{bits}b,g{group},d{d_pad},o{n_out}{',clip' if clip else ''}]",
+                           _gear_quantize_kernel, sig, flags, dict(num_warps=_num_warps(d_pad, group, clip)))
 
-    return [case("fp16", 2, 32, 128, 3), case("bf16", 4, 32, 128, 3), case("fp32", 2, 64, 64, 1)]
+    return [case("fp16", 2, 32, 128, 3, True), case("bf16", 4, 32, 128, 3, False), case("fp32", 2, 64, 64, 1, True)]
 
 
 COMPILE_CASES = _compile_cases()

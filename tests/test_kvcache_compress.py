@@ -7,6 +7,8 @@ import torch
 
 from lowrank_ops.kvcache import GEARConfig, GEARKV, compress, dense_nbytes
 from lowrank_ops.kvcache.compress import (
+    CLIP_RATIOS,
+    clipped_range,
     lowrank_basis,
     lowrank_factors,
     orthonormalize,
@@ -18,6 +20,7 @@ from lowrank_ops.kvcache.format import TENSOR_FIELDS, lowrank_product, pack_last
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+compress_module = importlib.import_module("lowrank_ops.kvcache.compress")  # the package's compress is the function
 
 
 def kv_pair(b=2, h=3, t=100, d=64, dtype=torch.float16, seed=0):
@@ -106,7 +109,6 @@ def test_append_equals_compress_at_once(chunks):
 def test_passes_of_whole_blocks_equal_one_pass(monkeypatch):
     """A long prompt is compressed a few blocks at a time (bounded float32 working copies): the
     same cache as in one pass (the batched fit's float rounding aside)."""
-    compress_module = importlib.import_module("lowrank_ops.kvcache.compress")  # the package's compress is the function
     cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.05)
     keys, values = kv_pair(2, 2, 5 * 64 + 9, 64)
     once = compress(keys, values, cfg)
@@ -173,7 +175,7 @@ def test_batch_elements_and_heads_are_independent():
 @pytest.mark.parametrize("kind", ["key", "value"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_quantizer_error_bound_and_outliers(kind, bits):
-    cfg = GEARConfig(bits=bits, group_size=32, outlier_ratio=0.05, rank=0)
+    cfg = GEARConfig(bits=bits, group_size=32, outlier_ratio=0.05, rank=0, clip_search=False)  # min-max: |error| <= s/2
     keys, values = kv_pair(2, 2, 64, 64, torch.float32)
     x = keys if kind == "key" else values
     q = quantize_reference(x, cfg, kind)
@@ -367,3 +369,49 @@ def test_validate_refuses_mismatched_tensors():
         GEARKV(**{**fields, "tail_len": 64})
     with pytest.raises(TypeError, match="config"):
         GEARKV(**{**fields, "config": None})
+
+
+# ----------------------------------------------------------------------------- clip search
+def test_clip_search_takes_each_groups_least_squares_range():
+    """Brute force per group: every centred shrink of CLIP_RATIOS quantized, its kept entries'
+    squared error summed in float64; the search returns the first range of least error, and it
+    does shrink most groups of Gaussian data at 2 bits."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 4, 16, generator=gen)  # (b, h, tokens, channel groups, 16 channels)
+    keep = torch.rand(x.shape, generator=gen) > 0.1
+    keep[0, 0, 0, 0] = False  # an empty group keeps its (inf, -inf) range
+    mn = torch.where(keep, x, torch.inf).amin(-1)
+    mx = torch.where(keep, x, -torch.inf).amax(-1)
+    lo, hi = clipped_range(x, keep, mn, mx, 2, 4)
+    assert lo[0, 0, 0, 0] == torch.inf and hi[0, 0, 0, 0] == -torch.inf
+    mid, half = (mn + mx) * 0.5, (mx - mn) * 0.5
+    shrunk = 0
+    for idx in itertools.product(range(2), range(3), range(8), range(4)):
+        if not keep[idx].any():
+            continue
+        errors = []
+        for ratio in CLIP_RATIOS:
+            r_lo = mn[idx] if ratio == 1.0 else mid[idx] - ratio * half[idx]
+            r_hi = mx[idx] if ratio == 1.0 else mid[idx] + ratio * half[idx]
+            scale, zero = compress_module.quant_params(r_lo, r_hi, 2)
+            err = x[idx] - (compress_module.quant_codes(x[idx], scale, zero, 2) - zero) * scale
+            errors.append(float(err[keep[idx]].double().square().sum()))
+        best = errors.index(min(errors))
+        want_lo = mn[idx] if best == 0 else mid[idx] - CLIP_RATIOS[best] * half[idx]
+        assert lo[idx] == want_lo, idx
+        shrunk += best > 0
+    assert shrunk > 0.5 * 2 * 3 * 8 * 4
+
+
+def test_clip_search_lowers_each_groups_error_and_off_is_min_max():
+    keys, values = kv_pair(t=64)
+    for kind, x in (("key", keys), ("value", values)):
+        plain = quantize_reference(x, GEARConfig(clip_search=False), kind)
+        clipped = quantize_reference(x, GEARConfig(), kind)
+        assert clipped["residual"].square().sum() < 0.9 * plain["residual"].square().sum(), kind
+        # min-max: every group's codes reach 0 and 3 (its min and max entries are kept)
+        codes = unpack_last(plain["codes"], 2)
+        grouped = codes.reshape(2, 3, 2, 32, 64) if kind == "key" else codes.reshape(2, 3, 64, 2, 32)
+        axis = 3 if kind == "key" else 4
+        assert (grouped.amin(axis) == 0).float().mean() > 0.95 and (grouped.amax(axis) == 3).float().mean() > 0.95
+

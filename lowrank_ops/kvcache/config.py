@@ -17,11 +17,17 @@ GEAR (KIVI-style quantization + per-vector outliers + low-rank residual + fp16 t
   data and fits the term to the quantization error only (same format, more error: see
   :mod:`lowrank_ops.kvcache.compress`);
 * ``buffer_tokens`` B: the newest tokens stay uncompressed until B of them are there, then
-  those B are compressed once into a block (append-only, never re-quantized).
+  those B are compressed once into a block (append-only, never re-quantized);
+* ``clip_search``: each quantization group's range is the one among 100, 90, 80 and 70 % of its
+  min-max span (centred) whose codes give its kept entries the least squared error, instead of
+  the min-max span itself (:data:`lowrank_ops.kvcache.compress.CLIP_RATIOS`). Default (None):
+  on at 2 bits, where it cuts MiniLM's attention-output error by 13 %, off at 4 bits, where it
+  did not help; the format is the same either way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from lowrank_ops.core.checks import check_choice, check_int, check_name
 
@@ -51,6 +57,7 @@ class GEARConfig:
     power_iters: int = 2
     factor_bits: int = 8
     lowrank_fit: str = "joint"
+    clip_search: Optional[bool] = None  # None: True at 2 bits, False at 4 (resolved on construction)
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, GEAR_BITS)
@@ -65,6 +72,10 @@ class GEARConfig:
         check_int("power_iters", self.power_iters, low=1, high=MAX_POWER_ITERS)
         check_choice("factor_bits", self.factor_bits, FACTOR_BITS)
         check_name("lowrank_fit", self.lowrank_fit, LOWRANK_FITS)
+        if self.clip_search is None:
+            object.__setattr__(self, "clip_search", self.bits == 2)
+        elif not isinstance(self.clip_search, bool):
+            raise TypeError(f"clip_search: expected a bool or None, got {type(self.clip_search).__name__}")
         ratio = self.outlier_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"outlier_ratio: expected a float in [0, {MAX_OUTLIER_RATIO}], got {type(ratio).__name__}")
