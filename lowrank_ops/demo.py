@@ -59,14 +59,15 @@ INTERPRETER_NOTE = "Triton interpreter on CPU: a correctness check, not a speed 
 # compress()'s kind -> the drop-in layer it swaps in (an attribute of lowrank_ops)
 FAMILIES = {"lowrank": "LowRankLinear", "quant": "QuantLinear", "nm": "SparseLinear"}
 KV_FAMILY = "kv"  # the GEAR KV-cache table
-# name -> GEARConfig options (defaults: 2 bits, G 32, r 4, s 2 %, B 64, int8 factors, joint fit);
+# name -> GEARConfig options (defaults: 2 bits, G 32, r 4, s 2 %, B 64, int8 factors, joint fit, clip search);
 # --quick keeps the first two
 KV_CONFIGS = {
     "GEAR (the default)": {},
     "2-bit quant, G 16": dict(rank=0, outlier_ratio=0.0, group_size=16),
     "GEAR G 64, B 128, r 8, s 1 %": dict(group_size=64, buffer_tokens=128, rank=8, outlier_ratio=0.01),
-    "2-bit quant, G 32": dict(rank=0, outlier_ratio=0.0),
-    "GEAR, residual fit, fp16 factors": dict(lowrank_fit="residual", factor_bits=16),
+    "2-bit quant, G 32, min-max (KIVI)": dict(rank=0, outlier_ratio=0.0, clip_search=False),
+    "GEAR's recipe (residual fit, fp16 factors, min-max)": dict(lowrank_fit="residual", factor_bits=16,
+                                                               clip_search=False),
     "4-bit quant, G 128": dict(bits=4, rank=0, outlier_ratio=0.0, group_size=128, buffer_tokens=128),
 }
 
