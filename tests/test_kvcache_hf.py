@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kvcache import GEARConfig, ops  # noqa: E402
 from lowrank_ops.kvcache.format import GEARKV  # noqa: E402
+from lowrank_ops.kvcache import hf  # noqa: E402
 from lowrank_ops.kvcache.hf import (  # noqa: E402
     CHUNK_MAX_ROWS,
     GEAR_ATTENTION,
@@ -190,10 +191,16 @@ def gpt_oss_model(sink_scale: float = 2.0):
     return model
 
 
-def test_gpt_oss_attention_sinks_reach_the_compressed_attention(monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gpt_oss_attention_sinks_reach_the_compressed_attention(chunked, monkeypatch):
     """gpt-oss's sinks go into the GEAR decode attention and the prefill's dense attention: lossless
     settings give the eager DynamicCache logits, and every decode step of the full-attention layer
     passed its sinks; the sinks change those logits (so the check can fail)."""
+    dense_calls = []
+    real_dense = ops.softmax_attention
+    monkeypatch.setattr(ops, "softmax_attention", lambda q, *a: dense_calls.append(q.shape[2]) or real_dense(q, *a))
+    if chunked:  # the prefill's sink attention 7 query tokens at a time (batch 2 x 4 heads x 70 keys)
+        monkeypatch.setattr(hf, "SINK_SCORE_ENTRIES", 2 * 4 * 7 * PROMPT)
     model = gpt_oss_model()
     ids, mask = prompt()
     new_ids = _new_ids(6)
@@ -206,6 +213,8 @@ def test_gpt_oss_attention_sinks_reach_the_compressed_attention(monkeypatch):
     got = forced_logits(model, cache, ids, mask, new_ids)
     assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, GEARLayer]
     assert seen == [True] * 6  # one decode step of the one GEAR layer per new token
+    prefill = [n for n in dense_calls if n > 1]  # both layers' prefill; decode steps of the window layer take 1
+    assert prefill == ([7] * 10 * 2 if chunked else [PROMPT] * 2)
     assert rel_err(got, expected).max() < 1e-4
     no_sinks = gpt_oss_model(sink_scale=0.0)
     for layer in no_sinks.model.layers:

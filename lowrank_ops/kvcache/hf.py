@@ -94,6 +94,10 @@ ROLLBACK_TOKENS = 128
 # Attention kwargs that change the attention's math, which neither the GEAR kernels nor SDPA
 # compute: refused by name instead of ignored
 UNSUPPORTED_ATTENTION_KWARGS = {"softcap": "attention-logit soft-capping (Gemma 2)"}
+# Scores held at once by the attention with sinks over uncompressed K/V (fp32: 256 MB): a long
+# prompt's queries go in chunks, so its memory stays bounded where the scores of all of them
+# (q_len x context per head) would not
+SINK_SCORE_ENTRIES = 1 << 26
 # Layer types a GEARCache keeps uncompressed in transformers' own DynamicSlidingWindowLayer (as
 # DynamicCache does): they hold at most their window, so compressing them would save little, and
 # a compressed block, never re-quantized, would outlive the window.
@@ -412,14 +416,20 @@ def _dense_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     """Attention over uncompressed K/V (prefill, window layers, long chunks): transformers' SDPA, or
     with attention sinks (which SDPA lacks) :func:`lowrank_ops.kvcache.ops.softmax_attention` in
     fp32 under the mask, or else the bottom-right causal one (what SDPA's ``is_causal`` does;
-    inference only: the caller refuses dropout)."""
+    inference only: the caller refuses dropout), :data:`SINK_SCORE_ENTRIES` scores at a time."""
     if sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    batch, q_heads, q_len, _ = query.shape
     if attention_mask is None:
-        attention_mask = kv_ops.causal_allowed(query.shape[2], key.shape[2], query.device)
+        attention_mask = kv_ops.causal_allowed(q_len, key.shape[2], query.device)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = kv_ops.softmax_attention(query, key, value, scale, attention_mask, sinks)
+    step = max(1, SINK_SCORE_ENTRIES // (batch * q_heads * key.shape[2]))  # query tokens per chunk
+    mask_rows = attention_mask.shape[-2]  # 1 when the mask broadcasts over the query tokens
+    out = torch.cat([
+        kv_ops.softmax_attention(query[:, :, i:i + step], key, value, scale,
+                                 attention_mask[..., i:i + step, :] if mask_rows > 1 else attention_mask, sinks)
+        for i in range(0, q_len, step)], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
