@@ -1,7 +1,8 @@
 """GPU lane for the GEAR decode-attention kernel (pytest -m gpu; collected and skipped without CUDA).
 
 Real decode shapes: 4k context (+ a partial tail), 32 query heads over 8 kv heads (GQA 4:1),
-head_dim 128, batch 2 with a left-padded sequence, q_len 1 and 4, and a causal 7-token draft check;
+head_dim 128, batch 2 with a left-padded sequence, q_len 1 and 4, a causal 7-token draft check, and
+attention sinks (gpt-oss);
 2 and 4 bits with outliers
 and low rank (and plain 2-bit), fp16 and bf16 (GEAR's default in both). Checked against the float64 reference attention of
 the same compressed cache, through the kernel and through ``attention()`` with the triton backend
@@ -116,6 +117,21 @@ def test_causal_draft_check(dtype):
     ref = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
     assert_close(out, ref, dtype, f"causal draft check {dtype}")
     assert (reference(q, kv, mask)[:, :, 0] - ref[:, :, 0]).abs().max() > 1e-3  # the causal mask mattered
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_sinks(q_len):
+    """gpt-oss's attention sinks through attention() with automatic dispatch (Triton: the CUDA
+    kernel has none): the float64 reference with sinks, which differs from the sinkless output."""
+    kv = cache_of("2b+2%+r4", BF16)
+    q = torch.randn(BATCH, Q_HEADS, q_len, HEAD_DIM, device=DEV, dtype=BF16)
+    sinks = 8 + 2 * torch.randn(Q_HEADS, device=DEV)  # e^8 ~ the softmax sum of ~3000 keys: a sink that counts
+    mask = key_mask()
+    out = attention(q, kv, key_mask=mask, causal=True, sinks=sinks)
+    ref = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True, sinks=sinks)
+    assert_close(out, ref, BF16, f"sinks, q_len {q_len}")
+    plain = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=True)
+    assert ((ref - plain).norm() / ref.norm()).item() > 0.1  # the sinks mattered
 
 
 def test_cuda_graph_capture_and_replay():
