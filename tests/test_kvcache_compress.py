@@ -185,10 +185,8 @@ def test_quantizer_error_bound_and_outliers(kind, bits):
     s = scale.repeat_interleave(32, 2) if kind == "key" else scale.repeat_interleave(32, 3)
     n_out = 3
     idx = q["out_idx"].long()
-    # outliers: the 2 largest (descending) then the smallest of each vector
-    top = x.topk(2, dim=-1).indices
-    assert torch.equal(idx[..., :2], top)
-    assert torch.equal(idx[..., 2], x.argmin(-1))
+    # outliers: the 3 entries farthest from their vector's mean, farthest first
+    assert torch.equal(idx, (x - x.double().mean(-1, keepdim=True).float()).abs().topk(3, dim=-1).indices)
     kept = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
     residual = q["residual"]
     assert (residual.abs() <= s / 2 * (1 + 1e-3) + 1e-6)[kept].all()  # round to nearest within the range
@@ -196,10 +194,11 @@ def test_quantizer_error_bound_and_outliers(kind, bits):
     assert q["out_val"].shape == (2, 2, 64, n_out)
 
 
-def test_outlier_slots_ties_take_the_first_index():
-    x = torch.tensor([[1.0, 5.0, 5.0, -2.0, -2.0, 0.0]])
-    slot = outlier_slots(x, 3)
-    assert slot.tolist() == [[-1, 0, 1, 2, -1, -1]]
+def test_outlier_slots_farthest_from_the_mean_first_index_on_ties():
+    x = torch.tensor([[1.0, 5.0, -3.0, 5.0, -3.0, 1.0]])  # mean 1: distances 0, 4, 4, 4, 4, 0
+    assert outlier_slots(x, 3).tolist() == [[-1, 0, 1, 2, -1, -1]]
+    x = torch.tensor([[9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]])  # mean 2: both large ones (not 9 and -1)
+    assert outlier_slots(x, 2).tolist() == [[0, 1, -1, -1, -1, -1, -1, -1]]
     assert outlier_slots(x, 0).eq(-1).all()
 
 
