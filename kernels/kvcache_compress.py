@@ -4,8 +4,8 @@ One launch quantizes whole blocks of keys and values (b, h, T, D), T a multiple 
 size G, into the layout of ``lowrank_ops/kvcache/format.py``:
 
 * per vector (key or value token), the n entries farthest from the vector's mean are outliers
-  (farthest first, first index on ties; the mean summed in float64); they are left out of the
-  min/max of their groups;
+  (farthest first, first index on ties; the mean summed in float64), or with GEAR's rule the
+  ceil(n/2) largest then floor(n/2) smallest; they are left out of the min/max of their groups;
 * keys: per channel over each group of G tokens; values: per token over groups of G channels;
   ``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))``, ``zero = fp16(−mn/scale)``,
   ``code = clamp(floor(x/scale + zero + ½), 0, maxq)`` (IEEE divisions, ``div_rn``) — the formulas of
@@ -110,10 +110,10 @@ def _clipped_range(x, keep, mn, mx, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D
 
 
 @triton.jit
-def _farthest(work, cols, D_PAD: tl.constexpr):
-    """Per row, the first column holding the row's max: two plain reductions, which compile to far
-    less code than ``tl.argmax``'s (value, index) tuple reduction."""
-    best = tl.max(work, axis=1)
+def _first_extreme(work, cols, D_PAD: tl.constexpr, LARGEST: tl.constexpr):
+    """Per row, the first column holding the row's max (``LARGEST``) or min: two plain reductions,
+    which compile to far less code than ``tl.argmax``'s (value, index) tuple reduction."""
+    best = tl.max(work, axis=1) if LARGEST else tl.min(work, axis=1)
     return tl.min(tl.where(work == best[:, None], cols, D_PAD), axis=1)
 
 
@@ -122,14 +122,14 @@ def _quantize_tile(
     x, rows, offs_d, D,
     codes_ptr, scale_ptr, zero_ptr, idx_ptr, val_ptr, res_ptr, scale_row,
     IS_KEY: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
-    N_OUT: tl.constexpr, CLIP: tl.constexpr,
+    N_HI: tl.constexpr, N_LO: tl.constexpr, FARTHEST: tl.constexpr, CLIP: tl.constexpr,
 ):
     """Quantize one (GROUP tokens × D_PAD channels) fp32 tile ``x`` (columns ≥ D are padding) and
     store every output of its rows ``rows`` (global token rows of the (b·h·T) flattening).
 
-    ``slot`` marks outliers (0..N_OUT−1, −1 elsewhere), found by N_OUT row-wise max passes over
-    the tile's distances from their row's mean (summed in float64), in registers; their channel
-    and fp16 error are scattered to
+    ``slot`` marks outliers (0..N_HI+N_LO−1, −1 elsewhere), found in registers by N_HI row-wise
+    max passes (FARTHEST: over the tile's distances from their row's mean, summed in float64;
+    N_LO = 0) and N_LO min passes; their channel and fp16 error are scattered to
     (token, slot) by one masked store each (no per-outlier reduction). Keys reduce the kept entries over the tile's
     rows (axis 0, one group of GROUP tokens per channel; ``scale_row`` is the group's row in
     key_scale); values reduce over a (GROUP, D_PAD/GROUP, GROUP) view (per token, per channel
@@ -137,15 +137,24 @@ def _quantize_tile(
     """
     MAXQ: tl.constexpr = (1 << BITS) - 1
     PER_WORD: tl.constexpr = 32 // BITS
+    N_OUT: tl.constexpr = N_HI + N_LO
     d_mask = offs_d < D
     cols = offs_d[None, :]
     slot = tl.full(x.shape, -1, tl.int32)
-    mean = (tl.sum(x.to(tl.float64), axis=1) / D).to(tl.float32)  # padding is 0: the mean of the D channels
-    work = tl.where(d_mask[None, :], tl.abs(x - mean[:, None]), -float("inf"))
-    for i in tl.static_range(N_OUT):
-        hit = cols == _farthest(work, cols, D_PAD)[:, None]
+    if FARTHEST:  # N_HI = N_OUT passes over the distances from the row's mean
+        mean = (tl.sum(x.to(tl.float64), axis=1) / D).to(tl.float32)  # padding is 0: the mean of the D channels
+        work = tl.where(d_mask[None, :], tl.abs(x - mean[:, None]), -float("inf"))
+    else:  # GEAR's extremes: N_HI max passes over the entries, then N_LO min passes
+        work = tl.where(d_mask[None, :], x, -float("inf"))
+    for i in tl.static_range(N_HI):
+        hit = cols == _first_extreme(work, cols, D_PAD, True)[:, None]
         slot = tl.where(hit, i, slot)
         work = tl.where(hit, -float("inf"), work)
+    work = tl.where(d_mask[None, :] & (slot < 0), x, float("inf"))
+    for i in tl.static_range(N_LO):
+        hit = cols == _first_extreme(work, cols, D_PAD, False)[:, None]
+        slot = tl.where(hit, N_HI + i, slot)
+        work = tl.where(hit, float("inf"), work)
     keep = (slot < 0) & d_mask[None, :]
     out_at = rows[:, None] * N_OUT + slot  # each outlier's (token, slot) entry; scattered below
     tl.store(idx_ptr + out_at, tl.broadcast_to(cols, x.shape).to(tl.uint8), mask=slot >= 0)
@@ -200,7 +209,8 @@ def _gear_quantize_kernel(
     kcodes_ptr, kscale_ptr, kzero_ptr, kidx_ptr, kval_ptr, kres_ptr,
     vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr,
     T, D,
-    BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr, N_OUT: tl.constexpr, CLIP: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr, N_HI: tl.constexpr, N_LO: tl.constexpr,
+    FARTHEST: tl.constexpr, CLIP: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     gi = tl.program_id(1)
@@ -211,17 +221,24 @@ def _gear_quantize_kernel(
     scale_row = bh * (T // GROUP) + gi
     x = tl.load(k_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     _quantize_tile(x, rows, offs_d, D, kcodes_ptr, kscale_ptr, kzero_ptr, kidx_ptr, kval_ptr, kres_ptr, scale_row,
-                   True, BITS, GROUP, D_PAD, N_OUT, CLIP)
+                   True, BITS, GROUP, D_PAD, N_HI, N_LO, FARTHEST, CLIP)
     x = tl.load(v_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     _quantize_tile(x, rows, offs_d, D, vcodes_ptr, vscale_ptr, vzero_ptr, vidx_ptr, vval_ptr, vres_ptr, scale_row,
-                   False, BITS, GROUP, D_PAD, N_OUT, CLIP)
+                   False, BITS, GROUP, D_PAD, N_HI, N_LO, FARTHEST, CLIP)
+
+
+def _outlier_passes(n_out: int, rule: str) -> dict[str, object]:
+    """The kernel's outlier constexprs: "farthest", n_out max passes over the distances from the
+    mean; "extremes", ceil(n/2) max and floor(n/2) min passes over the entries."""
+    farthest = rule == "farthest"
+    return dict(N_HI=n_out if farthest else (n_out + 1) // 2, N_LO=0 if farthest else n_out // 2, FARTHEST=farthest)
 
 
 def _num_warps(d_pad: int, group: int, clip: bool) -> int:
     """4 warps for tiles up to 4096 elements (e.g. 32 × 128), 8 above; twice that with the clip
     search, whose candidate tiles (float64 errors among them) spilled 1.3–2 KB per thread at 4
-    warps (sm_80/sm_90 SASS of the compile cases); at 8 it spills 0.22–0.53 KB, about the min-max
-    kernel's 0.25 KB at 4 (a block is compressed once: its outlier passes are unrolled)."""
+    warps (sm_80/sm_90 SASS of the compile cases); at 8 it spills 0.22–0.55 KB, about the min-max
+    kernel's 0.23–0.26 KB at 4 (a block is compressed once: its outlier passes are unrolled)."""
     return (4 if d_pad * group <= 4096 else 8) * (2 if clip else 1)
 
 
@@ -239,10 +256,11 @@ def _outputs(b: int, h: int, t: int, d: int, bits: int, group: int, n_out: int, 
 
 
 def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_out: int,
-                  clip_search: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                  clip_search: bool = False, outlier_rule: str = "farthest") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Quantize contiguous (b, h, T, D) keys and values (T a multiple of ``group_size``; D a
-    multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector, each
-    group's range narrowed by the least-squares search over CLIP_RATIOS when ``clip_search``.
+    multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector chosen
+    by ``outlier_rule`` ("farthest" from the mean, or GEAR's "extremes"), each group's range
+    narrowed by the least-squares search over CLIP_RATIOS when ``clip_search``.
 
     Returns one dict per kind with ``codes``, ``scale``, ``zero``, ``out_idx``, ``out_val`` and
     ``residual``, as :func:`lowrank_ops.kvcache.compress.quantize_reference` does.
@@ -254,7 +272,7 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
         return out_k, out_v
     _gear_quantize_kernel[(b * h, t // group_size)](
         keys, values, *out_k.values(), *out_v.values(), t, d,
-        BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), N_OUT=n_out, CLIP=clip_search,
+        BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), **_outlier_passes(n_out, outlier_rule), CLIP=clip_search,
         num_warps=_num_warps(next_pow2(d), group_size, clip_search),
     )
     return out_k, out_v
@@ -267,18 +285,19 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
 # tl.argmax and one reduction per outlier value it was 1.4 MB and 25-45 s: the row passes are
 # unrolled cross-lane reductions); head_dim 256 is left out of the lane.
 def _compile_cases() -> list[CompileCase]:
-    def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int, clip: bool) -> CompileCase:
+    def case(dtype: str, bits: int, group: int, d_pad: int, n_out: int, clip: bool, rule: str) -> CompileCase:
         p = f"*{dtype}"
         sig = dict(k_ptr=p, v_ptr=p)
         for kind in ("k", "v"):
             sig.update({f"{kind}codes_ptr": "*i32", f"{kind}scale_ptr": "*fp16", f"{kind}zero_ptr": "*fp16",
                         f"{kind}idx_ptr": "*u8", f"{kind}val_ptr": "*fp16", f"{kind}res_ptr": "*fp32"})
         sig.update(T="i32", D="i32")
-        flags = dict(BITS=bits, GROUP=group, D_PAD=d_pad, N_OUT=n_out, CLIP=clip)
-        return CompileCase(f"gear_quantize[{dtype},{bits}b,g{group},d{d_pad},o{n_out}{',clip' if clip else ''}]",
+        flags = dict(BITS=bits, GROUP=group, D_PAD=d_pad, **_outlier_passes(n_out, rule), CLIP=clip)
+        return CompileCase(f"gear_quantize[{dtype},{bits}b,g{group},d{d_pad},o{n_out}-{rule}{',clip' if clip else ''}]",
                            _gear_quantize_kernel, sig, flags, dict(num_warps=_num_warps(d_pad, group, clip)))
 
-    return [case("fp16", 2, 32, 128, 3, True), case("bf16", 4, 32, 128, 3, False), case("fp32", 2, 64, 64, 1, True)]
+    return [case("fp16", 2, 32, 128, 3, True, "farthest"), case("bf16", 4, 32, 128, 3, False, "extremes"),
+            case("fp32", 2, 64, 64, 1, True, "extremes")]
 
 
 COMPILE_CASES = _compile_cases()

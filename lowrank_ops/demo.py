@@ -66,8 +66,8 @@ KV_CONFIGS = {
     "2-bit quant, G 16": dict(rank=0, outlier_ratio=0.0, group_size=16),
     "GEAR G 64, B 128, r 8, s 1 %": dict(group_size=64, buffer_tokens=128, rank=8, outlier_ratio=0.01),
     "2-bit quant, G 32, min-max (KIVI)": dict(rank=0, outlier_ratio=0.0, clip_search=False),
-    "GEAR's order: residual fit, fp16 factors, min-max": dict(lowrank_fit="residual", factor_bits=16,
-                                                             clip_search=False),
+    "GEAR's recipe (residual fit, fp16 factors, min-max, extremes)": dict(
+        lowrank_fit="residual", factor_bits=16, clip_search=False, outlier_rule="extremes"),
     "4-bit quant, G 128": dict(bits=4, rank=0, outlier_ratio=0.0, group_size=128, buffer_tokens=128),
 }
 

@@ -65,14 +65,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "minmax"])
+@pytest.mark.parametrize("clip, rule", [(True, "farthest"), (False, "extremes"), (True, "extremes")])
 @pytest.mark.parametrize("bits, dtype, d, g, ratio, b, h, t", CASES)
-def test_kernel_matches_reference(bits, dtype, d, g, ratio, b, h, t, clip):
+def test_kernel_matches_reference(bits, dtype, d, g, ratio, b, h, t, clip, rule):
     cfg = GEARConfig(bits=bits, group_size=g, outlier_ratio=ratio, buffer_tokens=max(g, 16) * (t // g), rank=0,
-                     clip_search=clip)
+                     clip_search=clip, outlier_rule=rule)
     keys, values = data(b, h, t, d, dtype, seed=bits * 1000 + d)
     n_out = cfg.outliers_per_vector(d)
-    got_k, got_v = kernels.gear_quantize(keys, values, bits, g, n_out, clip)
+    got_k, got_v = kernels.gear_quantize(keys, values, bits, g, n_out, clip, rule)
     assert_same("key", got_k, quantize_reference(keys, cfg, "key"), bits)
     assert_same("value", got_v, quantize_reference(values, cfg, "value"), bits)
 

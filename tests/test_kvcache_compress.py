@@ -200,6 +200,9 @@ def test_outlier_slots_farthest_from_the_mean_first_index_on_ties():
     x = torch.tensor([[9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]])  # mean 2: both large ones (not 9 and -1)
     assert outlier_slots(x, 2).tolist() == [[0, 1, -1, -1, -1, -1, -1, -1]]
     assert outlier_slots(x, 0).eq(-1).all()
+    # GEAR's rule: the ceil(n/2) largest (descending) then the floor(n/2) smallest (ascending)
+    x = torch.tensor([[1.0, 5.0, 5.0, -2.0, -2.0, 0.0]])
+    assert outlier_slots(x, 3, "extremes").tolist() == [[-1, 0, 1, 2, -1, -1]]
 
 
 def test_constant_and_all_outlier_groups_stay_finite():

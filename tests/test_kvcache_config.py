@@ -11,7 +11,7 @@ def test_defaults_follow_the_contract():
     assert (cfg.bits, cfg.group_size, cfg.rank, cfg.outlier_ratio, cfg.buffer_tokens, cfg.power_iters) == (2, 32, 4, 0.02, 64, 2)
     assert (cfg.factor_bits, cfg.lowrank_fit, cfg.clip_search) == (8, "joint", True)
     assert not GEARConfig(bits=4).clip_search and GEARConfig(bits=4, clip_search=True).clip_search
-    assert not GEARConfig(clip_search=False).clip_search
+    assert not GEARConfig(clip_search=False).clip_search and cfg.outlier_rule == "farthest"
     assert cfg.outliers_per_vector(128) == 3 and cfg.outliers_per_vector(64) == 1
     assert GEARConfig(outlier_ratio=0.0).outliers_per_vector(128) == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -41,6 +41,7 @@ def test_defaults_follow_the_contract():
     (dict(lowrank_fit="first"), ValueError, "lowrank_fit"),
     (dict(lowrank_fit=1), TypeError, "lowrank_fit"),
     (dict(clip_search=1), TypeError, "clip_search"),
+    (dict(outlier_rule="largest"), ValueError, "outlier_rule"),
 ])
 def test_bad_fields_are_refused_by_name(kwargs, error, field):
     with pytest.raises(error, match=field):

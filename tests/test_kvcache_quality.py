@@ -103,6 +103,13 @@ def test_gear_beats_quantization_alone_at_equal_bits(captured):
     assert gear.output < 0.8 * quant.output, (gear, quant)
 
 
+def test_outliers_farthest_from_the_mean_beat_gears_extremes(captured):
+    farthest = errors(captured, GEARConfig())
+    extremes = errors(captured, GEARConfig(outlier_rule="extremes"))
+    assert farthest.block_bits == extremes.block_bits  # the same format
+    assert farthest.output < 0.99 * extremes.output, (farthest, extremes)
+
+
 def test_clip_search_lowers_the_2bit_errors(captured):
     clipped = errors(captured, GEARConfig())
     minmax = errors(captured, GEARConfig(clip_search=False))

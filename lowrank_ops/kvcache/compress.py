@@ -7,7 +7,8 @@ term ``L`` (per sequence, head and block), with ``X ≈ deq + outliers + L``:
    ``X`` itself; ``"residual"`` (GEAR's order) starts from ``L₀ = 0``;
 2. quantization with outliers of ``X − L₀`` (:func:`quantize_reference`, or the fused Triton
    kernel of :mod:`kernels.kvcache_compress` on a GPU): per vector the n entries farthest from
-   its mean are set aside (:func:`outlier_slots`); keys are quantized per channel over groups of
+   its mean (GEAR's rule, ``outlier_rule="extremes"``: the largest and smallest halves) are set
+   aside (:func:`outlier_slots`); keys are quantized per channel over groups of
    ``group_size`` tokens, values per token over groups of ``group_size`` channels, with min/max
    asymmetric parameters of the remaining entries; the outliers keep ``x − deq`` in fp16;
 3. ``L`` = the rank-r approximation of what quantization and outliers leave, ``X − deq −
@@ -80,18 +81,22 @@ def outlier_distance(x: Tensor) -> Tensor:
     return (x - mean).abs()
 
 
-def outlier_slots(x: Tensor, n_out: int) -> Tensor:
+def outlier_slots(x: Tensor, n_out: int, rule: str = "farthest") -> Tensor:
     """int64 (..., D): slot 0..n_out−1 of each outlier entry of the last dim, −1 elsewhere.
 
-    The outliers are the n_out entries farthest from the vector's mean (:func:`outlier_distance`),
-    slot 0 the farthest; on ties the first index wins (``argmax``), exactly as the kernel picks.
+    ``rule`` (``GEARConfig.outlier_rule``): "farthest", the n_out entries farthest from the
+    vector's mean (:func:`outlier_distance`), slot 0 the farthest; "extremes" (GEAR's), the
+    ceil(n/2) largest entries in descending order, then the floor(n/2) smallest in ascending
+    order. On ties the first index wins (``argmax``), exactly as the kernel picks.
     """
     slot = torch.full(x.shape, -1, dtype=torch.int64, device=x.device)
-    work = outlier_distance(x)
+    work, n_hi = (outlier_distance(x), n_out) if rule == "farthest" else (x.clone(), (n_out + 1) // 2)
     for i in range(n_out):
-        j = work.argmax(-1).unsqueeze(-1)
+        if i == n_hi:  # "extremes": the smallest of the entries left
+            work = torch.where(slot >= 0, torch.inf, x)
+        j = (work.argmax(-1) if i < n_hi else work.argmin(-1)).unsqueeze(-1)
         slot.scatter_(-1, j, i)
-        work.scatter_(-1, j, -torch.inf)
+        work.scatter_(-1, j, -torch.inf if i < n_hi else torch.inf)
     return slot
 
 
@@ -132,7 +137,7 @@ def quantize_reference(x: Tensor, config: GEARConfig, kind: str) -> dict[str, Te
     b, h, t, d = x.shape
     g, bits, n_out = config.group_size, config.bits, config.outliers_per_vector(d)
     x = x.float()
-    slot = outlier_slots(x, n_out)
+    slot = outlier_slots(x, n_out, config.outlier_rule)
     keep = slot < 0
     # keys: per channel over groups of g tokens (dim 3); values: per token over groups of g channels (dim 4)
     shape, dim = ((b, h, t // g, g, d), 3) if kind == "key" else ((b, h, t, d // g, g), 4)
@@ -254,7 +259,7 @@ def _quantize(keys: Tensor, values: Tensor, config: GEARConfig) -> tuple[dict[st
         from lowrank_ops.kernels.kvcache_compress import gear_quantize
 
         return gear_quantize(keys, values, config.bits, config.group_size, config.outliers_per_vector(keys.shape[-1]),
-                             config.clip_search)
+                             config.clip_search, config.outlier_rule)
     return quantize_reference(keys, config, "key"), quantize_reference(values, config, "value")
 
 

@@ -27,9 +27,9 @@ are orthonormal, so its entries lie in [-1, 1]).
 
 Packing: code d of a vector sits in word ``d // E`` at bit ``(d % E) · bits`` (bit 31 is a
 payload bit: read words as unsigned). Dequantization ``deq = (code − zero) · scale`` (zeros are
-fractional fp16). Outliers: per vector, the n_out entries farthest from the vector's mean
-(farthest first, first index on ties; the decoders read them in any order) are excluded from the
-min/max of their quantization groups; their code is the clamped code of the value and ``out_val`` stores
+fractional fp16). Outliers: per vector, n_out entries (``config.outlier_rule``: those farthest
+from the vector's mean, or GEAR's largest and smallest halves; the decoders read them in any
+order) are excluded from the min/max of their quantization groups; their code is the clamped code of the value and ``out_val`` stores
 the residual ``x − deq`` there, so the additive reconstruction gives x to fp16 precision.
 Reconstruction of token t in block j = t // B::
 
