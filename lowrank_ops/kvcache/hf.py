@@ -383,8 +383,9 @@ def gear_attention_forward(
 ) -> tuple[Tensor, None]:
     """transformers attention function "gear": on decode steps of a :class:`GEARCache` it runs
     :func:`lowrank_ops.kvcache.attention` on the compressed layer (``key``/``value`` are then only
-    the new tokens, already appended); otherwise it is transformers' SDPA. Returns
-    (batch, q_len, q_heads, head_dim) as every transformers attention function."""
+    the new tokens, already appended); otherwise it is transformers' SDPA (with attention sinks:
+    :func:`_dense_attention`). Returns (batch, q_len, q_heads, head_dim) as every transformers
+    attention function."""
     for name, what in UNSUPPORTED_ATTENTION_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: the 'gear' attention (GEAR decode kernels, SDPA prefill) has no {what}, "
