@@ -10,9 +10,10 @@ size G, into the layout of ``lowrank_ops/kvcache/format.py``:
   ``scale = fp16(max((mx − mn)/maxq, max(|mn|, |mx|)·2⁻¹⁰, 2⁻¹⁴))``, ``zero = fp16(−mn/scale)``,
   ``code = clamp(floor(x/scale + zero + ½), 0, maxq)`` (IEEE divisions, ``div_rn``) — the formulas of
   :func:`lowrank_ops.kvcache.compress.quantize_reference`, the oracle of this kernel; with
-  ``CLIP`` (``GEARConfig.clip_search``) mn and mx first become the centred shrink of the span
-  among CLIP_RATIOS with the least squared error of the kept entries (``_clipped_range``: the
-  tile quantized once per ratio in registers, the errors summed per group in float64);
+  ``CLIP`` (``GEARConfig.clip_search``) mn and mx first become the trim of either end of the span
+  by CLIP_STEPS with the least squared error of the kept entries (``_clipped_range``: the tile
+  quantized once per candidate range, 9 in all, in registers, the errors summed per group in
+  float64);
 * codes packed along D into int32 words (code d at bit (d % E)·bits of word d // E);
 * outliers store their channel (uint8) and ``x − deq`` (fp16);
 * the residual ``x − deq − outliers`` is written in fp32 for the low-rank step.
@@ -35,8 +36,8 @@ from .lowrank import _empty, next_pow2
 # checks they agree), as constexprs so that kernels may read them.
 REL_SCALE_FLOOR = tl.constexpr(2.0**-10)
 ABS_SCALE_FLOOR = tl.constexpr(2.0**-14)
-CLIP_RATIOS = tl.constexpr((1.0, 0.9, 0.8, 0.7))  # lowrank_ops.kvcache.compress.CLIP_RATIOS (a test checks)
-N_CLIP_RATIOS = tl.constexpr(len(CLIP_RATIOS.value))
+CLIP_STEPS = tl.constexpr((0.0, 1.0 / 16, 1.0 / 8))  # lowrank_ops.kvcache.compress.CLIP_STEPS (a test checks)
+N_CLIP_STEPS = tl.constexpr(len(CLIP_STEPS.value))
 
 
 @triton.jit
@@ -75,37 +76,34 @@ def _group_sum(t, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr
 @triton.jit
 def _clipped_range(x, keep, mn, mx, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr,
                    MAXQ: tl.constexpr):
-    """``compress.clipped_range``: per group, among [mn, mx] and its centred shrinks by
-    CLIP_RATIOS, the range whose codes give the kept entries the least squared error (fp32 errors,
-    float64 sums; ties keep the wider range; empty groups keep mn > mx)."""
+    """``compress.clipped_range``: per group, among [mn + a·span, mx − b·span] for a, b in
+    CLIP_STEPS (powers of two: exact products), the range whose codes give the kept entries the
+    least squared error (fp32 errors, float64 sums; ties keep the earlier; empty groups keep
+    mn > mx)."""
     empty = mx < mn
     lo0 = tl.where(empty, 0.0, mn)
     hi0 = tl.where(empty, 0.0, mx)
-    mid = (lo0 + hi0) * 0.5
-    half = (hi0 - lo0) * 0.5
+    span = hi0 - lo0
     best_lo = mn
     best_hi = mx
     best = tl.zeros(mn.shape, tl.float64)
-    for i in tl.static_range(N_CLIP_RATIOS):
-        if i == 0:
-            lo = mn
-            hi = mx
-        else:
-            lo = tl.where(empty, mn, mid - CLIP_RATIOS[i] * half)
-            hi = tl.where(empty, mx, mid + CLIP_RATIOS[i] * half)
-        scale, zero = _quant_params(lo, hi, MAXQ)
-        s = _spread(scale, IS_KEY, GROUP, D_PAD)
-        z = _spread(zero, IS_KEY, GROUP, D_PAD)
-        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
-        err = tl.where(keep, x - (q - z) * s, 0.0).to(tl.float64)
-        sse = _group_sum(err * err, IS_KEY, GROUP, D_PAD)
-        if i == 0:
-            best = sse
-        else:
-            better = sse < best
-            best_lo = tl.where(better, lo, best_lo)
-            best_hi = tl.where(better, hi, best_hi)
-            best = tl.minimum(sse, best)
+    for a in tl.static_range(N_CLIP_STEPS):
+        for b in tl.static_range(N_CLIP_STEPS):
+            lo = tl.where(empty, mn, lo0 + CLIP_STEPS[a] * span)
+            hi = tl.where(empty, mx, hi0 - CLIP_STEPS[b] * span)
+            scale, zero = _quant_params(lo, hi, MAXQ)
+            s = _spread(scale, IS_KEY, GROUP, D_PAD)
+            z = _spread(zero, IS_KEY, GROUP, D_PAD)
+            q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
+            err = tl.where(keep, x - (q - z) * s, 0.0).to(tl.float64)
+            sse = _group_sum(err * err, IS_KEY, GROUP, D_PAD)
+            if a + b == 0:
+                best = sse
+            else:
+                better = sse < best
+                best_lo = tl.where(better, lo, best_lo)
+                best_hi = tl.where(better, hi, best_hi)
+                best = tl.minimum(sse, best)
     return best_lo, best_hi
 
 
@@ -237,8 +235,9 @@ def _outlier_passes(n_out: int, rule: str) -> dict[str, object]:
 def _num_warps(d_pad: int, group: int, clip: bool) -> int:
     """4 warps for tiles up to 4096 elements (e.g. 32 × 128), 8 above; twice that with the clip
     search, whose candidate tiles (float64 errors among them) spilled 1.3–2 KB per thread at 4
-    warps (sm_80/sm_90 SASS of the compile cases); at 8 it spills 0.22–0.55 KB, about the min-max
-    kernel's 0.23–0.26 KB at 4 (a block is compressed once: its outlier passes are unrolled)."""
+    warps (sm_80/sm_90 SASS of the compile cases, 4 candidates); at 8 it spills 0.28–0.34 KB with
+    its 9, about the min-max kernel's 0.23 KB at 4 (a block is compressed once: its outlier passes
+    are unrolled)."""
     return (4 if d_pad * group <= 4096 else 8) * (2 if clip else 1)
 
 
@@ -260,7 +259,7 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
     """Quantize contiguous (b, h, T, D) keys and values (T a multiple of ``group_size``; D a
     multiple of 16 that ``group_size`` divides, ≤ 256) with ``n_out`` outliers per vector chosen
     by ``outlier_rule`` ("farthest" from the mean, or GEAR's "extremes"), each group's range
-    narrowed by the least-squares search over CLIP_RATIOS when ``clip_search``.
+    narrowed by the least-squares search over CLIP_STEPS when ``clip_search``.
 
     Returns one dict per kind with ``codes``, ``scale``, ``zero``, ``out_idx``, ``out_val`` and
     ``residual``, as :func:`lowrank_ops.kvcache.compress.quantize_reference` does.

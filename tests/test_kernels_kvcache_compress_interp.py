@@ -20,7 +20,7 @@ pytestmark = MARKS
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kernels import kvcache_compress as kernels  # noqa: E402
 from lowrank_ops.kvcache import GEARConfig, compress  # noqa: E402
-from lowrank_ops.kvcache.compress import ABS_SCALE_FLOOR, CLIP_RATIOS, REL_SCALE_FLOOR, quantize_reference  # noqa: E402
+from lowrank_ops.kvcache.compress import ABS_SCALE_FLOOR, CLIP_STEPS, REL_SCALE_FLOOR, quantize_reference  # noqa: E402
 from lowrank_ops.kvcache.format import TENSOR_FIELDS, unpack_last  # noqa: E402
 
 
@@ -104,10 +104,10 @@ def test_pinned_triton_compress_equals_reference_compress(rank):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
 
 
-def test_scale_floors_and_clip_ratios_agree_with_the_reference():
+def test_scale_floors_and_clip_steps_agree_with_the_reference():
     assert kernels.REL_SCALE_FLOOR.value == REL_SCALE_FLOOR
     assert kernels.ABS_SCALE_FLOOR.value == ABS_SCALE_FLOOR
-    assert kernels.CLIP_RATIOS.value == CLIP_RATIOS
+    assert kernels.CLIP_STEPS.value == CLIP_STEPS
 
 
 def test_compile_cases_are_listed():

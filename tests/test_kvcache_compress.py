@@ -7,7 +7,7 @@ import torch
 
 from lowrank_ops.kvcache import GEARConfig, GEARKV, compress, dense_nbytes
 from lowrank_ops.kvcache.compress import (
-    CLIP_RATIOS,
+    CLIP_STEPS,
     clipped_range,
     lowrank_basis,
     lowrank_factors,
@@ -375,9 +375,9 @@ def test_validate_refuses_mismatched_tensors():
 
 # ----------------------------------------------------------------------------- clip search
 def test_clip_search_takes_each_groups_least_squares_range():
-    """Brute force per group: every centred shrink of CLIP_RATIOS quantized, its kept entries'
-    squared error summed in float64; the search returns the first range of least error, and it
-    does shrink most groups of Gaussian data at 2 bits."""
+    """Brute force per group: every trim of either end of the span by CLIP_STEPS quantized, its
+    kept entries' squared error summed in float64; the search returns the first range of least
+    error, and it does trim most groups of Gaussian data at 2 bits."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 8, 4, 16, generator=gen)  # (b, h, tokens, channel groups, 16 channels)
     keep = torch.rand(x.shape, generator=gen) > 0.1
@@ -386,23 +386,21 @@ def test_clip_search_takes_each_groups_least_squares_range():
     mx = torch.where(keep, x, -torch.inf).amax(-1)
     lo, hi = clipped_range(x, keep, mn, mx, 2, 4)
     assert lo[0, 0, 0, 0] == torch.inf and hi[0, 0, 0, 0] == -torch.inf
-    mid, half = (mn + mx) * 0.5, (mx - mn) * 0.5
-    shrunk = 0
+    trims = list(itertools.product(CLIP_STEPS, CLIP_STEPS))
+    trimmed = 0
     for idx in itertools.product(range(2), range(3), range(8), range(4)):
         if not keep[idx].any():
             continue
+        span = mx[idx] - mn[idx]
         errors = []
-        for ratio in CLIP_RATIOS:
-            r_lo = mn[idx] if ratio == 1.0 else mid[idx] - ratio * half[idx]
-            r_hi = mx[idx] if ratio == 1.0 else mid[idx] + ratio * half[idx]
-            scale, zero = compress_module.quant_params(r_lo, r_hi, 2)
+        for trim_lo, trim_hi in trims:
+            scale, zero = compress_module.quant_params(mn[idx] + trim_lo * span, mx[idx] - trim_hi * span, 2)
             err = x[idx] - (compress_module.quant_codes(x[idx], scale, zero, 2) - zero) * scale
             errors.append(float(err[keep[idx]].double().square().sum()))
-        best = errors.index(min(errors))
-        want_lo = mn[idx] if best == 0 else mid[idx] - CLIP_RATIOS[best] * half[idx]
-        assert lo[idx] == want_lo, idx
-        shrunk += best > 0
-    assert shrunk > 0.5 * 2 * 3 * 8 * 4
+        trim_lo, trim_hi = trims[errors.index(min(errors))]
+        assert (lo[idx], hi[idx]) == (mn[idx] + trim_lo * span, mx[idx] - trim_hi * span), idx
+        trimmed += (trim_lo, trim_hi) != (0.0, 0.0)
+    assert trimmed > 0.5 * 2 * 3 * 8 * 4
 
 
 def test_clip_search_lowers_each_groups_error_and_off_is_min_max():
