@@ -54,6 +54,13 @@ def _quant_params(mn, mx, MAXQ: tl.constexpr):
 
 
 @triton.jit
+def _quantized(x, s, z, MAXQ: tl.constexpr):
+    """(codes as fp32, x − deq): ``clamp(floor(x/s + z + ½), 0, MAXQ)`` with an IEEE division."""
+    q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
+    return q, x - (q - z) * s
+
+
+@triton.jit
 def _spread(stat, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D_PAD: tl.constexpr):
     """Group statistics over the tile: keys' (D_PAD) per channel as a row, values' (GROUP, NG)
     per token and channel group repeated over each group's GROUP channels."""
@@ -94,8 +101,7 @@ def _clipped_range(x, keep, mn, mx, IS_KEY: tl.constexpr, GROUP: tl.constexpr, D
             scale, zero = _quant_params(lo, hi, MAXQ)
             s = _spread(scale, IS_KEY, GROUP, D_PAD)
             z = _spread(zero, IS_KEY, GROUP, D_PAD)
-            q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
-            err = tl.where(keep, x - (q - z) * s, 0.0).to(tl.float64)
+            err = tl.where(keep, _quantized(x, s, z, MAXQ)[1], 0.0).to(tl.float64)
             sse = _group_sum(err * err, IS_KEY, GROUP, D_PAD)
             if a + b == 0:
                 best = sse
@@ -179,8 +185,7 @@ def _quantize_tile(
     s = _spread(scale, IS_KEY, GROUP, D_PAD)
     z = _spread(zero, IS_KEY, GROUP, D_PAD)
 
-    q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s) + z + 0.5), 0.0), MAXQ)
-    err = x - (q - z) * s
+    q, err = _quantized(x, s, z, MAXQ)
     err16 = err.to(tl.float16)
     res = tl.where(keep, err, err - err16.to(tl.float32))
     tl.store(res_ptr + rows[:, None] * D + cols, res, mask=d_mask[None, :])

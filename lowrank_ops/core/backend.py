@@ -88,6 +88,17 @@ def triton_support(device: torch.device) -> Support:
     return Support(True)
 
 
+def triton_or_reference(op: str, what: str, triton: Support, device: torch.device) -> str:
+    """:func:`select_backend` for an op that has a Triton kernel (``triton``: its verdict) and a
+    torch reference but no csrc kernel; ``what`` names the op in the ``cuda`` refusal."""
+    support = {
+        "cuda": Support(False, f"there is no CUDA (csrc) kernel for {what}; use triton"),
+        "triton": triton,
+        "reference": Support(True),
+    }
+    return select_backend(op, support, device)
+
+
 def cuda_kernel_support(x: object, kernel: str, shape_check: Callable[[torch.Tensor], Support]) -> Support:
     """Whether a csrc ``kernel`` can serve a call on ``x``: a CUDA tensor, ``shape_check(x)``
     (dtype, shape, format parameters) and the extension built. Cheap; never raises."""

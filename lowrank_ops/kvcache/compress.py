@@ -72,6 +72,12 @@ def quant_params(mn: Tensor, mx: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+def quantized(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """(:func:`quant_codes`, ``x − deq``): the codes of ``x`` and their float32 error."""
+    codes = quant_codes(x, scale, zero, bits)
+    return codes, x - (codes - zero) * scale
+
+
 def quant_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """``clamp(floor(x / scale + zero + ½), 0, maxq)`` as float32 (round half up, as the kernel)."""
     return torch.floor(x / scale + zero + 0.5).clamp_(0, (1 << bits) - 1)
@@ -124,7 +130,7 @@ def clipped_range(x: Tensor, keep: Tensor, mn: Tensor, mx: Tensor, bits: int, di
             hi = torch.where(empty, mx, hi0 - trim_hi * span)
             scale, zero = quant_params(lo, hi, bits)
             s, z = scale.unsqueeze(dim), zero.unsqueeze(dim)
-            err = torch.where(keep, x - (quant_codes(x, s, z, bits) - z) * s, 0.0)
+            err = torch.where(keep, quantized(x, s, z, bits)[1], 0.0)
             sse = err.double().square().sum(dim)
             better = torch.zeros_like(empty) if best is None else sse < best
             best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
@@ -151,8 +157,7 @@ def quantize_reference(x: Tensor, config: GEARConfig, kind: str) -> dict[str, Te
         mn, mx = clipped_range(grouped, kept, mn, mx, bits, dim)
     scale, zero = quant_params(mn, mx, bits)
     s, z = scale.repeat_interleave(g, dim - 1), zero.repeat_interleave(g, dim - 1)
-    codes = quant_codes(x, s, z, bits)
-    err = x - (codes - z) * s
+    codes, err = quantized(x, s, z, bits)
     out_val = err.half()
     residual = err - torch.where(keep, 0.0, out_val.float())
     order = slot.clamp_min(0) + torch.where(keep, n_out, 0)  # outliers first, by slot
@@ -193,17 +198,13 @@ def orthonormalize(y: Tensor) -> Tensor:
 
 def _fit_backend(x: Tensor, rank: int) -> str:
     """Triton (one program per block) or torch (the reference) for :func:`lowrank_basis`."""
-    support = {
-        "cuda": Support(False, "there is no CUDA (csrc) kernel for the GEAR low-rank fit; use triton"),
-        "triton": backend.triton_support(x.device),
-        "reference": Support(True),
-    }
-    if support["triton"].ok:
+    triton = backend.triton_support(x.device)
+    if triton.ok:
         from lowrank_ops.kernels.kvcache_lowrank import misfit
 
         why = misfit(x.shape[-2], x.shape[-1], rank)
-        support["triton"] = Support(not why, why)
-    return backend.select_backend("gear_lowrank_fit", support, x.device)
+        triton = Support(not why, why)
+    return backend.triton_or_reference("gear_lowrank_fit", "the GEAR low-rank fit", triton, x.device)
 
 
 def lowrank_basis(x: Tensor, rank: int, power_iters: int, start: Tensor | None = None) -> Tensor:
@@ -254,12 +255,8 @@ def lowrank_factors(residual: Tensor, rank: int, power_iters: int, factor_bits: 
 # ----------------------------------------------------------------------------- block compression
 def _quantize(keys: Tensor, values: Tensor, config: GEARConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Both quantizations of whole blocks, by the backend :func:`select_backend` picks."""
-    support = {
-        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR block compression; use triton"),
-        "triton": backend.triton_support(keys.device),
-        "reference": Support(True),
-    }
-    if backend.select_backend("gear_compress", support, keys.device) == "triton":
+    triton = backend.triton_support(keys.device)
+    if backend.triton_or_reference("gear_compress", "GEAR block compression", triton, keys.device) == "triton":
         from lowrank_ops.kernels.kvcache_compress import gear_quantize
 
         return gear_quantize(keys, values, config.bits, config.group_size, config.outliers_per_vector(keys.shape[-1]),

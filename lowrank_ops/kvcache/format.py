@@ -302,12 +302,7 @@ def _decompress_backend(kv: GEARKV, dtype: torch.dtype) -> str:
 
         why = unsupported(dtype)
         triton = Support(False, why) if why else triton
-    support = {
-        "cuda": Support(False, "there is no CUDA (csrc) kernel for GEAR decompression; use triton"),
-        "triton": triton,
-        "reference": Support(True),
-    }
-    return backend.select_backend("gear_decompress", support, kv.device)
+    return backend.triton_or_reference("gear_decompress", "GEAR decompression", triton, kv.device)
 
 
 def dense_nbytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
