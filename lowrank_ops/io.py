@@ -9,18 +9,15 @@ foreign or damaged file is refused with a ``ValueError`` and the model is left a
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from lowrank_ops.core.files import check_path, read_file, write_file
 from lowrank_ops.core.layers import CompressedLinear, swap_modules
 from lowrank_ops.lowrank.layer import LoRALinear, LowRankLinear
 from lowrank_ops.quant.layer import QuantLinear
@@ -31,26 +28,11 @@ CHECKPOINT_VERSION = 1
 LAYER_TYPES: dict[str, type[CompressedLinear]] = {cls.FORMAT: cls for cls in (LowRankLinear, LoRALinear, QuantLinear, SparseLinear)}
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    sha = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        sha.update(key.encode())
-        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
-def _check_path(path: object) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    return Path(path)
-
-
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (with its compressed layers) to ``path`` (a ``.safetensors`` file)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    path = _check_path(path)
+    path = check_path(path)
     layers = {
         name: {"format": m.FORMAT, "dtype": str(m.dtype).removeprefix("torch."), "config": m.config()}
         for name, m in model.named_modules()
@@ -66,34 +48,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[key] = t
-    header = {"version": CHECKPOINT_VERSION, "layers": layers, "sha256": _digest(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(header)})
-    tmp.replace(path)  # never leave a half-written file under the final name
-    return path
+    return write_file(tensors, path, CHECKPOINT_KEY, {"version": CHECKPOINT_VERSION, "layers": layers})
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged headers/buffers
-        raise ValueError(f"path: {str(path)!r} is not a readable safetensors file ({err})") from err
-    if CHECKPOINT_KEY not in metadata:
-        raise ValueError(f"path: {str(path)!r} is not a lowrank_ops checkpoint (no {CHECKPOINT_KEY!r} metadata)")
-    try:
-        header = json.loads(metadata[CHECKPOINT_KEY])
-        version, layers, digest = header["version"], header["layers"], header["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"path: {str(path)!r} has a damaged lowrank_ops header ({err})") from err
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(f"path: checkpoint version {version} is not supported (expected {CHECKPOINT_VERSION})")
-    if _digest(tensors) != digest:
-        raise ValueError(f"path: {str(path)!r} is damaged: its tensor bytes do not match the stored SHA-256")
+    header, tensors = read_file(path, CHECKPOINT_KEY, CHECKPOINT_VERSION, "checkpoint")
+    layers = header.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"path: {str(path)!r} has a damaged lowrank_ops header (no layer table)")
     return layers, tensors
 
 
@@ -127,7 +89,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     architecture) and load all saved values. Returns ``model``. All or nothing."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    layers, tensors = _read_checkpoint(_check_path(path))
+    layers, tensors = _read_checkpoint(check_path(path))
     replacements = {name: _replacement(model, name, entry) for name, entry in layers.items()}
 
     expected: dict[str, torch.Tensor] = {

@@ -10,6 +10,7 @@ logits error bound (see ``test_two_bit_logits_stay_close``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -596,6 +597,83 @@ def test_gear_cache_resolves_lazily_from_the_package():
     import lowrank_ops
 
     assert lowrank_ops.GEARCache is GEARCache
+
+
+# ----------------------------------------------------------------------------- a prompt prefilled once, reused
+PREFIX = 50  # prompt tokens prefilled into the reused cache (past the hybrids' 24-token window)
+
+
+def prefilled(model, config: GEARConfig, ids, mask) -> GEARCache:
+    """A cache holding the prompt's first PREFIX tokens (one forward, as a server prefills a shared
+    document once), with the positions generate() gives them."""
+    cache = gear_cache(model, config)
+    pos = (mask[:, :PREFIX].cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids[:, :PREFIX], attention_mask=mask[:, :PREFIX], position_ids=pos, cache=cache)
+    return cache
+
+
+def test_a_prefilled_prompt_reused_matches_fresh_generation_under_lossless_settings():
+    """Two requests share a prefix: each continues from a copy of the prefilled cache (its suffix
+    a multi-token step through the compressed cache) and gets DynamicCache's tokens from scratch."""
+    model = make_model("llama")
+    ids, mask = prompt()
+    cache = prefilled(model, LOSSLESS_4BIT, ids, mask)
+    other = ids.clone()
+    other[:, PREFIX:] = torch.randint(1, SIZES["vocab_size"], (2, PROMPT - PREFIX), generator=torch.Generator().manual_seed(4))
+    for request in (ids, other):
+        expected = dynamic_tokens(model, request, mask)
+        model.set_attn_implementation(GEAR_ATTENTION)
+        assert torch.equal(generate(model, copy.deepcopy(cache), request, mask), expected)
+    assert cache.get_seq_length() == PREFIX  # the copies grew, the shared prefix did not
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_saved_cache_continues_exactly_as_the_one_it_was_saved_from(family, tmp_path):
+    """Bit-exact under lossy 2-bit settings: the file is the cache's state (compressed blocks, tail,
+    and a hybrid's window layer)."""
+    model = make_model(family)
+    ids, mask = prompt()
+    cache = prefilled(model, GEAR_2BIT, ids, mask)
+    loaded = GEARCache.load(cache.save(tmp_path / "prompt.safetensors"), model_config=model.config)
+    assert loaded.get_seq_length() == PREFIX and loaded.nbytes == cache.nbytes
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in cache.layers]
+    expected = generate(model, cache, ids, mask, output_logits=True, return_dict_in_generate=True)
+    got = generate(model, loaded, ids, mask, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+
+
+def test_a_loaded_cache_crops_its_tail_only(tmp_path):
+    model = make_model("llama")
+    ids, mask = prompt()
+    loaded = GEARCache.load(prefilled(model, GEAR_2BIT, ids, mask).save(tmp_path / "p.safetensors"))
+    assert len(loaded.layers) == 2 and all(isinstance(layer, GEARLayer) for layer in loaded.layers)
+    tail = loaded.layers[0].kv.tail_len  # 50 tokens, blocks of 32: 18 in the tail
+    loaded.crop(-tail)
+    assert loaded.get_seq_length() == PREFIX - tail
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        loaded.crop(-1)  # into a compressed block: the raw tokens crop() would need are not saved
+
+
+def test_saving_and_loading_refusals(tmp_path):
+    model = make_model("llama")
+    ids, mask = prompt()
+    cache = prefilled(model, GEAR_2BIT, ids, mask)
+    path = cache.save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="kv heads"):
+        GEARCache.load(path, model_config=make_model("llama", num_key_value_heads=1).config)
+    with pytest.raises(ValueError, match="has 3 cache layers, the file 2"):
+        GEARCache.load(path, model_config=make_model("llama", num_hidden_layers=3).config)
+    with pytest.raises(ValueError, match=r"layer 0 is a sliding-window \(24 tokens\) layer, the file's a compressed"):
+        GEARCache.load(path, model_config=make_model("gemma3").config)
+    gemma = make_model("gemma3")
+    hybrid = prefilled(gemma, GEAR_2BIT, ids, mask).save(tmp_path / "h.safetensors")
+    with pytest.raises(ValueError, match="model_config"):
+        GEARCache.load(hybrid)
+    cache.layers[1].awaiting_attention = True
+    with pytest.raises(ValueError, match="between its decode update and its attention"):
+        cache.save(tmp_path / "mid-step.safetensors")
+    assert not (tmp_path / "mid-step.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- gpu lane

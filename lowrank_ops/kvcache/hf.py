@@ -12,6 +12,9 @@ sliding-window layers uncompressed)::
     out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=64)
     # (``past_key_values=cache`` works as well; transformers 5.x renames it ``cache``)
     cache.memory_report()   # bytes held vs an fp16 cache
+    # prefix caching: a prompt prefilled once (model(prompt_ids, cache=cache)), saved, reused per request
+    cache.save("prompt.safetensors")
+    cache = GEARCache.load("prompt.safetensors", model_config=model.config, device="cuda")
     # assisted decoding (assistant_model=..., prompt_lookup_num_tokens=...) works too: the draft
     # check reads the compressed cache causally and crop() takes rejected tokens back
 
@@ -64,7 +67,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +83,7 @@ from lowrank_ops.kvcache import ops as kv_ops
 from lowrank_ops.kvcache.compress import append_tokens, compress
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
+from lowrank_ops.kvcache.store import Layer, WindowState, load_kv, save_kv
 
 GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
 LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
@@ -288,6 +294,39 @@ class GEARCache(Cache):
             GEARLayer(config, text_config) if kind == "full_attention" else DynamicSlidingWindowLayer(**kwargs)
             for kind, kwargs in zip(layer_types, layer_kwargs)])
 
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the cache to ``path`` (a safetensors file, :func:`lowrank_ops.kvcache.save_kv`): every
+        layer's compressed blocks and tail, and a hybrid model's window layers, bit for bit. Prefix
+        caching: prefill a long prompt once, save, and :meth:`load` it for every later request.
+        The raw tokens kept for ``crop()`` are not saved (a loaded cache can crop its tail only)."""
+        if any(getattr(layer, "awaiting_attention", False) for layer in self.layers):
+            raise ValueError("GEARCache: a layer is between its decode update and its attention; save after the forward")
+        return save_kv([_layer_state(layer) for layer in self.layers], path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], model_config: Optional[PreTrainedConfig] = None,
+             device: Optional[Union[str, torch.device]] = None) -> "GEARCache":
+        """The cache :meth:`save` wrote at ``path``, on ``device`` (default: CPU), ready to continue
+        generation. ``model_config`` (recommended; required for a hybrid model's window layers): the
+        layers are checked against the model's (their count, kinds, windows, kv heads and head dim)
+        and the cache checks the attention implementation as a new one does."""
+        layers = load_kv(path, device)
+        configs = {kv.config for kv in layers if isinstance(kv, GEARKV)}
+        if len(configs) != 1:
+            raise ValueError(f"path: expected the layers of one GEARCache (one GEARConfig), found {len(configs)} configs")
+        cache = cls(configs.pop(), model_config)
+        if model_config is None:
+            if any(isinstance(layer, WindowState) for layer in layers):
+                raise ValueError("model_config: the file holds sliding-window layers; pass the model's config to load it")
+            cache.layers = [GEARLayer(cache.config) for _ in layers]
+        else:
+            _check_layers_fit(layers, cache.layers, model_config.get_text_config(decoder=True))
+        for state, layer in zip(layers, cache.layers):
+            if state is not None:
+                _restore_layer(layer, state)
+        return cache
+
     def layer_caches(self) -> list[GEARKV]:
         """The GEARKV of every GEAR layer filled so far."""
         return [layer.kv for layer in self.layers if getattr(layer, "kv", None) is not None]
@@ -340,6 +379,49 @@ class GEARCache(Cache):
             "bits_per_entry": 8 * nbytes / entries if entries else None,
             "bytes_per_token": nbytes / tokens if tokens else None,
         }
+
+
+def _layer_state(layer: CacheLayerMixin) -> Layer:
+    """What :meth:`GEARCache.save` writes for one layer."""
+    if isinstance(layer, GEARLayer):
+        return layer.kv
+    if not layer.is_initialized:
+        return None
+    return WindowState(layer.keys, layer.values, layer.sliding_window, layer.cumulative_length)
+
+
+def _restore_layer(layer: CacheLayerMixin, state: Layer) -> None:
+    """Put a loaded layer state into a fresh cache layer of its kind."""
+    if isinstance(state, GEARKV):
+        layer.lazy_initialization(state.tail_keys, state.tail_values)
+        layer.kv = state
+    else:
+        layer.lazy_initialization(state.keys, state.values)
+        layer.keys, layer.values, layer.cumulative_length = state.keys, state.values, state.seen
+
+
+def _check_layers_fit(states: list[Layer], layers: list[CacheLayerMixin], text_config: PreTrainedConfig) -> None:
+    """The loaded states against the cache layers ``model_config`` gives, before any is filled."""
+    if len(states) != len(layers):
+        raise ValueError(f"model_config: the model has {len(layers)} cache layers, the file {len(states)}")
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    for i, (state, layer) in enumerate(zip(states, layers)):
+        if state is None:
+            continue
+        model_window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
+        file_window = state.window if isinstance(state, WindowState) else None
+        if model_window != file_window:
+            raise ValueError(f"model_config: layer {i} is a {_layer_kind(model_window)} layer, the file's a "
+                             f"{_layer_kind(file_window)} one")
+        keys = state.keys if file_window else state.tail_keys
+        if (keys.shape[1], keys.shape[3]) != (heads, head_dim):
+            raise ValueError(f"model_config: layer {i} has {heads} kv heads of dim {head_dim}, the file's "
+                             f"{keys.shape[1]} of dim {keys.shape[3]}")
+
+
+def _layer_kind(window: Optional[int]) -> str:
+    return "compressed" if window is None else f"sliding-window ({window} tokens)"
 
 
 # ----------------------------------------------------------------------------- attention
