@@ -74,7 +74,7 @@ WANT=" ${LRO_STEPS:-env build tests $SUITES profile} "
 # with cases the 2026-11-27 runs did not reach or that changed after them (the quant dequant and
 # N:M expand paths), the CUDA-kernel files last (unchanged since they all passed on 2026-11-27)
 GPU_TEST_FILES="tests/test_gpu_kvcache_cuda.py tests/test_gpu_kvcache_attention.py tests/test_kvcache_hf.py tests/test_kernels_kvcache_compress_interp.py
-    tests/test_kernels_kvcache_lowrank_interp.py tests/test_kernels_kvcache_decompress_interp.py
+    tests/test_kernels_kvcache_lowrank_interp.py tests/test_kernels_kvcache_decompress_interp.py tests/test_kvcache_store.py
     tests/test_gpu_quant.py tests/test_gpu_sparse.py tests/test_sparse_ops.py tests/test_sparse_format.py
     tests/test_gpu_lowrank.py tests/test_gpu_cuda_decode.py tests/test_gpu_quant_cuda.py"
 TEST_PATHS=${LRO_TEST_PATHS:-$GPU_TEST_FILES}
