@@ -627,6 +627,29 @@ def test_a_prefilled_prompt_reused_matches_fresh_generation_under_lossless_setti
     assert cache.get_seq_length() == PREFIX  # the copies grew, the shared prefix did not
 
 
+def test_one_document_prefilled_once_answers_a_batch_of_questions():
+    """A batch-1 document cache repeated over the batch (batch_repeat_interleave), questions of
+    different lengths padded between the document and themselves (a key mask with a hole): lossless
+    settings give what DynamicCache gives on the same steps."""
+    model = make_model("llama")
+    doc, _ = prompt(batch=1, length=PREFIX)
+    gen = torch.Generator().manual_seed(6)
+    questions = torch.randint(1, SIZES["vocab_size"], (2, 20), generator=gen)
+    q_mask = torch.ones_like(questions)
+    q_mask[0, :7], questions[0, :7] = 0, 0  # the shorter question, left-padded
+    ids = torch.cat([doc.expand(2, -1), questions], dim=1)
+    mask = torch.cat([torch.ones(2, PREFIX, dtype=torch.long), q_mask], dim=1)
+
+    def answer(cache):
+        model(input_ids=doc, cache=cache)
+        cache.batch_repeat_interleave(2)
+        return generate(model, cache, ids, mask)
+
+    model.set_attn_implementation("sdpa")
+    expected = answer(DynamicCache(config=model.config))
+    assert torch.equal(answer(gear_cache(model, LOSSLESS_4BIT)), expected)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_a_saved_cache_continues_exactly_as_the_one_it_was_saved_from(family, tmp_path):
     """Bit-exact under lossy 2-bit settings: the file is the cache's state (compressed blocks, tail,
