@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 from lowrank_ops.core.backend import use_backend  # noqa: E402
 from lowrank_ops.kvcache import GEARConfig, ops  # noqa: E402
@@ -175,8 +175,8 @@ def test_hybrid_models_compress_their_full_attention_layers_only(family):
     window = next(layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer))
     assert window.keys.shape[2] < PROMPT  # the window layer really drops old tokens
     report = cache.memory_report()
-    assert report["window_nbytes"] == window.keys.nbytes + window.values.nbytes > 0
-    assert report["nbytes"] == sum(kv.nbytes for kv in cache.layer_caches()) + report["window_nbytes"]
+    assert report["uncompressed_nbytes"] == window.keys.nbytes + window.values.nbytes > 0
+    assert report["nbytes"] == sum(kv.nbytes for kv in cache.layer_caches()) + report["uncompressed_nbytes"]
     assert report["layers"] == 1 and report["seq_len"] == PROMPT + NEW - 1
 
 
@@ -599,14 +599,51 @@ def test_gear_cache_resolves_lazily_from_the_package():
     assert lowrank_ops.GEARCache is GEARCache
 
 
+# ----------------------------------------------------------------------------- per-layer settings
+def test_layer_configs_set_each_layer_or_keep_it_uncompressed():
+    """Layer 0 lossless 4-bit, layer 1 (as -1) uncompressed: DynamicCache's tokens; the report
+    counts the uncompressed layer's tensors as they are."""
+    model = make_model("llama")
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask)
+    model.set_attn_implementation(GEAR_ATTENTION)
+    cache = GEARCache(GEAR_2BIT, model_config=model.config, layer_configs={0: LOSSLESS_4BIT, -1: None})
+    assert torch.equal(generate(model, cache, ids, mask), expected)
+    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].kv.config == LOSSLESS_4BIT
+    assert type(cache.layers[1]) is DynamicLayer and cache.layers[1].keys.shape[2] == PROMPT + NEW - 1
+    report = cache.memory_report()
+    assert report["layers"] == 1
+    assert report["uncompressed_nbytes"] == cache.layers[1].keys.nbytes + cache.layers[1].values.nbytes
+    assert report["nbytes"] == cache.layers[0].kv.nbytes + report["uncompressed_nbytes"]
+
+
+def test_layer_configs_refusals():
+    config = make_model("llama").config
+    with pytest.raises(ValueError, match="need model_config"):
+        GEARCache(GEAR_2BIT, layer_configs={0: None})
+    with pytest.raises(TypeError, match="layer_configs: expected a mapping"):
+        GEARCache(GEAR_2BIT, model_config=config, layer_configs=[None])
+    with pytest.raises(ValueError, match=r"expected layer indices in \[-2, 2\), got 2"):
+        GEARCache(GEAR_2BIT, model_config=config, layer_configs={2: None})
+    with pytest.raises(ValueError, match="layer 0 is given twice"):
+        GEARCache(GEAR_2BIT, model_config=config, layer_configs={0: None, -2: GEAR_2BIT})
+    with pytest.raises(TypeError, match=r"layer_configs\[1\]: expected a GEARConfig or None, got dict"):
+        GEARCache(GEAR_2BIT, model_config=config, layer_configs={1: {"bits": 4}})
+    with pytest.raises(ValueError, match="leaves no layer compressed"):
+        GEARCache(GEAR_2BIT, model_config=config, layer_configs={0: None, 1: None})
+    with pytest.raises(ValueError, match="layer 0 is a sliding_attention layer"):
+        GEARCache(GEAR_2BIT, model_config=make_model("gemma3").config, layer_configs={0: GEAR_2BIT})
+
+
 # ----------------------------------------------------------------------------- a prompt prefilled once, reused
 PREFIX = 50  # prompt tokens prefilled into the reused cache (past the hybrids' 24-token window)
 
 
-def prefilled(model, config: GEARConfig, ids, mask) -> GEARCache:
+def prefilled(model, config: GEARConfig, ids, mask, layer_configs=None) -> GEARCache:
     """A cache holding the prompt's first PREFIX tokens (one forward, as a server prefills a shared
     document once), with the positions generate() gives them."""
-    cache = gear_cache(model, config)
+    model.set_attn_implementation(GEAR_ATTENTION)
+    cache = GEARCache(config, model_config=model.config, layer_configs=layer_configs)
     pos = (mask[:, :PREFIX].cumsum(-1) - 1).clamp(min=0)
     model(input_ids=ids[:, :PREFIX], attention_mask=mask[:, :PREFIX], position_ids=pos, cache=cache)
     return cache
@@ -650,14 +687,21 @@ def test_one_document_prefilled_once_answers_a_batch_of_questions():
     assert torch.equal(answer(gear_cache(model, LOSSLESS_4BIT)), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_a_saved_cache_continues_exactly_as_the_one_it_was_saved_from(family, tmp_path):
+@pytest.mark.parametrize("family, layer_configs", [
+    ("llama", None), ("gemma3", None), ("llama", {0: dataclasses.replace(GEAR_2BIT, bits=4), 1: None})],
+    ids=["llama", "gemma3", "llama-per-layer"])
+def test_a_saved_cache_continues_exactly_as_the_one_it_was_saved_from(family, layer_configs, tmp_path):
     """Bit-exact under lossy 2-bit settings: the file is the cache's state (compressed blocks, tail,
-    and a hybrid's window layer)."""
+    a hybrid's window layer, per-layer settings and uncompressed layers)."""
     model = make_model(family)
     ids, mask = prompt()
-    cache = prefilled(model, GEAR_2BIT, ids, mask)
-    loaded = GEARCache.load(cache.save(tmp_path / "prompt.safetensors"), model_config=model.config)
+    cache = prefilled(model, GEAR_2BIT, ids, mask, layer_configs)
+    path = cache.save(tmp_path / "prompt.safetensors")
+    loaded = GEARCache.load(path, model_config=model.config)
+    if layer_configs is not None:  # without model_config the file alone gives the same layers
+        bare = GEARCache.load(path)
+        assert [type(layer) for layer in bare.layers] == [GEARLayer, DynamicLayer]
+        assert bare.layers[0].kv.config.bits == 4 and bare.nbytes == cache.nbytes
     assert loaded.get_seq_length() == PREFIX and loaded.nbytes == cache.nbytes
     assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in cache.layers]
     expected = generate(model, cache, ids, mask, output_logits=True, return_dict_in_generate=True)
@@ -687,7 +731,7 @@ def test_saving_and_loading_refusals(tmp_path):
         GEARCache.load(path, model_config=make_model("llama", num_key_value_heads=1).config)
     with pytest.raises(ValueError, match="has 3 cache layers, the file 2"):
         GEARCache.load(path, model_config=make_model("llama", num_hidden_layers=3).config)
-    with pytest.raises(ValueError, match=r"layer 0 is a sliding-window \(24 tokens\) layer, the file's a compressed"):
+    with pytest.raises(ValueError, match=r"layer 0 is a sliding-window \(24 tokens\) layer, the file's a full-attention one"):
         GEARCache.load(path, model_config=make_model("gemma3").config)
     gemma = make_model("gemma3")
     hybrid = prefilled(gemma, GEAR_2BIT, ids, mask).save(tmp_path / "h.safetensors")

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowrank_ops.core.files import write_file
-from lowrank_ops.kvcache import GEARConfig, GEARKV, WindowState, compress, load_kv, save_kv
+from lowrank_ops.kvcache import GEARConfig, GEARKV, UncompressedState, compress, load_kv, save_kv
 from lowrank_ops.kvcache.format import TENSOR_FIELDS
 from lowrank_ops.kvcache.store import STORE_KEY, STORE_VERSION
 
@@ -69,15 +69,18 @@ def test_roundtrip_is_bit_exact_and_keeps_growing_alike(tmp_path, t, name, dtype
     assert_same_cache(loaded.append(*more), kv.append(*more))
 
 
-def test_several_layers_windows_and_empty_layers(tmp_path):
-    kvs = [compress(*kv_pair(1, 90, seed=i), GEARConfig()) for i in range(2)]
-    window = WindowState(*kv_pair(1, 24, dtype=torch.float32, seed=5), window=25, seen=90)
-    layers = load_kv(save_kv([kvs[0], window, None, kvs[1]], tmp_path / "kv.safetensors"))
-    assert [type(x).__name__ for x in layers] == ["GEARKV", "WindowState", "NoneType", "GEARKV"]
+def test_several_layers_uncompressed_and_empty_layers(tmp_path):
+    kvs = [compress(*kv_pair(1, 90, seed=i), GEARConfig(bits=2 + 2 * i)) for i in range(2)]  # per-layer configs
+    window = UncompressedState(*kv_pair(1, 24, dtype=torch.float32, seed=5), window=25, seen=90)
+    full = UncompressedState(*kv_pair(1, 90, seed=6), window=None, seen=90)
+    layers = load_kv(save_kv([kvs[0], window, None, kvs[1], full], tmp_path / "kv.safetensors"))
+    assert [type(x).__name__ for x in layers] == ["GEARKV", "UncompressedState", "NoneType", "GEARKV",
+                                                  "UncompressedState"]
     assert_same_cache(layers[0], kvs[0])
     assert_same_cache(layers[3], kvs[1])
-    assert torch.equal(layers[1].keys, window.keys) and torch.equal(layers[1].values, window.values)
-    assert (layers[1].window, layers[1].seen) == (25, 90)
+    for got, saved in ((layers[1], window), (layers[4], full)):
+        assert torch.equal(got.keys, saved.keys) and torch.equal(got.values, saved.values)
+        assert (got.window, got.seen) == (saved.window, saved.seen)
 
 
 def test_only_the_valid_tail_rows_are_written(tmp_path):
@@ -113,8 +116,10 @@ def test_bad_arguments(saved, tmp_path):
         load_kv(path, device=3)
     with pytest.raises(FileNotFoundError, match="no KV-cache file"):
         load_kv(tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="seen"):
-        save_kv([WindowState(*kv_pair(1, 24), window=25, seen=10)], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="seen: expected an int >= the 24 tokens kept"):
+        save_kv([UncompressedState(*kv_pair(1, 24), window=25, seen=10)], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="seen: expected 24 .a full layer keeps every token"):
+        save_kv([UncompressedState(*kv_pair(1, 24), window=None, seen=30)], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -161,7 +166,7 @@ def _set_channel(tensors, value, slot=0):
     (lambda e, t: t.pop("layers.0.value_zero"), "expected tensors"),
     (lambda e, t: t.update({"layers.0.key_scale": t["layers.0.key_scale"][:, :, 1:].clone()}), "key_scale: expected shape"),
     (lambda e, t: t.update({"layers.3.keys": torch.zeros(1)}), "of no listed layer"),
-    (lambda e, t: e.append({"kind": "window", "window": 8, "seen": 1}), "expected tensors"),
+    (lambda e, t: e.append({"kind": "uncompressed", "window": 8, "seen": 1}), "expected tensors"),
 ])
 def test_inconsistent_files_are_refused(saved, tmp_path, edit, match):
     _, path = saved

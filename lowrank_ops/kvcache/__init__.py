@@ -12,7 +12,7 @@ from lowrank_ops.kvcache.compress import compress
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
 from lowrank_ops.kvcache.ops import attention, attention_reference
-from lowrank_ops.kvcache.store import WindowState, load_kv, save_kv
+from lowrank_ops.kvcache.store import UncompressedState, load_kv, save_kv
 
-__all__ = ["GEARConfig", "GEARKV", "WindowState", "attention", "attention_reference", "compress", "dense_nbytes",
+__all__ = ["GEARConfig", "GEARKV", "UncompressedState", "attention", "attention_reference", "compress", "dense_nbytes",
            "load_kv", "save_kv"]

@@ -23,7 +23,8 @@ How a decode step reads the compressed cache
 * Every full-attention decoder layer has a :class:`GEARLayer` holding one
   :class:`~lowrank_ops.kvcache.GEARKV`. Sliding-window and chunked layers of a hybrid model
   (given ``model_config``) keep transformers' ``DynamicSlidingWindowLayer``: at most their window,
-  uncompressed, attended by SDPA; ``memory_report()`` counts them (``window_nbytes``).
+  uncompressed, attended by SDPA; ``memory_report()`` counts them (``uncompressed_nbytes``).
+  ``layer_configs`` gives full-attention layers their own settings or keeps them uncompressed.
 * Attention sinks (gpt-oss's ``s_aux``: one more softmax logit per query head, without a value)
   go into the compressed-cache attention (``sinks=``) on decode steps and into an fp32 softmax
   attention on uncompressed K/V otherwise (SDPA has none). Attention math that neither computes
@@ -69,12 +70,13 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer,
+                                      get_layer_types_and_kwargs)
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -83,7 +85,7 @@ from lowrank_ops.kvcache import ops as kv_ops
 from lowrank_ops.kvcache.compress import append_tokens, compress
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
-from lowrank_ops.kvcache.store import Layer, WindowState, load_kv, save_kv
+from lowrank_ops.kvcache.store import Layer, UncompressedState, load_kv, save_kv
 
 GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
 LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
@@ -269,19 +271,24 @@ class GEARCache(Cache):
     chunked layer of a hybrid model (:data:`WINDOW_LAYER_TYPES`), and a check that the attention
     implementation is "gear" at every update. Without it, every layer is a GEARLayer, made lazily
     (a sliding-window layer is then refused once its cache outgrows the window).
+    ``layer_configs`` (needs ``model_config``): per-layer settings for full-attention layers,
+    ``{layer index: GEARConfig or None}`` (negative indices count from the last layer); None keeps
+    that layer uncompressed (transformers' ``DynamicLayer``, attended by SDPA), e.g.
+    ``{0: GEARConfig(bits=4), -1: None}``; the other layers take ``config``.
     """
 
-    def __init__(self, config: Optional[GEARConfig] = None, model_config: Optional[PreTrainedConfig] = None):
+    def __init__(self, config: Optional[GEARConfig] = None, model_config: Optional[PreTrainedConfig] = None,
+                 layer_configs: Optional[Mapping[int, Optional[GEARConfig]]] = None):
         config = GEARConfig() if config is None else config
         if not isinstance(config, GEARConfig):
             raise TypeError(f"config: expected a lowrank_ops.kvcache.GEARConfig, got {type(config).__name__}")
         self.config = config
         if model_config is None:
+            if layer_configs is not None:
+                raise ValueError("layer_configs: per-layer settings need model_config (the model's layers)")
             super().__init__(layer_class_to_replicate=functools.partial(GEARLayer, config))
             return
-        if not isinstance(model_config, PreTrainedConfig):
-            raise TypeError(f"model_config: expected a transformers PreTrainedConfig, got {type(model_config).__name__}")
-        text_config = model_config.get_text_config(decoder=True)
+        text_config = _text_config(model_config)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         other = sorted(set(layer_types) - {"full_attention", *WINDOW_LAYER_TYPES})
         if other:
@@ -290,16 +297,19 @@ class GEARCache(Cache):
         if "full_attention" not in layer_types:
             raise ValueError(f"model_config: no full-attention layer to compress, only {sorted(set(layer_types))} "
                              "(each holds at most its window): use transformers' DynamicCache")
+        configs = _per_layer_configs(layer_configs, layer_types, config)
         super().__init__(layers=[
-            GEARLayer(config, text_config) if kind == "full_attention" else DynamicSlidingWindowLayer(**kwargs)
-            for kind, kwargs in zip(layer_types, layer_kwargs)])
+            DynamicSlidingWindowLayer(**kwargs) if kind in WINDOW_LAYER_TYPES
+            else DynamicLayer() if cfg is None else GEARLayer(cfg, text_config)
+            for kind, kwargs, cfg in zip(layer_types, layer_kwargs, configs)])
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the cache to ``path`` (a safetensors file, :func:`lowrank_ops.kvcache.save_kv`): every
-        layer's compressed blocks and tail, and a hybrid model's window layers, bit for bit. Prefix
-        caching: prefill a long prompt once, save, and :meth:`load` it for every later request.
-        The raw tokens kept for ``crop()`` are not saved (a loaded cache can crop its tail only)."""
+        layer's compressed blocks and tail with its settings, and the uncompressed layers (a hybrid
+        model's windows, layers configured None), bit for bit. Prefix caching: prefill a long
+        prompt once, save, and :meth:`load` it for every later request. The raw tokens kept for
+        ``crop()`` are not saved (a loaded cache can crop its tail only)."""
         if any(getattr(layer, "awaiting_attention", False) for layer in self.layers):
             raise ValueError("GEARCache: a layer is between its decode update and its attention; save after the forward")
         return save_kv([_layer_state(layer) for layer in self.layers], path)
@@ -308,39 +318,54 @@ class GEARCache(Cache):
     def load(cls, path: Union[str, os.PathLike], model_config: Optional[PreTrainedConfig] = None,
              device: Optional[Union[str, torch.device]] = None) -> "GEARCache":
         """The cache :meth:`save` wrote at ``path``, on ``device`` (default: CPU), ready to continue
-        generation. ``model_config`` (recommended; required for a hybrid model's window layers): the
-        layers are checked against the model's (their count, kinds, windows, kv heads and head dim)
-        and the cache checks the attention implementation as a new one does."""
-        layers = load_kv(path, device)
-        configs = {kv.config for kv in layers if isinstance(kv, GEARKV)}
-        if len(configs) != 1:
-            raise ValueError(f"path: expected the layers of one GEARCache (one GEARConfig), found {len(configs)} configs")
-        cache = cls(configs.pop(), model_config)
+        generation, with each layer's settings as saved. ``model_config`` (recommended; required
+        for a hybrid model's window layers): the layers are checked against the model's (their
+        count, kinds, windows, kv heads and head dim) and the cache checks the attention
+        implementation as a new one does."""
+        states = load_kv(path, device)
+        configs = [state.config for state in states if isinstance(state, GEARKV)]
+        if not configs:
+            raise ValueError(f"path: expected a GEARCache's layers, found no compressed one in {str(path)!r}")
+        full_uncompressed = {i for i, state in enumerate(states) if isinstance(state, UncompressedState)
+                             and state.window is None}
         if model_config is None:
-            if any(isinstance(layer, WindowState) for layer in layers):
+            if any(isinstance(state, UncompressedState) and state.window is not None for state in states):
                 raise ValueError("model_config: the file holds sliding-window layers; pass the model's config to load it")
-            cache.layers = [GEARLayer(cache.config) for _ in layers]
+            cache = cls(configs[0])
+            cache.layers = [DynamicLayer() if i in full_uncompressed
+                            else GEARLayer(state.config if isinstance(state, GEARKV) else cache.config)
+                            for i, state in enumerate(states)]
         else:
-            _check_layers_fit(layers, cache.layers, model_config.get_text_config(decoder=True))
-        for state, layer in zip(layers, cache.layers):
+            layer_types = get_layer_types_and_kwargs(_text_config(model_config))[0]
+            if len(states) != len(layer_types):
+                raise ValueError(f"model_config: the model has {len(layer_types)} cache layers, the file {len(states)}")
+            per_layer: dict[int, Optional[GEARConfig]] = {}
+            for i, kind in enumerate(layer_types):  # the file says which full-attention layers it compressed, and how
+                if kind == "full_attention" and (i in full_uncompressed or isinstance(states[i], GEARKV)):
+                    per_layer[i] = None if i in full_uncompressed else states[i].config
+            cache = cls(configs[0], model_config, per_layer)
+            _check_layers_fit(states, cache.layers, _text_config(model_config))
+        for state, layer in zip(states, cache.layers):
             if state is not None:
                 _restore_layer(layer, state)
         return cache
 
+    # ------------------------------------------------------------------ bytes
     def layer_caches(self) -> list[GEARKV]:
         """The GEARKV of every GEAR layer filled so far."""
         return [layer.kv for layer in self.layers if getattr(layer, "kv", None) is not None]
 
-    def window_states(self) -> list[Tensor]:
-        """The uncompressed keys and values of every filled window layer (:data:`WINDOW_LAYER_TYPES`)."""
-        return [t for layer in self.layers if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized
+    def uncompressed_states(self) -> list[Tensor]:
+        """The keys and values of every filled layer kept uncompressed (window layers of a hybrid
+        model, layers ``layer_configs`` leaves uncompressed)."""
+        return [t for layer in self.layers if isinstance(layer, DynamicLayer) and layer.is_initialized
                 for t in (layer.keys, layer.values)]
 
     @property
     def nbytes(self) -> int:
         """Bytes of every key and value the cache holds: the GEAR layers' (codes, scales, zeros,
-        outliers, factors, tail buffers) and the window layers' uncompressed tensors."""
-        return sum(kv.nbytes for kv in self.layer_caches()) + sum(t.nbytes for t in self.window_states())
+        outliers, factors, tail buffers) and the uncompressed layers' tensors."""
+        return sum(kv.nbytes for kv in self.layer_caches()) + sum(t.nbytes for t in self.uncompressed_states())
 
     @property
     def rollback_nbytes(self) -> int:
@@ -350,28 +375,28 @@ class GEARCache(Cache):
         return sum(r.keys.nbytes + r.values.nbytes for r in records)
 
     def memory_report(self) -> dict[str, Any]:
-        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, window_nbytes,
+        """Bytes held vs an uncompressed cache: ``{layers, batch, seq_len, nbytes, uncompressed_nbytes,
         rollback_nbytes, fp16_nbytes, dense_nbytes, ratio_vs_fp16, bits_per_entry,
         bytes_per_token}``. ``layers``: the filled GEAR layers; ``nbytes``: every layer's (the
-        compressed format's, and the window layers' uncompressed ``window_nbytes``);
+        compressed format's, and the uncompressed layers' ``uncompressed_nbytes``);
         ``rollback_nbytes``: the raw tokens kept for crop() on top of it (:attr:`rollback_nbytes`);
         ``fp16_nbytes``: the same K/V in fp16 (window layers: their window); ``dense_nbytes``: in
         the model's dtype (what ``DynamicCache`` holds); ``bytes_per_token``: all layers, one sequence."""
         kvs = self.layer_caches()
-        windows = self.window_states()
+        kept = self.uncompressed_states()
         fp16 = (sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim) for kv in kvs)
-                + sum(2 * t.numel() for t in windows))
+                + sum(2 * t.numel() for t in kept))
         dense = (sum(dense_nbytes(kv.batch, kv.kv_heads, kv.seq_len, kv.head_dim, kv.dtype) for kv in kvs)
-                 + sum(t.nbytes for t in windows))
+                 + sum(t.nbytes for t in kept))
         nbytes = self.nbytes
-        entries = sum(2 * kv.batch * kv.kv_heads * kv.seq_len * kv.head_dim for kv in kvs) + sum(t.numel() for t in windows)
+        entries = sum(2 * kv.batch * kv.kv_heads * kv.seq_len * kv.head_dim for kv in kvs) + sum(t.numel() for t in kept)
         tokens = kvs[0].batch * kvs[0].seq_len if kvs else 0
         return {
             "layers": len(kvs),
             "batch": kvs[0].batch if kvs else 0,
             "seq_len": kvs[0].seq_len if kvs else 0,
             "nbytes": nbytes,
-            "window_nbytes": sum(t.nbytes for t in windows),
+            "uncompressed_nbytes": sum(t.nbytes for t in kept),
             "rollback_nbytes": self.rollback_nbytes,
             "fp16_nbytes": fp16,
             "dense_nbytes": dense,
@@ -381,13 +406,51 @@ class GEARCache(Cache):
         }
 
 
+def _text_config(model_config: object) -> PreTrainedConfig:
+    """The decoder's config of ``model_config`` (a transformers config)."""
+    if not isinstance(model_config, PreTrainedConfig):
+        raise TypeError(f"model_config: expected a transformers PreTrainedConfig, got {type(model_config).__name__}")
+    return model_config.get_text_config(decoder=True)
+
+
+def _per_layer_configs(layer_configs: Optional[Mapping[int, Optional[GEARConfig]]], layer_types: list[str],
+                       default: GEARConfig) -> list[Optional[GEARConfig]]:
+    """Each layer's GEARConfig (None: kept uncompressed) from ``layer_configs`` over ``default``."""
+    n = len(layer_types)
+    configs: list[Optional[GEARConfig]] = [default] * n
+    if layer_configs is None:
+        return configs
+    if not isinstance(layer_configs, Mapping):
+        raise TypeError(f"layer_configs: expected a mapping of layer index -> GEARConfig or None, got "
+                        f"{type(layer_configs).__name__}")
+    seen: set[int] = set()
+    for index, cfg in layer_configs.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise ValueError(f"layer_configs: expected layer indices in [-{n}, {n}), got {index!r}")
+        if cfg is not None and not isinstance(cfg, GEARConfig):
+            raise TypeError(f"layer_configs[{index}]: expected a GEARConfig or None, got {type(cfg).__name__}")
+        i = index % n
+        if i in seen:
+            raise ValueError(f"layer_configs: layer {i} is given twice (as {index} and as {i - n if index >= 0 else i})")
+        if layer_types[i] != "full_attention":
+            raise ValueError(f"layer_configs: layer {i} is a {layer_types[i]} layer (kept uncompressed), "
+                             "expected a full-attention one")
+        seen.add(i)
+        configs[i] = cfg
+    if all(cfg is None for cfg, kind in zip(configs, layer_types) if kind == "full_attention"):
+        raise ValueError("layer_configs: leaves no layer compressed; use transformers' DynamicCache")
+    return configs
+
+
 def _layer_state(layer: CacheLayerMixin) -> Layer:
     """What :meth:`GEARCache.save` writes for one layer."""
     if isinstance(layer, GEARLayer):
         return layer.kv
     if not layer.is_initialized:
         return None
-    return WindowState(layer.keys, layer.values, layer.sliding_window, layer.cumulative_length)
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return UncompressedState(layer.keys, layer.values, layer.sliding_window, layer.cumulative_length)
+    return UncompressedState(layer.keys, layer.values, None, layer.keys.shape[2])
 
 
 def _restore_layer(layer: CacheLayerMixin, state: Layer) -> None:
@@ -395,33 +458,33 @@ def _restore_layer(layer: CacheLayerMixin, state: Layer) -> None:
     if isinstance(state, GEARKV):
         layer.lazy_initialization(state.tail_keys, state.tail_values)
         layer.kv = state
-    else:
-        layer.lazy_initialization(state.keys, state.values)
-        layer.keys, layer.values, layer.cumulative_length = state.keys, state.values, state.seen
+        return
+    layer.lazy_initialization(state.keys, state.values)
+    layer.keys, layer.values = state.keys, state.values
+    if state.window is not None:
+        layer.cumulative_length = state.seen
 
 
 def _check_layers_fit(states: list[Layer], layers: list[CacheLayerMixin], text_config: PreTrainedConfig) -> None:
     """The loaded states against the cache layers ``model_config`` gives, before any is filled."""
-    if len(states) != len(layers):
-        raise ValueError(f"model_config: the model has {len(layers)} cache layers, the file {len(states)}")
     heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     for i, (state, layer) in enumerate(zip(states, layers)):
         if state is None:
             continue
         model_window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-        file_window = state.window if isinstance(state, WindowState) else None
+        file_window = state.window if isinstance(state, UncompressedState) else None
         if model_window != file_window:
             raise ValueError(f"model_config: layer {i} is a {_layer_kind(model_window)} layer, the file's a "
                              f"{_layer_kind(file_window)} one")
-        keys = state.keys if file_window else state.tail_keys
+        keys = state.keys if isinstance(state, UncompressedState) else state.tail_keys
         if (keys.shape[1], keys.shape[3]) != (heads, head_dim):
             raise ValueError(f"model_config: layer {i} has {heads} kv heads of dim {head_dim}, the file's "
                              f"{keys.shape[1]} of dim {keys.shape[3]}")
 
 
 def _layer_kind(window: Optional[int]) -> str:
-    return "compressed" if window is None else f"sliding-window ({window} tokens)"
+    return "full-attention" if window is None else f"sliding-window ({window} tokens)"
 
 
 # ----------------------------------------------------------------------------- attention

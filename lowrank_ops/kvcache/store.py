@@ -12,8 +12,9 @@ header (metadata key :data:`STORE_KEY`) lists per layer its kind and what is not
 * ``gear``: a :class:`~lowrank_ops.kvcache.GEARKV`, its :class:`GEARConfig` fields and
   ``tail_len``. Only the tail's ``tail_len`` valid tokens are written (a cropped tail's stale
   rows are not); the loader rebuilds the B-token tail buffer around them.
-* ``window``: a :class:`WindowState`, the uncompressed keys and values a hybrid model's
-  sliding-window layer holds (written by :meth:`lowrank_ops.kvcache.hf.GEARCache.save`).
+* ``uncompressed``: an :class:`UncompressedState`, the keys and values a layer keeps as they
+  are: a hybrid model's sliding-window layer, or a layer its ``GEARCache`` leaves uncompressed
+  (written by :meth:`lowrank_ops.kvcache.hf.GEARCache.save`).
 * ``empty``: a layer with nothing cached yet.
 
 A loaded layer is checked as a fresh one is (:meth:`GEARKV.validate`: every shape and dtype
@@ -42,13 +43,14 @@ _TAILS = ("tail_keys", "tail_values")
 
 
 @dataclass
-class WindowState:
-    """A sliding-window layer's uncompressed cache: ``keys``/``values`` (batch, kv_heads, n,
-    head_dim), the layer's ``window`` and the tokens it has ``seen`` (n of them are kept)."""
+class UncompressedState:
+    """A layer's uncompressed cache: ``keys``/``values`` (batch, kv_heads, n, head_dim), the
+    layer's sliding ``window`` (None: a full-attention layer, which keeps every token) and the
+    tokens it has ``seen`` (n of them are kept)."""
 
     keys: Tensor
     values: Tensor
-    window: int
+    window: Optional[int]
     seen: int
 
     def validate(self) -> None:
@@ -61,13 +63,17 @@ class WindowState:
         if self.values.shape != self.keys.shape or self.values.dtype != self.keys.dtype:
             raise ValueError(f"values: expected the shape and dtype of keys {tuple(self.keys.shape)} {self.keys.dtype}, "
                              f"got {tuple(self.values.shape)} {self.values.dtype}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window: expected a positive int, got {self.window!r}")
-        if isinstance(self.seen, bool) or not isinstance(self.seen, int) or self.seen < self.keys.shape[2]:
-            raise ValueError(f"seen: expected an int >= the {self.keys.shape[2]} tokens kept, got {self.seen!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ValueError(f"window: expected a positive int or None, got {self.window!r}")
+        kept = self.keys.shape[2]
+        if isinstance(self.seen, bool) or not isinstance(self.seen, int) or self.seen < kept or (
+                self.window is None and self.seen != kept):
+            expected = f"{kept} (a full layer keeps every token)" if self.window is None else f"an int >= the {kept} tokens kept"
+            raise ValueError(f"seen: expected {expected}, got {self.seen!r}")
 
 
-Layer = Union[GEARKV, WindowState, None]
+Layer = Union[GEARKV, UncompressedState, None]
 
 
 def _layer_record(i: int, layer: object) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -75,21 +81,21 @@ def _layer_record(i: int, layer: object) -> tuple[dict[str, Any], dict[str, Tens
     prefix = f"layers.{i}."
     if layer is None:
         return {"kind": "empty"}, {}
-    if isinstance(layer, WindowState):
+    if isinstance(layer, UncompressedState):
         layer.validate()
         tensors = {"keys": layer.keys, "values": layer.values}
-        entry = {"kind": "window", "window": layer.window, "seen": layer.seen}
+        entry = {"kind": "uncompressed", "window": layer.window, "seen": layer.seen}
     elif isinstance(layer, GEARKV):
         tensors = {name: t[:, :, : layer.tail_len] if name in _TAILS else t for name, t in layer.tensors().items()}
         entry = {"kind": "gear", "config": dataclasses.asdict(layer.config), "tail_len": layer.tail_len}
     else:
-        raise TypeError(f"layers[{i}]: expected a GEARKV, a WindowState or None, got {type(layer).__name__}")
+        raise TypeError(f"layers[{i}]: expected a GEARKV, an UncompressedState or None, got {type(layer).__name__}")
     return entry, {prefix + name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
 def save_kv(layers: Union[GEARKV, Sequence[Layer]], path: Union[str, os.PathLike]) -> Path:
     """Write one or several layers' compressed caches (a GEARKV, or a sequence of GEARKV /
-    :class:`WindowState` / None) to ``path``, a safetensors file (see the module docstring).
+    :class:`UncompressedState` / None) to ``path``, a safetensors file (see the module docstring).
     Returns the path. The layers are not changed."""
     if isinstance(layers, GEARKV):
         layers = [layers]
@@ -136,15 +142,15 @@ def _gear_layer(entry: dict[str, Any], tensors: dict[str, Tensor]) -> GEARKV:
 def _build_layer(entry: object, tensors: dict[str, Tensor]) -> Layer:
     """A layer from its header entry and its tensors (names without the ``layers.<i>.`` prefix)."""
     kind = entry.get("kind") if isinstance(entry, dict) else None
-    expected = {"empty": (), "window": ("keys", "values"), "gear": TENSOR_FIELDS}.get(kind)
+    expected = {"empty": (), "uncompressed": ("keys", "values"), "gear": TENSOR_FIELDS}.get(kind)
     if expected is None:
-        raise ValueError(f"unknown kind in {entry!r} (expected 'gear', 'window' or 'empty')")
+        raise ValueError(f"unknown kind in {entry!r} (expected 'gear', 'uncompressed' or 'empty')")
     if set(tensors) != set(expected):
         raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
     if kind == "empty":
         return None
-    if kind == "window":
-        state = WindowState(tensors["keys"], tensors["values"], entry.get("window"), entry.get("seen"))
+    if kind == "uncompressed":
+        state = UncompressedState(tensors["keys"], tensors["values"], entry.get("window"), entry.get("seen"))
         state.validate()
         return state
     return _gear_layer(entry, tensors)
@@ -152,7 +158,7 @@ def _build_layer(entry: object, tensors: dict[str, Tensor]) -> Layer:
 
 def load_kv(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> list[Layer]:
     """The layers saved by :func:`save_kv` at ``path``, on ``device`` (default: CPU): a GEARKV per
-    compressed layer, a :class:`WindowState` per sliding-window layer, None per empty one.
+    compressed layer, an :class:`UncompressedState` per layer kept uncompressed, None per empty one.
     ``ValueError`` naming what is wrong for a foreign, damaged or inconsistent file."""
     path = check_path(path)
     if device is not None and not isinstance(device, (str, torch.device)):
