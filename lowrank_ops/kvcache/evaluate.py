@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -116,12 +116,14 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
     return ((approx.double() - exact.double()).norm() / exact.double().norm()).item()
 
 
-def errors(captured: Captured, config: GEARConfig) -> KVError:
-    """Compress every layer's keys and values with ``config`` and measure (see the module docstring)."""
+def errors(captured: Captured, config: GEARConfig, layer_configs: Optional[Mapping[int, GEARConfig]] = None) -> KVError:
+    """Compress every layer's keys and values with ``config`` (layer i with ``layer_configs[i]``
+    where given, as :class:`~lowrank_ops.kvcache.hf.GEARCache` does) and measure (see the module docstring)."""
     mask = captured.mask
     totals = torch.zeros(5, dtype=torch.float64)
-    for q, k, v in captured.layers:
-        kv = compress(to_cache_heads(k, captured), to_cache_heads(v, captured), config)
+    layer_configs = layer_configs or {}
+    for i, (q, k, v) in enumerate(captured.layers):
+        kv = compress(to_cache_heads(k, captured), to_cache_heads(v, captured), layer_configs.get(i, config))
         k_hat, v_hat = (from_cache_heads(t) for t in kv.decompress(torch.float32))
         exact = model_attention(q, k.half(), v.half(), captured)
         tail = kv.tail_keys.nbytes + kv.tail_values.nbytes
