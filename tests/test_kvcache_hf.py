@@ -635,6 +635,49 @@ def test_layer_configs_refusals():
         GEARCache(GEAR_2BIT, model_config=make_model("gemma3").config, layer_configs={0: GEAR_2BIT})
 
 
+# ----------------------------------------------------------------------------- quality on the user's text
+def test_cache_quality_is_exact_for_lossless_settings_and_measures_2bit_loss():
+    from lowrank_ops.kvcache.hf_quality import cache_quality
+
+    model = make_model("llama")
+    ids, _ = prompt(batch=2, pad=0)
+    lossless = cache_quality(model, ids, LOSSLESS_4BIT, prefill=40)
+    assert lossless.tokens == 2 * (PROMPT - 40)
+    assert lossless.perplexity_gear == pytest.approx(lossless.perplexity_dense, rel=1e-5)
+    assert abs(lossless.kl) < 1e-7 and lossless.top1_agreement == 1.0
+    lossy = cache_quality(model, ids, GEAR_2BIT, prefill=40)
+    assert lossy.perplexity_dense == lossless.perplexity_dense
+    assert lossy.kl > 1e3 * max(abs(lossless.kl), 1e-12) and lossy.ratio_vs_fp16 < lossless.ratio_vs_fp16
+    # per-layer settings reach the cache: the second layer uncompressed loses less than both at 2 bits
+    mixed = cache_quality(model, ids, GEAR_2BIT, prefill=40, layer_configs={1: None})
+    assert 0 < mixed.kl < lossy.kl
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_cache_quality_refusals_leave_the_model_as_it_was(monkeypatch):
+    from lowrank_ops.kvcache.hf_quality import cache_quality
+
+    model = make_model("llama")
+    ids, _ = prompt(batch=1, pad=0)
+    with pytest.raises(ValueError, match="prefill"):
+        cache_quality(model, ids, GEAR_2BIT, prefill=PROMPT)
+    with pytest.raises(TypeError, match="input_ids"):
+        cache_quality(model, ids.float(), GEAR_2BIT, prefill=10)
+    with pytest.raises(TypeError, match="model"):
+        cache_quality(torch.nn.Linear(2, 2), ids, GEAR_2BIT, prefill=10)
+    with pytest.raises(ValueError, match="layer_configs"):
+        cache_quality(model, ids, GEAR_2BIT, prefill=10, layer_configs={5: None})
+    assert model.config._attn_implementation == "sdpa"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a decode step failed")
+
+    monkeypatch.setattr(ops, "attention", fail)  # a failure while the model runs the "gear" attention
+    with pytest.raises(RuntimeError, match="a decode step failed"):
+        cache_quality(model, ids, GEAR_2BIT, prefill=10)
+    assert model.config._attn_implementation == "sdpa"
+
+
 # ----------------------------------------------------------------------------- a prompt prefilled once, reused
 PREFIX = 50  # prompt tokens prefilled into the reused cache (past the hybrids' 24-token window)
 
