@@ -124,6 +124,7 @@ def _check_outlier_channels(kv: GEARKV) -> None:
 
 
 def _gear_layer(entry: dict[str, Any], tensors: dict[str, Tensor]) -> GEARKV:
+    """A GEARKV from its header entry and tensors, validated as a fresh one is, plus its outlier channels."""
     config = GEARConfig(**entry["config"])
     tail_len = entry["tail_len"]
     fields = {name: tensors[name] for name in TENSOR_FIELDS}
