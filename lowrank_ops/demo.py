@@ -59,7 +59,8 @@ INTERPRETER_NOTE = "Triton interpreter on CPU: a correctness check, not a speed 
 # compress()'s kind -> the drop-in layer it swaps in (an attribute of lowrank_ops)
 FAMILIES = {"lowrank": "LowRankLinear", "quant": "QuantLinear", "nm": "SparseLinear"}
 KV_FAMILY = "kv"  # the GEAR KV-cache table
-# name -> GEARConfig options (defaults: 2 bits, G 32, r 4, s 2 %, B 64, int8 factors, joint fit, clip search);
+# name -> GEARConfig options (defaults: 2 bits, G 32, r 4, s 2 %, B 64, int8 factors, joint fit, clip search),
+# "layer_configs" -> {layer index: options} for per-layer settings (GEARCache's layer_configs);
 # --quick keeps the first two
 KV_CONFIGS = {
     "GEAR (the default)": {},
@@ -69,6 +70,7 @@ KV_CONFIGS = {
     "GEAR's recipe (residual fit, fp16 factors, min-max, extremes)": dict(
         lowrank_fit="residual", factor_bits=16, clip_search=False, outlier_rule="extremes"),
     "4-bit quant, G 128": dict(bits=4, rank=0, outlier_ratio=0.0, group_size=128, buffer_tokens=128),
+    "GEAR, layers 1 and 2 (the worst) at 4 bits": dict(layer_configs={1: dict(bits=4), 2: dict(bits=4)}),
 }
 
 
@@ -579,9 +581,14 @@ def kv_table(model: Any, quick: bool) -> list[dict]:
     captured = capture(model, paragraphs(evaluation_sentences(sum(PARAGRAPH_SENTENCES))))
     names = list(KV_CONFIGS)[:2] if quick else list(KV_CONFIGS)
     lengths = captured.mask.sum(1).tolist()
+
+    def measured(options: dict) -> dict:
+        options = dict(options)
+        per_layer = {i: GEARConfig(**o) for i, o in options.pop("layer_configs", {}).items()}
+        return asdict(errors(captured, GEARConfig(**options), per_layer))
+
     return [dict(config=name, options=KV_CONFIGS[name], tokens=lengths, pack=captured.pack,
-                 cache_head_dim=captured.pack * captured.head_dim,
-                 **asdict(errors(captured, GEARConfig(**KV_CONFIGS[name])))) for name in names]
+                 cache_head_dim=captured.pack * captured.head_dim, **measured(KV_CONFIGS[name])) for name in names]
 
 
 def _device_name(device: Any) -> str:
