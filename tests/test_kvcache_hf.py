@@ -730,6 +730,10 @@ def test_one_document_prefilled_once_answers_a_batch_of_questions():
     assert torch.equal(answer(gear_cache(model, LOSSLESS_4BIT)), expected)
 
 
+def _layer_device(layer) -> str:
+    return (layer.kv.device if isinstance(layer, GEARLayer) else layer.keys.device).type
+
+
 @pytest.mark.parametrize("family, layer_configs", [
     ("llama", None), ("gemma3", None), ("llama", {0: dataclasses.replace(GEAR_2BIT, bits=4), 1: None})],
     ids=["llama", "gemma3", "llama-per-layer"])
@@ -745,6 +749,9 @@ def test_a_saved_cache_continues_exactly_as_the_one_it_was_saved_from(family, la
         bare = GEARCache.load(path)
         assert [type(layer) for layer in bare.layers] == [GEARLayer, DynamicLayer]
         assert bare.layers[0].kv.config.bits == 4 and bare.nbytes == cache.nbytes
+    # one device per layer (a model split over devices): each layer's state goes to its own
+    split = GEARCache.load(path, model_config=model.config, device=["cpu", "meta"])
+    assert [_layer_device(layer) for layer in split.layers] == ["cpu", "meta"]
     assert loaded.get_seq_length() == PREFIX and loaded.nbytes == cache.nbytes
     assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in cache.layers]
     expected = generate(model, cache, ids, mask, output_logits=True, return_dict_in_generate=True)
@@ -772,6 +779,10 @@ def test_saving_and_loading_refusals(tmp_path):
     path = cache.save(tmp_path / "p.safetensors")
     with pytest.raises(ValueError, match="kv heads"):
         GEARCache.load(path, model_config=make_model("llama", num_key_value_heads=1).config)
+    with pytest.raises(ValueError, match=r"one device per layer \(2\), got 1"):
+        GEARCache.load(path, model_config=model.config, device=["cpu"])
+    with pytest.raises(TypeError, match=r"device\[1\]: expected a str, a torch.device or None, got int"):
+        GEARCache.load(path, model_config=model.config, device=["cpu", 0])
     with pytest.raises(ValueError, match="has 3 cache layers, the file 2"):
         GEARCache.load(path, model_config=make_model("llama", num_hidden_layers=3).config)
     with pytest.raises(ValueError, match=r"layer 0 is a sliding-window \(24 tokens\) layer, the file's a full-attention one"):

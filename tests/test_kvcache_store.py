@@ -103,6 +103,17 @@ def test_saving_changes_nothing_and_replaces_a_file_whole(tmp_path, saved):
     assert path.read_bytes() == old and not list(tmp_path.glob("*.tmp"))
 
 
+def test_moving_a_cache_and_an_uncompressed_state():
+    kv = compress(*kv_pair(1, 90), GEARConfig())
+    same = kv.to("cpu")
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(same.tensors().values(), kv.tensors().values()))
+    moved = kv.to("meta")
+    assert moved.config == kv.config and moved.tail_len == kv.tail_len
+    assert all(t.is_meta for t in moved.tensors().values()) and not any(t.is_meta for t in kv.tensors().values())
+    state = UncompressedState(*kv_pair(1, 24), window=25, seen=90).to("meta")
+    assert state.keys.is_meta and state.values.is_meta and (state.window, state.seen) == (25, 90)
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_bad_arguments(saved, tmp_path):
     kv, path = saved

@@ -272,6 +272,11 @@ class GEARKV:
         dtype = self.dtype if dtype is None else dtype
         return self._reconstruct("key", dtype), self._reconstruct("value", dtype)
 
+    def to(self, device: torch.device | str) -> "GEARKV":
+        """The same cache with every tensor on ``device`` (tensors already there are shared, not copied)."""
+        return GEARKV(config=self.config, tail_len=self.tail_len,
+                      **{name: t.to(device) for name, t in self.tensors().items()})
+
     # --------------------------------------------------------------- growth
     def keep_blocks(self, nblocks: int) -> "GEARKV":
         """Keep the first ``nblocks`` compressed blocks and an empty tail, in place (a rollback: the

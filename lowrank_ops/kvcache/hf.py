@@ -70,7 +70,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ from lowrank_ops.kvcache import ops as kv_ops
 from lowrank_ops.kvcache.compress import append_tokens, compress
 from lowrank_ops.kvcache.config import GEARConfig
 from lowrank_ops.kvcache.format import GEARKV, dense_nbytes
-from lowrank_ops.kvcache.store import Layer, UncompressedState, load_kv, save_kv
+from lowrank_ops.kvcache.store import Layer, UncompressedState, check_device_arg, load_kv, save_kv
 
 GEAR_ATTENTION = "gear"  # the attn_implementation name registered with transformers
 LAYER_KWARG = "gear_layer"  # attention kwarg through which a decode step hands its GEARLayer over
@@ -316,13 +316,20 @@ class GEARCache(Cache):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model_config: Optional[PreTrainedConfig] = None,
-             device: Optional[Union[str, torch.device]] = None) -> "GEARCache":
-        """The cache :meth:`save` wrote at ``path``, on ``device`` (default: CPU), ready to continue
-        generation, with each layer's settings as saved. ``model_config`` (recommended; required
-        for a hybrid model's window layers): the layers are checked against the model's (their
-        count, kinds, windows, kv heads and head dim) and the cache checks the attention
-        implementation as a new one does."""
-        states = load_kv(path, device)
+             device: Union[None, str, torch.device, Sequence[Union[str, torch.device]]] = None) -> "GEARCache":
+        """The cache :meth:`save` wrote at ``path``, on ``device`` (default: CPU; or one device per
+        layer, for a model split over several GPUs), ready to continue generation, with each
+        layer's settings as saved. ``model_config`` (recommended; required for a hybrid model's
+        window layers): the layers are checked against the model's (their count, kinds, windows,
+        kv heads and head dim) and the cache checks the attention implementation as a new one does."""
+        per_layer_devices = isinstance(device, Sequence) and not isinstance(device, str)
+        states = load_kv(path, None if per_layer_devices else device)
+        if per_layer_devices:
+            if len(device) != len(states):
+                raise ValueError(f"device: expected one device per layer ({len(states)}), got {len(device)}")
+            for i, d in enumerate(device):
+                check_device_arg(f"device[{i}]", d)
+            states = [None if state is None else state.to(d) for state, d in zip(states, device)]
         configs = [state.config for state in states if isinstance(state, GEARKV)]
         if not configs:
             raise ValueError(f"path: expected a GEARCache's layers, found no compressed one in {str(path)!r}")

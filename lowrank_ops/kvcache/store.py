@@ -53,6 +53,10 @@ class UncompressedState:
     window: Optional[int]
     seen: int
 
+    def to(self, device: torch.device | str) -> "UncompressedState":
+        """This state with its tensors on ``device``."""
+        return dataclasses.replace(self, keys=self.keys.to(device), values=self.values.to(device))
+
     def validate(self) -> None:
         """Shapes and dtypes of the two tensors, the window and the count against what is kept."""
         for name in ("keys", "values"):
@@ -74,6 +78,12 @@ class UncompressedState:
 
 
 Layer = Union[GEARKV, UncompressedState, None]
+
+
+def check_device_arg(name: str, device: object) -> None:
+    """``device`` is None, a str or a torch.device (an int would silently mean a CUDA index)."""
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name}: expected a str, a torch.device or None, got {type(device).__name__}")
 
 
 def _layer_record(i: int, layer: object) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -162,8 +172,7 @@ def load_kv(path: Union[str, os.PathLike], device: Optional[Union[str, torch.dev
     compressed layer, an :class:`UncompressedState` per layer kept uncompressed, None per empty one.
     ``ValueError`` naming what is wrong for a foreign, damaged or inconsistent file."""
     path = check_path(path)
-    if device is not None and not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device: expected a str, a torch.device or None, got {type(device).__name__}")
+    check_device_arg("device", device)
     header, tensors = read_file(path, STORE_KEY, STORE_VERSION, "KV-cache")
     entries = header.get("layers")
     if not isinstance(entries, list):
