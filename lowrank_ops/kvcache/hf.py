@@ -330,28 +330,26 @@ class GEARCache(Cache):
             for i, d in enumerate(device):
                 check_device_arg(f"device[{i}]", d)
             states = [None if state is None else state.to(d) for state, d in zip(states, device)]
-        configs = [state.config for state in states if isinstance(state, GEARKV)]
+        # the settings the file records per full-attention layer: its GEARConfig, or None (uncompressed)
+        saved = {i: state.config if isinstance(state, GEARKV) else None for i, state in enumerate(states)
+                 if isinstance(state, GEARKV) or (isinstance(state, UncompressedState) and state.window is None)}
+        configs = [cfg for cfg in saved.values() if cfg is not None]
         if not configs:
             raise ValueError(f"path: expected a GEARCache's layers, found no compressed one in {str(path)!r}")
-        full_uncompressed = {i for i, state in enumerate(states) if isinstance(state, UncompressedState)
-                             and state.window is None}
         if model_config is None:
             if any(isinstance(state, UncompressedState) and state.window is not None for state in states):
                 raise ValueError("model_config: the file holds sliding-window layers; pass the model's config to load it")
             cache = cls(configs[0])
-            cache.layers = [DynamicLayer() if i in full_uncompressed
-                            else GEARLayer(state.config if isinstance(state, GEARKV) else cache.config)
-                            for i, state in enumerate(states)]
+            cache.layers = [DynamicLayer() if cfg is None else GEARLayer(cfg)
+                            for cfg in (saved.get(i, cache.config) for i in range(len(states)))]
         else:
-            layer_types = get_layer_types_and_kwargs(_text_config(model_config))[0]
+            text_config = _text_config(model_config)
+            layer_types = get_layer_types_and_kwargs(text_config)[0]
             if len(states) != len(layer_types):
                 raise ValueError(f"model_config: the model has {len(layer_types)} cache layers, the file {len(states)}")
-            per_layer: dict[int, Optional[GEARConfig]] = {}
-            for i, kind in enumerate(layer_types):  # the file says which full-attention layers it compressed, and how
-                if kind == "full_attention" and (i in full_uncompressed or isinstance(states[i], GEARKV)):
-                    per_layer[i] = None if i in full_uncompressed else states[i].config
-            cache = cls(configs[0], model_config, per_layer)
-            _check_layers_fit(states, cache.layers, _text_config(model_config))
+            cache = cls(configs[0], model_config,
+                        {i: cfg for i, cfg in saved.items() if layer_types[i] == "full_attention"})
+            _check_layers_fit(states, cache.layers, text_config)
         for state, layer in zip(states, cache.layers):
             if state is not None:
                 _restore_layer(layer, state)

@@ -177,8 +177,6 @@ def load_kv(path: Union[str, os.PathLike], device: Optional[Union[str, torch.dev
     entries = header.get("layers")
     if not isinstance(entries, list):
         raise ValueError(f"path: {str(path)!r} has a damaged lowrank_ops header (no layer list)")
-    if device is not None:
-        tensors = {name: t.to(device) for name, t in tensors.items()}
     per_layer: list[dict[str, Tensor]] = [{} for _ in entries]
     for name, t in tensors.items():
         parts = name.split(".", 2)
@@ -191,4 +189,6 @@ def load_kv(path: Union[str, os.PathLike], device: Optional[Union[str, torch.dev
             layers.append(_build_layer(entry, named))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"path: {str(path)!r}, layer {i} is invalid: {err}") from err
-    return layers
+    if device is None:
+        return layers
+    return [None if layer is None else layer.to(device) for layer in layers]  # built and checked on CPU
