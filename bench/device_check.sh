@@ -20,6 +20,11 @@
 #   lowrank  python -m lowrank_ops.benchmarks.lowrank --quick       -> lowrank-quick.json
 #   profile  python bench/kernel_profile.py: device time per kernel of the cases that miss their
 #            targets, GEAR by sequence-split count                  -> log.txt only
+#   counters python bench/gear_counters.py: Nsight Compute counters of the GEAR decode kernels
+#            (issue rate, warps per scheduler, stall reasons; $LRO_COUNTERS_ARGS) -> log.txt only
+#   sanitize compute-sanitizer ($LRO_SANITIZE_TOOLS, default racecheck synccheck memcheck
+#            initcheck) on small cases of the CUDA GEAR kernel's gpu-lane file, only kernels
+#            named gear_* instrumented                                -> log.txt only
 #   summary  steps, test counts, one line per benchmark case        -> summary.txt (printed last)
 # plus log.txt (everything printed): 8 files, the most the device tool returns. Every suite
 # rewrites its JSON after each case, so a step stopped by its cap keeps what it measured.
@@ -44,7 +49,8 @@
 #
 # Knobs: PYTHON (default python3), OUT, LRO_BUDGET_S, LRO_STEPS (e.g. "build tests quant"),
 # LRO_TEST_PATHS (default: every file with gpu tests, in priority order), LRO_TEST_WORKERS (pytest-xdist workers, default 8, 0 =
-# serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75) / _PROFILE (60),
+# serial), LRO_CAP_TESTS (150) / _LOWRANK (60) / _QUANT (90) / _SPARSE (75) / _KVCACHE (75) / _PROFILE (60)
+# / _COUNTERS (120) / _SANITIZE (150),
 # LRO_RESERVE_TESTS (300: what the tests step leaves for the suites), LRO_<SUITE>_ARGS (extra
 # arguments for one suite, e.g. LRO_QUANT_ARGS="--configs 4b,3b+1%"), LRO_BENCH_MODE (quick;
 # "cpu-smoke" runs the benchmark and summary steps on a CPU-only machine).
@@ -69,7 +75,7 @@ declare -A DEFAULT_CAPS=([lowrank]=60 [quant]=90 [sparse]=75 [kvcache]=75)  # se
 # forced Triton path and each configuration autotunes its own kernels: the whole quick plan
 # ran past its 90 s cap on the first case in the 2026-11-26 run)
 declare -A DEFAULT_ARGS=([quant]="--methods cuda,triton --configs 4b,4b+1%,3b+1%,4b+r64")
-WANT=" ${LRO_STEPS:-env build tests $SUITES profile} "
+WANT=" ${LRO_STEPS:-env build tests $SUITES profile counters sanitize} "
 # every test file with gpu-marked tests (a CPU test checks the list): GEAR first, then the files
 # with cases the 2026-11-27 runs did not reach or that changed after them (the quant dequant and
 # N:M expand paths), the CUDA-kernel files last (unchanged since they all passed on 2026-11-27)
@@ -78,8 +84,12 @@ GPU_TEST_FILES="tests/test_gpu_kvcache_cuda.py tests/test_gpu_kvcache_attention.
     tests/test_gpu_quant.py tests/test_gpu_sparse.py tests/test_sparse_ops.py tests/test_sparse_format.py
     tests/test_gpu_lowrank.py tests/test_gpu_cuda_decode.py tests/test_gpu_quant_cuda.py"
 TEST_PATHS=${LRO_TEST_PATHS:-$GPU_TEST_FILES}
+# the sanitize step: racecheck first (the CUDA kernel's shared-memory ring has never run on a GPU
+# under a checker); small cases of every format, split count, sequence shape and row count
+SANITIZE_TOOLS=${LRO_SANITIZE_TOOLS:-racecheck synccheck memcheck initcheck}
+SANITIZE_TESTS="(test_formats_vs_reference and fp16) or test_split_counts_agree or test_sequence_shapes or test_rows_per_kv_head"
 BOOT=$(mktemp -d "${TMPDIR:-/tmp}/lowrank_ops_boot.XXXXXX")
-export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS TEST_PATHS
+export PYTHONUNBUFFERED=1 LOWRANK_OPS_REPO="$REPO" REPO OUTDIR PY WORKERS TEST_PATHS SANITIZE_TOOLS SANITIZE_TESTS
 unset TRITON_INTERPRET
 
 STEPS=()   # "name verdict seconds" lines for the summary
@@ -296,6 +306,24 @@ run_tests() {
     return "$rc"
 }
 
+# compute-sanitizer, one process per tool; exit 3 = the tool found an error, 1 = a test failed
+sanitize() {
+    local cs tool rc=0
+    cs=$(command -v compute-sanitizer || find /usr/local/cuda*/bin -name compute-sanitizer 2>/dev/null | head -1)
+    if [ -z "$cs" ]; then
+        echo "no compute-sanitizer on this machine"
+        return 2
+    fi
+    for tool in $SANITIZE_TOOLS; do
+        echo "--- compute-sanitizer --tool $tool"
+        # no caching allocator: every tensor its own allocation, so memcheck sees a read past its end
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$tool" --kernel-name kns=gear_ --error-exitcode 3 \
+            --print-limit 20 "$PY" -m pytest -m gpu tests/test_gpu_kvcache_cuda.py -q -p no:cacheprovider \
+            -k "$SANITIZE_TESTS" || rc=$?
+    done
+    return "$rc"
+}
+
 summary() {
     {
         echo "==================== lowrank_ops device check summary ===================="
@@ -394,6 +422,9 @@ main() {
             --time-budget $((cap * 2 / 3)) $args
     done
     wants profile && RESERVE=10 step profile "${LRO_CAP_PROFILE:-60}" "$PY" bench/kernel_profile.py
+    # shellcheck disable=SC2086  # the arguments are a word list on purpose
+    wants counters && RESERVE=10 step counters "${LRO_CAP_COUNTERS:-120}" "$PY" bench/gear_counters.py ${LRO_COUNTERS_ARGS:-}
+    wants sanitize && RESERVE=10 step sanitize "${LRO_CAP_SANITIZE:-150}" bash -c "$(declare -f sanitize); sanitize"
     echo
     summary
     # exit status: 0 only if every step passed (the files under $OUT are written either way)
