@@ -8,7 +8,9 @@ GPU, so the host time per call (our argument checks and dispatch, then Triton's 
 decides whether the step is bound by the host. That time is spent on the CPU, so a CPU can
 measure it: Triton gets a driver (:class:`NoLaunchDriver`) that compiles every kernel for sm_90
 exactly as on an H100 and launches nothing, the layers run on CPU tensors with the Triton backend
-pinned, and each call is timed from Python's side. What is not counted: the CUDA driver's own
+pinned, and each call is timed from Python's side under ``torch.no_grad()`` (as ``generate()`` runs),
+through Triton's own launch path and through
+kernels/_launch.py's launch cache (which makes the same launches). What is not counted: the CUDA driver's own
 launch call (cuLaunchKernel, a few microseconds per kernel, made in C by Triton's launcher, which
 the stand-in replaces by a loop over the arguments) and the device time. Timings vary with the CPU:
 compare rows of one run, or runs on one machine.
@@ -16,6 +18,7 @@ compare rows of one run, or runs on one machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -34,10 +37,15 @@ H100 = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 6
 
 
 class _Binaries:
-    """The driver's utilities: a loaded binary is a handle that is never called."""
+    """The driver's utilities: a loaded binary is a handle that is never called, a new one per
+    load (Triton loads each compiled kernel, one per specialization, once), so a recorded launch
+    names the compiled kernel it ran."""
+
+    def __init__(self):
+        self.handles = itertools.count(1)
 
     def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 64, 0, 1024  # module, function, registers, spills, max threads
+        return 1, next(self.handles), 64, 0, 1024  # module, function, registers, spills, max threads
 
     def get_device_properties(self, device):
         return dict(H100)
@@ -136,14 +144,15 @@ def _layer(make: Callable[[torch.nn.Linear], torch.nn.Module], k: int = 1024, n:
 
 
 def cases() -> dict[str, Callable[[], Callable[[], object]]]:
-    """name -> a builder of one decode call (batch 1, fp16)."""
-    from lowrank_ops import LoRALinear, LowRankLinear, QuantLinear, SparseLinear
+    """name -> a builder of one decode call (batch 1, fp16). Every row runs Triton kernels only
+    (low rank 64: its decode kernels; a larger rank or a LoRA adapter at batch 1 take cuBLAS
+    GEMMs, which here would time the CPU's matmul, not a launch path)."""
+    from lowrank_ops import LowRankLinear, QuantLinear, SparseLinear
 
     return {
         "gear 2b-r4-s2-i8 (default), T=1k, 32/8 heads": lambda: _gear("2b-r4-s2-i8"),
         "gear 2b, T=1k, 32/8 heads": lambda: _gear("2b"),
-        "LowRankLinear 1024x1024 r256": lambda: _layer(lambda lin: LowRankLinear.from_linear(lin, rank=256)),
-        "LoRALinear 1024x1024 r16": lambda: _layer(lambda lin: LoRALinear.from_linear(lin, rank=16)),
+        "LowRankLinear 1024x1024 r64 (decode kernels)": lambda: _layer(lambda lin: LowRankLinear.from_linear(lin, rank=64)),
         "QuantLinear 1024x1024 4b": lambda: _layer(lambda lin: QuantLinear.from_linear(lin, bits=4)),
         "QuantLinear 1024x1024 4b+1%": lambda: _layer(lambda lin: QuantLinear.from_linear(lin, bits=4, outliers=0.01)),
         "SparseLinear 1024x1024 2:4": lambda: _layer(lambda lin: SparseLinear.from_linear(lin, 2, 4)),
@@ -170,15 +179,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     install()
     from lowrank_ops.core.backend import use_backend
+    from lowrank_ops.kernels import _launch
 
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-    print(f"host time per decode call, Triton backend, launches stubbed ({args.calls} calls, best of 5)")
+    fast = _launch.FAST_PATH
+    print(f"host time per decode call, Triton backend, launches stubbed, us ({args.calls} calls, best of 5)")
+    print(f"  {'case':<48} {'Triton path':>12} {'launch cache':>13}")
     for name, build in cases().items():
         if wanted and not any(w in name for w in wanted):
             continue
         fn = build()
-        with use_backend("triton"):
-            print(f"  {name:<48} {host_us(fn, args.calls):8.1f} us")
+        times = []
+        with use_backend("triton"), torch.no_grad():  # as generate() runs
+            for on in (False, fast):
+                _launch.FAST_PATH = on
+                times.append(host_us(fn, args.calls))
+        _launch.FAST_PATH = fast
+        cached = f"{times[1]:13.1f}" if fast else f"{'(off)':>13}"
+        print(f"  {name:<48} {times[0]:12.1f} {cached}")
     return 0
 
 

@@ -71,6 +71,7 @@ from lowrank_ops.core.checks import check_device, check_dim, check_tensor
 
 from ._codes import codes_to_f32, word_codes, word_codes_f16
 from ._compile_check import CompileCase
+from ._launch import forget, launch
 from .lowrank import (INTERPRET, MIN_DOT, _configs, _dot, _dot_precision, _empty, _rank_pad, _sm_count, cdiv,
                       next_pow2)
 
@@ -626,12 +627,14 @@ def pin_split_row(row: int) -> Iterator[triton.Config]:
     saved_configs, saved_cache = kernel.configs, dict(kernel.cache)
     kernel.configs = [config]
     kernel.cache.clear()
+    forget(kernel)
     try:
         yield config
     finally:
         kernel.configs = saved_configs
         kernel.cache.clear()
         kernel.cache.update(saved_cache)
+        forget(kernel)
 
 
 def last_split_config() -> Optional[str]:
@@ -721,7 +724,7 @@ def gear_decode_attention(
     int8_factors = has_lr and cfg.factor_bits == 8
     lr = [t[n] if has_lr else dummy for n in ("key_lr_a", "key_lr_b", "value_lr_a", "value_lr_b")]
     lr_scale = [t[n] if int8_factors else dummy for n in ("key_lr_scale", "value_lr_scale")]
-    _gear_split_kernel[lambda meta: (splits_of(meta["PROGRAMS_PER_SM"]), m_blocks, batch * kv_heads)](
+    launch(_gear_split_kernel, lambda meta: (splits_of(meta["PROGRAMS_PER_SM"]), m_blocks, batch * kv_heads),
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
@@ -737,7 +740,7 @@ def gear_decode_attention(
     splits = splits_of(_gear_split_kernel.best_config.kwargs["PROGRAMS_PER_SM"])  # the row it ran with
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = next_pow2(splits)
-    _gear_combine_kernel[(batch * kv_heads, m)](
+    launch(_gear_combine_kernel, (batch * kv_heads, m),
         part_m, part_l, part_acc, part_m if sinks is None else _sink_rows(sinks, batch, kv_heads, q_len), out, m,
         splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad, S_CHUNK=min(s_pad, _COMBINE_CHUNK),
         HAS_SINK=sinks is not None,

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._compile_check import CompileCase
+from ._launch import launch
 from .lowrank import _empty, next_pow2
 
 # The scale floors of lowrank_ops.kvcache.compress (REL_SCALE_FLOOR, ABS_SCALE_FLOOR; a test
@@ -274,7 +275,7 @@ def gear_quantize(keys: Tensor, values: Tensor, bits: int, group_size: int, n_ou
     out_v = _outputs(b, h, t, d, bits, group_size, n_out, True, keys.device)
     if keys.numel() == 0:
         return out_k, out_v
-    _gear_quantize_kernel[(b * h, t // group_size)](
+    launch(_gear_quantize_kernel, (b * h, t // group_size),
         keys, values, *out_k.values(), *out_v.values(), t, d,
         BITS=bits, GROUP=group_size, D_PAD=next_pow2(d), **_outlier_passes(n_out, outlier_rule), CLIP=clip_search,
         num_warps=_num_warps(next_pow2(d), group_size, clip_search),

@@ -33,6 +33,7 @@ from lowrank_ops.kvcache.format import BLOCK_FIELDS, GEARKV
 
 from ._codes import codes_to_f32, load_row_codes
 from ._compile_check import CompileCase
+from ._launch import launch
 from .lowrank import MIN_DOT, _empty, cdiv, next_pow2
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,7 +122,7 @@ def gear_decompress(kv: GEARKV, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         dummy = t["codes"]  # pointer for absent tensors (their branches are compiled out)
         out = _empty((b, h, seq, d), dtype, kv.device)
         if tiles and b * h:
-            _gear_decompress_kernel[(b * h * tiles,)](
+            launch(_gear_decompress_kernel, (b * h * tiles,),
                 t["codes"], t["scale"], t["zero"], t["out_idx"] if n_out else dummy, t["out_val"] if n_out else dummy,
                 t["lr_a"] if cfg.rank else dummy, t["lr_b"] if cfg.rank else dummy,
                 t["lr_scale"] if int8_factors else dummy, tail.contiguous(), out, kv.compressed_len, kv.tail_len, tiles,

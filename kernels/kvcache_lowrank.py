@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._compile_check import CompileCase
+from ._launch import launch
 from .lowrank import MIN_DOT, _empty, next_pow2
 
 MAX_TILE = 64 * 128  # B_PAD · D_PAD of one program (a larger block: the torch path; 128 x 128 would
@@ -91,7 +92,7 @@ def subspace_basis(x: Tensor, rank: int, power_iters: int, start: Tensor) -> Ten
     out = _empty((*lead, head_dim, rank), torch.float32, x.device)
     if count == 0 or rank == 0:
         return out
-    _subspace_kernel[(count,)](
+    launch(_subspace_kernel, (count,),
         x, start, out, 0 if start.dim() == 2 else head_dim * rank, B=block, D=head_dim, R=rank,
         B_PAD=max(MIN_DOT, next_pow2(block)), D_PAD=max(MIN_DOT, next_pow2(head_dim)), R_PAD=MIN_DOT,
         ITERS=power_iters, num_warps=4, num_stages=1,

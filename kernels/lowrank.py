@@ -18,7 +18,6 @@ interpreted programs and loop trips small. Nothing here touches a GPU at import 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,8 +28,7 @@ from torch import Tensor
 from lowrank_ops.core import cuda_ext
 
 from ._compile_check import CompileCase
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._launch import INTERPRET, launch
 
 LORA_MAX_RANK = 128  # the fused LoRA kernel keeps a (BLOCK_M x rank) fp32 tile next to its accumulator
 FUSED_MAX_RANK = 256  # the fused low-rank kernel keeps a (BLOCK_M x rank) tile in registers
@@ -377,7 +375,7 @@ def _lowrank_fused(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> T
         m_blocks = cdiv(m, meta["BLOCK_M"])
         return m_blocks, min(max(1, target // m_blocks), cdiv(n, meta["BLOCK_N"]))
 
-    _lowrank_fused_kernel[grid](
+    launch(_lowrank_fused_kernel, grid,
         x, v, u, bias if bias is not None else y, y, m, n, k, r, next_pow2(m),
         HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(x.dtype),
     )
@@ -395,10 +393,10 @@ def _lowrank_decode(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> 
     y = _empty((m, n), x.dtype, x.device)
     precision, m_bucket = _dot_precision(x.dtype), next_pow2(m)
 
-    _lowrank_decode_xv_kernel[lambda meta: (cdiv(r, meta["BLOCK_R"]), k_split, m_blocks)](
+    launch(_lowrank_decode_xv_kernel, lambda meta: (cdiv(r, meta["BLOCK_R"]), k_split, m_blocks),
         x, v, t_part, m, k, r, k_split, m_bucket, DOT_PRECISION=precision, BLOCK_M=DECODE_BLOCK_M,
     )
-    _lowrank_decode_tu_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), m_blocks)](
+    launch(_lowrank_decode_tu_kernel, lambda meta: (cdiv(n, meta["BLOCK_N"]), m_blocks),
         t_part, u, bias if bias is not None else y, y, m, n, r, k_split, m_bucket,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_M=DECODE_BLOCK_M,
     )
@@ -428,7 +426,7 @@ def lora_matmul(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: 
     if r > LORA_MAX_RANK:
         raise ValueError(f"rank: the fused LoRA kernel supports rank <= {LORA_MAX_RANK}, got {r}")
     y = _empty((m, n), x.dtype, x.device)
-    _lora_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
+    launch(_lora_kernel, lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
         x, w, a, b, bias if bias is not None else y, y, m, n, k, r, float(scale), next_pow2(m),
         HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(x.dtype),
     )

@@ -52,6 +52,7 @@ from lowrank_ops.quant.format import csr_coordinates
 
 from ._codes import codes_to_f32, load_row_codes, row_codes_f16
 from ._compile_check import CompileCase
+from ._launch import launch
 from .lowrank import (
     DECODE_BLOCK_M,
     DX_GPU_TABLE,
@@ -503,7 +504,7 @@ def _outlier_product(x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, n: i
     out = _empty((m, n), torch.float32, x.device)
     ob_m = min(_OUTLIER_MAX_M, next_pow2(m))
     jc = max(1, min(_OUTLIER_MAX_JC, _OUTLIER_GATHER // (_OUTLIER_BLOCK_N * ob_m)))
-    _quant_outlier_kernel[(cdiv(n, _OUTLIER_BLOCK_N), cdiv(m, ob_m))](
+    launch(_quant_outlier_kernel, (cdiv(n, _OUTLIER_BLOCK_N), cdiv(m, ob_m)),
         xt, rowptr, cols, vals, out, m, n, OUT_BLOCK_N=_OUTLIER_BLOCK_N, OB_M=ob_m, JC=jc,
     )
     return out
@@ -521,7 +522,7 @@ def quant_dequantize(
     w = _empty((n, k), dtype, qweight.device)
     dummy = qweight
     use_lut = lut is not None
-    _quant_dequant_kernel[(cdiv(n, _DQ_BLOCK_N), cdiv(k, _DQ_BLOCK_K))](
+    launch(_quant_dequant_kernel, (cdiv(n, _DQ_BLOCK_N), cdiv(k, _DQ_BLOCK_K)),
         qweight, qweight_hi if bits == 3 else dummy, dummy if use_lut else scales, dummy if use_lut else zeros,
         lut if use_lut else dummy, w, n, k, BITS=bits, GROUP=group_size, USE_LUT=use_lut,
         QSTATS=_quantized_stats(scales), DQ_BLOCK_N=_DQ_BLOCK_N, DQ_BLOCK_K=_DQ_BLOCK_K,
@@ -573,7 +574,7 @@ def quant_matmul(
     m_bucket = next_pow2(m)
     if path == "tile":
         t = (x @ lr_v.to(x.dtype).t()).contiguous() if has_lr else dummy  # x Vᵀ, once per call
-        _quant_tile_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
+        launch(_quant_tile_kernel, lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
             x, qweight, qwhi, sc, zr, lt, opart, u, t, b, y, m, n, k, r, m_bucket,
             HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, **flags,
         )
@@ -582,11 +583,11 @@ def quant_matmul(
     m_blocks = cdiv(m, DECODE_BLOCK_M)
     part = _empty((k_split, m, n), torch.float32, x.device)
     tpart = _empty((k_split, m, r), torch.float32, x.device) if has_lr else part
-    _quant_decode_split_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), k_split, m_blocks)](
+    launch(_quant_decode_split_kernel, lambda meta: (cdiv(n, meta["BLOCK_N"]), k_split, m_blocks),
         x, qweight, qwhi, sc, zr, lt, v, part, tpart, m, n, k, r, k_split, m_bucket,
         BLOCK_M=DECODE_BLOCK_M, **flags,
     )
-    _quant_decode_reduce_kernel[(cdiv(n, _REDUCE_BLOCK_N), m_blocks)](
+    launch(_quant_decode_reduce_kernel, (cdiv(n, _REDUCE_BLOCK_N), m_blocks),
         x, part, tpart, u, opart, b, y, m, n, r, k_split,
         HAS_LR=has_lr, R_PAD=flags["R_PAD"], DOT_PRECISION=flags["DOT_PRECISION"],
         HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
@@ -606,7 +607,7 @@ def quant_matmul_dx(
     dx = _empty((m, k), torch.float32, dy.device)
     dummy = qweight
     sc, zr, lt = (dummy, dummy, lut) if use_lut else (scales, zeros, dummy)
-    _quant_dx_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))](
+    launch(_quant_dx_kernel, lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"])),
         dy, qweight, qweight_hi if bits == 3 else dummy, sc, zr, lt, dx, m, n, k, next_pow2(m),
         BITS=bits, GROUP=group_size, USE_LUT=use_lut, QSTATS=_quantized_stats(scales),
         DOT_PRECISION=_dot_precision(dy.dtype),

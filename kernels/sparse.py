@@ -48,6 +48,7 @@ from lowrank_ops.sparse.format import check_nm, index_bits, positions_per_word
 
 from ._codes import codes_to_f32
 from ._compile_check import CompileCase
+from ._launch import launch
 from .lowrank import (DX_GPU_TABLE, DX_NAMES, INTERPRET, _configs, _dot, _dot_precision, _empty, _pruner, _target_programs,
                       cdiv, next_pow2)
 from .quant import GROUP_SIZES, _quant_decode_reduce_kernel
@@ -412,13 +413,13 @@ def _decode(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Option
     flags = dict(BLOCK_M=next_pow2(rows), **q4, **pattern)
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]), k_split)  # noqa: E731
     if k_split == 1:
-        _nm_decode_kernel[grid](x2d, *kept, indices, b, y, rows, n_out, k, 1, DIRECT=True,
-                                HAS_BIAS=bias is not None, **flags)
+        launch(_nm_decode_kernel, grid, x2d, *kept, indices, b, y, rows, n_out, k, 1, DIRECT=True,
+               HAS_BIAS=bias is not None, **flags)
         return y
     part = _empty((k_split, rows, n_out), torch.float32, x2d.device)
-    _nm_decode_kernel[grid](x2d, *kept, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
-                            HAS_BIAS=False, **flags)
-    _quant_decode_reduce_kernel[(cdiv(n_out, _REDUCE_BLOCK_N), 1)](
+    launch(_nm_decode_kernel, grid, x2d, *kept, indices, b, part, rows, n_out, k, k_split, DIRECT=False,
+           HAS_BIAS=False, **flags)
+    launch(_quant_decode_reduce_kernel, (cdiv(n_out, _REDUCE_BLOCK_N), 1),
         x2d, part, part, part, part, b, y, rows, n_out, 0, k_split,
         HAS_LR=False, R_PAD=16, DOT_PRECISION=_dot_precision(x2d.dtype),
         HAS_OUTLIERS=False, HAS_BIAS=bias is not None, BLOCK_M=_REDUCE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
@@ -448,7 +449,7 @@ def _tile(x2d: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional
     rows, k = x2d.shape
     n_out = values.shape[0]
     y = _empty((rows, n_out), x2d.dtype, x2d.device)
-    _nm_tile_kernel[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"]))](
+    launch(_nm_tile_kernel, lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"])),
         x2d, *kept, indices, bias if bias is not None else y, y, rows, n_out, k, next_pow2(rows),
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2d.dtype), **q4, **pattern,
     )
@@ -479,7 +480,7 @@ def nm_expand(values: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor],
     kept, q4 = _kept_args(values, scales, zeros, group_size)
     n_out = values.shape[0]
     w = _empty((n_out, in_features), dtype, values.device)
-    _nm_expand_kernel[(cdiv(n_out, _EXPAND_BLOCK_N), cdiv(in_features, _EXPAND_BLOCK_K))](
+    launch(_nm_expand_kernel, (cdiv(n_out, _EXPAND_BLOCK_N), cdiv(in_features, _EXPAND_BLOCK_K)),
         *kept, indices, w, n_out, in_features, EX_BLOCK_N=_EXPAND_BLOCK_N, EX_BLOCK_K=_EXPAND_BLOCK_K, **q4, **pattern,
     )
     return w
@@ -506,7 +507,7 @@ def _dx(dy: Tensor, values: Tensor, scales: Optional[Tensor], zeros: Optional[Te
     rows, n_out = dy.shape
     k = in_features
     dx = _empty((rows, k), dy.dtype, dy.device)
-    _nm_dx_kernel[lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))](
+    launch(_nm_dx_kernel, lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"])),
         dy, *kept, indices, dx, rows, n_out, k, next_pow2(rows),
         DOT_PRECISION=_dot_precision(dy.dtype), **q4, **pattern,
     )
@@ -521,7 +522,7 @@ def nm_matmul_dvalues(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int, dt
     rows, n_out = dy.shape
     k = x.shape[1]
     dv = _empty((n_out, k // m * n), dtype, dy.device)
-    _nm_dvalues_kernel[lambda meta: (cdiv(n_out, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
+    launch(_nm_dvalues_kernel, lambda meta: (cdiv(n_out, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])),
         dy, x, indices, dv, rows, n_out, k, next_pow2(rows),
         DOT_PRECISION=_dot_precision(x.dtype), **pattern,
     )

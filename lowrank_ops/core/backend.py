@@ -116,6 +116,16 @@ def cuda_kernel_support(x: object, kernel: str, shape_check: Callable[[torch.Ten
     return Support(True)
 
 
+def eager_inference(*inputs: torch.Tensor | None) -> bool:
+    """Whether an op's call may run its implementation directly instead of through its custom op:
+    torch.compile is not tracing it and no input needs a gradient. The op's dispatch and autograd
+    wrapper are then pure host time (about 20 µs a call, bench/host_overhead.py), and an eager
+    decode step pays it once per layer and token, for kernels that run a few µs at batch 1."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs)
+
+
 def select_backend(op: str, support: dict[str, Support], device: torch.device) -> str:
     """Pick the backend for one call of ``op``.
 

@@ -189,7 +189,7 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
             raise ValueError(f"sinks: expected one logit per query head, shape ({qh},), got {tuple(sinks.shape)}")
         check_device("sinks", sinks, q.device, "q")
         sinks = sinks.detach().float().contiguous()
-    if not torch.compiler.is_compiling():
+    if backend.eager_inference():
         # eager: straight to the implementation. The custom op's dispatch and its rebuild (and
         # re-validation) of the GEARKV cost more host time than the kernels take on a GPU at
         # short context, and a decode step calls this once per layer.

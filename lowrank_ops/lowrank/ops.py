@@ -103,8 +103,7 @@ def _lowrank_backend(x: Tensor, v: Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- lowrank_linear op
-@torch.library.custom_op("lowrank_ops::lowrank_linear", mutates_args=())
-def _lowrank_linear_op(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _lowrank_linear_impl(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
     chosen = _lowrank_backend(x, v)
     if chosen == "reference":
         return lowrank_reference(x, v, u, bias)
@@ -119,6 +118,9 @@ def _lowrank_linear_op(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor]) 
     from lowrank_ops.kernels import lowrank as kernels
 
     return kernels.lowrank_matmul(x, v, u, bias, path=path)
+
+
+_lowrank_linear_op = torch.library.custom_op("lowrank_ops::lowrank_linear", _lowrank_linear_impl, mutates_args=())
 
 
 @_lowrank_linear_op.register_fake
@@ -157,8 +159,7 @@ def _lora_backend(x: Tensor, rank: int) -> str:
     return backend.select_backend("lora_linear", support, x.device)
 
 
-@torch.library.custom_op("lowrank_ops::lora_linear", mutates_args=())
-def _lora_linear_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+def _lora_linear_impl(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
     if _lora_backend(x, a.shape[0]) == "reference":
         return lora_reference(x, w, a, b, scale, bias)
     if lora_path(x.shape[0]) == "unfused":
@@ -167,6 +168,9 @@ def _lora_linear_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bi
     from lowrank_ops.kernels import lowrank as kernels
 
     return kernels.lora_matmul(x, w, a, b, scale, bias)
+
+
+_lora_linear_op = torch.library.custom_op("lowrank_ops::lora_linear", _lora_linear_impl, mutates_args=())
 
 
 @_lora_linear_op.register_fake
@@ -223,7 +227,8 @@ def lowrank_linear(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = Non
     check_dim("u", u, 1, v.shape[0], "rank = v.shape[0]")
     _check_common(x, v.shape[1], bias, u.shape[0])
     check_same("x", x, "v", v)
-    y = _lowrank_linear_op(_flatten(x), v.contiguous(), u.contiguous(), None if bias is None else bias.contiguous())
+    op = _lowrank_linear_impl if backend.eager_inference(x, v, u, bias) else _lowrank_linear_op
+    y = op(_flatten(x), v.contiguous(), u.contiguous(), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], u.shape[0])
 
 
@@ -243,5 +248,6 @@ def lora_linear(
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
     _check_common(x, w.shape[1], bias, w.shape[0])
     check_same("x", x, "w", w)
-    y = _lora_linear_op(_flatten(x), w.contiguous(), a.contiguous(), b.contiguous(), float(scale), None if bias is None else bias.contiguous())
+    op = _lora_linear_impl if backend.eager_inference(x, w, a, b, bias) else _lora_linear_op
+    y = op(_flatten(x), w.contiguous(), a.contiguous(), b.contiguous(), float(scale), None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], w.shape[0])

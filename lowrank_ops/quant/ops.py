@@ -116,8 +116,7 @@ def _quant_backend(x: Tensor, bits: int, has_lut: bool, group_size: int) -> str:
 
 
 # --------------------------------------------------------------------------- custom op
-@torch.library.custom_op("lowrank_ops::quant_linear", mutates_args=())
-def _quant_linear_op(
+def _quant_linear_impl(
     x: Tensor, qweight: Tensor, qweight_hi: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
     lut: Optional[Tensor], outlier_rowptr: Optional[Tensor], outlier_cols: Optional[Tensor],
     outlier_vals: Optional[Tensor], lr_u: Optional[Tensor], lr_v: Optional[Tensor], bias: Optional[Tensor],
@@ -140,6 +139,9 @@ def _quant_linear_op(
         y = kernels.quant_matmul(x, *packed, None, None, bias, bits, group_size, path=path)
         return y + (x @ lr_v.to(x.dtype).t()) @ lr_u.to(x.dtype).t()
     return kernels.quant_matmul(x, *packed, lr_u, lr_v, bias, bits, group_size, path=path)
+
+
+_quant_linear_op = torch.library.custom_op("lowrank_ops::quant_linear", _quant_linear_impl, mutates_args=())
 
 
 @_quant_linear_op.register_fake
@@ -294,7 +296,9 @@ def quant_linear(
         check_same("bias", bias, "x", x)
         check_dim("bias", bias, 0, n, "out_features = qweight.shape[0]")
 
-    y = _quant_linear_op(
+    op = _quant_linear_impl if backend.eager_inference(x, scales, zeros, lut, outlier_vals, lr_u, lr_v, bias) \
+        else _quant_linear_op
+    y = op(
         x.reshape(-1, k).contiguous(), qweight.contiguous(), _contig(qweight_hi), _contig(scales), _contig(zeros),
         _contig(lut), _contig(outlier_rowptr), _contig(outlier_cols), _contig(outlier_vals), _contig(lr_u),
         _contig(lr_v), _contig(bias), bits, group_size, k,

@@ -205,8 +205,7 @@ def _nm_backend(x: Tensor, values: Tensor, n: int, m: int, path: str, group_size
 
 
 # --------------------------------------------------------------------------- custom op
-@torch.library.custom_op("lowrank_ops::nm_linear", mutates_args=())
-def _nm_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
+def _nm_linear_impl(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                   n: int, m: int, in_features: int, path: str, qscales: Optional[Tensor] = None,
                   qzeros: Optional[Tensor] = None, group_size: Optional[int] = None) -> Tensor:
     chosen = _nm_backend(x, values, n, m, path, group_size)
@@ -222,6 +221,9 @@ def _nm_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Ten
         return torch.nn.functional.linear(x, semi_structured_weight(values, indices, in_features), bias)
     fn, _ = _triton_kernels(path, group_size)
     return fn(x, *_kept(values, qscales, qzeros, group_size), indices, n, m, bias)
+
+
+_nm_linear_op = torch.library.custom_op("lowrank_ops::nm_linear", _nm_linear_impl, mutates_args=())
 
 
 @_nm_linear_op.register_fake
@@ -348,8 +350,9 @@ def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "x", x)
         check_dim("bias", bias, 0, rows, "out_features = values.shape[0]")
-    y = _nm_linear_op(x.reshape(-1, k).contiguous(), values.contiguous(), indices.contiguous(),
-                      None if bias is None else bias.contiguous(), n, m, k, path,
-                      None if qscales is None else qscales.contiguous(), None if qzeros is None else qzeros.contiguous(),
-                      group_size)
+    op = _nm_linear_impl if backend.eager_inference(x, values, bias, qscales, qzeros) else _nm_linear_op
+    y = op(x.reshape(-1, k).contiguous(), values.contiguous(), indices.contiguous(),
+           None if bias is None else bias.contiguous(), n, m, k, path,
+           None if qscales is None else qscales.contiguous(), None if qzeros is None else qzeros.contiguous(),
+           group_size)
     return y.reshape(*x.shape[:-1], rows)
