@@ -76,10 +76,11 @@ declare -A DEFAULT_CAPS=([lowrank]=60 [quant]=90 [sparse]=75 [kvcache]=75)  # se
 # ran past its 90 s cap on the first case in the 2026-11-26 run)
 declare -A DEFAULT_ARGS=([quant]="--methods cuda,triton --configs 4b,4b+1%,3b+1%,4b+r64")
 WANT=" ${LRO_STEPS:-env build tests $SUITES profile counters sanitize} "
-# every test file with gpu-marked tests (a CPU test checks the list): GEAR first, then the files
+# every test file with gpu-marked tests (a CPU test checks the list): the launch cache's (every
+# Triton launch goes through it; never run on a GPU yet), GEAR's, then the files
 # with cases the 2026-11-27 runs did not reach or that changed after them (the quant dequant and
 # N:M expand paths), the CUDA-kernel files last (unchanged since they all passed on 2026-11-27)
-GPU_TEST_FILES="tests/test_gpu_kvcache_cuda.py tests/test_gpu_kvcache_attention.py tests/test_kvcache_hf.py tests/test_kernels_kvcache_compress_interp.py
+GPU_TEST_FILES="tests/test_launch_cache.py tests/test_gpu_kvcache_cuda.py tests/test_gpu_kvcache_attention.py tests/test_kvcache_hf.py tests/test_kernels_kvcache_compress_interp.py
     tests/test_kernels_kvcache_lowrank_interp.py tests/test_kernels_kvcache_decompress_interp.py tests/test_kvcache_store.py
     tests/test_gpu_quant.py tests/test_gpu_sparse.py tests/test_sparse_ops.py tests/test_sparse_format.py
     tests/test_gpu_lowrank.py tests/test_gpu_cuda_decode.py tests/test_gpu_quant_cuda.py"

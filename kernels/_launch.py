@@ -23,7 +23,8 @@ run the same compiled kernel with the same config through Triton too. Ints other
 autotune keys enter by their specialization only, so a decode step's growing sequence length
 does not make a new key. Under the interpreter (CPU tests) :func:`launch` is
 ``kernel[grid](...)``, and so it is with a Triton that launches by another convention than the
-one copied here or lacks its specialization function (:data:`FAST_PATH`).
+one copied here or lacks its specialization function, and with ``LOWRANK_OPS_LAUNCH_CACHE=0``
+(:data:`FAST_PATH`).
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ def _triton_launches_like_this() -> bool:
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run on CPU tensors, interpreted
-FAST_PATH = not INTERPRET and native_specialize_impl is not None and _triton_launches_like_this()
+ENV_VAR = "LOWRANK_OPS_LAUNCH_CACHE"  # "0": every launch through Triton's own path
+FAST_PATH = (not INTERPRET and os.environ.get(ENV_VAR, "1").strip() != "0" and native_specialize_impl is not None
+             and _triton_launches_like_this())
 MAX_ENTRIES = 256  # launch keys per kernel (specializations x autotune keys); past it, the cache restarts
 Grid = Union[tuple, Callable[[dict], tuple]]
 _SPECIALIZED = (torch.Tensor, int, float)  # argument types Triton specializes (others enter a key by value)
