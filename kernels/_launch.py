@@ -130,7 +130,10 @@ def launch(kernel: Union[Autotuner, JITFunction], grid: Grid, *args: Any, **kwar
     params = {**kwargs, **entry.config_kwargs}
     values = args + tuple(params[name] for name in entry.tail_names)
     if callable(grid):
-        grid = grid(dict(zip(state.names, values)))
+        try:  # grids read meta-parameters: the keyword arguments and the config's are enough
+            grid = grid(params)
+        except KeyError:  # one that reads a positional argument gets them all, as from Triton
+            grid = grid(dict(zip(state.names, values)))
     grid = tuple(grid) + (1,) * (3 - len(grid))
     stream = triton.runtime.driver.active.get_current_stream(device)
     compiled = entry.compiled
