@@ -296,9 +296,8 @@ def quant_linear(
         check_same("bias", bias, "x", x)
         check_dim("bias", bias, 0, n, "out_features = qweight.shape[0]")
 
-    op = _quant_linear_impl if backend.eager_inference(x, scales, zeros, lut, outlier_vals, lr_u, lr_v, bias) \
-        else _quant_linear_op
-    y = op(
+    direct = backend.eager_inference(x, scales, zeros, lut, outlier_vals, lr_u, lr_v, bias)
+    y = (_quant_linear_impl if direct else _quant_linear_op)(
         x.reshape(-1, k).contiguous(), qweight.contiguous(), _contig(qweight_hi), _contig(scales), _contig(zeros),
         _contig(lut), _contig(outlier_rowptr), _contig(outlier_cols), _contig(outlier_vals), _contig(lr_u),
         _contig(lr_v), _contig(bias), bits, group_size, k,

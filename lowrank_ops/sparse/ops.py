@@ -206,8 +206,8 @@ def _nm_backend(x: Tensor, values: Tensor, n: int, m: int, path: str, group_size
 
 # --------------------------------------------------------------------------- custom op
 def _nm_linear_impl(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
-                  n: int, m: int, in_features: int, path: str, qscales: Optional[Tensor] = None,
-                  qzeros: Optional[Tensor] = None, group_size: Optional[int] = None) -> Tensor:
+                    n: int, m: int, in_features: int, path: str, qscales: Optional[Tensor] = None,
+                    qzeros: Optional[Tensor] = None, group_size: Optional[int] = None) -> Tensor:
     chosen = _nm_backend(x, values, n, m, path, group_size)
     if chosen == "reference":
         return nm_linear_reference(x, values, indices, bias, n, m, in_features, qscales, qzeros, group_size)
