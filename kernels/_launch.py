@@ -49,12 +49,15 @@ except ImportError:  # pragma: no cover - an older Triton: every launch takes Tr
 def _triton_launches_like_this() -> bool:
     """The installed Triton's ``JITFunction.run`` passes every bound argument (constexprs
     included) and the knobs' launch hooks to ``CompiledKernel.run``, the convention the fast path
-    copies (Triton 3.3 on; before, it passed the non-constexpr values and other hooks)."""
+    copies (Triton 3.3 on; before, it passed the non-constexpr values and other hooks), and its
+    specialization function takes the arguments given here."""
     try:
         source = inspect.getsource(JITFunction.run)
-    except (OSError, TypeError):  # pragma: no cover
+        probe = native_specialize_impl(BaseBackend, 16, False, True, True)
+    except Exception:  # pragma: no cover - another Triton: its own path only
         return False
-    return "knobs.runtime.launch_enter_hook" in source and "*bound_args.values())" in source
+    return ("knobs.runtime.launch_enter_hook" in source and "*bound_args.values())" in source
+            and isinstance(probe, tuple))
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run on CPU tensors, interpreted
