@@ -37,7 +37,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER = "_ncu_marker"
 # Every section first; if this ncu lacks one (it refuses before launching anything), the core five.
@@ -194,6 +197,7 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def parse_names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """Comma-separated names, each one of ``allowed`` (``what`` names the option in the refusal)."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
@@ -201,8 +205,8 @@ def parse_names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return names
 
 
-def plan_calls(cases: Sequence[tuple[int, int]], configs: Sequence[str], methods: Sequence[str], device,
-               geometry=None) -> list[tuple[str, Callable[[], object]]]:
+def plan_calls(cases: Sequence[tuple[int, int]], configs: Sequence[str], methods: Sequence[str],
+               device: torch.device, geometry: Optional[object] = None) -> list[tuple[str, Callable[[], object]]]:
     """(label, call) of every (case, method, configuration) that can run here; a method that
     cannot serve a configuration is reported and left out. SDPA rows run once per case."""
     import torch
@@ -273,14 +277,14 @@ def _config_names() -> list[str]:
     return list(KB.CONFIGS)
 
 
-def _sync(device) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _marker(device) -> Callable[[int], None]:
+def _marker(device: torch.device) -> Callable[[int], None]:
     """A launch of a one-store Triton kernel on ``index`` programs (nothing off CUDA)."""
     import torch
 
