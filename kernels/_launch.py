@@ -4,8 +4,9 @@ An eager decode step launches every compressed layer's kernels once per token, a
 kernel runs for a few microseconds, so the host time of a launch counts. Triton's own path
 (``kernel[grid](...)``) rebuilds, on every call, the autotuner's key from every argument (a dtype
 string per tensor), then the JIT's bound arguments, specialization and cache key, and checks
-its global variables: 10 µs for a 12-argument kernel, ~35 µs for the 49-argument autotuned GEAR
-split kernel (``bench/host_overhead.py``, launches stubbed).
+its global variables: 55 µs for the 49-argument autotuned GEAR split kernel, 25 µs through this
+module (9 µs either way for the 12-argument combine kernel, which is not autotuned; measured on
+a CPU with launches stubbed, ``bench/host_overhead.py``).
 
 ``launch(kernel, grid, *args, **kwargs)`` does what ``kernel[grid](*args, **kwargs)`` does. The
 first call for a *launch key* goes through Triton, which compiles, autotunes and launches, and
