@@ -123,7 +123,10 @@ def launch(kernel: Union[Autotuner, JITFunction], grid: Grid, *args: Any, **kwar
         state = _STATES[id(kernel)] = _KernelState(kernel)
     device = triton.runtime.driver.active.get_current_device()
     key = _launch_key(state, device, args, kwargs)
-    entry = state.entries.get(key) if key is not None else None
+    try:
+        entry = state.entries.get(key) if key is not None else None
+    except TypeError:  # an argument value that cannot be hashed: no key
+        key = entry = None
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
         if key is not None:
@@ -148,7 +151,7 @@ def launch(kernel: Union[Autotuner, JITFunction], grid: Grid, *args: Any, **kwar
 
 def _launch_key(state: _KernelState, device: int, args: tuple, kwargs: dict) -> Optional[tuple]:
     """The launch key of one call (module docstring), or None before the kernel's first compile on
-    ``device``, for an argument value that cannot be hashed, or for a tensor the autotuner keys on."""
+    ``device`` or for a tensor the autotuner keys on."""
     backend = state.backend(device)
     if backend is None or any(i < len(args) and isinstance(args[i], torch.Tensor) for i in state.tuned_runtime):
         return None
@@ -161,12 +164,7 @@ def _launch_key(state: _KernelState, device: int, args: tuple, kwargs: dict) -> 
         key.extend((name, arg if name in state.by_value_names or not isinstance(arg, specialized)
                     else spec(backend, arg, False, True, True)) for name, arg in kwargs.items())
     key.append(device)
-    key = tuple(key)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return tuple(key)  # hashed once, by the caller's lookup (a tuple does not keep its hash)
 
 
 def _remember(state: _KernelState, kernel: Union[Autotuner, JITFunction], key: tuple, compiled: Any,
