@@ -61,7 +61,11 @@ def test_on_a_gpu_the_fast_path_gives_the_outputs_of_tritons_path():
     from lowrank_ops.kernels import _launch
     from lowrank_ops.kvcache import GEARConfig, attention, compress
 
-    assert _launch.FAST_PATH, "the fast path is off with this Triton: nothing to compare"
+    if not _launch.FAST_PATH:  # reported as a skip with the version: every launch takes Triton's path there
+        import triton
+
+        pytest.skip(f"the launch cache is off with Triton {triton.__version__} (another launch convention or no "
+                    "native specialization function): nothing to compare")
     torch.manual_seed(0)
     dev = "cuda"
     linear = torch.nn.Linear(512, 384, bias=True).half().to(dev)
