@@ -120,18 +120,39 @@ def _linear(k: int, n: int) -> torch.nn.Linear:
     return torch.nn.Linear(k, n, bias=False).half()
 
 
-def _gear(config: str) -> Callable[[], object]:
+def _gear_operands(config: str) -> tuple[torch.Tensor, object]:
+    """(q, compressed cache) of one decode step: batch 1, T = 1k, 32 q / 8 kv heads of 128."""
     from lowrank_ops.benchmarks import kvcache as KB
     from lowrank_ops.core.backend import use_backend
-    from lowrank_ops.kvcache import attention, compress
+    from lowrank_ops.kvcache import compress
 
     env = KB.Env(torch.device("cpu"), torch.float16, KB.GPU_GEOMETRY)
     case = KB.Case(1024, 1)
     keys, values = KB.random_kv(case, env, seed=1)
     with use_backend("reference"):
         kv = compress(keys, values, KB.gear_config(config))
-    q = KB.random_q(case, env, 1, seed=2)[0]
+    return KB.random_q(case, env, 1, seed=2)[0], kv
+
+
+def _gear(config: str) -> Callable[[], object]:
+    from lowrank_ops.kvcache import attention
+
+    q, kv = _gear_operands(config)
     return lambda: attention(q, kv)
+
+
+def _gear_cuda_wrapper(config: str) -> Callable[[], object]:
+    """The CUDA GEAR kernel's Python wrapper (``cuda_decode.launch``: workspace, launch plan, the
+    pointers) with a module whose ``gear_decode`` does nothing. Not included: the dispatch check
+    before it, which scans every tensor's alignment on a GPU (on CPU tensors it returns at once)."""
+    import types
+
+    from lowrank_ops.core.cuda_ext import LaunchTarget
+    from lowrank_ops.kvcache import cuda_decode
+
+    q, kv = _gear_operands(config)
+    stub = LaunchTarget(types.SimpleNamespace(gear_decode=lambda *args: None), 0, H100["multiprocessor_count"], "cpu")
+    return lambda: cuda_decode.launch(q, kv, None, q.shape[-1] ** -0.5, target=stub)
 
 
 def _layer(make: Callable[[torch.nn.Linear], torch.nn.Module], k: int = 1024, n: int = 1024) -> Callable[[], object]:
@@ -144,14 +165,16 @@ def _layer(make: Callable[[torch.nn.Linear], torch.nn.Module], k: int = 1024, n:
 
 
 def cases() -> dict[str, Callable[[], Callable[[], object]]]:
-    """name -> a builder of one decode call (batch 1, fp16). Every row runs Triton kernels only
-    (low rank 64: its decode kernels; a larger rank or a LoRA adapter at batch 1 take cuBLAS
-    GEMMs, which here would time the CPU's matmul, not a launch path)."""
+    """name -> a builder of one decode call (batch 1, fp16). Every row but the CUDA wrapper's runs
+    Triton kernels only (low rank 64: its decode kernels; a larger rank or a LoRA adapter at batch 1
+    take cuBLAS GEMMs, which here would time the CPU's matmul, not a launch path); the CUDA
+    wrapper's row launches no Triton kernel, so its two columns time the same path."""
     from lowrank_ops import LowRankLinear, QuantLinear, SparseLinear
 
     return {
         "gear 2b-r4-s2-i8 (default), T=1k, 32/8 heads": lambda: _gear("2b-r4-s2-i8"),
         "gear 2b, T=1k, 32/8 heads": lambda: _gear("2b"),
+        "gear default, CUDA kernel's wrapper (no Triton)": lambda: _gear_cuda_wrapper("2b-r4-s2-i8"),
         "LowRankLinear 1024x1024 r64 (decode kernels)": lambda: _layer(lambda lin: LowRankLinear.from_linear(lin, rank=64)),
         "QuantLinear 1024x1024 4b": lambda: _layer(lambda lin: QuantLinear.from_linear(lin, bits=4)),
         "QuantLinear 1024x1024 4b+1%": lambda: _layer(lambda lin: QuantLinear.from_linear(lin, bits=4, outliers=0.01)),
