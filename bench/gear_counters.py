@@ -187,22 +187,16 @@ def format_table(calls: Sequence[tuple[str, list[dict]]], units: dict) -> str:
 # --------------------------------------------------------------------------- the profiled process
 def parse_cases(text: str) -> list[tuple[int, int]]:
     """``"8192x16,8192x1"`` -> [(8192, 16), (8192, 1)] (context x batch)."""
-    cases = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        match = re.fullmatch(r"(\d+)x(\d+)", item)
-        if not match:
-            raise ValueError(f"--cases: expected CONTEXTxBATCH items like 8192x16, got {item!r}")
-        cases.append((int(match.group(1)), int(match.group(2))))
-    return cases
+    from lowrank_ops.benchmarks.lowrank import parse_shapes
+
+    return parse_shapes(text, "--cases", "CONTEXTxBATCH items like 8192x16")
 
 
 def parse_names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     """Comma-separated names, each one of ``allowed`` (``what`` names the option in the refusal)."""
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in allowed]
-    if unknown or not names:
-        raise ValueError(f"{what}: expected names from {list(allowed)}, got {text!r}")
-    return names
+    from lowrank_ops.benchmarks.timing import pick_names
+
+    return pick_names(text, (), allowed, what)
 
 
 def plan_calls(cases: Sequence[tuple[int, int]], configs: Sequence[str], methods: Sequence[str],

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 from typing import Callable, Optional, Sequence
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be real JIT functions, compiled
@@ -182,17 +181,13 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
     }
 
 
-def host_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
-    """The fastest of ``repeats`` means over ``calls`` calls, in µs (the first calls, which compile, excluded)."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-    return best
+def host_us(fn: Callable[[], object], calls: int) -> float:
+    """Median wall time of one call over ``calls`` calls, in µs: the benchmarks' timer on CPU
+    (:func:`lowrank_ops.benchmarks.timing.measure`; the first calls, which compile, excluded)."""
+    from lowrank_ops.benchmarks import timing as T
+
+    return T.measure(lambda: fn(), [()], torch.device("cpu"), warmup=3, min_samples=calls,
+                     max_samples=calls).median_us
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -206,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
     fast = _launch.FAST_PATH
-    print(f"host time per decode call, Triton backend, launches stubbed, us ({args.calls} calls, best of 5)")
+    print(f"host time per decode call, Triton backend, launches stubbed, us (median of {args.calls} calls)")
     print(f"  {'case':<48} {'Triton path':>12} {'launch cache':>13}")
     for name, build in cases().items():
         if wanted and not any(w in name for w in wanted):

@@ -121,7 +121,8 @@ def launch(kernel: Union[Autotuner, JITFunction], grid: Grid, *args: Any, **kwar
     state = _STATES.get(id(kernel))
     if state is None:
         state = _STATES[id(kernel)] = _KernelState(kernel)
-    device = triton.runtime.driver.active.get_current_device()
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
     key = _launch_key(state, device, args, kwargs)
     try:
         entry = state.entries.get(key) if key is not None else None
@@ -142,7 +143,7 @@ def launch(kernel: Union[Autotuner, JITFunction], grid: Grid, *args: Any, **kwar
         except KeyError:  # one that reads a positional argument gets them all, as from Triton
             grid = grid(dict(zip(state.names, values)))
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    stream = triton.runtime.driver.active.get_current_stream(device)
+    stream = driver.get_current_stream(device)
     compiled = entry.compiled
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,

@@ -104,8 +104,9 @@ def lora_cases(shapes: Sequence[tuple[int, int]], ranks: Sequence[int], batches:
     return [Case("lora", n, k, r, m) for (n, k) in shapes for r in ranks for m in batches]
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"4096x4096,11008x4096"`` -> ``[(4096, 4096), (11008, 4096)]`` (N×K)."""
+def parse_shapes(text: str, flag: str = "--shapes", form: str = "NxK items like 4096x11008") -> list[tuple[int, int]]:
+    """``"4096x4096,11008x4096"`` -> ``[(4096, 4096), (11008, 4096)]`` (N×K; ``flag`` and ``form``
+    name the option and its items in a refusal)."""
     out = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -114,9 +115,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
         try:
             n, k = (int(v) for v in part.split("x"))
         except ValueError:
-            raise ValueError(f"--shapes: expected NxK items like 4096x11008, got {part!r}") from None
+            raise ValueError(f"{flag}: expected {form}, got {part!r}") from None
         if n <= 0 or k <= 0:
-            raise ValueError(f"--shapes: sizes must be positive, got {part!r}")
+            raise ValueError(f"{flag}: sizes must be positive, got {part!r}")
         out.append((n, k))
     return out
 
