@@ -68,6 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowrank_ops.core.checks import check_device, check_dim, check_tensor
+from lowrank_ops.kvcache.config import MAX_PREFIX_TOKENS
 
 from ._codes import codes_to_f32, word_codes, word_codes_f16
 from ._compile_check import CompileCase
@@ -563,12 +564,19 @@ def _gear_split_kernel(
 # global max and every split's weight 2^(m_s − max) are known at once; the (S_CHUNK × D_PAD)
 # partial-accumulator tiles are then summed with those weights, S_CHUNK splits per step, with no
 # step depending on the one before (no serial rescaling chain). With HAS_SINK the row's sink
-# (a base-2 logit, (batch · kv_heads, M) fp32) adds its weight to the sum only. A row whose every key was masked has sum 0 (or the sink's weight alone) and is written as
-# 0; the output is stored in its dtype.
+# (a base-2 logit, (batch · kv_heads, M) fp32) adds its weight to the sum only. With HAS_PREFIX
+# the cache's uncompressed prefix (positions 0 … PREFIX_LEN − 1, (batch · kv_heads, PREFIX_LEN,
+# D) in the cache's dtype, which the split kernel does not read) is attended here: its keys as
+# one (P_PAD × D_PAD) fp32 tile scored against the row's q (fp32, the softmax scale in
+# qk_scale), under the key mask and the causal order, its scores joining the splits' maxima and
+# its values the weighted sum. A row whose every key was masked has sum 0 (or the sink's weight
+# alone) and is written as 0; the output is stored in its dtype.
 @triton.jit
 def _gear_combine_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, sink_ptr, out_ptr, M, N_SPLIT,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sink_ptr, q_ptr, pk_ptr, pv_ptr, mask_ptr, out_ptr, M, N_SPLIT,
+    PREFIX_LEN, H_KV, SEQ_LEN, Q_LEN, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr, HAS_SINK: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, P_PAD: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1)
@@ -577,11 +585,28 @@ def _gear_combine_kernel(
     offs_s = tl.arange(0, S_PAD)
     m_all = tl.load(part_m_ptr + (bh * N_SPLIT + offs_s) * M + row, mask=offs_s < N_SPLIT, other=float("-inf"))
     m_g = tl.max(m_all, axis=0)
+    if HAS_PREFIX:
+        offs_p = tl.arange(0, P_PAD)
+        p_ok = offs_p < PREFIX_LEN
+        if HAS_MASK:
+            p_ok &= tl.load(mask_ptr + (bh // H_KV) * SEQ_LEN + offs_p, mask=p_ok, other=0) != 0
+        if CAUSAL:  # row's query is the cache's token SEQ_LEN − Q_LEN + row % Q_LEN
+            p_ok &= offs_p <= SEQ_LEN - Q_LEN + row % Q_LEN
+        prefix_rows = (bh * PREFIX_LEN + offs_p[:, None]) * HEAD_DIM + offs_d[None, :]
+        p_tile_ok = p_ok[:, None] & d_mask[None, :]
+        q_row = tl.load(q_ptr + (bh * M + row) * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        keys = tl.load(pk_ptr + prefix_rows, mask=p_tile_ok, other=0.0).to(tl.float32)
+        s_p = tl.where(p_ok, tl.sum(keys * q_row[None, :], axis=1) * qk_scale, float("-inf"))
+        m_g = tl.maximum(m_g, tl.max(s_p, axis=0))
     m_safe = tl.where(m_g == float("-inf"), 0.0, m_g)
     l_g = 0.0
     if HAS_SINK:  # a sink far above every score gives l_g = inf: the row's true output, 0
         l_g = tl.exp2(tl.load(sink_ptr + bh * M + row) - m_safe)
     acc = tl.zeros([D_PAD], dtype=tl.float32)
+    if HAS_PREFIX:
+        w_p = tl.exp2(s_p - m_safe)
+        l_g += tl.sum(w_p, axis=0)
+        acc += tl.sum(w_p[:, None] * tl.load(pv_ptr + prefix_rows, mask=p_tile_ok, other=0.0).to(tl.float32), axis=0)
     for s0 in tl.static_range(0, S_PAD, S_CHUNK):
         offs_c = s0 + tl.arange(0, S_CHUNK)
         c_mask = offs_c < N_SPLIT
@@ -696,13 +721,13 @@ def gear_decode_attention(
 
     q = q.contiguous()
     t = {name: x.contiguous() for name, x in kv.tensors().items()}  # no-ops for the format's own tensors
-    kv_heads, nblocks, tail_len, rank = kv.kv_heads, kv.nblocks, kv.tail_len, cfg.rank
+    kv_heads, nblocks, tail_len, rank, prefix_len = kv.kv_heads, kv.nblocks, kv.tail_len, cfg.rank, kv.prefix_len
     n_out = t["key_out_idx"].shape[-1]
     m = (q_heads // kv_heads) * q_len
     block_m = min(max(MIN_DOT, next_pow2(m)), _MAX_BLOCK_M)
     m_blocks = cdiv(m, block_m)
     d_pad = max(MIN_DOT, next_pow2(head_dim))
-    units = nblocks + (tail_len > 0)
+    units = max(1, nblocks + (tail_len > 0))  # (a cache of prefix tokens only: one split that reads nothing)
     columns = batch * kv_heads * m_blocks
     fixed = _even_splits(units, num_splits) if num_splits is not None else None
 
@@ -717,8 +742,11 @@ def gear_decode_attention(
     part_m = _empty((rows,), torch.float32, q.device)
     part_l = _empty((rows,), torch.float32, q.device)
     part_acc = _empty((rows, head_dim), torch.float32, q.device)
-    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else t["key_codes"]
     dummy = t["key_codes"]  # pointer for absent tensors (their branches are compiled out)
+    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else dummy
+    # the split kernel reads blocks and tail as positions 0 … seq_len − prefix_len − 1 (the
+    # combine kernel attends the prefix)
+    split_mask = mask[:, prefix_len:].contiguous() if key_mask is not None and prefix_len else mask
     has_lr = rank > 0
     outl = [t[n] if n_out else dummy for n in ("key_out_idx", "key_out_val", "value_out_idx", "value_out_val")]
     int8_factors = has_lr and cfg.factor_bits == 8
@@ -727,8 +755,8 @@ def gear_decode_attention(
     launch(_gear_split_kernel, lambda meta: (splits_of(meta["PROGRAMS_PER_SM"]), m_blocks, batch * kv_heads),
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
-        t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
-        kv_heads, m, seq_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
+        t["tail_keys"], t["tail_values"], split_mask, part_m, part_l, part_acc,
+        kv_heads, m, seq_len - prefix_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
         q_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)),
         HAS_LR=has_lr, INT8_FACTORS=int8_factors,
@@ -741,9 +769,12 @@ def gear_decode_attention(
     out = _empty((batch, q_heads, q_len, head_dim), q.dtype, q.device)
     s_pad = next_pow2(splits)
     launch(_gear_combine_kernel, (batch * kv_heads, m),
-        part_m, part_l, part_acc, part_m if sinks is None else _sink_rows(sinks, batch, kv_heads, q_len), out, m,
-        splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad, S_CHUNK=min(s_pad, _COMBINE_CHUNK),
-        HAS_SINK=sinks is not None,
+        part_m, part_l, part_acc, part_m if sinks is None else _sink_rows(sinks, batch, kv_heads, q_len), q,
+        t["prefix_keys"] if prefix_len else dummy, t["prefix_values"] if prefix_len else dummy, mask, out, m, splits,
+        prefix_len, kv_heads, seq_len, q_len, float(scale) * _LOG2E,
+        HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=s_pad, S_CHUNK=min(s_pad, _COMBINE_CHUNK), HAS_SINK=sinks is not None,
+        HAS_PREFIX=prefix_len > 0, P_PAD=MAX_PREFIX_TOKENS, HAS_MASK=key_mask is not None,
+        CAUSAL=causal and q_len > 1,
     )
     return out
 
@@ -783,12 +814,14 @@ def _compile_cases() -> list[CompileCase]:
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         name = f"gear_split[{dtype},{bits}b,d{head_dim},n{block_n}{',out' if has_out else ''}{f',lr-{lr}' if lr else ''}]"
         cases.append(CompileCase(name, _gear_split_kernel, sig, flags))
-    for dtype in ("fp16", "bf16", "fp32"):
+    for dtype in ("fp16", "bf16", "fp32"):  # bf16 with a sink, fp16 with a prefix under a mask, causal
         cases.append(CompileCase(
-            f"gear_combine[{dtype}]", _gear_combine_kernel,
-            dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", sink_ptr="*fp32", out_ptr=f"*{dtype}",
-                 M="i32", N_SPLIT="i32"),
-            dict(HEAD_DIM=128, D_PAD=128, S_PAD=128, S_CHUNK=_COMBINE_CHUNK, HAS_SINK=dtype == "bf16"),
+            f"gear_combine[{dtype}{',prefix' if dtype == 'fp16' else ''}]", _gear_combine_kernel,
+            dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", sink_ptr="*fp32", q_ptr=f"*{dtype}",
+                 pk_ptr=f"*{dtype}", pv_ptr=f"*{dtype}", mask_ptr="*u8", out_ptr=f"*{dtype}", M="i32", N_SPLIT="i32",
+                 PREFIX_LEN="i32", H_KV="i32", SEQ_LEN="i32", Q_LEN="i32", qk_scale="fp32"),
+            dict(HEAD_DIM=128, D_PAD=128, S_PAD=128, S_CHUNK=_COMBINE_CHUNK, HAS_SINK=dtype == "bf16",
+                 HAS_PREFIX=dtype == "fp16", P_PAD=MAX_PREFIX_TOKENS, HAS_MASK=dtype == "fp16", CAUSAL=dtype == "fp16"),
             dict(num_warps=4),
         ))
     return cases

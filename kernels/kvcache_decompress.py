@@ -15,7 +15,8 @@ slot's channel and value (one compare and select per entry and slot), and the lo
 r outer products of an A column (BLOCK_T) and a B_j column (D) in fp32 (int8 factors: A times its
 block's column scale, B̂ times 1/127, as the reference). All arithmetic is fp32 and the result is
 rounded once into the output dtype. Tiles of the tail copy (and convert) the fp16/bf16/fp32 tail
-rows. BLOCK_T is the largest power of two dividing B (at most 64, and BLOCK_T · D_PAD ≤ 4096), so
+rows; the cache's uncompressed prefix (at most 16 tokens) is copied into the output's first rows
+before the launch, and the kernel writes the rows after it. BLOCK_T is the largest power of two dividing B (at most 64, and BLOCK_T · D_PAD ≤ 4096), so
 no tile straddles a block or the compressed/tail boundary. Grid: one axis of
 (batch · kv_heads) × tiles, tiles fastest (consecutive programs write consecutive rows); 4 warps;
 int64 offsets per tile, int32 within it. SASS of the compile cases: 96–159 registers, no spill,
@@ -44,7 +45,7 @@ _MAX_TILE = 4096  # BLOCK_T · D_PAD: 32 fp32 entries of a tile per thread at 4 
 @triton.jit
 def _gear_decompress_kernel(
     codes_ptr, scale_ptr, zero_ptr, out_idx_ptr, out_val_ptr, lr_a_ptr, lr_b_ptr, lr_scale_ptr, tail_ptr, out_ptr,
-    COMPRESSED, TAIL_LEN, TILES,
+    PREFIX_LEN, COMPRESSED, TAIL_LEN, TILES,
     KEYS: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, N_OUT: tl.constexpr, R: tl.constexpr,
     INT8_FACTORS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -56,7 +57,7 @@ def _gear_decompress_kernel(
     toks = tl.arange(0, BLOCK_T)
     chans = tl.arange(0, D_PAD)
     chan_ok = chans < HEAD_DIM
-    out_ptr += (bh * (COMPRESSED + TAIL_LEN) + t0) * HEAD_DIM
+    out_ptr += (bh * (PREFIX_LEN + COMPRESSED + TAIL_LEN) + PREFIX_LEN + t0) * HEAD_DIM
     tile = toks[:, None] * HEAD_DIM + chans[None, :]
     if t0 >= COMPRESSED:  # a tail tile: copy its valid rows
         ok = (t0 - COMPRESSED + toks < TAIL_LEN)[:, None] & chan_ok[None, :]
@@ -113,19 +114,22 @@ def gear_decompress(kv: GEARKV, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     cfg = kv.config
     b, h, d, seq = kv.batch, kv.kv_heads, kv.head_dim, kv.seq_len
     block_t = tile_tokens(cfg.buffer_tokens, d)
-    tiles = cdiv(seq, block_t)
+    prefix_len = kv.prefix_len
+    tiles = cdiv(seq - prefix_len, block_t)
     n_out = kv.key_out_idx.shape[-1]
     int8_factors = cfg.rank > 0 and cfg.factor_bits == 8
     outs = []
-    for kind, tail in (("key", kv.tail_keys), ("value", kv.tail_values)):
+    for kind, tail, prefix in (("key", kv.tail_keys, kv.prefix_keys), ("value", kv.tail_values, kv.prefix_values)):
         t = {f: getattr(kv, f"{kind}_{f}").contiguous() for f in BLOCK_FIELDS}  # no-ops for the format's own
         dummy = t["codes"]  # pointer for absent tensors (their branches are compiled out)
         out = _empty((b, h, seq, d), dtype, kv.device)
+        out[:, :, :prefix_len] = prefix  # (at most prefix_tokens rows; the kernel writes the rest)
         if tiles and b * h:
             launch(_gear_decompress_kernel, (b * h * tiles,),
                 t["codes"], t["scale"], t["zero"], t["out_idx"] if n_out else dummy, t["out_val"] if n_out else dummy,
                 t["lr_a"] if cfg.rank else dummy, t["lr_b"] if cfg.rank else dummy,
-                t["lr_scale"] if int8_factors else dummy, tail.contiguous(), out, kv.compressed_len, kv.tail_len, tiles,
+                t["lr_scale"] if int8_factors else dummy, tail.contiguous(), out, prefix_len, kv.compressed_len,
+                kv.tail_len, tiles,
                 KEYS=kind == "key", BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens,
                 HEAD_DIM=d, D_PAD=max(MIN_DOT, next_pow2(d)), N_OUT=n_out, R=cfg.rank,
                 INT8_FACTORS=int8_factors, BLOCK_T=block_t, num_warps=4,
@@ -145,7 +149,7 @@ def _compile_cases() -> list[CompileCase]:
     ):
         sig = dict(codes_ptr="*i32", scale_ptr="*fp16", zero_ptr="*fp16", out_idx_ptr="*u8", out_val_ptr="*fp16",
                    lr_a_ptr=f"*{factors}", lr_b_ptr=f"*{factors}", lr_scale_ptr="*fp32", tail_ptr=f"*{tail}",
-                   out_ptr=f"*{out}", COMPRESSED="i32", TAIL_LEN="i32", TILES="i32")
+                   out_ptr=f"*{out}", PREFIX_LEN="i32", COMPRESSED="i32", TAIL_LEN="i32", TILES="i32")
         d_pad = next_pow2(head_dim)
         flags = dict(KEYS=keys, BITS=bits, GROUP=16 if head_dim == 80 else 32, BLOCK_TOKENS=64, HEAD_DIM=head_dim,
                      D_PAD=d_pad, N_OUT=n_out, R=rank, INT8_FACTORS=factors == "i8",

@@ -32,12 +32,13 @@ BATCH, KV_HEADS = 2, 2
 
 
 # --------------------------------------------------------------------------- helpers
-def make_cache(*, bits, rank, ratio, nblocks, tail, head_dim, dtype, buffer_tokens=32, group_size=32, factor_bits=8):
-    """compress() of random (BATCH, KV_HEADS, nblocks·B + tail, head_dim) keys/values (keys with a
-    per-channel offset and a few large entries, as real keys have)."""
+def make_cache(*, bits, rank, ratio, nblocks, tail, head_dim, dtype, buffer_tokens=32, group_size=32, factor_bits=8,
+               prefix=0):
+    """compress() of random (BATCH, KV_HEADS, prefix + nblocks·B + tail, head_dim) keys/values (keys
+    with a per-channel offset and a few large entries, as real keys have)."""
     cfg = GEARConfig(bits=bits, rank=rank, outlier_ratio=ratio, buffer_tokens=buffer_tokens, group_size=group_size,
-                     factor_bits=factor_bits)
-    seq = nblocks * buffer_tokens + tail
+                     factor_bits=factor_bits, prefix_tokens=prefix)
+    seq = prefix + nblocks * buffer_tokens + tail
     keys = torch.randn(BATCH, KV_HEADS, seq, head_dim) + torch.randn(head_dim) * 2
     keys[..., 3] *= 8
     values = torch.randn(BATCH, KV_HEADS, seq, head_dim)
@@ -276,6 +277,53 @@ def test_attention_sinks(q_len, groups, splits, dtype):
     assert_close(out[1], want[1], dtype, "sinks", TOL)
     assert (out[0] == 0).all()
     assert (want[1] - reference(q, kv, mask, None)[1]).abs().max() > 0.05  # the sinks matter here
+
+
+# a decode step over 2 splits at GQA 4 (row 1's left padding masks the whole prefix); a causal
+# chunk of 5 over one split with sinks, bf16; a causal chunk reaching into the prefix (its first
+# query, position 1, sees positions 0 and 1 only); the prefix alone (no block, no tail: one split
+# that reads nothing); 16 prefix tokens (the combine kernel's whole tile), fp32
+@pytest.mark.parametrize("prefix, nblocks, tail, q_len, groups, splits, dtype, sinks", [
+    (3, 2, 6, 1, 4, 2, torch.float16, False), (4, 2, 9, 5, 2, 1, torch.bfloat16, True),
+    (4, 0, 2, 5, 2, None, torch.float16, False), (5, 0, 0, 1, 2, None, torch.float16, False),
+    (16, 1, 1, 1, 1, 3, torch.float32, False),
+])
+def test_uncompressed_prefix(prefix, nblocks, tail, q_len, groups, splits, dtype, sinks):
+    """The cache's first tokens kept exactly are attended in the combine kernel: the reference's
+    result (key mask, causal order, sinks), and they carry weight (large keys, as a sink token's)."""
+    kv = make_cache(bits=2, rank=4, ratio=0.02, nblocks=nblocks, tail=tail, head_dim=64, dtype=dtype, prefix=prefix)
+    assert (kv.prefix_len, kv.nblocks, kv.tail_len) == (prefix, nblocks, tail)
+    kv.prefix_keys[:, :, 0] *= 6
+    q = torch.randn(BATCH, groups * KV_HEADS, q_len, 64).to(dtype=dtype, device=DEVICE)
+    sink_logits = (torch.randn(groups * KV_HEADS) * 2).to(DEVICE) if sinks else None
+    mask = ragged_mask(kv.seq_len)
+    mask[0, -5:] = True  # right padding would mask a causal chunk's own tokens
+    out = kernels.gear_decode_attention(q, kv, mask, None, causal=q_len > 1, sinks=sink_logits, num_splits=splits)
+    want = attention_reference(q.double(), kv, mask, None, compute_dtype=torch.float64, causal=q_len > 1,
+                               sinks=sink_logits)
+    assert_close(out, want, dtype, f"prefix {prefix}", TOL)
+    if nblocks:
+        no_prefix = mask.clone()
+        no_prefix[:, :prefix] = False
+        without = attention_reference(q.double(), kv, no_prefix, None, compute_dtype=torch.float64,
+                                      causal=q_len > 1, sinks=sink_logits)
+        assert (want[0] - without[0]).abs().max() > 0.05  # the prefix matters here
+
+
+def test_prefix_fills_across_appends():
+    """Tokens appended one update at a time fill the prefix first, then the tail and blocks: the
+    cache equals one compressed at once, and the kernel reads it."""
+    cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.02, buffer_tokens=32, group_size=32, prefix_tokens=4)
+    k, v = torch.randn(2, BATCH, KV_HEADS, 75, 64).to(dtype=torch.float16, device=DEVICE)
+    grown = compress(k[:, :, :2], v[:, :, :2], cfg)
+    for start, stop in ((2, 3), (3, 40), (40, 75)):
+        grown.append(k[:, :, start:stop], v[:, :, start:stop])
+    once = compress(k, v, cfg)
+    assert (grown.prefix_len, grown.nblocks, grown.tail_len) == (once.prefix_len, once.nblocks, once.tail_len) == (4, 2, 7)
+    assert torch.equal(grown.prefix_keys, k[:, :, :4]) and torch.equal(grown.key_codes, once.key_codes)
+    q = torch.randn(BATCH, 2 * KV_HEADS, 1, 64).to(dtype=torch.float16, device=DEVICE)
+    assert_close(kernels.gear_decode_attention(q, grown, None, None), reference(q, once, None, None), torch.float16,
+                 "grown", TOL)
 
 
 # --------------------------------------------------------------------------- public op, triton pinned

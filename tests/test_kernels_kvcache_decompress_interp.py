@@ -8,7 +8,8 @@ the tensor's largest entry for the fp32 arithmetic): a looser bound than bit equ
 torch reference (which rounds after every step in the output dtype), a far tighter one than a
 norm. Formats: 2 and 4 bits, key groups of 16-128 tokens, blocks of 32-128 tokens, outliers,
 fp16 and int8 factors of rank 1-8, head_dim 64, 80 (padded channels) and 128, input tails in
-fp16, bf16 and fp32, written as fp16, bf16 and fp32; caches with no block, no tail, no token.
+fp16, bf16 and fp32, written as fp16, bf16 and fp32; caches with no block, no tail, no token, and
+one with an uncompressed prefix.
 """
 import pytest
 import torch
@@ -54,6 +55,7 @@ def assert_rounded_once(got, exact, dtype, what):
 
 FORMATS = [  # (GEARConfig options, head_dim, blocks, tail, input dtype)
     (dict(), 128, 3, 17, torch.float16),  # the default: 2 bits, G 32, B 64, 2 %, int8 rank 4
+    (dict(prefix_tokens=3), 128, 2, 9, torch.float16),  # an uncompressed prefix before the blocks
     (dict(bits=4, group_size=16, buffer_tokens=48, rank=8, factor_bits=16, outlier_ratio=0.05), 80, 2, 5,
      torch.bfloat16),  # padded channels, 16-token tiles
     (dict(group_size=128, buffer_tokens=128, rank=1, outlier_ratio=0.1), 128, 1, 0, torch.float16),
@@ -66,7 +68,8 @@ FORMATS = [  # (GEARConfig options, head_dim, blocks, tail, input dtype)
 @pytest.mark.parametrize("options, head_dim, blocks, tail, dtype", FORMATS)
 def test_kernel_matches_the_exact_reconstruction(options, head_dim, blocks, tail, dtype, out_dtype, poisoned):
     cfg = GEARConfig(**options)
-    kv = make_cache(cfg, blocks * cfg.buffer_tokens + tail, head_dim, dtype, seed=head_dim + tail)
+    kv = make_cache(cfg, cfg.prefix_tokens + blocks * cfg.buffer_tokens + tail, head_dim, dtype, seed=head_dim + tail)
+    assert (kv.prefix_len, kv.nblocks, kv.tail_len) == (cfg.prefix_tokens, blocks, tail)
     got = kernels.gear_decompress(kv, out_dtype)
     shape = (2, 3, kv.seq_len, head_dim)
     assert poisoned == [shape, shape]

@@ -154,14 +154,15 @@ def test_a_rank_beyond_the_kernel_leaves_triton_with_the_reason(monkeypatch):
     assert not verdict.ok and "rank <= 64" in verdict.why
 
 
-def test_custom_op_fake_and_opcheck():
-    kv, _, _ = make_cache(t=70)
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_custom_op_fake_and_opcheck(prefix):
+    kv, _, _ = make_cache(t=70, cfg=GEARConfig(bits=2, rank=4, prefix_tokens=prefix))
     q = torch.randn(2, 4, 1, 64).half()
     mask = torch.rand(2, 70) > 0.2
     cfg = kv.config
     sinks = torch.randn(4)
     args = (q, list(kv.tensors().values()), mask, 0.125, False, None, cfg.bits, cfg.group_size, cfg.rank,
-            float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
+            float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, cfg.prefix_tokens, kv.tail_len)
     with use_backend("reference"):
         torch.library.opcheck(torch.ops.lowrank_ops.gear_decode_attention.default, args)
         chunk = torch.randn(2, 4, 3, 64).half()

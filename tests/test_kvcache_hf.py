@@ -160,6 +160,19 @@ def test_lossless_generate_matches_dynamic_cache(family):
     assert kv.nblocks == (PROMPT + NEW - 1) // 16 and kv.tail_len == (PROMPT + NEW - 1) % 16
 
 
+def test_lossless_generate_with_an_uncompressed_prefix_matches_dynamic_cache():
+    """The first 3 tokens kept uncompressed (attended in the combine step) and the blocks after
+    them: greedy tokens as DynamicCache's, with a left-padded row whose prefix is padding."""
+    model = make_model("llama")
+    ids, mask = prompt()
+    expected = dynamic_tokens(model, ids, mask)
+    cache = gear_cache(model, dataclasses.replace(LOSSLESS_4BIT, prefix_tokens=3))
+    assert torch.equal(generate(model, cache, ids, mask), expected)
+    kv = cache.layers[0].kv
+    seen = PROMPT + NEW - 1
+    assert (kv.prefix_len, kv.nblocks, kv.tail_len) == (3, (seen - 3) // 16, (seen - 3) % 16)
+
+
 @pytest.mark.parametrize("family", list(HYBRIDS))
 def test_hybrid_models_compress_their_full_attention_layers_only(family):
     """Sliding-window layers stay transformers' own (uncompressed, at most the window); the
@@ -474,6 +487,30 @@ def test_crop_takes_back_compressed_tokens_of_the_last_update(config):
     assert layer.rollback is None
     with pytest.raises(ValueError, match="up to 0 newest"):
         layer.crop(-(layer.kv.tail_len + 1))
+
+
+def test_crop_after_an_uncompressed_prefix_and_never_into_it():
+    """With 4 prefix tokens, crop() rebuilds blocks after the prefix as appending only the kept
+    tokens would; the prefix itself cannot be taken back."""
+    config = dataclasses.replace(GEAR_2BIT, buffer_tokens=16, group_size=16, prefix_tokens=4)
+    gen = torch.Generator().manual_seed(6)
+    k, v = (torch.randn(1, 2, 60, 64, generator=gen) for _ in range(2))
+    layer = GEARLayer(config)
+    layer.update(k[:, :, :10], v[:, :, :10])  # 4 prefix tokens, 6 in the tail
+    _update(layer, k[:, :, 10:60], v[:, :, 10:60])  # three blocks and a tail of 8
+    layer.crop(-30)
+    ref = GEARLayer(config)
+    ref.update(k[:, :, :10], v[:, :, :10])
+    _update(ref, k[:, :, 10:30], v[:, :, 10:30])
+    assert (layer.kv.prefix_len, layer.kv.nblocks, layer.kv.tail_len) == (ref.kv.prefix_len, ref.kv.nblocks,
+                                                                        ref.kv.tail_len) == (4, 1, 10)
+    for got, want in zip(layer.kv.decompress(), ref.kv.decompress()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    short = GEARLayer(config)
+    short.update(k[:, :, :3], v[:, :, :3])  # the prompt fits the prefix
+    assert short.rollback is None and short.kv.prefix_len == 3
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        short.crop(-1)
 
 
 def test_rollback_keeps_only_the_newest_raw_tokens():

@@ -19,6 +19,7 @@ CONFIGS = {
     "default": GEARConfig(),
     "4bit-fp16-factors": GEARConfig(bits=4, group_size=64, rank=2, outlier_ratio=0.0, factor_bits=16),
     "2bit-g16-b32-10%": GEARConfig(bits=2, group_size=16, rank=0, outlier_ratio=0.1, buffer_tokens=32),
+    "prefix-8": GEARConfig(prefix_tokens=8),  # t = 5: a partial prefix, no tail yet
 }
 
 
@@ -67,6 +68,20 @@ def test_roundtrip_is_bit_exact_and_keeps_growing_alike(tmp_path, t, name, dtype
         assert torch.equal(x, y)
     more = kv_pair(2, 70, dtype=dtype, seed=1)  # crosses at least one block boundary
     assert_same_cache(loaded.append(*more), kv.append(*more))
+
+
+def test_a_file_from_before_the_prefix_loads_with_an_empty_one(tmp_path, saved):
+    kv, path = saved
+    header, tensors = stored(path)
+    del tensors["layers.0.prefix_keys"], tensors["layers.0.prefix_values"]
+    rewrite(tmp_path / "old.safetensors", header["layers"], tensors)
+    [loaded] = load_kv(tmp_path / "old.safetensors")
+    assert loaded.prefix_len == 0
+    assert_same_cache(loaded, kv)
+    del tensors["layers.0.tail_values"]  # any other missing tensor is still refused
+    rewrite(tmp_path / "bad.safetensors", header["layers"], tensors)
+    with pytest.raises(ValueError, match="expected tensors"):
+        load_kv(tmp_path / "bad.safetensors")
 
 
 def test_several_layers_uncompressed_and_empty_layers(tmp_path):

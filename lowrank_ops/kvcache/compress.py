@@ -321,27 +321,30 @@ def _check_kv(keys: object, values: object, config: object) -> tuple[Tensor, Ten
 def compress(keys: Tensor, values: Tensor, config: GEARConfig) -> GEARKV:
     """Compress (batch, kv_heads, seq, head_dim) keys and values (fp16/bf16/fp32, seq ≥ 1).
 
-    The first ``seq // B`` full blocks are compressed; the remaining ``seq % B`` tokens go to the
-    uncompressed tail. Grow the result with :meth:`GEARKV.append`.
+    The first ``config.prefix_tokens`` tokens are kept as they are (the prefix); of the rest, the
+    first full blocks of B tokens are compressed and the remaining ones go to the uncompressed
+    tail. Grow the result with :meth:`GEARKV.append`.
     """
     keys, values, config = _check_kv(keys, values, config)
     b, h, t, d = keys.shape
     if t < 1:
         raise ValueError(f"keys: expected at least one token (dim 2), got shape {tuple(keys.shape)}")
-    buf = config.buffer_tokens
-    t_c = t // buf * buf
-    blocks = compress_blocks(keys[:, :, :t_c], values[:, :, :t_c], config)
+    buf, p = config.buffer_tokens, min(config.prefix_tokens, t)
+    t_c = p + (t - p) // buf * buf  # the end of the last full block
+    blocks = compress_blocks(keys[:, :, p:t_c], values[:, :, p:t_c], config)
     tail_k = keys.new_zeros(b, h, buf, d)
     tail_v = values.new_zeros(b, h, buf, d)
     tail_k[:, :, : t - t_c] = keys[:, :, t_c:]
     tail_v[:, :, : t - t_c] = values[:, :, t_c:]
-    return GEARKV(config=config, **blocks, tail_keys=tail_k, tail_values=tail_v, tail_len=t - t_c)
+    return GEARKV(config=config, **blocks, tail_keys=tail_k, tail_values=tail_v, tail_len=t - t_c,
+                  prefix_keys=keys[:, :, :p].clone(), prefix_values=values[:, :, :p].clone())
 
 
 def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Implementation of :meth:`GEARKV.append`: tail first; every B tail tokens become a block.
-    Returns None when the tokens all stayed in the tail, else the raw keys and values from the old
-    tail's start to the end (what the new blocks were compressed from, and the new tail)."""
+    """Implementation of :meth:`GEARKV.append`: the prefix until it holds ``prefix_tokens``, then
+    the tail; every B tail tokens become a block. Returns None when no block was compressed, else
+    the raw keys and values from the old tail's start to the end (what the new blocks were
+    compressed from, and the new tail)."""
     keys, values, _ = _check_kv(keys, values, kv.config)
     expected = (kv.batch, kv.kv_heads, keys.shape[2], kv.head_dim)
     if tuple(keys.shape) != expected:
@@ -349,18 +352,26 @@ def append_tokens(kv: GEARKV, keys: Tensor, values: Tensor) -> tuple[Tensor, Ten
     if keys.dtype != kv.dtype:
         raise TypeError(f"keys: expected dtype {kv.dtype} (that of the cache), got {keys.dtype}")
     check_device("keys", keys, kv.device, "the cache")
+    into_prefix = min(kv.config.prefix_tokens - kv.prefix_len, keys.shape[2])
+    if into_prefix:
+        kv.prefix_keys = torch.cat([kv.prefix_keys, keys[:, :, :into_prefix]], dim=2)
+        kv.prefix_values = torch.cat([kv.prefix_values, values[:, :, :into_prefix]], dim=2)
+        keys, values = keys[:, :, into_prefix:], values[:, :, into_prefix:]
     buf, n = kv.config.buffer_tokens, keys.shape[2]
     if kv.tail_len + n < buf:  # decode fast path: write into the tail buffer
         kv.tail_keys[:, :, kv.tail_len: kv.tail_len + n] = keys
         kv.tail_values[:, :, kv.tail_len: kv.tail_len + n] = values
         kv.tail_len += n
         return None
-    all_k = torch.cat([kv.tail_keys[:, :, : kv.tail_len], keys], dim=2)
-    all_v = torch.cat([kv.tail_values[:, :, : kv.tail_len], values], dim=2)
+    all_k, all_v = keys, values  # (no copy of a prompt compressed into an empty tail)
+    if kv.tail_len:
+        all_k = torch.cat([kv.tail_keys[:, :, : kv.tail_len], keys], dim=2)
+        all_v = torch.cat([kv.tail_values[:, :, : kv.tail_len], values], dim=2)
     t_c = all_k.shape[2] // buf * buf
     blocks = compress_blocks(all_k[:, :, :t_c], all_v[:, :, :t_c], kv.config)
     for name, tensor in blocks.items():
-        setattr(kv, name, torch.cat([getattr(kv, name), tensor], dim=2))
+        have = getattr(kv, name)
+        setattr(kv, name, torch.cat([have, tensor], dim=2) if have.shape[2] else tensor)
     rest = all_k.shape[2] - t_c
     kv.tail_keys[:, :, :rest] = all_k[:, :, t_c:]
     kv.tail_values[:, :, :rest] = all_v[:, :, t_c:]

@@ -90,6 +90,9 @@ def supports(q: object, kv: "GEARKV", causal: bool = False, sinks: bool = False)
     if causal and q.dim() == 4 and q.shape[2] > 1:
         return Support(False, f"causal attention of {q.shape[2]} query tokens: the CUDA GEAR kernel has no causal "
                               "mask among new tokens (one query token per sequence); Triton has")
+    if kv.prefix_len:
+        return Support(False, f"an uncompressed prefix of {kv.prefix_len} tokens: the CUDA GEAR kernel has none; "
+                              "Triton has")
     if q.device.type != "cuda":
         return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
     cfg = kv.config

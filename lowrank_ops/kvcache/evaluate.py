@@ -43,7 +43,7 @@ class Captured:
 @dataclass(frozen=True)
 class KVError:
     """Mean relative errors over the layers, and the bits per K or V entry stored: all-in
-    (tail buffer included) and per compressed block (the steady state of a long cache)."""
+    (tail buffer and prefix included) and per compressed block (the steady state of a long cache)."""
 
     keys: float
     values: float
@@ -126,7 +126,7 @@ def errors(captured: Captured, config: GEARConfig, layer_configs: Optional[Mappi
         kv = compress(to_cache_heads(k, captured), to_cache_heads(v, captured), layer_configs.get(i, config))
         k_hat, v_hat = (from_cache_heads(t) for t in kv.decompress(torch.float32))
         exact = model_attention(q, k.half(), v.half(), captured)
-        tail = kv.tail_keys.nbytes + kv.tail_values.nbytes
+        tail = kv.tail_keys.nbytes + kv.tail_values.nbytes + kv.prefix_keys.nbytes + kv.prefix_values.nbytes
         entries = 2 * kv.batch * kv.kv_heads * kv.compressed_len * kv.head_dim
         totals += torch.tensor([
             relative_error(k_hat[mask], k[mask]), relative_error(v_hat[mask], v[mask]),

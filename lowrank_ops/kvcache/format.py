@@ -1,8 +1,11 @@
-"""The GEAR KV-cache storage: append-only compressed blocks of B tokens + an uncompressed tail.
+"""The GEAR KV-cache storage: an uncompressed prefix of at most P tokens, append-only compressed
+blocks of B tokens, an uncompressed tail.
 
 This is the contract the attention kernels read. Keys and values are (batch, kv_heads, seq,
 head_dim) = (b, h, T, D); all sequences of the batch share token positions (ragged lengths are
-a key mask at attention time; padded positions are stored like any other token). With
+a key mask at attention time; padded positions are stored like any other token). Positions
+0 … p − 1 are the prefix (``p = prefix_len ≤ P = config.prefix_tokens``; the prefix fills before
+anything else, so blocks and tail exist only once p = P), then the blocks, then the tail. With
 ``nblocks`` full blocks, ``T_c = nblocks · B`` compressed tokens, ``G = group_size``,
 ``E = 32 / bits`` codes per int32 word, ``n_out = round(s · D)`` and rank r:
 
@@ -18,6 +21,7 @@ value_scale/_zero    (b, h, T_c, D / G)              fp16   per token, per group
 *_lr_a               (b, h, T_c, r)                  F      per token row of A
 *_lr_b               (b, h, nblocks, D, r)           F      per block B
 *_lr_scale           (b, h, nblocks, r or 0)         fp32   int8 factors: A's scale per rank column
+prefix_keys/_values  (b, h, p, D)                    input  the first p tokens, exactly
 tail_keys/_values    (b, h, B, D)                    input  first ``tail_len`` rows valid
 ===================  ==============================  =====  ===========================================
 
@@ -35,12 +39,13 @@ Reconstruction of token t in block j = t // B::
 
     x̂_t = deq(codes_t) + scatter(out_idx_t, out_val_t) + A_t @ B_jᵀ
 
-The tail is stored in the input dtype (fp16, bf16 or fp32). ``nbytes`` counts every tensor
-above, the whole B-token tail buffer included.
+Prefix and tail are stored in the input dtype (fp16, bf16 or fp32). ``nbytes`` counts every
+tensor above, the whole B-token tail buffer included.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -53,9 +58,9 @@ from lowrank_ops.kvcache.config import GEARConfig
 BLOCK_FIELDS = ("codes", "scale", "zero", "out_idx", "out_val", "lr_a", "lr_b", "lr_scale")
 FACTOR_DTYPES = {8: torch.int8, 16: torch.float16}  # config.factor_bits -> storage of A and B
 INT8_BASIS_SCALE = 1.0 / 127  # int8 B: its columns are orthonormal, so every entry is in [-1, 1]
-TENSOR_FIELDS = (
-    tuple(f"key_{f}" for f in BLOCK_FIELDS) + tuple(f"value_{f}" for f in BLOCK_FIELDS) + ("tail_keys", "tail_values")
-)
+BLOCK_TENSORS = tuple(f"key_{f}" for f in BLOCK_FIELDS) + tuple(f"value_{f}" for f in BLOCK_FIELDS)
+PREFIX_FIELDS = ("prefix_keys", "prefix_values")
+TENSOR_FIELDS = BLOCK_TENSORS + PREFIX_FIELDS + ("tail_keys", "tail_values")
 TAIL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -143,8 +148,13 @@ class GEARKV:
     tail_keys: Tensor
     tail_values: Tensor
     tail_len: int
+    prefix_keys: Optional[Tensor] = None  # None: no prefix token yet, (b, h, 0, D) of the tail's dtype
+    prefix_values: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
+        for name in PREFIX_FIELDS:
+            if getattr(self, name) is None and isinstance(self.tail_keys, Tensor) and self.tail_keys.dim() == 4:
+                setattr(self, name, self.tail_keys[:, :, :0].clone())
         self.validate()
 
     # --------------------------------------------------------------- metadata
@@ -165,13 +175,18 @@ class GEARKV:
         return self.key_codes.shape[2] // self.config.buffer_tokens
 
     @property
+    def prefix_len(self) -> int:
+        """Tokens held in the uncompressed prefix (positions 0 … prefix_len − 1)."""
+        return self.prefix_keys.shape[2]
+
+    @property
     def compressed_len(self) -> int:
         """Tokens held in compressed blocks (``nblocks · B``)."""
         return self.key_codes.shape[2]
 
     @property
     def seq_len(self) -> int:
-        return self.compressed_len + self.tail_len
+        return self.prefix_len + self.compressed_len + self.tail_len
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,7 +233,17 @@ class GEARKV:
             raise ValueError(f"key_codes: expected a multiple of buffer_tokens={cfg.buffer_tokens} tokens at dim 2, got shape {tuple(self.key_codes.shape)}")
         nblocks, g, r = t_c // cfg.buffer_tokens, cfg.group_size, cfg.rank
         n_out, words = cfg.outliers_per_vector(d), d * cfg.bits // 32
+        check_tensor("prefix_keys", self.prefix_keys, ndim=4)
+        p = self.prefix_keys.shape[2]
+        if p > cfg.prefix_tokens:
+            raise ValueError(f"prefix_keys: expected at most prefix_tokens={cfg.prefix_tokens} tokens at dim 2, "
+                             f"got shape {tuple(self.prefix_keys.shape)}")
+        if p < cfg.prefix_tokens and (t_c or self.tail_len):
+            raise ValueError(f"prefix_keys: expected the whole prefix of prefix_tokens={cfg.prefix_tokens} tokens "
+                             f"before any block or tail token, got {p}")
         expected = {
+            "prefix_keys": ((b, h, p, d), (self.tail_keys.dtype,)),
+            "prefix_values": ((b, h, p, d), (self.tail_keys.dtype,)),
             "tail_values": ((b, h, buf, d), (self.tail_keys.dtype,)),
             "key_codes": ((b, h, t_c, words), (torch.int32,)),
             "key_scale": ((b, h, t_c // g, d), (torch.float16,)),
@@ -251,8 +276,9 @@ class GEARKV:
         add_outliers_(x, getattr(self, f"{kind}_out_idx"), getattr(self, f"{kind}_out_val"))
         x += lowrank_product(getattr(self, f"{kind}_lr_a"), getattr(self, f"{kind}_lr_b"),
                              getattr(self, f"{kind}_lr_scale"), cfg.buffer_tokens, dtype)
+        prefix = self.prefix_keys if kind == "key" else self.prefix_values
         tail = (self.tail_keys if kind == "key" else self.tail_values)[:, :, : self.tail_len]
-        return torch.cat([x, tail.to(dtype)], dim=2)
+        return torch.cat([prefix.to(dtype), x, tail.to(dtype)], dim=2)
 
     def decompress(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(K̂, V̂), each (batch, kv_heads, seq_len, head_dim) in ``dtype`` (default: the input
@@ -279,12 +305,12 @@ class GEARKV:
 
     # --------------------------------------------------------------- growth
     def keep_blocks(self, nblocks: int) -> "GEARKV":
-        """Keep the first ``nblocks`` compressed blocks and an empty tail, in place (a rollback: the
-        caller appends again the raw tokens it keeps after them). Returns self."""
+        """Keep the prefix, the first ``nblocks`` compressed blocks and an empty tail, in place (a
+        rollback: the caller appends again the raw tokens it keeps after them). Returns self."""
         check_int("nblocks", nblocks, low=0, high=self.nblocks)
         have = self.nblocks
         if nblocks < have:  # every block tensor's dim 2 is proportional to the block count
-            for name in TENSOR_FIELDS[:-2]:
+            for name in BLOCK_TENSORS:
                 t = getattr(self, name)
                 setattr(self, name, t[:, :, : t.shape[2] // have * nblocks].clone())
         self.tail_len = 0

@@ -62,7 +62,8 @@ How a decode step reads the compressed cache
   the raw keys/values of its last update from the start of the block that holds its newest
   :data:`ROLLBACK_TOKENS`, drops the blocks from there and appends the tokens that stay again
   (a block is only ever compressed from the tokens it holds, so the result is the cache that
-  appending only those tokens would have built).
+  appending only those tokens would have built). Tokens of the uncompressed prefix
+  (``GEARConfig.prefix_tokens``) are never taken back.
 """
 from __future__ import annotations
 
@@ -241,14 +242,16 @@ class Rollback:
 
     @staticmethod
     def of_update(kv: GEARKV, added: int, raw_keys: Tensor, raw_values: Tensor) -> Optional["Rollback"]:
-        """After ``kv`` took ``added`` tokens: None when they all went to the tail (crop trims it);
-        else the raw tokens from the block holding the newest ROLLBACK_TOKENS, out of
-        ``raw_keys``/``raw_values``: the cache's newest raw tokens, at least from that block on."""
-        if added <= kv.tail_len:
+        """After ``kv`` took ``added`` tokens: None when they all went to the tail (crop trims it)
+        or none can be taken back; else the raw tokens from the block holding the newest
+        ROLLBACK_TOKENS, out of ``raw_keys``/``raw_values``: the cache's newest raw tokens, at least
+        from that block on. Prefix tokens are never taken back."""
+        after_prefix = kv.seq_len - kv.prefix_len  # positions of blocks and tail
+        undoable = min(added, ROLLBACK_TOKENS, after_prefix)
+        if added <= kv.tail_len or undoable == 0:
             return None
-        undoable = min(added, ROLLBACK_TOKENS)
-        first = (kv.seq_len - undoable) // kv.config.buffer_tokens  # the first block that may change
-        skip = raw_keys.shape[2] - (kv.seq_len - first * kv.config.buffer_tokens)
+        first = (after_prefix - undoable) // kv.config.buffer_tokens  # the first block that may change
+        skip = raw_keys.shape[2] - (after_prefix - first * kv.config.buffer_tokens)
         return Rollback(first, raw_keys[:, :, skip:].clone(), raw_values[:, :, skip:].clone(), undoable)
 
     def trimmed(self, n: int) -> Optional["Rollback"]:

@@ -8,7 +8,7 @@ plus the static settings. Backends per call (:func:`lowrank_ops.core.backend.sel
 * ``cuda``: ``gear_decode(q, kv, key_mask, scale)`` of :mod:`lowrank_ops.kvcache.cuda_decode`
   (csrc/gear_decode.cu: packed codes straight into tensor-core fragments), when the extension is
   built and the call is one it serves (fp16/bf16, 2/4 bits, head_dim 64/128, rank 0/4/8, ≤ 8
-  outliers per vector); automatic dispatch takes it for small eager calls with fp16 factors or
+  outliers per vector, no uncompressed prefix); automatic dispatch takes it for small eager calls with fp16 factors or
   none (:func:`lowrank_ops.kvcache.cuda_decode.preferred`), Triton otherwise;
 * ``triton``: ``gear_decode_attention(q, kv, key_mask, scale)`` of
   :mod:`lowrank_ops.kernels.kvcache_attention`, imported lazily (unsupported, with the reason,
@@ -120,19 +120,20 @@ def _attention_backend(q: Tensor, kv: GEARKV, causal: bool = False, sinks: bool 
 
 # --------------------------------------------------------------------------- custom op
 def _rebuild(tensors: list[Tensor], bits: int, group_size: int, rank: int, outlier_ratio: float,
-             buffer_tokens: int, factor_bits: int, tail_len: int) -> GEARKV:
+             buffer_tokens: int, factor_bits: int, prefix_tokens: int, tail_len: int) -> GEARKV:
     """The GEARKV the custom op was given (its compression-only settings left at their defaults)."""
     config = GEARConfig(bits=bits, group_size=group_size, rank=rank, outlier_ratio=outlier_ratio,
-                        buffer_tokens=buffer_tokens, factor_bits=factor_bits)
+                        buffer_tokens=buffer_tokens, factor_bits=factor_bits, prefix_tokens=prefix_tokens)
     return GEARKV(config=config, **dict(zip(TENSOR_FIELDS, tensors)), tail_len=tail_len)
 
 
 @torch.library.custom_op("lowrank_ops::gear_decode_attention", mutates_args=())
 def _gear_attention_op(
     q: Tensor, tensors: list[Tensor], key_mask: Optional[Tensor], scale: float, causal: bool, sinks: Optional[Tensor],
-    bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, factor_bits: int, tail_len: int,
+    bits: int, group_size: int, rank: int, outlier_ratio: float, buffer_tokens: int, factor_bits: int,
+    prefix_tokens: int, tail_len: int,
 ) -> Tensor:
-    kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, tail_len)
+    kv = _rebuild(tensors, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits, prefix_tokens, tail_len)
     return _attention_impl(q, kv, key_mask, scale, causal, sinks)
 
 
@@ -150,7 +151,7 @@ def _attention_impl(q: Tensor, kv: GEARKV, key_mask: Optional[Tensor], scale: fl
 
 @_gear_attention_op.register_fake
 def _(q, tensors, key_mask, scale, causal, sinks, bits, group_size, rank, outlier_ratio, buffer_tokens, factor_bits,
-      tail_len):
+      prefix_tokens, tail_len):
     return torch.empty_like(q)
 
 
@@ -197,4 +198,5 @@ def attention(q: Tensor, kv: GEARKV, *, key_mask: Optional[Tensor] = None, scale
     cfg = kv.config
     tensors = [t.contiguous() for t in kv.tensors().values()]
     return _gear_attention_op(q.contiguous(), tensors, key_mask, float(scale), causal, sinks, cfg.bits, cfg.group_size,
-                              cfg.rank, float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, kv.tail_len)
+                              cfg.rank, float(cfg.outlier_ratio), cfg.buffer_tokens, cfg.factor_bits, cfg.prefix_tokens,
+                              kv.tail_len)

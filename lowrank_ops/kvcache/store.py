@@ -11,7 +11,9 @@ header (metadata key :data:`STORE_KEY`) lists per layer its kind and what is not
 
 * ``gear``: a :class:`~lowrank_ops.kvcache.GEARKV`, its :class:`GEARConfig` fields and
   ``tail_len``. Only the tail's ``tail_len`` valid tokens are written (a cropped tail's stale
-  rows are not); the loader rebuilds the B-token tail buffer around them.
+  rows are not); the loader rebuilds the B-token tail buffer around them. Files written before
+  the format had a prefix (``GEARConfig.prefix_tokens``) lack its two tensors and load with an
+  empty one.
 * ``uncompressed``: an :class:`UncompressedState`, the keys and values a layer keeps as they
   are: a hybrid model's sliding-window layer, or a layer its ``GEARCache`` leaves uncompressed
   (written by :meth:`lowrank_ops.kvcache.hf.GEARCache.save`).
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from lowrank_ops.core.files import check_path, read_file, write_file
 from lowrank_ops.kvcache.config import GEARConfig
-from lowrank_ops.kvcache.format import TENSOR_FIELDS, GEARKV
+from lowrank_ops.kvcache.format import PREFIX_FIELDS, TENSOR_FIELDS, GEARKV
 
 STORE_KEY = "lowrank_ops_kvcache"
 STORE_VERSION = 1
@@ -137,7 +139,7 @@ def _gear_layer(entry: dict[str, Any], tensors: dict[str, Tensor]) -> GEARKV:
     """A GEARKV from its header entry and tensors, validated as a fresh one is, plus its outlier channels."""
     config = GEARConfig(**entry["config"])
     tail_len = entry["tail_len"]
-    fields = {name: tensors[name] for name in TENSOR_FIELDS}
+    fields = {name: tensors[name] for name in TENSOR_FIELDS if name in tensors}
     for name in _TAILS:  # the valid rows back into a B-token tail buffer
         rows = fields[name]
         if rows.dim() != 4 or rows.shape[2] != tail_len:
@@ -156,8 +158,8 @@ def _build_layer(entry: object, tensors: dict[str, Tensor]) -> Layer:
     expected = {"empty": (), "uncompressed": ("keys", "values"), "gear": TENSOR_FIELDS}.get(kind)
     if expected is None:
         raise ValueError(f"unknown kind in {entry!r} (expected 'gear', 'uncompressed' or 'empty')")
-    if set(tensors) != set(expected):
-        raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
+    if set(tensors) != set(expected) and not (kind == "gear" and set(tensors) == set(expected) - set(PREFIX_FIELDS)):
+        raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")  # (files before the prefix lack it)
     if kind == "empty":
         return None
     if kind == "uncompressed":
