@@ -612,7 +612,10 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
     p.kb = reinterpret_cast<const __half*>(a.key_lr_b) + bh * a.nblocks * D * RANK;
     p.vb = reinterpret_cast<const __half*>(a.value_lr_b) + bh * a.nblocks * D * RANK;
   }
-  p.mask = a.key_mask ? reinterpret_cast<const uint8_t*>(a.key_mask) + (bh / a.kv_heads) * seq_len : nullptr;
+  // the key mask's rows span the prefix too (positions 0 .. prefix_len - 1, attended by the combine kernel)
+  p.mask = a.key_mask ? reinterpret_cast<const uint8_t*>(a.key_mask) + (bh / a.kv_heads) * (a.prefix_len + seq_len) +
+                            a.prefix_len
+                      : nullptr;
   const bool bf16 = a.dtype == kBFloat16;
   const uint16_t* q = reinterpret_cast<const uint16_t*>(a.q) + (bh * M + row0) * D;
   const uint16_t* tk = reinterpret_cast<const uint16_t*>(a.tail_keys) + bh * B * D;
@@ -948,8 +951,8 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
   }
   __syncthreads();
 
-  // merge the CTA's warps; one split: the final output, else this split's partial
-  const bool final_out = gridDim.x == 1;
+  // merge the CTA's warps; one split and no prefix: the final output, else this split's partial
+  const bool final_out = gridDim.x == 1 && a.prefix_len == 0;
   const long part_row0 = (bh * gridDim.x + split) * M + row0;
   for (int i = threadIdx.x; i < rows_here * D; i += kThreads) {
     const int r = i / D, c = i % D;
@@ -971,6 +974,7 @@ __global__ void __launch_bounds__(kThreads, (kMinCtasPerSm<BITS, D, RANK, I8>)) 
 constexpr int kMaxSplits = 1024;  // lowrank_ops/kvcache/cuda_decode.py MAX_SPLITS
 constexpr int kCombineWarps = 8;
 constexpr int kCombineBatch = 4;  // splits whose loads a combine warp issues together
+constexpr int kMaxPrefix = 16;    // lowrank_ops/kvcache/config.py MAX_PREFIX_TOKENS
 
 // Grid (M, batch * kv_heads), 8 warps: one q row's split partials (fp32, L2-resident, written by
 // the split kernel just before) merged. Warp w merges splits w, w + 8, w + 16, ... by an online
@@ -979,11 +983,18 @@ constexpr int kCombineBatch = 4;  // splits whose loads a combine warp issues to
 // loads four of its splits at a time, then folds them in (ptxas issues two splits' loads before
 // the first fold: about two L2 round trips per four splits a warp takes, two in all for up to 32
 // splits, where a split at a time took one each); then the 8 warps' partials merge through shared
-// memory. 0 for a row with no keys.
+// memory. The cache's uncompressed prefix (prefix_len <= 16 tokens, (batch * kv_heads, prefix_len,
+// D) in q's dtype; the split kernel does not read it) is attended here first: warp w takes prefix
+// tokens w and w + 8, each lane its D/32 channels of q and of the token's key (a dot reduced over
+// the warp by five shuffles), and folds the token in as a one-key partial (max = its score, sum 1,
+// acc = its value row) unless the key mask drops it. 0 for a row with no keys.
 template <int D>
 __global__ void __launch_bounds__(kCombineWarps * kWarp)
     gear_combine_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                        const float* __restrict__ part_acc, uint16_t* __restrict__ out, int M, int splits, bool bf16) {
+                        const float* __restrict__ part_acc, uint16_t* __restrict__ out, int M, int splits, bool bf16,
+                        const uint16_t* __restrict__ q, const uint16_t* __restrict__ prefix_keys,
+                        const uint16_t* __restrict__ prefix_values, const uint8_t* __restrict__ key_mask,
+                        int prefix_len, long mask_row_len, int kv_heads, float qk_scale) {
   constexpr int kPerLane = D / kWarp;
   __shared__ float wm[kCombineWarps], wl[kCombineWarps];
   __shared__ __align__(16) float wacc[kCombineWarps][D];
@@ -995,6 +1006,22 @@ __global__ void __launch_bounds__(kCombineWarps * kWarp)
   float mx = -INFINITY, sum = 0.f, acc[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
+  for (int j = warp; j < prefix_len; j += kCombineWarps) {
+    const long key = (bh * prefix_len + j) * D + lane * kPerLane;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      dot += load_as_float(q, (bh * M + row) * D + lane * kPerLane + i, bf16) * load_as_float(prefix_keys, key + i, bf16);
+#pragma unroll
+    for (int off = 1; off < kWarp; off <<= 1) dot += __shfl_xor_sync(kFull, dot, off);
+    if (key_mask && !key_mask[(bh / kv_heads) * mask_row_len + j]) continue;
+    const float score = dot * qk_scale, m_new = fmaxf(mx, score);
+    const float keep = fast_exp2(mx - m_new), wt = fast_exp2(score - m_new);
+    sum = sum * keep + wt;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * keep + wt * load_as_float(prefix_values, key + i, bf16);
+    mx = m_new;
+  }
   for (int s0 = warp; s0 < splits; s0 += kCombineBatch * kCombineWarps) {
     // a batch's loads, unconditional (past the last split: the last split again, weighted 0), all issued first
     float ms[kCombineBatch], ls[kCombineBatch], x[kCombineBatch][kPerLane];
@@ -1057,13 +1084,19 @@ void launch(const GearDecodeArgs& a) {
   }
   const bool overlap = a.dependent_launch != 0;
   check_cuda(LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, split_kernel, grid, kThreads, smem, stream, a), "split kernel launch");
-  if (a.splits > 1) {
+  if (a.splits > 1 || a.prefix_len > 0) {
     const auto combine_kernel = gear_combine_kernel<D>;
     check_cuda(LOWRANK_OPS_LAUNCH_DEPENDENT(overlap, combine_kernel, dim3(a.M, a.batch_kv_heads),
                                             kCombineWarps * kWarp, 0, stream, reinterpret_cast<const float*>(a.part_m),
                                             reinterpret_cast<const float*>(a.part_l),
                                             reinterpret_cast<const float*>(a.part_acc),
-                                            reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, a.dtype == kBFloat16),
+                                            reinterpret_cast<uint16_t*>(a.out), a.M, a.splits, a.dtype == kBFloat16,
+                                            reinterpret_cast<const uint16_t*>(a.q),
+                                            reinterpret_cast<const uint16_t*>(a.prefix_keys),
+                                            reinterpret_cast<const uint16_t*>(a.prefix_values),
+                                            reinterpret_cast<const uint8_t*>(a.key_mask), a.prefix_len,
+                                            long(a.prefix_len) + long(a.nblocks) * a.buffer_tokens + a.tail_len,
+                                            a.kv_heads, a.qk_scale),
                "combine kernel launch");
   }
 }
@@ -1093,14 +1126,16 @@ void gear_decode(const GearDecodeArgs& a) {
   if (!gear_decode_supported(a.bits, a.head_dim, a.rank, a.group_size, a.buffer_tokens, a.M))
     throw std::invalid_argument("gear_decode: unsupported configuration (see gear_decode_supported)");
   if (a.n_out < 0 || a.n_out > kMaxOutliers || a.splits < 1 || a.splits > kMaxSplits || a.steps_per_split < 1 ||
-      a.batch_kv_heads < 1 || a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0)
+      a.batch_kv_heads < 1 || a.kv_heads < 1 || a.tail_len < 0 || a.tail_len >= a.buffer_tokens || a.nblocks < 0 ||
+      a.prefix_len < 0 || a.prefix_len > kMaxPrefix)
     throw std::invalid_argument("gear_decode: bad sizes");
   const bool blocks = a.nblocks > 0;  // the compressed tensors are empty (null) without blocks
   if ((blocks && a.n_out > 0 && (!a.key_out_idx || !a.key_out_val || !a.value_out_idx || !a.value_out_val)) ||
       (blocks && a.rank > 0 && (!a.key_lr_a || !a.key_lr_b || !a.value_lr_a || !a.value_lr_b)) || !a.q || !a.out ||
       !a.tail_keys || !a.tail_values || (blocks && (!a.key_codes || !a.value_codes || !a.key_scale || !a.key_zero ||
                                                     !a.value_scale || !a.value_zero)) ||
-      (a.splits > 1 && (!a.part_m || !a.part_l || !a.part_acc)))
+      ((a.splits > 1 || a.prefix_len > 0) && (!a.part_m || !a.part_l || !a.part_acc)) ||
+      (a.prefix_len > 0 && (!a.prefix_keys || !a.prefix_values)))
     throw std::invalid_argument("gear_decode: a required pointer is null");
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)
     throw std::invalid_argument("gear_decode: dtype must be float16 or bfloat16");

@@ -83,23 +83,23 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t value_zero, std::uintptr_t value_out_idx, std::uintptr_t value_out_val,
          std::uintptr_t value_lr_a, std::uintptr_t value_lr_b, std::uintptr_t value_lr_scale,
          std::uintptr_t tail_keys, std::uintptr_t tail_values, std::uintptr_t key_mask, std::uintptr_t part_m,
-         std::uintptr_t part_l, std::uintptr_t part_acc, std::uintptr_t out, int batch_kv_heads, int kv_heads, int M,
-         int nblocks, int buffer_tokens, int tail_len, int bits, int group_size, int head_dim, int n_out, int rank,
-         int factor_bits, int splits, int steps_per_split, float qk_scale, int dtype, std::uintptr_t stream,
-         bool dependent_launch) {
+         std::uintptr_t part_l, std::uintptr_t part_acc, std::uintptr_t out, std::uintptr_t prefix_keys,
+         std::uintptr_t prefix_values, int batch_kv_heads, int kv_heads, int M, int nblocks, int buffer_tokens,
+         int tail_len, int prefix_len, int bits, int group_size, int head_dim, int n_out, int rank, int factor_bits,
+         int splits, int steps_per_split, float qk_scale, int dtype, std::uintptr_t stream, bool dependent_launch) {
         lowrank_ops::GearDecodeArgs a{q,           key_codes,     key_scale,      key_zero,      key_out_idx,
                                       key_out_val, key_lr_a,      key_lr_b,       key_lr_scale,  value_codes,
                                       value_scale, value_zero,    value_out_idx,  value_out_val, value_lr_a,
                                       value_lr_b,  value_lr_scale, tail_keys,     tail_values,   key_mask,
-                                      part_m,      part_l,        part_acc,       out,           batch_kv_heads,
-                                      kv_heads,    M,             nblocks,        buffer_tokens, tail_len,
-                                      bits,        group_size,    head_dim,       n_out,         rank,
-                                      factor_bits, splits,        steps_per_split, qk_scale,     dtype,
-                                      stream,      dependent_launch};
+                                      part_m,      part_l,        part_acc,       out,           prefix_keys,
+                                      prefix_values, batch_kv_heads, kv_heads,    M,             nblocks,
+                                      buffer_tokens, tail_len,    prefix_len,     bits,          group_size,
+                                      head_dim,    n_out,         rank,           factor_bits,   splits,
+                                      steps_per_split, qk_scale,  dtype,          stream,        dependent_launch};
         py::gil_scoped_release release;  // launches only; errors come back as C++ exceptions
         lowrank_ops::gear_decode(a);
       },
-      "GEAR decode attention over the compressed cache (one or two launches on `stream`): 24 device addresses "
+      "GEAR decode attention over the compressed cache (one or two launches on `stream`): 26 device addresses "
       "as ints in the order of lowrank_ops/kvcache/cuda_decode.py (0 = absent), then the sizes, the settings, "
       "qk_scale = scale * log2(e), the dtype code, the stream, and whether to launch with programmatic stream "
       "serialization (sm_90+: the kernels may start while the stream's previous kernel finishes). Layout: "

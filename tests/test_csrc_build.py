@@ -71,14 +71,14 @@ PROBE = textwrap.dedent(
     sp("q4 g=48", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 48)
     sp("q4 null", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 0, 16, 32)
     sp("dense+scales", 16, 16, 16, 0, 16, 1, 64, 8, 2, 4, 0, 0, 16, 16, 0)
-    # (24 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, bits, group_size, head_dim,
-    #  n_out, rank, factor_bits, splits, steps_per_split, qk_scale, dtype, stream, dependent_launch)
+    # (26 pointers, batch_kv_heads, kv_heads, M, nblocks, buffer_tokens, tail_len, prefix_len, bits, group_size,
+    #  head_dim, n_out, rank, factor_bits, splits, steps_per_split, qk_scale, dtype, stream, dependent_launch)
     def gear(key, ptrs=None, **sizes):
-        args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, bits=2, G=32, D=128, n_out=3, rank=4, factor_bits=16,
-                    splits=2, per=9)
+        args = dict(bh=8, kvh=8, M=4, nblocks=4, B=64, tail=3, prefix=2, bits=2, G=32, D=128, n_out=3, rank=4,
+                    factor_bits=16, splits=2, per=9)
         dtype = sizes.pop("dtype", 0)
         args.update(sizes)
-        p = [16] * 24 if ptrs is None else ptrs
+        p = [16] * 26 if ptrs is None else ptrs
         attempt("gear_decode", key, *p, *args.values(), 0.1, dtype, 0, False)
     gear("bits=3", bits=3)
     gear("D=96", D=96)
@@ -86,9 +86,12 @@ PROBE = textwrap.dedent(
     gear("G>D", D=64, G=128, B=128)
     gear("tail=B", tail=64)
     gear("dtype=7", dtype=7)
-    gear("null", ptrs=[16] * 4 + [0] + [16] * 19)
+    gear("null", ptrs=[16] * 4 + [0] + [16] * 21)
     gear("factor_bits=5", factor_bits=5)
-    gear("int8 scale", ptrs=[16] * 8 + [0] + [16] * 15, factor_bits=8)  # key_lr_scale
+    gear("int8 scale", ptrs=[16] * 8 + [0] + [16] * 17, factor_bits=8)  # key_lr_scale
+    gear("prefix=17", prefix=17)
+    gear("null prefix", ptrs=[16] * 25 + [0])  # prefix_values
+    gear("one split, prefix", ptrs=[16] * 20 + [0] * 3 + [16] * 3, splits=1)  # the combine's partials are needed
     out["errors"] = errors
     print(json.dumps(out))
     """
@@ -134,7 +137,8 @@ def test_builds_for_sm80_sm90_and_imports(built):
         "gear_decode": [("bits=3", "unsupported configuration"), ("D=96", "unsupported configuration"),
                         ("rank=2", "unsupported configuration"), ("G>D", "unsupported configuration"),
                         ("tail=B", "bad sizes"), ("dtype=7", "dtype"), ("null", "null"),
-                        ("factor_bits=5", "factor_bits must be 8"), ("int8 scale", "int8 factors need")],
+                        ("factor_bits=5", "factor_bits must be 8"), ("int8 scale", "int8 factors need"),
+                        ("prefix=17", "bad sizes"), ("null prefix", "null"), ("one split, prefix", "null")],
     }
     for fn, cases in expected.items():
         for key, fragment in cases:

@@ -128,20 +128,45 @@ def test_fully_masked_splits_weigh_nothing_in_the_combine(module):
        factor_bits=st.sampled_from([8, 16]), group=st.sampled_from([16, 32, 64]),
        groups_per_block=st.sampled_from([1, 2, 3]),
        outliers=st.integers(0, 4), q_per_kv=st.sampled_from([1, 4, 8]), q_len=st.integers(1, 2),
-       seq=st.integers(1, 700), num_splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**16))
+       seq=st.integers(1, 700), num_splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**16),
+       prefix=st.sampled_from([0, 0, 1, 16]))
 def test_random_configurations(module, bits, head_dim, rank, factor_bits, group, groups_per_block, outliers, q_per_kv,
-                               q_len, seq, num_splits, seed):
+                               q_len, seq, num_splits, seed, prefix):
     """The ring's edge cases together: blocks of one step (B = 16) to several groups, a warp's run
     starting mid-group and mid-block, runs shorter than the ring, tails of any length, caches that
-    are only tail, and 1-16 q rows per kv head."""
+    are only tail (or only prefix), uncompressed prefixes, and 1-16 q rows per kv head."""
     buffer_tokens = group * groups_per_block
     if buffer_tokens % 16 or group > head_dim:
         return  # the format's own limits (B a multiple of 16, G at most head_dim)
     cfg = dict(bits=bits, rank=rank, outlier_ratio=outliers / head_dim, group_size=group, buffer_tokens=buffer_tokens,
-               factor_bits=factor_bits)
+               factor_bits=factor_bits, prefix_tokens=prefix)
     kv = make_cache(1, 2, seq, head_dim, F16, seed=seed, device="cpu", **cfg)
     q = torch.randn(1, 2 * q_per_kv, q_len, head_dim, dtype=F16)
     assert_matches_reference(run(module, q, kv, num_splits=num_splits), q, kv, None, f"{cfg} seq {seq}")
+
+
+# one split (the combine kernel then runs for the prefix alone), row 1's left padding masking the
+# whole prefix; 16 prefix tokens (two per combine warp) over 3 splits, bf16, head_dim 64; a prefix
+# and a tail only; a cache that is all prefix (no step: an empty split)
+@pytest.mark.parametrize("name, prefix, seq, splits, dtype", [
+    ("2b+2%+r4-i8", 3, 512 + 37, 1, F16), ("2b+2%+r4-d64", 16, 300, 3, BF16), ("4b+r8", 2, 2 + 21, None, F16),
+    ("2b+2%+r4-i8", 8, 5, None, F16),
+])
+def test_uncompressed_prefix(module, name, prefix, seq, splits, dtype):
+    head_dim, cfg = fmt(name)
+    kv = make_cache(2, 2, seq, head_dim, dtype, seed=prefix, device="cpu", prefix_tokens=prefix, **cfg)
+    assert kv.prefix_len == min(prefix, seq)
+    kv.prefix_keys[:, :, 0] *= 6  # a sink token's large key: the prefix carries weight
+    q = torch.randn(2, 8, 1, head_dim, dtype=dtype)
+    mask = torch.ones(2, seq, dtype=torch.bool)
+    mask[1, : min(10, seq - 1)] = False  # left padding over the prefix
+    ref = assert_matches_reference(run(module, q, kv, mask, num_splits=splits), q, kv, mask, f"{name} prefix {prefix}")
+    assert_matches_reference(run(module, q, kv, None, num_splits=splits), q, kv, None, f"{name} prefix {prefix}, no mask")
+    if seq > prefix:
+        no_prefix = mask.clone()
+        no_prefix[:, :prefix] = False
+        without = attention_reference(q.double(), kv, no_prefix, None, compute_dtype=torch.float64)
+        assert (ref[0] - without[0]).abs().max() > 0.05  # the prefix matters here
 
 
 def test_fully_masked_sequence_gives_zeros(module):

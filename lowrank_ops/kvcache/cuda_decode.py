@@ -3,7 +3,7 @@
 ``softmax(scale · q K̂ᵀ + mask) V̂`` straight from the compressed cache (codes into the tensor
 cores' fragment layout, key scale folded into q, outliers and low rank as corrections, fp16/bf16
 tail), split over the sequence: one launch when one split suffices, else two (partials, then
-their merge; on sm_90 the second is a programmatic dependent launch, so its CTAs are placed while
+their merge, which also attends an uncompressed prefix, ``GEARConfig.prefix_tokens``; on sm_90 the second is a programmatic dependent launch, so its CTAs are placed while
 the first finishes). The compiled module takes raw device pointers, sizes, a dtype code and the stream
 as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
@@ -90,9 +90,6 @@ def supports(q: object, kv: "GEARKV", causal: bool = False, sinks: bool = False)
     if causal and q.dim() == 4 and q.shape[2] > 1:
         return Support(False, f"causal attention of {q.shape[2]} query tokens: the CUDA GEAR kernel has no causal "
                               "mask among new tokens (one query token per sequence); Triton has")
-    if kv.prefix_len:
-        return Support(False, f"an uncompressed prefix of {kv.prefix_len} tokens: the CUDA GEAR kernel has none; "
-                              "Triton has")
     if q.device.type != "cuda":
         return Support(False, f"q is on {q.device}; the CUDA GEAR kernel needs a CUDA tensor")
     cfg = kv.config
@@ -190,7 +187,8 @@ def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optio
     else:
         splits, per_split = _even_splits(steps, min(num_splits, steps))
     out = torch.empty_like(q)
-    rows = batch * kv.kv_heads * splits * m if splits > 1 else 0
+    combined = splits > 1 or kv.prefix_len > 0  # partials, then the combine kernel (which attends the prefix)
+    rows = batch * kv.kv_heads * splits * m if combined else 0
     part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
     part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
     part_acc = torch.empty(rows * head_dim, dtype=torch.float32, device=q.device)
@@ -208,8 +206,9 @@ def _run(target: cuda_ext.LaunchTarget, q: Tensor, kv: "GEARKV", key_mask: Optio
         ptr("value_lr_b", cfg.rank > 0), ptr("value_lr_scale", cfg.rank > 0),
         ptr("tail_keys"), ptr("tail_values"), mask.data_ptr() if mask is not None else 0,
         part_m.data_ptr() if rows else 0, part_l.data_ptr() if rows else 0, part_acc.data_ptr() if rows else 0,
-        out.data_ptr(), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks, cfg.buffer_tokens, kv.tail_len,
-        cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank, cfg.factor_bits, splits, per_split,
+        out.data_ptr(), ptr("prefix_keys"), ptr("prefix_values"), batch * kv.kv_heads, kv.kv_heads, m, kv.nblocks,
+        cfg.buffer_tokens, kv.tail_len, kv.prefix_len, cfg.bits, cfg.group_size, head_dim, n_out, cfg.rank,
+        cfg.factor_bits, splits, per_split,
         float(scale) * _LOG2E, _DTYPE_CODES[q.dtype], target.stream, dependent_launch,
     )
     return out
