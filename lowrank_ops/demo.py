@@ -71,7 +71,7 @@ KV_CONFIGS = {
         lowrank_fit="residual", factor_bits=16, clip_search=False, outlier_rule="extremes"),
     "4-bit quant, G 128": dict(bits=4, rank=0, outlier_ratio=0.0, group_size=128, buffer_tokens=128),
     "GEAR, layers 1 and 2 (the worst) at 4 bits": dict(layer_configs={1: dict(bits=4), 2: dict(bits=4)}),
-    "GEAR, first token ([CLS]) uncompressed": dict(prefix_tokens=1),
+    "GEAR without the uncompressed first token ([CLS])": dict(prefix_tokens=0),
 }
 
 

@@ -221,7 +221,7 @@ def test_fully_masked_row_is_zero_and_others_unharmed():
 def test_tail_only_cache():
     """No compressed block yet: the tail alone, exact, so plain attention over the raw keys/values
     is the reference."""
-    cfg = GEARConfig(bits=2, rank=2, outlier_ratio=0.02, buffer_tokens=32, group_size=32)
+    cfg = GEARConfig(bits=2, rank=2, outlier_ratio=0.02, buffer_tokens=32, group_size=32, prefix_tokens=0)
     k, v = torch.randn(2, BATCH, KV_HEADS, 11, 64, device=DEVICE)
     kv = compress(k, v, cfg)
     assert (kv.nblocks, kv.tail_len) == (0, 11)

@@ -78,7 +78,11 @@ def test_kernel_matches_the_exact_reconstruction(options, head_dim, blocks, tail
 
 
 def test_an_emptied_cache_launches_nothing(poisoned):
-    kv = make_cache(GEARConfig(), 70, 64, torch.float16).keep_blocks(0)  # a rollback to no token
+    kv = make_cache(GEARConfig(), 70, 64, torch.float16).keep_blocks(0)  # a rollback to the prefix token
+    k, v = kernels.gear_decompress(kv, torch.float16)
+    assert k.shape == v.shape == (2, 3, 1, 64)
+    assert torch.equal(k, kv.prefix_keys) and torch.equal(v, kv.prefix_values)
+    kv = make_cache(GEARConfig(prefix_tokens=0), 70, 64, torch.float16).keep_blocks(0)  # a rollback to no token
     k, v = kernels.gear_decompress(kv, torch.float16)
     assert k.shape == v.shape == (2, 3, 0, 64)
 

@@ -51,17 +51,19 @@ def test_pack_roundtrip_and_bit_layout(bits):
 
 # --------------------------------------------------------------------------- shapes and tail
 @pytest.mark.parametrize("t", [1, 63, 64, 65, 130])
-@pytest.mark.parametrize("bits, d, g, rank, ratio, dtype", [
-    (2, 128, 32, 4, 0.02, torch.float16),
-    (4, 64, 64, 0, 0.0, torch.bfloat16),
-    (2, 48, 16, 2, 0.1, torch.float32),
+@pytest.mark.parametrize("bits, d, g, rank, ratio, dtype, prefix", [
+    (2, 128, 32, 4, 0.02, torch.float16, 1),
+    (4, 64, 64, 0, 0.0, torch.bfloat16, 0),
+    (2, 48, 16, 2, 0.1, torch.float32, 3),
 ])
-def test_shapes_and_tail(t, bits, d, g, rank, ratio, dtype):
-    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, buffer_tokens=64)
+def test_shapes_and_tail(t, bits, d, g, rank, ratio, dtype, prefix):
+    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, buffer_tokens=64, prefix_tokens=prefix)
     keys, values = kv_pair(2, 3, t, d, dtype)
     kv = compress(keys, values, cfg)
-    nblocks, tail = divmod(t, 64)
-    assert (kv.seq_len, kv.nblocks, kv.tail_len, kv.compressed_len) == (t, nblocks, tail, nblocks * 64)
+    p = min(prefix, t)
+    nblocks, tail = divmod(t - p, 64)
+    assert (kv.seq_len, kv.prefix_len, kv.nblocks, kv.tail_len, kv.compressed_len) == (t, p, nblocks, tail, nblocks * 64)
+    assert kv.prefix_keys.shape == (2, 3, p, d) and kv.prefix_keys.dtype == dtype
     assert (kv.batch, kv.kv_heads, kv.head_dim, kv.dtype, kv.device) == (2, 3, d, dtype, keys.device)
     n_out = round(ratio * d)
     tc = nblocks * 64
@@ -75,11 +77,14 @@ def test_shapes_and_tail(t, bits, d, g, rank, ratio, dtype):
     assert all(t.is_contiguous() for t in kv.tensors().values())
     k_hat, v_hat = kv.decompress()
     assert k_hat.shape == v_hat.shape == keys.shape and k_hat.dtype == dtype
-    assert torch.equal(k_hat[:, :, tc:], keys[:, :, tc:]) and torch.equal(v_hat[:, :, tc:], values[:, :, tc:])
+    exact = torch.ones(t, dtype=torch.bool)  # prefix and tail: stored as they are
+    exact[p: p + tc] = False
+    assert torch.equal(k_hat[:, :, exact], keys[:, :, exact]) and torch.equal(v_hat[:, :, exact], values[:, :, exact])
     assert torch.isfinite(k_hat.float()).all() and torch.isfinite(v_hat.float()).all()
     if nblocks:
-        assert rel(k_hat[:, :, :tc], keys[:, :, :tc]) < (0.45 if bits == 2 else 0.1)
-        assert rel(v_hat[:, :, :tc], values[:, :, :tc]) < (0.45 if bits == 2 else 0.1)
+        blocks = slice(p, p + tc)
+        assert rel(k_hat[:, :, blocks], keys[:, :, blocks]) < (0.45 if bits == 2 else 0.1)
+        assert rel(v_hat[:, :, blocks], values[:, :, blocks]) < (0.45 if bits == 2 else 0.1)
 
 
 # --------------------------------------------------------------------------- append-only semantics
@@ -93,12 +98,12 @@ def test_append_equals_compress_at_once(chunks):
     for n in chunks[1:]:
         assert grown.append(keys[:, :, start: start + n], values[:, :, start: start + n]) is grown
         start += n
-    assert grown.seq_len == once.seq_len == 150 and grown.tail_len == once.tail_len == 22
+    assert grown.seq_len == once.seq_len == 150 and grown.tail_len == once.tail_len == 21  # after a 1-token prefix
     assert all(t.is_contiguous() for t in grown.tensors().values())
     for name in TENSOR_FIELDS:
         a, b = getattr(grown, name), getattr(once, name)
         if name.startswith("tail"):  # rows past tail_len are stale, never read
-            a, b = a[:, :, :22], b[:, :, :22]
+            a, b = a[:, :, : once.tail_len], b[:, :, : once.tail_len]
         if "lr" in name:  # one batched QR vs several: same math, float rounding may differ
             torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=1e-2)
         else:
@@ -139,13 +144,14 @@ def test_blocks_are_never_requantized():
 
 
 def test_keep_blocks_then_append_is_the_shorter_cache():
-    """A rollback: keep the first block of three, append tokens again: the cache of those tokens."""
+    """A rollback: keep the prefix and the first block of three, append tokens again: the cache of
+    those tokens."""
     cfg = GEARConfig(bits=2, rank=4, outlier_ratio=0.05)
-    keys, values = kv_pair(2, 2, 3 * 64 + 5, 64)
+    keys, values = kv_pair(2, 2, 1 + 3 * 64 + 5, 64)
     kv = compress(keys, values, cfg)
-    assert kv.keep_blocks(1) is kv and (kv.nblocks, kv.tail_len) == (1, 0)
+    assert kv.keep_blocks(1) is kv and (kv.prefix_len, kv.nblocks, kv.tail_len) == (1, 1, 0)
     assert all(t.is_contiguous() for t in kv.tensors().values())
-    kv.append(keys[:, :, 64:140], values[:, :, 64:140])
+    kv.append(keys[:, :, 65:140], values[:, :, 65:140])
     once = compress(keys[:, :, :140], values[:, :, :140], cfg)
     for got, want in zip(kv.decompress(torch.float32), once.decompress(torch.float32)):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
@@ -253,7 +259,7 @@ def test_lowrank_fit_order(fit):
     """"joint": the codes are those of X − L₀, L₀ the rank-r term of the data; "residual" (GEAR's
     order): those of X. Either way the stored term is the fit of what the codes and outliers leave
     (joint: from the data's basis, power_iters − 1 iterations)."""
-    cfg = GEARConfig(bits=2, rank=4, lowrank_fit=fit, factor_bits=16)
+    cfg = GEARConfig(bits=2, rank=4, lowrank_fit=fit, factor_bits=16, prefix_tokens=0)
     keys, values = kv_pair(1, 2, 128, 64, torch.float32)
     kv = compress(keys, values, cfg)
     for kind, x in (("key", keys), ("value", values)):
@@ -272,8 +278,8 @@ def test_int8_factors_are_scaled_fp16_ones():
     """int8 A with per-(block, column) fp32 scales and int8 B read as B̂/127 represent the same
     rank-r term as fp16 factors, to int8 rounding."""
     keys, values = kv_pair(2, 2, 128, 64, torch.float32)
-    int8 = compress(keys, values, GEARConfig(bits=2, rank=4))
-    fp16 = compress(keys, values, GEARConfig(bits=2, rank=4, factor_bits=16))
+    int8 = compress(keys, values, GEARConfig(bits=2, rank=4, prefix_tokens=0))
+    fp16 = compress(keys, values, GEARConfig(bits=2, rank=4, factor_bits=16, prefix_tokens=0))
     for kind in ("key", "value"):
         a, b, scale = (getattr(int8, f"{kind}_lr_{n}") for n in ("a", "b", "scale"))
         assert a.dtype == b.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (2, 2, 2, 4)
@@ -286,20 +292,23 @@ def test_int8_factors_are_scaled_fp16_ones():
 
 
 # --------------------------------------------------------------------------- bytes
-@pytest.mark.parametrize("bits, d, g, rank, ratio, t, factor_bits", [
-    (2, 128, 32, 4, 0.02, 200, 8), (2, 128, 32, 4, 0.02, 200, 16), (4, 64, 16, 0, 0.0, 64, 8), (2, 64, 64, 8, 0.1, 5, 16),
+@pytest.mark.parametrize("bits, d, g, rank, ratio, t, factor_bits, prefix", [
+    (2, 128, 32, 4, 0.02, 200, 8, 1), (2, 128, 32, 4, 0.02, 200, 16, 0), (4, 64, 16, 0, 0.0, 64, 8, 0),
+    (2, 64, 64, 8, 0.1, 5, 16, 0), (2, 64, 32, 4, 0.02, 140, 8, 16),
 ])
-def test_nbytes_formula(bits, d, g, rank, ratio, t, factor_bits):
-    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, factor_bits=factor_bits)
+def test_nbytes_formula(bits, d, g, rank, ratio, t, factor_bits, prefix):
+    cfg = GEARConfig(bits=bits, group_size=g, rank=rank, outlier_ratio=ratio, factor_bits=factor_bits,
+                     prefix_tokens=prefix)
     b, h = 2, 3
     kv = compress(*kv_pair(b, h, t, d), cfg)
-    tc, nblocks, n_out = t // 64 * 64, t // 64, round(ratio * d)
+    nblocks, n_out = (t - prefix) // 64, round(ratio * d)
+    tc = nblocks * 64
     key = tc * d * bits // 8 + 2 * 2 * (tc // g) * d
     value = tc * d * bits // 8 + 2 * 2 * tc * (d // g)
     factor = factor_bits // 8 * (tc * rank + nblocks * d * rank) + (4 * nblocks * rank if factor_bits == 8 else 0)
     shared = tc * n_out * (1 + 2) + factor
     tail = 2 * 64 * d * 2
-    expected = b * h * (key + value + 2 * shared + tail)
+    expected = b * h * (key + value + 2 * shared + tail + 2 * prefix * d * 2)
     assert kv.nbytes == expected == sum(t.numel() * t.element_size() for t in kv.tensors().values())
     assert kv.bits_per_entry == pytest.approx(8 * expected / (2 * b * h * t * d))
     assert kv.bytes_per_token_per_layer == pytest.approx(expected / (b * t))
@@ -307,22 +316,27 @@ def test_nbytes_formula(bits, d, g, rank, ratio, t, factor_bits):
 
 
 def test_two_bit_memory_fraction():
-    """2 bits, r = 4, s = 2 %, B = 64, head_dim 128, all bytes in (tail buffer included), 8192 tokens.
-    Per token and kv head, K and V: codes 64 B, fp16 scales + zeros 32 (group 32) or 16 (group 64),
-    3 outliers 18, factors 48.5 (int8 A rows 8, int8 B 16 per token, fp32 scales 0.5) or 48 (fp16).
-    The default (group 32, int8 factors) → 27.8 % of fp16 (27.1 % per block), within the contract's
-    30 %; fp16 factors → 32.4 % (31.6 %), or 29.3 % with group 64."""
-    t = 8192
+    """2 bits, r = 4, s = 2 %, B = 64, head_dim 128, all bytes in (fp16 prefix token and tail buffer
+    included), 8193 tokens (the prefix token and 128 blocks). Per token and kv head, K and V: codes
+    64 B, fp16 scales + zeros 32 (group 32) or 16 (group 64), 3 outliers 18, factors 48.5 (int8 A
+    rows 8, int8 B 16 per token, fp32 scales 0.5) or 48 (fp16). The default (group 32, int8
+    factors) → 27.8 % of fp16 (27.1 % per block), within the contract's 30 %; fp16 factors → 32.4 %
+    (31.6 %), or 29.3 % with group 64."""
+    t = 8193
     keys, values = kv_pair(1, 1, t, 128)
 
     def fraction(**kw):
         return compress(keys, values, GEARConfig(bits=2, rank=4, outlier_ratio=0.02, **kw)).nbytes / dense_nbytes(1, 1, t, 128)
 
-    tail = 2 * 64 * 128 * 2 / t  # bytes per token of the fp16 tail buffer
+    exact = (2 * 64 + 2 * 1) * 128 * 2  # the fp16 tail buffer and prefix token, K and V
+
+    def per_block(block_bytes_per_token):  # all-in fraction of fp16 for that per-block cost
+        return (block_bytes_per_token * (t - 1) + exact) / (512 * t)
+
     default = compress(keys, values, GEARConfig()).nbytes / dense_nbytes(1, 1, t, 128)
-    assert default == pytest.approx((138.5 + tail) / 512) and default <= 0.30
-    assert fraction(factor_bits=16) == pytest.approx((162 + tail) / 512)
-    assert fraction(factor_bits=16, group_size=64) == pytest.approx((146 + tail) / 512)
+    assert default == pytest.approx(per_block(138.5)) and round(default, 3) == 0.278 and default <= 0.30
+    assert fraction(factor_bits=16) == pytest.approx(per_block(162))
+    assert fraction(factor_bits=16, group_size=64) == pytest.approx(per_block(146))
 
 
 # --------------------------------------------------------------------------- errors

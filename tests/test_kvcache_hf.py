@@ -156,8 +156,8 @@ def test_lossless_generate_matches_dynamic_cache(family):
     cache = gear_cache(model, LOSSLESS_4BIT)
     assert torch.equal(generate(model, cache, ids, mask), expected)
     assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is never fed back
-    kv = cache.layers[0].kv
-    assert kv.nblocks == (PROMPT + NEW - 1) // 16 and kv.tail_len == (PROMPT + NEW - 1) % 16
+    kv = cache.layers[0].kv  # the default prefix: the first token
+    assert (kv.prefix_len, kv.nblocks, kv.tail_len) == (1, (PROMPT + NEW - 2) // 16, (PROMPT + NEW - 2) % 16)
 
 
 def test_lossless_generate_with_an_uncompressed_prefix_matches_dynamic_cache():
@@ -360,13 +360,14 @@ def test_cache_holds_compressed_blocks_below_dense_bytes():
     cache = gear_cache(model, GEAR_2BIT)
     generate(model, cache, ids, mask, new=3)
     kvs = cache.layer_caches()
-    assert len(kvs) == 2 and all(kv.nblocks == 6 and kv.tail_len == 2 for kv in kvs)
+    assert len(kvs) == 2 and all((kv.prefix_len, kv.nblocks, kv.tail_len) == (1, 6, 1) for kv in kvs)
     report = cache.memory_report()
     assert report["nbytes"] == cache.nbytes == sum(kv.nbytes for kv in kvs)
     assert report["rollback_nbytes"] == 0  # the last update (one token) went to the tail: nothing kept
     assert report["dense_nbytes"] == 2 * report["fp16_nbytes"]  # fp32 model
     assert report["nbytes"] < report["fp16_nbytes"] < report["dense_nbytes"]
-    tail = sum(kv.tail_keys.nbytes + kv.tail_values.nbytes for kv in kvs)
+    tail = sum(kv.tail_keys.nbytes + kv.tail_values.nbytes + kv.prefix_keys.nbytes + kv.prefix_values.nbytes
+               for kv in kvs)
     blocks_bits = 8 * (cache.nbytes - tail) / sum(2 * kv.batch * kv.kv_heads * kv.compressed_len * kv.head_dim for kv in kvs)
     # per K (and per V) entry: 2 (codes) + 1 (fp16 scale + zero per 32 entries) + 24 / 64 (one outlier:
     # uint8 index + fp16 value per 64-vector) + 4 * 8 / 64 (int8 A row) + 64 * 4 * 8 / (32 * 64) (int8 B per
@@ -522,8 +523,8 @@ def test_rollback_keeps_only_the_newest_raw_tokens():
     cache.update(k, k, 0)
     layer = cache.layers[0]
     undo = layer.rollback
-    first = (300 - ROLLBACK_TOKENS) // 32
-    assert (undo.blocks, undo.keys.shape[2], undo.undoable) == (first, 300 - first * 32, ROLLBACK_TOKENS)
+    first = (300 - 1 - ROLLBACK_TOKENS) // 32  # after the prefix token
+    assert (undo.blocks, undo.keys.shape[2], undo.undoable) == (first, 300 - 1 - first * 32, ROLLBACK_TOKENS)
     assert undo.keys.untyped_storage().nbytes() == undo.keys.nbytes  # a copy, not a view of the prompt
     assert cache.memory_report()["rollback_nbytes"] == 2 * undo.keys.nbytes  # counted on top of nbytes
     layer.crop(-ROLLBACK_TOKENS)

@@ -8,64 +8,66 @@ LLM caches). :func:`~lowrank_ops.kvcache.evaluate.errors` gives the relative err
 the per-head attention output (float64, padding masked), averaged over the 6 layers.
 
 Measured here (head_dim 128, 6 layers; defaults G = 32, B = 64, r = 4, s = 2 % (the entries
-farthest from each vector's mean), int8 factors, joint fit, clip search at 2 bits; bits/entry
-include the tail buffer, which the 256-token batch leaves large, steady-state bits per block in
-brackets; 2026-11-27, tenth session):
+farthest from each vector's mean), int8 factors, joint fit, clip search at 2 bits, the first token
+uncompressed (``prefix_tokens=1``); every row takes the defaults it does not name; bits/entry
+include the tail buffer and the prefix token, which the 256-token batch leaves large, steady-state
+bits per block in brackets; 2026-11-28, thirteenth session):
 
 ======================================  ======  ======  ======  ===============
 config                                  K       V       output  bits/entry
 ======================================  ======  ======  ======  ===============
-2-bit quant alone                       0.225   0.315   0.328   7.00  [3.00]
-2-bit + 2 % outliers                    0.206   0.267   0.279   7.56  [3.56]
-2-bit + rank 4, GEAR's residual fit     0.206   0.289   0.293   7.77  [3.77]
-2-bit + rank 4, joint fit               0.174   0.227   0.225   7.77  [3.77]
-GEAR, residual fit, fp16 factors        0.190   0.246   0.253   9.06  [5.06]
-GEAR, joint fit, fp16 factors           0.152   0.193   0.187   9.06  [5.06]
-GEAR, joint fit, int8 (the default)     0.153   0.194   0.189   8.33  [4.33]
-same, first token uncompressed          0.144   0.183   0.171   7.31  [4.33]
+2-bit quant alone                       0.210   0.298   0.287   6.31  [3.00]
+2-bit + 2 % outliers                    0.192   0.253   0.246   6.73  [3.56]
+2-bit + rank 4, GEAR's residual fit     0.192   0.273   0.256   6.89  [3.77]
+2-bit + rank 4, joint fit               0.164   0.214   0.203   6.89  [3.77]
+GEAR, residual fit, fp16 factors        0.177   0.233   0.223   7.86  [5.06]
+GEAR, joint fit, fp16 factors           0.143   0.183   0.169   7.86  [5.06]
+GEAR, joint fit, int8 (the default)     0.144   0.183   0.171   7.31  [4.33]
+same, no uncompressed prefix            0.153   0.194   0.189   8.33  [4.33]
 same, first 4 tokens uncompressed       0.143   0.181   0.165   7.50  [4.33]
-same, min-max ranges (no clip search)   0.193   0.245   0.234   8.33  [4.33]
-GEAR G 64, B 128, r 8, s 1 %            0.157   0.206   0.192   11.70 [3.70]
-same, first token uncompressed          0.131   0.173   0.148   9.91  [3.70]
-GEAR G 64, r 4, s 2 %                   0.171   0.213   0.210   7.83  [3.83]
-GEAR r 8 (the default's other settings) 0.116   0.152   0.141   9.09  [5.09]
-default, layers 1 and 2 at 4 bits       0.117   0.146   0.130   8.99  [4.99]
-2-bit quant alone, G = 16               0.181   0.266   0.267   8.00  [4.00]
-2-bit quant alone, G = 16, min-max      0.225   0.329   0.306   8.00  [4.00]
-4-bit quant alone (min-max)             0.057   0.079   0.075   9.00  [5.00]
-4-bit quant alone, G 128, B 128         0.079   0.106   0.106   12.25 [4.25]
-same, first token uncompressed          0.065   0.089   0.081   10.19 [4.25]
-4-bit, r = 64, s = 2 %, fp16            4e-4    4e-4    5e-4    33.6
-GEAR's recipe (residual fit, fp16,      0.242   0.315   0.306   9.06  [5.06]
+same, min-max ranges (no clip search)   0.181   0.232   0.212   7.31  [4.33]
+GEAR G 64, B 128, r 8, s 1 %            0.131   0.173   0.148   9.91  [3.70]
+same, no uncompressed prefix            0.157   0.206   0.192   11.70 [3.70]
+GEAR G 64, r 4, s 2 %                   0.161   0.201   0.187   6.93  [3.83]
+GEAR r 8 (the default's other settings) 0.109   0.144   0.123   7.88  [5.09]
+default, layers 1 and 2 at 4 bits       0.110   0.138   0.119   7.81  [4.99]
+2-bit quant alone, G = 16               0.169   0.251   0.239   7.06  [4.00]
+2-bit quant alone, G = 16, min-max      0.211   0.312   0.279   7.06  [4.00]
+2-bit quant alone, min-max (KIVI)       0.266   0.377   0.356   6.31  [3.00]
+4-bit quant alone (min-max)             0.053   0.075   0.068   7.81  [5.00]
+4-bit quant alone, G 128, B 128         0.065   0.089   0.081   10.19 [4.25]
+same, no uncompressed prefix            0.079   0.106   0.106   12.25 [4.25]
+4-bit, r = 64, s = 2 %, fp16            4e-4    4e-4    5e-4    26.2  [29.6]
+GEAR's recipe (residual fit, fp16,      0.226   0.298   0.280   7.86  [5.06]
   min-max, largest/smallest outliers)
 ======================================  ======  ======  ======  ===============
 
-* At the same code width and groups GEAR has 42 % less output error than quantization alone,
-  and each part helps; the default has 38 % less than GEAR's own recipe, at 0.73 fewer bits.
+* At the same code width and groups GEAR has 40 % less output error than quantization alone,
+  and each part helps; the default has 39 % less than GEAR's own recipe, at 0.73 fewer bits.
+* The first token uncompressed ([CLS], which every query attends to most; a decoder's BOS plays
+  that part) cuts the output error by 10 % for GEAR's settings (0.189 → 0.171), 23 % for G 64,
+  B 128, r 8, s 1 %, 24 % for 4-bit quantization, at the same bits per block; four tokens gain
+  little more (0.165). (All-in bits fall with it here only because the 256-token batch then
+  leaves a shorter tail.)
 * The joint fit (a rank-r term fitted to the data before quantization, refitted after) cuts
-  GEAR's error by 26 % against GEAR's own order (the term fitted to the quantization error
+  GEAR's error by 24 % against GEAR's own order (the term fitted to the quantization error
   only), in the same format.
 * The clip search (each 2-bit group's range the least-squares choice among its min-max span
-  with 0, 1/16 or 1/8 of it trimmed off either end) cuts the default's K and V errors by 21 % and
-  its output error by 19 %, in the same format; quantization alone gains less in output
-  (G = 16: 13 %). Centred shrinks to 90, 80 and 70 % of the span had cut 14 %.
+  with 0, 1/16 or 1/8 of it trimmed off either end) cuts the default's K and V errors by 20 % and
+  21 % and its output error by 19 %, in the same format; quantization alone gains less in output
+  (G = 16: 14 %). Centred shrinks to 90, 80 and 70 % of the span had cut 14 % (before the prefix).
 * Outliers are the entries farthest from their vector's mean. GEAR's rule (the ⌈n/2⌉ largest and
-  ⌊n/2⌋ smallest) gives the default 0.155, 0.196, 0.192 and G 64, B 128, r 8, s 1 % 0.159,
-  0.210, 0.196: 2 % more output error.
+  ⌊n/2⌋ smallest) gives the default 0.146, 0.185, 0.173 and G 64, B 128, r 8, s 1 % 0.132,
+  0.176, 0.151: 1-2 % more output error.
 * int8 factors cost 0.73 bits per entry less than fp16 ones for 1 % more output error.
 * At equal bits per block GEAR beats 2-bit quantization clearly: 3.70 bits (G 64, B 128, r 8,
-  s 1 %) give 28 % less output error than 2-bit groups of 16 at 4.00 bits (both with the clip
-  search; 37 % less than min-max groups of 16).
-* Per-layer settings: the default's output error per layer is 0.174, 0.259, 0.223, 0.169,
-  0.160, 0.147; giving layers 1 and 2 four bits (``layer_configs``) averages 0.130 at 4.99
-  bits per block, 8 % less than rank 8 in every layer at 5.09.
+  s 1 %) give 38 % less output error than 2-bit groups of 16 at 4.00 bits (both with the clip
+  search; 47 % less than min-max groups of 16).
+* Per-layer settings: the default's output error per layer is 0.162, 0.223, 0.200, 0.147,
+  0.147, 0.144; giving layers 1 and 2 four bits (``layer_configs``) averages 0.119 at 4.99
+  bits per block, 3 % less than rank 8 in every layer at 5.09 (8 % before the prefix).
 * 4-bit quantization alone is far better still at 4.25 bits: on these tensors a 2-bit GEAR
   cache does not reach it at any setting measured.
-* The first token uncompressed (``prefix_tokens=1``: [CLS], which every query attends to most;
-  a decoder's BOS plays that part) cuts the default's output error by 10 % (0.189 → 0.171) at
-  the same bits per block, 2-bit quantization alone's by 13 %, 4-bit's by 24 % and that of G 64,
-  B 128, r 8, s 1 % by 23 %; four tokens gain little more (0.165). The all-in bits fall here
-  only because the 256-token batch then leaves a shorter tail.
 * Tried and not kept: choosing a key's outliers by their deviation within their channel's group
   (z-score, or position in the group's range) instead of the vector's extremes: output error
   0.209 and 0.211 against 0.205 for the default then (0.199 and 0.201 against 0.198 at G 64, B 128).
@@ -117,16 +119,16 @@ def test_gear_beats_quantization_alone_at_equal_bits(captured):
     quant = errors(captured, GEARConfig(bits=2, group_size=16, rank=0, outlier_ratio=0.0))  # 2-bit's finest groups
     assert gear.block_bits < quant.block_bits, (gear, quant)
     assert gear.keys < quant.keys and gear.values < quant.values, (gear, quant)
-    assert gear.output < 0.8 * quant.output, (gear, quant)
+    assert gear.output < 0.7 * quant.output, (gear, quant)
 
 
 def test_four_bits_on_the_worst_layers_beat_a_higher_rank_everywhere(captured):
     """Per-layer settings (GEARCache's layer_configs): layers 1 and 2, whose default output errors
-    are the largest (0.259 and 0.223 of 0.147-0.259), at 4 bits, the rest at the default."""
+    are the largest (0.223 and 0.200 of 0.144-0.223), at 4 bits, the rest at the default."""
     mixed = errors(captured, GEARConfig(), layer_configs={1: GEARConfig(bits=4), 2: GEARConfig(bits=4)})
     rank8 = errors(captured, GEARConfig(rank=8))
     assert mixed.block_bits < rank8.block_bits, (mixed, rank8)
-    assert mixed.output < 0.95 * rank8.output, (mixed, rank8)
+    assert mixed.output < 0.98 * rank8.output, (mixed, rank8)
 
 
 def test_outliers_farthest_from_the_mean_beat_gears_extremes(captured):
@@ -145,10 +147,10 @@ def test_clip_search_lowers_the_2bit_errors(captured):
 
 
 def test_an_uncompressed_first_token_lowers_the_output_error(captured):
-    """[CLS], the token every MiniLM query attends to most, kept exactly (``prefix_tokens=1``):
-    each block's format and bits are unchanged, the output error falls by 10 %."""
-    plain = errors(captured, GEARConfig())
-    prefixed = errors(captured, GEARConfig(prefix_tokens=1))
+    """[CLS], the token every MiniLM query attends to most, kept exactly (``prefix_tokens=1``, the
+    default): each block's format and bits are unchanged, the output error falls by 10 %."""
+    plain = errors(captured, GEARConfig(prefix_tokens=0))
+    prefixed = errors(captured, GEARConfig())
     assert prefixed.block_bits == plain.block_bits, (prefixed, plain)
     assert prefixed.output < 0.93 * plain.output, (prefixed, plain)
     assert prefixed.keys < plain.keys and prefixed.values < plain.values, (prefixed, plain)

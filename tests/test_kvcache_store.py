@@ -70,15 +70,16 @@ def test_roundtrip_is_bit_exact_and_keeps_growing_alike(tmp_path, t, name, dtype
     assert_same_cache(loaded.append(*more), kv.append(*more))
 
 
-def test_a_file_from_before_the_prefix_loads_with_an_empty_one(tmp_path, saved):
-    kv, path = saved
-    header, tensors = stored(path)
-    del tensors["layers.0.prefix_keys"], tensors["layers.0.prefix_values"]
+def test_a_file_from_before_the_prefix_loads_as_a_cache_without_one(tmp_path):
+    """Such a file has neither the prefix tensors nor the setting: it was a cache without a prefix."""
+    kv = compress(*kv_pair(2, 150), GEARConfig(prefix_tokens=0))
+    header, tensors = stored(save_kv(kv, tmp_path / "kv.safetensors"))
+    del tensors["layers.0.prefix_keys"], tensors["layers.0.prefix_values"], header["layers"][0]["config"]["prefix_tokens"]
     rewrite(tmp_path / "old.safetensors", header["layers"], tensors)
     [loaded] = load_kv(tmp_path / "old.safetensors")
-    assert loaded.prefix_len == 0
+    assert loaded.config.prefix_tokens == 0
     assert_same_cache(loaded, kv)
-    del tensors["layers.0.tail_values"]  # any other missing tensor is still refused
+    header["layers"][0]["config"]["prefix_tokens"] = 0  # a current file must hold the prefix tensors
     rewrite(tmp_path / "bad.safetensors", header["layers"], tensors)
     with pytest.raises(ValueError, match="expected tensors"):
         load_kv(tmp_path / "bad.safetensors")
@@ -99,7 +100,7 @@ def test_several_layers_uncompressed_and_empty_layers(tmp_path):
 
 
 def test_only_the_valid_tail_rows_are_written(tmp_path):
-    kv = compress(*kv_pair(1, 100), GEARConfig())  # 36 tail tokens
+    kv = compress(*kv_pair(1, 101), GEARConfig())  # the prefix token, a block, 36 tail tokens
     kv.tail_len -= 6  # as after a crop: the dropped rows stay in the buffer
     _, tensors = stored(save_kv(kv, tmp_path / "kv.safetensors"))
     assert tensors["layers.0.tail_keys"].shape[2] == tensors["layers.0.tail_values"].shape[2] == 30

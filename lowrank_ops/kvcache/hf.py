@@ -267,13 +267,13 @@ class GEARCache(Cache):
     """A transformers ``Cache`` of GEAR-compressed layers; decode attention reads the compressed
     blocks (see the module docstring). Needs ``model.set_attn_implementation("gear")``.
 
-    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, groups of 32, rank 4,
-    2 % outliers, 64-token blocks). ``model_config``: the model's config (recommended): one layer per decoder
-    layer, a :class:`GEARLayer` for each full-attention layer and transformers'
-    ``DynamicSlidingWindowLayer`` (uncompressed, at most its window) for each sliding-window or
-    chunked layer of a hybrid model (:data:`WINDOW_LAYER_TYPES`), and a check that the attention
-    implementation is "gear" at every update. Without it, every layer is a GEARLayer, made lazily
-    (a sliding-window layer is then refused once its cache outgrows the window).
+    ``config``: the :class:`GEARConfig` (default ``GEARConfig()``: 2-bit, groups of 32, rank 4, 2 %
+    outliers, 64-token blocks, the first token uncompressed). ``model_config``: the model's config
+    (recommended): one layer per decoder layer, a :class:`GEARLayer` for each full-attention layer and
+    transformers' ``DynamicSlidingWindowLayer`` (uncompressed, at most its window) for each
+    sliding-window or chunked layer of a hybrid model (:data:`WINDOW_LAYER_TYPES`), and a check that the
+    attention implementation is "gear" at every update. Without it, every layer is a GEARLayer, made
+    lazily (a sliding-window layer is then refused once its cache outgrows the window).
     ``layer_configs`` (needs ``model_config``): per-layer settings for full-attention layers,
     ``{layer index: GEARConfig or None}`` (negative indices count from the last layer); None keeps
     that layer uncompressed (transformers' ``DynamicLayer``, attended by SDPA), e.g.

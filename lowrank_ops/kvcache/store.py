@@ -12,8 +12,8 @@ header (metadata key :data:`STORE_KEY`) lists per layer its kind and what is not
 * ``gear``: a :class:`~lowrank_ops.kvcache.GEARKV`, its :class:`GEARConfig` fields and
   ``tail_len``. Only the tail's ``tail_len`` valid tokens are written (a cropped tail's stale
   rows are not); the loader rebuilds the B-token tail buffer around them. Files written before
-  the format had a prefix (``GEARConfig.prefix_tokens``) lack its two tensors and load with an
-  empty one.
+  the format had a prefix (``GEARConfig.prefix_tokens``) lack its two tensors and the setting,
+  and load as caches without one (``prefix_tokens=0``).
 * ``uncompressed``: an :class:`UncompressedState`, the keys and values a layer keeps as they
   are: a hybrid model's sliding-window layer, or a layer its ``GEARCache`` leaves uncompressed
   (written by :meth:`lowrank_ops.kvcache.hf.GEARCache.save`).
@@ -137,7 +137,7 @@ def _check_outlier_channels(kv: GEARKV) -> None:
 
 def _gear_layer(entry: dict[str, Any], tensors: dict[str, Tensor]) -> GEARKV:
     """A GEARKV from its header entry and tensors, validated as a fresh one is, plus its outlier channels."""
-    config = GEARConfig(**entry["config"])
+    config = GEARConfig(**{"prefix_tokens": 0, **entry["config"]})  # files from before the prefix have none
     tail_len = entry["tail_len"]
     fields = {name: tensors[name] for name in TENSOR_FIELDS if name in tensors}
     for name in _TAILS:  # the valid rows back into a B-token tail buffer
@@ -158,8 +158,9 @@ def _build_layer(entry: object, tensors: dict[str, Tensor]) -> Layer:
     expected = {"empty": (), "uncompressed": ("keys", "values"), "gear": TENSOR_FIELDS}.get(kind)
     if expected is None:
         raise ValueError(f"unknown kind in {entry!r} (expected 'gear', 'uncompressed' or 'empty')")
-    if set(tensors) != set(expected) and not (kind == "gear" and set(tensors) == set(expected) - set(PREFIX_FIELDS)):
-        raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")  # (files before the prefix lack it)
+    old_gear = kind == "gear" and "prefix_tokens" not in entry.get("config", {})  # written before the prefix existed
+    if set(tensors) != set(expected) and not (old_gear and set(tensors) == set(expected) - set(PREFIX_FIELDS)):
+        raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
     if kind == "empty":
         return None
     if kind == "uncompressed":
