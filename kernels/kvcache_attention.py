@@ -21,7 +21,9 @@ for the cached tokens t of blocks j = t // B plus the fp16 tail, as stored by
   integer converts, at the rank's own width and padded to the dot's after, ``_spread_columns``), and
   A's scales with the 1/127 multiply the (rows × r) rank-space products q B̂ and P Â, never a
   factor tile;
-* tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens.
+* tail: (batch, kv_heads, B, D) in the cache dtype, ``tail_len`` valid tokens;
+* prefix: (batch, kv_heads, prefix_len ≤ 16, D) in the cache dtype, the cache's first tokens
+  kept exactly (positions before the blocks; ``GEARConfig.prefix_tokens``).
 
 Two launches, no atomics, deterministic:
 
@@ -33,9 +35,9 @@ Two launches, no atomics, deterministic:
    contiguous in q) and keeps the running max / sum-exp / accumulator in fp32, then writes its
    partial (max, sum, acc) to a workspace;
 2. ``_gear_combine_kernel``, grid (batch · kv_heads, M): merges one q row's split partials,
-   all splits' weights at once (no serial rescaling chain), adds the row's attention sink to the
-   softmax sum where there are sinks (gpt-oss: a logit per q head without a value), and stores in
-   q's dtype.
+   all splits' weights at once (no serial rescaling chain), attends the prefix (a few tokens
+   scored and weighed with the splits), adds the row's attention sink to the softmax sum where
+   there are sinks (gpt-oss: a logit per q head without a value), and stores in q's dtype.
 
 ``CAUSAL`` (several new tokens, the cache's newest: assisted decoding, chunked prefill): row r's
 query is token seq_len − q_len + r % q_len and sees no later position (``_causal_scores``, one
@@ -756,8 +758,8 @@ def gear_decode_attention(
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
         t["tail_keys"], t["tail_values"], split_mask, part_m, part_l, part_acc,
-        kv_heads, m, seq_len - prefix_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)), float(scale) * _LOG2E,
-        q_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
+        kv_heads, m, seq_len - prefix_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)),
+        float(scale) * _LOG2E, q_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)),
         HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,

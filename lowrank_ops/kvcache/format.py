@@ -35,7 +35,7 @@ fractional fp16). Outliers: per vector, n_out entries (``config.outlier_rule``: 
 from the vector's mean, or GEAR's largest and smallest halves; the decoders read them in any
 order) are excluded from the min/max of their quantization groups; their code is the clamped code of the value and ``out_val`` stores
 the residual ``x − deq`` there, so the additive reconstruction gives x to fp16 precision.
-Reconstruction of token t in block j = t // B::
+Reconstruction of the t-th compressed token (counted from the first block) in block j = t // B::
 
     x̂_t = deq(codes_t) + scatter(out_idx_t, out_val_t) + A_t @ B_jᵀ
 
