@@ -1006,12 +1006,15 @@ __global__ void __launch_bounds__(kCombineWarps * kWarp)
   float mx = -INFINITY, sum = 0.f, acc[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
+  float q_lane[kPerLane];  // this lane's channels of the row's q, for the prefix's scores
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i)
+    q_lane[i] = prefix_len ? load_as_float(q, (bh * M + row) * D + lane * kPerLane + i, bf16) : 0.f;
   for (int j = warp; j < prefix_len; j += kCombineWarps) {
     const long key = (bh * prefix_len + j) * D + lane * kPerLane;
     float dot = 0.f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      dot += load_as_float(q, (bh * M + row) * D + lane * kPerLane + i, bf16) * load_as_float(prefix_keys, key + i, bf16);
+    for (int i = 0; i < kPerLane; ++i) dot += q_lane[i] * load_as_float(prefix_keys, key + i, bf16);
 #pragma unroll
     for (int off = 1; off < kWarp; off <<= 1) dot += __shfl_xor_sync(kFull, dot, off);
     if (key_mask && !key_mask[(bh / kv_heads) * mask_row_len + j]) continue;

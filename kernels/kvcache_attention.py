@@ -401,7 +401,7 @@ def _gear_split_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, koi_ptr, kov_ptr, ka_ptr, kb_ptr, kas_ptr,
     vc_ptr, vs_ptr, vz_ptr, voi_ptr, vov_ptr, va_ptr, vb_ptr, vas_ptr,
     tk_ptr, tv_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale, Q_LEN,
+    H_KV, M, SEQ_LEN, NBLOCKS, TAIL_LEN, UNITS, WIDE_GRID, qk_scale, Q_LEN, PREFIX_LEN,
     N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, R: tl.constexpr, R_LOAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_LR: tl.constexpr, INT8_FACTORS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -449,7 +449,9 @@ def _gear_split_kernel(
     vas_ptr += bh * NBLOCKS * R
     tk_ptr += bh * BLOCK_TOKENS * HEAD_DIM
     tv_ptr += bh * BLOCK_TOKENS * HEAD_DIM
-    mask_ptr += (bh // H_KV) * SEQ_LEN
+    # SEQ_LEN counts blocks and tail (positions from the first block on); the key mask's rows also
+    # hold the PREFIX_LEN positions before them, which the combine kernel attends
+    mask_ptr += (bh // H_KV) * (PREFIX_LEN + SEQ_LEN) + PREFIX_LEN
 
     q_rows_ptr = q_ptr + bh * M * HEAD_DIM
     m_mask = (offs_m < M) & spread_ok
@@ -746,9 +748,6 @@ def gear_decode_attention(
     part_acc = _empty((rows, head_dim), torch.float32, q.device)
     dummy = t["key_codes"]  # pointer for absent tensors (their branches are compiled out)
     mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else dummy
-    # the split kernel reads blocks and tail as positions 0 … seq_len − prefix_len − 1 (the
-    # combine kernel attends the prefix)
-    split_mask = mask[:, prefix_len:].contiguous() if key_mask is not None and prefix_len else mask
     has_lr = rank > 0
     outl = [t[n] if n_out else dummy for n in ("key_out_idx", "key_out_val", "value_out_idx", "value_out_val")]
     int8_factors = has_lr and cfg.factor_bits == 8
@@ -757,9 +756,9 @@ def gear_decode_attention(
     launch(_gear_split_kernel, lambda meta: (splits_of(meta["PROGRAMS_PER_SM"]), m_blocks, batch * kv_heads),
         q, t["key_codes"], t["key_scale"], t["key_zero"], outl[0], outl[1], lr[0], lr[1], lr_scale[0],
         t["value_codes"], t["value_scale"], t["value_zero"], outl[2], outl[3], lr[2], lr[3], lr_scale[1],
-        t["tail_keys"], t["tail_values"], split_mask, part_m, part_l, part_acc,
+        t["tail_keys"], t["tail_values"], mask, part_m, part_l, part_acc,
         kv_heads, m, seq_len - prefix_len, nblocks, tail_len, units, int(2 * columns >= _sm_count(q.device)),
-        float(scale) * _LOG2E, q_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
+        float(scale) * _LOG2E, q_len, prefix_len, N_OUT=n_out, BITS=cfg.bits, GROUP=cfg.group_size, BLOCK_TOKENS=cfg.buffer_tokens, HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_M=block_m, R=rank, R_LOAD=next_pow2(max(rank, 1)), R_PAD=_rank_pad(max(rank, 1)),
         HAS_LR=has_lr, INT8_FACTORS=int8_factors,
         HAS_MASK=key_mask is not None,
@@ -796,7 +795,7 @@ def _sink_rows(sinks: Tensor, batch: int, kv_heads: int, q_len: int) -> Tensor:
 def _compile_cases() -> list[CompileCase]:
     cases = []
     ints = dict(H_KV="i32", M="i32", SEQ_LEN="i32", NBLOCKS="i32", TAIL_LEN="i32", UNITS="i32",
-                WIDE_GRID="i32", qk_scale="fp32", Q_LEN="i32")
+                WIDE_GRID="i32", qk_scale="fp32", Q_LEN="i32", PREFIX_LEN="i32")
     for dtype, bits, head_dim, has_out, lr, block_n in (
         ("fp16", 4, 128, True, "fp16", 64), ("bf16", 2, 128, False, None, 64), ("fp16", 2, 64, True, None, 32),
         ("bf16", 4, 64, False, "i8", 32), ("fp32", 4, 128, True, "fp16", 64), ("fp16", 2, 128, True, "i8", 64),

@@ -2,9 +2,10 @@
 
 ``softmax(scale · q K̂ᵀ + mask) V̂`` straight from the compressed cache (codes into the tensor
 cores' fragment layout, key scale folded into q, outliers and low rank as corrections, fp16/bf16
-tail), split over the sequence: one launch when one split suffices, else two (partials, then
-their merge, which also attends an uncompressed prefix, ``GEARConfig.prefix_tokens``; on sm_90 the second is a programmatic dependent launch, so its CTAs are placed while
-the first finishes). The compiled module takes raw device pointers, sizes, a dtype code and the stream
+tail), split over the sequence: one launch when one split suffices and the cache has no
+uncompressed prefix, else two (partials, then their merge, which also attends the prefix,
+``GEARConfig.prefix_tokens``; on sm_90 the second is a programmatic dependent launch, so its CTAs
+are placed while the first finishes). The compiled module takes raw device pointers, sizes, a dtype code and the stream
 as ints; this wrapper checks what the kernel serves, allocates the output and the fp32
 workspace with torch (CUDA-graph pools apply) and launches on the current stream.
 

@@ -8,7 +8,7 @@ plus the static settings. Backends per call (:func:`lowrank_ops.core.backend.sel
 * ``cuda``: ``gear_decode(q, kv, key_mask, scale)`` of :mod:`lowrank_ops.kvcache.cuda_decode`
   (csrc/gear_decode.cu: packed codes straight into tensor-core fragments), when the extension is
   built and the call is one it serves (fp16/bf16, 2/4 bits, head_dim 64/128, rank 0/4/8, ≤ 8
-  outliers per vector, no uncompressed prefix); automatic dispatch takes it for small eager calls with fp16 factors or
+  outliers per vector); automatic dispatch takes it for small eager calls with fp16 factors or
   none (:func:`lowrank_ops.kvcache.cuda_decode.preferred`), Triton otherwise;
 * ``triton``: ``gear_decode_attention(q, kv, key_mask, scale)`` of
   :mod:`lowrank_ops.kernels.kvcache_attention`, imported lazily (unsupported, with the reason,
